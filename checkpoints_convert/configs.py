@@ -1,0 +1,26 @@
+"""Choosing the model config of a conversion: the source's own config.json, a given one, or both
+(which must then agree)."""
+
+from __future__ import annotations
+
+from edit_jax.config import ConfigError, from_diffusers_config
+
+
+def reconcile_config(source, config, family: str):
+    """The config for a diffusers-format source; raises ConfigError when none is known or when
+    the given one disagrees with the source's config.json (listing the differing fields)."""
+    found = None
+    if source.folder is not None and (source.folder / "config.json").is_file():
+        found = from_diffusers_config(source.folder / "config.json", family)
+    if config is None:
+        if found is None:
+            raise ConfigError(
+                f"{source.description} has no config.json beside its weights: pass a config "
+                "(--config PRESET or a config.json path)"
+            )
+        return found
+    if found is not None and found.architecture() != config.architecture():
+        a, b = found.architecture(), config.architecture()
+        diffs = [f"{k}: source {a[k]!r} vs given {b[k]!r}" for k in a if a[k] != b[k]]
+        raise ConfigError(f"the given config disagrees with {source.folder / 'config.json'}: " + "; ".join(diffs))
+    return config

@@ -1,0 +1,131 @@
+"""The conversion engine: check a source against a table, then stream it into a checkpoint.
+
+Checking reads only tensor names and shapes (headers), so every missing key, unexpected key and
+shape mismatch is reported at once, before anything is written. Writing builds one stacked
+param at a time from per-layer tensors (memory-mapped, read once) and hands it to orbax in
+groups of about `group_bytes`: peak memory is about one stacked tensor plus one group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from edit_jax.checkpoint import flatten, unflatten, write_checkpoint
+from checkpoints_convert.tables import Src
+
+MAX_LISTED = 20
+
+
+class ConversionError(ValueError):
+    """A source that does not match the table or the config; nothing was written."""
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = "\n".join(f"    {x}" for x in items[:MAX_LISTED])
+    more = f"\n    ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"  {title} ({len(items)}):\n{shown}{more}"
+
+
+def _num_layers(src: Src, target) -> int | None:
+    return target.shape[0] if src.stacked else None
+
+
+def check(table: dict[str, Src], source, abstract: dict, what: str = "checkpoint") -> None:
+    """Raises ConversionError listing every missing key, unexpected key and shape mismatch."""
+    targets = flatten(abstract)
+    if set(table) != set(targets):
+        raise AssertionError(
+            f"conversion table and model disagree: table-only {sorted(set(table) - set(targets))}, "
+            f"model-only {sorted(set(targets) - set(table))}"
+        )
+    expected: set[str] = set()
+    for path, src in table.items():
+        expected.update(src.keys(_num_layers(src, targets[path])))
+    present = set(source.keys())
+    problems = []
+    missing = sorted(expected - present)
+    unexpected = sorted(present - expected)
+    if missing:
+        problems.append(_listing("missing keys", missing))
+    if unexpected:
+        problems.append(_listing("unexpected keys", unexpected))
+    mismatched = []
+    for path, src in table.items():
+        target = targets[path]
+        want = tuple(target.shape[1:]) if src.stacked else tuple(target.shape)
+        for key in src.keys(_num_layers(src, target)):
+            if key not in present:
+                continue
+            dummy = np.broadcast_to(np.zeros((), np.float32), source.shape(key))
+            try:
+                got = src.apply(dummy).shape
+            except ValueError as e:
+                mismatched.append(f"{key} {source.shape(key)}: {e}")
+                continue
+            if tuple(got) != want:
+                mismatched.append(f"{key} {source.shape(key)} -> {path} needs {want}, got {tuple(got)}")
+    if mismatched:
+        problems.append(_listing("shape mismatches", mismatched))
+    if problems:
+        raise ConversionError(
+            f"{what} {source.description} does not match the model config:\n" + "\n".join(problems)
+        )
+
+
+def _build(src: Src, source, target, dtype: np.dtype) -> np.ndarray:
+    if not src.stacked:
+        return np.asarray(src.apply(source.get(src.key)), dtype=dtype)
+    out = np.empty(target.shape, dtype)
+    for i, key in enumerate(src.keys(target.shape[0])):
+        out[i] = src.apply(source.get(key))
+    return out
+
+
+def build_params(table: dict[str, Src], source, abstract: dict) -> dict:
+    """Checks, then builds the whole params tree in memory (small models, benchmarks)."""
+    check(table, source, abstract)
+    targets = flatten(abstract)
+    return unflatten({p: _build(table[p], source, targets[p], np.dtype(targets[p].dtype)) for p in table})
+
+
+def stream_params(table, source, abstract, dtype, group_bytes: int, progress: bool):
+    """Yields nested param sub-trees of about `group_bytes` each, built one tensor at a time."""
+    targets = flatten(abstract)
+    total = sum(int(np.prod(t.shape)) * np.dtype(dtype).itemsize for t in targets.values())
+    group, size = {}, 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+        for path in sorted(table):
+            arr = _build(table[path], source, targets[path], np.dtype(dtype))
+            group[path], size = arr, size + arr.nbytes
+            bar.update(arr.nbytes)
+            if size >= group_bytes:
+                yield unflatten(group)
+                group, size = {}, 0
+        if group:
+            yield unflatten(group)
+
+
+def convert_source(
+    table: dict[str, Src],
+    source,
+    config,
+    abstract: dict,
+    dst: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    group_bytes: int = 512 << 20,
+    extra: dict | None = None,
+) -> Path:
+    """Checks `source` against `table`, then writes the checkpoint `dst` atomically.
+
+    abstract: the params as ShapeDtypeStructs (shapes and the dtype to store)."""
+    check(table, source, abstract)
+    dtypes = {np.dtype(a.dtype) for a in flatten(abstract).values()}
+    if len(dtypes) != 1:
+        raise AssertionError(f"params must share one dtype, got {dtypes}")
+    groups = stream_params(table, source, abstract, dtypes.pop(), group_bytes, progress)
+    return write_checkpoint(dst, config, groups, overwrite=overwrite, extra=extra)

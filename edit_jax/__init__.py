@@ -1,0 +1,34 @@
+"""edit-jax: Elastic Diffusion Transformers (E-DiT) for FLUX.1 and Qwen-Image in JAX/Flax."""
+
+from __future__ import annotations
+
+from edit_jax.config import FluxConfig, RuntimeConfig, from_diffusers_config, preset
+from edit_jax.models import abstract_params, build_model, init_params, logical_axes
+
+__all__ = [
+    "FluxConfig",
+    "RuntimeConfig",
+    "abstract_params",
+    "build_model",
+    "from_diffusers_config",
+    "init_params",
+    "load",
+    "logical_axes",
+    "preset",
+]
+
+
+def load(path, shardings=None, **runtime):
+    """Loads an edit-jax checkpoint: returns (model, params).
+
+    shardings: None (first device), one jax.sharding.Sharding for all params, or a pytree of
+    them matching the params. runtime: RuntimeConfig overrides, e.g. dtype="bfloat16",
+    attention="cudnn", param_dtype="float32" (params are cast on restore).
+    """
+    from edit_jax.checkpoint import load_config, load_params
+
+    config = load_config(path)
+    if runtime:
+        config = config.with_runtime(**runtime)
+    params = load_params(path, abstract_params(config), shardings)
+    return build_model(config), params

@@ -1,0 +1,149 @@
+"""edit-jax checkpoints: an orbax params tree plus the model config as JSON.
+
+    CKPT/
+      config.json   {"format": "edit-jax", "version": 1, "family": ..., "config": {...}, ...}
+      params/       orbax PyTree checkpoint of the plain params pytree
+
+A checkpoint is written into a hidden sibling folder and renamed into place only when complete,
+so a failed or killed write never leaves something at CKPT that looks finished. Params can be
+written group by group (`write_checkpoint` takes an iterator of sub-trees), so a converter never
+holds the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from orbax.checkpoint.experimental import v1 as ocp
+
+from edit_jax.config import config_from_dict, config_to_dict
+
+FORMAT_NAME = "edit-jax"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+class CheckpointError(ValueError):
+    """A path that is not a complete edit-jax checkpoint, or one that does not fit its use."""
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    """{"a/b": x} -> {"a": {"b": x}}."""
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        *parents, name = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[name] = leaf
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": x}} -> {"a/b": x}."""
+    flat = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, path + "/"))
+        else:
+            flat[path] = v
+    return flat
+
+
+def write_checkpoint(
+    path: str | Path,
+    config,
+    param_groups: Iterable[dict],
+    *,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Writes a checkpoint atomically. `param_groups` yields disjoint nested sub-trees of the
+    params whose union is the whole tree; each is written as soon as it arrives."""
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.incomplete-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        params_dir = tmp / PARAMS_DIR
+        for group in param_groups:
+            ocp.partial.save(params_dir, group)
+        ocp.partial.finalize(params_dir)
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "family": config.family,
+            "config": config_to_dict(config),
+            **(extra or {}),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if path.exists():
+            trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, trash)
+            os.rename(tmp, path)
+            shutil.rmtree(trash)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save(path: str | Path, config, params: dict, *, overwrite: bool = False) -> Path:
+    """Saves in-memory params (a plain pytree) with their config."""
+    params = jax.tree.map(np.asarray, params)
+    return write_checkpoint(path, config, [params], overwrite=overwrite)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_file = path / CONFIG_FILE
+    if not meta_file.is_file() or not (path / PARAMS_DIR).is_dir():
+        raise CheckpointError(f"{path} is not an edit-jax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{meta_file} is not an edit-jax checkpoint config")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')} is not {FORMAT_VERSION}")
+    return meta
+
+
+def load_config(path: str | Path):
+    meta = read_metadata(path)
+    return config_from_dict(meta["family"], meta["config"])
+
+
+def params_metadata(path: str | Path) -> dict:
+    """The stored params tree with (shape, dtype) leaves, read without loading any array."""
+    read_metadata(path)
+    meta = ocp.metadata(Path(path) / PARAMS_DIR).metadata
+    return jax.tree.map(lambda m: (tuple(m.shape), np.dtype(m.dtype)), meta)
+
+
+def load_params(path: str | Path, abstract: dict, shardings=None) -> dict:
+    """Restores params into the structure, shapes and dtypes of `abstract` (ShapeDtypeStructs).
+
+    shardings: None (default device), one jax.sharding.Sharding for every leaf, or a pytree of
+    them matching the params.
+    """
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, abstract)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return ocp.load(Path(path) / PARAMS_DIR, target)

@@ -1,0 +1,128 @@
+"""The `edit-jax` command line: demo, convert, inspect.
+
+    edit-jax demo [--preset flux-small] [--out DIR]
+    edit-jax convert flux SRC DST [--format auto|diffusers|bfl] [--dtype bfloat16|float32]
+                                  [--config PRESET_OR_CONFIG_JSON] [--overwrite]
+    edit-jax inspect CKPT [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edit_jax.config import DTYPES, PRESETS, ConfigError, from_diffusers_config, preset
+
+
+def resolve_config(value: str | None, family: str):
+    """--config: a preset name or a path to a diffusers config.json (or its folder)."""
+    if value is None:
+        return None
+    if value in PRESETS:
+        config = preset(value)
+        if config.family != family:
+            raise ConfigError(f"preset {value!r} is a {config.family} config, not {family}")
+        return config
+    if Path(value).exists():
+        return from_diffusers_config(value, family)
+    raise ConfigError(f"--config {value!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
+
+
+def cmd_convert(args) -> int:
+    from checkpoints_convert import convert_checkpoint
+
+    path = convert_checkpoint(
+        args.family,
+        args.src,
+        args.dst,
+        fmt=args.format,
+        dtype=args.dtype,
+        config=resolve_config(args.config, args.family),
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import numpy as np
+
+    from edit_jax.checkpoint import flatten, params_metadata, read_metadata
+
+    meta = read_metadata(args.ckpt)
+    leaves = flatten(params_metadata(args.ckpt))
+    rows = [
+        {"path": p, "shape": list(shape), "dtype": str(dtype), "count": int(np.prod(shape))}
+        for p, (shape, dtype) in sorted(leaves.items())
+    ]
+    total = sum(r["count"] for r in rows)
+    if args.json:
+        print(json.dumps({**meta, "params": rows, "param_count": total}, indent=2))
+        return 0
+    print(f"{args.ckpt}: {meta['family']} checkpoint")
+    if "converted_from" in meta:
+        print(f"converted from {meta['converted_from']['path']} ({meta['converted_from']['format']})")
+    print("config:")
+    for k, v in meta["config"].items():
+        print(f"  {k}: {v}")
+    width = max(len(r["path"]) for r in rows)
+    print(f"params ({len(rows)} arrays):")
+    for r in rows:
+        print(f"  {r['path']:<{width}}  {str(tuple(r['shape'])):<22} {r['dtype']:<9} {r['count']:>14,}")
+    print(f"total: {total:,} params")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from eval.demo import run_demo
+
+    summary = run_demo(args.preset, Path(args.out), seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edit-jax", description="Elastic Diffusion Transformers in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="random-weight model: forward, save, reload, compare (no downloads)")
+    demo.add_argument("--preset", default="flux-small", choices=sorted(PRESETS))
+    demo.add_argument("--out", default="edit-jax-demo", help="folder for the checkpoint and demo.json")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=cmd_demo)
+
+    convert = sub.add_parser("convert", help="PyTorch weights -> edit-jax orbax checkpoint")
+    convert.add_argument("family", choices=["flux"])
+    convert.add_argument("src", help="weight file, or folder (diffusers transformer/ or pipeline root)")
+    convert.add_argument("dst", help="checkpoint folder to create")
+    convert.add_argument("--format", default="auto", choices=["auto", "diffusers", "bfl"])
+    convert.add_argument("--dtype", default="bfloat16", choices=[d for d in DTYPES])
+    convert.add_argument("--config", help="preset name or diffusers config.json (default: the source's own)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    convert.set_defaults(run=cmd_convert)
+
+    inspect = sub.add_parser("inspect", help="print a checkpoint's config and params")
+    inspect.add_argument("ckpt")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(run=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from checkpoints_convert.engine import ConversionError
+    from checkpoints_convert.sources import SourceError
+    from edit_jax.checkpoint import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, ConversionError, SourceError, CheckpointError) as e:
+        print(f"edit-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

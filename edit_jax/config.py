@@ -1,0 +1,200 @@
+"""Model configs: frozen dataclasses, presets and readers for diffusers' `config.json`.
+
+Architecture fields carry diffusers' names so a diffusers `transformer/config.json` maps onto them
+one to one. Runtime fields (dtypes, attention implementation, remat) say how to run, not what the
+model is; they are not compared when a checkpoint is matched against a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots")
+ACTIVATIONS = ("gelu_tanh", "sigmoid_gelu")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model: unknown keys, bad values, unsupported features."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How to run a model, independent of its weights.
+
+    param_dtype: dtype the params are stored in. dtype: compute dtype of matmuls and the residual
+    stream; norms, RoPE and softmax always run in float32. attention: "xla" (default, any backend)
+    or "cudnn" (GPU, bfloat16/float16 only). remat: "none", "full" (recompute each block in the
+    backward pass) or "dots" (save matmul outputs without batch dims).
+    """
+
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    attention: str = "xla"
+    remat: str = "none"
+
+    def __post_init__(self):
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        _check_choice("remat", self.remat, REMAT_POLICIES)
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {choices}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+    """FLUX.1 transformer (diffusers `FluxTransformer2DModel`)."""
+
+    family: ClassVar[str] = "flux"
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    mlp_ratio: float = 4.0
+    activation: str = "gelu_tanh"
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+        if isinstance(self.runtime, dict):
+            object.__setattr__(self, "runtime", RuntimeConfig(**self.runtime))
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        if self.num_layers < 1 or self.num_single_layers < 1:
+            raise ConfigError(
+                f"num_layers={self.num_layers} and num_single_layers={self.num_single_layers} must be >= 1"
+            )
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ConfigError(
+                f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
+                f"{self.attention_head_dim}"
+            )
+        if any(d % 2 for d in self.axes_dims_rope):
+            raise ConfigError(f"axes_dims_rope {self.axes_dims_rope} must all be even")
+
+    @property
+    def inner_dim(self) -> int:
+        """D, the width of the residual stream."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        """M, the hidden width of every MLP (4D for the real models)."""
+        return int(self.inner_dim * self.mlp_ratio)
+
+    @property
+    def output_channels(self) -> int:
+        return self.patch_size**2 * (self.out_channels or self.in_channels)
+
+    def replace(self, **changes) -> "FluxConfig":
+        return dataclasses.replace(self, **changes)
+
+    def with_runtime(self, **changes) -> "FluxConfig":
+        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that define the weights (everything but `runtime`)."""
+        d = config_to_dict(self)
+        d.pop("runtime")
+        return d
+
+
+MODEL_CONFIGS = {"flux": FluxConfig}
+
+PRESETS: dict[str, Any] = {
+    "flux-dev": FluxConfig(guidance_embeds=True),
+    "flux-schnell": FluxConfig(guidance_embeds=False),
+    # diffusers' own FluxTransformer2DModel test config
+    "flux-tiny": FluxConfig(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        in_channels=4,
+        axes_dims_rope=(4, 4, 8),
+    ),
+    # a few blocks of each kind, still fast on CPU: the default of `edit-jax demo`
+    "flux-small": FluxConfig(
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        in_channels=16,
+        axes_dims_rope=(8, 12, 12),
+        guidance_embeds=True,
+    ),
+}
+
+
+def preset(name: str):
+    """A preset config by name (see `PRESETS`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    d = dataclasses.asdict(config)
+    d["axes_dims_rope"] = list(d["axes_dims_rope"])
+    return d
+
+
+def config_from_dict(family: str, d: dict[str, Any]):
+    """Inverse of `config_to_dict`; unknown keys are an error that names them."""
+    cls = MODEL_CONFIGS.get(family)
+    if cls is None:
+        raise ConfigError(f"unknown model family {family!r}; known: {', '.join(MODEL_CONFIGS)}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {family} config keys: {unknown}")
+    return cls(**d)
+
+
+DIFFUSERS_CLASSES = {"FluxTransformer2DModel": "flux"}
+
+
+def from_diffusers_config(source: str | Path | dict[str, Any], family: str | None = None):
+    """Reads a diffusers transformer config (a dict, a config.json, or the folder holding it).
+
+    Keys we do not implement are an error that names them, never silently dropped.
+    """
+    if not isinstance(source, dict):
+        path = Path(source)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no diffusers config.json at {path}")
+        source = json.loads(path.read_text())
+    d = dict(source)
+    class_name = d.get("_class_name")
+    if family is None:
+        if class_name not in DIFFUSERS_CLASSES:
+            raise ConfigError(
+                f"cannot tell the model family of diffusers class {class_name!r}; "
+                f"known classes: {', '.join(DIFFUSERS_CLASSES)}"
+            )
+        family = DIFFUSERS_CLASSES[class_name]
+    elif class_name is not None and DIFFUSERS_CLASSES.get(class_name, family) != family:
+        raise ConfigError(f"config is for {class_name}, not a {family} model")
+    # keys starting with "_" are diffusers' own bookkeeping (class name, version, defaults used)
+    return config_from_dict(family, {k: v for k, v in d.items() if not k.startswith("_")})

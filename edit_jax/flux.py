@@ -1,0 +1,213 @@
+"""FLUX.1 transformer (diffusers `FluxTransformer2DModel`) as a pure Flax Linen module.
+
+    model = FluxTransformer(config)
+    velocity = model.apply({"params": params}, hidden_states, encoder_hidden_states,
+                           pooled_projections, timestep, img_ids, txt_ids, guidance)
+
+The 19 double-stream and 38 single-stream blocks each run under `nn.scan`: their params carry a
+leading layer axis and each kind of block compiles once. Param names follow diffusers'
+(`transformer_blocks/attn/to_q/kernel` is `transformer_blocks.{i}.attn.to_q.weight`, transposed
+and stacked over i); the MLPs are `ff/fc1`, `ff/fc2` (diffusers `ff.net.0.proj`, `ff.net.2`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from edit_jax.config import FluxConfig
+from edit_jax.layers import (
+    MLP,
+    AdaNormOut,
+    JointAttention,
+    Linear,
+    Modulation,
+    RMSNorm,
+    TimestepEmbedding,
+    activation_fn,
+    apply_rope,
+    attention,
+    dtype_of,
+    layer_norm,
+    modulate,
+    rope_frequencies,
+    scan_blocks,
+    split_heads,
+    timestep_embedding,
+)
+
+
+class FluxDoubleBlock(nn.Module):
+    """Dual-stream block: carry (txt [B, T, D], img [B, N, D]) -> same; temb [B, D]."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, carry, temb, cos, sin):
+        cfg, rt = self.config, self.config.runtime
+        txt, img = carry
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = Modulation(6, rt, name="norm1")(temb)
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = Modulation(
+            6, rt, name="norm1_context"
+        )(temb)
+
+        img_attn, txt_attn = JointAttention(cfg.num_attention_heads, cfg.attention_head_dim, rt, name="attn")(
+            modulate(layer_norm(img), shift_msa, scale_msa),
+            modulate(layer_norm(txt), c_shift_msa, c_scale_msa),
+            cos,
+            sin,
+        )
+        img = img + gate_msa[:, None] * img_attn
+        img_ff = MLP(cfg.mlp_hidden_dim, cfg.activation, rt, name="ff")(
+            modulate(layer_norm(img), shift_mlp, scale_mlp)
+        )
+        img = img + gate_mlp[:, None] * img_ff
+
+        txt = txt + c_gate_msa[:, None] * txt_attn
+        txt_ff = MLP(cfg.mlp_hidden_dim, cfg.activation, rt, name="ff_context")(
+            modulate(layer_norm(txt), c_shift_mlp, c_scale_mlp)
+        )
+        txt = txt + c_gate_mlp[:, None] * txt_ff
+        return (txt, img), None
+
+
+class FluxSingleAttention(nn.Module):
+    """Self-attention of a single-stream block, without output projection: h [B, L, D] ->
+    [B, L, H*K] (the block's proj_out projects it together with the MLP)."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, h, cos, sin):
+        cfg, rt = self.config, self.config.runtime
+        q, k, v = (
+            split_heads(Linear(cfg.inner_dim, ("embed", "heads"), rt, name=n)(h), cfg.attention_head_dim)
+            for n in ("to_q", "to_k", "to_v")
+        )
+        q = RMSNorm("head_dim", rt, name="norm_q")(q)
+        k = RMSNorm("head_dim", rt, name="norm_k")(k)
+        return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, None, rt.attention)
+
+
+class FluxSingleBlock(nn.Module):
+    """Single-stream parallel block over the joint sequence x [B, T + N, D]: attention and MLP
+    read the same modulated input and share one output projection (proj_out [D + M, D])."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, x, temb, cos, sin):
+        cfg, rt = self.config, self.config.runtime
+        dim = x.shape[-1]
+        shift, scale, gate = Modulation(3, rt, name="norm")(temb)
+        h = modulate(layer_norm(x), shift, scale)
+
+        mlp = activation_fn(cfg.activation)(Linear(cfg.mlp_hidden_dim, ("embed", "mlp"), rt, name="proj_mlp")(h))
+        attn = FluxSingleAttention(cfg, name="attn")(h, cos, sin)
+        out = Linear(dim, ("attn_mlp", "embed"), rt, name="proj_out")(jnp.concatenate([attn, mlp], axis=-1))
+        return x + gate[:, None] * out, None
+
+
+class FluxTimeTextEmbedding(nn.Module):
+    """temb [B, D] = timestep_embedder(t) (+ guidance_embedder(g)) + text_embedder(pooled)."""
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(self, timestep, pooled_projections, guidance=None):
+        cfg, rt = self.config, self.config.runtime
+        dtype = dtype_of(rt.dtype)
+        temb = TimestepEmbedding(cfg.inner_dim, "freq", rt, name="timestep_embedder")(
+            timestep_embedding(timestep * 1000).astype(dtype)
+        )
+        if cfg.guidance_embeds:
+            temb = temb + TimestepEmbedding(cfg.inner_dim, "freq", rt, name="guidance_embedder")(
+                timestep_embedding(guidance * 1000).astype(dtype)
+            )
+        return temb + TimestepEmbedding(cfg.inner_dim, "pooled", rt, name="text_embedder")(pooled_projections)
+
+
+class FluxTransformer(nn.Module):
+    """FLUX.1 velocity model.
+
+    Args (shapes as diffusers' FluxTransformer2DModel):
+      hidden_states: [B, N, in_channels] packed image latents.
+      encoder_hidden_states: [B, T, joint_attention_dim] T5 token embeddings.
+      pooled_projections: [B, pooled_projection_dim] pooled CLIP embedding.
+      timestep: [B] in [0, 1] (sigma; scaled by 1000 inside).
+      img_ids: [N, 3], txt_ids: [T, 3] RoPE positions.
+      guidance: [B] guidance scale, only when `config.guidance_embeds`.
+    Returns the velocity [B, N, patch_size**2 * out_channels].
+    """
+
+    config: FluxConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden_states,
+        encoder_hidden_states,
+        pooled_projections,
+        timestep,
+        img_ids,
+        txt_ids,
+        guidance=None,
+    ):
+        cfg, rt = self.config, self.config.runtime
+        check_flux_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
+        dtype = dtype_of(rt.dtype)
+        num_txt = encoder_hidden_states.shape[1]
+
+        img = Linear(cfg.inner_dim, ("channels", "embed"), rt, name="x_embedder")(hidden_states.astype(dtype))
+        temb = FluxTimeTextEmbedding(cfg, name="time_text_embed")(
+            timestep, pooled_projections.astype(dtype), guidance
+        )
+        txt = Linear(cfg.inner_dim, ("text_embed", "embed"), rt, name="context_embedder")(
+            encoder_hidden_states.astype(dtype)
+        )
+        cos, sin = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope)
+
+        (txt, img), _ = scan_blocks(FluxDoubleBlock, cfg.num_layers, rt, 3)(cfg, name="transformer_blocks")(
+            (txt, img), temb, cos, sin
+        )
+        joint = jnp.concatenate([txt, img], axis=1)
+        joint, _ = scan_blocks(FluxSingleBlock, cfg.num_single_layers, rt, 3)(
+            cfg, name="single_transformer_blocks"
+        )(joint, temb, cos, sin)
+        img = joint[:, num_txt:]
+
+        img = AdaNormOut(rt, name="norm_out")(img, temb)
+        return Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
+
+
+def _shape_error(name: str, got, expected: str) -> ValueError:
+    return ValueError(f"{name} has shape {tuple(got)}, expected {expected}")
+
+
+def check_flux_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance):
+    """Raises ValueError naming the first input whose shape does not fit the config."""
+    if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
+        raise _shape_error("hidden_states", hidden_states.shape, f"[B, N, {cfg.in_channels}]")
+    batch, num_img = hidden_states.shape[:2]
+    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch or (
+        encoder_hidden_states.shape[-1] != cfg.joint_attention_dim
+    ):
+        raise _shape_error("encoder_hidden_states", encoder_hidden_states.shape, f"[{batch}, T, {cfg.joint_attention_dim}]")
+    num_txt = encoder_hidden_states.shape[1]
+    if pooled_projections.shape != (batch, cfg.pooled_projection_dim):
+        raise _shape_error("pooled_projections", pooled_projections.shape, f"[{batch}, {cfg.pooled_projection_dim}]")
+    if timestep.shape != (batch,):
+        raise _shape_error("timestep", timestep.shape, f"[{batch}]")
+    n_axes = len(cfg.axes_dims_rope)
+    if img_ids.shape != (num_img, n_axes):
+        raise _shape_error("img_ids", img_ids.shape, f"[{num_img}, {n_axes}] (one row per image token)")
+    if txt_ids.shape != (num_txt, n_axes):
+        raise _shape_error("txt_ids", txt_ids.shape, f"[{num_txt}, {n_axes}] (one row per text token)")
+    if cfg.guidance_embeds:
+        if guidance is None:
+            raise ValueError("this FLUX config has guidance embeddings (dev): pass guidance [B]")
+        if guidance.shape != (batch,):
+            raise _shape_error("guidance", guidance.shape, f"[{batch}]")
+    elif guidance is not None:
+        raise ValueError("this FLUX config has no guidance embeddings (schnell): guidance must be None")

@@ -1,0 +1,315 @@
+"""Parts shared by every model family: linears, norms, modulation, MLP, RoPE, attention.
+
+Shapes: B batch, L tokens, D model width, H heads, K head dim, M MLP hidden width.
+Every param is created with logical axis names (see `edit_jax.sharding`), so the models need no
+change to be sharded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edit_jax.config import RuntimeConfig
+
+Dtype = jnp.dtype
+
+
+def dtype_of(name: str) -> Dtype:
+    return jnp.dtype(name)
+
+
+class Linear(nn.Module):
+    """y = x @ kernel + bias, kernel [in, out] (PyTorch's Linear weight transposed).
+
+    `axes` are the logical names of the kernel's (in, out) axes. `in_size`/`out_size` use only the
+    first rows/columns of the kernel: static slices, so a narrow call really does fewer FLOPs
+    (the elastic MLP width buckets).
+    """
+
+    features: int
+    axes: tuple[str, str]
+    runtime: RuntimeConfig
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, in_size: int | None = None, out_size: int | None = None):
+        if in_size is not None and self.is_initializing():
+            raise ValueError("Linear must be initialised with a full-width input (in_size=None)")
+        param_dtype = dtype_of(self.runtime.param_dtype)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
+            (x.shape[-1], self.features),
+            param_dtype,
+        )
+        if in_size is not None:
+            kernel = kernel[:in_size]
+        if out_size is not None:
+            kernel = kernel[:, :out_size]
+        dtype = dtype_of(self.runtime.dtype)
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[1:]),
+                (self.features,),
+                param_dtype,
+            )
+            if out_size is not None:
+                bias = bias[:out_size]
+            y = y + bias.astype(dtype)
+        return y
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm over the last axis without affine params, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learned scale, computed in float32."""
+
+    axis_name: str
+    runtime: RuntimeConfig
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            (x.shape[-1],),
+            dtype_of(self.runtime.param_dtype),
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class Modulation(nn.Module):
+    """AdaLN modulation: `num_chunks` vectors [B, D] from Linear(SiLU(temb [B, D]))."""
+
+    num_chunks: int
+    runtime: RuntimeConfig
+
+    @nn.compact
+    def __call__(self, temb: jax.Array) -> list[jax.Array]:
+        dim = temb.shape[-1]
+        out = Linear(self.num_chunks * dim, ("embed", "modulation"), self.runtime, name="linear")(
+            nn.silu(temb)
+        )
+        return jnp.split(out, self.num_chunks, axis=-1)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [B, L, D] * (1 + scale [B, D]) + shift [B, D]."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """tanh-approximate GELU, 0.5 x (1 + tanh(z)), written as x * sigmoid(2 z): the same function,
+    but XLA's CPU tanh is ~10x less accurate than its sigmoid."""
+    z = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
+    return x * jax.nn.sigmoid(2.0 * z)
+
+
+def activation_fn(name: str):
+    """MLP activations: tanh-GELU (diffusers) or x * sigmoid(1.702 x) (the E-DiT release)."""
+    if name == "gelu_tanh":
+        return gelu_tanh
+    if name == "sigmoid_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))): x [B, L, D] -> [B, L, D] through M hidden channels.
+
+    `width` (static) keeps only the first `width` hidden channels: fc1 columns and fc2 rows.
+    `hidden_mask` [B, M or width] multiplies the hidden activations (per-sample widths, and the
+    straight-through width mask in training).
+    """
+
+    hidden_dim: int
+    activation: str
+    runtime: RuntimeConfig
+
+    @nn.compact
+    def __call__(self, x, width: int | None = None, hidden_mask: jax.Array | None = None):
+        dim = x.shape[-1]
+        h = Linear(self.hidden_dim, ("embed", "mlp"), self.runtime, name="fc1")(x, out_size=width)
+        h = activation_fn(self.activation)(h)
+        if hidden_mask is not None:
+            h = h * hidden_mask[:, None, :].astype(h.dtype)
+        return Linear(dim, ("mlp", "embed"), self.runtime, name="fc2")(h, in_size=width)
+
+
+def timestep_frequencies(dim: int = 256, max_period: float = 10000.0) -> np.ndarray:
+    """The dim // 2 sinusoid frequencies exp(-ln(max_period) * j / (dim // 2)), float32.
+
+    A constant: the exponent is rounded to float32 as diffusers does, the exp taken in float64
+    and rounded once. Timesteps reach 1000, so one ulp of a frequency moves an angle by ~1e-5.
+    """
+    half = dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int = 256,
+    max_period: float = 10000.0,
+    scale: float = 1.0,
+) -> jax.Array:
+    """Sinusoidal embedding [B, dim] of timesteps [B], cos first (diffusers' flip_sin_to_cos=True,
+    downscale_freq_shift=0), in float32."""
+    freqs = timestep_frequencies(dim, max_period)
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+    args = scale * args
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_2(SiLU(linear_1(x))): diffusers' TimestepEmbedding and PixArtAlphaTextProjection."""
+
+    dim: int
+    in_axis: str
+    runtime: RuntimeConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = Linear(self.dim, (self.in_axis, "embed"), self.runtime, name="linear_1")(x)
+        return Linear(self.dim, ("embed_in", "embed"), self.runtime, name="linear_2")(nn.silu(x))
+
+
+def rope_frequencies(
+    positions: jax.Array, axes_dims: tuple[int, ...], theta: float = 10000.0
+) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [L, K] for positions [L, n_axes]; axis i fills axes_dims[i] channels, each
+    frequency repeated for its adjacent (real, imaginary) pair. Frequencies are float64
+    constants rounded once; angles and their cos/sin are float32."""
+    cos, sin = [], []
+    for i, d in enumerate(axes_dims):
+        omega = (1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)).astype(np.float32)
+        angles = positions[:, i].astype(jnp.float32)[:, None] * omega[None, :]
+        cos.append(jnp.repeat(jnp.cos(angles), 2, axis=-1))
+        sin.append(jnp.repeat(jnp.sin(angles), 2, axis=-1))
+    return jnp.concatenate(cos, axis=-1), jnp.concatenate(sin, axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates adjacent channel pairs of x [B, L, H, K] by the angles in cos, sin [L, K]."""
+    x32 = x.astype(jnp.float32)
+    pairs = x32.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    out = x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array | None = None,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Softmax attention over q, k, v [B, L, H, K] -> [B, L, H*K].
+
+    key_mask [B, L] (True = attend) hides padded keys. implementation: "xla" or "cudnn" (GPU).
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return out.reshape(*out.shape[:2], -1)
+
+
+def remat_policy(name: str):
+    """Maps RuntimeConfig.remat to a jax.checkpoint policy (None: no remat)."""
+    if name == "none":
+        return None
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    raise ValueError(f"unknown remat policy {name!r}")
+
+
+def split_heads(x: jax.Array, head_dim: int) -> jax.Array:
+    """[B, L, H*K] -> [B, L, H, K]."""
+    return x.reshape(*x.shape[:-1], -1, head_dim)
+
+
+class JointAttention(nn.Module):
+    """Dual-stream attention (FLUX double blocks, Qwen-Image blocks).
+
+    Image and text tokens get their own q/k/v projections and QK RMSNorms, then attend jointly
+    over the sequence [text, image] with RoPE; each stream gets its own output projection.
+    img [B, N, D], txt [B, T, D], cos/sin [T + N, K], key_mask [B, T + N] or None.
+    Returns (img_out [B, N, D], txt_out [B, T, D]).
+    """
+
+    num_heads: int
+    head_dim: int
+    runtime: RuntimeConfig
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, img, txt, cos, sin, key_mask=None):
+        inner = self.num_heads * self.head_dim
+        dim = img.shape[-1]
+
+        def qkv(x, names, norm_names):
+            q, k, v = (Linear(inner, ("embed", "heads"), self.runtime, name=n)(x) for n in names)
+            q, k, v = (split_heads(t, self.head_dim) for t in (q, k, v))
+            q = RMSNorm("head_dim", self.runtime, self.eps, name=norm_names[0])(q)
+            k = RMSNorm("head_dim", self.runtime, self.eps, name=norm_names[1])(k)
+            return q, k, v
+
+        iq, ik, iv = qkv(img, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))
+        tq, tk, tv = qkv(txt, ("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k"))
+        q = apply_rope(jnp.concatenate([tq, iq], axis=1), cos, sin)
+        k = apply_rope(jnp.concatenate([tk, ik], axis=1), cos, sin)
+        v = jnp.concatenate([tv, iv], axis=1)
+        out = attention(q, k, v, key_mask, self.runtime.attention)
+        num_txt = txt.shape[1]
+        img_out = Linear(dim, ("heads", "embed"), self.runtime, name="to_out")(out[:, num_txt:])
+        txt_out = Linear(dim, ("heads", "embed"), self.runtime, name="to_add_out")(out[:, :num_txt])
+        return img_out, txt_out
+
+
+class AdaNormOut(nn.Module):
+    """Final norm: LayerNorm(x) * (1 + scale) + shift with (scale, shift) = Linear(SiLU(temb)),
+    diffusers' AdaLayerNormContinuous (scale first)."""
+
+    runtime: RuntimeConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        emb = Linear(2 * x.shape[-1], ("embed", "modulation"), self.runtime, name="linear")(
+            nn.silu(temb)
+        )
+        scale, shift = jnp.split(emb, 2, axis=-1)
+        return modulate(layer_norm(x), shift, scale)
+
+
+def scan_blocks(block_cls, length: int, runtime: RuntimeConfig, num_broadcast: int):
+    """Stacks `block_cls` `length` times under nn.scan: params get a leading "layers" axis and the
+    block compiles once. The block maps (carry, *broadcast_args) -> (carry, per_layer_output)."""
+    policy = remat_policy(runtime.remat)
+    if policy is not None:
+        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+    return nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,) * num_broadcast,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

@@ -1,0 +1,148 @@
+"""Times our dense forward against diffusers' on the same weights and inputs, in one process.
+
+    python -m eval.bench_forward --preset flux-small --height 16 --width 16 --txt 32
+    python -m eval.bench_forward --preset flux-dev --height 64 --width 64 --txt 512 \\
+        --dtype bfloat16 --attention cudnn --compile        # GPU, full size
+
+Both models get the same random weights (ours through the diffusers conversion table, which is
+also checked numerically here) and the same inputs. Each variant is warmed up (compiled), then
+the variants run alternately; the median of --runs timings is reported, with ratios. torch and
+diffusers are optional: without them only our forward is timed. Prints JSON; --out writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import edit_jax
+from edit_jax.models import abstract_params, example_inputs
+
+
+def time_alternating(fns: dict, runs: int) -> dict[str, float]:
+    """Median wall time (ms) of each no-argument callable, called alternately `runs` times."""
+    times = {k: [] for k in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(1000 * (time.perf_counter() - t0))
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def diffusers_model(config, torch_dtype, device):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    arch = config.architecture()
+    kwargs = {k: arch[k] for k in (
+        "patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
+        "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "axes_dims_rope",
+    )}
+    with torch.device(device):
+        model = FluxTransformer2DModel(**kwargs)
+    return model.to(torch_dtype).eval()
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="flux-small")
+    p.add_argument("--height", type=int, default=16, help="latent tokens per column")
+    p.add_argument("--width", type=int, default=16, help="latent tokens per row")
+    p.add_argument("--txt", type=int, default=32, help="text tokens")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="also time diffusers under torch.compile")
+    p.add_argument("--no-torch", action="store_true", help="time only our forward")
+    p.add_argument("--out", help="write the JSON result here too")
+    args = p.parse_args(argv)
+
+    config = edit_jax.preset(args.preset).with_runtime(
+        param_dtype=args.dtype, dtype=args.dtype, attention=args.attention
+    )
+    model = edit_jax.build_model(config)
+    inputs_f32 = example_inputs(config, args.batch, args.height, args.width, args.txt)
+    inputs = {k: (v.astype(args.dtype) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v)
+              for k, v in inputs_f32.items()}
+    forward = jax.jit(lambda params, x: model.apply({"params": params}, **x))
+
+    variants, result = {}, {}
+    try:
+        if args.no_torch:
+            raise ImportError("--no-torch")
+        import torch
+        from checkpoints_convert.engine import build_params
+        from checkpoints_convert.flux import diffusers_table
+        from checkpoints_convert.sources import from_state_dict
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = getattr(torch, args.dtype)
+        ref = diffusers_model(config, torch_dtype, device)
+        params = jax.device_put(build_params(
+            diffusers_table(config), from_state_dict(ref.state_dict()), abstract_params(config)
+        ))
+        torch_inputs = {k: torch.from_numpy(np.array(v, np.float32)).to(device) for k, v in inputs_f32.items()}
+        for k in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
+            torch_inputs[k] = torch_inputs[k].to(torch_dtype)
+
+        def run_torch(m):
+            def call():
+                with torch.inference_mode():
+                    out = m(**torch_inputs, return_dict=False)[0]
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                return out
+            return call
+
+        variants["diffusers_eager"] = run_torch(ref)
+        if args.compile:
+            variants["diffusers_compiled"] = run_torch(torch.compile(ref))
+        result["torch"] = torch.__version__
+        ref_out = variants["diffusers_eager"]().float().cpu().numpy()
+    except ImportError as e:
+        params = edit_jax.init_params(config)
+        ref_out = None
+        result["torch"] = f"not timed ({e})"
+
+    t0 = time.perf_counter()
+    ours_out = jax.block_until_ready(forward(params, inputs))
+    result["jax_compile_s"] = round(time.perf_counter() - t0, 2)
+    variants = {"edit_jax": lambda: jax.block_until_ready(forward(params, inputs)), **variants}
+    if ref_out is not None:
+        ours = np.asarray(ours_out, np.float64)
+        result["relative_error_vs_diffusers"] = float(np.linalg.norm(ours - ref_out) / np.linalg.norm(ref_out))
+    time_alternating(variants, args.warmup)
+    medians = time_alternating(variants, args.runs)
+
+    result.update({
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "preset": args.preset,
+        "tokens": {"image": args.height * args.width, "text": args.txt, "batch": args.batch},
+        "dtype": args.dtype,
+        "attention": args.attention,
+        "runs": args.runs,
+        "median_ms": {k: round(v, 3) for k, v in medians.items()},
+        "ratio_edit_jax_over": {k: round(medians["edit_jax"] / v, 3) for k, v in medians.items() if k != "edit_jax"},
+    })
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

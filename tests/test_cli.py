@@ -1,0 +1,47 @@
+"""The `edit-jax` command line."""
+
+import json
+
+import pytest
+
+from edit_jax.cli import main
+from reference import make_diffusers_flux
+
+
+def test_demo_writes_a_summary_whose_reload_is_identical(tmp_path, capsys):
+    assert main(["demo", "--preset", "flux-tiny", "--out", str(tmp_path)]) == 0
+
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    assert summary["reloaded_output_identical"] is True
+    assert json.loads(capsys.readouterr().out) == summary
+
+
+def test_convert_then_inspect_lists_config_and_params(save_diffusers, tmp_path, capsys):
+    src = save_diffusers(make_diffusers_flux())
+    assert main(["convert", "flux", str(src), str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+
+    assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == "flux" and report["config"]["num_layers"] == 1
+    rows = {r["path"]: r for r in report["params"]}
+    assert rows["transformer_blocks/attn/to_q/kernel"]["shape"] == [1, 32, 32]
+    assert report["param_count"] == sum(r["count"] for r in rows.values())
+
+
+def test_convert_of_a_missing_source_is_one_clear_error(tmp_path, capsys):
+    assert main(["convert", "flux", str(tmp_path / "nope"), str(tmp_path / "ckpt")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_unknown_config_value_is_a_clear_error(save_diffusers, tmp_path, capsys):
+    src = save_diffusers(make_diffusers_flux())
+    assert main(["convert", "flux", str(src), str(tmp_path / "ckpt"), "--config", "flux-huge"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+
+
+def test_bad_flag_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "flux", "a", "b", "--dtype", "int8"])
+    assert e.value.code == 2
+    assert "invalid choice: 'int8'" in capsys.readouterr().err

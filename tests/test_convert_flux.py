@@ -1,0 +1,214 @@
+"""FLUX conversion: the BFL path, clear errors on bad sources, atomic output, orbax round trip."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import edit_jax
+from checkpoints_convert import ConversionError, convert_checkpoint
+from checkpoints_convert.flux import BFL_PREFIX
+from edit_jax.checkpoint import CheckpointError, flatten, load_config, save
+from edit_jax.config import ConfigError, from_diffusers_config
+from reference import FLUX_TINY, flux_inputs, make_diffusers_flux, relative_error, run_diffusers
+
+
+def diffusers_to_bfl(sd: dict, num_layers: int, num_single_layers: int) -> dict:
+    """The inverse of diffusers' convert_flux_transformer_checkpoint_to_diffusers."""
+    out = {
+        "img_in": "x_embedder",
+        "txt_in": "context_embedder",
+        "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+        "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+        "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+        "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+        "final_layer.linear": "proj_out",
+    }
+    if "time_text_embed.guidance_embedder.linear_1.weight" in sd:
+        out["guidance_in.in_layer"] = "time_text_embed.guidance_embedder.linear_1"
+        out["guidance_in.out_layer"] = "time_text_embed.guidance_embedder.linear_2"
+    for i in range(num_layers):
+        b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        out.update({
+            f"{b}.img_mod.lin": f"{d}.norm1.linear", f"{b}.txt_mod.lin": f"{d}.norm1_context.linear",
+            f"{b}.img_mlp.0": f"{d}.ff.net.0.proj", f"{b}.img_mlp.2": f"{d}.ff.net.2",
+            f"{b}.txt_mlp.0": f"{d}.ff_context.net.0.proj", f"{b}.txt_mlp.2": f"{d}.ff_context.net.2",
+            f"{b}.img_attn.proj": f"{d}.attn.to_out.0", f"{b}.txt_attn.proj": f"{d}.attn.to_add_out",
+        })
+    bfl = {f"{k}.{p}": sd[f"{v}.{p}"] for k, v in out.items() for p in ("weight", "bias")}
+    for i in range(num_layers):
+        b, d = f"double_blocks.{i}", f"transformer_blocks.{i}.attn"
+        for p in ("weight", "bias"):
+            bfl[f"{b}.img_attn.qkv.{p}"] = torch.cat([sd[f"{d}.to_{x}.{p}"] for x in "qkv"])
+            bfl[f"{b}.txt_attn.qkv.{p}"] = torch.cat([sd[f"{d}.add_{x}_proj.{p}"] for x in "qkv"])
+        for stream, q, k in (("img", "norm_q", "norm_k"), ("txt", "norm_added_q", "norm_added_k")):
+            bfl[f"{b}.{stream}_attn.norm.query_norm.scale"] = sd[f"{d}.{q}.weight"]
+            bfl[f"{b}.{stream}_attn.norm.key_norm.scale"] = sd[f"{d}.{k}.weight"]
+    for i in range(num_single_layers):
+        b, s = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        for p in ("weight", "bias"):
+            bfl[f"{b}.linear1.{p}"] = torch.cat([sd[f"{s}.attn.to_{x}.{p}"] for x in "qkv"] + [sd[f"{s}.proj_mlp.{p}"]])
+            bfl[f"{b}.linear2.{p}"] = sd[f"{s}.proj_out.{p}"]
+            bfl[f"{b}.modulation.lin.{p}"] = sd[f"{s}.norm.linear.{p}"]
+        bfl[f"{b}.norm.query_norm.scale"] = sd[f"{s}.attn.norm_q.weight"]
+        bfl[f"{b}.norm.key_norm.scale"] = sd[f"{s}.attn.norm_k.weight"]
+    for p in ("weight", "bias"):
+        scale, shift = sd[f"norm_out.linear.{p}"].chunk(2)
+        bfl[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat([shift, scale])
+    return {k: v.contiguous() for k, v in bfl.items()}
+
+
+def convert_flux(src, dst, **kwargs):
+    return convert_checkpoint("flux", src, dst, dtype="float32", progress=False, **kwargs)
+
+
+def test_bfl_inverse_is_exact_under_diffusers_own_converter():
+    # diffusers' BFL converter hard-codes hidden size 3072, hence 24 heads of 128
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    model = make_diffusers_flux(num_attention_heads=24, attention_head_dim=128, axes_dims_rope=(16, 56, 56)).to(torch.bfloat16)
+    sd = model.state_dict()
+
+    back = convert_flux_transformer_checkpoint_to_diffusers(diffusers_to_bfl(sd, 1, 1))
+
+    assert set(back) == set(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("prefix", ["", BFL_PREFIX], ids=["bare", "prefixed"])
+def test_bfl_import_gives_the_same_params_as_diffusers_import(save_diffusers, tmp_path, prefix):
+    model = make_diffusers_flux(num_layers=2, num_single_layers=2, guidance_embeds=True)
+    diffusers_dir = save_diffusers(model)
+    bfl = diffusers_to_bfl(model.state_dict(), 2, 2)
+    save_file({prefix + k: v for k, v in bfl.items()}, tmp_path / "flux1.safetensors")
+    config = from_diffusers_config(diffusers_dir)
+
+    via_bfl = convert_flux(tmp_path / "flux1.safetensors", tmp_path / "bfl", config=config)
+    via_diffusers = convert_flux(diffusers_dir, tmp_path / "diffusers")
+
+    a, b = flatten(edit_jax.load(via_bfl)[1]), flatten(edit_jax.load(via_diffusers)[1])
+    assert set(a) == set(b)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert json.loads((via_bfl / "config.json").read_text())["converted_from"]["format"] == "bfl"
+
+
+def test_bfl_import_matches_diffusers_forward(tmp_path):
+    model = make_diffusers_flux(guidance_embeds=True)
+    save_file(diffusers_to_bfl(model.state_dict(), 1, 1), tmp_path / "flux1.safetensors")
+    config = from_diffusers_config(dict(model.config), "flux")
+    ours, params = edit_jax.load(convert_flux(tmp_path / "flux1.safetensors", tmp_path / "ck", config=config))
+    inputs = flux_inputs({**FLUX_TINY, "guidance_embeds": True}, batch=1, height=3, width=3, num_txt=4)
+
+    assert relative_error(ours.apply({"params": params}, **inputs), run_diffusers(model, inputs)) <= 1e-5
+
+
+def save_state_dict(sd, folder, config):
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps(dict(config)))
+    return folder
+
+
+def assert_nothing_written(tmp_path):
+    assert not (tmp_path / "ckpt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt")]
+
+
+def test_missing_key_is_named_and_nothing_is_written(tmp_path):
+    model = make_diffusers_flux()
+    sd = model.state_dict()
+    del sd["transformer_blocks.0.attn.to_q.weight"]
+    src = save_state_dict(sd, tmp_path / "src", model.config)
+
+    with pytest.raises(ConversionError, match=r"missing keys \(1\):\n    transformer_blocks.0.attn.to_q.weight"):
+        convert_flux(src, tmp_path / "ckpt")
+    assert_nothing_written(tmp_path)
+
+
+def test_unexpected_key_is_named(tmp_path):
+    model = make_diffusers_flux()
+    sd = {**model.state_dict(), "extra.weight": torch.zeros(2)}
+    src = save_state_dict(sd, tmp_path / "src", model.config)
+
+    with pytest.raises(ConversionError, match=r"unexpected keys \(1\):\n    extra.weight"):
+        convert_flux(src, tmp_path / "ckpt")
+    assert_nothing_written(tmp_path)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    model = make_diffusers_flux()
+    sd = model.state_dict()
+    sd["proj_out.weight"] = torch.zeros(5, 32)
+    src = save_state_dict(sd, tmp_path / "src", model.config)
+
+    with pytest.raises(ConversionError, match=r"shape mismatches \(1\):\n    proj_out.weight \(5, 32\)"):
+        convert_flux(src, tmp_path / "ckpt")
+    assert_nothing_written(tmp_path)
+
+
+def test_config_with_fewer_layers_than_checkpoint_reports_the_extra_layers(save_diffusers, tmp_path):
+    src = save_diffusers(make_diffusers_flux(num_layers=2))
+    config = from_diffusers_config(src).replace(num_layers=1)
+    (src / "config.json").unlink()
+
+    with pytest.raises(ConversionError, match=r"unexpected keys \(32\):\n    transformer_blocks.1.attn"):
+        convert_flux(src, tmp_path / "ckpt", config=config)
+    assert_nothing_written(tmp_path)
+
+
+def test_given_config_that_disagrees_with_source_config_is_an_error(save_diffusers, tmp_path):
+    src = save_diffusers(make_diffusers_flux())
+    config = from_diffusers_config(src).replace(num_single_layers=3)
+
+    with pytest.raises(ConfigError, match="num_single_layers: source 1 vs given 3"):
+        convert_flux(src, tmp_path / "ckpt", config=config)
+
+
+def test_failure_while_writing_leaves_nothing_behind(save_diffusers, tmp_path, monkeypatch):
+    import checkpoints_convert.engine as engine
+
+    def broken(*args, **kwargs):
+        yield {"x_embedder": {"bias": np.zeros(32, np.float32)}}
+        raise OSError("disk full")
+
+    monkeypatch.setattr(engine, "stream_params", broken)
+    with pytest.raises(OSError, match="disk full"):
+        convert_flux(save_diffusers(make_diffusers_flux()), tmp_path / "ckpt")
+    assert_nothing_written(tmp_path)
+
+
+def test_existing_destination_is_kept_unless_overwrite(save_diffusers, tmp_path):
+    src = save_diffusers(make_diffusers_flux())
+    convert_flux(src, tmp_path / "ckpt")
+
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert_flux(src, tmp_path / "ckpt")
+    convert_flux(src, tmp_path / "ckpt", overwrite=True)
+    assert load_config(tmp_path / "ckpt").num_layers == 1
+
+
+def test_bfloat16_conversion_stores_bfloat16(save_diffusers, tmp_path):
+    src = save_diffusers(make_diffusers_flux())
+    ckpt = convert_checkpoint("flux", src, tmp_path / "ckpt", dtype="bfloat16", progress=False)
+
+    _, params = edit_jax.load(ckpt)
+    assert {str(x.dtype) for x in flatten(params).values()} == {"bfloat16"}
+
+
+def test_orbax_round_trip_keeps_params_and_config(tmp_path):
+    config = edit_jax.preset("flux-tiny")
+    params = edit_jax.init_params(config, seed=3)
+
+    save(tmp_path / "ckpt", config, params)
+    model, loaded = edit_jax.load(tmp_path / "ckpt")
+
+    assert model.config == config
+    a, b = flatten(params), flatten(loaded)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_loading_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="is not an edit-jax checkpoint"):
+        edit_jax.load(tmp_path)
