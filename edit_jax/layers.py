@@ -35,16 +35,17 @@ class Linear(nn.Module):
     axes: tuple[str, str]
     runtime: RuntimeConfig
     use_bias: bool = True
+    in_features: int | None = None  # needed only when called with in_size
 
     @nn.compact
     def __call__(self, x: jax.Array, in_size: int | None = None, out_size: int | None = None):
-        if in_size is not None and self.is_initializing():
-            raise ValueError("Linear must be initialised with a full-width input (in_size=None)")
+        if in_size is not None and self.in_features is None:
+            raise ValueError("a Linear called with in_size needs its full in_features")
         param_dtype = dtype_of(self.runtime.param_dtype)
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
-            (x.shape[-1], self.features),
+            (self.in_features or x.shape[-1], self.features),
             param_dtype,
         )
         if in_size is not None:
@@ -149,7 +150,8 @@ class MLP(nn.Module):
         h = activation_fn(self.activation)(h)
         if hidden_mask is not None:
             h = h * hidden_mask[:, None, :].astype(h.dtype)
-        return Linear(dim, ("mlp", "embed"), self.runtime, name="fc2")(h, in_size=width)
+        fc2 = Linear(dim, ("mlp", "embed"), self.runtime, in_features=self.hidden_dim, name="fc2")
+        return fc2(h, in_size=width)
 
 
 def timestep_frequencies(dim: int = 256, max_period: float = 10000.0) -> np.ndarray:

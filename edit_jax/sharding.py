@@ -1,0 +1,80 @@
+"""Logical axis names -> mesh axes: the one table that decides how every param is sharded.
+
+Mesh axes: "data" (pure data parallel: params replicated), "fsdp" (data parallel with params
+sharded, gathered per layer), "tensor" (Megatron-style tensor parallel inside a layer).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical axis, mesh axis or None). Read top to bottom; the first rule whose mesh axis is still
+# free in a given array wins, so one array never uses a mesh axis twice.
+LOGICAL_AXIS_RULES = (
+    ("layers", None),        # the nn.scan axis: each step needs its whole layer
+    ("embed", "fsdp"),       # model width D: FSDP shards it, gathered per layer
+    ("mlp", "tensor"),       # MLP hidden M: column/row parallel fc1/fc2
+    ("heads", "tensor"),     # H * K of q/k/v/out: head parallel
+    ("attn_mlp", "tensor"),  # FLUX single blocks' proj_out input [attention heads; MLP hidden]
+    ("modulation", "tensor"),  # the AdaLN (shift, scale, gate) outputs, 3D or 6D wide
+    ("embed_in", None),      # the input side of the D x D timestep linears
+    ("head_dim", None),      # QK-norm scales: tiny
+    ("channels", None),      # latent channels in/out: tiny
+    ("text_embed", None),    # the text encoder width (4096 / 3584) of the context embedder
+    ("pooled", None),
+    ("freq", None),          # the 256 sinusoid channels of timestep embeddings
+)
+
+
+def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
+    """A Mesh over (data, fsdp, tensor) with Auto axis types; default: every device on fsdp."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    shape = shape or {"fsdp": devices.size}
+    sizes = tuple(shape.get(a, 1) for a in MESH_AXES)
+    if int(np.prod(sizes)) != devices.size:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {devices.size}")
+    return Mesh(devices.reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_mesh(spec: PartitionSpec, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """Maps one logical PartitionSpec onto mesh axes; a mesh axis of size 1 is left out."""
+    table = dict(rules)
+    used, out = set(), []
+    for name in spec:
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to LOGICAL_AXIS_RULES")
+        axis = table[name]
+        if axis is None or axis in used or mesh.shape[axis] == 1:
+            out.append(None)
+        else:
+            used.add(axis)
+            out.append(axis)
+    return PartitionSpec(*out)
+
+
+def param_shardings(config, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> dict:
+    """NamedShardings for every param of `config`'s model (pass to `edit_jax.load`)."""
+    from edit_jax.models import logical_axes
+
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, logical_to_mesh(spec, mesh, rules)),
+        logical_axes(config),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def describe(config, mesh: Mesh) -> str:
+    """The sharding plan as text, one line per param (printed at start-up by trainers)."""
+    from edit_jax.checkpoint import flatten
+    from edit_jax.models import abstract_params, logical_axes
+
+    shapes = flatten(abstract_params(config))
+    specs = flatten(jax.tree.map(lambda s: s, logical_axes(config), is_leaf=lambda x: isinstance(x, PartitionSpec)))
+    lines = [f"mesh {dict(mesh.shape)}"]
+    for path in sorted(shapes):
+        lines.append(f"  {path}: {tuple(shapes[path].shape)} {tuple(specs[path])} -> {tuple(logical_to_mesh(specs[path], mesh))}")
+    return "\n".join(lines)
