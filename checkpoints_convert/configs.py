@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import json
+
 from edit_jax.config import ConfigError, from_diffusers_config
 
 
 def reconcile_config(source, config, family: str):
     """The config for a diffusers-format source; raises ConfigError when none is known or when
     the given one disagrees with the source's config.json (listing the differing fields)."""
-    found = None
+    found, stated = None, set()
     if source.folder is not None and (source.folder / "config.json").is_file():
         found = from_diffusers_config(source.folder / "config.json", family)
+        stated = set(json.loads((source.folder / "config.json").read_text()))
     if config is None:
         if found is None:
             raise ConfigError(
@@ -19,8 +22,9 @@ def reconcile_config(source, config, family: str):
                 "(--config PRESET or a config.json path)"
             )
         return found
-    if found is not None and found.architecture() != config.architecture():
-        a, b = found.architecture(), config.architecture()
-        diffs = [f"{k}: source {a[k]!r} vs given {b[k]!r}" for k in a if a[k] != b[k]]
+    a, b = (found.architecture(), config.architecture()) if found is not None else ({}, {})
+    # only what the source's config.json states is compared (it says nothing of e.g. activation)
+    diffs = [f"{k}: source {a[k]!r} vs given {b[k]!r}" for k in a if k in stated and a[k] != b[k]]
+    if diffs:
         raise ConfigError(f"the given config disagrees with {source.folder / 'config.json'}: " + "; ".join(diffs))
     return config

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from edit_jax.checkpoint import unflatten
 from edit_jax.models import abstract_params
-from checkpoints_convert import flux
+from checkpoints_convert import flux, qwen_image
 from checkpoints_convert.engine import convert_source
 from checkpoints_convert.sources import open_source
 
-FAMILIES = {"flux": flux}
-FORMATS = {"flux": ("auto", "diffusers", "bfl")}
+FAMILIES = {"flux": flux, "qwen-image": qwen_image}
+FORMATS = {"flux": ("auto", "diffusers", "bfl"), "qwen-image": ("auto", "diffusers", "edit-release")}
 
 
 def convert_checkpoint(
@@ -31,13 +34,18 @@ def convert_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
     source = open_source(src)
-    config, table, fmt = FAMILIES[family].prepare(source, fmt, config)
+    if fmt not in FORMATS[family]:
+        raise ValueError(f"unknown {family} format {fmt!r}; choose from {', '.join(FORMATS[family])}")
+    config, table, fmt, router_table = FAMILIES[family].prepare(source, fmt, config)
     config = config.with_runtime(param_dtype=dtype)
+    trees = {"params": (table, abstract_params(config))}
+    if router_table is not None:
+        shapes = FAMILIES[family].router_shapes(config)
+        trees["routers"] = (router_table, unflatten({p: jax.ShapeDtypeStruct(s, np.dtype(dtype)) for p, s in shapes.items()}))
     return convert_source(
-        table,
+        trees,
         source,
         config,
-        abstract_params(config),
         dst,
         overwrite=overwrite,
         progress=progress,

@@ -33,17 +33,20 @@ def _num_layers(src: Src, target) -> int | None:
     return target.shape[0] if src.stacked else None
 
 
-def check(table: dict[str, Src], source, abstract: dict, what: str = "checkpoint") -> None:
-    """Raises ConversionError listing every missing key, unexpected key and shape mismatch."""
-    targets = flatten(abstract)
-    if set(table) != set(targets):
-        raise AssertionError(
-            f"conversion table and model disagree: table-only {sorted(set(table) - set(targets))}, "
-            f"model-only {sorted(set(targets) - set(table))}"
-        )
+def check(trees: dict[str, tuple[dict[str, Src], dict]], source, what: str = "checkpoint") -> None:
+    """Raises ConversionError listing every missing key, unexpected key and shape mismatch.
+
+    trees: name -> (table, abstract tree); the source must hold exactly the keys of all tables."""
     expected: set[str] = set()
-    for path, src in table.items():
-        expected.update(src.keys(_num_layers(src, targets[path])))
+    for table, abstract in trees.values():
+        targets = flatten(abstract)
+        if set(table) != set(targets):
+            raise AssertionError(
+                f"conversion table and model disagree: table-only {sorted(set(table) - set(targets))}, "
+                f"model-only {sorted(set(targets) - set(table))}"
+            )
+        for path, src in table.items():
+            expected.update(src.keys(_num_layers(src, targets[path])))
     present = set(source.keys())
     problems = []
     missing = sorted(expected - present)
@@ -53,8 +56,9 @@ def check(table: dict[str, Src], source, abstract: dict, what: str = "checkpoint
     if unexpected:
         problems.append(_listing("unexpected keys", unexpected))
     mismatched = []
-    for path, src in table.items():
-        target = targets[path]
+    for path, src, target in (
+        (p, t[p], a) for t, abstract in trees.values() for p, a in flatten(abstract).items()
+    ):
         want = tuple(target.shape[1:]) if src.stacked else tuple(target.shape)
         for key in src.keys(_num_layers(src, target)):
             if key not in present:
@@ -86,19 +90,20 @@ def _build(src: Src, source, target, dtype: np.dtype) -> np.ndarray:
 
 def build_params(table: dict[str, Src], source, abstract: dict) -> dict:
     """Checks, then builds the whole params tree in memory (small models, benchmarks)."""
-    check(table, source, abstract)
+    check({"params": (table, abstract)}, source)
     targets = flatten(abstract)
     return unflatten({p: _build(table[p], source, targets[p], np.dtype(targets[p].dtype)) for p in table})
 
 
-def stream_params(table, source, abstract, dtype, group_bytes: int, progress: bool):
-    """Yields nested param sub-trees of about `group_bytes` each, built one tensor at a time."""
+def stream_params(table, source, abstract, group_bytes: int, progress: bool, desc: str = "params"):
+    """Yields nested param sub-trees of about `group_bytes` each, built one tensor at a time, in
+    the dtypes of `abstract`."""
     targets = flatten(abstract)
-    total = sum(int(np.prod(t.shape)) * np.dtype(dtype).itemsize for t in targets.values())
+    total = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in targets.values())
     group, size = {}, 0
-    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
         for path in sorted(table):
-            arr = _build(table[path], source, targets[path], np.dtype(dtype))
+            arr = _build(table[path], source, targets[path], np.dtype(targets[path].dtype))
             group[path], size = arr, size + arr.nbytes
             bar.update(arr.nbytes)
             if size >= group_bytes:
@@ -109,10 +114,9 @@ def stream_params(table, source, abstract, dtype, group_bytes: int, progress: bo
 
 
 def convert_source(
-    table: dict[str, Src],
+    trees: dict[str, tuple[dict[str, Src], dict]],
     source,
     config,
-    abstract: dict,
     dst: str | Path,
     *,
     overwrite: bool = False,
@@ -120,12 +124,11 @@ def convert_source(
     group_bytes: int = 512 << 20,
     extra: dict | None = None,
 ) -> Path:
-    """Checks `source` against `table`, then writes the checkpoint `dst` atomically.
-
-    abstract: the params as ShapeDtypeStructs (shapes and the dtype to store)."""
-    check(table, source, abstract)
-    dtypes = {np.dtype(a.dtype) for a in flatten(abstract).values()}
-    if len(dtypes) != 1:
-        raise AssertionError(f"params must share one dtype, got {dtypes}")
-    groups = stream_params(table, source, abstract, dtypes.pop(), group_bytes, progress)
+    """Checks `source` against every (table, abstract) tree, then writes the checkpoint `dst`
+    atomically; abstract trees (ShapeDtypeStructs) give the shapes and the dtypes to store."""
+    check(trees, source)
+    groups = {
+        name: stream_params(table, source, abstract, group_bytes, progress, name)
+        for name, (table, abstract) in trees.items()
+    }
     return write_checkpoint(dst, config, groups, overwrite=overwrite, extra=extra)

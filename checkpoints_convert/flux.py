@@ -122,8 +122,9 @@ def detect_format(keys: list[str]) -> str:
                      "'transformer_blocks.*' (diffusers) tensors")
 
 
-def prepare(source, fmt: str = "auto", config: FluxConfig | None = None) -> tuple[FluxConfig, dict, str]:
-    """Picks the format and config of a FLUX source: returns (config, table, format).
+def prepare(source, fmt: str = "auto", config: FluxConfig | None = None):
+    """Picks the format and config of a FLUX source: returns (config, table, format, None) (FLUX
+    has no released routers).
 
     BFL files carry no config: without one given, flux-dev or flux-schnell is taken by whether
     the file has guidance weights. A diffusers folder's config.json is read; a config given as
@@ -139,4 +140,4 @@ def prepare(source, fmt: str = "auto", config: FluxConfig | None = None) -> tupl
             config = preset("flux-dev" if "guidance_in.in_layer.weight" in source else "flux-schnell")
     else:
         config = reconcile_config(source, config, "flux")
-    return config, TABLES[fmt](config), fmt
+    return config, TABLES[fmt](config), fmt, None

@@ -2,7 +2,8 @@
 
     CKPT/
       config.json   {"format": "edit-jax", "version": 1, "family": ..., "config": {...}, ...}
-      params/       orbax PyTree checkpoint of the plain params pytree
+      params/       orbax PyTree checkpoint of the plain base params pytree
+      routers/      (optional) the E-DiT router params, a separate pytree stacked over layers
 
 A checkpoint is written into a hidden sibling folder and renamed into place only when complete,
 so a failed or killed write never leaves something at CKPT that looks finished. Params can be
@@ -30,6 +31,7 @@ FORMAT_NAME = "edit-jax"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+ROUTERS_DIR = "routers"
 
 
 class CheckpointError(ValueError):
@@ -63,13 +65,14 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def write_checkpoint(
     path: str | Path,
     config,
-    param_groups: Iterable[dict],
+    trees: dict[str, Iterable[dict]],
     *,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Writes a checkpoint atomically. `param_groups` yields disjoint nested sub-trees of the
-    params whose union is the whole tree; each is written as soon as it arrives."""
+    """Writes a checkpoint atomically. `trees` maps a tree name ("params", "routers") to an
+    iterable of disjoint nested sub-trees whose union is that tree; each sub-tree is written as
+    soon as it arrives."""
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -77,10 +80,10 @@ def write_checkpoint(
     tmp = path.parent / f".{path.name}.incomplete-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        params_dir = tmp / PARAMS_DIR
-        for group in param_groups:
-            ocp.partial.save(params_dir, group)
-        ocp.partial.finalize(params_dir)
+        for name, groups in trees.items():
+            for group in groups:
+                ocp.partial.save(tmp / name, group)
+            ocp.partial.finalize(tmp / name)
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -102,10 +105,12 @@ def write_checkpoint(
     return path
 
 
-def save(path: str | Path, config, params: dict, *, overwrite: bool = False) -> Path:
-    """Saves in-memory params (a plain pytree) with their config."""
-    params = jax.tree.map(np.asarray, params)
-    return write_checkpoint(path, config, [params], overwrite=overwrite)
+def save(path: str | Path, config, params: dict, routers: dict | None = None, *, overwrite: bool = False) -> Path:
+    """Saves in-memory params (plain pytrees) with their config."""
+    trees = {PARAMS_DIR: [jax.tree.map(np.asarray, params)]}
+    if routers is not None:
+        trees[ROUTERS_DIR] = [jax.tree.map(np.asarray, routers)]
+    return write_checkpoint(path, config, trees, overwrite=overwrite)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -126,14 +131,19 @@ def load_config(path: str | Path):
     return config_from_dict(meta["family"], meta["config"])
 
 
-def params_metadata(path: str | Path) -> dict:
-    """The stored params tree with (shape, dtype) leaves, read without loading any array."""
+def tree_names(path: str | Path) -> list[str]:
+    """The pytrees a checkpoint holds: "params", and "routers" when it has them."""
+    return [n for n in (PARAMS_DIR, ROUTERS_DIR) if (Path(path) / n).is_dir()]
+
+
+def params_metadata(path: str | Path, tree: str = PARAMS_DIR) -> dict:
+    """A stored tree with (shape, dtype) leaves, read without loading any array."""
     read_metadata(path)
-    meta = ocp.metadata(Path(path) / PARAMS_DIR).metadata
+    meta = ocp.metadata(Path(path) / tree).metadata
     return jax.tree.map(lambda m: (tuple(m.shape), np.dtype(m.dtype)), meta)
 
 
-def load_params(path: str | Path, abstract: dict, shardings=None) -> dict:
+def load_params(path: str | Path, abstract: dict, shardings=None, tree: str = PARAMS_DIR) -> dict:
     """Restores params into the structure, shapes and dtypes of `abstract` (ShapeDtypeStructs).
 
     shardings: None (default device), one jax.sharding.Sharding for every leaf, or a pytree of
@@ -146,4 +156,13 @@ def load_params(path: str | Path, abstract: dict, shardings=None) -> dict:
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    return ocp.load(Path(path) / PARAMS_DIR, target)
+    return ocp.load(Path(path) / tree, target)
+
+
+def load_routers(path: str | Path, shardings=None) -> dict | None:
+    """The router subtree of a checkpoint (None when it has none), as stored."""
+    if ROUTERS_DIR not in tree_names(path):
+        return None
+    meta = params_metadata(path, ROUTERS_DIR)
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(*m), meta, is_leaf=lambda x: isinstance(x, tuple))
+    return load_params(path, abstract, shardings, ROUTERS_DIR)

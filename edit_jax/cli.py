@@ -1,8 +1,8 @@
 """The `edit-jax` command line: demo, convert, inspect.
 
     edit-jax demo [--preset flux-small] [--out DIR]
-    edit-jax convert flux SRC DST [--format auto|diffusers|bfl] [--dtype bfloat16|float32]
-                                  [--config PRESET_OR_CONFIG_JSON] [--overwrite]
+    edit-jax convert flux|qwen-image SRC DST [--format auto|diffusers|bfl|edit-release] [--dtype ...]
+                     [--config PRESET_OR_CONFIG_JSON] [--overwrite]
     edit-jax inspect CKPT [--json]
 """
 
@@ -94,10 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     convert = sub.add_parser("convert", help="PyTorch weights -> edit-jax orbax checkpoint")
-    convert.add_argument("family", choices=["flux"])
+    convert.add_argument("family", choices=["flux", "qwen-image"])
     convert.add_argument("src", help="weight file, or folder (diffusers transformer/ or pipeline root)")
     convert.add_argument("dst", help="checkpoint folder to create")
-    convert.add_argument("--format", default="auto", choices=["auto", "diffusers", "bfl"])
+    convert.add_argument(
+        "--format", default="auto", choices=["auto", "diffusers", "bfl", "edit-release"],
+        help="bfl: original FLUX single file; edit-release: the released E-DiT Qwen-Image file",
+    )
     convert.add_argument("--dtype", default="bfloat16", choices=[d for d in DTYPES])
     convert.add_argument("--config", help="preset name or diffusers config.json (default: the source's own)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ConversionError, SourceError, CheckpointError) as e:
+    except (ConfigError, ConversionError, SourceError, CheckpointError, ValueError) as e:
         print(f"edit-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -114,7 +114,61 @@ class FluxConfig:
         return d
 
 
-MODEL_CONFIGS = {"flux": FluxConfig}
+@dataclasses.dataclass(frozen=True)
+class QwenImageConfig:
+    """Qwen-Image transformer (diffusers `QwenImageTransformer2DModel`).
+
+    activation: "gelu_tanh" as diffusers, or "sigmoid_gelu" (x * sigmoid(1.702 x)) as the released
+    E-DiT checkpoint was trained with. Diffusers features we do not implement (zero_cond_t,
+    use_additional_t_cond, use_layer3d_rope, guidance_embeds) are rejected, never ignored.
+    """
+
+    family: ClassVar[str] = "qwen-image"
+
+    patch_size: int = 2
+    in_channels: int = 64
+    out_channels: int | None = 16
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    zero_cond_t: bool = False
+    use_additional_t_cond: bool = False
+    use_layer3d_rope: bool = False
+    mlp_ratio: float = 4.0
+    activation: str = "gelu_tanh"
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+        if isinstance(self.runtime, dict):
+            object.__setattr__(self, "runtime", RuntimeConfig(**self.runtime))
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        unsupported = [f for f in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope", "guidance_embeds")
+                       if getattr(self, f)]
+        if unsupported:
+            raise ConfigError(f"Qwen-Image config features not implemented in edit-jax: {unsupported}")
+        if self.num_layers < 1:
+            raise ConfigError(f"num_layers={self.num_layers} must be >= 1")
+        if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ConfigError(
+                f"axes_dims_rope {self.axes_dims_rope} must be 3 sizes summing to attention_head_dim "
+                f"{self.attention_head_dim}"
+            )
+        if any(d % 2 for d in self.axes_dims_rope):
+            raise ConfigError(f"axes_dims_rope {self.axes_dims_rope} must all be even")
+
+    inner_dim = FluxConfig.inner_dim
+    mlp_hidden_dim = FluxConfig.mlp_hidden_dim
+    output_channels = FluxConfig.output_channels
+    replace = FluxConfig.replace
+    with_runtime = FluxConfig.with_runtime
+    architecture = FluxConfig.architecture
+
+
+MODEL_CONFIGS = {"flux": FluxConfig, "qwen-image": QwenImageConfig}
 
 PRESETS: dict[str, Any] = {
     "flux-dev": FluxConfig(guidance_embeds=True),
@@ -141,6 +195,18 @@ PRESETS: dict[str, Any] = {
         in_channels=16,
         axes_dims_rope=(8, 12, 12),
         guidance_embeds=True,
+    ),
+    "qwen-image": QwenImageConfig(),
+    # diffusers' own QwenImageTransformer2DModel test config
+    "qwen-image-tiny": QwenImageConfig(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
     ),
 }
 
@@ -170,7 +236,7 @@ def config_from_dict(family: str, d: dict[str, Any]):
     return cls(**d)
 
 
-DIFFUSERS_CLASSES = {"FluxTransformer2DModel": "flux"}
+DIFFUSERS_CLASSES = {"FluxTransformer2DModel": "flux", "QwenImageTransformer2DModel": "qwen-image"}
 
 
 def from_diffusers_config(source: str | Path | dict[str, Any], family: str | None = None):

@@ -12,15 +12,13 @@ and stacked over i); the MLPs are `ff/fc1`, `ff/fc2` (diffusers `ff.net.0.proj`,
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from edit_jax.config import FluxConfig
 from edit_jax.layers import (
-    MLP,
     AdaNormOut,
-    JointAttention,
+    DualStreamBlock,
     Linear,
     Modulation,
     RMSNorm,
@@ -38,38 +36,7 @@ from edit_jax.layers import (
 )
 
 
-class FluxDoubleBlock(nn.Module):
-    """Dual-stream block: carry (txt [B, T, D], img [B, N, D]) -> same; temb [B, D]."""
-
-    config: FluxConfig
-
-    @nn.compact
-    def __call__(self, carry, temb, cos, sin):
-        cfg, rt = self.config, self.config.runtime
-        txt, img = carry
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = Modulation(6, rt, name="norm1")(temb)
-        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = Modulation(
-            6, rt, name="norm1_context"
-        )(temb)
-
-        img_attn, txt_attn = JointAttention(cfg.num_attention_heads, cfg.attention_head_dim, rt, name="attn")(
-            modulate(layer_norm(img), shift_msa, scale_msa),
-            modulate(layer_norm(txt), c_shift_msa, c_scale_msa),
-            cos,
-            sin,
-        )
-        img = img + gate_msa[:, None] * img_attn
-        img_ff = MLP(cfg.mlp_hidden_dim, cfg.activation, rt, name="ff")(
-            modulate(layer_norm(img), shift_mlp, scale_mlp)
-        )
-        img = img + gate_mlp[:, None] * img_ff
-
-        txt = txt + c_gate_msa[:, None] * txt_attn
-        txt_ff = MLP(cfg.mlp_hidden_dim, cfg.activation, rt, name="ff_context")(
-            modulate(layer_norm(txt), c_shift_mlp, c_scale_mlp)
-        )
-        txt = txt + c_gate_mlp[:, None] * txt_ff
-        return (txt, img), None
+FLUX_DOUBLE_BLOCK_NAMES = ("norm1", "norm1_context", "ff", "ff_context")  # diffusers' names
 
 
 class FluxSingleAttention(nn.Module):
@@ -168,9 +135,16 @@ class FluxTransformer(nn.Module):
         )
         cos, sin = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope)
 
-        (txt, img), _ = scan_blocks(FluxDoubleBlock, cfg.num_layers, rt, 3)(cfg, name="transformer_blocks")(
-            (txt, img), temb, cos, sin
+        double_blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 3)(
+            cfg.num_attention_heads,
+            cfg.attention_head_dim,
+            cfg.mlp_hidden_dim,
+            cfg.activation,
+            rt,
+            FLUX_DOUBLE_BLOCK_NAMES,
+            name="transformer_blocks",
         )
+        (txt, img), _ = double_blocks((txt, img), temb, cos, sin)
         joint = jnp.concatenate([txt, img], axis=1)
         joint, _ = scan_blocks(FluxSingleBlock, cfg.num_single_layers, rt, 3)(
             cfg, name="single_transformer_blocks"

@@ -286,6 +286,47 @@ class JointAttention(nn.Module):
         return img_out, txt_out
 
 
+class DualStreamBlock(nn.Module):
+    """MMDiT block shared by FLUX double blocks and Qwen-Image blocks: image and text streams with
+    their own AdaLN modulation and MLP, one joint attention.
+
+    carry (txt [B, T, D], img [B, N, D]) -> same; temb [B, D]; cos/sin [T + N, K];
+    key_mask [B, T + N] or None. `names` gives the submodules their family's diffusers names:
+    (image modulation, text modulation, image MLP, text MLP).
+    """
+
+    num_heads: int
+    head_dim: int
+    mlp_hidden_dim: int
+    activation: str
+    runtime: RuntimeConfig
+    names: tuple[str, str, str, str]
+
+    @nn.compact
+    def __call__(self, carry, temb, cos, sin, key_mask=None):
+        rt = self.runtime
+        img_mod, txt_mod, img_mlp, txt_mlp = self.names
+        txt, img = carry
+        shift1, scale1, gate1, shift2, scale2, gate2 = Modulation(6, rt, name=img_mod)(temb)
+        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = Modulation(6, rt, name=txt_mod)(temb)
+
+        img_attn, txt_attn = JointAttention(self.num_heads, self.head_dim, rt, name="attn")(
+            modulate(layer_norm(img), shift1, scale1),
+            modulate(layer_norm(txt), c_shift1, c_scale1),
+            cos,
+            sin,
+            key_mask,
+        )
+        img = img + gate1[:, None] * img_attn
+        img_ff = MLP(self.mlp_hidden_dim, self.activation, rt, name=img_mlp)(modulate(layer_norm(img), shift2, scale2))
+        img = img + gate2[:, None] * img_ff
+
+        txt = txt + c_gate1[:, None] * txt_attn
+        txt_ff = MLP(self.mlp_hidden_dim, self.activation, rt, name=txt_mlp)(modulate(layer_norm(txt), c_shift2, c_scale2))
+        txt = txt + c_gate2[:, None] * txt_ff
+        return (txt, img), None
+
+
 class AdaNormOut(nn.Module):
     """Final norm: LayerNorm(x) * (1 + scale) + shift with (scale, shift) = Linear(SiLU(temb)),
     diffusers' AdaLayerNormContinuous (scale first)."""

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from edit_jax.config import FluxConfig
+from edit_jax.config import FluxConfig, QwenImageConfig
 
 
 def build_model(config) -> nn.Module:
@@ -18,6 +18,10 @@ def build_model(config) -> nn.Module:
         from edit_jax.flux import FluxTransformer
 
         return FluxTransformer(config)
+    if isinstance(config, QwenImageConfig):
+        from edit_jax.qwen_image import QwenImageTransformer
+
+        return QwenImageTransformer(config)
     raise TypeError(f"no model for config type {type(config).__name__}")
 
 
@@ -39,7 +43,27 @@ def example_inputs(config, batch: int = 1, height: int = 4, width: int = 4, num_
         if config.guidance_embeds:
             inputs["guidance"] = rng.uniform(1.0, 5.0, (batch,))
         return {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
+    if isinstance(config, QwenImageConfig):
+        return dict(
+            hidden_states=jnp.asarray(rng.standard_normal((batch, height * width, config.in_channels)), jnp.float32),
+            encoder_hidden_states=jnp.asarray(rng.standard_normal((batch, num_txt, config.joint_attention_dim)), jnp.float32),
+            encoder_hidden_states_mask=jnp.ones((batch, num_txt), jnp.int32),
+            timestep=jnp.asarray(rng.uniform(0.05, 0.95, (batch,)), jnp.float32),
+            img_shapes=(1, height, width),
+        )
     raise TypeError(f"no example inputs for config type {type(config).__name__}")
+
+
+def split_static(inputs: dict) -> tuple[dict, dict]:
+    """(array inputs, static inputs such as Qwen's img_shapes) of an input dict."""
+    arrays = {k: v for k, v in inputs.items() if isinstance(v, (jax.Array, np.ndarray))}
+    return arrays, {k: v for k, v in inputs.items() if k not in arrays}
+
+
+def jit_forward(model: nn.Module, inputs: dict):
+    """(f, arrays): f(params, arrays) is the jitted forward with the static inputs closed over."""
+    arrays, static = split_static(inputs)
+    return jax.jit(lambda params, x: model.apply({"params": params}, **x, **static)), arrays
 
 
 @functools.lru_cache(maxsize=32)
@@ -62,5 +86,6 @@ def logical_axes(config) -> dict:
 def init_params(config, seed: int = 0) -> dict:
     """Randomly initialised params (plain pytree of arrays)."""
     model = build_model(config)
-    inputs = example_inputs(config, height=2, width=2, num_txt=2)
-    return nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), **inputs))["params"]
+    arrays, static = split_static(example_inputs(config, height=2, width=2, num_txt=2))
+    init = jax.jit(lambda key, x: model.init(key, **x, **static))
+    return nn.meta.unbox(init(jax.random.key(seed), arrays))["params"]

@@ -15,15 +15,14 @@ import numpy as np
 
 import edit_jax
 from edit_jax.checkpoint import save
-from edit_jax.models import example_inputs
+from edit_jax.models import example_inputs, jit_forward
 
 
 def run_demo(preset_name: str, out: Path, seed: int = 0) -> dict:
     config = edit_jax.preset(preset_name)
     model = edit_jax.build_model(config)
     params = edit_jax.init_params(config, seed=seed)
-    inputs = example_inputs(config, batch=1, height=8, width=8, num_txt=16, seed=seed)
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, **x))
+    forward, inputs = jit_forward(model, example_inputs(config, batch=1, height=8, width=8, num_txt=16, seed=seed))
 
     t0 = time.perf_counter()
     before = jax.block_until_ready(forward(params, inputs))
@@ -37,7 +36,7 @@ def run_demo(preset_name: str, out: Path, seed: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = save(out / "checkpoint", config, params, overwrite=True)
     loaded_model, loaded = edit_jax.load(ckpt)
-    after = jax.jit(lambda p, x: loaded_model.apply({"params": p}, **x))(loaded, inputs)
+    after = jit_forward(loaded_model, example_inputs(config, 1, 8, 8, 16, seed))[0](loaded, inputs)
 
     summary = {
         "preset": preset_name,

@@ -66,3 +66,44 @@ def run_diffusers(model, inputs: dict) -> np.ndarray:
     with torch.no_grad():
         out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}, return_dict=False)[0]
     return out.float().numpy()
+
+
+QWEN_TINY = dict(  # diffusers' own QwenImageTransformer2DModel test config
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=16,
+    axes_dims_rope=(8, 4, 4),
+)
+
+
+def make_diffusers_qwen(seed: int = 0, **overrides):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = QwenImageTransformer2DModel(**{**QWEN_TINY, **overrides}).eval()
+    return randomize_(model, seed)
+
+
+def qwen_inputs(config: dict, batch: int, height: int, width: int, num_txt: int, seed: int = 0) -> dict:
+    """NumPy inputs for a Qwen-Image forward on a height x width packed-token grid; img_shapes
+    is the static (1, height, width)."""
+    rng = np.random.default_rng(seed)
+    return dict(
+        hidden_states=rng.standard_normal((batch, height * width, config["in_channels"])).astype(np.float32),
+        encoder_hidden_states=rng.standard_normal((batch, num_txt, config["joint_attention_dim"])).astype(np.float32),
+        encoder_hidden_states_mask=np.ones((batch, num_txt), np.int64),
+        timestep=rng.uniform(0.05, 0.95, (batch,)).astype(np.float32),
+        img_shapes=(1, height, width),
+    )
+
+
+def run_diffusers_qwen(model, inputs: dict) -> np.ndarray:
+    kwargs = {k: torch.from_numpy(v) for k, v in inputs.items() if k != "img_shapes"}
+    batch = inputs["hidden_states"].shape[0]
+    with torch.no_grad():
+        out = model(**kwargs, img_shapes=[[inputs["img_shapes"]]] * batch, return_dict=False)[0]
+    return out.float().numpy()

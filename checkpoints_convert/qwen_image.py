@@ -1,0 +1,101 @@
+"""Qwen-Image conversion tables: the diffusers layout, and the released E-DiT checkpoint (the
+same DiT keys plus `gate_mlps.{i}.*` routers, SPEC section 6).
+
+Routers go to their own subtree, stacked along the layer axis like the blocks:
+
+    routers/img_mod/linear/{kernel [L, D, 3D], bias [L, 3D]}  <- gate_mlps.{i}.img_mod.1
+    routers/proj/{kernel [L, D, 128], bias [L, 128]}          <- gate_mlps.{i}.out.0
+    routers/gate_head/{kernel [L, 128, 1], bias [L, 1]}       <- gate_mlps.{i}.out.2
+    routers/width_head/{kernel [L, 128, 4], bias [L, 4]}      <- gate_mlps.{i}.width_head
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from edit_jax.config import QwenImageConfig
+from checkpoints_convert.configs import reconcile_config
+from checkpoints_convert.tables import Src, linear, scale
+
+ROUTER_HIDDEN = 128
+NUM_WIDTH_BUCKETS = 4
+
+
+def diffusers_table(cfg: QwenImageConfig) -> dict[str, Src]:
+    """Our params <- diffusers QwenImageTransformer2DModel state dict."""
+    b = "transformer_blocks.{i}"
+    return {
+        **linear("img_in", "img_in"),
+        **scale("txt_norm", "txt_norm.weight"),
+        **linear("txt_in", "txt_in"),
+        **linear("time_text_embed/timestep_embedder/linear_1", "time_text_embed.timestep_embedder.linear_1"),
+        **linear("time_text_embed/timestep_embedder/linear_2", "time_text_embed.timestep_embedder.linear_2"),
+        # blocks, stacked over {i}
+        **linear("transformer_blocks/img_mod/linear", f"{b}.img_mod.1"),
+        **linear("transformer_blocks/txt_mod/linear", f"{b}.txt_mod.1"),
+        **linear("transformer_blocks/attn/to_q", f"{b}.attn.to_q"),
+        **linear("transformer_blocks/attn/to_k", f"{b}.attn.to_k"),
+        **linear("transformer_blocks/attn/to_v", f"{b}.attn.to_v"),
+        **linear("transformer_blocks/attn/add_q_proj", f"{b}.attn.add_q_proj"),
+        **linear("transformer_blocks/attn/add_k_proj", f"{b}.attn.add_k_proj"),
+        **linear("transformer_blocks/attn/add_v_proj", f"{b}.attn.add_v_proj"),
+        **scale("transformer_blocks/attn/norm_q", f"{b}.attn.norm_q.weight"),
+        **scale("transformer_blocks/attn/norm_k", f"{b}.attn.norm_k.weight"),
+        **scale("transformer_blocks/attn/norm_added_q", f"{b}.attn.norm_added_q.weight"),
+        **scale("transformer_blocks/attn/norm_added_k", f"{b}.attn.norm_added_k.weight"),
+        **linear("transformer_blocks/attn/to_out", f"{b}.attn.to_out.0"),
+        **linear("transformer_blocks/attn/to_add_out", f"{b}.attn.to_add_out"),
+        **linear("transformer_blocks/img_mlp/fc1", f"{b}.img_mlp.net.0.proj"),
+        **linear("transformer_blocks/img_mlp/fc2", f"{b}.img_mlp.net.2"),
+        **linear("transformer_blocks/txt_mlp/fc1", f"{b}.txt_mlp.net.0.proj"),
+        **linear("transformer_blocks/txt_mlp/fc2", f"{b}.txt_mlp.net.2"),
+        **linear("norm_out/linear", "norm_out.linear"),
+        **linear("proj_out", "proj_out"),
+    }
+
+
+def router_table() -> dict[str, Src]:
+    """Our router subtree <- the release's gate_mlps.{i}.*, stacked over {i}."""
+    g = "gate_mlps.{i}"
+    return {
+        **linear("img_mod/linear", f"{g}.img_mod.1"),
+        **linear("proj", f"{g}.out.0"),
+        **linear("gate_head", f"{g}.out.2"),
+        **linear("width_head", f"{g}.width_head"),
+    }
+
+
+def router_shapes(cfg: QwenImageConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the router subtree (flat paths), for L blocks of width D."""
+    L, D = cfg.num_layers, cfg.inner_dim
+    return {
+        "img_mod/linear/kernel": (L, D, 3 * D), "img_mod/linear/bias": (L, 3 * D),
+        "proj/kernel": (L, D, ROUTER_HIDDEN), "proj/bias": (L, ROUTER_HIDDEN),
+        "gate_head/kernel": (L, ROUTER_HIDDEN, 1), "gate_head/bias": (L, 1),
+        "width_head/kernel": (L, ROUTER_HIDDEN, NUM_WIDTH_BUCKETS), "width_head/bias": (L, NUM_WIDTH_BUCKETS),
+    }
+
+
+TABLES = {"diffusers": diffusers_table, "edit-release": diffusers_table}
+
+
+def detect_format(keys) -> str:
+    if any(k.startswith("gate_mlps.") for k in keys):
+        return "edit-release"
+    if any(k.startswith("transformer_blocks.") for k in keys):
+        return "diffusers"
+    raise ValueError("cannot tell the Qwen-Image checkpoint format: no 'transformer_blocks.*' tensors")
+
+
+def prepare(source, fmt: str = "auto", config: QwenImageConfig | None = None):
+    """(config, base table, format, router table or None) for a Qwen-Image source.
+
+    The release was trained with the x * sigmoid(1.702 x) MLP activation: its config records it."""
+    if fmt == "auto":
+        fmt = detect_format(source.keys())
+    if fmt not in TABLES:
+        raise ValueError(f"unknown Qwen-Image format {fmt!r}; choose auto, {', '.join(TABLES)}")
+    config = reconcile_config(source, config, "qwen-image")
+    if fmt == "edit-release":
+        return dataclasses.replace(config, activation="sigmoid_gelu"), TABLES[fmt](config), fmt, router_table()
+    return config, TABLES[fmt](config), fmt, None

@@ -1,0 +1,147 @@
+"""Qwen-Image transformer (diffusers `QwenImageTransformer2DModel`) as a pure Flax Linen module.
+
+    model = QwenImageTransformer(config)
+    velocity = model.apply({"params": params}, hidden_states, encoder_hidden_states,
+                           encoder_hidden_states_mask, timestep, img_shapes=(1, h, w))
+
+The 60 dual-stream blocks run under `nn.scan`. Param names follow diffusers'
+(`transformer_blocks/img_mod/linear` is `transformer_blocks.{i}.img_mod.1`; `img_mlp/fc1`,
+`img_mlp/fc2` are `img_mlp.net.0.proj`, `img_mlp.net.2`).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from edit_jax.config import QwenImageConfig
+from edit_jax.layers import (
+    AdaNormOut,
+    DualStreamBlock,
+    Linear,
+    RMSNorm,
+    TimestepEmbedding,
+    dtype_of,
+    rope_frequencies,
+    scan_blocks,
+    timestep_embedding,
+)
+
+QWEN_BLOCK_NAMES = ("img_mod", "txt_mod", "img_mlp", "txt_mlp")  # diffusers' names
+
+
+def qwen_rope_positions(img_shape: tuple[int, int, int], num_txt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen's centred RoPE positions: (text [T, 3], image [F*H*W, 3]) as float32 constants.
+
+    Image rows/columns are centred: the top/left half gets negative positions
+    (-(h - h//2) .. h//2 - 1). Text positions start after the largest half-size and repeat the
+    same index on all three axes.
+    """
+    frames, height, width = img_shape
+    f, h, w = np.meshgrid(
+        np.arange(frames), np.arange(height) - (height - height // 2), np.arange(width) - (width - width // 2),
+        indexing="ij",
+    )
+    img = np.stack([f.ravel(), h.ravel(), w.ravel()], axis=-1)
+    start = max(height // 2, width // 2)
+    txt = np.repeat(np.arange(start, start + num_txt)[:, None], 3, axis=1)
+    return txt.astype(np.float32), img.astype(np.float32)
+
+
+def normalize_img_shapes(img_shapes, batch: int) -> tuple[int, int, int]:
+    """img_shapes: one (frames, height, width) for the batch, or diffusers' per-sample list
+    [[(f, h, w)], ...]; every sample must have the same single image shape."""
+    if len(img_shapes) == 3 and all(isinstance(x, (int, np.integer)) for x in img_shapes):
+        return tuple(int(x) for x in img_shapes)
+    shapes = [tuple(s[0]) if len(s) == 1 and len(s[0]) == 3 else tuple(s) for s in img_shapes]
+    if len(shapes) != batch or any(len(s) != 3 for s in shapes) or len(set(shapes)) != 1:
+        raise ValueError(
+            f"img_shapes {img_shapes!r}: give one (frames, height, width), or one per sample, all equal"
+        )
+    return tuple(int(x) for x in shapes[0])
+
+
+class QwenTimestepEmbedding(nn.Module):
+    """temb [B, D] from timestep [B] in [0, 1] (sinusoid of 1000 t, then two linears)."""
+
+    config: QwenImageConfig
+
+    @nn.compact
+    def __call__(self, timestep):
+        cfg, rt = self.config, self.config.runtime
+        sinusoid = timestep_embedding(timestep, scale=1000.0).astype(dtype_of(rt.dtype))
+        return TimestepEmbedding(cfg.inner_dim, "freq", rt, name="timestep_embedder")(sinusoid)
+
+
+class QwenImageTransformer(nn.Module):
+    """Qwen-Image velocity model.
+
+    Args (as diffusers' QwenImageTransformer2DModel):
+      hidden_states: [B, N, in_channels] latents packed 2x2 (N = frames * height * width).
+      encoder_hidden_states: [B, T, joint_attention_dim] text encoder states.
+      encoder_hidden_states_mask: [B, T], 1 for valid tokens (any pattern), or None (all valid).
+      timestep: [B] in [0, 1].
+      img_shapes: static (frames, height, width) in packed units (or diffusers' per-sample list).
+    Returns the velocity [B, N, patch_size**2 * out_channels].
+    """
+
+    config: QwenImageConfig
+
+    @nn.compact
+    def __call__(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes):
+        cfg, rt = self.config, self.config.runtime
+        img_shape = check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes)
+        dtype = dtype_of(rt.dtype)
+        batch, num_img = hidden_states.shape[:2]
+        num_txt = encoder_hidden_states.shape[1]
+
+        img = Linear(cfg.inner_dim, ("channels", "embed"), rt, name="img_in")(hidden_states.astype(dtype))
+        txt = RMSNorm("text_embed", rt, name="txt_norm")(encoder_hidden_states.astype(dtype))
+        txt = Linear(cfg.inner_dim, ("text_embed", "embed"), rt, name="txt_in")(txt)
+        temb = QwenTimestepEmbedding(cfg, name="time_text_embed")(timestep)
+        txt_pos, img_pos = qwen_rope_positions(img_shape, num_txt)
+        cos, sin = rope_frequencies(jnp.asarray(np.concatenate([txt_pos, img_pos])), cfg.axes_dims_rope)
+        key_mask = None
+        if encoder_hidden_states_mask is not None:
+            key_mask = jnp.concatenate(
+                [encoder_hidden_states_mask.astype(bool), jnp.ones((batch, num_img), bool)], axis=1
+            )
+
+        blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 4)(
+            cfg.num_attention_heads,
+            cfg.attention_head_dim,
+            cfg.mlp_hidden_dim,
+            cfg.activation,
+            rt,
+            QWEN_BLOCK_NAMES,
+            name="transformer_blocks",
+        )
+        (txt, img), _ = blocks((txt, img), temb, cos, sin, key_mask)
+
+        img = AdaNormOut(rt, name="norm_out")(img, temb)
+        return Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
+
+
+def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep, img_shapes) -> tuple[int, int, int]:
+    """Raises ValueError naming the first input that does not fit; returns the image shape."""
+    if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
+        raise ValueError(f"hidden_states has shape {tuple(hidden_states.shape)}, expected [B, N, {cfg.in_channels}]")
+    batch, num_img = hidden_states.shape[:2]
+    img_shape = normalize_img_shapes(img_shapes, batch)
+    if int(np.prod(img_shape)) != num_img:
+        raise ValueError(f"img_shapes {img_shape} hold {int(np.prod(img_shape))} tokens but hidden_states has {num_img}")
+    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch or (
+        encoder_hidden_states.shape[-1] != cfg.joint_attention_dim
+    ):
+        raise ValueError(
+            f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)}, "
+            f"expected [{batch}, T, {cfg.joint_attention_dim}]"
+        )
+    if mask is not None and mask.shape != encoder_hidden_states.shape[:2]:
+        raise ValueError(
+            f"encoder_hidden_states_mask has shape {tuple(mask.shape)}, expected {tuple(encoder_hidden_states.shape[:2])}"
+        )
+    if timestep.shape != (batch,):
+        raise ValueError(f"timestep has shape {tuple(timestep.shape)}, expected [{batch}]")
+    return img_shape
