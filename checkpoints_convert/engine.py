@@ -121,7 +121,7 @@ def convert_source(
     *,
     overwrite: bool = False,
     progress: bool = True,
-    group_bytes: int = 512 << 20,
+    group_bytes: int = 64 << 20,
     extra: dict | None = None,
 ) -> Path:
     """Checks `source` against every (table, abstract) tree, then writes the checkpoint `dst`

@@ -49,13 +49,14 @@ def cmd_convert(args) -> int:
 def cmd_inspect(args) -> int:
     import numpy as np
 
-    from edit_jax.checkpoint import flatten, params_metadata, read_metadata
+    from edit_jax.checkpoint import flatten, params_metadata, read_metadata, tree_names
 
     meta = read_metadata(args.ckpt)
-    leaves = flatten(params_metadata(args.ckpt))
     rows = [
-        {"path": p, "shape": list(shape), "dtype": str(dtype), "count": int(np.prod(shape))}
-        for p, (shape, dtype) in sorted(leaves.items())
+        {"path": f"{tree}/{p}" if tree != "params" else p, "shape": list(shape), "dtype": str(dtype),
+         "count": int(np.prod(shape))}
+        for tree in tree_names(args.ckpt)
+        for p, (shape, dtype) in sorted(flatten(params_metadata(args.ckpt, tree)).items())
     ]
     total = sum(r["count"] for r in rows)
     if args.json:

@@ -45,3 +45,20 @@ def test_bad_flag_is_rejected_by_the_parser(capsys):
         main(["convert", "flux", "a", "b", "--dtype", "int8"])
     assert e.value.code == 2
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_convert_of_a_release_lists_router_params_under_routers(tmp_path, capsys):
+    from reference import make_diffusers_qwen
+    from test_qwen_image import fake_release
+
+    torch_model = make_diffusers_qwen()
+    fake_release(torch_model, tmp_path / "model.safetensors")
+    torch_model.save_config(tmp_path / "cfg")
+    args = ["convert", "qwen-image", str(tmp_path / "model.safetensors"), str(tmp_path / "ckpt")]
+    assert main(args + ["--config", str(tmp_path / "cfg" / "config.json"), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+
+    assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
+    rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)["params"]}
+    assert rows["routers/width_head/kernel"]["shape"] == [2, 128, 4]
+    assert rows["transformer_blocks/img_mlp/fc1/kernel"]["shape"] == [2, 64, 256]
