@@ -103,9 +103,9 @@ def stream_params(table, source, abstract, group_bytes: int, progress: bool, des
     group, size = {}, 0
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
         for path in sorted(table):
-            arr = _build(table[path], source, targets[path], np.dtype(targets[path].dtype))
-            group[path], size = arr, size + arr.nbytes
-            bar.update(arr.nbytes)
+            group[path] = _build(table[path], source, targets[path], np.dtype(targets[path].dtype))
+            size += group[path].nbytes
+            bar.update(group[path].nbytes)
             if size >= group_bytes:
                 yield unflatten(group)
                 group, size = {}, 0
