@@ -72,11 +72,15 @@ def _return_freed_memory() -> None:
         pass  # not glibc
 
 
-def _no_copy_context() -> ocp.Context:
-    """Orbax copies host arrays before writing, guarding against concurrent changes; the arrays
-    we hand it are never touched again, so that copy would only double the peak memory."""
+def _streaming_context() -> ocp.Context:
+    """Orbax settings that keep a write's peak memory near the size of the arrays handed over.
+
+    Orbax copies host arrays before writing (a guard against concurrent changes; ours are never
+    touched again), and compression makes tensorstore hold a compressed copy of each array while
+    it writes it (weights barely compress: bfloat16 noise-like mantissas)."""
     context = ocp.Context()
     context.memory.deepcopy_host_arrays = False
+    context.array.saving.use_compression = False
     return context
 
 
@@ -98,7 +102,7 @@ def write_checkpoint(
     tmp = path.parent / f".{path.name}.incomplete-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        with _no_copy_context():
+        with _streaming_context():
             for name, groups in trees.items():
                 for group in groups:
                     ocp.partial.save(tmp / name, group)
