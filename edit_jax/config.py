@@ -49,8 +49,54 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {choices}")
 
 
+class TransformerConfig:
+    """What every model config shares: derived widths, validation of the common fields, and
+    copying with changes. Subclasses are frozen dataclasses with diffusers' field names."""
+
+    def _check_common(self, layer_counts: tuple[str, ...]) -> None:
+        object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+        if isinstance(self.runtime, dict):
+            object.__setattr__(self, "runtime", RuntimeConfig(**self.runtime))
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        for name in layer_counts:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ConfigError(
+                f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim {self.attention_head_dim}"
+            )
+        if any(d % 2 for d in self.axes_dims_rope):
+            raise ConfigError(f"axes_dims_rope {self.axes_dims_rope} must all be even")
+
+    @property
+    def inner_dim(self) -> int:
+        """D, the width of the residual stream."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        """M, the hidden width of every MLP (4D for the real models)."""
+        return int(self.inner_dim * self.mlp_ratio)
+
+    @property
+    def output_channels(self) -> int:
+        return self.patch_size**2 * (self.out_channels or self.in_channels)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def with_runtime(self, **changes):
+        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that define the model (everything but `runtime`)."""
+        d = config_to_dict(self)
+        d.pop("runtime")
+        return d
+
+
 @dataclasses.dataclass(frozen=True)
-class FluxConfig:
+class FluxConfig(TransformerConfig):
     """FLUX.1 transformer (diffusers `FluxTransformer2DModel`)."""
 
     family: ClassVar[str] = "flux"
@@ -71,51 +117,11 @@ class FluxConfig:
     runtime: RuntimeConfig = RuntimeConfig()
 
     def __post_init__(self):
-        object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
-        if isinstance(self.runtime, dict):
-            object.__setattr__(self, "runtime", RuntimeConfig(**self.runtime))
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        if self.num_layers < 1 or self.num_single_layers < 1:
-            raise ConfigError(
-                f"num_layers={self.num_layers} and num_single_layers={self.num_single_layers} must be >= 1"
-            )
-        if sum(self.axes_dims_rope) != self.attention_head_dim:
-            raise ConfigError(
-                f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
-                f"{self.attention_head_dim}"
-            )
-        if any(d % 2 for d in self.axes_dims_rope):
-            raise ConfigError(f"axes_dims_rope {self.axes_dims_rope} must all be even")
-
-    @property
-    def inner_dim(self) -> int:
-        """D, the width of the residual stream."""
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        """M, the hidden width of every MLP (4D for the real models)."""
-        return int(self.inner_dim * self.mlp_ratio)
-
-    @property
-    def output_channels(self) -> int:
-        return self.patch_size**2 * (self.out_channels or self.in_channels)
-
-    def replace(self, **changes) -> "FluxConfig":
-        return dataclasses.replace(self, **changes)
-
-    def with_runtime(self, **changes) -> "FluxConfig":
-        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
-
-    def architecture(self) -> dict[str, Any]:
-        """The fields that define the weights (everything but `runtime`)."""
-        d = config_to_dict(self)
-        d.pop("runtime")
-        return d
+        self._check_common(("num_layers", "num_single_layers"))
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenImageConfig:
+class QwenImageConfig(TransformerConfig):
     """Qwen-Image transformer (diffusers `QwenImageTransformer2DModel`).
 
     activation: "gelu_tanh" as diffusers, or "sigmoid_gelu" (x * sigmoid(1.702 x)) as the released
@@ -142,30 +148,13 @@ class QwenImageConfig:
     runtime: RuntimeConfig = RuntimeConfig()
 
     def __post_init__(self):
-        object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
-        if isinstance(self.runtime, dict):
-            object.__setattr__(self, "runtime", RuntimeConfig(**self.runtime))
-        _check_choice("activation", self.activation, ACTIVATIONS)
+        self._check_common(("num_layers",))
         unsupported = [f for f in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope", "guidance_embeds")
                        if getattr(self, f)]
         if unsupported:
             raise ConfigError(f"Qwen-Image config features not implemented in edit-jax: {unsupported}")
-        if self.num_layers < 1:
-            raise ConfigError(f"num_layers={self.num_layers} must be >= 1")
-        if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim:
-            raise ConfigError(
-                f"axes_dims_rope {self.axes_dims_rope} must be 3 sizes summing to attention_head_dim "
-                f"{self.attention_head_dim}"
-            )
-        if any(d % 2 for d in self.axes_dims_rope):
-            raise ConfigError(f"axes_dims_rope {self.axes_dims_rope} must all be even")
-
-    inner_dim = FluxConfig.inner_dim
-    mlp_hidden_dim = FluxConfig.mlp_hidden_dim
-    output_channels = FluxConfig.output_channels
-    replace = FluxConfig.replace
-    with_runtime = FluxConfig.with_runtime
-    architecture = FluxConfig.architecture
+        if len(self.axes_dims_rope) != 3:
+            raise ConfigError(f"axes_dims_rope {self.axes_dims_rope} must have 3 sizes (frame, row, column)")
 
 
 MODEL_CONFIGS = {"flux": FluxConfig, "qwen-image": QwenImageConfig}
