@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
-import numpy as np
-
-from edit_jax.checkpoint import unflatten
-from edit_jax.models import abstract_params
+from edit_jax.models import abstract_params, abstract_routers
 from checkpoints_convert import flux, qwen_image
 from checkpoints_convert.engine import convert_source
 from checkpoints_convert.sources import open_source
@@ -40,8 +36,7 @@ def convert_checkpoint(
     config = config.with_runtime(param_dtype=dtype)
     trees = {"params": (table, abstract_params(config))}
     if router_table is not None:
-        shapes = FAMILIES[family].router_shapes(config)
-        trees["routers"] = (router_table, unflatten({p: jax.ShapeDtypeStruct(s, np.dtype(dtype)) for p, s in shapes.items()}))
+        trees["routers"] = (router_table, abstract_routers(config))
     return convert_source(
         trees,
         source,

@@ -1,12 +1,13 @@
 """Qwen-Image conversion tables: the diffusers layout, and the released E-DiT checkpoint (the
 same DiT keys plus `gate_mlps.{i}.*` routers, SPEC section 6).
 
-Routers go to their own subtree, stacked along the layer axis like the blocks:
+Routers go to their own tree (the model's "routers" collection), stacked along the layer axis
+like the blocks they sit in:
 
-    routers/img_mod/linear/{kernel [L, D, 3D], bias [L, 3D]}  <- gate_mlps.{i}.img_mod.1
-    routers/proj/{kernel [L, D, 128], bias [L, 128]}          <- gate_mlps.{i}.out.0
-    routers/gate_head/{kernel [L, 128, 1], bias [L, 1]}       <- gate_mlps.{i}.out.2
-    routers/width_head/{kernel [L, 128, 4], bias [L, 4]}      <- gate_mlps.{i}.width_head
+    transformer_blocks/router/img_mod/linear/{kernel [L, D, 3D], bias}  <- gate_mlps.{i}.img_mod.1
+    transformer_blocks/router/proj/{kernel [L, D, 128], bias}           <- gate_mlps.{i}.out.0
+    transformer_blocks/router/gate_head/{kernel [L, 128, 1], bias}      <- gate_mlps.{i}.out.2
+    transformer_blocks/router/width_head/{kernel [L, 128, 4], bias}     <- gate_mlps.{i}.width_head
 """
 
 from __future__ import annotations
@@ -16,10 +17,6 @@ import dataclasses
 from edit_jax.config import QwenImageConfig
 from checkpoints_convert.configs import reconcile_config
 from checkpoints_convert.tables import Src, linear, scale
-
-ROUTER_HIDDEN = 128
-NUM_WIDTH_BUCKETS = 4
-
 
 def diffusers_table(cfg: QwenImageConfig) -> dict[str, Src]:
     """Our params <- diffusers QwenImageTransformer2DModel state dict."""
@@ -55,24 +52,13 @@ def diffusers_table(cfg: QwenImageConfig) -> dict[str, Src]:
 
 
 def router_table() -> dict[str, Src]:
-    """Our router subtree <- the release's gate_mlps.{i}.*, stacked over {i}."""
-    g = "gate_mlps.{i}"
+    """Our router tree <- the release's gate_mlps.{i}.*, stacked over {i}."""
+    g, r = "gate_mlps.{i}", "transformer_blocks/router"
     return {
-        **linear("img_mod/linear", f"{g}.img_mod.1"),
-        **linear("proj", f"{g}.out.0"),
-        **linear("gate_head", f"{g}.out.2"),
-        **linear("width_head", f"{g}.width_head"),
-    }
-
-
-def router_shapes(cfg: QwenImageConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes of the router subtree (flat paths), for L blocks of width D."""
-    L, D = cfg.num_layers, cfg.inner_dim
-    return {
-        "img_mod/linear/kernel": (L, D, 3 * D), "img_mod/linear/bias": (L, 3 * D),
-        "proj/kernel": (L, D, ROUTER_HIDDEN), "proj/bias": (L, ROUTER_HIDDEN),
-        "gate_head/kernel": (L, ROUTER_HIDDEN, 1), "gate_head/bias": (L, 1),
-        "width_head/kernel": (L, ROUTER_HIDDEN, NUM_WIDTH_BUCKETS), "width_head/bias": (L, NUM_WIDTH_BUCKETS),
+        **linear(f"{r}/img_mod/linear", f"{g}.img_mod.1"),
+        **linear(f"{r}/proj", f"{g}.out.0"),
+        **linear(f"{r}/gate_head", f"{g}.out.2"),
+        **linear(f"{r}/width_head", f"{g}.width_head"),
     }
 
 

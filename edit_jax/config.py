@@ -16,6 +16,7 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots")
 ACTIVATIONS = ("gelu_tanh", "sigmoid_gelu")
 DTYPES = ("float32", "bfloat16", "float16")
+WIDTH_BUCKETS = (0.25, 0.5, 0.75, 1.0)  # E-DiT MLP width buckets S, fractions of M
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,7 @@ class TransformerConfig:
 
     def _check_common(self, layer_counts: tuple[str, ...]) -> None:
         object.__setattr__(self, "axes_dims_rope", tuple(self.axes_dims_rope))
+        object.__setattr__(self, "width_buckets", tuple(self.width_buckets))
         if isinstance(self.runtime, dict):
             object.__setattr__(self, "runtime", RuntimeConfig(**self.runtime))
         _check_choice("activation", self.activation, ACTIVATIONS)
@@ -114,6 +116,8 @@ class FluxConfig(TransformerConfig):
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
     mlp_ratio: float = 4.0
     activation: str = "gelu_tanh"
+    router_hidden: int = 128
+    width_buckets: tuple[float, ...] = WIDTH_BUCKETS
     runtime: RuntimeConfig = RuntimeConfig()
 
     def __post_init__(self):
@@ -145,6 +149,8 @@ class QwenImageConfig(TransformerConfig):
     use_layer3d_rope: bool = False
     mlp_ratio: float = 4.0
     activation: str = "gelu_tanh"
+    router_hidden: int = 128
+    width_buckets: tuple[float, ...] = WIDTH_BUCKETS
     runtime: RuntimeConfig = RuntimeConfig()
 
     def __post_init__(self):
@@ -210,6 +216,7 @@ def preset(name: str):
 def config_to_dict(config) -> dict[str, Any]:
     d = dataclasses.asdict(config)
     d["axes_dims_rope"] = list(d["axes_dims_rope"])
+    d["width_buckets"] = list(d["width_buckets"])
     return d
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import flax.linen as nn
 
+from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import FluxConfig
+from edit_jax.elastic import ElasticConfig, Router, elastic_step, forced_per_layer, gather_aux
+from edit_jax.flops import step_flops
 from edit_jax.layers import (
     AdaNormOut,
-    DualStreamBlock,
     Linear,
     Modulation,
     RMSNorm,
@@ -59,21 +61,41 @@ class FluxSingleAttention(nn.Module):
 
 class FluxSingleBlock(nn.Module):
     """Single-stream parallel block over the joint sequence x [B, T + N, D]: attention and MLP
-    read the same modulated input and share one output projection (proj_out [D + M, D])."""
+    read the same modulated input and share one output projection (proj_out [D + M, D]).
+
+    Elastic width (our choice; the paper released no FLUX code): the MLP half, proj_mlp columns
+    [:m] and the matching proj_out rows D..D+m. The router reads the joint sequence.
+    """
 
     config: FluxConfig
+    elastic: ElasticConfig | None = None
 
-    @nn.compact
-    def __call__(self, x, temb, cos, sin):
+    def setup(self):
         cfg, rt = self.config, self.config.runtime
-        dim = x.shape[-1]
-        shift, scale, gate = Modulation(3, rt, name="norm")(temb)
-        h = modulate(layer_norm(x), shift, scale)
+        self.norm = Modulation(3, rt)
+        self.proj_mlp = Linear(cfg.mlp_hidden_dim, ("embed", "mlp"), rt)
+        self.attn = FluxSingleAttention(cfg)
+        self.proj_out = Linear(cfg.inner_dim, ("attn_mlp", "embed"), rt, in_features=cfg.inner_dim + cfg.mlp_hidden_dim)
+        self.router = Router(cfg.router_hidden, len(cfg.width_buckets), rt)
 
-        mlp = activation_fn(cfg.activation)(Linear(cfg.mlp_hidden_dim, ("embed", "mlp"), rt, name="proj_mlp")(h))
-        attn = FluxSingleAttention(cfg, name="attn")(h, cos, sin)
-        out = Linear(dim, ("attn_mlp", "embed"), rt, name="proj_out")(jnp.concatenate([attn, mlp], axis=-1))
-        return x + gate[:, None] * out, None
+    def forward(self, x, temb, cos, sin, width=None, hidden_mask=None):
+        cfg = self.config
+        shift, scale, gate = self.norm(temb)
+        h = modulate(layer_norm(x), shift, scale)
+        mlp = activation_fn(cfg.activation)(self.proj_mlp(h, out_size=width))
+        if hidden_mask is not None:
+            mlp = mlp * hidden_mask[:, None, :].astype(mlp.dtype)
+        attn = self.attn(h, cos, sin)
+        in_size = None if width is None else cfg.inner_dim + width
+        out = self.proj_out(jnp.concatenate([attn, mlp], axis=-1), in_size=in_size)
+        return x + gate[:, None] * out
+
+    def __call__(self, x, forced, temb, cos, sin):
+        def body(mdl, c, width, hidden_mask):
+            return mdl.forward(c, temb, cos, sin, width, hidden_mask)
+
+        cfg = self.config
+        return elastic_step(self, body, x, [(x, None)], temb, cfg.mlp_hidden_dim, cfg.width_buckets, self.elastic, forced)
 
 
 class FluxTimeTextEmbedding(nn.Module):
@@ -120,11 +142,18 @@ class FluxTransformer(nn.Module):
         img_ids,
         txt_ids,
         guidance=None,
+        elastic: ElasticConfig | None = None,
+        decisions: dict | None = None,
     ):
+        """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
+        aux) with p, q, executed, bucket over all 19 + 38 blocks and the step's FLOPs.
+        decisions: {"run", "bucket"} [L] or [B, L] for mode "forced"."""
         cfg, rt = self.config, self.config.runtime
         check_flux_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
         dtype = dtype_of(rt.dtype)
+        batch, num_img = hidden_states.shape[:2]
         num_txt = encoder_hidden_states.shape[1]
+        forced_double, forced_single = forced_per_layer(decisions, (cfg.num_layers, cfg.num_single_layers), batch)
 
         img = Linear(cfg.inner_dim, ("channels", "embed"), rt, name="x_embedder")(hidden_states.astype(dtype))
         temb = FluxTimeTextEmbedding(cfg, name="time_text_embed")(
@@ -142,17 +171,25 @@ class FluxTransformer(nn.Module):
             cfg.activation,
             rt,
             FLUX_DOUBLE_BLOCK_NAMES,
+            cfg.router_hidden,
+            cfg.width_buckets,
+            elastic,
             name="transformer_blocks",
         )
-        (txt, img), _ = double_blocks((txt, img), temb, cos, sin)
+        (txt, img), double_aux = double_blocks((txt, img), forced_double, temb, cos, sin)
         joint = jnp.concatenate([txt, img], axis=1)
-        joint, _ = scan_blocks(FluxSingleBlock, cfg.num_single_layers, rt, 3)(
-            cfg, name="single_transformer_blocks"
-        )(joint, temb, cos, sin)
+        joint, single_aux = scan_blocks(FluxSingleBlock, cfg.num_single_layers, rt, 3)(
+            cfg, elastic, name="single_transformer_blocks"
+        )(joint, forced_single, temb, cos, sin)
         img = joint[:, num_txt:]
 
         img = AdaNormOut(rt, name="norm_out")(img, temb)
-        return Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
+        velocity = Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
+        if double_aux is None:
+            return velocity
+        aux = gather_aux([double_aux, single_aux])
+        aux["flops"] = step_flops(cfg, num_img, num_txt, aux)
+        return velocity, aux
 
 
 def _shape_error(name: str, got, expected: str) -> ValueError:

@@ -28,7 +28,8 @@ class Linear(nn.Module):
 
     `axes` are the logical names of the kernel's (in, out) axes. `in_size`/`out_size` use only the
     first rows/columns of the kernel: static slices, so a narrow call really does fewer FLOPs
-    (the elastic MLP width buckets).
+    (the elastic MLP width buckets). `collection` puts the params in another variable collection
+    (the E-DiT routers live in "routers", apart from the base "params").
     """
 
     features: int
@@ -36,18 +37,22 @@ class Linear(nn.Module):
     runtime: RuntimeConfig
     use_bias: bool = True
     in_features: int | None = None  # needed only when called with in_size
+    collection: str = "params"
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+    def _weight(self, name, init, axes, shape):
+        init = nn.with_logical_partitioning(init, axes)
+        dtype = dtype_of(self.runtime.param_dtype)
+        if self.collection == "params":
+            return self.param(name, init, shape, dtype)
+        return self.variable(self.collection, name, lambda: init(self.make_rng("params"), shape, dtype)).value
 
     @nn.compact
     def __call__(self, x: jax.Array, in_size: int | None = None, out_size: int | None = None):
         if in_size is not None and self.in_features is None:
             raise ValueError("a Linear called with in_size needs its full in_features")
-        param_dtype = dtype_of(self.runtime.param_dtype)
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
-            (self.in_features or x.shape[-1], self.features),
-            param_dtype,
-        )
+        kernel = self._weight("kernel", self.kernel_init, self.axes, (self.in_features or x.shape[-1], self.features))
         if in_size is not None:
             kernel = kernel[:in_size]
         if out_size is not None:
@@ -55,12 +60,7 @@ class Linear(nn.Module):
         dtype = dtype_of(self.runtime.dtype)
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
         if self.use_bias:
-            bias = self.param(
-                "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[1:]),
-                (self.features,),
-                param_dtype,
-            )
+            bias = self._weight("bias", self.bias_init, self.axes[1:], (self.features,))
             if out_size is not None:
                 bias = bias[:out_size]
             y = y + bias.astype(dtype)
@@ -100,14 +100,17 @@ class Modulation(nn.Module):
 
     num_chunks: int
     runtime: RuntimeConfig
+    collection: str = "params"
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
 
     @nn.compact
     def __call__(self, temb: jax.Array) -> list[jax.Array]:
         dim = temb.shape[-1]
-        out = Linear(self.num_chunks * dim, ("embed", "modulation"), self.runtime, name="linear")(
-            nn.silu(temb)
+        linear = Linear(
+            self.num_chunks * dim, ("embed", "modulation"), self.runtime,
+            collection=self.collection, kernel_init=self.kernel_init, name="linear",
         )
-        return jnp.split(out, self.num_chunks, axis=-1)
+        return jnp.split(linear(nn.silu(temb)), self.num_chunks, axis=-1)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -286,47 +289,6 @@ class JointAttention(nn.Module):
         return img_out, txt_out
 
 
-class DualStreamBlock(nn.Module):
-    """MMDiT block shared by FLUX double blocks and Qwen-Image blocks: image and text streams with
-    their own AdaLN modulation and MLP, one joint attention.
-
-    carry (txt [B, T, D], img [B, N, D]) -> same; temb [B, D]; cos/sin [T + N, K];
-    key_mask [B, T + N] or None. `names` gives the submodules their family's diffusers names:
-    (image modulation, text modulation, image MLP, text MLP).
-    """
-
-    num_heads: int
-    head_dim: int
-    mlp_hidden_dim: int
-    activation: str
-    runtime: RuntimeConfig
-    names: tuple[str, str, str, str]
-
-    @nn.compact
-    def __call__(self, carry, temb, cos, sin, key_mask=None):
-        rt = self.runtime
-        img_mod, txt_mod, img_mlp, txt_mlp = self.names
-        txt, img = carry
-        shift1, scale1, gate1, shift2, scale2, gate2 = Modulation(6, rt, name=img_mod)(temb)
-        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = Modulation(6, rt, name=txt_mod)(temb)
-
-        img_attn, txt_attn = JointAttention(self.num_heads, self.head_dim, rt, name="attn")(
-            modulate(layer_norm(img), shift1, scale1),
-            modulate(layer_norm(txt), c_shift1, c_scale1),
-            cos,
-            sin,
-            key_mask,
-        )
-        img = img + gate1[:, None] * img_attn
-        img_ff = MLP(self.mlp_hidden_dim, self.activation, rt, name=img_mlp)(modulate(layer_norm(img), shift2, scale2))
-        img = img + gate2[:, None] * img_ff
-
-        txt = txt + c_gate1[:, None] * txt_attn
-        txt_ff = MLP(self.mlp_hidden_dim, self.activation, rt, name=txt_mlp)(modulate(layer_norm(txt), c_shift2, c_scale2))
-        txt = txt + c_gate2[:, None] * txt_ff
-        return (txt, img), None
-
-
 class AdaNormOut(nn.Module):
     """Final norm: LayerNorm(x) * (1 + scale) + shift with (scale, shift) = Linear(SiLU(temb)),
     diffusers' AdaLayerNormContinuous (scale first)."""
@@ -343,16 +305,17 @@ class AdaNormOut(nn.Module):
 
 
 def scan_blocks(block_cls, length: int, runtime: RuntimeConfig, num_broadcast: int):
-    """Stacks `block_cls` `length` times under nn.scan: params get a leading "layers" axis and the
-    block compiles once. The block maps (carry, *broadcast_args) -> (carry, per_layer_output)."""
+    """Stacks `block_cls` `length` times under nn.scan: params (and routers) get a leading
+    "layers" axis and the block compiles once. The block maps (carry, per_layer, *broadcast)
+    -> (carry, per_layer_output): `per_layer` is scanned over its leading axis."""
     policy = remat_policy(runtime.remat)
     if policy is not None:
         block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
     return nn.scan(
         block_cls,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "routers": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast,) * num_broadcast,
+        in_axes=(0,) + (nn.broadcast,) * num_broadcast,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

@@ -66,26 +66,45 @@ def jit_forward(model: nn.Module, inputs: dict):
     return jax.jit(lambda params, x: model.apply({"params": params}, **x, **static)), arrays
 
 
+def _init_fn(config):
+    """init(key) -> all variables ({"params", "routers"}), boxed with logical axis names."""
+    from edit_jax.elastic import ElasticConfig
+
+    model = build_model(config)
+    arrays, static = split_static(example_inputs(config, height=2, width=2, num_txt=2))
+    return lambda key: model.init(key, **arrays, **static, elastic=ElasticConfig(mode="train"))
+
+
 @functools.lru_cache(maxsize=32)
 def _boxed_abstract_variables(config):
-    model = build_model(config)
-    inputs = example_inputs(config, height=2, width=2, num_txt=2)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))
+    return jax.eval_shape(_init_fn(config), jax.random.key(0))
 
 
-def abstract_params(config) -> dict:
-    """The params pytree as jax.ShapeDtypeStruct leaves (no memory allocated)."""
-    return nn.meta.unbox(_boxed_abstract_variables(config))["params"]
+def abstract_params(config, collection: str = "params") -> dict:
+    """The params (or "routers") pytree as jax.ShapeDtypeStruct leaves (no memory allocated)."""
+    return nn.meta.unbox(_boxed_abstract_variables(config))[collection]
 
 
-def logical_axes(config) -> dict:
-    """The params pytree with a PartitionSpec of logical axis names at each leaf."""
-    return nn.get_partition_spec(_boxed_abstract_variables(config))["params"]
+def abstract_routers(config) -> dict:
+    """The E-DiT router pytree (one router per block, stacked like the blocks), abstract."""
+    return abstract_params(config, "routers")
+
+
+def logical_axes(config, collection: str = "params") -> dict:
+    """The params (or "routers") pytree with a PartitionSpec of logical axis names at each leaf."""
+    return nn.get_partition_spec(_boxed_abstract_variables(config))[collection]
+
+
+def init_variables(config, seed: int = 0) -> dict:
+    """Random base params and fresh routers (full-capacity init): {"params", "routers"}."""
+    return nn.meta.unbox(jax.jit(_init_fn(config))(jax.random.key(seed)))
 
 
 def init_params(config, seed: int = 0) -> dict:
-    """Randomly initialised params (plain pytree of arrays)."""
-    model = build_model(config)
-    arrays, static = split_static(example_inputs(config, height=2, width=2, num_txt=2))
-    init = jax.jit(lambda key, x: model.init(key, **x, **static))
-    return nn.meta.unbox(init(jax.random.key(seed), arrays))["params"]
+    """Randomly initialised base params (plain pytree of arrays)."""
+    return init_variables(config, seed)["params"]
+
+
+def init_routers(config, seed: int = 0) -> dict:
+    """Freshly initialised routers ("full-capacity start": every block open at full width)."""
+    return init_variables(config, seed)["routers"]

@@ -15,10 +15,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import QwenImageConfig
+from edit_jax.elastic import ElasticConfig, forced_per_layer, gather_aux
+from edit_jax.flops import step_flops
 from edit_jax.layers import (
     AdaNormOut,
-    DualStreamBlock,
     Linear,
     RMSNorm,
     TimestepEmbedding,
@@ -89,7 +91,19 @@ class QwenImageTransformer(nn.Module):
     config: QwenImageConfig
 
     @nn.compact
-    def __call__(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes):
+    def __call__(
+        self,
+        hidden_states,
+        encoder_hidden_states,
+        encoder_hidden_states_mask,
+        timestep,
+        img_shapes,
+        elastic: ElasticConfig | None = None,
+        decisions: dict | None = None,
+    ):
+        """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
+        aux) with p, q, executed, bucket over the blocks and the step's FLOPs. decisions:
+        {"run", "bucket"} [L] or [B, L] for mode "forced"."""
         cfg, rt = self.config, self.config.runtime
         img_shape = check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes)
         dtype = dtype_of(rt.dtype)
@@ -115,12 +129,21 @@ class QwenImageTransformer(nn.Module):
             cfg.activation,
             rt,
             QWEN_BLOCK_NAMES,
+            cfg.router_hidden,
+            cfg.width_buckets,
+            elastic,
             name="transformer_blocks",
         )
-        (txt, img), _ = blocks((txt, img), temb, cos, sin, key_mask)
+        (forced,) = forced_per_layer(decisions, (cfg.num_layers,), batch)
+        (txt, img), block_aux = blocks((txt, img), forced, temb, cos, sin, key_mask)
 
         img = AdaNormOut(rt, name="norm_out")(img, temb)
-        return Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
+        velocity = Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
+        if block_aux is None:
+            return velocity
+        aux = gather_aux([block_aux])
+        aux["flops"] = step_flops(cfg, num_img, num_txt, aux)
+        return velocity, aux
 
 
 def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep, img_shapes) -> tuple[int, int, int]:

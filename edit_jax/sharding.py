@@ -27,6 +27,9 @@ LOGICAL_AXIS_RULES = (
     ("text_embed", None),    # the text encoder width (4096 / 3584) of the context embedder
     ("pooled", None),
     ("freq", None),          # the 256 sinusoid channels of timestep embeddings
+    ("router", None),        # E-DiT router hidden (128): tiny, replicated
+    ("gate", None),
+    ("bucket", None),
 )
 
 

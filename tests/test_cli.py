@@ -60,5 +60,5 @@ def test_convert_of_a_release_lists_router_params_under_routers(tmp_path, capsys
 
     assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
     rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)["params"]}
-    assert rows["routers/width_head/kernel"]["shape"] == [2, 128, 4]
+    assert rows["routers/transformer_blocks/router/width_head/kernel"]["shape"] == [2, 128, 4]
     assert rows["transformer_blocks/img_mlp/fc1/kernel"]["shape"] == [2, 64, 256]

@@ -83,8 +83,9 @@ def test_release_import_keeps_base_parity_and_puts_every_router_tensor_in_the_ro
     ckpt = convert_qwen(tmp_path / "model.safetensors", tmp_path / "ckpt", config=config)
 
     assert load_config(ckpt).activation == "sigmoid_gelu"
-    routers = flatten(load_routers(ckpt))
+    routers = flatten(load_routers(ckpt)["transformer_blocks"]["router"])
     theirs = {"img_mod/linear": "img_mod.1", "proj": "out.0", "gate_head": "out.2", "width_head": "width_head"}
+    assert set(routers) == {f"{ours}/{p}" for ours in theirs for p in ("kernel", "bias")}
     for ours, key in theirs.items():
         for i in range(config.num_layers):
             np.testing.assert_array_equal(routers[f"{ours}/kernel"][i], sd[f"gate_mlps.{i}.{key}.weight"].numpy().T)

@@ -1,0 +1,82 @@
+"""The MMDiT dual-stream block shared by FLUX double blocks and Qwen-Image blocks, elastic-ready.
+
+Image and text streams have their own AdaLN modulation and MLP and meet in one joint attention.
+Under E-DiT the router reads the block's input tokens [text, image] (padded text left out) and
+its temb; the elastic MLP is the image one.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from edit_jax.config import WIDTH_BUCKETS, RuntimeConfig
+from edit_jax.elastic import ElasticConfig, Router, elastic_step
+from edit_jax.layers import MLP, JointAttention, Modulation, layer_norm, modulate
+
+
+class DualStreamBlock(nn.Module):
+    """carry (txt [B, T, D], img [B, N, D]) -> (same, aux); temb [B, D]; cos/sin [T + N, K];
+    key_mask [B, T + N] or None; forced: this block's forced decisions ({"run", "bucket"} [B]).
+
+    `names` gives the submodules their family's diffusers names: (image modulation, text
+    modulation, image MLP, text MLP).
+    """
+
+    num_heads: int
+    head_dim: int
+    mlp_hidden_dim: int
+    activation: str
+    runtime: RuntimeConfig
+    names: tuple[str, str, str, str]
+    router_hidden: int = 128
+    width_buckets: tuple[float, ...] = WIDTH_BUCKETS
+    elastic: ElasticConfig | None = None
+
+    def setup(self):
+        rt = self.runtime
+        img_mod, txt_mod, img_mlp, txt_mlp = self.names
+        setattr(self, img_mod, Modulation(6, rt))
+        setattr(self, txt_mod, Modulation(6, rt))
+        self.attn = JointAttention(self.num_heads, self.head_dim, rt)
+        setattr(self, img_mlp, MLP(self.mlp_hidden_dim, self.activation, rt))
+        setattr(self, txt_mlp, MLP(self.mlp_hidden_dim, self.activation, rt))
+        self.router = Router(self.router_hidden, len(self.width_buckets), rt)
+
+    def forward(self, carry, temb, cos, sin, key_mask, width=None, hidden_mask=None):
+        """The block itself; the image MLP keeps its first `width` hidden channels."""
+        img_mod, txt_mod, img_mlp, txt_mlp = (getattr(self, n) for n in self.names)
+        txt, img = carry
+        shift1, scale1, gate1, shift2, scale2, gate2 = img_mod(temb)
+        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = txt_mod(temb)
+
+        img_attn, txt_attn = self.attn(
+            modulate(layer_norm(img), shift1, scale1), modulate(layer_norm(txt), c_shift1, c_scale1), cos, sin, key_mask
+        )
+        img = img + gate1[:, None] * img_attn
+        img_ff = img_mlp(modulate(layer_norm(img), shift2, scale2), width, hidden_mask)
+        img = img + gate2[:, None] * img_ff
+
+        txt = txt + c_gate1[:, None] * txt_attn
+        txt_ff = txt_mlp(modulate(layer_norm(txt), c_shift2, c_scale2))
+        txt = txt + c_gate2[:, None] * txt_ff
+        return txt, img
+
+    def __call__(self, carry, forced, temb, cos, sin, key_mask=None):
+        txt, img = carry
+        txt_valid = None if key_mask is None else key_mask[:, : txt.shape[1]]
+
+        def body(mdl, c, width, hidden_mask):
+            return mdl.forward(c, temb, cos, sin, key_mask, width, hidden_mask)
+
+        return elastic_step(
+            self, body, carry, [(txt, txt_valid), (img, None)], temb,
+            self.mlp_hidden_dim, self.width_buckets, self.elastic, forced,
+        )
+
+
+def no_forced(length: int, batch: int) -> dict[str, jax.Array]:
+    """Per-layer forced decisions [length, batch] that say nothing (not read unless forced)."""
+    import jax.numpy as jnp
+
+    return {"run": jnp.ones((length, batch), bool), "bucket": jnp.zeros((length, batch), jnp.int32)}

@@ -1,0 +1,79 @@
+"""Analytic FLOPs of a denoising step for any E-DiT decision pattern (2 FLOPs per multiply-add).
+
+Counted: every matmul (linears, attention scores and values, modulation, embedders, routers).
+Not counted: elementwise work (norms, activations, softmax), a few percent at real sizes.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from edit_jax.config import FluxConfig, QwenImageConfig
+from edit_jax.elastic import bucket_widths
+
+
+def _dual_block(d: int, m_img: int, m_txt: int, n: int, t: int) -> int:
+    """MACs of a dual-stream block per sample: image MLP width m_img."""
+    length = n + t
+    return 4 * d * d * length + 2 * d * m_img * n + 2 * d * m_txt * t + 2 * length * length * d + 2 * 6 * d * d
+
+
+def _single_block(d: int, m: int, length: int) -> int:
+    """MACs of a FLUX single-stream block per sample: MLP width m."""
+    return 3 * d * d * length + d * m * length + (d + m) * d * length + 2 * length * length * d + 3 * d * d
+
+
+def router_flops(config, num_img: int, num_txt: int) -> int:
+    """FLOPs of one block's router per sample."""
+    d, h, k = config.inner_dim, config.router_hidden, len(config.width_buckets)
+    return 2 * (3 * d * d + (d * h + h * (1 + k)) * (num_img + num_txt))
+
+
+def base_flops(config, num_img: int, num_txt: int) -> int:
+    """FLOPs per sample outside the blocks: embedders, final norm and projection."""
+    d = config.inner_dim
+    time = 256 * d + d * d
+    out = 2 * d * d + d * config.output_channels * num_img
+    if isinstance(config, FluxConfig):
+        macs = config.in_channels * d * num_img + config.joint_attention_dim * d * num_txt + time
+        macs += time * config.guidance_embeds + config.pooled_projection_dim * d + d * d + out
+    else:
+        macs = config.in_channels * d * num_img + config.joint_attention_dim * d * num_txt + time + out
+    return 2 * macs
+
+
+def layer_flops(config, num_img: int, num_txt: int) -> np.ndarray:
+    """[L, 1 + K] FLOPs per sample of each block (in scan order; FLUX: double then single
+    blocks): column 0 a skipped block (0), column 1 + k the block at width bucket k."""
+    d, m = config.inner_dim, config.mlp_hidden_dim
+    widths = bucket_widths(m, config.width_buckets)
+    dual = [0] + [2 * _dual_block(d, w, m, num_img, num_txt) for w in widths]
+    rows = [dual] * config.num_layers
+    if isinstance(config, FluxConfig):
+        single = [0] + [2 * _single_block(d, w, num_img + num_txt) for w in widths]
+        rows += [single] * config.num_single_layers
+    elif not isinstance(config, QwenImageConfig):
+        raise TypeError(f"no FLOPs model for {type(config).__name__}")
+    return np.asarray(rows, np.int64)
+
+
+def dense_flops(config, num_img: int, num_txt: int) -> int:
+    """FLOPs per sample of the dense forward (every block at full width, no routers)."""
+    return int(base_flops(config, num_img, num_txt) + layer_flops(config, num_img, num_txt)[:, -1].sum())
+
+
+def step_flops(config, num_img: int, num_txt: int, aux: dict, with_routers: bool = True) -> dict:
+    """FLOPs of one elastic forward from its aux record (executed, bucket [B, L]; branch [L]).
+
+    per_sample [B]: what each sample's own decisions need. total []: what the batch computed
+    (a block runs for the whole batch when any row needs it, at the widest bucket needed).
+    Both include the routers (every block's router always runs) when `with_routers`."""
+    table = jnp.asarray(layer_flops(config, num_img, num_txt), jnp.float32)
+    layers = jnp.arange(table.shape[0])
+    executed, bucket = aux["executed"], aux["bucket"]
+    batch = executed.shape[0]
+    fixed = base_flops(config, num_img, num_txt) + with_routers * table.shape[0] * router_flops(config, num_img, num_txt)
+    per_sample = fixed + jnp.sum(jnp.where(executed, table[layers, 1 + bucket], 0.0), axis=1)
+    total = batch * (fixed + jnp.sum(table[layers, aux["branch"]]))
+    return {"per_sample": per_sample, "total": total, "dense_per_sample": float(dense_flops(config, num_img, num_txt))}
