@@ -215,3 +215,11 @@ def gather_aux(stack_aux: Sequence[dict]) -> dict:
     out = {k: jnp.moveaxis(v, 0, 1) for k, v in joined.items() if k != "branch"}
     out["branch"] = joined["branch"]
     return out
+
+
+def apply_elastic(model: nn.Module, params: dict, routers: dict, *args, freeze_base: bool = False, **kwargs):
+    """model.apply with base params and routers; `freeze_base` stops gradients into the base
+    params (train the routers alone, SPEC section 4)."""
+    if freeze_base:
+        params = jax.lax.stop_gradient(params)
+    return model.apply({"params": params, "routers": routers}, *args, **kwargs)

@@ -1,0 +1,156 @@
+"""E-DiT blocks (SPEC sections 1-3) on FLUX and Qwen-Image: dense equivalence, skips, widths,
+per-sample decisions, train mode, released routers, and real branching in the compiled forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import edit_jax
+from edit_jax.elastic import ElasticConfig, apply_elastic
+from elastic_cases import FAMILIES, Case, forced, relative, take_layers
+
+INFER = ElasticConfig(mode="infer")
+FORCED = ElasticConfig(mode="forced")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_blocks_forced_on_at_full_width_equals_dense(family):
+    case = Case(family)
+    out, aux = case.elastic(FORCED, forced(np.ones(case.num_blocks), np.full(case.num_blocks, 3)))
+    assert relative(out, case.dense()) <= 1e-6
+    assert aux["executed"].all() and (aux["bucket"] == 3).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("decision", ["batch", "sample"])
+def test_fresh_routers_keep_every_block_open_at_full_width(family, decision):
+    case = Case(family)
+    out, aux = case.elastic(ElasticConfig(mode="infer", decision=decision))
+    assert relative(out, case.dense()) <= 1e-6
+    np.testing.assert_allclose(aux["p"], 0.7, atol=0.01)
+    assert (aux["bucket"] == 3).all() and aux["executed"].all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forced_skips_equal_a_dense_model_without_those_blocks(family):
+    case = Case(family)
+    run = np.ones(case.num_blocks, bool)
+    run[0] = run[-1] = False  # FLUX: first double and last single block; Qwen: first and last
+    out, aux = case.elastic(FORCED, forced(run, np.full(case.num_blocks, 3)))
+
+    params, changes, start = dict(case.params), {}, 0
+    for name, count, _, _ in case.stacks():
+        keep = [i for i in range(count) if run[start + i]]
+        params[name] = take_layers(case.params[name], keep)
+        changes["num_layers" if name == "transformer_blocks" else "num_single_layers"] = len(keep)
+        start += count
+    expected = case.dense(params, config=case.config.replace(**changes))
+    assert relative(out, expected) <= 1e-6
+    assert aux["branch"].tolist() == [0 if not r else 4 for r in run]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bucket", [0, 1, 2])
+def test_width_bucket_equals_a_dense_model_with_truncated_elastic_mlps(family, bucket):
+    case = Case(family)
+    width = case.hidden * (bucket + 1) // 4
+    out, _ = case.elastic(FORCED, forced(np.ones(case.num_blocks), np.full(case.num_blocks, bucket)))
+
+    params = jax.tree.map(lambda x: x, case.params)
+    for name, _, path, offset in case.stacks():
+        node = params[name]
+        for key in path:
+            node = node[key]
+        node["kernel"] = node["kernel"].at[:, offset + width : offset + case.hidden].set(0.0)
+    assert relative(out, case.dense(params)) <= 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_samples_with_different_forced_decisions_equal_each_sample_alone(family):
+    case = Case(family)
+    rng = np.random.default_rng(0)
+    run = rng.random((2, case.num_blocks)) < 0.6
+    bucket = rng.integers(0, 4, (2, case.num_blocks))
+    run[0, 0], run[1, 0], bucket[:, 1] = True, False, (0, 3)  # make sure the rows disagree
+
+    out, aux = case.elastic(FORCED, forced(run, bucket))
+
+    for b in range(2):
+        alone, _ = case.elastic(FORCED, forced(run[b], bucket[b]), arrays=case.row(b))
+        assert relative(out[b], alone[0]) <= 1e-6
+    np.testing.assert_array_equal(aux["executed"], run)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_sample_infer_equals_each_sample_alone(family):
+    case = Case(family)
+    routers = jax.tree.map(lambda x: x, case.routers)
+    gate = routers["transformer_blocks"]["router"]["gate_head"]
+    gate["kernel"] = gate["kernel"] * 3000.0  # routers that read the input strongly: rows disagree
+    sample = ElasticConfig(mode="infer", decision="sample")
+    out, _ = case.elastic(sample, routers=routers)
+    for b in range(2):
+        alone, _ = case.elastic(sample, routers=routers, arrays=case.row(b))
+        assert relative(out[b], alone[0]) <= 1e-6
+
+
+def steered_routers(case):
+    """Routers that skip block 0 and run block 1 at bucket 1 (p and q saturated)."""
+    routers = jax.tree.map(lambda x: x, case.routers)
+    r = routers["transformer_blocks"]["router"]
+    r["gate_head"]["bias"] = r["gate_head"]["bias"].at[0].set(-8.0)
+    r["width_head"]["bias"] = r["width_head"]["bias"].at[1].set(jnp.asarray([0.0, 6.0, 0.0, 0.0]))
+    return routers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_forward_value_equals_infer_for_the_same_decisions(family):
+    case = Case(family)
+    routers = steered_routers(case)
+    train, train_aux = case.elastic(ElasticConfig(mode="train"), routers=routers)
+    infer, infer_aux = case.elastic(ElasticConfig(mode="infer", decision="sample"), routers=routers)
+    assert not infer_aux["executed"][:, 0].any() and (infer_aux["bucket"][:, 1] == 1).all()
+    np.testing.assert_array_equal(train_aux["executed"], infer_aux["executed"])
+    assert relative(train, infer) <= 1e-6
+
+
+def router_loss(case, params, routers, freeze_base):
+    out, aux = apply_elastic(case.model, params, routers, **case.arrays, **case.static,
+                             elastic=ElasticConfig(mode="train"), freeze_base=freeze_base)
+    return jnp.mean(out**2) + jnp.mean(aux["p"]) ** 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_gradients_reach_every_router_param_and_not_frozen_base(family):
+    case = Case(family)
+    routers = steered_routers(case)
+    g_params, g_routers = jax.grad(lambda p, r: router_loss(case, p, r, True), argnums=(0, 1))(case.params, routers)
+
+    for path, g in jax.tree_util.tree_flatten_with_path(g_routers)[0]:
+        assert np.isfinite(g).all() and np.abs(g).max() > 0, jax.tree_util.keystr(path)
+    assert all(np.abs(g).max() == 0 for g in jax.tree.leaves(g_params))
+    g_unfrozen = jax.grad(lambda p: router_loss(case, p, routers, False))(case.params)
+    assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(g_unfrozen))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_infer_forward_really_branches_with_sliced_weights(family):
+    case = Case(family)
+    jaxpr = str(jax.make_jaxpr(lambda r: case.elastic(INFER, routers=r)[0])(case.routers))
+    d, m = case.config.inner_dim, case.hidden
+    assert "cond[" in jaxpr
+    for k in range(1, 4):
+        w = m * k // 4
+        assert f"f32[{d},{w}]" in jaxpr and f"f32[{w},{d}]" in jaxpr, w  # fc1 and fc2 slices
+
+
+def test_forced_decisions_of_the_wrong_shape_are_a_clear_error():
+    case = Case("qwen-image")
+    with pytest.raises(ValueError, match=r"forced run has shape \(2,\), expected \[3\] or \[2, 3\]"):
+        case.elastic(FORCED, forced([1, 1], [0, 0]))
+
+
+def test_unknown_elastic_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="elastic mode 'fast'"):
+        ElasticConfig(mode="fast")
