@@ -24,6 +24,21 @@ CONFIGS = {
 FAMILIES = list(CONFIGS)
 
 
+_JIT_CACHE: dict = {}
+
+
+def _jitted(model, static: dict, elastic=None):
+    """One compiled apply per (model, static inputs, elastic config), shared by all tests."""
+    key = (model, tuple(sorted(static.items())), elastic)
+    if key not in _JIT_CACHE:
+        if elastic is None:
+            fn = lambda v, a: model.apply(v, **a, **static)  # noqa: E731
+        else:
+            fn = lambda v, a, d: model.apply(v, **a, **static, elastic=elastic, decisions=d)  # noqa: E731
+        _JIT_CACHE[key] = jax.jit(fn)
+    return _JIT_CACHE[key]
+
+
 class Case:
     def __init__(self, family: str, batch: int = 2, seed: int = 0):
         self.config = CONFIGS[family]
@@ -38,11 +53,11 @@ class Case:
 
     def dense(self, params=None, arrays=None, config=None):
         model = self.model if config is None else edit_jax.build_model(config)
-        return model.apply({"params": self.params if params is None else params}, **(arrays or self.arrays), **self.static)
+        return _jitted(model, self.static)({"params": self.params if params is None else params}, arrays or self.arrays)
 
     def elastic(self, elastic, decisions=None, routers=None, arrays=None, params=None):
         variables = {"params": self.params if params is None else params, "routers": self.routers if routers is None else routers}
-        return self.model.apply(variables, **(arrays or self.arrays), **self.static, elastic=elastic, decisions=decisions)
+        return _jitted(self.model, self.static, elastic)(variables, arrays or self.arrays, decisions)
 
     def row(self, b: int) -> dict:
         """The inputs of sample b alone (batch 1)."""

@@ -125,12 +125,12 @@ def router_loss(case, params, routers, freeze_base):
 def test_train_gradients_reach_every_router_param_and_not_frozen_base(family):
     case = Case(family)
     routers = steered_routers(case)
-    g_params, g_routers = jax.grad(lambda p, r: router_loss(case, p, r, True), argnums=(0, 1))(case.params, routers)
+    g_params, g_routers = jax.jit(jax.grad(lambda p, r: router_loss(case, p, r, True), argnums=(0, 1)))(case.params, routers)
 
     for path, g in jax.tree_util.tree_flatten_with_path(g_routers)[0]:
         assert np.isfinite(g).all() and np.abs(g).max() > 0, jax.tree_util.keystr(path)
     assert all(np.abs(g).max() == 0 for g in jax.tree.leaves(g_params))
-    g_unfrozen = jax.grad(lambda p: router_loss(case, p, routers, False))(case.params)
+    g_unfrozen = jax.jit(jax.grad(lambda p: router_loss(case, p, routers, False)))(case.params)
     assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(g_unfrozen))
 
 
@@ -154,3 +154,49 @@ def test_forced_decisions_of_the_wrong_shape_are_a_clear_error():
 def test_unknown_elastic_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="elastic mode 'fast'"):
         ElasticConfig(mode="fast")
+
+
+def numpy_router(w: dict, x: np.ndarray, valid: np.ndarray, temb: np.ndarray):
+    """SPEC section 1 in plain NumPy with PyTorch-layout weights ([out, in]); returns p, q."""
+    silu = temb / (1 + np.exp(-temb))
+    shift, scale, _ = np.split(silu @ w["img_mod.1.weight"].T + w["img_mod.1.bias"], 3, axis=-1)
+    mean = x.mean(-1, keepdims=True)
+    normed = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+    h = np.maximum(((1 + scale[:, None]) * normed + shift[:, None]) @ w["out.0.weight"].T + w["out.0.bias"], 0)
+    weights = valid / valid.sum(1, keepdims=True)
+    gate = np.einsum("bl,bl->b", weights, (h @ w["out.2.weight"].T + w["out.2.bias"])[..., 0])
+    widths = np.einsum("bl,blk->bk", weights, h @ w["width_head.weight"].T + w["width_head.bias"])
+    q = np.exp(widths - widths.max(-1, keepdims=True))
+    return 1 / (1 + np.exp(-gate)), q / q.sum(-1, keepdims=True)
+
+
+def test_released_routers_give_the_p_and_q_of_spec_section_1(tmp_path):
+    from checkpoints_convert import convert_checkpoint
+    from edit_jax.checkpoint import load_routers
+    from edit_jax.config import from_diffusers_config
+    from edit_jax.elastic import Router
+    from reference import make_diffusers_qwen
+    from test_qwen_image import fake_release
+
+    torch_model = make_diffusers_qwen()
+    sd = fake_release(torch_model, tmp_path / "model.safetensors", scale=0.05)
+    config = from_diffusers_config(dict(torch_model.config), "qwen-image")
+    ckpt = convert_checkpoint("qwen-image", tmp_path / "model.safetensors", tmp_path / "ckpt",
+                              config=config, dtype="float32", progress=False)
+    routers = load_routers(ckpt)["transformer_blocks"]["router"]
+    rng = np.random.default_rng(0)
+    d = config.inner_dim
+    txt, img, temb = (rng.standard_normal(s).astype(np.float32) for s in ((2, 5, d), (2, 6, d), (2, d)))
+    txt_valid = np.ones((2, 5), bool)
+    txt_valid[1, 2:4] = False
+
+    for i in range(config.num_layers):
+        layer = jax.tree.map(lambda x: x[i], routers)
+        gate, widths = Router(128, 4, config.runtime).apply(
+            {"routers": layer}, [(txt, txt_valid), (img, None)], temb
+        )
+        weights = {k[len(f"gate_mlps.{i}."):]: v.numpy().astype(np.float64) for k, v in sd.items() if k.startswith(f"gate_mlps.{i}.")}
+        p, q = numpy_router(weights, np.concatenate([txt, img], 1).astype(np.float64),
+                            np.concatenate([txt_valid, np.ones((2, 6), bool)], 1).astype(np.float64), temb.astype(np.float64))
+        np.testing.assert_allclose(jax.nn.sigmoid(gate), p, rtol=1e-5)
+        np.testing.assert_allclose(jax.nn.softmax(widths), q, rtol=1e-5, atol=1e-7)

@@ -58,7 +58,7 @@ def test_sigmoid_activation_matches_diffusers_with_its_mlp_activation_replaced(s
     assert relative_error(apply(model, params, inputs), run_diffusers_qwen(torch_model, inputs)) <= TOLERANCE
 
 
-def fake_release(torch_model, path, seed=0, drop=None, extra=None):
+def fake_release(torch_model, path, seed=0, drop=None, extra=None, scale=1.0):
     """A file in the released E-DiT layout: the DiT's diffusers keys plus gate_mlps.{i}.*."""
     gen = torch.Generator().manual_seed(seed)
     d = torch_model.config.num_attention_heads * torch_model.config.attention_head_dim
@@ -66,8 +66,8 @@ def fake_release(torch_model, path, seed=0, drop=None, extra=None):
     shapes = {"img_mod.1": (3 * d, d), "out.0": (128, d), "out.2": (1, 128), "width_head": (4, 128)}
     for i in range(torch_model.config.num_layers):
         for name, (out_dim, in_dim) in shapes.items():
-            sd[f"gate_mlps.{i}.{name}.weight"] = torch.randn(out_dim, in_dim, generator=gen)
-            sd[f"gate_mlps.{i}.{name}.bias"] = torch.randn(out_dim, generator=gen)
+            sd[f"gate_mlps.{i}.{name}.weight"] = scale * torch.randn(out_dim, in_dim, generator=gen)
+            sd[f"gate_mlps.{i}.{name}.bias"] = scale * torch.randn(out_dim, generator=gen)
     if drop:
         del sd[drop]
     sd.update(extra or {})
