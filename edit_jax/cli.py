@@ -3,6 +3,7 @@
     edit-jax demo [--preset flux-small] [--out DIR]
     edit-jax convert flux|qwen-image SRC DST [--format auto|diffusers|bfl|edit-release] [--dtype ...]
                      [--config PRESET_OR_CONFIG_JSON] [--overwrite]
+    edit-jax order-channels CKPT OUT [--calibration FILE.npz] [--overwrite]
     edit-jax inspect CKPT [--json]
 """
 
@@ -76,6 +77,44 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def load_calibration(path: str | None, config, batches: int, seed: int) -> list[dict]:
+    """Calibration inputs: an .npz of model inputs (Qwen-Image: img_shapes as 3 ints), or random
+    example inputs when no file is given."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from edit_jax.models import example_inputs
+
+    if path is None:
+        print("order-channels: no --calibration given, using random inputs; real latents and "
+              "prompt embeddings rank channels better", file=sys.stderr)
+        return [example_inputs(config, batch=2, height=8, width=8, num_txt=16, seed=seed + i) for i in range(batches)]
+    data = dict(np.load(path))
+    inputs = {k: jnp.asarray(v) for k, v in data.items() if k != "img_shapes"}
+    if "img_shapes" in data:
+        inputs["img_shapes"] = tuple(int(x) for x in data["img_shapes"])
+    return [inputs]
+
+
+def cmd_order_channels(args) -> int:
+    from edit_jax import load
+    from edit_jax.channel_order import order_mlp_channels
+    from edit_jax.checkpoint import CheckpointError, ROUTERS_DIR, save, tree_names
+
+    if ROUTERS_DIR in tree_names(args.ckpt):
+        raise CheckpointError(
+            f"{args.ckpt} holds trained routers: they learned the original MLP channel order, so "
+            "reordering would break them (SPEC section 3). Reorder a base checkpoint before router training."
+        )
+    model, params = load(args.ckpt)
+    calibration = load_calibration(args.calibration, model.config, args.batches, args.seed)
+    ordered, scores = order_mlp_channels(model.config, params, calibration)
+    path = save(args.out, model.config, ordered, overwrite=args.overwrite)
+    kept = [float((lambda s: (s[:, : s.shape[1] // 2].sum() / s.sum()))(s)) for s in scores]
+    print(json.dumps({"checkpoint": str(path), "importance_kept_at_half_width": kept}, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from eval.demo import run_demo
 
@@ -106,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", help="preset name or diffusers config.json (default: the source's own)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     convert.set_defaults(run=cmd_convert)
+
+    order = sub.add_parser("order-channels", help="sort elastic MLP channels by importance (before router training)")
+    order.add_argument("ckpt", help="a converted base checkpoint (without routers)")
+    order.add_argument("out", help="checkpoint folder to create")
+    order.add_argument("--calibration", help=".npz of model inputs (default: random inputs)")
+    order.add_argument("--batches", type=int, default=4, help="random calibration batches")
+    order.add_argument("--seed", type=int, default=0)
+    order.add_argument("--overwrite", action="store_true")
+    order.set_defaults(run=cmd_order_channels)
 
     inspect = sub.add_parser("inspect", help="print a checkpoint's config and params")
     inspect.add_argument("ckpt")

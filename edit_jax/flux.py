@@ -33,6 +33,7 @@ from edit_jax.layers import (
     modulate,
     rope_frequencies,
     scan_blocks,
+    sow_hidden_magnitude,
     split_heads,
     timestep_embedding,
 )
@@ -83,6 +84,7 @@ class FluxSingleBlock(nn.Module):
         shift, scale, gate = self.norm(temb)
         h = modulate(layer_norm(x), shift, scale)
         mlp = activation_fn(cfg.activation)(self.proj_mlp(h, out_size=width))
+        sow_hidden_magnitude(self, mlp)
         if hidden_mask is not None:
             mlp = mlp * hidden_mask[:, None, :].astype(mlp.dtype)
         attn = self.attn(h, cos, sin)

@@ -134,6 +134,13 @@ def activation_fn(name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
+def sow_hidden_magnitude(module: nn.Module, hidden: jax.Array) -> None:
+    """Records mean |hidden| per channel ([M], over batch and tokens) in the "intermediates"
+    collection when it is mutable (MLP channel ordering reads it); free otherwise."""
+    if module.is_mutable_collection("intermediates"):
+        module.sow("intermediates", "hidden_magnitude", jnp.mean(jnp.abs(hidden.astype(jnp.float32)), axis=(0, 1)))
+
+
 class MLP(nn.Module):
     """fc2(act(fc1(x))): x [B, L, D] -> [B, L, D] through M hidden channels.
 
@@ -151,6 +158,7 @@ class MLP(nn.Module):
         dim = x.shape[-1]
         h = Linear(self.hidden_dim, ("embed", "mlp"), self.runtime, name="fc1")(x, out_size=width)
         h = activation_fn(self.activation)(h)
+        sow_hidden_magnitude(self, h)
         if hidden_mask is not None:
             h = h * hidden_mask[:, None, :].astype(h.dtype)
         fc2 = Linear(dim, ("mlp", "embed"), self.runtime, in_features=self.hidden_dim, name="fc2")
@@ -313,7 +321,7 @@ def scan_blocks(block_cls, length: int, runtime: RuntimeConfig, num_broadcast: i
         block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
     return nn.scan(
         block_cls,
-        variable_axes={"params": 0, "routers": 0},
+        variable_axes={"params": 0, "routers": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(0,) + (nn.broadcast,) * num_broadcast,
         length=length,

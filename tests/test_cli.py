@@ -62,3 +62,19 @@ def test_convert_of_a_release_lists_router_params_under_routers(tmp_path, capsys
     rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)["params"]}
     assert rows["routers/transformer_blocks/router/width_head/kernel"]["shape"] == [2, 128, 4]
     assert rows["transformer_blocks/img_mlp/fc1/kernel"]["shape"] == [2, 64, 256]
+
+
+def test_order_channels_writes_a_reordered_checkpoint_and_refuses_trained_routers(tmp_path, capsys):
+    import edit_jax
+    from edit_jax.checkpoint import save
+
+    config = edit_jax.preset("qwen-image-tiny")
+    variables = edit_jax.models.init_variables(config)
+    save(tmp_path / "base", config, variables["params"])
+    save(tmp_path / "trained", config, variables["params"], variables["routers"])
+
+    assert main(["order-channels", str(tmp_path / "base"), str(tmp_path / "ordered"), "--batches", "1"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["importance_kept_at_half_width"]) == 1
+    assert main(["order-channels", str(tmp_path / "trained"), str(tmp_path / "x")]) == 2
+    assert "holds trained routers" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

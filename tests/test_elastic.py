@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import edit_jax
 from edit_jax.elastic import ElasticConfig, apply_elastic
 from elastic_cases import FAMILIES, Case, forced, relative, take_layers
 

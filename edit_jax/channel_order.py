@@ -1,0 +1,87 @@
+"""MLP channel ordering (beyond the paper, SPEC section 3): permute each elastic MLP's hidden
+channels so the most important come first, where the width buckets' prefixes keep them.
+
+The permutation is function-preserving (fc1 columns and bias, fc2 rows move together), so the
+dense model is unchanged. Importance of channel j in a block: mean |act(fc1 x)_j| on calibration
+inputs times the norm of fc2 row j, the expected size of its contribution to the output. Apply it
+before router training, never to a checkpoint with trained routers: they learned the original
+order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edit_jax.config import FluxConfig
+from edit_jax.models import build_model, split_static
+
+
+def elastic_mlps(config) -> list[dict]:
+    """Where each block stack's elastic MLP lives: fc1 (kernel columns + bias) and fc2 (kernel
+    rows, from `offset`) paths under the stack, and where its hidden magnitudes are sown."""
+    if isinstance(config, FluxConfig):
+        return [
+            dict(stack="transformer_blocks", fc1=("ff", "fc1"), fc2=("ff", "fc2"), offset=0, sown=("ff",)),
+            dict(stack="single_transformer_blocks", fc1=("proj_mlp",), fc2=("proj_out",), offset=config.inner_dim, sown=()),
+        ]
+    return [dict(stack="transformer_blocks", fc1=("img_mlp", "fc1"), fc2=("img_mlp", "fc2"), offset=0, sown=("img_mlp",))]
+
+
+def _node(tree: dict, path) -> dict:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def channel_importance(config, params: dict, calibration: list[dict]) -> list[np.ndarray]:
+    """[L_i, M] importance per stack of elastic MLPs, averaged over the calibration batches."""
+    model = build_model(config)
+    totals = None
+    for inputs in calibration:
+        arrays, static = split_static(inputs)
+        _, state = jax.jit(
+            lambda p, x: model.apply({"params": p}, **x, **static, mutable=["intermediates"])
+        )(params, arrays)
+        sown = [np.asarray(_node(state["intermediates"][m["stack"]], m["sown"])["hidden_magnitude"][0])
+                for m in elastic_mlps(config)]
+        totals = sown if totals is None else [t + s for t, s in zip(totals, sown)]
+    scores = []
+    for magnitude, m in zip(totals, elastic_mlps(config)):
+        fc2 = np.asarray(_node(params[m["stack"]], m["fc2"])["kernel"], np.float32)
+        rows = fc2[:, m["offset"] : m["offset"] + config.mlp_hidden_dim]
+        scores.append(magnitude / len(calibration) * np.linalg.norm(rows, axis=-1))
+    return scores
+
+
+def permute_mlp_channels(config, params: dict, orders: list[np.ndarray]) -> dict:
+    """Reorders each elastic MLP's hidden channels; orders: [L_i, M] permutation per stack."""
+    params = jax.tree.map(lambda x: x, params)  # fresh dicts, shared arrays
+    m_dim = config.mlp_hidden_dim
+    for order, m in zip(orders, elastic_mlps(config)):
+        stack = params[m["stack"]]
+        fc1, fc2 = _node(stack, m["fc1"]), _node(stack, m["fc2"])
+        idx = jnp.asarray(order)
+        fc1["kernel"] = jnp.take_along_axis(fc1["kernel"], idx[:, None, :], axis=2)
+        fc1["bias"] = jnp.take_along_axis(fc1["bias"], idx, axis=1)
+        off = m["offset"]
+        rows = jnp.take_along_axis(fc2["kernel"][:, off : off + m_dim], idx[:, :, None], axis=1)
+        fc2["kernel"] = fc2["kernel"].at[:, off : off + m_dim].set(rows)
+    return params
+
+
+def order_mlp_channels(config, params: dict, calibration: list[dict], routers: dict | None = None):
+    """Returns (params with every elastic MLP's channels sorted by importance, scores).
+
+    Refuses when trained routers are given: they learned the original channel order."""
+    if routers is not None:
+        raise ValueError(
+            "refusing to reorder MLP channels under trained routers: they learned the original "
+            "channel order (SPEC section 3). Reorder before router training."
+        )
+    scores = channel_importance(config, params, calibration)
+    orders = [np.argsort(-s, axis=-1, kind="stable") for s in scores]
+    return permute_mlp_channels(config, params, orders), scores
+
+
