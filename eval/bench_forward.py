@@ -37,6 +37,17 @@ def time_alternating(fns: dict, runs: int) -> dict[str, float]:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def preset_with_overrides(name: str, overrides: list[str]):
+    """A preset with FIELD=VALUE overrides (values parsed as JSON: ints, floats, lists, bools)."""
+    changes = {}
+    for item in overrides:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
+        changes[field] = json.loads(value)
+    return edit_jax.preset(name).replace(**changes)
+
+
 def diffusers_model(config, torch_dtype, device):
     import torch
     from diffusers import FluxTransformer2DModel
@@ -64,10 +75,12 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time diffusers under torch.compile")
     p.add_argument("--no-torch", action="store_true", help="time only our forward")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field of the preset, e.g. --set num_layers=4")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args(argv)
 
-    config = edit_jax.preset(args.preset).with_runtime(
+    config = preset_with_overrides(args.preset, args.set).with_runtime(
         param_dtype=args.dtype, dtype=args.dtype, attention=args.attention
     )
     model = edit_jax.build_model(config)
@@ -130,6 +143,7 @@ def main(argv=None) -> dict:
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
         "preset": args.preset,
+        "overrides": args.set,
         "tokens": {"image": args.height * args.width, "text": args.txt, "batch": args.batch},
         "dtype": args.dtype,
         "attention": args.attention,

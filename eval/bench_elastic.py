@@ -1,0 +1,99 @@
+"""Times the dense forward against E-DiT forwards in one process: a forced pattern (half the
+blocks skipped, half of the rest at width 1/2) and fresh routers in infer mode (every block runs
+at full width: the routers' own cost). Prints measured speedups beside the FLOP ratios.
+
+    python -m eval.bench_elastic --preset flux-small --height 16 --width 16 --txt 32
+    python -m eval.bench_elastic --preset flux-dev --height 64 --width 64 --txt 512 \\
+        --dtype bfloat16 --attention cudnn                       # GPU, full size
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import edit_jax
+from edit_jax.elastic import ElasticConfig
+from edit_jax.flops import dense_flops
+from edit_jax.models import example_inputs, init_variables, split_static
+from eval.bench_forward import preset_with_overrides, time_alternating
+
+
+def forced_pattern(num_blocks: int) -> dict:
+    """Odd blocks skipped; of the even ones, every other at width 1/2 (bucket 1), the rest full."""
+    run = np.arange(num_blocks) % 2 == 0
+    bucket = np.where(np.arange(num_blocks) % 4 == 0, 1, 3)
+    return {"run": jnp.asarray(run), "bucket": jnp.asarray(bucket, jnp.int32)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="flux-small")
+    p.add_argument("--height", type=int, default=16)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--txt", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field of the preset, e.g. --set num_attention_heads=8")
+    p.add_argument("--out", help="write the JSON result here too")
+    args = p.parse_args(argv)
+
+    config = preset_with_overrides(args.preset, args.set).with_runtime(param_dtype=args.dtype, dtype=args.dtype, attention=args.attention)
+    model = edit_jax.build_model(config)
+    variables = init_variables(config)
+    arrays, static = split_static(example_inputs(config, args.batch, args.height, args.width, args.txt))
+    num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    pattern = forced_pattern(num_blocks)
+
+    dense = jax.jit(lambda v, x: model.apply({"params": v["params"]}, **x, **static))
+    forced = jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=pattern))
+    routed = jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer")))
+    fns = {"dense": dense, "forced_pattern": forced, "routers_all_open": routed}
+    outs = {k: jax.block_until_ready(f(variables, arrays)) for k, f in fns.items()}  # compile
+    medians = time_alternating({k: (lambda f=f: jax.block_until_ready(f(variables, arrays))) for k, f in fns.items()}, args.runs)
+
+    n, t = args.height * args.width, args.txt
+    flops_dense = float(dense_flops(config, n, t))
+    flops_forced = float(np.asarray(outs["forced_pattern"][1]["flops"]["total"])) / args.batch
+    flops_routed = float(np.asarray(outs["routers_all_open"][1]["flops"]["total"])) / args.batch
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "preset": args.preset,
+        "overrides": args.set,
+        "tokens": {"image": n, "text": t, "batch": args.batch},
+        "dtype": args.dtype,
+        "pattern": {"blocks": num_blocks, "skipped": int((~np.asarray(pattern["run"])).sum()),
+                    "half_width": int((np.asarray(pattern["run"]) & (np.asarray(pattern["bucket"]) == 1)).sum())},
+        "median_ms": {k: round(v, 3) for k, v in medians.items()},
+        "gflops_per_sample": {"dense": flops_dense / 1e9, "forced_pattern": flops_forced / 1e9, "routers_all_open": flops_routed / 1e9},
+        "forced": {
+            "flop_reduction": round(flops_dense / flops_forced, 3),
+            "speedup": round(medians["dense"] / medians["forced_pattern"], 3),
+        },
+        "routers_overhead": {
+            "flops": round(flops_routed / flops_dense - 1, 4),
+            "time": round(medians["routers_all_open"] / medians["dense"] - 1, 4),
+        },
+    }
+    result["forced"]["speedup_over_flop_reduction"] = round(result["forced"]["speedup"] / result["forced"]["flop_reduction"], 3)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
