@@ -8,16 +8,15 @@ its temb; the elastic MLP is the image one.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
-
 from edit_jax.config import WIDTH_BUCKETS, RuntimeConfig
 from edit_jax.elastic import ElasticConfig, Router, elastic_step
 from edit_jax.layers import MLP, JointAttention, Modulation, layer_norm, modulate
 
 
 class DualStreamBlock(nn.Module):
-    """carry (txt [B, T, D], img [B, N, D]) -> (same, aux); temb [B, D]; cos/sin [T + N, K];
-    key_mask [B, T + N] or None; forced: this block's forced decisions ({"run", "bucket"} [B]).
+    """carry (txt [B, T, D], img [B, N, D]) -> (same, outputs); temb [B, D]; cos/sin [T + N, K];
+    key_mask [B, T + N] or None; per_layer: this block's forced decisions and cache (see
+    `elastic_step`); step: the denoising step index.
 
     `names` gives the submodules their family's diffusers names: (image modulation, text
     modulation, image MLP, text MLP).
@@ -62,7 +61,7 @@ class DualStreamBlock(nn.Module):
         txt = txt + c_gate2[:, None] * txt_ff
         return txt, img
 
-    def __call__(self, carry, forced, temb, cos, sin, key_mask=None):
+    def __call__(self, carry, per_layer, temb, cos, sin, key_mask, step):
         txt, img = carry
         txt_valid = None if key_mask is None else key_mask[:, : txt.shape[1]]
 
@@ -71,12 +70,5 @@ class DualStreamBlock(nn.Module):
 
         return elastic_step(
             self, body, carry, [(txt, txt_valid), (img, None)], temb,
-            self.mlp_hidden_dim, self.width_buckets, self.elastic, forced,
+            self.mlp_hidden_dim, self.width_buckets, self.elastic, per_layer, step,
         )
-
-
-def no_forced(length: int, batch: int) -> dict[str, jax.Array]:
-    """Per-layer forced decisions [length, batch] that say nothing (not read unless forced)."""
-    import jax.numpy as jnp
-
-    return {"run": jnp.ones((length, batch), bool), "bucket": jnp.zeros((length, batch), jnp.int32)}

@@ -46,6 +46,10 @@ class ElasticConfig:
     mode: str = "infer"
     tau: float = 0.5
     decision: str = "batch"
+    cache: bool = False
+    cache_start: int = 15
+    delta_margin: float = 0.015
+    max_reuse: int = 10
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -133,19 +137,27 @@ def elastic_step(
     hidden_dim: int,
     buckets: Sequence[float],
     elastic: ElasticConfig | None,
-    forced: dict | None = None,
+    per_layer: dict,
+    step: jax.Array | None = None,
 ):
-    """Runs one block under the elastic config: returns (new carry, aux or None).
+    """Runs one block under the elastic config: returns (new carry, per-layer outputs or None).
 
     module: the block (has a `router` submodule); body(module, carry, width, hidden_mask).
-    forced: {"run": [B] bool, "bucket": [B] int} for mode "forced".
-    aux: p [B], q [B, K], executed [B] bool, bucket [B] int32, and branch [] int32: what the
-    batch actually computed (0: skipped, 1 + k: ran at bucket k).
+    per_layer: {"forced": {"run" or "p", "bucket"} [B]} and, with the cache on, {"cache":
+    {"delta": like carry, "stored": [B], "count": [B]}}; step: the denoising step index.
+    Outputs: {"aux": p [B], q [B, K], executed [B] (rows that computed the block), cache_hit
+    [B], bucket [B], branch [] (0 skipped, 1 + k ran at bucket k)} and "cache" when given.
     """
     if elastic is None or elastic.mode == "dense":
         return body(module, carry, None, None), None
-    gate_logit, width_logits = module.router(router_groups, temb)
-    p, q = jax.nn.sigmoid(gate_logit), jax.nn.softmax(width_logits, axis=-1)
+    forced, cache = per_layer["forced"], per_layer.get("cache")
+    scripted = elastic.mode == "forced" and "p" in forced
+    if scripted:
+        p = forced["p"].astype(jnp.float32)
+        q = jax.nn.one_hot(forced["bucket"], len(buckets))
+    else:
+        gate_logit, width_logits = module.router(router_groups, temb)
+        p, q = jax.nn.sigmoid(gate_logit), jax.nn.softmax(width_logits, axis=-1)
     masks = prefix_masks(hidden_dim, buckets)
     widths = bucket_widths(hidden_dim, buckets)
     num = len(buckets)
@@ -158,21 +170,34 @@ def elastic_step(
         m_hard = jax.nn.one_hot(bucket, num) @ masks
         mask = m_hard + m_soft - jax.lax.stop_gradient(m_soft)
         new = _blend(body(module, carry, None, mask), carry, gate)
-        branch = jnp.asarray(num, jnp.int32)  # the whole block, at full width
-        return new, dict(p=p, q=q, executed=hard > 0, bucket=bucket.astype(jnp.int32), branch=branch)
+        aux = dict(p=p, q=q, executed=hard > 0, cache_hit=jnp.zeros_like(hard, bool),
+                   bucket=bucket.astype(jnp.int32), branch=jnp.asarray(num, jnp.int32))
+        return new, {"aux": aux, **({"cache": cache} if cache is not None else {})}
 
+    decided_p = p
     if elastic.mode == "forced":
-        run, bucket = forced["run"].astype(bool), forced["bucket"].astype(jnp.int32)
+        run = p >= elastic.tau if scripted else forced["run"].astype(bool)
+        bucket = forced["bucket"].astype(jnp.int32)
         per_sample = True
     else:
         run, bucket = p >= elastic.tau, jnp.argmax(q, axis=-1).astype(jnp.int32)
         per_sample = elastic.decision == "sample"
         if not per_sample:
-            run = jnp.broadcast_to(jnp.mean(p) >= elastic.tau, p.shape)
+            decided_p = jnp.broadcast_to(jnp.mean(p), p.shape)
+            run = decided_p >= elastic.tau
             bucket = jnp.broadcast_to(jnp.argmax(jnp.mean(q, axis=0)).astype(jnp.int32), bucket.shape)
 
-    widest = jnp.max(jnp.where(run, bucket, 0))
-    index = jnp.where(jnp.any(run), 1 + widest, 0)
+    use_cache = elastic.cache and cache is not None
+    if use_cache:
+        active = step >= elastic.cache_start
+        borderline = decided_p <= elastic.tau + elastic.delta_margin
+        reuse = active & run & borderline & cache["stored"] & (cache["count"] < elastic.max_reuse)
+    else:
+        reuse = jnp.zeros_like(run)
+    compute = run & ~reuse
+
+    widest = jnp.max(jnp.where(compute, bucket, 0))
+    index = jnp.where(jnp.any(compute), 1 + widest, 0)
     row_mask = masks[bucket] if per_sample else None
 
     def skip(mdl, c, m):
@@ -185,22 +210,37 @@ def elastic_step(
         return branch
 
     new = nn.switch(index, [skip] + [run_at(w) for w in widths], module, carry, row_mask)
-    if per_sample:
-        new = _select_rows(new, carry, run)
-    return new, dict(p=p, q=q, executed=run, bucket=bucket, branch=index.astype(jnp.int32))
+    if per_sample or use_cache:
+        new = _select_rows(new, carry, compute)
+    outputs = {}
+    if use_cache:
+        reused = jax.tree.map(lambda c, d: c + d.astype(c.dtype), carry, cache["delta"])
+        new = _select_rows(reused, new, reuse)
+        store = active & compute
+        outputs["cache"] = {
+            "delta": _select_rows(jax.tree.map(lambda n, c: (n - c).astype(jnp.float32), new, carry), cache["delta"], store),
+            "stored": cache["stored"] | store,
+            "count": jnp.where(store, 0, jnp.where(reuse, cache["count"] + 1, cache["count"])).astype(jnp.int32),
+        }
+    elif cache is not None:
+        outputs["cache"] = cache
+    outputs["aux"] = dict(p=p, q=q, executed=compute, cache_hit=reuse, bucket=bucket, branch=index.astype(jnp.int32))
+    return new, outputs
 
 
 def forced_per_layer(decisions: dict | None, stack_sizes: Sequence[int], batch: int) -> list[dict]:
-    """Splits forced decisions {"run", "bucket"} of shape [L] or [B, L] (L = all blocks, in scan
-    order) into one {"run", "bucket"} [L_i, B] per block stack. None: placeholders, never read."""
+    """Splits forced decisions of shape [L] or [B, L] (L = all blocks, in scan order) into one
+    dict of [L_i, B] arrays per block stack. Keys: "run" (bool) or "p" (scripted router
+    probabilities, decided with tau and the cache rule), and "bucket". None: placeholders."""
     total = sum(stack_sizes)
     if decisions is None:
         decisions = {"run": jnp.ones((total,), bool), "bucket": jnp.zeros((total,), jnp.int32)}
-    if set(decisions) != {"run", "bucket"}:
-        raise ValueError(f"forced decisions need exactly the keys 'run' and 'bucket', got {sorted(decisions)}")
+    if set(decisions) not in ({"run", "bucket"}, {"p", "bucket"}):
+        raise ValueError(f"forced decisions need the keys 'run' (or 'p') and 'bucket', got {sorted(decisions)}")
+    dtypes = {"run": bool, "p": jnp.float32, "bucket": jnp.int32}
     out = {}
-    for key, dtype in (("run", bool), ("bucket", jnp.int32)):
-        value = jnp.asarray(decisions[key]).astype(dtype)
+    for key, value in decisions.items():
+        value = jnp.asarray(value).astype(dtypes[key])
         if value.shape not in ((total,), (batch, total)):
             raise ValueError(f"forced {key} has shape {value.shape}, expected [{total}] or [{batch}, {total}]")
         out[key] = jnp.broadcast_to(value, (batch, total)).T
@@ -208,13 +248,25 @@ def forced_per_layer(decisions: dict | None, stack_sizes: Sequence[int], batch: 
     return [{k: v[a:b] for k, v in out.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def gather_aux(stack_aux: Sequence[dict]) -> dict:
+def gather_aux(stack_outputs: Sequence[dict]) -> dict:
     """Joins the per-stack aux records ([L_i, B, ...] from nn.scan) into p [B, L], q [B, L, K],
-    executed [B, L], bucket [B, L] and branch [L]."""
+    executed, cache_hit, bucket [B, L] and branch [L]."""
+    stack_aux = [o["aux"] for o in stack_outputs]
     joined = {k: jnp.concatenate([a[k] for a in stack_aux], axis=0) for k in stack_aux[0]}
     out = {k: jnp.moveaxis(v, 0, 1) for k, v in joined.items() if k != "branch"}
     out["branch"] = joined["branch"]
     return out
+
+
+def empty_cache(num_layers: int, carry_shapes, batch: int) -> dict:
+    """A block stack's cache with nothing stored: deltas (float32, shaped like the carry, per
+    layer), stored [L, B] False, count [L, B] 0."""
+    return {
+        "delta": jax.tree.map(lambda shape: jnp.zeros((num_layers, *shape), jnp.float32), carry_shapes,
+                              is_leaf=lambda x: isinstance(x, tuple)),
+        "stored": jnp.zeros((num_layers, batch), bool),
+        "count": jnp.zeros((num_layers, batch), jnp.int32),
+    }
 
 
 def apply_elastic(model: nn.Module, params: dict, routers: dict, *args, freeze_base: bool = False, **kwargs):

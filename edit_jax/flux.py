@@ -17,7 +17,7 @@ import flax.linen as nn
 
 from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import FluxConfig
-from edit_jax.elastic import ElasticConfig, Router, elastic_step, forced_per_layer, gather_aux
+from edit_jax.elastic import ElasticConfig, Router, elastic_step, empty_cache, forced_per_layer, gather_aux
 from edit_jax.flops import step_flops
 from edit_jax.layers import (
     AdaNormOut,
@@ -92,12 +92,14 @@ class FluxSingleBlock(nn.Module):
         out = self.proj_out(jnp.concatenate([attn, mlp], axis=-1), in_size=in_size)
         return x + gate[:, None] * out
 
-    def __call__(self, x, forced, temb, cos, sin):
+    def __call__(self, x, per_layer, temb, cos, sin, step):
         def body(mdl, c, width, hidden_mask):
             return mdl.forward(c, temb, cos, sin, width, hidden_mask)
 
         cfg = self.config
-        return elastic_step(self, body, x, [(x, None)], temb, cfg.mlp_hidden_dim, cfg.width_buckets, self.elastic, forced)
+        return elastic_step(
+            self, body, x, [(x, None)], temb, cfg.mlp_hidden_dim, cfg.width_buckets, self.elastic, per_layer, step
+        )
 
 
 class FluxTimeTextEmbedding(nn.Module):
@@ -146,16 +148,23 @@ class FluxTransformer(nn.Module):
         guidance=None,
         elastic: ElasticConfig | None = None,
         decisions: dict | None = None,
+        cache: dict | None = None,
+        step=None,
     ):
         """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
-        aux) with p, q, executed, bucket over all 19 + 38 blocks and the step's FLOPs.
-        decisions: {"run", "bucket"} [L] or [B, L] for mode "forced"."""
+        aux) with p, q, executed, cache_hit, bucket over all 19 + 38 blocks and the step's FLOPs.
+        decisions: {"run" or "p", "bucket"} [L] or [B, L] for mode "forced". cache: the block
+        cache (`init_cache`), returned updated as aux["cache"]; step: the denoising step index."""
         cfg, rt = self.config, self.config.runtime
         check_flux_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
         dtype = dtype_of(rt.dtype)
         batch, num_img = hidden_states.shape[:2]
         num_txt = encoder_hidden_states.shape[1]
         forced_double, forced_single = forced_per_layer(decisions, (cfg.num_layers, cfg.num_single_layers), batch)
+        step = jnp.asarray(0 if step is None else step, jnp.int32)
+        per_double, per_single = {"forced": forced_double}, {"forced": forced_single}
+        if cache is not None:
+            per_double["cache"], per_single["cache"] = cache["transformer_blocks"], cache["single_transformer_blocks"]
 
         img = Linear(cfg.inner_dim, ("channels", "embed"), rt, name="x_embedder")(hidden_states.astype(dtype))
         temb = FluxTimeTextEmbedding(cfg, name="time_text_embed")(
@@ -166,7 +175,7 @@ class FluxTransformer(nn.Module):
         )
         cos, sin = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope)
 
-        double_blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 3)(
+        double_blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 5)(
             cfg.num_attention_heads,
             cfg.attention_head_dim,
             cfg.mlp_hidden_dim,
@@ -178,20 +187,32 @@ class FluxTransformer(nn.Module):
             elastic,
             name="transformer_blocks",
         )
-        (txt, img), double_aux = double_blocks((txt, img), forced_double, temb, cos, sin)
+        (txt, img), double_out = double_blocks((txt, img), per_double, temb, cos, sin, None, step)
         joint = jnp.concatenate([txt, img], axis=1)
-        joint, single_aux = scan_blocks(FluxSingleBlock, cfg.num_single_layers, rt, 3)(
+        joint, single_out = scan_blocks(FluxSingleBlock, cfg.num_single_layers, rt, 4)(
             cfg, elastic, name="single_transformer_blocks"
-        )(joint, forced_single, temb, cos, sin)
+        )(joint, per_single, temb, cos, sin, step)
         img = joint[:, num_txt:]
 
         img = AdaNormOut(rt, name="norm_out")(img, temb)
         velocity = Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
-        if double_aux is None:
+        if double_out is None:
             return velocity
-        aux = gather_aux([double_aux, single_aux])
+        aux = gather_aux([double_out, single_out])
         aux["flops"] = step_flops(cfg, num_img, num_txt, aux)
+        if cache is not None:
+            aux["cache"] = {"transformer_blocks": double_out["cache"], "single_transformer_blocks": single_out["cache"]}
         return velocity, aux
+
+
+def init_cache(config: FluxConfig, batch: int, num_img: int, num_txt: int) -> dict:
+    """An empty block cache for FLUX: per double block (txt, img) residuals, per single block the
+    joint residual, float32."""
+    d = config.inner_dim
+    return {
+        "transformer_blocks": empty_cache(config.num_layers, ((batch, num_txt, d), (batch, num_img, d)), batch),
+        "single_transformer_blocks": empty_cache(config.num_single_layers, (batch, num_txt + num_img, d), batch),
+    }
 
 
 def _shape_error(name: str, got, expected: str) -> ValueError:

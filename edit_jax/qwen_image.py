@@ -17,7 +17,7 @@ import numpy as np
 
 from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import QwenImageConfig
-from edit_jax.elastic import ElasticConfig, forced_per_layer, gather_aux
+from edit_jax.elastic import ElasticConfig, empty_cache, forced_per_layer, gather_aux
 from edit_jax.flops import step_flops
 from edit_jax.layers import (
     AdaNormOut,
@@ -100,10 +100,13 @@ class QwenImageTransformer(nn.Module):
         img_shapes,
         elastic: ElasticConfig | None = None,
         decisions: dict | None = None,
+        cache: dict | None = None,
+        step=None,
     ):
         """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
-        aux) with p, q, executed, bucket over the blocks and the step's FLOPs. decisions:
-        {"run", "bucket"} [L] or [B, L] for mode "forced"."""
+        aux) with p, q, executed, cache_hit, bucket over the blocks and the step's FLOPs.
+        decisions: {"run" or "p", "bucket"} [L] or [B, L] for mode "forced". cache: the block
+        cache (`init_cache`), returned updated as aux["cache"]; step: the denoising step index."""
         cfg, rt = self.config, self.config.runtime
         img_shape = check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes)
         dtype = dtype_of(rt.dtype)
@@ -122,7 +125,7 @@ class QwenImageTransformer(nn.Module):
                 [encoder_hidden_states_mask.astype(bool), jnp.ones((batch, num_img), bool)], axis=1
             )
 
-        blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 4)(
+        blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 5)(
             cfg.num_attention_heads,
             cfg.attention_head_dim,
             cfg.mlp_hidden_dim,
@@ -135,15 +138,27 @@ class QwenImageTransformer(nn.Module):
             name="transformer_blocks",
         )
         (forced,) = forced_per_layer(decisions, (cfg.num_layers,), batch)
-        (txt, img), block_aux = blocks((txt, img), forced, temb, cos, sin, key_mask)
+        per_layer = {"forced": forced}
+        if cache is not None:
+            per_layer["cache"] = cache["transformer_blocks"]
+        step = jnp.asarray(0 if step is None else step, jnp.int32)
+        (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)
 
         img = AdaNormOut(rt, name="norm_out")(img, temb)
         velocity = Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
-        if block_aux is None:
+        if block_out is None:
             return velocity
-        aux = gather_aux([block_aux])
+        aux = gather_aux([block_out])
         aux["flops"] = step_flops(cfg, num_img, num_txt, aux)
+        if cache is not None:
+            aux["cache"] = {"transformer_blocks": block_out["cache"]}
         return velocity, aux
+
+
+def init_cache(config: QwenImageConfig, batch: int, num_img: int, num_txt: int) -> dict:
+    """An empty block cache for Qwen-Image: per block the (txt, img) residuals, float32."""
+    d = config.inner_dim
+    return {"transformer_blocks": empty_cache(config.num_layers, ((batch, num_txt, d), (batch, num_img, d)), batch)}
 
 
 def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep, img_shapes) -> tuple[int, int, int]:

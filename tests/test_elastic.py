@@ -146,7 +146,7 @@ def test_infer_forward_really_branches_with_sliced_weights(family):
 
 def test_forced_decisions_of_the_wrong_shape_are_a_clear_error():
     case = Case("qwen-image")
-    with pytest.raises(ValueError, match=r"forced run has shape \(2,\), expected \[3\] or \[2, 3\]"):
+    with pytest.raises(ValueError, match=r"forced (run|bucket) has shape \(2,\), expected \[3\] or \[2, 3\]"):
         case.elastic(FORCED, forced([1, 1], [0, 0]))
 
 
