@@ -263,7 +263,7 @@ def empty_cache(num_layers: int, carry_shapes, batch: int) -> dict:
     layer), stored [L, B] False, count [L, B] 0."""
     return {
         "delta": jax.tree.map(lambda shape: jnp.zeros((num_layers, *shape), jnp.float32), carry_shapes,
-                              is_leaf=lambda x: isinstance(x, tuple)),
+                              is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)),
         "stored": jnp.zeros((num_layers, batch), bool),
         "count": jnp.zeros((num_layers, batch), jnp.int32),
     }
