@@ -1,0 +1,66 @@
+"""Latent layout helpers shared by the FLUX and Qwen-Image samplers.
+
+The VAE downsamples 8x; transformers read latents packed into 2x2 patches:
+[B, C, H, W] (H = 2 * (height // 16)) <-> [B, (H/2)(W/2), 4C].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VAE_SCALE = 8
+
+
+def latent_size(height: int, width: int) -> tuple[int, int]:
+    """(H, W) of the unpacked latents for an image of height x width pixels."""
+    return 2 * (height // (VAE_SCALE * 2)), 2 * (width // (VAE_SCALE * 2))
+
+
+def packed_grid(height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) of packed tokens for an image of height x width pixels."""
+    h, w = latent_size(height, width)
+    if h == 0 or w == 0:
+        raise ValueError(f"an image of {height}x{width} pixels is too small: at least 16x16")
+    return h // 2, w // 2
+
+
+def pack_latents(latents: jax.Array) -> jax.Array:
+    """[B, C, H, W] -> [B, (H/2)(W/2), 4C], diffusers' _pack_latents."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: jax.Array, height: int, width: int) -> jax.Array:
+    """[B, (H/2)(W/2), 4C] -> [B, C, H, W] for an image of height x width pixels."""
+    b, n, ch = packed.shape
+    h, w = latent_size(height, width)
+    if n != (h // 2) * (w // 2):
+        raise ValueError(f"{n} packed tokens do not fit a {height}x{width} image ({(h // 2) * (w // 2)} tokens)")
+    x = packed.reshape(b, h // 2, w // 2, ch // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, ch // 4, h, w)
+
+
+def flux_img_ids(height: int, width: int) -> np.ndarray:
+    """FLUX RoPE positions [N, 3] of the packed image tokens: (0, row, column)."""
+    rows, cols = packed_grid(height, width)
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    return np.stack([np.zeros(rows * cols), r.ravel(), c.ravel()], axis=-1).astype(np.float32)
+
+
+def flux_txt_ids(num_txt: int) -> np.ndarray:
+    """FLUX RoPE positions [T, 3] of the text tokens: all zero."""
+    return np.zeros((num_txt, 3), np.float32)
+
+
+def qwen_img_shapes(height: int, width: int) -> tuple[int, int, int]:
+    """Qwen-Image's static img_shapes (frames, rows, columns) in packed tokens."""
+    return (1, *packed_grid(height, width))
+
+
+def initial_noise(key: jax.Array, batch: int, latent_channels: int, height: int, width: int) -> jax.Array:
+    """Standard normal latents drawn in the VAE layout [B, C, H, W], then packed (float32)."""
+    h, w = latent_size(height, width)
+    return pack_latents(jax.random.normal(key, (batch, latent_channels, h, w), jnp.float32))

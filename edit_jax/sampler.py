@@ -1,0 +1,219 @@
+"""Flow-matching sampling: a pure velocity function for any sampler, and the Euler sampler of the
+FLUX and Qwen-Image pipelines as one jitted `lax.scan` over steps, with true classifier-free
+guidance and the E-DiT block cache carried as explicit state.
+
+    f = make_velocity_fn(model, params, routers, ElasticConfig(mode="infer", cache=True))
+    state = init_state(model.config, elastic, batch, num_img, num_txt)
+    velocity, state = f(x, t, cond, state)          # t [B] = sigma in [0, 1]
+
+cond holds the conditioning inputs by the model's own names: FLUX `encoder_hidden_states`,
+`pooled_projections`, `img_ids`, `txt_ids` (and `guidance` for dev); Qwen-Image
+`encoder_hidden_states`, `encoder_hidden_states_mask` and the static `img_shapes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edit_jax.config import FluxConfig, QwenImageConfig
+from edit_jax.elastic import ElasticConfig
+from edit_jax.schedules import SCHEDULERS, SchedulerConfig, flow_match_schedule
+
+CFG_MODES = ("batched", "sequential")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """num_steps Euler steps. guidance_scale: FLUX.1-dev's embedded guidance (models without a
+    guidance embedding ignore it). true_cfg_scale > 1: true classifier-free guidance with negative
+    conditioning, run "batched" (conditional and unconditional rows in one batch, each row with
+    its own router decisions and cache bank) or "sequential" (two calls per step, as the released
+    E-DiT code). cfg_norm_rescale: rescale the guided velocity to the conditional one's norm
+    (QwenImagePipeline does; None: the family's pipeline default). scheduler: None for the
+    family's published scheduler config."""
+
+    num_steps: int = 28
+    guidance_scale: float = 3.5
+    true_cfg_scale: float = 1.0
+    cfg_mode: str = "batched"
+    cfg_norm_rescale: bool | None = None
+    scheduler: SchedulerConfig | None = None
+
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.cfg_mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode {self.cfg_mode!r} is not one of {CFG_MODES}")
+
+
+def default_scheduler(config) -> SchedulerConfig:
+    if isinstance(config, FluxConfig):
+        return SCHEDULERS["flux-dev" if config.guidance_embeds else "flux-schnell"]
+    return SCHEDULERS["qwen-image"]
+
+
+def _split_static(cond: dict) -> tuple[dict, dict]:
+    static = {k: v for k, v in cond.items() if k == "img_shapes"}
+    return {k: v for k, v in cond.items() if k not in static}, static
+
+
+def init_state(config, elastic: ElasticConfig | None, batch: int, num_img: int, num_txt: int) -> dict:
+    """The E-DiT sampling state: the step counter and, with the cache on, an empty block cache."""
+    state = {"step": jnp.zeros((), jnp.int32)}
+    if elastic is not None and elastic.cache:
+        if isinstance(config, FluxConfig):
+            from edit_jax.flux import init_cache
+        else:
+            from edit_jax.qwen_image import init_cache
+        state["cache"] = init_cache(config, batch, num_img, num_txt)
+    return state
+
+
+def make_velocity_fn(model, params: dict, routers: dict | None = None, elastic: ElasticConfig | None = None,
+                     return_aux: bool = False) -> Callable:
+    """The model as a pure function f(x, t, cond, state) -> (velocity, state) (with return_aux:
+    (velocity, state, aux)); x [B, N, C] packed latents, t [B] sigmas in [0, 1]."""
+    elastic_on = elastic is not None and elastic.mode != "dense"
+    if elastic_on and routers is None:
+        raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
+
+    def f(x, t, cond, state):
+        arrays, static = _split_static(cond)
+        if not elastic_on:
+            v = model.apply({"params": params}, hidden_states=x, timestep=t, **arrays, **static)
+            return (v, state, {}) if return_aux else (v, state)
+        v, aux = model.apply(
+            {"params": params, "routers": routers}, hidden_states=x, timestep=t, **arrays, **static,
+            elastic=elastic, cache=state.get("cache"), step=state["step"],
+        )
+        new_state = {"step": state["step"] + 1}
+        if "cache" in state:
+            new_state["cache"] = aux.pop("cache")
+        return (v, new_state, aux) if return_aux else (v, new_state)
+
+    return f
+
+
+def _concat_conditions(cond: dict, negative: dict) -> dict:
+    """One batch of [conditional; unconditional] rows. Qwen-Image text of unequal lengths is
+    padded at the end with masked tokens (valid tokens keep their RoPE positions)."""
+    out = {}
+    t_c, t_n = cond["encoder_hidden_states"].shape[1], negative["encoder_hidden_states"].shape[1]
+    for key, value in cond.items():
+        other = negative[key]
+        if key in ("img_ids", "txt_ids", "img_shapes"):
+            if key == "txt_ids" and t_c != t_n:
+                raise ValueError("batched CFG needs prompt and negative prompt of equal length for FLUX; use cfg_mode='sequential'")
+            out[key] = value
+            continue
+        if key in ("encoder_hidden_states", "encoder_hidden_states_mask") and t_c != t_n:
+            length = max(t_c, t_n)
+            pad = lambda a: jnp.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+            value, other = pad(value), pad(other)
+        out[key] = jnp.concatenate([value, other], axis=0)
+    return out
+
+
+def check_sampling_inputs(config, noise, cond: dict, negative: dict | None, sampler: SamplerConfig) -> None:
+    """Raises ValueError naming the first input that does not fit the model or the sampler."""
+    if noise.ndim != 3 or noise.shape[-1] != config.in_channels:
+        raise ValueError(f"latents have shape {tuple(noise.shape)}, expected packed [B, N, {config.in_channels}]")
+    num_img = noise.shape[1]
+    if isinstance(config, FluxConfig) and cond["img_ids"].shape[0] != num_img:
+        raise ValueError(f"latents hold {num_img} tokens but img_ids has {cond['img_ids'].shape[0]} (wrong resolution?)")
+    if isinstance(config, QwenImageConfig) and int(np.prod(cond["img_shapes"])) != num_img:
+        raise ValueError(f"latents hold {num_img} tokens but img_shapes {cond['img_shapes']} has {int(np.prod(cond['img_shapes']))} (wrong resolution?)")
+    for name, c in (("prompt", cond), ("negative prompt", negative)):
+        if c is not None and c["encoder_hidden_states"].shape[-1] != config.joint_attention_dim:
+            raise ValueError(
+                f"{name} embeddings have width {c['encoder_hidden_states'].shape[-1]}, the model expects {config.joint_attention_dim}"
+            )
+    if sampler.true_cfg_scale > 1 and negative is None:
+        raise ValueError(f"true_cfg_scale {sampler.true_cfg_scale} > 1 needs negative prompt embeddings")
+
+
+def sample(
+    model,
+    params: dict,
+    noise: jax.Array,
+    cond: dict,
+    sampler: SamplerConfig = SamplerConfig(),
+    routers: dict | None = None,
+    elastic: ElasticConfig | None = None,
+    negative_cond: dict | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[jax.Array, dict]:
+    """Euler flow-matching sampling from packed noise [B, N, C]: returns (latents [B, N, C],
+    per-step records [num_steps, ...]: p, executed, cache_hit, bucket [rows, L], flops).
+
+    With true CFG batched, records cover 2B rows ([conditional; unconditional]); sequential
+    records stack the two calls' rows the same way. `progress(step)` is called from the device
+    after every step (e.g. a tqdm update)."""
+    config = model.config
+    check_sampling_inputs(config, noise, cond, negative_cond, sampler)
+    batch, num_img = noise.shape[:2]
+    sigmas, timesteps = flow_match_schedule(sampler.scheduler or default_scheduler(config), sampler.num_steps, num_img)
+    t_model = jnp.asarray(timesteps / np.float32(1000.0))
+    sigmas = jnp.asarray(sigmas)
+    cfg = sampler.true_cfg_scale > 1
+    rescale = sampler.cfg_norm_rescale if sampler.cfg_norm_rescale is not None else isinstance(config, QwenImageConfig)
+
+    def with_guidance(c):
+        if isinstance(config, FluxConfig) and config.guidance_embeds:
+            return {**c, "guidance": jnp.full((batch,), sampler.guidance_scale, jnp.float32)}
+        return c
+
+    cond = with_guidance(cond)
+    if cfg:
+        negative_cond = with_guidance(negative_cond)
+    batched_cfg = cfg and sampler.cfg_mode == "batched"
+    conditions = [_concat_conditions(cond, negative_cond)] if batched_cfg else [cond] + ([negative_cond] if cfg else [])
+    rows = 2 * batch if batched_cfg else batch
+    states = tuple(init_state(config, elastic, rows, num_img, c["encoder_hidden_states"].shape[1]) for c in conditions)
+    arrays = [_split_static(c)[0] for c in conditions]
+    statics = [_split_static(c)[1] for c in conditions]
+
+    def guided(v_cond, v_uncond):
+        v = v_uncond + sampler.true_cfg_scale * (v_cond - v_uncond)
+        if rescale:
+            v = v * (jnp.linalg.norm(v_cond, axis=-1, keepdims=True) / jnp.linalg.norm(v, axis=-1, keepdims=True))
+        return v
+
+    @jax.jit
+    def run(params, routers, noise, arrays, states):
+        f = make_velocity_fn(model, params, routers, elastic, return_aux=True)
+        conds = [{**a, **s} for a, s in zip(arrays, statics)]
+
+        def step(carry, i):
+            x, states = carry
+            t = jnp.full((batch,), t_model[i])
+            if not cfg:
+                v, s, aux = f(x, t, conds[0], states[0])
+                states = (s,)
+            elif batched_cfg:
+                v2, s, aux = f(jnp.concatenate([x, x]), jnp.concatenate([t, t]), conds[0], states[0])
+                v = guided(v2[:batch], v2[batch:])
+                states = (s,)
+            else:
+                v_c, s_c, aux_c = f(x, t, conds[0], states[0])
+                v_u, s_u, aux_u = f(x, t, conds[1], states[1])
+                v, states = guided(v_c, v_u), (s_c, s_u)
+                aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b]) if a.ndim else a + b, aux_c, aux_u)
+            x = (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(x.dtype)
+            if progress is not None:
+                jax.debug.callback(progress, i, ordered=True)
+            record = {k: aux[k] for k in ("p", "executed", "cache_hit", "bucket") if k in aux}
+            if "flops" in aux:
+                record["flops_total"] = aux["flops"]["total"]
+                record["flops_per_sample"] = aux["flops"]["per_sample"]
+            return (x, states), record
+
+        (latents, _), records = jax.lax.scan(step, (noise, states), jnp.arange(sampler.num_steps))
+        return latents, records
+
+    return run(params, routers, noise, arrays, states)
