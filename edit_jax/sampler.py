@@ -75,9 +75,12 @@ def init_state(config, elastic: ElasticConfig | None, batch: int, num_img: int, 
 
 
 def make_velocity_fn(model, params: dict, routers: dict | None = None, elastic: ElasticConfig | None = None,
-                     return_aux: bool = False) -> Callable:
+                     return_aux: bool = False, decisions=None) -> Callable:
     """The model as a pure function f(x, t, cond, state) -> (velocity, state) (with return_aux:
-    (velocity, state, aux)); x [B, N, C] packed latents, t [B] sigmas in [0, 1]."""
+    (velocity, state, aux)); x [B, N, C] packed latents, t [B] sigmas in [0, 1].
+
+    decisions (mode "forced"): {"run" or "p", "bucket"} arrays of [L] or [B, L], or a function of
+    the step index returning them (scripted router probabilities per step)."""
     elastic_on = elastic is not None and elastic.mode != "dense"
     if elastic_on and routers is None:
         raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
@@ -87,9 +90,10 @@ def make_velocity_fn(model, params: dict, routers: dict | None = None, elastic: 
         if not elastic_on:
             v = model.apply({"params": params}, hidden_states=x, timestep=t, **arrays, **static)
             return (v, state, {}) if return_aux else (v, state)
+        forced = decisions(state["step"]) if callable(decisions) else decisions
         v, aux = model.apply(
             {"params": params, "routers": routers}, hidden_states=x, timestep=t, **arrays, **static,
-            elastic=elastic, cache=state.get("cache"), step=state["step"],
+            elastic=elastic, decisions=forced, cache=state.get("cache"), step=state["step"],
         )
         new_state = {"step": state["step"] + 1}
         if "cache" in state:
@@ -146,14 +150,16 @@ def sample(
     routers: dict | None = None,
     elastic: ElasticConfig | None = None,
     negative_cond: dict | None = None,
+    decisions=None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[jax.Array, dict]:
     """Euler flow-matching sampling from packed noise [B, N, C]: returns (latents [B, N, C],
     per-step records [num_steps, ...]: p, executed, cache_hit, bucket [rows, L], flops).
 
     With true CFG batched, records cover 2B rows ([conditional; unconditional]); sequential
-    records stack the two calls' rows the same way. `progress(step)` is called from the device
-    after every step (e.g. a tqdm update)."""
+    records stack the two calls' rows the same way. decisions: forced decisions for mode
+    "forced" (see `make_velocity_fn`). `progress(step)` is called from the device after every
+    step (e.g. a tqdm update)."""
     config = model.config
     check_sampling_inputs(config, noise, cond, negative_cond, sampler)
     batch, num_img = noise.shape[:2]
@@ -186,7 +192,7 @@ def sample(
 
     @jax.jit
     def run(params, routers, noise, arrays, states):
-        f = make_velocity_fn(model, params, routers, elastic, return_aux=True)
+        f = make_velocity_fn(model, params, routers, elastic, return_aux=True, decisions=decisions)
         conds = [{**a, **s} for a, s in zip(arrays, statics)]
 
         def step(carry, i):

@@ -16,7 +16,7 @@ from edit_jax.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
 from edit_jax.models import init_routers
 from edit_jax.sampler import SamplerConfig, sample
 from edit_jax.schedules import SCHEDULERS
-from reference import FLUX_TINY, QWEN_TINY, make_diffusers_flux, make_diffusers_qwen, relative_error
+from reference import make_diffusers_flux, make_diffusers_qwen, relative_error
 
 HEIGHT, WIDTH = 64, 48  # pixels: 4 x 3 packed tokens
 
@@ -91,3 +91,71 @@ def test_qwen_sampler_with_true_cfg_matches_the_diffusers_pipeline(save_diffuser
         latents, _ = sample(model, params, jnp.asarray(noise), cond, SamplerConfig(num_steps=5, true_cfg_scale=4.0, cfg_mode=mode),
                             negative_cond=neg)
         assert relative_error(latents, ref) <= 1e-4, mode
+
+
+def small_flux(save_diffusers, tmp_path):
+    torch_model = make_diffusers_flux(guidance_embeds=True, in_channels=16, num_layers=2, num_single_layers=2)
+    model, params = load_converted("flux", torch_model, save_diffusers, tmp_path)
+    rng = np.random.default_rng(1)
+    cond = {"encoder_hidden_states": jnp.asarray(rng.standard_normal((2, 6, 32)), jnp.float32),
+            "pooled_projections": jnp.asarray(rng.standard_normal((2, 32)), jnp.float32),
+            "img_ids": jnp.asarray(flux_img_ids(HEIGHT, WIDTH)), "txt_ids": jnp.asarray(flux_txt_ids(6))}
+    noise = jnp.asarray(rng.standard_normal((2, 12, 16)), jnp.float32)
+    return model, params, cond, noise
+
+
+@pytest.mark.parametrize(
+    "elastic",
+    [ElasticConfig(mode="forced"), ElasticConfig(mode="infer", decision="sample", cache=True, cache_start=0, delta_margin=0.0)],
+    ids=["all-forced-on-cache-off", "fresh-routers-cache-margin-0"],
+)
+def test_elastic_sampler_with_every_block_on_equals_the_dense_sampler(elastic, save_diffusers, tmp_path):
+    model, params, cond, noise = small_flux(save_diffusers, tmp_path)
+    routers = init_routers(model.config)
+    sampler = SamplerConfig(num_steps=4)
+    dense, _ = sample(model, params, noise, cond, sampler)
+
+    all_on = {"run": jnp.ones(4, bool), "bucket": jnp.full(4, 3)} if elastic.mode == "forced" else None
+    latents, records = sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic, decisions=all_on)
+
+    np.testing.assert_allclose(latents, dense, rtol=0, atol=1e-6 * float(jnp.abs(dense).max()))
+    assert records["executed"].all() and not records["cache_hit"].any()
+
+
+def test_a_user_written_heun_sampler_runs_on_the_pure_velocity_function(save_diffusers, tmp_path):
+    from edit_jax.sampler import init_state, make_velocity_fn
+
+    model, params, cond, noise = small_flux(save_diffusers, tmp_path)
+    cond = {**cond, "guidance": jnp.full((2,), 3.5)}
+    elastic = ElasticConfig(mode="infer", cache=True, cache_start=2)
+    f = make_velocity_fn(model, params, init_routers(model.config), elastic)
+    state = init_state(model.config, elastic, batch=2, num_img=12, num_txt=6)
+    sigmas = jnp.linspace(1.0, 0.0, 5)
+
+    @jax.jit
+    def heun(x, state):
+        for i in range(4):
+            t = jnp.full((2,), sigmas[i])
+            v, state = f(x, t, cond, state)
+            x_euler = x + (sigmas[i + 1] - sigmas[i]) * v
+            v_next, state = f(x_euler, jnp.full((2,), sigmas[i + 1]), cond, state)
+            x = x + (sigmas[i + 1] - sigmas[i]) * 0.5 * (v + v_next)
+        return x, state
+
+    x, state = heun(noise, state)
+    assert x.shape == noise.shape and np.isfinite(np.asarray(x)).all()
+    assert int(state["step"]) == 8 and bool(state["cache"]["transformer_blocks"]["stored"].all())
+
+
+def test_bad_sampling_inputs_are_clear_errors(save_diffusers, tmp_path):
+    model, params, cond, noise = small_flux(save_diffusers, tmp_path)
+    with pytest.raises(ValueError, match=r"latents hold 16 tokens but img_ids has 12 \(wrong resolution\?\)"):
+        sample(model, params, jnp.zeros((2, 16, 16)), cond, SamplerConfig(num_steps=2))
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+        SamplerConfig(num_steps=0)
+    with pytest.raises(ValueError, match="prompt embeddings have width 31, the model expects 32"):
+        sample(model, params, noise, {**cond, "encoder_hidden_states": jnp.zeros((2, 6, 31))}, SamplerConfig(num_steps=2))
+    with pytest.raises(ValueError, match="true_cfg_scale 4.0 > 1 needs negative prompt embeddings"):
+        sample(model, params, noise, cond, SamplerConfig(num_steps=2, true_cfg_scale=4.0))
+    with pytest.raises(ValueError, match=r"latents have shape \(2, 12, 8\), expected packed \[B, N, 16\]"):
+        sample(model, params, jnp.zeros((2, 12, 8)), cond, SamplerConfig(num_steps=2))
