@@ -3,6 +3,7 @@
     edit-jax demo [--preset flux-small] [--out DIR]
     edit-jax convert flux|qwen-image SRC DST [--format auto|diffusers|bfl|edit-release] [--dtype ...]
                      [--config PRESET_OR_CONFIG_JSON] [--overwrite]
+    edit-jax sample CKPT --embeddings FILE --out DIR [--steps 28] [--elastic infer --cache] ...
     edit-jax order-channels CKPT OUT [--calibration FILE.npz] [--overwrite]
     edit-jax inspect CKPT [--json]
 """
@@ -115,6 +116,93 @@ def cmd_order_channels(args) -> int:
     return 0
 
 
+def read_embeddings(path: str) -> dict:
+    """Prompt embeddings from .npz or .safetensors: prompt_embeds [B, T, D] and, as the model
+    needs, pooled_prompt_embeds [B, P] (FLUX), prompt_embeds_mask [B, T] (Qwen-Image) and the
+    negative_* counterparts for true CFG."""
+    import numpy as np
+
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        data = load_file(path)
+    else:
+        data = dict(np.load(path))
+    if "prompt_embeds" not in data:
+        raise ValueError(f"{path} has no 'prompt_embeds' (found: {sorted(data)})")
+    return data
+
+
+def conditions(config, data: dict, height: int, width: int, prefix: str = "") -> dict | None:
+    import jax.numpy as jnp
+
+    from edit_jax.config import FluxConfig
+    from edit_jax.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
+
+    if f"{prefix}prompt_embeds" not in data:
+        return None
+    embeds = jnp.asarray(data[f"{prefix}prompt_embeds"], jnp.float32)
+    if isinstance(config, FluxConfig):
+        if f"{prefix}pooled_prompt_embeds" not in data:
+            raise ValueError(f"FLUX needs '{prefix}pooled_prompt_embeds' beside '{prefix}prompt_embeds'")
+        return {"encoder_hidden_states": embeds,
+                "pooled_projections": jnp.asarray(data[f"{prefix}pooled_prompt_embeds"], jnp.float32),
+                "img_ids": jnp.asarray(flux_img_ids(height, width)), "txt_ids": jnp.asarray(flux_txt_ids(embeds.shape[1]))}
+    mask = data.get(f"{prefix}prompt_embeds_mask")
+    mask = jnp.ones(embeds.shape[:2], jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
+    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask, "img_shapes": qwen_img_shapes(height, width)}
+
+
+def cmd_sample(args) -> int:
+    import jax
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from edit_jax import load
+    from edit_jax.checkpoint import CheckpointError, load_routers
+    from edit_jax.elastic import ElasticConfig
+    from edit_jax.latents import initial_noise, packed_grid, unpack_latents
+    from edit_jax.sampler import SamplerConfig, sample
+
+    model, params = load(args.ckpt)
+    config = model.config
+    data = read_embeddings(args.embeddings)
+    cond = conditions(config, data, args.height, args.width)
+    negative = conditions(config, data, args.height, args.width, "negative_")
+    batch = cond["encoder_hidden_states"].shape[0]
+    elastic, routers = None, None
+    if args.elastic != "dense":
+        routers = load_routers(args.ckpt)
+        if routers is None:
+            raise CheckpointError(f"{args.ckpt} has no routers: use --elastic dense, or a checkpoint with routers")
+        elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision, cache=args.cache,
+                                cache_start=args.cache_start, delta_margin=args.delta_margin, max_reuse=args.max_reuse)
+    sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, cfg_mode=args.cfg_mode)
+    channels = config.in_channels // 4
+    noise = initial_noise(jax.random.key(args.seed), batch, channels, args.height, args.width)
+    rows, cols = packed_grid(args.height, args.width)
+    print(f"sampling {batch} x {args.height}x{args.width} ({rows * cols} tokens), {args.steps} steps, "
+          f"elastic {args.elastic}{' + cache' if args.cache else ''}", file=sys.stderr)
+    with tqdm(total=args.steps, desc="sample", unit="step") as bar:
+        latents, records = sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic,
+                                  negative_cond=negative, progress=lambda i: bar.update(1))
+        latents = jax.block_until_ready(latents)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "latents.npy", np.asarray(unpack_latents(latents, args.height, args.width)))
+    records = jax.tree.map(np.asarray, records)
+    np.savez(out / "records.npz", **records)
+    summary = {"latents": str(out / "latents.npy"), "shape": list(unpack_latents(latents, args.height, args.width).shape),
+               "steps": args.steps, "elastic": args.elastic}
+    if records:
+        summary["executed_fraction_per_step"] = records["executed"].mean(axis=(1, 2)).round(4).tolist()
+        summary["cache_hit_rate"] = float(records["cache_hit"].mean())
+        summary["tflops_total"] = float(records["flops_total"].sum() / 1e12)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from eval.demo import run_demo
 
@@ -145,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", help="preset name or diffusers config.json (default: the source's own)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     convert.set_defaults(run=cmd_convert)
+
+    smp = sub.add_parser("sample", help="sample latents from prompt embeddings (Euler flow matching, E-DiT optional)")
+    smp.add_argument("ckpt")
+    smp.add_argument("--embeddings", required=True, help=".npz/.safetensors with prompt_embeds (+ pooled / mask / negative_*)")
+    smp.add_argument("--out", required=True, help="folder for latents.npy, records.npz, summary.json")
+    smp.add_argument("--height", type=int, default=1024)
+    smp.add_argument("--width", type=int, default=1024)
+    smp.add_argument("--steps", type=int, default=28)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev embedded guidance")
+    smp.add_argument("--true-cfg", type=float, default=1.0, help="> 1: true CFG with negative_* embeddings")
+    smp.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"])
+    smp.add_argument("--elastic", default="dense", choices=["dense", "infer"])
+    smp.add_argument("--decision", default="batch", choices=["batch", "sample"])
+    smp.add_argument("--tau", type=float, default=0.5)
+    smp.add_argument("--cache", action="store_true", help="router-guided block cache")
+    smp.add_argument("--cache-start", type=int, default=15)
+    smp.add_argument("--delta-margin", type=float, default=0.015)
+    smp.add_argument("--max-reuse", type=int, default=10)
+    smp.set_defaults(run=cmd_sample)
 
     order = sub.add_parser("order-channels", help="sort elastic MLP channels by importance (before router training)")
     order.add_argument("ckpt", help="a converted base checkpoint (without routers)")

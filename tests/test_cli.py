@@ -78,3 +78,42 @@ def test_order_channels_writes_a_reordered_checkpoint_and_refuses_trained_router
     assert main(["order-channels", str(tmp_path / "trained"), str(tmp_path / "x")]) == 2
     assert "holds trained routers" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_sample_writes_latents_and_per_step_records(tmp_path, capsys):
+    import numpy as np
+
+    import edit_jax
+    from edit_jax.checkpoint import save
+
+    config = edit_jax.preset("flux-small")
+    variables = edit_jax.models.init_variables(config)
+    save(tmp_path / "ckpt", config, variables["params"], variables["routers"])
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "emb.npz", prompt_embeds=rng.standard_normal((1, 8, 64)).astype(np.float32),
+             pooled_prompt_embeds=rng.standard_normal((1, 32)).astype(np.float32))
+
+    args = ["sample", str(tmp_path / "ckpt"), "--embeddings", str(tmp_path / "emb.npz"), "--out", str(tmp_path / "out"),
+            "--height", "64", "--width", "64", "--steps", "3", "--elastic", "infer", "--cache", "--cache-start", "1"]
+    assert main(args) == 0
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["shape"] == [1, 4, 8, 8]
+    assert np.load(tmp_path / "out" / "latents.npy").shape == (1, 4, 8, 8)
+    assert len(summary["executed_fraction_per_step"]) == 3
+    assert np.load(tmp_path / "out" / "records.npz")["p"].shape == (3, 1, 6)
+
+
+def test_sample_without_routers_in_elastic_mode_is_a_clear_error(tmp_path, capsys):
+    import numpy as np
+
+    import edit_jax
+    from edit_jax.checkpoint import save
+
+    config = edit_jax.preset("flux-tiny")
+    save(tmp_path / "ckpt", config, edit_jax.init_params(config))
+    np.savez(tmp_path / "emb.npz", prompt_embeds=np.zeros((1, 4, 32), np.float32), pooled_prompt_embeds=np.zeros((1, 32), np.float32))
+    args = ["sample", str(tmp_path / "ckpt"), "--embeddings", str(tmp_path / "emb.npz"), "--out", str(tmp_path / "o"),
+            "--height", "32", "--width", "32", "--steps", "2", "--elastic", "infer"]
+    assert main(args) == 2
+    assert "has no routers" in capsys.readouterr().err
