@@ -14,6 +14,7 @@ cond holds the conditioning inputs by the model's own names: FLUX `encoder_hidde
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -165,7 +166,6 @@ def sample(
     batch, num_img = noise.shape[:2]
     sigmas, timesteps = flow_match_schedule(sampler.scheduler or default_scheduler(config), sampler.num_steps, num_img)
     t_model = jnp.asarray(timesteps / np.float32(1000.0))
-    sigmas = jnp.asarray(sigmas)
     cfg = sampler.true_cfg_scale > 1
     rescale = sampler.cfg_norm_rescale if sampler.cfg_norm_rescale is not None else isinstance(config, QwenImageConfig)
 
@@ -184,6 +184,16 @@ def sample(
     arrays = [_split_static(c)[0] for c in conditions]
     statics = [_split_static(c)[1] for c in conditions]
 
+    run = _runner(model, sampler, elastic, tuple(tuple(st.items()) for st in statics), batch, rescale, batched_cfg,
+                  cfg, decisions if callable(decisions) else None, progress)
+    forced = None if callable(decisions) else decisions
+    return run(params, routers, noise, arrays, states, jnp.asarray(sigmas), t_model, forced)
+
+
+@functools.lru_cache(maxsize=32)
+def _runner(model, sampler, elastic, statics, batch, rescale, batched_cfg, cfg, decisions_fn, progress):
+    """The jitted sampling loop for one static setup (compiled once, reused across calls)."""
+
     def guided(v_cond, v_uncond):
         v = v_uncond + sampler.true_cfg_scale * (v_cond - v_uncond)
         if rescale:
@@ -191,9 +201,10 @@ def sample(
         return v
 
     @jax.jit
-    def run(params, routers, noise, arrays, states):
+    def run(params, routers, noise, arrays, states, sigmas, t_model, forced):
+        decisions = decisions_fn if decisions_fn is not None else forced
         f = make_velocity_fn(model, params, routers, elastic, return_aux=True, decisions=decisions)
-        conds = [{**a, **s} for a, s in zip(arrays, statics)]
+        conds = [{**a, **dict(s)} for a, s in zip(arrays, statics)]
 
         def step(carry, i):
             x, states = carry
@@ -222,4 +233,4 @@ def sample(
         (latents, _), records = jax.lax.scan(step, (noise, states), jnp.arange(sampler.num_steps))
         return latents, records
 
-    return run(params, routers, noise, arrays, states)
+    return run

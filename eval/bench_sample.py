@@ -1,0 +1,117 @@
+"""Times whole sampling runs in one process: dense, E-DiT with a forced pattern, and E-DiT with
+the block cache on scripted borderline router probabilities. Reports per-step time, the cache hit
+rate and the memory the cache holds.
+
+    python -m eval.bench_sample --preset flux-small --steps 28 --height 256 --width 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import edit_jax
+from edit_jax.config import FluxConfig
+from edit_jax.elastic import ElasticConfig
+from edit_jax.flops import dense_flops
+from edit_jax.latents import flux_img_ids, flux_txt_ids, initial_noise, packed_grid, qwen_img_shapes
+from edit_jax.models import init_variables
+from edit_jax.sampler import SamplerConfig, init_state, sample
+from eval.bench_elastic import forced_pattern
+from eval.bench_forward import preset_with_overrides
+
+
+def conditions(config, batch: int, num_txt: int, height: int, width: int) -> dict:
+    rng = np.random.default_rng(0)
+    embeds = jnp.asarray(rng.standard_normal((batch, num_txt, config.joint_attention_dim)), jnp.float32)
+    if isinstance(config, FluxConfig):
+        return {"encoder_hidden_states": embeds,
+                "pooled_projections": jnp.asarray(rng.standard_normal((batch, config.pooled_projection_dim)), jnp.float32),
+                "img_ids": jnp.asarray(flux_img_ids(height, width)), "txt_ids": jnp.asarray(flux_txt_ids(num_txt))}
+    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": jnp.ones((batch, num_txt), jnp.int32),
+            "img_shapes": qwen_img_shapes(height, width)}
+
+
+def scripted_borderline(num_steps: int, num_blocks: int, tau: float, margin: float):
+    """p per step: every block borderline (tau + margin / 2) except the first and last two, which
+    are clearly on, as released routers behave. Returns decisions(step)."""
+    p = np.full((num_steps, num_blocks), tau + margin / 2, np.float32)
+    p[:, :2] = p[:, -2:] = 0.95
+    p = jnp.asarray(p)
+    return lambda step: {"p": p[jnp.minimum(step, num_steps - 1)], "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="flux-small")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--height", type=int, default=256, help="pixels")
+    p.add_argument("--width", type=int, default=256, help="pixels")
+    p.add_argument("--txt", type=int, default=32)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+
+    config = preset_with_overrides(args.preset, args.set).with_runtime(param_dtype=args.dtype, dtype=args.dtype)
+    model = edit_jax.build_model(config)
+    variables = init_variables(config)
+    cond = conditions(config, 1, args.txt, args.height, args.width)
+    noise = initial_noise(jax.random.key(0), 1, config.in_channels // 4, args.height, args.width)
+    blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    sampler = SamplerConfig(num_steps=args.steps)
+    cache_cfg = ElasticConfig(mode="forced", cache=True, cache_start=args.steps // 2, delta_margin=0.015, max_reuse=10)
+    variants = {
+        "dense": dict(),
+        "forced_pattern": dict(routers=variables["routers"], elastic=ElasticConfig(mode="forced"), decisions=forced_pattern(blocks)),
+        "cache_borderline": dict(routers=variables["routers"], elastic=cache_cfg,
+                                 decisions=scripted_borderline(args.steps, blocks, 0.5, 0.015)),
+    }
+    times, records = {}, {}
+    for name, kwargs in variants.items():
+        run = lambda kw=kwargs: jax.block_until_ready(sample(model, variables["params"], noise, cond, sampler, **kw))  # noqa: E731
+        _, records[name] = run()  # compile + warm
+        samples = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            run()
+            samples.append(time.perf_counter() - t0)
+        times[name] = float(np.median(samples))
+    rows, cols = packed_grid(args.height, args.width)
+    state = init_state(config, cache_cfg, 1, rows * cols, args.txt)
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state["cache"]))
+    hits = np.asarray(records["cache_borderline"]["cache_hit"])
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "preset": args.preset, "overrides": args.set, "dtype": args.dtype,
+        "tokens": {"image": rows * cols, "text": args.txt}, "steps": args.steps,
+        "ms_per_step": {k: round(1000 * v / args.steps, 3) for k, v in times.items()},
+        "speedup_vs_dense": {k: round(times["dense"] / v, 3) for k, v in times.items() if k != "dense"},
+        "cache_hit_rate": round(float(hits.mean()), 4),
+        "cache_hit_rate_after_start": round(float(hits[args.steps // 2 :].mean()), 4),
+        "cache_mib": round(cache_bytes / 2**20, 2),
+        "flop_reduction_vs_dense": {
+            k: round(dense_flops(config, rows * cols, args.txt) * args.steps / float(np.asarray(records[k]["flops_total"]).sum()), 3)
+            for k in ("forced_pattern", "cache_borderline")
+        },
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
