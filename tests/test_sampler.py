@@ -118,6 +118,7 @@ def test_elastic_sampler_with_every_block_on_equals_the_dense_sampler(elastic, s
     all_on = {"run": jnp.ones(4, bool), "bucket": jnp.full(4, 3)} if elastic.mode == "forced" else None
     latents, records = sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic, decisions=all_on)
 
+    # equal to float32 rounding: XLA fuses the ops inside a switch branch differently, not bit for bit
     np.testing.assert_allclose(latents, dense, rtol=0, atol=1e-6 * float(jnp.abs(dense).max()))
     assert records["executed"].all() and not records["cache_hit"].any()
 
