@@ -143,7 +143,8 @@ def elastic_step(
     """Runs one block under the elastic config: returns (new carry, per-layer outputs or None).
 
     module: the block (has a `router` submodule); body(module, carry, width, hidden_mask).
-    per_layer: {"forced": {"run" or "p", "bucket"} [B]} and, with the cache on, {"cache":
+    per_layer: {"forced": {"run" or "p", "bucket"}, [B] or [] for one decision for all rows;
+    in mode "forced" the router is not run} and, with the cache on, {"cache":
     {"delta": like carry, "stored": [B], "count": [B]}}; step: the denoising step index.
     Outputs: {"aux": p [B], q [B, K], executed [B] (rows that computed the block), cache_hit
     [B], bucket [B], branch [] (0 skipped, 1 + k ran at bucket k)} and "cache" when given.
@@ -151,10 +152,12 @@ def elastic_step(
     if elastic is None or elastic.mode == "dense":
         return body(module, carry, None, None), None
     forced, cache = per_layer["forced"], per_layer.get("cache")
-    scripted = elastic.mode == "forced" and "p" in forced
-    if scripted:
-        p = forced["p"].astype(jnp.float32)
-        q = jax.nn.one_hot(forced["bucket"], len(buckets))
+    batch = temb.shape[0]
+    scripted = elastic.mode == "forced" and not module.is_initializing()
+    if scripted:  # the caller decides: the routers are not run
+        given = forced["p"] if "p" in forced else forced["run"]
+        p = jnp.broadcast_to(given.astype(jnp.float32), (batch,))
+        q = jax.nn.one_hot(jnp.broadcast_to(forced["bucket"], (batch,)), len(buckets))
     else:
         gate_logit, width_logits = module.router(router_groups, temb)
         p, q = jax.nn.sigmoid(gate_logit), jax.nn.softmax(width_logits, axis=-1)
@@ -176,9 +179,9 @@ def elastic_step(
 
     decided_p = p
     if elastic.mode == "forced":
-        run = p >= elastic.tau if scripted else forced["run"].astype(bool)
-        bucket = forced["bucket"].astype(jnp.int32)
-        per_sample = True
+        run = p >= elastic.tau if "p" in forced else p > 0
+        bucket = jnp.broadcast_to(forced["bucket"], (batch,)).astype(jnp.int32)
+        per_sample = forced["bucket"].ndim > 0  # [L] decisions are the same for every row
     else:
         run, bucket = p >= elastic.tau, jnp.argmax(q, axis=-1).astype(jnp.int32)
         per_sample = elastic.decision == "sample"
@@ -230,7 +233,7 @@ def elastic_step(
 
 def forced_per_layer(decisions: dict | None, stack_sizes: Sequence[int], batch: int) -> list[dict]:
     """Splits forced decisions of shape [L] or [B, L] (L = all blocks, in scan order) into one
-    dict of [L_i, B] arrays per block stack. Keys: "run" (bool) or "p" (scripted router
+    dict of [L_i] or [L_i, B] arrays per block stack. Keys: "run" (bool) or "p" (scripted router
     probabilities, decided with tau and the cache rule), and "bucket". None: placeholders."""
     total = sum(stack_sizes)
     if decisions is None:
@@ -238,12 +241,13 @@ def forced_per_layer(decisions: dict | None, stack_sizes: Sequence[int], batch: 
     if set(decisions) not in ({"run", "bucket"}, {"p", "bucket"}):
         raise ValueError(f"forced decisions need the keys 'run' (or 'p') and 'bucket', got {sorted(decisions)}")
     dtypes = {"run": bool, "p": jnp.float32, "bucket": jnp.int32}
-    out = {}
-    for key, value in decisions.items():
-        value = jnp.asarray(value).astype(dtypes[key])
+    values = {k: jnp.asarray(v).astype(dtypes[k]) for k, v in decisions.items()}
+    for key, value in values.items():
         if value.shape not in ((total,), (batch, total)):
             raise ValueError(f"forced {key} has shape {value.shape}, expected [{total}] or [{batch}, {total}]")
-        out[key] = jnp.broadcast_to(value, (batch, total)).T
+    per_row = any(v.ndim == 2 for v in values.values())
+    # [L] decisions stay [L] (one decision for every row); [B, L] become [L, B]
+    out = {k: jnp.broadcast_to(v, (batch, total)).T if per_row else v for k, v in values.items()}
     bounds = np.cumsum([0, *stack_sizes])
     return [{k: v[a:b] for k, v in out.items()} for a, b in zip(bounds[:-1], bounds[1:])]
 

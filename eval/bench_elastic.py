@@ -1,6 +1,7 @@
 """Times the dense forward against E-DiT forwards in one process: a forced pattern (half the
-blocks skipped, half of the rest at width 1/2) and fresh routers in infer mode (every block runs
-at full width: the routers' own cost). Prints measured speedups beside the FLOP ratios.
+blocks skipped, half of the rest at width 1/2), the same skips alone beside a dense model built
+without the skipped blocks (the mechanism's own overhead), and fresh routers in infer mode (every
+block runs at full width: the routers' own cost). Prints measured speedups beside FLOP ratios.
 
     python -m eval.bench_elastic --preset flux-small --height 16 --width 16 --txt 32
     python -m eval.bench_elastic --preset flux-dev --height 64 --width 64 --txt 512 \\
@@ -33,6 +34,21 @@ def forced_pattern(num_blocks: int) -> dict:
     return {"run": jnp.asarray(run), "bucket": jnp.asarray(bucket, jnp.int32)}
 
 
+def without_skipped_blocks(config, params: dict, run: np.ndarray):
+    """A dense config and params holding only the blocks that `run` keeps (the ideal a skip pattern
+    should match)."""
+    stacks = [("transformer_blocks", "num_layers", config.num_layers)]
+    if hasattr(config, "num_single_layers"):
+        stacks.append(("single_transformer_blocks", "num_single_layers", config.num_single_layers))
+    params, changes, start = dict(params), {}, 0
+    for name, field, count in stacks:
+        keep = np.nonzero(run[start : start + count])[0]
+        params[name] = jax.tree.map(lambda x, keep=keep: x[keep], params[name])
+        changes[field] = len(keep)
+        start += count
+    return config.replace(**changes), params
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="flux-small")
@@ -55,10 +71,17 @@ def main(argv=None) -> dict:
     num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
     pattern = forced_pattern(num_blocks)
 
+    skip_only = {"run": pattern["run"], "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
+    kept_config, kept_params = without_skipped_blocks(config, variables["params"], np.asarray(pattern["run"]))
+    kept_model = edit_jax.build_model(kept_config)
+
     dense = jax.jit(lambda v, x: model.apply({"params": v["params"]}, **x, **static))
     forced = jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=pattern))
+    skips = jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=skip_only))
+    kept = jax.jit(lambda v, x: kept_model.apply({"params": kept_params}, **x, **static))
     routed = jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer")))
-    fns = {"dense": dense, "forced_pattern": forced, "routers_all_open": routed}
+    fns = {"dense": dense, "forced_pattern": forced, "skips_only": skips, "dense_without_skipped_blocks": kept,
+           "routers_all_open": routed}
     outs = {k: jax.block_until_ready(f(variables, arrays)) for k, f in fns.items()}  # compile
     medians = time_alternating({k: (lambda f=f: jax.block_until_ready(f(variables, arrays))) for k, f in fns.items()}, args.runs)
 
@@ -83,6 +106,7 @@ def main(argv=None) -> dict:
             "flop_reduction": round(flops_dense / flops_forced, 3),
             "speedup": round(medians["dense"] / medians["forced_pattern"], 3),
         },
+        "skip_mechanism_overhead": round(medians["skips_only"] / medians["dense_without_skipped_blocks"] - 1, 4),
         "routers_overhead": {
             "flops": round(flops_routed / flops_dense - 1, 4),
             "time": round(medians["routers_all_open"] / medians["dense"] - 1, 4),
