@@ -160,3 +160,26 @@ def test_bad_sampling_inputs_are_clear_errors(save_diffusers, tmp_path):
         sample(model, params, noise, cond, SamplerConfig(num_steps=2, true_cfg_scale=4.0))
     with pytest.raises(ValueError, match=r"latents have shape \(2, 12, 8\), expected packed \[B, N, 16\]"):
         sample(model, params, jnp.zeros((2, 12, 8)), cond, SamplerConfig(num_steps=2))
+
+
+def test_flux_true_cfg_matches_the_diffusers_pipeline(save_diffusers, tmp_path):
+    torch_model = make_diffusers_flux(guidance_embeds=False, in_channels=16)
+    model, params = load_converted("flux", torch_model, save_diffusers, tmp_path)
+    rng = np.random.default_rng(2)
+    prompt, negative = (rng.standard_normal((1, 6, 32)).astype(np.float32) for _ in range(2))
+    pooled, neg_pooled = (rng.standard_normal((1, 32)).astype(np.float32) for _ in range(2))
+    noise = rng.standard_normal((1, 12, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = flux_pipeline(torch_model, schnell=True)(
+            prompt_embeds=torch.from_numpy(prompt), pooled_prompt_embeds=torch.from_numpy(pooled),
+            negative_prompt_embeds=torch.from_numpy(negative), negative_pooled_prompt_embeds=torch.from_numpy(neg_pooled),
+            true_cfg_scale=3.0, latents=torch.from_numpy(noise), height=HEIGHT, width=WIDTH, num_inference_steps=4,
+            output_type="latent", return_dict=False,
+        )[0].numpy()
+    ids = {"img_ids": jnp.asarray(flux_img_ids(HEIGHT, WIDTH)), "txt_ids": jnp.asarray(flux_txt_ids(6))}
+    cond = {"encoder_hidden_states": jnp.asarray(prompt), "pooled_projections": jnp.asarray(pooled), **ids}
+    neg = {"encoder_hidden_states": jnp.asarray(negative), "pooled_projections": jnp.asarray(neg_pooled), **ids}
+
+    latents, _ = sample(model, params, jnp.asarray(noise), cond, SamplerConfig(num_steps=4, true_cfg_scale=3.0), negative_cond=neg)
+
+    assert relative_error(latents, ref) <= 1e-4
