@@ -11,16 +11,13 @@ block runs at full width: the routers' own cost). Prints measured speedups besid
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import edit_jax
+from eval.report import emit, environment
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
 from edit_jax.models import example_inputs, init_variables, split_static
@@ -90,10 +87,7 @@ def main(argv=None) -> dict:
     flops_forced = float(np.asarray(outs["forced_pattern"][1]["flops"]["total"])) / args.batch
     flops_routed = float(np.asarray(outs["routers_all_open"][1]["flops"]["total"])) / args.batch
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-        "device": str(jax.devices()[0].device_kind),
-        "jax": jax.__version__,
+        **environment(),
         "preset": args.preset,
         "overrides": args.set,
         "tokens": {"image": n, "text": t, "batch": args.batch},
@@ -113,10 +107,7 @@ def main(argv=None) -> dict:
         },
     }
     result["forced"]["speedup_over_flop_reduction"] = round(result["forced"]["speedup"] / result["forced"]["flop_reduction"], 3)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

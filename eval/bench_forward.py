@@ -13,16 +13,14 @@ diffusers are optional: without them only our forward is timed. Prints JSON; --o
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
 import edit_jax
+from eval.report import emit, environment
 from edit_jax.models import abstract_params, example_inputs
 
 
@@ -138,10 +136,7 @@ def main(argv=None) -> dict:
     medians = time_alternating(variants, args.runs)
 
     result.update({
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-        "device": str(jax.devices()[0].device_kind),
-        "jax": jax.__version__,
+        **environment(),
         "preset": args.preset,
         "overrides": args.set,
         "tokens": {"image": args.height * args.width, "text": args.txt, "batch": args.batch},
@@ -151,10 +146,7 @@ def main(argv=None) -> dict:
         "median_ms": {k: round(v, 3) for k, v in medians.items()},
         "ratio_edit_jax_over": {k: round(medians["edit_jax"] / v, 3) for k, v in medians.items() if k != "edit_jax"},
     })
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,14 @@ rate and the memory the cache holds.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import edit_jax
+from eval.report import emit, environment
 from edit_jax.config import FluxConfig
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
@@ -91,10 +88,7 @@ def main(argv=None) -> dict:
     cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state["cache"]))
     hits = np.asarray(records["cache_borderline"]["cache_hit"])
     result = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-        "device": str(jax.devices()[0].device_kind),
-        "jax": jax.__version__,
+        **environment(),
         "preset": args.preset, "overrides": args.set, "dtype": args.dtype,
         "tokens": {"image": rows * cols, "text": args.txt}, "steps": args.steps,
         "ms_per_step": {k: round(1000 * v / args.steps, 3) for k, v in times.items()},
@@ -107,10 +101,7 @@ def main(argv=None) -> dict:
             for k in ("forced_pattern", "cache_borderline")
         },
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":
