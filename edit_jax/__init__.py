@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from edit_jax.config import FluxConfig, RuntimeConfig, from_diffusers_config, preset
-from edit_jax.models import abstract_params, build_model, init_params, logical_axes
+from edit_jax.checkpoint import load_routers
+from edit_jax.config import FluxConfig, QwenImageConfig, RuntimeConfig, from_diffusers_config, preset
+from edit_jax.elastic import ElasticConfig
+from edit_jax.models import abstract_params, build_model, init_params, init_routers, logical_axes
 
 __all__ = [
+    "ElasticConfig",
     "FluxConfig",
+    "QwenImageConfig",
     "RuntimeConfig",
     "abstract_params",
     "build_model",
     "from_diffusers_config",
     "init_params",
+    "init_routers",
     "load",
+    "load_routers",
     "logical_axes",
     "preset",
 ]
