@@ -38,12 +38,14 @@ def _node(tree: dict, path) -> dict:
 def channel_importance(config, params: dict, calibration: list[dict]) -> list[np.ndarray]:
     """[L_i, M] importance per stack of elastic MLPs, averaged over the calibration batches."""
     model = build_model(config)
+    static = split_static(calibration[0])[1]
+    record = jax.jit(lambda p, x: model.apply({"params": p}, **x, **static, mutable=["intermediates"])[1])
     totals = None
     for inputs in calibration:
-        arrays, static = split_static(inputs)
-        _, state = jax.jit(
-            lambda p, x: model.apply({"params": p}, **x, **static, mutable=["intermediates"])
-        )(params, arrays)
+        arrays, batch_static = split_static(inputs)
+        if batch_static != static:
+            raise ValueError(f"calibration batches must share their static inputs: {batch_static} vs {static}")
+        state = record(params, arrays)
         sown = [np.asarray(_node(state["intermediates"][m["stack"]], m["sown"])["hidden_magnitude"][0])
                 for m in elastic_mlps(config)]
         totals = sown if totals is None else [t + s for t, s in zip(totals, sown)]

@@ -111,7 +111,7 @@ def cmd_order_channels(args) -> int:
     calibration = load_calibration(args.calibration, model.config, args.batches, args.seed)
     ordered, scores = order_mlp_channels(model.config, params, calibration)
     path = save(args.out, model.config, ordered, overwrite=args.overwrite)
-    kept = [float((lambda s: (s[:, : s.shape[1] // 2].sum() / s.sum()))(s)) for s in scores]
+    kept = [float(s[:, : s.shape[1] // 2].sum() / s.sum()) for s in scores]
     print(json.dumps({"checkpoint": str(path), "importance_kept_at_half_width": kept}, indent=2))
     return 0
 

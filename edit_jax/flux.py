@@ -20,7 +20,6 @@ from edit_jax.config import FluxConfig
 from edit_jax.elastic import ElasticConfig, Router, elastic_step, empty_cache, forced_per_layer, gather_aux
 from edit_jax.flops import step_flops
 from edit_jax.layers import (
-    AdaNormOut,
     Linear,
     Modulation,
     RMSNorm,
@@ -194,7 +193,8 @@ class FluxTransformer(nn.Module):
         )(joint, per_single, temb, cos, sin, step)
         img = joint[:, num_txt:]
 
-        img = AdaNormOut(rt, name="norm_out")(img, temb)
+        scale, shift = Modulation(2, rt, name="norm_out")(temb)  # diffusers' AdaLayerNormContinuous
+        img = modulate(layer_norm(img), shift, scale)
         velocity = Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
         if double_out is None:
             return velocity

@@ -297,21 +297,6 @@ class JointAttention(nn.Module):
         return img_out, txt_out
 
 
-class AdaNormOut(nn.Module):
-    """Final norm: LayerNorm(x) * (1 + scale) + shift with (scale, shift) = Linear(SiLU(temb)),
-    diffusers' AdaLayerNormContinuous (scale first)."""
-
-    runtime: RuntimeConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        emb = Linear(2 * x.shape[-1], ("embed", "modulation"), self.runtime, name="linear")(
-            nn.silu(temb)
-        )
-        scale, shift = jnp.split(emb, 2, axis=-1)
-        return modulate(layer_norm(x), shift, scale)
-
-
 def scan_blocks(block_cls, length: int, runtime: RuntimeConfig, num_broadcast: int):
     """Stacks `block_cls` `length` times under nn.scan: params (and routers) get a leading
     "layers" axis and the block compiles once. The block maps (carry, per_layer, *broadcast)

@@ -20,11 +20,13 @@ from edit_jax.config import QwenImageConfig
 from edit_jax.elastic import ElasticConfig, empty_cache, forced_per_layer, gather_aux
 from edit_jax.flops import step_flops
 from edit_jax.layers import (
-    AdaNormOut,
     Linear,
+    Modulation,
     RMSNorm,
     TimestepEmbedding,
     dtype_of,
+    layer_norm,
+    modulate,
     rope_frequencies,
     scan_blocks,
     timestep_embedding,
@@ -144,7 +146,8 @@ class QwenImageTransformer(nn.Module):
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)
 
-        img = AdaNormOut(rt, name="norm_out")(img, temb)
+        scale, shift = Modulation(2, rt, name="norm_out")(temb)  # diffusers' AdaLayerNormContinuous
+        img = modulate(layer_norm(img), shift, scale)
         velocity = Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
         if block_out is None:
             return velocity
