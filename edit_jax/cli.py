@@ -134,23 +134,14 @@ def read_embeddings(path: str) -> dict:
 
 
 def conditions(config, data: dict, height: int, width: int, prefix: str = "") -> dict | None:
-    import jax.numpy as jnp
-
-    from edit_jax.config import FluxConfig
-    from edit_jax.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
+    """The sampler's cond from an embeddings file ("negative_" prefix: the CFG negative); None
+    when the file has no such prompt."""
+    from edit_jax.sampler import make_conditions
 
     if f"{prefix}prompt_embeds" not in data:
         return None
-    embeds = jnp.asarray(data[f"{prefix}prompt_embeds"], jnp.float32)
-    if isinstance(config, FluxConfig):
-        if f"{prefix}pooled_prompt_embeds" not in data:
-            raise ValueError(f"FLUX needs '{prefix}pooled_prompt_embeds' beside '{prefix}prompt_embeds'")
-        return {"encoder_hidden_states": embeds,
-                "pooled_projections": jnp.asarray(data[f"{prefix}pooled_prompt_embeds"], jnp.float32),
-                "img_ids": jnp.asarray(flux_img_ids(height, width)), "txt_ids": jnp.asarray(flux_txt_ids(embeds.shape[1]))}
-    mask = data.get(f"{prefix}prompt_embeds_mask")
-    mask = jnp.ones(embeds.shape[:2], jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
-    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask, "img_shapes": qwen_img_shapes(height, width)}
+    return make_conditions(config, data[f"{prefix}prompt_embeds"], height, width,
+                           data.get(f"{prefix}pooled_prompt_embeds"), data.get(f"{prefix}prompt_embeds_mask"))
 
 
 def cmd_sample(args) -> int:

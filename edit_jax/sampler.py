@@ -58,6 +58,22 @@ def default_scheduler(config) -> SchedulerConfig:
     return SCHEDULERS["qwen-image"]
 
 
+def make_conditions(config, prompt_embeds, height: int, width: int, pooled_projections=None, mask=None) -> dict:
+    """The cond dict for an image of height x width pixels from prompt embeddings [B, T, D]:
+    FLUX adds the pooled embedding [B, P] and RoPE ids; Qwen-Image the text mask [B, T] (all
+    valid when None) and img_shapes."""
+    from edit_jax.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
+
+    embeds = jnp.asarray(prompt_embeds, jnp.float32)
+    if isinstance(config, FluxConfig):
+        if pooled_projections is None:
+            raise ValueError("FLUX needs pooled prompt embeddings beside the prompt embeddings")
+        return {"encoder_hidden_states": embeds, "pooled_projections": jnp.asarray(pooled_projections, jnp.float32),
+                "img_ids": jnp.asarray(flux_img_ids(height, width)), "txt_ids": jnp.asarray(flux_txt_ids(embeds.shape[1]))}
+    mask = jnp.ones(embeds.shape[:2], jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
+    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask, "img_shapes": qwen_img_shapes(height, width)}
+
+
 def _split_static(cond: dict) -> tuple[dict, dict]:
     static = {k: v for k, v in cond.items() if k == "img_shapes"}
     return {k: v for k, v in cond.items() if k not in static}, static

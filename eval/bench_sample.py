@@ -19,22 +19,18 @@ from eval.report import emit, environment
 from edit_jax.config import FluxConfig
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
-from edit_jax.latents import flux_img_ids, flux_txt_ids, initial_noise, packed_grid, qwen_img_shapes
+from edit_jax.latents import initial_noise, packed_grid
 from edit_jax.models import init_variables
-from edit_jax.sampler import SamplerConfig, init_state, sample
+from edit_jax.sampler import SamplerConfig, init_state, make_conditions, sample
 from eval.bench_elastic import forced_pattern
 from eval.bench_forward import preset_with_overrides
 
 
 def conditions(config, batch: int, num_txt: int, height: int, width: int) -> dict:
+    """The sampler's cond from random prompt embeddings."""
     rng = np.random.default_rng(0)
-    embeds = jnp.asarray(rng.standard_normal((batch, num_txt, config.joint_attention_dim)), jnp.float32)
-    if isinstance(config, FluxConfig):
-        return {"encoder_hidden_states": embeds,
-                "pooled_projections": jnp.asarray(rng.standard_normal((batch, config.pooled_projection_dim)), jnp.float32),
-                "img_ids": jnp.asarray(flux_img_ids(height, width)), "txt_ids": jnp.asarray(flux_txt_ids(num_txt))}
-    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": jnp.ones((batch, num_txt), jnp.int32),
-            "img_shapes": qwen_img_shapes(height, width)}
+    pooled = rng.standard_normal((batch, config.pooled_projection_dim)) if isinstance(config, FluxConfig) else None
+    return make_conditions(config, rng.standard_normal((batch, num_txt, config.joint_attention_dim)), height, width, pooled)
 
 
 def scripted_borderline(num_steps: int, num_blocks: int, tau: float, margin: float):
