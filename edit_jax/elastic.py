@@ -11,7 +11,9 @@ Modes (ElasticConfig.mode):
   infer   hard decisions: a block runs when p >= tau, at the bucket argmax(q).
   forced  the caller's decisions (run [B, L], bucket [B, L]).
 In infer and forced modes a `lax.switch` picks one of 1 + K branches: skip (the block costs
-nothing) or run at bucket k (static weight slices, so narrow buckets do fewer FLOPs). With
+nothing) or run at bucket k (static weight slices, so narrow buckets do fewer FLOPs). In these
+modes the block stack's weights stay stacked [L, ...] through the scan and each branch slices its
+layer out itself, so a skipped block never reads (or copies) its weights. With
 decision="sample", each row keeps its own decisions: the block runs when any row needs it, at the
 widest bucket any running row needs; rows that skip are left untouched and narrower rows have
 their channels past their own bucket masked, so every row gets exactly its own result.
@@ -128,6 +130,19 @@ def _select_rows(new, old, rows):
     return jax.tree.map(lambda n, o: jnp.where(rows[:, None, None], n, o), new, old)
 
 
+def lazy_weights(elastic: ElasticConfig | None, initializing: bool) -> bool:
+    """Whether a block stack keeps its weights stacked through the scan and slices a layer only
+    where it is used (infer and forced modes: inside the switch branch that runs the block)."""
+    return elastic is not None and elastic.mode in ("infer", "forced") and not initializing
+
+
+def layer_view(fn: Callable, collection: str, layer: jax.Array | None) -> Callable:
+    """fn(module, ...) seeing layer `layer` of its stacked `collection` variables (None: as is)."""
+    if layer is None:
+        return fn
+    return nn.map_variables(fn, collection, trans_in_fn=lambda v: jax.tree.map(lambda x: x[layer], v))
+
+
 def elastic_step(
     module: nn.Module,
     body: Callable,
@@ -144,14 +159,15 @@ def elastic_step(
 
     module: the block (has a `router` submodule); body(module, carry, width, hidden_mask).
     per_layer: {"forced": {"run" or "p", "bucket"}, [B] or [] for one decision for all rows;
-    in mode "forced" the router is not run} and, with the cache on, {"cache":
-    {"delta": like carry, "stored": [B], "count": [B]}}; step: the denoising step index.
+    in mode "forced" the router is not run}, with the cache on {"cache": {"delta": like carry,
+    "stored": [B], "count": [B]}}, and with lazy weights {"layer": []} (the module's variables
+    are then the whole stack, see `lazy_weights`); step: the denoising step index.
     Outputs: {"aux": p [B], q [B, K], executed [B] (rows that computed the block), cache_hit
     [B], bucket [B], branch [] (0 skipped, 1 + k ran at bucket k)} and "cache" when given.
     """
     if elastic is None or elastic.mode == "dense":
         return body(module, carry, None, None), None
-    forced, cache = per_layer["forced"], per_layer.get("cache")
+    forced, cache, layer = per_layer["forced"], per_layer.get("cache"), per_layer.get("layer")
     batch = temb.shape[0]
     scripted = elastic.mode == "forced" and not module.is_initializing()
     if scripted:  # the caller decides: the routers are not run
@@ -159,7 +175,7 @@ def elastic_step(
         p = jnp.broadcast_to(given.astype(jnp.float32), (batch,))
         q = jax.nn.one_hot(jnp.broadcast_to(forced["bucket"], (batch,)), len(buckets))
     else:
-        gate_logit, width_logits = module.router(router_groups, temb)
+        gate_logit, width_logits = layer_view(lambda mdl: mdl.router(router_groups, temb), "routers", layer)(module)
         p, q = jax.nn.sigmoid(gate_logit), jax.nn.softmax(width_logits, axis=-1)
     masks = prefix_masks(hidden_dim, buckets)
     widths = bucket_widths(hidden_dim, buckets)
@@ -210,7 +226,7 @@ def elastic_step(
         def branch(mdl, c, m):
             return body(mdl, c, width, None if m is None else m[:, :width])
 
-        return branch
+        return layer_view(branch, "params", layer)
 
     new = nn.switch(index, [skip] + [run_at(w) for w in widths], module, carry, row_mask)
     if per_sample or use_cache:
@@ -229,6 +245,29 @@ def elastic_step(
         outputs["cache"] = cache
     outputs["aux"] = dict(p=p, q=q, executed=compute, cache_hit=reuse, bucket=bucket, branch=index.astype(jnp.int32))
     return new, outputs
+
+
+def per_layer_inputs(
+    elastic: ElasticConfig | None,
+    decisions: dict | None,
+    caches: Sequence[dict] | None,
+    stack_sizes: Sequence[int],
+    batch: int,
+    initializing: bool,
+) -> list[dict]:
+    """The scanned per-layer inputs of each block stack: forced decisions, the stack's cache
+    (when given) and, with lazy weights, the layer index."""
+    lazy = lazy_weights(elastic, initializing)
+    stacks = forced_per_layer(decisions, stack_sizes, batch)
+    out = []
+    for i, (forced, size) in enumerate(zip(stacks, stack_sizes)):
+        inputs = {"forced": forced}
+        if caches is not None:
+            inputs["cache"] = caches[i]
+        if lazy:
+            inputs["layer"] = jnp.arange(size)
+        out.append(inputs)
+    return out
 
 
 def forced_per_layer(decisions: dict | None, stack_sizes: Sequence[int], batch: int) -> list[dict]:

@@ -17,7 +17,15 @@ import flax.linen as nn
 
 from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import FluxConfig
-from edit_jax.elastic import ElasticConfig, Router, elastic_step, empty_cache, forced_per_layer, gather_aux
+from edit_jax.elastic import (
+    ElasticConfig,
+    Router,
+    elastic_step,
+    empty_cache,
+    gather_aux,
+    lazy_weights,
+    per_layer_inputs,
+)
 from edit_jax.flops import step_flops
 from edit_jax.layers import (
     Linear,
@@ -159,11 +167,13 @@ class FluxTransformer(nn.Module):
         dtype = dtype_of(rt.dtype)
         batch, num_img = hidden_states.shape[:2]
         num_txt = encoder_hidden_states.shape[1]
-        forced_double, forced_single = forced_per_layer(decisions, (cfg.num_layers, cfg.num_single_layers), batch)
         step = jnp.asarray(0 if step is None else step, jnp.int32)
-        per_double, per_single = {"forced": forced_double}, {"forced": forced_single}
-        if cache is not None:
-            per_double["cache"], per_single["cache"] = cache["transformer_blocks"], cache["single_transformer_blocks"]
+        caches = None if cache is None else (cache["transformer_blocks"], cache["single_transformer_blocks"])
+        initializing = self.is_initializing()
+        per_double, per_single = per_layer_inputs(
+            elastic, decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, initializing
+        )
+        lazy = lazy_weights(elastic, initializing)
 
         img = Linear(cfg.inner_dim, ("channels", "embed"), rt, name="x_embedder")(hidden_states.astype(dtype))
         temb = FluxTimeTextEmbedding(cfg, name="time_text_embed")(
@@ -174,7 +184,7 @@ class FluxTransformer(nn.Module):
         )
         cos, sin = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=0), cfg.axes_dims_rope)
 
-        double_blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 5)(
+        double_blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 5, lazy)(
             cfg.num_attention_heads,
             cfg.attention_head_dim,
             cfg.mlp_hidden_dim,
@@ -188,7 +198,7 @@ class FluxTransformer(nn.Module):
         )
         (txt, img), double_out = double_blocks((txt, img), per_double, temb, cos, sin, None, step)
         joint = jnp.concatenate([txt, img], axis=1)
-        joint, single_out = scan_blocks(FluxSingleBlock, cfg.num_single_layers, rt, 4)(
+        joint, single_out = scan_blocks(FluxSingleBlock, cfg.num_single_layers, rt, 4, lazy)(
             cfg, elastic, name="single_transformer_blocks"
         )(joint, per_single, temb, cos, sin, step)
         img = joint[:, num_txt:]

@@ -297,13 +297,27 @@ class JointAttention(nn.Module):
         return img_out, txt_out
 
 
-def scan_blocks(block_cls, length: int, runtime: RuntimeConfig, num_broadcast: int):
+def scan_blocks(block_cls, length: int, runtime: RuntimeConfig, num_broadcast: int, lazy: bool = False):
     """Stacks `block_cls` `length` times under nn.scan: params (and routers) get a leading
     "layers" axis and the block compiles once. The block maps (carry, per_layer, *broadcast)
-    -> (carry, per_layer_output): `per_layer` is scanned over its leading axis."""
+    -> (carry, per_layer_output): `per_layer` is scanned over its leading axis.
+
+    lazy: the params and routers are not sliced per iteration but passed whole ([length, ...]);
+    the block slices its layer where it uses it (`edit_jax.elastic.layer_view`), so a block that
+    is skipped never reads its weights. Apply only: init needs the sliced form.
+    """
     policy = remat_policy(runtime.remat)
     if policy is not None:
         block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+    if lazy:
+        return nn.scan(
+            block_cls,
+            variable_axes={"intermediates": 0},
+            variable_broadcast=("params", "routers"),
+            split_rngs={"params": False},
+            in_axes=(0,) + (nn.broadcast,) * num_broadcast,
+            length=length,
+        )
     return nn.scan(
         block_cls,
         variable_axes={"params": 0, "routers": 0, "intermediates": 0},

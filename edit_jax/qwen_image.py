@@ -17,7 +17,7 @@ import numpy as np
 
 from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import QwenImageConfig
-from edit_jax.elastic import ElasticConfig, empty_cache, forced_per_layer, gather_aux
+from edit_jax.elastic import ElasticConfig, empty_cache, gather_aux, lazy_weights, per_layer_inputs
 from edit_jax.flops import step_flops
 from edit_jax.layers import (
     Linear,
@@ -127,7 +127,8 @@ class QwenImageTransformer(nn.Module):
                 [encoder_hidden_states_mask.astype(bool), jnp.ones((batch, num_img), bool)], axis=1
             )
 
-        blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 5)(
+        initializing = self.is_initializing()
+        blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 5, lazy_weights(elastic, initializing))(
             cfg.num_attention_heads,
             cfg.attention_head_dim,
             cfg.mlp_hidden_dim,
@@ -139,10 +140,8 @@ class QwenImageTransformer(nn.Module):
             elastic,
             name="transformer_blocks",
         )
-        (forced,) = forced_per_layer(decisions, (cfg.num_layers,), batch)
-        per_layer = {"forced": forced}
-        if cache is not None:
-            per_layer["cache"] = cache["transformer_blocks"]
+        caches = None if cache is None else (cache["transformer_blocks"],)
+        (per_layer,) = per_layer_inputs(elastic, decisions, caches, (cfg.num_layers,), batch, initializing)
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)
 

@@ -144,6 +144,49 @@ def test_infer_forward_really_branches_with_sliced_weights(family):
         assert f"f32[{d},{w}]" in jaxpr and f"f32[{w},{d}]" in jaxpr, w  # fc1 and fc2 slices
 
 
+def _subjaxprs(eqn):
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(item, "eqns"):
+                yield item
+            elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+                yield item.jaxpr
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Every primitive in a jaxpr, its sub-jaxprs included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in _subjaxprs(eqn):
+            names |= _primitives(sub)
+    return names
+
+
+def _block_scans(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan" and any(e.primitive.name == "cond" for e in eqn.params["jaxpr"].jaxpr.eqns):
+            yield eqn
+        for sub in _subjaxprs(eqn):
+            yield from _block_scans(sub)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_skipped_block_never_reads_its_weights(family):
+    case = Case(family)
+    closed = jax.make_jaxpr(lambda r: case.elastic(INFER, routers=r)[0])(case.routers)
+    scans = list(_block_scans(closed.jaxpr))
+    assert len(scans) == len(case.stacks())
+    for eqn, (name, count, _, _) in zip(scans, case.stacks()):
+        stacked = {tuple(x.shape) for x in jax.tree.leaves(case.params[name])}
+        xs = eqn.invars[eqn.params["num_consts"] + eqn.params["num_carry"]:]
+        assert not stacked & {tuple(v.aval.shape) for v in xs}, "weights sliced by the scan itself"
+        (cond,) = [e for e in eqn.params["jaxpr"].jaxpr.eqns if e.primitive.name == "cond"]
+        skip, *runs = cond.params["branches"]
+        assert not _primitives(skip.jaxpr) & {"dynamic_slice", "gather"}
+        assert all(_primitives(run.jaxpr) & {"dynamic_slice", "gather"} for run in runs)
+
+
 def test_forced_decisions_of_the_wrong_shape_are_a_clear_error():
     case = Case("qwen-image")
     with pytest.raises(ValueError, match=r"forced (run|bucket) has shape \(2,\), expected \[3\] or \[2, 3\]"):
