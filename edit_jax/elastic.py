@@ -86,7 +86,8 @@ def _logit(p: float) -> float:
 class Router(nn.Module):
     """One block's router (SPEC section 1), params in the "routers" collection.
 
-    shift, scale = Linear_D->3D(SiLU(temb)) (third chunk unused); h = ReLU(proj(LN(x)*(1+scale)+shift));
+    shift, scale = Linear_D->3D(SiLU(temb)) (the unused third chunk is not computed);
+    h = ReLU(proj(LN(x)*(1+scale)+shift));
     gate logit = mean over valid tokens of gate_head(h); width logits = mean of width_head(h).
     groups: sequence of (tokens [B, L_i, D], valid [B, L_i] or None); the mean runs over all
     valid tokens of all groups. Returns (gate_logit [B], width_logits [B, K]) in float32.
@@ -102,7 +103,7 @@ class Router(nn.Module):
         rt = self.runtime
         small = nn.initializers.normal(1e-3)
         trunk = dict(collection="routers", kernel_init=_kaiming_uniform_sqrt5())
-        shift, scale, _ = Modulation(3, rt, name="img_mod", **trunk)(temb)
+        shift, scale = Modulation(3, rt, name="img_mod", **trunk)(temb, used=2)  # the third chunk is unused
         proj = Linear(self.hidden, ("embed", "router"), rt, name="proj", **trunk)
         gate_head = Linear(1, ("router", "gate"), rt, name="gate_head", collection="routers", kernel_init=small,
                            bias_init=nn.initializers.constant(_logit(0.7)))
@@ -113,12 +114,11 @@ class Router(nn.Module):
         total, count = 0.0, 0.0
         for tokens, valid in groups:
             h = nn.relu(proj(modulate(layer_norm(tokens), shift, scale)))
-            logits = jnp.concatenate([gate_head(h), width_head(h)], axis=-1).astype(jnp.float32)
             weight = jnp.ones(tokens.shape[:2], jnp.float32) if valid is None else valid.astype(jnp.float32)
-            total = total + jnp.einsum("bl,blc->bc", weight, logits)
+            total = total + jnp.einsum("bl,blh->bh", weight, h.astype(jnp.float32))
             count = count + weight.sum(axis=1)
-        mean = total / jnp.maximum(count, 1.0)[:, None]
-        return mean[:, 0], mean[:, 1:]
+        pooled = total / jnp.maximum(count, 1.0)[:, None]  # the heads are linear: head(mean h) = mean head(h)
+        return gate_head(pooled)[:, 0].astype(jnp.float32), width_head(pooled).astype(jnp.float32)
 
 
 def _blend(new, old, weight):

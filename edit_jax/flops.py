@@ -25,9 +25,10 @@ def _single_block(d: int, m: int, length: int) -> int:
 
 
 def router_flops(config, num_img: int, num_txt: int) -> int:
-    """FLOPs of one block's router per sample."""
+    """FLOPs of one block's router per sample: modulation (shift and scale), proj, the token mean
+    of h and the two heads."""
     d, h, k = config.inner_dim, config.router_hidden, len(config.width_buckets)
-    return 2 * (3 * d * d + (d * h + h * (1 + k)) * (num_img + num_txt))
+    return 2 * (2 * d * d + (d * h + h) * (num_img + num_txt) + h * (1 + k))
 
 
 def base_flops(config, num_img: int, num_txt: int) -> int:
@@ -68,7 +69,7 @@ def step_flops(config, num_img: int, num_txt: int, aux: dict, with_routers: bool
 
     per_sample [B]: what each sample's own decisions need. total []: what the batch computed
     (a block runs for the whole batch when any row needs it, at the widest bucket needed).
-    Both include the routers (every block's router always runs) when `with_routers`."""
+    Both include the routers (every block's router runs, except in forced mode) when `with_routers`."""
     table = jnp.asarray(layer_flops(config, num_img, num_txt), jnp.float32)
     layers = jnp.arange(table.shape[0])
     executed, bucket = aux["executed"], aux["bucket"]

@@ -209,7 +209,7 @@ class FluxTransformer(nn.Module):
         if double_out is None:
             return velocity
         aux = gather_aux([double_out, single_out])
-        aux["flops"] = step_flops(cfg, num_img, num_txt, aux)
+        aux["flops"] = step_flops(cfg, num_img, num_txt, aux, with_routers=elastic.mode != "forced")
         if cache is not None:
             aux["cache"] = {"transformer_blocks": double_out["cache"], "single_transformer_blocks": single_out["cache"]}
         return velocity, aux

@@ -96,7 +96,8 @@ class RMSNorm(nn.Module):
 
 
 class Modulation(nn.Module):
-    """AdaLN modulation: `num_chunks` vectors [B, D] from Linear(SiLU(temb [B, D]))."""
+    """AdaLN modulation: `num_chunks` vectors [B, D] from Linear(SiLU(temb [B, D])); with `used`,
+    only the first `used` chunks are computed (static kernel slice)."""
 
     num_chunks: int
     runtime: RuntimeConfig
@@ -104,13 +105,13 @@ class Modulation(nn.Module):
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, temb: jax.Array) -> list[jax.Array]:
-        dim = temb.shape[-1]
+    def __call__(self, temb: jax.Array, used: int | None = None) -> list[jax.Array]:
+        dim, used = temb.shape[-1], used or self.num_chunks
         linear = Linear(
             self.num_chunks * dim, ("embed", "modulation"), self.runtime,
             collection=self.collection, kernel_init=self.kernel_init, name="linear",
         )
-        return jnp.split(linear(nn.silu(temb)), self.num_chunks, axis=-1)
+        return jnp.split(linear(nn.silu(temb), out_size=used * dim), used, axis=-1)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:

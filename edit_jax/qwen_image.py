@@ -151,7 +151,7 @@ class QwenImageTransformer(nn.Module):
         if block_out is None:
             return velocity
         aux = gather_aux([block_out])
-        aux["flops"] = step_flops(cfg, num_img, num_txt, aux)
+        aux["flops"] = step_flops(cfg, num_img, num_txt, aux, with_routers=elastic.mode != "forced")
         if cache is not None:
             aux["cache"] = {"transformer_blocks": block_out["cache"]}
         return velocity, aux

@@ -1,7 +1,8 @@
 """Times the dense forward against E-DiT forwards in one process: a forced pattern (half the
 blocks skipped, half of the rest at width 1/2), the same skips alone beside a dense model built
 without the skipped blocks (the mechanism's own overhead), and fresh routers in infer mode (every
-block runs at full width: the routers' own cost). Prints measured speedups beside FLOP ratios.
+block runs at full width: the routers' own cost). Prints measured speedups beside FLOP ratios;
+speedups and overheads are medians of per-round ratios (`eval.timing.paired_ratio`).
 
     python -m eval.bench_elastic --preset flux-small --height 16 --width 16 --txt 32
     python -m eval.bench_elastic --preset flux-dev --height 64 --width 64 --txt 512 \\
@@ -21,7 +22,8 @@ from eval.report import emit, environment
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
 from edit_jax.models import example_inputs, init_variables, split_static
-from eval.bench_forward import preset_with_overrides, time_alternating
+from eval.bench_forward import preset_with_overrides
+from eval.timing import paired_ratio, time_runs
 
 
 def forced_pattern(num_blocks: int) -> dict:
@@ -55,7 +57,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
-    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--runs", type=int, default=20)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field of the preset, e.g. --set num_attention_heads=8")
     p.add_argument("--out", help="write the JSON result here too")
@@ -80,7 +82,8 @@ def main(argv=None) -> dict:
     fns = {"dense": dense, "forced_pattern": forced, "skips_only": skips, "dense_without_skipped_blocks": kept,
            "routers_all_open": routed}
     outs = {k: jax.block_until_ready(f(variables, arrays)) for k, f in fns.items()}  # compile
-    medians = time_alternating({k: (lambda f=f: jax.block_until_ready(f(variables, arrays))) for k, f in fns.items()}, args.runs)
+    times = time_runs({k: (lambda f=f: jax.block_until_ready(f(variables, arrays))) for k, f in fns.items()}, args.runs)
+    medians = {k: float(np.median(v)) for k, v in times.items()}
 
     n, t = args.height * args.width, args.txt
     flops_dense = float(dense_flops(config, n, t))
@@ -98,12 +101,14 @@ def main(argv=None) -> dict:
         "gflops_per_sample": {"dense": flops_dense / 1e9, "forced_pattern": flops_forced / 1e9, "routers_all_open": flops_routed / 1e9},
         "forced": {
             "flop_reduction": round(flops_dense / flops_forced, 3),
-            "speedup": round(medians["dense"] / medians["forced_pattern"], 3),
+            "speedup": round(paired_ratio(times, "dense", "forced_pattern"), 3),
+            "speedup_of_medians": round(medians["dense"] / medians["forced_pattern"], 3),
         },
-        "skip_mechanism_overhead": round(medians["skips_only"] / medians["dense_without_skipped_blocks"] - 1, 4),
+        "skip_mechanism_overhead": round(paired_ratio(times, "skips_only", "dense_without_skipped_blocks") - 1, 4),
         "routers_overhead": {
             "flops": round(flops_routed / flops_dense - 1, 4),
-            "time": round(medians["routers_all_open"] / medians["dense"] - 1, 4),
+            "time": round(paired_ratio(times, "routers_all_open", "dense") - 1, 4),
+            "time_of_medians": round(medians["routers_all_open"] / medians["dense"] - 1, 4),
         },
     }
     result["forced"]["speedup_over_flop_reduction"] = round(result["forced"]["speedup"] / result["forced"]["flop_reduction"], 3)

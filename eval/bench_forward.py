@@ -21,18 +21,8 @@ import numpy as np
 
 import edit_jax
 from eval.report import emit, environment
+from eval.timing import time_alternating
 from edit_jax.models import abstract_params, example_inputs
-
-
-def time_alternating(fns: dict, runs: int) -> dict[str, float]:
-    """Median wall time (ms) of each no-argument callable, called alternately `runs` times."""
-    times = {k: [] for k in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(1000 * (time.perf_counter() - t0))
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def preset_with_overrides(name: str, overrides: list[str]):

@@ -8,7 +8,8 @@ import pytest
 import edit_jax
 from edit_jax.config import FluxConfig, QwenImageConfig
 from edit_jax.elastic import ElasticConfig
-from edit_jax.flops import dense_flops, layer_flops
+from edit_jax.elastic import Router
+from edit_jax.flops import dense_flops, layer_flops, router_flops
 from edit_jax.models import example_inputs, jit_forward
 from elastic_cases import Case, forced
 
@@ -38,6 +39,19 @@ def test_dense_flops_agree_with_xla_cost_analysis_within_5_percent(family):
     assert abs(ours - xla["flops"]) / xla["flops"] <= 0.05
 
 
+def test_router_flops_agree_with_xla_cost_analysis_within_5_percent():
+    config = MEDIUM["flux"]
+    router = Router(config.router_hidden, len(config.width_buckets), config.runtime)
+    d = config.inner_dim
+    groups = [(jax.numpy.ones((1, 16, d)), jax.numpy.ones((1, 16), bool)), (jax.numpy.ones((1, 64, d)), None)]
+    temb = jax.numpy.ones((1, d))
+    variables = jax.eval_shape(lambda: router.init(jax.random.key(0), groups, temb))
+    xla = jax.jit(lambda v: router.apply(v, groups, temb)).lower(variables).compile().cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+
+    assert abs(router_flops(config, num_img=64, num_txt=16) - xla["flops"]) / xla["flops"] <= 0.05
+
+
 def test_step_flops_follow_the_decisions():
     case = Case("flux")
     n, t = 12, 5
@@ -54,3 +68,9 @@ def test_step_flops_follow_the_decisions():
     computed = table[range(4), [4, 3, 2, 4]].sum()
     assert aux["flops"]["total"] == pytest.approx(2 * (fixed[0] + computed), rel=1e-6)
     assert aux["branch"].tolist() == [4, 3, 2, 4]
+
+
+def test_forced_mode_counts_no_router_flops():
+    case = Case("flux")
+    _, aux = case.elastic(ElasticConfig(mode="forced"), forced(np.ones(4, bool), np.full(4, 3)))
+    np.testing.assert_allclose(aux["flops"]["per_sample"], dense_flops(case.config, 12, 5), rtol=1e-6)
