@@ -35,13 +35,15 @@ def forced_pattern(num_blocks: int) -> dict:
 
 def without_skipped_blocks(config, params: dict, run: np.ndarray):
     """A dense config and params holding only the blocks that `run` keeps (the ideal a skip pattern
-    should match)."""
+    should match), or None when that would leave a block stack empty."""
     stacks = [("transformer_blocks", "num_layers", config.num_layers)]
     if hasattr(config, "num_single_layers"):
         stacks.append(("single_transformer_blocks", "num_single_layers", config.num_single_layers))
     params, changes, start = dict(params), {}, 0
     for name, field, count in stacks:
         keep = np.nonzero(run[start : start + count])[0]
+        if len(keep) == 0:
+            return None
         params[name] = jax.tree.map(lambda x, keep=keep: x[keep], params[name])
         changes[field] = len(keep)
         start += count
@@ -71,16 +73,18 @@ def main(argv=None) -> dict:
     pattern = forced_pattern(num_blocks)
 
     skip_only = {"run": pattern["run"], "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
-    kept_config, kept_params = without_skipped_blocks(config, variables["params"], np.asarray(pattern["run"]))
-    kept_model = edit_jax.build_model(kept_config)
+    kept = without_skipped_blocks(config, variables["params"], np.asarray(pattern["run"]))
 
     dense = jax.jit(lambda v, x: model.apply({"params": v["params"]}, **x, **static))
-    forced = jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=pattern))
-    skips = jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=skip_only))
-    kept = jax.jit(lambda v, x: kept_model.apply({"params": kept_params}, **x, **static))
+    # decisions are arguments, as the routers' are: constants would let XLA fold the branches away
+    forced_fn = jax.jit(lambda v, x, d: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=d))
+    forced = lambda v, x: forced_fn(v, x, pattern)  # noqa: E731
+    skips = lambda v, x: forced_fn(v, x, skip_only)  # noqa: E731
     routed = jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer")))
-    fns = {"dense": dense, "forced_pattern": forced, "skips_only": skips, "dense_without_skipped_blocks": kept,
-           "routers_all_open": routed}
+    fns = {"dense": dense, "forced_pattern": forced, "skips_only": skips, "routers_all_open": routed}
+    if kept is not None:
+        kept_model, kept_params = edit_jax.build_model(kept[0]), kept[1]
+        fns["dense_without_skipped_blocks"] = jax.jit(lambda v, x: kept_model.apply({"params": kept_params}, **x, **static))
     outs = {k: jax.block_until_ready(f(variables, arrays)) for k, f in fns.items()}  # compile
     times = time_runs({k: (lambda f=f: jax.block_until_ready(f(variables, arrays))) for k, f in fns.items()}, args.runs)
     medians = {k: float(np.median(v)) for k, v in times.items()}
@@ -104,7 +108,8 @@ def main(argv=None) -> dict:
             "speedup": round(paired_ratio(times, "dense", "forced_pattern"), 3),
             "speedup_of_medians": round(medians["dense"] / medians["forced_pattern"], 3),
         },
-        "skip_mechanism_overhead": round(paired_ratio(times, "skips_only", "dense_without_skipped_blocks") - 1, 4),
+        "skip_mechanism_overhead": (round(paired_ratio(times, "skips_only", "dense_without_skipped_blocks") - 1, 4)
+                                    if kept is not None else None),
         "routers_overhead": {
             "flops": round(flops_routed / flops_dense - 1, 4),
             "time": round(paired_ratio(times, "routers_all_open", "dense") - 1, 4),
