@@ -1,0 +1,45 @@
+"""Run in a subprocess by test_sharding.py with 8 simulated CPU devices: the elastic forwards (infer
+and forced, whose block weights stay stacked through the scan) with params sharded over (fsdp 4,
+tensor 2) equal the unsharded ones."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+import edit_jax  # noqa: E402
+from edit_jax.elastic import ElasticConfig  # noqa: E402
+from edit_jax.models import example_inputs, init_variables, split_static  # noqa: E402
+from edit_jax.sharding import make_mesh, param_shardings  # noqa: E402
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    for preset in ("flux-tiny", "qwen-image-tiny"):
+        config = edit_jax.preset(preset)
+        model = edit_jax.build_model(config)
+        variables = init_variables(config)
+        arrays, static = split_static(example_inputs(config, 2, 4, 4, 8))
+        mesh = make_mesh({"fsdp": 4, "tensor": 2})
+        sharded = {"params": jax.device_put(variables["params"], param_shardings(config, mesh)),
+                   "routers": jax.device_put(variables["routers"], NamedSharding(mesh, PartitionSpec()))}
+        num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+        pattern = {"run": jnp.arange(num_blocks) % 2 == 0, "bucket": jnp.arange(num_blocks, dtype=jnp.int32) % 4}
+        cases = {
+            "forced": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=pattern)[0],
+            "infer": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer", decision="sample"))[0],
+        }
+        for name, fn in cases.items():
+            fn = jax.jit(fn)
+            expected, got = np.asarray(fn(variables, arrays)), np.asarray(fn(sharded, arrays))
+            error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+            assert error <= 1e-5, (preset, name, error)
+            print(preset, name, f"relative error {error:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Sharded execution on 8 simulated CPU devices (a subprocess: the device count is fixed when JAX
+starts)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_elastic_forwards_with_sharded_params_equal_unsharded():
+    script = Path(__file__).with_name("sharded_elastic.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("relative error") == 4
