@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 from edit_jax.config import WIDTH_BUCKETS, RuntimeConfig
-from edit_jax.elastic import ElasticConfig, Router, elastic_step
+from edit_jax.elastic import ElasticConfig, elastic_step
+from edit_jax.router import Router
 from edit_jax.layers import MLP, JointAttention, Modulation, layer_norm, modulate
 
 

@@ -19,7 +19,6 @@ from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import FluxConfig
 from edit_jax.elastic import (
     ElasticConfig,
-    Router,
     elastic_step,
     empty_cache,
     gather_aux,
@@ -44,6 +43,7 @@ from edit_jax.layers import (
     split_heads,
     timestep_embedding,
 )
+from edit_jax.router import Router
 
 
 FLUX_DOUBLE_BLOCK_NAMES = ("norm1", "norm1_context", "ff", "ff_context")  # diffusers' names

@@ -216,7 +216,7 @@ def test_released_routers_give_the_p_and_q_of_spec_section_1(tmp_path):
     from checkpoints_convert import convert_checkpoint
     from edit_jax.checkpoint import load_routers
     from edit_jax.config import from_diffusers_config
-    from edit_jax.elastic import Router
+    from edit_jax.router import Router
     from reference import make_diffusers_qwen
     from test_qwen_image import fake_release
 

@@ -8,7 +8,7 @@ import pytest
 import edit_jax
 from edit_jax.config import FluxConfig, QwenImageConfig
 from edit_jax.elastic import ElasticConfig
-from edit_jax.elastic import Router
+from edit_jax.router import Router
 from edit_jax.flops import dense_flops, layer_flops, router_flops
 from edit_jax.models import example_inputs, jit_forward
 from elastic_cases import Case, forced
