@@ -74,7 +74,8 @@ def step_flops(config, num_img: int, num_txt: int, aux: dict, with_routers: bool
     layers = jnp.arange(table.shape[0])
     executed, bucket = aux["executed"], aux["bucket"]
     batch = executed.shape[0]
-    fixed = base_flops(config, num_img, num_txt) + with_routers * table.shape[0] * router_flops(config, num_img, num_txt)
+    # a Python float: at full size these counts pass 2**31 and would overflow as an int32 array
+    fixed = float(base_flops(config, num_img, num_txt) + with_routers * table.shape[0] * router_flops(config, num_img, num_txt))
     per_sample = fixed + jnp.sum(jnp.where(executed, table[layers, 1 + bucket], 0.0), axis=1)
     total = batch * (fixed + jnp.sum(table[layers, aux["branch"]]))
     return {"per_sample": per_sample, "total": total, "dense_per_sample": float(dense_flops(config, num_img, num_txt))}

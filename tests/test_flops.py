@@ -10,7 +10,7 @@ from edit_jax.config import FluxConfig, QwenImageConfig
 from edit_jax.elastic import ElasticConfig
 from edit_jax.router import Router
 from edit_jax.flops import dense_flops, layer_flops, router_flops
-from edit_jax.models import example_inputs, jit_forward
+from edit_jax.models import example_inputs, jit_forward, split_static
 from elastic_cases import Case, forced
 
 # wide enough for matmuls to dominate elementwise work, as at real sizes; one block per stack,
@@ -74,3 +74,14 @@ def test_forced_mode_counts_no_router_flops():
     case = Case("flux")
     _, aux = case.elastic(ElasticConfig(mode="forced"), forced(np.ones(4, bool), np.full(4, 3)))
     np.testing.assert_allclose(aux["flops"]["per_sample"], dense_flops(case.config, 12, 5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["flux-dev", "qwen-image"])
+def test_full_size_elastic_forward_traces_with_flops_past_int32(preset):
+    config = edit_jax.preset(preset)
+    arrays, static = split_static(example_inputs(config, 1, height=64, width=64, num_txt=512))
+    variables = {"params": edit_jax.abstract_params(config), "routers": edit_jax.models.abstract_routers(config)}
+    model = edit_jax.build_model(config)
+
+    _, aux = jax.eval_shape(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer")), variables, arrays)
+    assert aux["flops"]["total"].dtype == np.float32
