@@ -198,19 +198,12 @@ def elastic_step(
 
 
 def per_layer_inputs(
-    elastic: ElasticConfig | None,
-    decisions: dict | None,
-    caches: Sequence[dict] | None,
-    stack_sizes: Sequence[int],
-    batch: int,
-    initializing: bool,
+    decisions: dict | None, caches: Sequence[dict] | None, stack_sizes: Sequence[int], batch: int, lazy: bool
 ) -> list[dict]:
     """The scanned per-layer inputs of each block stack: forced decisions, the stack's cache
-    (when given) and, with lazy weights, the layer index."""
-    lazy = lazy_weights(elastic, initializing)
-    stacks = forced_per_layer(decisions, stack_sizes, batch)
+    (when given) and, with lazy weights (`lazy_weights`), the layer index."""
     out = []
-    for i, (forced, size) in enumerate(zip(stacks, stack_sizes)):
+    for i, (forced, size) in enumerate(zip(forced_per_layer(decisions, stack_sizes, batch), stack_sizes)):
         inputs = {"forced": forced}
         if caches is not None:
             inputs["cache"] = caches[i]

@@ -169,11 +169,10 @@ class FluxTransformer(nn.Module):
         num_txt = encoder_hidden_states.shape[1]
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         caches = None if cache is None else (cache["transformer_blocks"], cache["single_transformer_blocks"])
-        initializing = self.is_initializing()
+        lazy = lazy_weights(elastic, self.is_initializing())
         per_double, per_single = per_layer_inputs(
-            elastic, decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, initializing
+            decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, lazy
         )
-        lazy = lazy_weights(elastic, initializing)
 
         img = Linear(cfg.inner_dim, ("channels", "embed"), rt, name="x_embedder")(hidden_states.astype(dtype))
         temb = FluxTimeTextEmbedding(cfg, name="time_text_embed")(

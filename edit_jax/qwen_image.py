@@ -127,8 +127,8 @@ class QwenImageTransformer(nn.Module):
                 [encoder_hidden_states_mask.astype(bool), jnp.ones((batch, num_img), bool)], axis=1
             )
 
-        initializing = self.is_initializing()
-        blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 5, lazy_weights(elastic, initializing))(
+        lazy = lazy_weights(elastic, self.is_initializing())
+        blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 5, lazy)(
             cfg.num_attention_heads,
             cfg.attention_head_dim,
             cfg.mlp_hidden_dim,
@@ -141,7 +141,7 @@ class QwenImageTransformer(nn.Module):
             name="transformer_blocks",
         )
         caches = None if cache is None else (cache["transformer_blocks"],)
-        (per_layer,) = per_layer_inputs(elastic, decisions, caches, (cfg.num_layers,), batch, initializing)
+        (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy)
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)
 

@@ -2,6 +2,7 @@
 decisions of an elastic step."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -43,8 +44,8 @@ def test_router_flops_agree_with_xla_cost_analysis_within_5_percent():
     config = MEDIUM["flux"]
     router = Router(config.router_hidden, len(config.width_buckets), config.runtime)
     d = config.inner_dim
-    groups = [(jax.numpy.ones((1, 16, d)), jax.numpy.ones((1, 16), bool)), (jax.numpy.ones((1, 64, d)), None)]
-    temb = jax.numpy.ones((1, d))
+    groups = [(jnp.ones((1, 16, d)), jnp.ones((1, 16), bool)), (jnp.ones((1, 64, d)), None)]
+    temb = jnp.ones((1, d))
     variables = jax.eval_shape(lambda: router.init(jax.random.key(0), groups, temb))
     xla = jax.jit(lambda v: router.apply(v, groups, temb)).lower(variables).compile().cost_analysis()
     xla = xla[0] if isinstance(xla, list) else xla
