@@ -240,6 +240,9 @@ def attention(
     key_mask [B, L] (True = attend) hides padded keys. implementation: "xla" or "cudnn" (GPU).
     """
     mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+    if mask is not None and implementation == "cudnn":
+        # cuDNN takes the mask as a bias whose last two dims must be the full [L, L]
+        mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     return out.reshape(*out.shape[:2], -1)
 

@@ -12,6 +12,8 @@ speedups and overheads are medians of per-round ratios (`eval.timing.paired_rati
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -62,18 +64,22 @@ def main(argv=None) -> dict:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field of the preset, e.g. --set num_attention_heads=8")
+    p.add_argument("--no-ideal", action="store_true",
+                   help="leave out the dense model built without the skipped blocks (saves its copy of half the weights)")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args(argv)
 
     config = preset_with_overrides(args.preset, args.set).with_runtime(param_dtype=args.dtype, dtype=args.dtype, attention=args.attention)
     model = edit_jax.build_model(config)
-    variables = init_variables(config)
+    t0 = time.perf_counter()
+    variables = jax.block_until_ready(init_variables(config))
+    print(f"variables initialised in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     arrays, static = split_static(example_inputs(config, args.batch, args.height, args.width, args.txt))
     num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
     pattern = forced_pattern(num_blocks)
 
     skip_only = {"run": pattern["run"], "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
-    kept = without_skipped_blocks(config, variables["params"], np.asarray(pattern["run"]))
+    kept = None if args.no_ideal else without_skipped_blocks(config, variables["params"], np.asarray(pattern["run"]))
 
     dense = jax.jit(lambda v, x: model.apply({"params": v["params"]}, **x, **static))
     # decisions are arguments, as the routers' are: constants would let XLA fold the branches away
@@ -85,7 +91,12 @@ def main(argv=None) -> dict:
     if kept is not None:
         kept_model, kept_params = edit_jax.build_model(kept[0]), kept[1]
         fns["dense_without_skipped_blocks"] = jax.jit(lambda v, x: kept_model.apply({"params": kept_params}, **x, **static))
-    outs = {k: jax.block_until_ready(f(variables, arrays)) for k, f in fns.items()}  # compile
+    outs, first_call_s = {}, {}
+    for k, f in fns.items():  # compiles
+        t0 = time.perf_counter()
+        outs[k] = jax.block_until_ready(f(variables, arrays))
+        first_call_s[k] = round(time.perf_counter() - t0, 2)
+        print(f"{k}: first call (compile) {first_call_s[k]} s", file=sys.stderr, flush=True)
     times = time_runs({k: (lambda f=f: jax.block_until_ready(f(variables, arrays))) for k, f in fns.items()}, args.runs)
     medians = {k: float(np.median(v)) for k, v in times.items()}
 
@@ -99,9 +110,12 @@ def main(argv=None) -> dict:
         "overrides": args.set,
         "tokens": {"image": n, "text": t, "batch": args.batch},
         "dtype": args.dtype,
+        "attention": args.attention,
+        "runs": args.runs,
         "pattern": {"blocks": num_blocks, "skipped": int((~np.asarray(pattern["run"])).sum()),
                     "half_width": int((np.asarray(pattern["run"]) & (np.asarray(pattern["bucket"]) == 1)).sum())},
         "median_ms": {k: round(v, 3) for k, v in medians.items()},
+        "first_call_s": first_call_s,
         "gflops_per_sample": {"dense": flops_dense / 1e9, "forced_pattern": flops_forced / 1e9, "routers_all_open": flops_routed / 1e9},
         "forced": {
             "flop_reduction": round(flops_dense / flops_forced, 3),

@@ -1,26 +1,71 @@
 #!/usr/bin/env bash
 # The full-size GPU checks in one run (for a session lent the device machine): FLUX.1-dev and
-# Qwen-Image at 1024^2 in bfloat16 with cuDNN attention. Each benchmark writes JSON and a log into
-# $OUT (default ./gpu_results); the diffusers baseline of bench_forward needs diffusers importable
-# (carry it as a wheel). Usage: bash eval/gpu_suite.sh [seconds per benchmark, default 170]
+# Qwen-Image at 1024^2 (64x64 latent tokens) in bfloat16 with cuDNN attention, E-DiT patterns
+# against the dense forward, then our dense FLUX.1-dev forward against diffusers'. A tiny Qwen-Image
+# run first checks the installed JAX/Flax and the cuDNN path in seconds; if it fails and a Flax
+# wheel was carried in .whl_flax/, that Flax is used instead. Wheels in .whl/ (diffusers and what
+# it needs) are installed first. Everything is logged to $OUT/suite.log; each benchmark writes its
+# JSON to $OUT. The benchmarks share one time budget so that the suite ends before its caller's
+# limit. Usage: bash eval/gpu_suite.sh [total seconds, default 520]
+#
+# Dry run on a CPU machine (tiny presets, same code paths but cuDNN): GPU_SUITE_DRY=1 bash eval/gpu_suite.sh
 set -u
 out=${OUT:-gpu_results}
-limit=${1:-170}
+budget=${1:-520}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import jax; print('jax', jax.__version__, jax.devices())"
+exec > >(tee -a "$out/suite.log") 2>&1
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-bench() {
-    local name=$1
-    shift
-    echo "== $name"
-    timeout "$limit" python -m "$@" --out "$out/$name.json" >"$out/$name.log" 2>&1
-    echo "exit $?"
-    tail -n 4 "$out/$name.log"
+install_wheels() {  # folder target
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" "$1"/*.whl \
+        && export PYTHONPATH=$2:$PYTHONPATH
+}
+if ls .whl/*.whl >/dev/null 2>&1; then install_wheels .whl /tmp/site || echo "wheels in .whl did not install"; fi
+
+if [ -n "${GPU_SUITE_DRY:-}" ]; then
+    size="--height 4 --width 4 --dtype bfloat16 --runs 2"
+    flux="flux-tiny --txt 8" qwen="qwen-image-tiny --txt 8" attention=xla
+else
+    size="--height 64 --width 64 --dtype bfloat16 --runs 10"
+    flux="flux-dev --txt 512" qwen="qwen-image --txt 256" attention=cudnn
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+fi
+python3 - <<'EOF'
+import importlib.metadata as m, platform, jax
+print("python", platform.python_version(), "| devices", jax.devices())
+for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "diffusers"):
+    try:
+        print(f"  {name} {m.version(name)}")
+    except m.PackageNotFoundError:
+        print(f"  {name} not installed")
+EOF
+
+left() { echo $((budget - SECONDS)); }
+bench() {  # name seconds module args...
+    local name=$1 limit=$2
+    shift 2
+    [ "$(left)" -lt "$limit" ] && limit=$(left)
+    if [ "$limit" -lt 30 ]; then echo "== $name: not run, $(left) s left of the budget"; return 1; fi
+    echo "== $name (at most $limit s; $SECONDS s into the suite)"
+    timeout "$limit" python3 -m "$@" --out "$out/$name.json"
+    local rc=$?
+    echo "== $name: exit $rc after $SECONDS s"
+    return "$rc"
 }
 
-full="--height 64 --width 64 --dtype bfloat16 --attention cudnn --runs 10"
-bench elastic_flux_dev eval.bench_elastic --preset flux-dev --txt 512 $full
-bench forward_flux_dev eval.bench_forward --preset flux-dev --txt 512 $full
-bench elastic_qwen_image eval.bench_elastic --preset qwen-image --txt 256 $full
+check="eval.bench_elastic --preset qwen-image-tiny --txt 8 --height 4 --width 4 --dtype bfloat16 --attention $attention --runs 2"
+if ! bench check_tiny 90 $check; then
+    if ls .whl_flax/*.whl >/dev/null 2>&1; then
+        install_wheels .whl_flax /tmp/flax_site && python3 -c "import flax; print('now flax', flax.__version__)"
+        bench check_tiny_carried_flax 90 $check || exit 1
+    else
+        exit 1
+    fi
+fi
+
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_flux_dev 170 eval.bench_elastic --preset $flux $size --attention $attention
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_qwen_image 190 eval.bench_elastic --preset $qwen $size --attention $attention --no-ideal
+# torch shares the GPU here: JAX allocates as it goes instead of taking most of the memory up front
+XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_flux_dev 200 eval.bench_forward --preset $flux $size --attention $attention
+echo "suite done in $SECONDS s"
