@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from edit_jax.config import RuntimeConfig
-from edit_jax.layers import Linear, Modulation, layer_norm, modulate
+from edit_jax.layers import Linear, Modulation, dtype_of
 
 
 def _kaiming_uniform_sqrt5():
@@ -22,6 +23,15 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+class _ProjWeights(Linear):
+    """The router's proj params, declared as a Linear declares them; returns (kernel, bias)."""
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        kernel = self._weight("kernel", self.kernel_init, self.axes, (in_features, self.features))
+        return kernel, self._weight("bias", self.bias_init, self.axes[1:], (self.features,))
+
+
 class Router(nn.Module):
     """One block's router (SPEC section 1), params in the "routers" collection.
 
@@ -31,11 +41,16 @@ class Router(nn.Module):
     groups: sequence of (tokens [B, L_i, D], valid [B, L_i] or None); the mean runs over all
     valid tokens of all groups. Returns (gate_logit [B], width_logits [B, K]) in float32.
     Init ("full-capacity start"): p = 0.7 and the full-width bucket ahead by 2 logits.
+
+    Computed folded, so that the tokens are read twice (their moments, one matmul) and no
+    normalised copy is written: with m, r a token's mean and 1/std and K' = (1+scale) * K,
+    proj(LN(x)*(1+scale)+shift) = r * (x @ K' - m * sum_d K') + shift @ K + bias.
     """
 
     hidden: int
     num_buckets: int
     runtime: RuntimeConfig
+    eps: float = 1e-6
 
     @nn.compact
     def __call__(self, groups, temb):
@@ -43,18 +58,28 @@ class Router(nn.Module):
         small = nn.initializers.normal(1e-3)
         trunk = dict(collection="routers", kernel_init=_kaiming_uniform_sqrt5())
         shift, scale = Modulation(3, rt, name="img_mod", **trunk)(temb, used=2)  # the third chunk is unused
-        proj = Linear(self.hidden, ("embed", "router"), rt, name="proj", **trunk)
+        kernel, bias = _ProjWeights(self.hidden, ("embed", "router"), rt, name="proj", **trunk)(temb.shape[-1])
         gate_head = Linear(1, ("router", "gate"), rt, name="gate_head", collection="routers", kernel_init=small,
                            bias_init=nn.initializers.constant(_logit(0.7)))
         full_width = np.zeros(self.num_buckets, np.float32)
         full_width[-1] = 2.0
         width_head = Linear(self.num_buckets, ("router", "bucket"), rt, name="width_head", collection="routers",
                             kernel_init=small, bias_init=lambda key, shape, dtype: jnp.asarray(full_width, dtype))
+
+        dtype, f32 = dtype_of(rt.dtype), jnp.float32
+        kernel = kernel.astype(dtype)
+        scaled = ((1 + scale.astype(f32))[:, :, None] * kernel.astype(f32)).astype(dtype)  # K' [B, D, H]
+        colsum = scaled.astype(f32).sum(axis=1)[:, None, :]  # of the rounded K', so the mean cancels exactly
+        offset = (jnp.dot(shift.astype(dtype), kernel, preferred_element_type=f32) + bias.astype(f32))[:, None, :]
         total, count = 0.0, 0.0
         for tokens, valid in groups:
-            h = nn.relu(proj(modulate(layer_norm(tokens), shift, scale)))
-            weight = jnp.ones(tokens.shape[:2], jnp.float32) if valid is None else valid.astype(jnp.float32)
-            total = total + jnp.einsum("bl,blh->bh", weight, h.astype(jnp.float32))
+            x32 = tokens.astype(f32)
+            mean = jnp.mean(x32, axis=-1, keepdims=True)
+            var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+            y = jnp.einsum("bld,bdh->blh", tokens.astype(dtype), scaled, preferred_element_type=f32)
+            h = nn.relu(jax.lax.rsqrt(var + self.eps) * (y - mean * colsum) + offset)
+            weight = jnp.ones(tokens.shape[:2], f32) if valid is None else valid.astype(f32)
+            total = total + jnp.einsum("bl,blh->bh", weight, h)
             count = count + weight.sum(axis=1)
         pooled = total / jnp.maximum(count, 1.0)[:, None]  # the heads are linear: head(mean h) = mean head(h)
-        return gate_head(pooled)[:, 0].astype(jnp.float32), width_head(pooled).astype(jnp.float32)
+        return gate_head(pooled)[:, 0].astype(f32), width_head(pooled).astype(f32)
