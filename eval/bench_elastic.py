@@ -52,29 +52,39 @@ def without_skipped_blocks(config, params: dict, run: np.ndarray):
     return config.replace(**changes), params
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that pick the model, its size and the inputs (shared with eval.profile_step)."""
     p.add_argument("--preset", default="flux-small")
-    p.add_argument("--height", type=int, default=16)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--txt", type=int, default=32)
+    p.add_argument("--height", type=int, default=16, help="latent tokens per column")
+    p.add_argument("--width", type=int, default=16, help="latent tokens per row")
+    p.add_argument("--txt", type=int, default=32, help="text tokens")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
-    p.add_argument("--runs", type=int, default=20)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field of the preset, e.g. --set num_attention_heads=8")
+
+
+def build(args):
+    """(config, model, variables {"params", "routers"}, array inputs, static inputs) of the flags."""
+    config = preset_with_overrides(args.preset, args.set).with_runtime(param_dtype=args.dtype, dtype=args.dtype, attention=args.attention)
+    t0 = time.perf_counter()
+    variables = jax.block_until_ready(init_variables(config))
+    print(f"variables initialised in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    arrays, static = split_static(example_inputs(config, args.batch, args.height, args.width, args.txt))
+    return config, edit_jax.build_model(config), variables, arrays, static
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(p)
+    p.add_argument("--runs", type=int, default=20)
     p.add_argument("--no-ideal", action="store_true",
                    help="leave out the dense model built without the skipped blocks (saves its copy of half the weights)")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args(argv)
 
-    config = preset_with_overrides(args.preset, args.set).with_runtime(param_dtype=args.dtype, dtype=args.dtype, attention=args.attention)
-    model = edit_jax.build_model(config)
-    t0 = time.perf_counter()
-    variables = jax.block_until_ready(init_variables(config))
-    print(f"variables initialised in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    arrays, static = split_static(example_inputs(config, args.batch, args.height, args.width, args.txt))
+    config, model, variables, arrays, static = build(args)
     num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
     pattern = forced_pattern(num_blocks)
 
@@ -86,11 +96,15 @@ def main(argv=None) -> dict:
     forced_fn = jax.jit(lambda v, x, d: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=d))
     forced = lambda v, x: forced_fn(v, x, pattern)  # noqa: E731
     skips = lambda v, x: forced_fn(v, x, skip_only)  # noqa: E731
+    all_open = {"run": jnp.ones((num_blocks,), bool), "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
+    forced_open = lambda v, x: forced_fn(v, x, all_open)  # noqa: E731
     routed = jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer")))
-    fns = {"dense": dense, "forced_pattern": forced, "skips_only": skips, "routers_all_open": routed}
+    fns = {"dense": dense, "forced_pattern": forced, "skips_only": skips, "forced_all_open": forced_open,
+           "routers_all_open": routed}
     if kept is not None:
         kept_model, kept_params = edit_jax.build_model(kept[0]), kept[1]
-        fns["dense_without_skipped_blocks"] = jax.jit(lambda v, x: kept_model.apply({"params": kept_params}, **x, **static))
+        kept_fn = jax.jit(lambda p, x: kept_model.apply({"params": p}, **x, **static))  # params as an argument, not a constant
+        fns["dense_without_skipped_blocks"] = lambda v, x: kept_fn(kept_params, x)
     outs, first_call_s = {}, {}
     for k, f in fns.items():  # compiles
         t0 = time.perf_counter()
@@ -128,6 +142,9 @@ def main(argv=None) -> dict:
             "flops": round(flops_routed / flops_dense - 1, 4),
             "time": round(paired_ratio(times, "routers_all_open", "dense") - 1, 4),
             "time_of_medians": round(medians["routers_all_open"] / medians["dense"] - 1, 4),
+            # of which: the branching mechanism with every block forced open, and the routers' own work
+            "time_mechanism": round(paired_ratio(times, "forced_all_open", "dense") - 1, 4),
+            "time_router_work": round(paired_ratio(times, "routers_all_open", "forced_all_open") - 1, 4),
         },
     }
     result["forced"]["speedup_over_flop_reduction"] = round(result["forced"]["speedup"] / result["forced"]["flop_reduction"], 3)
