@@ -116,7 +116,8 @@ def elastic_step(
     [B], bucket [B], branch [] (0 skipped, 1 + k ran at bucket k)} and "cache" when given.
     """
     if elastic is None or elastic.mode == "dense":
-        return body(module, carry, None, None), None
+        with jax.named_scope("elastic_block"):
+            return body(module, carry, None, None), None
     forced, cache, layer = per_layer["forced"], per_layer.get("cache"), per_layer.get("layer")
     batch = temb.shape[0]
     scripted = elastic.mode == "forced" and not module.is_initializing()
@@ -125,7 +126,8 @@ def elastic_step(
         p = jnp.broadcast_to(given.astype(jnp.float32), (batch,))
         q = jax.nn.one_hot(jnp.broadcast_to(forced["bucket"], (batch,)), len(buckets))
     else:
-        gate_logit, width_logits = layer_view(lambda mdl: mdl.router(router_groups, temb), "routers", layer)(module)
+        with jax.named_scope("elastic_router"):  # profiles split a step's time by these scopes
+            gate_logit, width_logits = layer_view(lambda mdl: mdl.router(router_groups, temb), "routers", layer)(module)
         p, q = jax.nn.sigmoid(gate_logit), jax.nn.softmax(width_logits, axis=-1)
     masks = prefix_masks(hidden_dim, buckets)
     widths = bucket_widths(hidden_dim, buckets)
@@ -138,7 +140,9 @@ def elastic_step(
         m_soft = q @ masks
         m_hard = jax.nn.one_hot(bucket, num) @ masks
         mask = m_hard + m_soft - jax.lax.stop_gradient(m_soft)
-        new = _blend(body(module, carry, None, mask), carry, gate)
+        with jax.named_scope("elastic_block"):
+            out = body(module, carry, None, mask)
+        new = _blend(out, carry, gate)
         aux = dict(p=p, q=q, executed=hard > 0, cache_hit=jnp.zeros_like(hard, bool),
                    bucket=bucket.astype(jnp.int32), branch=jnp.asarray(num, jnp.int32))
         return new, {"aux": aux, **({"cache": cache} if cache is not None else {})}
@@ -176,7 +180,13 @@ def elastic_step(
         def branch(mdl, c, m):
             return body(mdl, c, width, None if m is None else m[:, :width])
 
-        return layer_view(branch, "params", layer)
+        viewed = layer_view(branch, "params", layer)
+
+        def scoped(mdl, c, m):  # the scope holds the slicing of the layer's weights too
+            with jax.named_scope("elastic_block"):
+                return viewed(mdl, c, m)
+
+        return scoped
 
     new = nn.switch(index, [skip] + [run_at(w) for w in widths], module, carry, row_mask)
     if per_sample or use_cache:

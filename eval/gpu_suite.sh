@@ -6,7 +6,7 @@
 # wheel was carried in .whl_flax/, that Flax is used instead. Wheels in .whl/ (diffusers and what
 # it needs) are installed first. Everything is logged to $OUT/suite.log; each benchmark writes its
 # JSON to $OUT. The benchmarks share one time budget so that the suite ends before its caller's
-# limit. Usage: bash eval/gpu_suite.sh [total seconds, default 520]
+# limit; the device tool brings back at most 8 files from $OUT, which all stages fill. Usage: [STAGES="elastic profile forward flags"] bash eval/gpu_suite.sh [total seconds, default 520]
 #
 # Dry run on a CPU machine (tiny presets, same code paths but cuDNN): GPU_SUITE_DRY=1 bash eval/gpu_suite.sh
 set -u
@@ -24,10 +24,10 @@ install_wheels() {  # folder target
 if ls .whl/*.whl >/dev/null 2>&1; then install_wheels .whl /tmp/site || echo "wheels in .whl did not install"; fi
 
 if [ -n "${GPU_SUITE_DRY:-}" ]; then
-    size="--height 4 --width 4 --dtype bfloat16 --runs 2"
+    size="--height 4 --width 4 --dtype bfloat16" runs="--runs 2"
     flux="flux-tiny --txt 8" qwen="qwen-image-tiny --txt 8" attention=xla
 else
-    size="--height 64 --width 64 --dtype bfloat16 --runs 10"
+    size="--height 64 --width 64 --dtype bfloat16" runs="--runs 10"
     flux="flux-dev --txt 512" qwen="qwen-image --txt 256" attention=cudnn
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 fi
@@ -55,17 +55,34 @@ bench() {  # name seconds module args...
 }
 
 check="eval.bench_elastic --preset qwen-image-tiny --txt 8 --height 4 --width 4 --dtype bfloat16 --attention $attention --runs 2"
-if ! bench check_tiny 90 $check; then
+if ! out=/tmp bench check_tiny 90 $check; then
     if ls .whl_flax/*.whl >/dev/null 2>&1; then
         install_wheels .whl_flax /tmp/flax_site && python3 -c "import flax; print('now flax', flax.__version__)"
-        bench check_tiny_carried_flax 90 $check || exit 1
+        out=/tmp bench check_tiny_carried_flax 90 $check || exit 1
     else
         exit 1
     fi
 fi
 
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_flux_dev 170 eval.bench_elastic --preset $flux $size --attention $attention
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_qwen_image 190 eval.bench_elastic --preset $qwen $size --attention $attention --no-ideal
-# torch shares the GPU here: JAX allocates as it goes instead of taking most of the memory up front
-XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_flux_dev 200 eval.bench_forward --preset $flux $size --attention $attention
+# STAGES picks and orders what runs after the check (default: all, in this order)
+for stage in ${STAGES:-elastic profile forward flags}; do
+    case $stage in
+    elastic)
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_flux_dev 170 eval.bench_elastic --preset $flux $size --attention $attention $runs
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_qwen_image 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --no-ideal ;;
+    profile)  # where a step's device time goes, by scope (router, block, the rest)
+        for mode in infer forced_all_open; do
+            XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_flux_dev_$mode 120 eval.profile_step --preset $flux $size --attention $attention --mode $mode
+        done ;;
+    forward)  # torch shares the GPU here: JAX allocates as it goes instead of taking most of the memory up front
+        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_flux_dev 200 eval.bench_forward --preset $flux $size --attention $attention $runs ;;
+    flags)  # XLA GPU options that may cut the per-block overheads: slices fused into GEMMs, conditionals in CUDA graphs
+        [ -n "${GPU_SUITE_DRY:-}" ] && continue
+        XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
+            bench elastic_flux_dev_dynamic_slice_fusion 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal
+        XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
+            bench elastic_flux_dev_command_buffers 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal ;;
+    *) echo "unknown stage $stage (elastic, profile, forward, flags)"; exit 2 ;;
+    esac
+done
 echo "suite done in $SECONDS s"

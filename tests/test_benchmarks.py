@@ -2,10 +2,15 @@
 (timings themselves are never asserted)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from eval import bench_elastic
+from eval import bench_elastic, profile_step
 
 
 @pytest.mark.parametrize("preset", ["flux-tiny", "qwen-image-tiny"])
@@ -27,3 +32,29 @@ def test_elastic_benchmark_leaves_out_the_comparison_a_pattern_cannot_have(tmp_p
 
     assert "dense_without_skipped_blocks" not in result["median_ms"]
     assert result["skip_mechanism_overhead"] is None
+
+
+def test_step_profile_splits_device_time_between_routers_blocks_and_the_rest(tmp_path):
+    # a program of its own: the CPU profiler records XLA ops only when a flag is set before JAX starts
+    out = tmp_path / "profile.json"
+    subprocess.run([sys.executable, "-m", "eval.profile_step", "--preset", "flux-tiny", "--height", "4", "--width", "4",
+                    "--txt", "8", "--mode", "infer", "--steps", "1", "--out", str(out)],
+                   check=True, capture_output=True, cwd=Path(__file__).parents[1])
+    result = json.loads(out.read_text())
+
+    scopes = result["by_scope"]
+    assert scopes["elastic_router"]["op_calls"] > 0 and scopes["elastic_block"]["op_calls"] > 0
+    assert sum(s["ms"] for s in scopes.values()) == pytest.approx(result["op_ms_per_step"], abs=2e-3)  # each rounded to 1 us
+    assert {row["scope"] for row in result["top_ops"]} <= {"elastic_router", "elastic_block", "other"}
+
+
+def test_op_names_map_hlo_instructions_to_their_scopes_and_flag_control_flow():
+    def f(x):
+        with jax.named_scope("elastic_router"):
+            y = jnp.sin(x).sum()
+        return jax.lax.cond(y > 0, lambda x: x @ x, lambda x: x, x)
+
+    names, containers = profile_step.op_names(jax.jit(f).lower(jnp.ones((8, 8))).compile().as_text())
+
+    assert any(profile_step.scope_of(n) == "elastic_router" for n in names.values())
+    assert containers and all(names[c].split("/")[-1] in ("cond", "while") for c in containers)

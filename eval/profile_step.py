@@ -1,0 +1,164 @@
+"""Where one forward's device time goes: a profiler trace of a few forwards, each XLA op's time
+summed and attributed, through the compiled HLO's op metadata, to the E-DiT scopes it came from
+("elastic_router", "elastic_block") or to the rest of the step. Prints JSON.
+
+    python -m eval.profile_step --preset flux-small --mode infer
+    python -m eval.profile_step --preset flux-dev --height 64 --width 64 --txt 512 \\
+        --dtype bfloat16 --attention cudnn --mode infer                  # GPU, full size
+
+On CPU the op events need XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true before JAX starts; this
+script adds it when run as a program. Modes: dense, infer (fresh routers: every block open at full
+width), forced_all_open (every block through the switch, no routers), forced_pattern (bench_elastic's).
+"""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__" and "xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import glob  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from edit_jax.elastic import ElasticConfig  # noqa: E402
+from eval.bench_elastic import build, forced_pattern, model_arguments  # noqa: E402
+from eval.report import emit, environment  # noqa: E402
+
+MODES = ("dense", "infer", "forced_all_open", "forced_pattern")
+SCOPES = ("elastic_router", "elastic_block")
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name="([^"]*)"')
+
+
+_CONTAINER = re.compile(r"\s(?:while|conditional|call)\(")
+
+
+def op_names(hlo_text: str) -> tuple[dict[str, str], set[str]]:
+    """(HLO instruction name -> the JAX op_name (name stack) in its metadata, the names of the
+    control-flow ops, whose trace events hold their bodies' and must not be counted again)."""
+    names, containers = {}, set()
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if m:
+            names[m.group(1)] = m.group(2)
+            if _CONTAINER.search(line.split("=", 1)[1]):
+                containers.add(m.group(1))
+    return names, containers
+
+
+def scope_of(op_name: str) -> str:
+    """The E-DiT scope an op belongs to ("other" outside both)."""
+    parts = op_name.split("/")
+    return next((s for s in SCOPES if s in parts), "other")
+
+
+def op_times(trace_dir: str) -> tuple[dict[str, list[float]], list[str]]:
+    """(device time (ms) of each execution of each XLA op in a trace, the trace lines read).
+    GPU: the kernels on its streams that name their hlo_op (else the "XLA Ops" line, if the trace
+    has one); CPU: the thunks that carry an hlo_op."""
+    from jax.profiler import ProfileData
+
+    (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    planes = list(ProfileData.from_file(path).planes)
+    gpus = [p for p in planes if p.name.startswith("/device:GPU")]
+    times, lines = collections.defaultdict(list), set()
+    if gpus:
+        for line in (ln for p in gpus for ln in p.lines if ln.name.startswith("Stream")):
+            for ev in line.events:
+                op = dict(ev.stats).get("hlo_op")
+                if op is not None:
+                    times[op].append(ev.duration_ns / 1e6)
+                    lines.add(line.name)
+        if not times:
+            for line in (ln for p in gpus for ln in p.lines if ln.name == "XLA Ops"):
+                for ev in line.events:
+                    times[ev.name].append(ev.duration_ns / 1e6)
+                    lines.add(line.name)
+        return times, sorted(lines)
+    for line in (ln for p in planes for ln in p.lines):
+        for ev in line.events:
+            op = dict(ev.stats).get("hlo_op")
+            if op is not None and not ev.name.startswith("end: "):
+                times[op].append(ev.duration_ns / 1e6)
+                lines.add("cpu threads")
+    return times, sorted(lines)
+
+
+def forward(mode: str, model, static: dict, num_blocks: int) -> tuple:
+    """(jitted fn(variables, arrays, *extra) -> velocity, extra) of the mode; forced decisions
+    are arguments, as the routers' are, not constants XLA could fold."""
+    if mode == "dense":
+        return jax.jit(lambda v, x: model.apply({"params": v["params"]}, **x, **static)), ()
+    if mode == "infer":
+        return jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer"))[0]), ()
+    pattern = forced_pattern(num_blocks) if mode == "forced_pattern" else {
+        "run": jnp.ones((num_blocks,), bool), "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
+    fn = jax.jit(lambda v, x, d: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=d)[0])
+    return fn, (pattern,)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(p)
+    p.add_argument("--mode", default="infer", choices=MODES)
+    p.add_argument("--steps", type=int, default=3, help="forwards traced (after one warm-up)")
+    p.add_argument("--top", type=int, default=25, help="ops listed, by total time")
+    p.add_argument("--out", help="write the JSON result here too")
+    args = p.parse_args(argv)
+
+    config, model, variables, arrays, static = build(args)
+    num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    fn, extra = forward(args.mode, model, static, num_blocks)
+    names, containers = op_names(fn.lower(variables, arrays, *extra).compile().as_text())
+    jax.block_until_ready(fn(variables, arrays, *extra))
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                jax.block_until_ready(fn(variables, arrays, *extra))
+            wall_ms = 1000 * (time.perf_counter() - t0) / args.steps
+        times, lines = op_times(trace_dir)
+
+    by_scope = {s: {"ms": 0.0, "ops": 0} for s in (*SCOPES, "other")}
+    rows = []
+    for op, ts in times.items():
+        if op in containers:
+            continue
+        op_name = names.get(op, "")
+        scope = scope_of(op_name)
+        by_scope[scope]["ms"] += sum(ts) / args.steps
+        by_scope[scope]["ops"] += len(ts) / args.steps
+        rows.append({"op": op, "scope": scope, "ms_per_step": sum(ts) / args.steps,
+                     "calls_per_step": len(ts) / args.steps, "op_name": op_name})
+    total = sum(s["ms"] for s in by_scope.values())
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    result = {
+        **environment(),
+        "preset": args.preset,
+        "overrides": args.set,
+        "mode": args.mode,
+        "tokens": {"image": args.height * args.width, "text": args.txt, "batch": args.batch},
+        "dtype": args.dtype,
+        "attention": args.attention,
+        "blocks": num_blocks,
+        "trace_lines": lines,
+        "wall_ms_per_step": round(wall_ms, 3),
+        "op_ms_per_step": round(total, 3),
+        "op_calls_per_step": round(sum(s["ops"] for s in by_scope.values()), 1),
+        "by_scope": {k: {"ms": round(v["ms"], 3), "share": round(v["ms"] / total, 4) if total else None,
+                         "op_calls": round(v["ops"], 1)} for k, v in by_scope.items()},
+        "top_ops": [{**r, "ms_per_step": round(r["ms_per_step"], 4)} for r in rows[: args.top]],
+    }
+    return emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
