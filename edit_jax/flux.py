@@ -24,6 +24,7 @@ from edit_jax.elastic import (
     gather_aux,
     lazy_weights,
     per_layer_inputs,
+    router_modulations,
 )
 from edit_jax.flops import step_flops
 from edit_jax.layers import (
@@ -169,14 +170,15 @@ class FluxTransformer(nn.Module):
         num_txt = encoder_hidden_states.shape[1]
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         caches = None if cache is None else (cache["transformer_blocks"], cache["single_transformer_blocks"])
-        lazy = lazy_weights(elastic, self.is_initializing())
-        per_double, per_single = per_layer_inputs(
-            decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, lazy
-        )
-
         img = Linear(cfg.inner_dim, ("channels", "embed"), rt, name="x_embedder")(hidden_states.astype(dtype))
         temb = FluxTimeTextEmbedding(cfg, name="time_text_embed")(
             timestep, pooled_projections.astype(dtype), guidance
+        )
+        lazy = lazy_weights(elastic, self.is_initializing())
+        stacks = ("transformer_blocks", "single_transformer_blocks")
+        per_double, per_single = per_layer_inputs(
+            decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, lazy,
+            router_modulations(self, elastic, stacks, temb, dtype),
         )
         txt = Linear(cfg.inner_dim, ("text_embed", "embed"), rt, name="context_embedder")(
             encoder_hidden_states.astype(dtype)

@@ -17,7 +17,14 @@ import numpy as np
 
 from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import QwenImageConfig
-from edit_jax.elastic import ElasticConfig, empty_cache, gather_aux, lazy_weights, per_layer_inputs
+from edit_jax.elastic import (
+    ElasticConfig,
+    empty_cache,
+    gather_aux,
+    lazy_weights,
+    per_layer_inputs,
+    router_modulations,
+)
 from edit_jax.flops import step_flops
 from edit_jax.layers import (
     Linear,
@@ -141,7 +148,8 @@ class QwenImageTransformer(nn.Module):
             name="transformer_blocks",
         )
         caches = None if cache is None else (cache["transformer_blocks"],)
-        (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy)
+        modulations = router_modulations(self, elastic, ("transformer_blocks",), temb, dtype)
+        (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy, modulations)
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)
 

@@ -53,11 +53,16 @@ class Router(nn.Module):
     eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, groups, temb):
+    def __call__(self, groups, temb, modulation=None):
+        """modulation: (shift, scale) [B, D] when computed ahead for all layers
+        (`edit_jax.elastic.router_modulations`); else computed here from temb [B, D]."""
         rt = self.runtime
         small = nn.initializers.normal(1e-3)
         trunk = dict(collection="routers", kernel_init=_kaiming_uniform_sqrt5())
-        shift, scale = Modulation(3, rt, name="img_mod", **trunk)(temb, used=2)  # the third chunk is unused
+        if modulation is None:
+            shift, scale = Modulation(3, rt, name="img_mod", **trunk)(temb, used=2)  # the third chunk is unused
+        else:
+            shift, scale = modulation
         kernel, bias = _ProjWeights(self.hidden, ("embed", "router"), rt, name="proj", **trunk)(temb.shape[-1])
         gate_head = Linear(1, ("router", "gate"), rt, name="gate_head", collection="routers", kernel_init=small,
                            bias_init=nn.initializers.constant(_logit(0.7)))

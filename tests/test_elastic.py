@@ -187,6 +187,31 @@ def test_a_skipped_block_never_reads_its_weights(family):
         assert all(_primitives(run.jaxpr) & {"dynamic_slice", "gather"} for run in runs)
 
 
+def _dots(jaxpr, into_scans: bool):
+    """Every dot_general eqn of a jaxpr and its sub-jaxprs (those of scans only if into_scans)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        if eqn.primitive.name != "scan" or into_scans:
+            for sub in _subjaxprs(eqn):
+                yield from _dots(sub, into_scans)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_modulations_are_one_matmul_per_stack_ahead_of_the_block_scans(family):
+    case = Case(family)
+    closed = jax.make_jaxpr(lambda r: case.elastic(INFER, routers=r)[0])(case.routers)
+    d = case.config.inner_dim
+
+    kernels = [v.aval.shape for e in _dots(closed.jaxpr, into_scans=False) for v in e.invars]
+    assert [s[0] for s in kernels if s[1:] == (d, 3 * d)] == [count for _, count, _, _ in case.stacks()]
+    for scan in _block_scans(closed.jaxpr):
+        in_router = [e for e in _dots(scan.params["jaxpr"].jaxpr, into_scans=True)
+                     if "elastic_router" in str(e.source_info.name_stack)]
+        shapes = {v.aval.shape[-2:] for e in in_router for v in e.invars}
+        assert in_router and not shapes & {(d, 2 * d), (d, 3 * d)}  # no modulation kernel read in the scan
+
+
 def test_forced_decisions_of_the_wrong_shape_are_a_clear_error():
     case = Case("qwen-image")
     with pytest.raises(ValueError, match=r"forced (run|bucket) has shape \(2,\), expected \[3\] or \[2, 3\]"):
