@@ -35,7 +35,8 @@ class _ProjWeights(Linear):
 class Router(nn.Module):
     """One block's router (SPEC section 1), params in the "routers" collection.
 
-    shift, scale = Linear_D->3D(SiLU(temb)) (the unused third chunk is not computed);
+    shift, scale = the first two chunks of Linear_D->3D(SiLU(temb)) (the third is unused), in
+    the model computed for all layers ahead of the block scan (`router_modulations`);
     h = ReLU(proj(LN(x)*(1+scale)+shift));
     gate logit = mean over valid tokens of gate_head(h); width logits = mean of width_head(h).
     groups: sequence of (tokens [B, L_i, D], valid [B, L_i] or None); the mean runs over all
