@@ -6,7 +6,7 @@
 # wheel was carried in .whl_flax/, that Flax is used instead. Wheels in .whl/ (diffusers and what
 # it needs) are installed first. Everything is logged to $OUT/suite.log; each benchmark writes its
 # JSON to $OUT. The benchmarks share one time budget so that the suite ends before its caller's
-# limit; the device tool brings back at most 8 files from $OUT, which all stages fill. Usage: [STAGES="elastic profile forward flags"] bash eval/gpu_suite.sh [total seconds, default 520]
+# limit; the device tool brings back at most 8 files from $OUT, which all stages fill. Usage: [STAGES="elastic profile flags forward"] bash eval/gpu_suite.sh [total seconds, default 520]
 #
 # Dry run on a CPU machine (tiny presets, same code paths but cuDNN): GPU_SUITE_DRY=1 bash eval/gpu_suite.sh
 set -u
@@ -65,7 +65,7 @@ if ! out=/tmp bench check_tiny 90 $check; then
 fi
 
 # STAGES picks and orders what runs after the check (default: all, in this order)
-for stage in ${STAGES:-elastic profile forward flags}; do
+for stage in ${STAGES:-elastic profile flags forward}; do
     case $stage in
     elastic)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_flux_dev 170 eval.bench_elastic --preset $flux $size --attention $attention $runs
