@@ -22,6 +22,7 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import glob  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -126,6 +127,9 @@ def main(argv=None) -> dict:
                 jax.block_until_ready(fn(variables, arrays, *extra))
             wall_ms = 1000 * (time.perf_counter() - t0) / args.steps
         times, lines = op_times(trace_dir)
+    if not times:
+        print("warning: the trace holds no XLA op events (on CPU, XLA_FLAGS must hold "
+              "--xla_cpu_enable_xprof_traceme=true before JAX starts: run this as a program)", file=sys.stderr)
 
     by_scope = {s: {"ms": 0.0, "ops": 0} for s in (*SCOPES, "other")}
     rows = []
