@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edit_jax.router import router_prelude
+
 
 MODES = ("dense", "train", "infer", "forced")
 DECISIONS = ("batch", "sample")
@@ -109,8 +111,8 @@ def elastic_step(
 
     module: the block (has a `router` submodule); body(module, carry, width, hidden_mask).
     per_layer: {"forced": {"run" or "p", "bucket"}, [B] or [] for one decision for all rows;
-    in mode "forced" the router is not run}, optionally "router_modulation": the router's
-    (shift, scale) [B, D] computed ahead (`router_modulations`), with the cache on {"cache": {"delta": like carry,
+    in mode "forced" the router is not run}, optionally "router_prelude": the router's temb-only
+    half computed ahead (`router_preludes`), with the cache on {"cache": {"delta": like carry,
     "stored": [B], "count": [B]}}, and with lazy weights {"layer": []} (the module's variables
     are then the whole stack, see `lazy_weights`); step: the denoising step index.
     Outputs: {"aux": p [B], q [B, K], executed [B] (rows that computed the block), cache_hit
@@ -128,9 +130,9 @@ def elastic_step(
         q = jax.nn.one_hot(jnp.broadcast_to(forced["bucket"], (batch,)), len(buckets))
     else:
         with jax.named_scope("elastic_router"):  # profiles split a step's time by these scopes
-            modulation = per_layer.get("router_modulation")
+            prelude = per_layer.get("router_prelude")
             gate_logit, width_logits = layer_view(
-                lambda mdl: mdl.router(router_groups, temb, modulation), "routers", layer
+                lambda mdl: mdl.router(router_groups, temb, prelude), "routers", layer
             )(module)
         p, q = jax.nn.sigmoid(gate_logit), jax.nn.softmax(width_logits, axis=-1)
     masks = prefix_masks(hidden_dim, buckets)
@@ -211,43 +213,35 @@ def elastic_step(
     return new, outputs
 
 
-def router_modulations(model: nn.Module, elastic: ElasticConfig | None, stacks: Sequence[str], temb: jax.Array,
-                       dtype) -> list[tuple[jax.Array, jax.Array]] | None:
-    """Every router's (shift, scale) of this step, [L_i, B, D] each, per block stack: they read
-    only temb, so one matmul over a stack's stacked modulation kernels ([L_i, D, 3D], all three
-    chunks: reading them whole beats copying out two) replaces a small one, and a copy of its
-    weights, per block. None where no router runs (dense and forced modes, init)."""
+def router_preludes(model: nn.Module, elastic: ElasticConfig | None, stacks: Sequence[str], temb: jax.Array,
+                    dtype) -> list[dict] | None:
+    """Per block stack, the half of every router that reads only temb (`router_prelude`: the
+    modulation and the scaled proj kernel, [L_i, B, ...]), computed once per step with batched
+    matmuls ahead of the scan instead of small ops and weight copies in every block. None where
+    no router runs (dense and forced modes, init)."""
     if elastic is None or elastic.mode not in ("infer", "train") or model.is_initializing():
         return None
     routers = model.variables.get("routers")
     if routers is None:
         raise ValueError(f"elastic mode {elastic.mode!r} runs the routers: apply with {{'params', 'routers'}}")
-    act, dim = nn.silu(temb).astype(dtype), temb.shape[-1]
-    out = []
-    for name in stacks:
-        linear = routers[name]["router"]["img_mod"]["linear"]
-        kernel = linear["kernel"].astype(dtype)
-        # a batched matmul over the layer axis reads each [D, 3D] kernel in place (an einsum
-        # contracting "bd,lde" made XLA transpose the whole stack first)
-        mod = jnp.matmul(jnp.broadcast_to(act, (kernel.shape[0], *act.shape)), kernel) + linear["bias"].astype(dtype)[:, None, :]
-        out.append((mod[..., :dim], mod[..., dim : 2 * dim]))
-    return out
+    with jax.named_scope("elastic_router"):
+        return [router_prelude(routers[name]["router"], temb, dtype) for name in stacks]
 
 
 def per_layer_inputs(
     decisions: dict | None, caches: Sequence[dict] | None, stack_sizes: Sequence[int], batch: int, lazy: bool,
-    modulations: Sequence[tuple] | None = None,
+    preludes: Sequence[dict] | None = None,
 ) -> list[dict]:
     """The scanned per-layer inputs of each block stack: forced decisions, the stack's cache
-    (when given), the routers' shift and scale (`router_modulations`, when given) and, with lazy
+    (when given), the routers' preludes (`router_preludes`, when given) and, with lazy
     weights (`lazy_weights`), the layer index."""
     out = []
     for i, (forced, size) in enumerate(zip(forced_per_layer(decisions, stack_sizes, batch), stack_sizes)):
         inputs = {"forced": forced}
         if caches is not None:
             inputs["cache"] = caches[i]
-        if modulations is not None:
-            inputs["router_modulation"] = modulations[i]
+        if preludes is not None:
+            inputs["router_prelude"] = preludes[i]
         if lazy:
             inputs["layer"] = jnp.arange(size)
         out.append(inputs)

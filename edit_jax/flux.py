@@ -24,7 +24,7 @@ from edit_jax.elastic import (
     gather_aux,
     lazy_weights,
     per_layer_inputs,
-    router_modulations,
+    router_preludes,
 )
 from edit_jax.flops import step_flops
 from edit_jax.layers import (
@@ -178,7 +178,7 @@ class FluxTransformer(nn.Module):
         stacks = ("transformer_blocks", "single_transformer_blocks")
         per_double, per_single = per_layer_inputs(
             decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, lazy,
-            router_modulations(self, elastic, stacks, temb, dtype),
+            router_preludes(self, elastic, stacks, temb, dtype),
         )
         txt = Linear(cfg.inner_dim, ("text_embed", "embed"), rt, name="context_embedder")(
             encoder_hidden_states.astype(dtype)

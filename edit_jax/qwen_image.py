@@ -23,7 +23,7 @@ from edit_jax.elastic import (
     gather_aux,
     lazy_weights,
     per_layer_inputs,
-    router_modulations,
+    router_preludes,
 )
 from edit_jax.flops import step_flops
 from edit_jax.layers import (
@@ -148,8 +148,8 @@ class QwenImageTransformer(nn.Module):
             name="transformer_blocks",
         )
         caches = None if cache is None else (cache["transformer_blocks"],)
-        modulations = router_modulations(self, elastic, ("transformer_blocks",), temb, dtype)
-        (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy, modulations)
+        preludes = router_preludes(self, elastic, ("transformer_blocks",), temb, dtype)
+        (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy, preludes)
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)
 

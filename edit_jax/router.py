@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_jax.config import RuntimeConfig
-from edit_jax.layers import Linear, Modulation, dtype_of
+from edit_jax.layers import Linear, dtype_of
 
 
 def _kaiming_uniform_sqrt5():
@@ -23,8 +23,8 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-class _ProjWeights(Linear):
-    """The router's proj params, declared as a Linear declares them; returns (kernel, bias)."""
+class _Weights(Linear):
+    """A Linear's params, declared as a Linear declares them; returns (kernel, bias)."""
 
     @nn.compact
     def __call__(self, in_features: int):
@@ -32,11 +32,42 @@ class _ProjWeights(Linear):
         return kernel, self._weight("bias", self.bias_init, self.axes[1:], (self.features,))
 
 
+class _ModulationWeights(nn.Module):
+    """Modulation(3)'s params ("linear" [D, 3D] and its bias), declared, not applied."""
+
+    runtime: RuntimeConfig
+    kernel_init: nn.initializers.Initializer
+
+    @nn.compact
+    def __call__(self, dim: int):
+        return _Weights(3 * dim, ("embed", "modulation"), self.runtime, collection="routers",
+                        kernel_init=self.kernel_init, name="linear")(dim)
+
+
+def router_prelude(weights: dict, temb: jax.Array, dtype) -> dict:
+    """The half of the router that reads only temb, for a stack of L routers at once (one step).
+
+    weights: the routers' params, leaves stacked on a leading layer axis [L, ...]; temb [B, D].
+    With shift, scale the first two chunks of img_mod(SiLU(temb)) and K the proj kernel, returns
+    {"scaled": K' = (1 + scale) * K [L, B, D, H] (dtype), "colsum": sum_d K' [L, B, 1, H],
+    "offset": shift @ K + bias [L, B, 1, H]} (float32). Batched matmuls over the layer axis read
+    each layer's kernels in place."""
+    f32, dim = jnp.float32, temb.shape[-1]
+    mod_kernel, mod_bias = (weights["img_mod"]["linear"][k].astype(dtype) for k in ("kernel", "bias"))
+    act = nn.silu(temb).astype(dtype)
+    mod = jnp.matmul(jnp.broadcast_to(act, (mod_kernel.shape[0], *act.shape)), mod_kernel) + mod_bias[:, None, :]
+    shift, scale = mod[..., :dim], mod[..., dim : 2 * dim]  # the third chunk is unused
+    kernel = weights["proj"]["kernel"].astype(dtype)  # [L, D, H]
+    scaled = ((1 + scale.astype(f32))[..., None] * kernel.astype(f32)[:, None]).astype(dtype)
+    offset = jnp.matmul(shift, kernel, preferred_element_type=f32) + weights["proj"]["bias"].astype(f32)[:, None, :]
+    # colsum of the rounded K', so that the token mean cancels exactly in r * (x @ K' - m * colsum)
+    return {"scaled": scaled, "colsum": scaled.astype(f32).sum(axis=-2, keepdims=True), "offset": offset[:, :, None, :]}
+
+
 class Router(nn.Module):
     """One block's router (SPEC section 1), params in the "routers" collection.
 
-    shift, scale = the first two chunks of Linear_D->3D(SiLU(temb)) (the third is unused), in
-    the model computed for all layers ahead of the block scan (`router_modulations`);
+    shift, scale = the first two chunks of Linear_D->3D(SiLU(temb)) (the third is unused);
     h = ReLU(proj(LN(x)*(1+scale)+shift));
     gate logit = mean over valid tokens of gate_head(h); width logits = mean of width_head(h).
     groups: sequence of (tokens [B, L_i, D], valid [B, L_i] or None); the mean runs over all
@@ -45,7 +76,9 @@ class Router(nn.Module):
 
     Computed folded, so that the tokens are read twice (their moments, one matmul) and no
     normalised copy is written: with m, r a token's mean and 1/std and K' = (1+scale) * K,
-    proj(LN(x)*(1+scale)+shift) = r * (x @ K' - m * sum_d K') + shift @ K + bias.
+    proj(LN(x)*(1+scale)+shift) = r * (x @ K' - m * sum_d K') + shift @ K + bias. What reads only
+    temb (`router_prelude`) the models compute ahead of the block scan for all layers at once and
+    pass in as `prelude`; without it the router computes its own.
     """
 
     hidden: int
@@ -54,17 +87,13 @@ class Router(nn.Module):
     eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, groups, temb, modulation=None):
-        """modulation: (shift, scale) [B, D] when computed ahead for all layers
-        (`edit_jax.elastic.router_modulations`); else computed here from temb [B, D]."""
+    def __call__(self, groups, temb, prelude: dict | None = None):
         rt = self.runtime
         small = nn.initializers.normal(1e-3)
-        trunk = dict(collection="routers", kernel_init=_kaiming_uniform_sqrt5())
-        if modulation is None:
-            shift, scale = Modulation(3, rt, name="img_mod", **trunk)(temb, used=2)  # the third chunk is unused
-        else:
-            shift, scale = modulation
-        kernel, bias = _ProjWeights(self.hidden, ("embed", "router"), rt, name="proj", **trunk)(temb.shape[-1])
+        trunk_init = _kaiming_uniform_sqrt5()
+        mod_kernel, mod_bias = _ModulationWeights(rt, trunk_init, name="img_mod")(temb.shape[-1])
+        kernel, bias = _Weights(self.hidden, ("embed", "router"), rt, collection="routers", kernel_init=trunk_init,
+                                name="proj")(temb.shape[-1])
         gate_head = Linear(1, ("router", "gate"), rt, name="gate_head", collection="routers", kernel_init=small,
                            bias_init=nn.initializers.constant(_logit(0.7)))
         full_width = np.zeros(self.num_buckets, np.float32)
@@ -73,10 +102,10 @@ class Router(nn.Module):
                             kernel_init=small, bias_init=lambda key, shape, dtype: jnp.asarray(full_width, dtype))
 
         dtype, f32 = dtype_of(rt.dtype), jnp.float32
-        kernel = kernel.astype(dtype)
-        scaled = ((1 + scale.astype(f32))[:, :, None] * kernel.astype(f32)).astype(dtype)  # K' [B, D, H]
-        colsum = scaled.astype(f32).sum(axis=1)[:, None, :]  # of the rounded K', so the mean cancels exactly
-        offset = (jnp.dot(shift.astype(dtype), kernel, preferred_element_type=f32) + bias.astype(f32))[:, None, :]
+        if prelude is None:
+            own = {"img_mod": {"linear": {"kernel": mod_kernel, "bias": mod_bias}}, "proj": {"kernel": kernel, "bias": bias}}
+            prelude = jax.tree.map(lambda x: x[0], router_prelude(jax.tree.map(lambda x: x[None], own), temb, dtype))
+        scaled, colsum, offset = prelude["scaled"], prelude["colsum"], prelude["offset"]
         total, count = 0.0, 0.0
         for tokens, valid in groups:
             x32 = tokens.astype(f32)

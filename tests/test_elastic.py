@@ -198,18 +198,20 @@ def _dots(jaxpr, into_scans: bool):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_router_modulations_are_one_matmul_per_stack_ahead_of_the_block_scans(family):
+def test_the_routers_temb_only_half_runs_once_per_stack_ahead_of_the_block_scans(family):
     case = Case(family)
     closed = jax.make_jaxpr(lambda r: case.elastic(INFER, routers=r)[0])(case.routers)
-    d = case.config.inner_dim
+    d, h = case.config.inner_dim, case.config.router_hidden
 
-    kernels = [v.aval.shape for e in _dots(closed.jaxpr, into_scans=False) for v in e.invars]
-    assert [s[0] for s in kernels if s[1:] == (d, 3 * d)] == [count for _, count, _, _ in case.stacks()]
+    ahead = [v.aval.shape for e in _dots(closed.jaxpr, into_scans=False) for v in e.invars]
+    counts = [count for _, count, _, _ in case.stacks()]
+    assert [s[0] for s in ahead if s[1:] == (d, 3 * d)] == counts  # modulation kernels
+    assert [s[0] for s in ahead if s[1:] == (d, h)] == counts  # proj kernels
     for scan in _block_scans(closed.jaxpr):
         in_router = [e for e in _dots(scan.params["jaxpr"].jaxpr, into_scans=True)
                      if "elastic_router" in str(e.source_info.name_stack)]
-        shapes = {v.aval.shape[-2:] for e in in_router for v in e.invars}
-        assert in_router and not shapes & {(d, 2 * d), (d, 3 * d)}  # no modulation kernel read in the scan
+        kernels = {v.aval.shape for e in in_router for v in e.invars if v.aval.ndim == 2}
+        assert in_router and not kernels & {(d, 2 * d), (d, 3 * d), (d, h)}  # none read in the scan
 
 
 def test_forced_decisions_of_the_wrong_shape_are_a_clear_error():
