@@ -79,12 +79,30 @@ def check(trees: dict[str, tuple[dict[str, Src], dict]], source, what: str = "ch
         )
 
 
+_BLOCK = 256
+
+
+def _fill(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src (converting the dtype). A transposed 2-D view (a PyTorch weight turned into
+    our kernel) is copied in square blocks that stay in cache: numpy's element-strided copy of
+    a whole transpose runs at a third of the speed."""
+    if src.shape != dst.shape:
+        raise ConversionError(f"a converted tensor has shape {src.shape}, expected {dst.shape}")
+    if src.ndim == 2 and not src.flags.c_contiguous and src.T.flags.c_contiguous:
+        for i in range(0, src.shape[0], _BLOCK):
+            for j in range(0, src.shape[1], _BLOCK):
+                dst[i : i + _BLOCK, j : j + _BLOCK] = src[i : i + _BLOCK, j : j + _BLOCK]
+    else:
+        dst[...] = src
+
+
 def _build(src: Src, source, target, dtype: np.dtype) -> np.ndarray:
-    if not src.stacked:
-        return np.asarray(src.apply(source.get(src.key)), dtype=dtype)
     out = np.empty(target.shape, dtype)
+    if not src.stacked:
+        _fill(out, src.apply(source.get(src.key)))
+        return out
     for i, key in enumerate(src.keys(target.shape[0])):
-        out[i] = src.apply(source.get(key))
+        _fill(out[i], src.apply(source.get(key)))
     return out
 
 

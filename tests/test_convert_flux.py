@@ -212,3 +212,22 @@ def test_orbax_round_trip_keeps_params_and_config(tmp_path):
 def test_loading_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="is not an edit-jax checkpoint"):
         edit_jax.load(tmp_path)
+
+
+def test_transposed_weights_are_copied_exactly_in_blocks_with_the_dtype_converted():
+    import ml_dtypes
+
+    from checkpoints_convert.engine import _BLOCK, _fill
+
+    weight = np.random.default_rng(0).standard_normal((_BLOCK + 3, 2 * _BLOCK + 5)).astype(np.float32)
+    kernel = np.empty(weight.shape[::-1], ml_dtypes.bfloat16)
+    _fill(kernel, weight.T)
+
+    assert np.array_equal(kernel.view(np.uint16), weight.T.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+def test_a_converted_tensor_of_the_wrong_shape_is_an_error_not_a_broadcast():
+    from checkpoints_convert.engine import _fill
+
+    with pytest.raises(ConversionError, match=r"shape \(1, 4\), expected \(3, 4\)"):
+        _fill(np.empty((3, 4), np.float32), np.ones((1, 4), np.float32))
