@@ -35,6 +35,8 @@ from eval.report import emit, environment  # noqa: E402
 
 MODES = ("dense", "infer", "forced_all_open", "forced_pattern")
 SCOPES = ("elastic_router", "elastic_block")
+# lines a profiler may derive from the stream lines (counting them would count kernels twice)
+_DERIVED_LINES = ("XLA Ops", "XLA Modules", "Framework", "TensorFlow", "Steps", "Source")
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name="([^"]*)"')
 
 
@@ -62,8 +64,8 @@ def scope_of(op_name: str) -> str:
 
 def op_times(trace_dir: str) -> tuple[dict[str, list[float]], list[str]]:
     """(device time (ms) of each execution of each XLA op in a trace, the trace lines read).
-    GPU: the kernels on its streams that name their hlo_op (else the "XLA Ops" line, if the trace
-    has one); CPU: the thunks that carry an hlo_op."""
+    GPU: the kernels on its stream lines that name their hlo_op (else the "XLA Ops" line, if the
+    trace has one); CPU: the thunks that carry an hlo_op."""
     from jax.profiler import ProfileData
 
     (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
@@ -71,7 +73,7 @@ def op_times(trace_dir: str) -> tuple[dict[str, list[float]], list[str]]:
     gpus = [p for p in planes if p.name.startswith("/device:GPU")]
     times, lines = collections.defaultdict(list), set()
     if gpus:
-        for line in (ln for p in gpus for ln in p.lines if ln.name.startswith("Stream")):
+        for line in (ln for p in gpus for ln in p.lines if not ln.name.startswith(_DERIVED_LINES)):
             for ev in line.events:
                 op = dict(ev.stats).get("hlo_op")
                 if op is not None:
