@@ -74,6 +74,8 @@ for stage in ${STAGES:-elastic profile flags forward}; do
         for mode in infer forced_all_open; do
             XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_flux_dev_$mode 120 eval.profile_step --preset $flux $size --attention $attention --mode $mode
         done ;;
+    cfg)  # Qwen-Image as it samples, with true CFG: batch 2 (not in the default stages)
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_qwen_image_batch2 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --batch 2 --no-ideal ;;
     forward)  # torch shares the GPU here: JAX allocates as it goes instead of taking most of the memory up front
         XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_flux_dev 200 eval.bench_forward --preset $flux $size --attention $attention $runs ;;
     flags)  # XLA GPU options that may cut the per-block overheads: slices fused into GEMMs, conditionals in CUDA graphs
@@ -82,7 +84,7 @@ for stage in ${STAGES:-elastic profile flags forward}; do
             bench elastic_flux_dev_dynamic_slice_fusion 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
             bench elastic_flux_dev_command_buffers 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal ;;
-    *) echo "unknown stage $stage (elastic, profile, forward, flags)"; exit 2 ;;
+    *) echo "unknown stage $stage (elastic, profile, flags, forward, cfg)"; exit 2 ;;
     esac
 done
 echo "suite done in $SECONDS s"
