@@ -24,7 +24,7 @@ from eval.report import emit, environment
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
 from edit_jax.models import example_inputs, init_variables, split_static
-from eval.bench_forward import preset_with_overrides
+from eval.bench_forward import config_from, model_arguments
 from eval.timing import paired_ratio, time_runs
 
 
@@ -33,6 +33,22 @@ def forced_pattern(num_blocks: int) -> dict:
     run = np.arange(num_blocks) % 2 == 0
     bucket = np.where(np.arange(num_blocks) % 4 == 0, 1, 3)
     return {"run": jnp.asarray(run), "bucket": jnp.asarray(bucket, jnp.int32)}
+
+
+def all_open(num_blocks: int) -> dict:
+    """Forced decisions that run every block at full width."""
+    return {"run": jnp.ones((num_blocks,), bool), "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
+
+
+def forwards(model, static: dict) -> dict:
+    """The jitted forwards the eval scripts time: "dense" (v, x), "forced" (v, x, decisions) and
+    "infer" (v, x). Decisions are arguments, as the routers' are: constants would let XLA fold
+    the branches away."""
+    return {
+        "dense": jax.jit(lambda v, x: model.apply({"params": v["params"]}, **x, **static)),
+        "forced": jax.jit(lambda v, x, d: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=d)),
+        "infer": jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer"))),
+    }
 
 
 def without_skipped_blocks(config, params: dict, run: np.ndarray):
@@ -52,22 +68,9 @@ def without_skipped_blocks(config, params: dict, run: np.ndarray):
     return config.replace(**changes), params
 
 
-def model_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags that pick the model, its size and the inputs (shared with eval.profile_step)."""
-    p.add_argument("--preset", default="flux-small")
-    p.add_argument("--height", type=int, default=16, help="latent tokens per column")
-    p.add_argument("--width", type=int, default=16, help="latent tokens per row")
-    p.add_argument("--txt", type=int, default=32, help="text tokens")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field of the preset, e.g. --set num_attention_heads=8")
-
-
 def build(args):
     """(config, model, variables {"params", "routers"}, array inputs, static inputs) of the flags."""
-    config = preset_with_overrides(args.preset, args.set).with_runtime(param_dtype=args.dtype, dtype=args.dtype, attention=args.attention)
+    config = config_from(args)
     t0 = time.perf_counter()
     variables = jax.block_until_ready(init_variables(config))
     print(f"variables initialised in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -88,19 +91,18 @@ def main(argv=None) -> dict:
     num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
     pattern = forced_pattern(num_blocks)
 
-    skip_only = {"run": pattern["run"], "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
+    skip_only = {**all_open(num_blocks), "run": pattern["run"]}
     kept = None if args.no_ideal else without_skipped_blocks(config, variables["params"], np.asarray(pattern["run"]))
 
-    dense = jax.jit(lambda v, x: model.apply({"params": v["params"]}, **x, **static))
-    # decisions are arguments, as the routers' are: constants would let XLA fold the branches away
-    forced_fn = jax.jit(lambda v, x, d: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=d))
-    forced = lambda v, x: forced_fn(v, x, pattern)  # noqa: E731
-    skips = lambda v, x: forced_fn(v, x, skip_only)  # noqa: E731
-    all_open = {"run": jnp.ones((num_blocks,), bool), "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
-    forced_open = lambda v, x: forced_fn(v, x, all_open)  # noqa: E731
-    routed = jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer")))
-    fns = {"dense": dense, "forced_pattern": forced, "skips_only": skips, "forced_all_open": forced_open,
-           "routers_all_open": routed}
+    jitted = forwards(model, static)
+    forced_fn = jitted["forced"]
+    fns = {
+        "dense": jitted["dense"],
+        "forced_pattern": lambda v, x: forced_fn(v, x, pattern),
+        "skips_only": lambda v, x: forced_fn(v, x, skip_only),
+        "forced_all_open": lambda v, x: forced_fn(v, x, all_open(num_blocks)),
+        "routers_all_open": jitted["infer"],
+    }
     if kept is not None:
         kept_model, kept_params = edit_jax.build_model(kept[0]), kept[1]
         kept_fn = jax.jit(lambda p, x: kept_model.apply({"params": p}, **x, **static))  # params as an argument, not a constant

@@ -41,6 +41,26 @@ def preset_with_overrides(name: str, overrides: list[str]):
     return edit_jax.preset(name).replace(**changes)
 
 
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that pick the model, its size and the inputs (shared by the eval scripts)."""
+    p.add_argument("--preset", default="flux-small")
+    p.add_argument("--height", type=int, default=16, help="latent tokens per column")
+    p.add_argument("--width", type=int, default=16, help="latent tokens per row")
+    p.add_argument("--txt", type=int, default=32, help="text tokens")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field of the preset, e.g. --set num_attention_heads=8")
+
+
+def config_from(args):
+    """The config that `model_arguments`' flags pick."""
+    return preset_with_overrides(args.preset, args.set).with_runtime(
+        param_dtype=args.dtype, dtype=args.dtype, attention=args.attention
+    )
+
+
 def diffusers_model(config, torch_dtype, device):
     import torch
     from diffusers import FluxTransformer2DModel
@@ -62,25 +82,15 @@ def diffusers_model(config, torch_dtype, device):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="flux-small")
-    p.add_argument("--height", type=int, default=16, help="latent tokens per column")
-    p.add_argument("--width", type=int, default=16, help="latent tokens per row")
-    p.add_argument("--txt", type=int, default=32, help="text tokens")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    model_arguments(p)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time diffusers under torch.compile")
     p.add_argument("--no-torch", action="store_true", help="time only our forward")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field of the preset, e.g. --set num_layers=4")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args(argv)
 
-    config = preset_with_overrides(args.preset, args.set).with_runtime(
-        param_dtype=args.dtype, dtype=args.dtype, attention=args.attention
-    )
+    config = config_from(args)
     model = edit_jax.build_model(config)
     inputs_f32 = example_inputs(config, args.batch, args.height, args.width, args.txt)
     inputs = {k: (v.astype(args.dtype) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v)

@@ -27,10 +27,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from edit_jax.elastic import ElasticConfig  # noqa: E402
-from eval.bench_elastic import build, forced_pattern, model_arguments  # noqa: E402
+from eval.bench_elastic import all_open, build, forced_pattern, forwards  # noqa: E402
+from eval.bench_forward import model_arguments  # noqa: E402
 from eval.report import emit, environment  # noqa: E402
 
 MODES = ("dense", "infer", "forced_all_open", "forced_pattern")
@@ -95,16 +94,11 @@ def op_times(trace_dir: str) -> tuple[dict[str, list[float]], list[str]]:
 
 
 def forward(mode: str, model, static: dict, num_blocks: int) -> tuple:
-    """(jitted fn(variables, arrays, *extra) -> velocity, extra) of the mode; forced decisions
-    are arguments, as the routers' are, not constants XLA could fold."""
-    if mode == "dense":
-        return jax.jit(lambda v, x: model.apply({"params": v["params"]}, **x, **static)), ()
-    if mode == "infer":
-        return jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer"))[0]), ()
-    pattern = forced_pattern(num_blocks) if mode == "forced_pattern" else {
-        "run": jnp.ones((num_blocks,), bool), "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
-    fn = jax.jit(lambda v, x, d: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=d)[0])
-    return fn, (pattern,)
+    """(jitted fn(variables, arrays, *extra), extra) of the mode, as `eval.bench_elastic` times it."""
+    jitted = forwards(model, static)
+    if mode in ("dense", "infer"):
+        return jitted[mode], ()
+    return jitted["forced"], (forced_pattern(num_blocks) if mode == "forced_pattern" else all_open(num_blocks),)
 
 
 def main(argv=None) -> dict:
