@@ -26,7 +26,9 @@ def convert_checkpoint(
 ) -> Path:
     """Converts `src` (a weight file or folder) into the checkpoint `dst`; params stored in `dtype`.
 
-    Returns the checkpoint path. Nothing is left at `dst` when anything goes wrong."""
+    Returns the checkpoint path. Nothing is left at `dst` when anything goes wrong; `dst` never
+    overlaps `src`, and an existing `dst` is replaced (with `overwrite`) only when it is an
+    edit-jax checkpoint, and only once the new one is complete."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
     source = open_source(src)
@@ -45,4 +47,5 @@ def convert_checkpoint(
         overwrite=overwrite,
         progress=progress,
         extra={"converted_from": {"path": str(Path(src).absolute()), "format": fmt}},
+        protect=[src],
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from edit_jax.checkpoint import flatten, unflatten, write_checkpoint
+from edit_jax.checkpoint import check_destination, flatten, resolve, unflatten, write_checkpoint
 from checkpoints_convert.tables import Src
 
 MAX_LISTED = 20
@@ -96,13 +96,23 @@ def _fill(dst: np.ndarray, src: np.ndarray) -> None:
         dst[...] = src
 
 
-def _build(src: Src, source, target, dtype: np.dtype) -> np.ndarray:
+def _check_finite(values: np.ndarray, key: str, path: str) -> None:
+    """Raises ConversionError naming the source tensor when it holds a NaN or an infinity."""
+    if values.dtype.kind in "iub":
+        return
+    finite = np.isfinite(values.astype(np.float32, copy=False)) if values.dtype.kind != "f" else np.isfinite(values)
+    if not finite.all():
+        bad = int(values.size - np.count_nonzero(finite))
+        raise ConversionError(f"source tensor {key!r} (-> {path}) holds {bad} non-finite values (NaN or inf): "
+                              "the file is damaged or was saved from a diverged model; nothing was written")
+
+
+def _build(src: Src, source, target, dtype: np.dtype, path: str = "") -> np.ndarray:
     out = np.empty(target.shape, dtype)
-    if not src.stacked:
-        _fill(out, src.apply(source.get(src.key)))
-        return out
-    for i, key in enumerate(src.keys(target.shape[0])):
-        _fill(out[i], src.apply(source.get(key)))
+    for i, key in enumerate(src.keys(target.shape[0] if src.stacked else None)):
+        part = out[i] if src.stacked else out
+        _fill(part, src.apply(source.get(key)))
+        _check_finite(part, key, path)
     return out
 
 
@@ -110,7 +120,7 @@ def build_params(table: dict[str, Src], source, abstract: dict) -> dict:
     """Checks, then builds the whole params tree in memory (small models, benchmarks)."""
     check({"params": (table, abstract)}, source)
     targets = flatten(abstract)
-    return unflatten({p: _build(table[p], source, targets[p], np.dtype(targets[p].dtype)) for p in table})
+    return unflatten({p: _build(table[p], source, targets[p], np.dtype(targets[p].dtype), p) for p in table})
 
 
 def stream_params(table, source, abstract, group_bytes: int, progress: bool, desc: str = "params"):
@@ -121,7 +131,7 @@ def stream_params(table, source, abstract, group_bytes: int, progress: bool, des
     group, size = {}, 0
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
         for path in sorted(table):
-            group[path] = _build(table[path], source, targets[path], np.dtype(targets[path].dtype))
+            group[path] = _build(table[path], source, targets[path], np.dtype(targets[path].dtype), path)
             size += group[path].nbytes
             bar.update(group[path].nbytes)
             if size >= group_bytes:
@@ -141,12 +151,15 @@ def convert_source(
     progress: bool = True,
     group_bytes: int = 64 << 20,
     extra: dict | None = None,
+    protect=(),
 ) -> Path:
     """Checks `source` against every (table, abstract) tree, then writes the checkpoint `dst`
-    atomically; abstract trees (ShapeDtypeStructs) give the shapes and the dtypes to store."""
+    atomically; abstract trees (ShapeDtypeStructs) give the shapes and the dtypes to store.
+    Every converted tensor must be finite. `protect`: paths `dst` must not overlap (the source)."""
+    check_destination(resolve(dst), overwrite, protect)
     check(trees, source)
     groups = {
         name: stream_params(table, source, abstract, group_bytes, progress, name)
         for name, (table, abstract) in trees.items()
     }
-    return write_checkpoint(dst, config, groups, overwrite=overwrite, extra=extra)
+    return write_checkpoint(dst, config, groups, overwrite=overwrite, extra=extra, protect=protect)

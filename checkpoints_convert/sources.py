@@ -38,14 +38,26 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
+            size = self.path.stat().st_size
             with open(self.path, "rb") as f:
                 (header_len,) = struct.unpack("<Q", f.read(8))
+                if 8 + header_len > size:
+                    raise SourceError(f"{self.path} is not a safetensors file: its first 8 bytes announce a "
+                                      f"{header_len}-byte header, but the file has {size} bytes")
                 header = json.loads(f.read(header_len))
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SourceError(f"{self.path} is not a readable safetensors file: {e}") from e
+        if not isinstance(header, dict) or not all(
+            isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= set(v) for k, v in header.items() if k != "__metadata__"
+        ):
+            raise SourceError(f"{self.path} is not a safetensors file: its header is not a table of tensors")
         self.metadata = header.pop("__metadata__", {}) or {}
         self._data_start = 8 + header_len
         self._entries = header
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        if self._data_start + end > size:
+            raise SourceError(f"{self.path} is truncated: its header needs {self._data_start + end} bytes, "
+                              f"the file has {size} (an interrupted download or copy?)")
 
     def keys(self) -> list[str]:
         return list(self._entries)

@@ -6,17 +6,27 @@
       routers/      (optional) the E-DiT router params, a separate pytree stacked over layers
 
 A checkpoint is written into a hidden sibling folder and renamed into place only when complete,
-so a failed or killed write never leaves something at CKPT that looks finished. Params can be
-written group by group (`write_checkpoint` takes an iterator of sub-trees), so a converter never
-holds the whole model in memory.
+so a failed or killed write never leaves something at CKPT that looks finished; the hidden folders
+of writes that died (`.CKPT.incomplete-PID-*` of a process no longer running) are removed by the
+next write to the same CKPT. Overwriting replaces only an edit-jax checkpoint, never a folder of
+other files nor one that holds (or lies inside) a protected path such as the conversion source,
+and the old checkpoint goes only after the new one is complete. Params can be written group by
+group (`write_checkpoint` takes an iterator of sub-trees), so a converter never holds the whole
+model in memory. Every path is resolved first: relative paths work everywhere (orbax needs
+absolute ones).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
+import signal
+import sys
+import threading
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,6 +47,88 @@ ROUTERS_DIR = "routers"
 
 class CheckpointError(ValueError):
     """A path that is not a complete edit-jax checkpoint, or one that does not fit its use."""
+
+
+def resolve(path: str | Path) -> Path:
+    """An absolute, normalised path (`~` expanded): what every library call here receives."""
+    return Path(path).expanduser().resolve()
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a folder whose config.json says it is an edit-jax checkpoint."""
+    try:
+        return json.loads((Path(path) / CONFIG_FILE).read_text()).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether a is b, lies inside b, or holds b."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_destination(path: Path, overwrite: bool, protect: Iterable[str | Path] = ()) -> None:
+    """Raises CheckpointError unless a checkpoint may be written at `path` (resolved): it must not
+    overlap a protected path (the source of a conversion), and an existing `path` is replaced
+    only with `overwrite` and only when it is an edit-jax checkpoint."""
+    for other in protect:
+        if _overlap(path, resolve(other)):
+            raise CheckpointError(f"refusing to write {path}: it is, holds or lies inside {resolve(other)} (the source)")
+    if not path.exists():
+        return
+    if not overwrite:
+        raise CheckpointError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    if not is_checkpoint(path):
+        raise CheckpointError(
+            f"refusing to overwrite {path}: it is not an edit-jax checkpoint (no {CONFIG_FILE} saying so); "
+            "--overwrite only replaces checkpoints this tool wrote"
+        )
+
+
+_SCRATCH = re.compile(r"\.(?P<name>.+)\.(?:incomplete|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_scratch(path: Path) -> list[Path]:
+    """Removes the hidden folders that earlier writes of `path` left when they were killed (their
+    process is gone; folders of older versions name no process); returns them."""
+    removed = []
+    for entry in path.parent.glob(f".{path.name}.*"):
+        match = _SCRATCH.match(entry.name)
+        if not match or match["name"] != path.name or not entry.is_dir():
+            continue
+        if match["pid"] is not None and _alive(int(match["pid"])):
+            continue  # another write of the same path is under way
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Within the block a SIGTERM raises SystemExit (so `finally` and `except` clean up) instead
+    of killing the process outright; only in the main thread, where signal handlers live."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
@@ -91,60 +183,82 @@ def write_checkpoint(
     *,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    protect: Iterable[str | Path] = (),
 ) -> Path:
     """Writes a checkpoint atomically. `trees` maps a tree name ("params", "routers") to an
     iterable of disjoint nested sub-trees whose union is that tree; each sub-tree is written as
-    soon as it arrives."""
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+    soon as it arrives. `protect`: paths the checkpoint must neither be, hold nor lie inside
+    (a conversion's source). A SIGINT or SIGTERM during the write removes the partial folder."""
+    path = resolve(path)
+    check_destination(path, overwrite, protect)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.incomplete-{uuid.uuid4().hex[:8]}"
+    for stale in remove_stale_scratch(path):
+        print(f"removed {stale}, left by an earlier write of {path} that did not finish", file=sys.stderr)
+    tmp = path.parent / f".{path.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    try:
-        with _streaming_context():
-            for name, groups in trees.items():
-                for group in groups:
-                    ocp.partial.save(tmp / name, group)
-                    del group  # let the arrays go before the next group is built
-                    _return_freed_memory()
-                ocp.partial.finalize(tmp / name)
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "family": config.family,
-            "config": config_to_dict(config),
-            **(extra or {}),
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if path.exists():
-            trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, trash)
-            os.rename(tmp, path)
-            shutil.rmtree(trash)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _sigterm_raises():
+        try:
+            with _streaming_context():
+                for name, groups in trees.items():
+                    for group in groups:
+                        ocp.partial.save(tmp / name, group)
+                        del group  # let the arrays go before the next group is built
+                        _return_freed_memory()
+                    ocp.partial.finalize(tmp / name)
+            meta = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "family": config.family,
+                "config": config_to_dict(config),
+                **(extra or {}),
+            }
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _move_into_place(tmp, path)
     return path
 
 
-def save(path: str | Path, config, params: dict, routers: dict | None = None, *, overwrite: bool = False) -> Path:
-    """Saves in-memory params (plain pytrees) with their config."""
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Renames the finished `tmp` to `path`, replacing what is there; no signal lands between
+    the two renames, so `path` is always either the old or the new checkpoint."""
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    trash = None
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        if path.exists():
+            trash = path.parent / f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(path, trash)
+        os.rename(tmp, path)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if trash is not None:
+        shutil.rmtree(trash)
+
+
+def save(path: str | Path, config, params: dict, routers: dict | None = None, *, overwrite: bool = False,
+         protect: Iterable[str | Path] = ()) -> Path:
+    """Saves in-memory params (plain pytrees) with their config (see `write_checkpoint`)."""
     trees = {PARAMS_DIR: [jax.tree.map(np.asarray, params)]}
     if routers is not None:
         trees[ROUTERS_DIR] = [jax.tree.map(np.asarray, routers)]
-    return write_checkpoint(path, config, trees, overwrite=overwrite)
+    return write_checkpoint(path, config, trees, overwrite=overwrite, protect=protect)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """The checkpoint's config.json, after checking the folder is an edit-jax checkpoint."""
+    path = resolve(path)
     meta_file = path / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint: {path}")
     if not meta_file.is_file() or not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{path} is not an edit-jax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT_NAME:
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_file} is not readable JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{meta_file} is not an edit-jax checkpoint config")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')} is not {FORMAT_VERSION}")
@@ -158,13 +272,38 @@ def load_config(path: str | Path):
 
 def tree_names(path: str | Path) -> list[str]:
     """The pytrees a checkpoint holds: "params", and "routers" when it has them."""
-    return [n for n in (PARAMS_DIR, ROUTERS_DIR) if (Path(path) / n).is_dir()]
+    return [n for n in (PARAMS_DIR, ROUTERS_DIR) if (resolve(path) / n).is_dir()]
+
+
+@contextlib.contextmanager
+def _reading(path: Path, what: str):
+    """Turns orbax's and tensorstore's errors on a damaged tree into one CheckpointError."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax raises bare Exception, ValueError, FileNotFoundError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is incomplete or damaged: cannot read its {what} ({first[:300]}); "
+            f"`edit-jax inspect {path} --verify` lists what is missing"
+        ) from e
 
 
 def params_metadata(path: str | Path, tree: str = PARAMS_DIR) -> dict:
     """A stored tree with (shape, dtype) leaves, read without loading any array."""
+    path = resolve(path)
     read_metadata(path)
-    meta = ocp.metadata(Path(path) / tree).metadata
+    if not (path / tree).is_dir():
+        raise CheckpointError(f"{path} has no {tree}/ tree")
+    missing = missing_array_files(path, [tree])
+    if missing:
+        listed = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise CheckpointError(f"{path} is incomplete (array data missing):\n  {listed}")
+    with _reading(path, f"{tree}/ metadata"):
+        meta = ocp.metadata(path / tree).metadata
+        if meta is None:  # orbax logs the cause and returns None
+            raise ValueError(f"orbax found no readable tree metadata in {tree}/")
     return jax.tree.map(lambda m: (tuple(m.shape), np.dtype(m.dtype)), meta)
 
 
@@ -172,8 +311,11 @@ def load_params(path: str | Path, abstract: dict, shardings=None, tree: str = PA
     """Restores params into the structure, shapes and dtypes of `abstract` (ShapeDtypeStructs).
 
     shardings: None (default device), one jax.sharding.Sharding for every leaf, or a pytree of
-    them matching the params.
+    them matching the params. Arrays are read straight into their shardings.
     """
+    path = resolve(path)
+    stored = params_metadata(path, tree)
+    _check_layout(path / tree, stored, abstract)
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
@@ -181,7 +323,22 @@ def load_params(path: str | Path, abstract: dict, shardings=None, tree: str = PA
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    return ocp.load(Path(path) / tree, target)
+    with _reading(path, f"{tree}/ arrays"):
+        return ocp.load(path / tree, target)
+
+
+def _check_layout(where: Path, stored: dict, abstract: dict) -> None:
+    """Raises CheckpointError listing the arrays the model needs that the checkpoint lacks, has
+    in another shape, or holds beyond it."""
+    have = flatten(jax.tree.map(lambda m: m, stored, is_leaf=lambda x: isinstance(x, tuple)))
+    want = flatten(abstract)
+    problems = [f"missing {k} {tuple(want[k].shape)}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k} {have[k][0]}" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: stored {have[k][0]}, the model needs {tuple(want[k].shape)}"
+                 for k in sorted(set(want) & set(have)) if tuple(have[k][0]) != tuple(want[k].shape)]
+    if problems:
+        listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CheckpointError(f"{where} does not fit the model config:\n  {listed}")
 
 
 def load_routers(path: str | Path, shardings=None) -> dict | None:
@@ -191,3 +348,106 @@ def load_routers(path: str | Path, shardings=None) -> dict | None:
     meta = params_metadata(path, ROUTERS_DIR)
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(*m), meta, is_leaf=lambda x: isinstance(x, tuple))
     return load_params(path, abstract, shardings, ROUTERS_DIR)
+
+
+# OCDBT locations: "btreenode:BASE:FILE:OFFSET:LENGTH" / "value:...", BASE a sub-folder or empty
+_LOCATION = re.compile(r"^(?P<kind>btreenode|value):(?P<base>[^:]*):(?P<file>[^:]+):(?P<offset>\d+):(?P<length>\d+)$")
+
+
+def _array_stores(tree_dir: Path) -> list[Path]:
+    """The OCDBT databases (folders holding manifest.ocdbt) of one stored tree."""
+    return sorted(m.parent for m in tree_dir.glob("*/manifest.ocdbt"))
+
+
+def missing_array_files(path: str | Path, trees: Iterable[str] | None = None) -> list[str]:
+    """The data files a checkpoint's array stores refer to that are missing or too short, as
+    messages (empty: every file is there). Reads only the stores' manifests and index nodes,
+    never the arrays: cheap at any size."""
+    import tensorstore as ts
+
+    path = resolve(path)
+    problems = []
+    for tree in tree_names(path) if trees is None else trees:
+        stores = _array_stores(path / tree)
+        if not stores:
+            problems.append(f"{tree}/: no array store (manifest.ocdbt) in it")
+        for store in stores:
+            base = ts.KvStore.open(f"file://{store}/").result()
+            try:
+                manifest = ts.ocdbt.dump(base).result()
+            except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError or its own types
+                problems.append(f"{store.relative_to(path)}/manifest.ocdbt: {str(e)[:200]}")
+                continue
+            versions = sorted(manifest.get("versions", []), key=lambda v: v.get("generation_number", 0))
+            pending = [versions[-1]["root"]["location"]] if versions and "location" in versions[-1]["root"] else []
+            while pending:
+                location = pending.pop()
+                problem = _missing_file(store, location, path)
+                if problem:
+                    problems.append(problem)
+                    continue
+                try:
+                    node = ts.ocdbt.dump(base, location).result()
+                except Exception as e:  # noqa: BLE001
+                    problems.append(f"{store.relative_to(path)}: unreadable index node ({str(e)[:200]})")
+                    continue
+                for value in _strings(node.get("entries", [])):
+                    if value.startswith("btreenode:"):
+                        pending.append(value)
+                    elif value.startswith("value:"):
+                        problem = _missing_file(store, value, path)
+                        if problem:
+                            problems.append(problem)
+    return sorted(set(problems))
+
+
+def _strings(node):
+    """Every string inside a dumped OCDBT node (locations of child nodes and of values)."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+
+
+def _missing_file(store: Path, location: str, root: Path) -> str | None:
+    match = _LOCATION.match(location)
+    if match is None:
+        return None
+    file = store / match["base"] / match["file"]
+    need = int(match["offset"]) + int(match["length"])
+    if not file.is_file():
+        return f"missing data file {file.relative_to(root)}"
+    if file.stat().st_size < need:
+        return f"data file {file.relative_to(root)} is truncated ({file.stat().st_size} of at least {need} bytes)"
+    return None
+
+
+def verify_arrays(path: str | Path, progress: bool = False) -> list[str]:
+    """Reads every array of every tree, one at a time, and returns what is wrong (an unreadable
+    array, non-finite values) as messages; empty when the checkpoint is sound."""
+    import tensorstore as ts
+    from tqdm.auto import tqdm
+
+    path = resolve(path)
+    problems = []
+    for tree in tree_names(path):
+        leaves = flatten(params_metadata(path, tree))
+        stores = _array_stores(path / tree)
+        for name in tqdm(sorted(leaves), desc=f"verify {tree}", unit="array", disable=not progress):
+            key = name.replace("/", ".")
+            store = next((s for s in stores if (s / "_METADATA").is_file()), stores[0] if stores else None)
+            try:
+                spec = {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{store}/", "path": f"{key}/"}}
+                values = np.asarray(ts.open(spec, open=True).result().read().result())
+            except Exception as e:  # noqa: BLE001
+                problems.append(f"{tree}/{name}: unreadable ({str(e).splitlines()[0][:200]})")
+                continue
+            if values.dtype.kind == "f" or values.dtype.name == "bfloat16":
+                bad = int(np.size(values) - np.count_nonzero(np.isfinite(values.astype(np.float32))))
+                if bad:
+                    problems.append(f"{tree}/{name}: {bad} non-finite values")
+    return problems

@@ -51,18 +51,24 @@ def cmd_convert(args) -> int:
 def cmd_inspect(args) -> int:
     import numpy as np
 
-    from edit_jax.checkpoint import flatten, params_metadata, read_metadata, tree_names
+    from edit_jax.checkpoint import (CheckpointError, flatten, missing_array_files, params_metadata, read_metadata,
+                                     tree_names, verify_arrays)
 
     meta = read_metadata(args.ckpt)
-    rows = [
-        {"path": f"{tree}/{p}" if tree != "params" else p, "shape": list(shape), "dtype": str(dtype),
-         "count": int(np.prod(shape))}
-        for tree in tree_names(args.ckpt)
-        for p, (shape, dtype) in sorted(flatten(params_metadata(args.ckpt, tree)).items())
-    ]
-    total = sum(r["count"] for r in rows)
+    problems = missing_array_files(args.ckpt)
+    if not problems and args.verify:
+        problems = verify_arrays(args.ckpt, progress=not args.json)
+    if problems:
+        listed = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CheckpointError(f"{args.ckpt} is incomplete or damaged:\n  {listed}")
+    trees = {tree: [{"path": p, "shape": list(shape), "dtype": str(dtype), "count": int(np.prod(shape))}
+                    for p, (shape, dtype) in sorted(flatten(params_metadata(args.ckpt, tree)).items())]
+             for tree in tree_names(args.ckpt)}
+    counts = {f"{tree}_count" if tree != "params" else "param_count": sum(r["count"] for r in rows)
+              for tree, rows in trees.items()}
     if args.json:
-        print(json.dumps({**meta, "params": rows, "param_count": total}, indent=2))
+        print(json.dumps({**meta, **{k: v for k, v in trees.items()}, **counts,
+                          "checked": "every array read" if args.verify else "every array file present"}, indent=2))
         return 0
     print(f"{args.ckpt}: {meta['family']} checkpoint")
     if "converted_from" in meta:
@@ -70,17 +76,21 @@ def cmd_inspect(args) -> int:
     print("config:")
     for k, v in meta["config"].items():
         print(f"  {k}: {v}")
-    width = max(len(r["path"]) for r in rows)
-    print(f"params ({len(rows)} arrays):")
-    for r in rows:
-        print(f"  {r['path']:<{width}}  {str(tuple(r['shape'])):<22} {r['dtype']:<9} {r['count']:>14,}")
-    print(f"total: {total:,} params")
+    for tree, rows in trees.items():
+        width = max(len(r["path"]) for r in rows)
+        print(f"{tree} ({len(rows)} arrays):")
+        for r in rows:
+            print(f"  {r['path']:<{width}}  {str(tuple(r['shape'])):<22} {r['dtype']:<9} {r['count']:>14,}")
+    print(f"total: {counts['param_count']:,} base params" +
+          (f", {counts['routers_count']:,} router params" if "routers_count" in counts else " (no routers)"))
+    print("every array read and finite (--verify)" if args.verify
+          else "every array's data file present (read them all with --verify)")
     return 0
 
 
 def load_calibration(path: str | None, config, batches: int, seed: int) -> list[dict]:
-    """Calibration inputs: an .npz of model inputs (Qwen-Image: img_shapes as 3 ints), or random
-    example inputs when no file is given."""
+    """Calibration inputs: an .npz of model inputs named as the model's arguments (Qwen-Image:
+    img_shapes as 3 ints), or random example inputs when no file is given."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -90,29 +100,52 @@ def load_calibration(path: str | None, config, batches: int, seed: int) -> list[
         print("order-channels: no --calibration given, using random inputs; real latents and "
               "prompt embeddings rank channels better", file=sys.stderr)
         return [example_inputs(config, batch=2, height=8, width=8, num_txt=16, seed=seed + i) for i in range(batches)]
-    data = dict(np.load(path))
+    data = dict(np.load(existing_file(path, "--calibration")))
+    expected = set(example_inputs(config))
+    optional = {"encoder_hidden_states_mask"}
+    missing, unexpected = sorted(expected - optional - set(data)), sorted(set(data) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not hold {config.family} model inputs: missing {missing}, unexpected {unexpected} "
+            f"(a {config.family} calibration file holds {sorted(expected)})"
+        )
     inputs = {k: jnp.asarray(v) for k, v in data.items() if k != "img_shapes"}
     if "img_shapes" in data:
         inputs["img_shapes"] = tuple(int(x) for x in data["img_shapes"])
     return [inputs]
 
 
+def existing_file(path: str, flag: str) -> str:
+    """`path` when it is a file; otherwise a ValueError naming the flag."""
+    if not Path(path).is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+    return path
+
+
 def cmd_order_channels(args) -> int:
+    import numpy as np
+
     from edit_jax import load
     from edit_jax.channel_order import order_mlp_channels
-    from edit_jax.checkpoint import CheckpointError, ROUTERS_DIR, save, tree_names
+    from edit_jax.checkpoint import CheckpointError, ROUTERS_DIR, check_destination, resolve, save, tree_names
 
     if ROUTERS_DIR in tree_names(args.ckpt):
         raise CheckpointError(
             f"{args.ckpt} holds trained routers: they learned the original MLP channel order, so "
             "reordering would break them (SPEC section 3). Reorder a base checkpoint before router training."
         )
+    check_destination(resolve(args.out), args.overwrite, protect=[args.ckpt])
     model, params = load(args.ckpt)
     calibration = load_calibration(args.calibration, model.config, args.batches, args.seed)
     ordered, scores = order_mlp_channels(model.config, params, calibration)
-    path = save(args.out, model.config, ordered, overwrite=args.overwrite)
-    kept = [float(s[:, : s.shape[1] // 2].sum() / s.sum()) for s in scores]
-    print(json.dumps({"checkpoint": str(path), "importance_kept_at_half_width": kept}, indent=2))
+    path = save(args.out, model.config, ordered, overwrite=args.overwrite, protect=[args.ckpt])
+
+    def kept(order_scores):  # per stack: the share of importance in the first half of the channels
+        return [float(s[:, : s.shape[1] // 2].sum() / s.sum()) for s in order_scores]
+
+    written = [-np.sort(-s, axis=-1) for s in scores]  # the order written: most important first
+    print(json.dumps({"checkpoint": str(path), "importance_kept_at_half_width": kept(written),
+                      "importance_kept_at_half_width_before": kept(scores)}, indent=2))
     return 0
 
 
@@ -122,15 +155,32 @@ def read_embeddings(path: str) -> dict:
     negative_* counterparts for true CFG."""
     import numpy as np
 
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+    existing_file(path, "--embeddings")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
 
-        data = load_file(path)
-    else:
-        data = dict(np.load(path))
+            data = load_file(path)
+        else:
+            data = dict(np.load(path))
+    except Exception as e:  # numpy and safetensors raise many types for a file that is not theirs
+        raise ValueError(f"--embeddings {path} is not a readable .npz or .safetensors file: {e}") from e
     if "prompt_embeds" not in data:
         raise ValueError(f"{path} has no 'prompt_embeds' (found: {sorted(data)})")
     return data
+
+
+EMBEDDING_KEYS = {
+    "flux": "prompt_embeds [B, T, 4096] (T5) and pooled_prompt_embeds [B, 768] (CLIP)",
+    "qwen-image": "prompt_embeds [B, T, 3584] and prompt_embeds_mask [B, T] (1 = valid token)",
+}
+
+
+def check_embeddings(config, data: dict, path: str) -> None:
+    """Raises ValueError when the file lacks what the model family needs, naming it."""
+    need = {"flux": "pooled_prompt_embeds", "qwen-image": None}[config.family]
+    if need is not None and need not in data:
+        raise ValueError(f"{path} has no {need!r}: a {config.family} model needs {EMBEDDING_KEYS[config.family]}")
 
 
 def conditions(config, data: dict, height: int, width: int, prefix: str = "") -> dict | None:
@@ -144,6 +194,14 @@ def conditions(config, data: dict, height: int, width: int, prefix: str = "") ->
                            data.get(f"{prefix}pooled_prompt_embeds"), data.get(f"{prefix}prompt_embeds_mask"))
 
 
+def check_output_folder(out: str) -> Path:
+    """The --out folder, checked before any work: it may exist as a folder, never as a file."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder")
+    return path
+
+
 def cmd_sample(args) -> int:
     import jax
     import numpy as np
@@ -153,39 +211,49 @@ def cmd_sample(args) -> int:
     from edit_jax.checkpoint import CheckpointError, load_routers
     from edit_jax.elastic import ElasticConfig
     from edit_jax.latents import initial_noise, packed_grid, unpack_latents
+    from edit_jax.models import init_routers
     from edit_jax.sampler import SamplerConfig, sample
 
+    out = check_output_folder(args.out)
+    rows, cols = packed_grid(args.height, args.width)
+    data = read_embeddings(args.embeddings)
     model, params = load(args.ckpt)
     config = model.config
-    data = read_embeddings(args.embeddings)
+    check_embeddings(config, data, args.embeddings)
     cond = conditions(config, data, args.height, args.width)
     negative = conditions(config, data, args.height, args.width, "negative_")
     batch = cond["encoder_hidden_states"].shape[0]
     elastic, routers = None, None
     if args.elastic != "dense":
         routers = load_routers(args.ckpt)
+        if routers is None and args.fresh_routers:
+            print("sample: no routers in the checkpoint: fresh full-capacity routers (every block runs at full "
+                  "width; this measures the routers' cost, not their savings)", file=sys.stderr)
+            routers = init_routers(config, seed=args.seed)
         if routers is None:
-            raise CheckpointError(f"{args.ckpt} has no routers: use --elastic dense, or a checkpoint with routers")
+            raise CheckpointError(
+                f"{args.ckpt} has no routers: use --elastic dense, a checkpoint with trained routers "
+                "(`edit-jax train`, or a converted E-DiT release), or --fresh-routers to run fresh full-capacity ones"
+            )
         elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision, cache=args.cache,
                                 cache_start=args.cache_start, delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, cfg_mode=args.cfg_mode)
     channels = config.in_channels // 4
     noise = initial_noise(jax.random.key(args.seed), batch, channels, args.height, args.width)
-    rows, cols = packed_grid(args.height, args.width)
     print(f"sampling {batch} x {args.height}x{args.width} ({rows * cols} tokens), {args.steps} steps, "
           f"elastic {args.elastic}{' + cache' if args.cache else ''}", file=sys.stderr)
     with tqdm(total=args.steps, desc="sample", unit="step") as bar:
         latents, records = sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic,
                                   negative_cond=negative, progress=lambda i: bar.update(1))
         latents = jax.block_until_ready(latents)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "latents.npy", np.asarray(unpack_latents(latents, args.height, args.width)))
+    unpacked = np.asarray(unpack_latents(latents, args.height, args.width))
+    np.save(out / "latents.npy", unpacked)
+    summary = {"latents": str(out / "latents.npy"), "shape": list(unpacked.shape), "steps": args.steps, "elastic": args.elastic}
     records = jax.tree.map(np.asarray, records)
-    np.savez(out / "records.npz", **records)
-    summary = {"latents": str(out / "latents.npy"), "shape": list(unpack_latents(latents, args.height, args.width).shape),
-               "steps": args.steps, "elastic": args.elastic}
-    if records:
+    if records:  # dense sampling makes no routing decisions, so it has no records
+        np.savez(out / "records.npz", **records)
+        summary["records"] = str(out / "records.npz")
         summary["executed_fraction_per_step"] = records["executed"].mean(axis=(1, 2)).round(4).tolist()
         summary["cache_hit_rate"] = float(records["cache_hit"].mean())
         summary["tflops_total"] = float(records["flops_total"].sum() / 1e12)
@@ -202,60 +270,87 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the epilogs' line breaks."""
+
+
+EMBEDDINGS_HELP = """embeddings file (.npz or .safetensors), by model family:
+  flux        prompt_embeds [B, T, 4096] (T5 tokens), pooled_prompt_embeds [B, 768] (CLIP)
+  qwen-image  prompt_embeds [B, T, 3584], prompt_embeds_mask [B, T] (1 = valid; optional, all valid)
+  with --true-cfg > 1 also negative_prompt_embeds (+ negative_pooled_prompt_embeds or
+  negative_prompt_embeds_mask). Widths are those of the real models; a checkpoint of another size
+  needs its own joint_attention_dim / pooled_projection_dim."""
+
+CALIBRATION_HELP = """calibration file (.npz): the model's own inputs, one batch:
+  flux        hidden_states [B, N, 64], encoder_hidden_states [B, T, 4096], pooled_projections [B, 768],
+              timestep [B] in [0, 1], img_ids [N, 3], txt_ids [T, 3] (+ guidance [B] for dev)
+  qwen-image  hidden_states [B, N, 64], encoder_hidden_states [B, T, 3584], encoder_hidden_states_mask
+              [B, T] (optional), timestep [B] in [0, 1], img_shapes (3 ints: frames, rows, columns)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edit-jax", description="Elastic Diffusion Transformers in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="random-weight model: forward, save, reload, compare (no downloads)")
-    demo.add_argument("--preset", default="flux-small", choices=sorted(PRESETS))
-    demo.add_argument("--out", default="edit-jax-demo", help="folder for the checkpoint and demo.json")
-    demo.add_argument("--seed", type=int, default=0)
+    def command(name, help, epilog=None):
+        return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=_HelpFormatter)
+
+    demo = command("demo", "random-weight model: forward, save, reload, compare, sample dense and with E-DiT (no downloads)")
+    demo.add_argument("--preset", default="flux-small", choices=sorted(PRESETS), help="model size (see README: Presets)")
+    demo.add_argument("--out", default="edit-jax-demo", help="folder for the checkpoint, demo.json and router_map.png")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and noise")
     demo.set_defaults(run=cmd_demo)
 
-    convert = sub.add_parser("convert", help="PyTorch weights -> edit-jax orbax checkpoint")
+    convert = command("convert", "PyTorch weights -> edit-jax orbax checkpoint")
     convert.add_argument("family", choices=["flux", "qwen-image"])
     convert.add_argument("src", help="weight file, or folder (diffusers transformer/ or pipeline root)")
     convert.add_argument("dst", help="checkpoint folder to create")
     convert.add_argument(
         "--format", default="auto", choices=["auto", "diffusers", "bfl", "edit-release"],
-        help="bfl: original FLUX single file; edit-release: the released E-DiT Qwen-Image file",
+        help="bfl: original FLUX single file; edit-release: the released E-DiT Qwen-Image file; auto: by the keys",
     )
-    convert.add_argument("--dtype", default="bfloat16", choices=[d for d in DTYPES])
+    convert.add_argument("--dtype", default="bfloat16", choices=[d for d in DTYPES], help="dtype the params are stored in")
     convert.add_argument("--config", help="preset name or diffusers config.json (default: the source's own)")
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace DST if it is an edit-jax checkpoint (never another folder, never the source)")
     convert.set_defaults(run=cmd_convert)
 
-    smp = sub.add_parser("sample", help="sample latents from prompt embeddings (Euler flow matching, E-DiT optional)")
-    smp.add_argument("ckpt")
-    smp.add_argument("--embeddings", required=True, help=".npz/.safetensors with prompt_embeds (+ pooled / mask / negative_*)")
-    smp.add_argument("--out", required=True, help="folder for latents.npy, records.npz, summary.json")
-    smp.add_argument("--height", type=int, default=1024)
-    smp.add_argument("--width", type=int, default=1024)
-    smp.add_argument("--steps", type=int, default=28)
-    smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev embedded guidance")
-    smp.add_argument("--true-cfg", type=float, default=1.0, help="> 1: true CFG with negative_* embeddings")
-    smp.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"])
-    smp.add_argument("--elastic", default="dense", choices=["dense", "infer"])
-    smp.add_argument("--decision", default="batch", choices=["batch", "sample"])
-    smp.add_argument("--tau", type=float, default=0.5)
-    smp.add_argument("--cache", action="store_true", help="router-guided block cache")
-    smp.add_argument("--cache-start", type=int, default=15)
-    smp.add_argument("--delta-margin", type=float, default=0.015)
-    smp.add_argument("--max-reuse", type=int, default=10)
+    smp = command("sample", "sample latents from prompt embeddings (Euler flow matching, E-DiT optional)", EMBEDDINGS_HELP)
+    smp.add_argument("ckpt", help="edit-jax checkpoint folder")
+    smp.add_argument("--embeddings", required=True, help="prompt embeddings (.npz/.safetensors; keys below)")
+    smp.add_argument("--out", required=True, help="folder for latents.npy, summary.json and (E-DiT) records.npz")
+    smp.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
+    smp.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
+    smp.add_argument("--steps", type=int, default=28, help="denoising steps")
+    smp.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    smp.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev embedded guidance (ignored by other models)")
+    smp.add_argument("--true-cfg", type=float, default=1.0, help="> 1: true CFG with the negative_* embeddings")
+    smp.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"],
+                     help="true CFG as one batch of 2B rows, or two calls per step as the released E-DiT code")
+    smp.add_argument("--elastic", default="dense", choices=["dense", "infer"], help="dense: routers off; infer: E-DiT")
+    smp.add_argument("--fresh-routers", action="store_true",
+                     help="with --elastic infer on a checkpoint without routers: fresh full-capacity routers")
+    smp.add_argument("--decision", default="batch", choices=["batch", "sample"],
+                     help="one skip/width decision per block for the batch (as the release) or one per sample")
+    smp.add_argument("--tau", type=float, default=0.5, help="gate threshold: a block runs when its router's p >= tau")
+    smp.add_argument("--cache", action="store_true", help="router-guided block cache: reuse a block's last residual when p is borderline")
+    smp.add_argument("--cache-start", type=int, default=15, help="first step (0-based) at which the cache stores and reuses")
+    smp.add_argument("--delta-margin", type=float, default=0.015, help="borderline: tau <= p <= tau + delta-margin")
+    smp.add_argument("--max-reuse", type=int, default=10, help="reuses of one stored residual before the block runs again")
     smp.set_defaults(run=cmd_sample)
 
-    order = sub.add_parser("order-channels", help="sort elastic MLP channels by importance (before router training)")
+    order = command("order-channels", "sort elastic MLP channels by importance (before router training)", CALIBRATION_HELP)
     order.add_argument("ckpt", help="a converted base checkpoint (without routers)")
     order.add_argument("out", help="checkpoint folder to create")
-    order.add_argument("--calibration", help=".npz of model inputs (default: random inputs)")
-    order.add_argument("--batches", type=int, default=4, help="random calibration batches")
-    order.add_argument("--seed", type=int, default=0)
-    order.add_argument("--overwrite", action="store_true")
+    order.add_argument("--calibration", help=".npz of model inputs (layout below; default: random inputs)")
+    order.add_argument("--batches", type=int, default=4, help="random calibration batches (without --calibration)")
+    order.add_argument("--seed", type=int, default=0, help="seed of the random calibration inputs")
+    order.add_argument("--overwrite", action="store_true", help="replace OUT if it is an edit-jax checkpoint")
     order.set_defaults(run=cmd_order_channels)
 
-    inspect = sub.add_parser("inspect", help="print a checkpoint's config and params")
-    inspect.add_argument("ckpt")
+    inspect = command("inspect", "print a checkpoint's config and arrays, after checking every array's data file is there")
+    inspect.add_argument("ckpt", help="edit-jax checkpoint folder")
+    inspect.add_argument("--verify", action="store_true", help="also read every array and check it is finite")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=cmd_inspect)
     return parser
@@ -270,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ConversionError, SourceError, CheckpointError, ValueError) as e:
+    except (ConfigError, ConversionError, SourceError, CheckpointError, ValueError, MemoryError) as e:
         print(f"edit-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -35,6 +35,7 @@ from edit_jax.layers import (
     activation_fn,
     apply_rope,
     attention,
+    check_timestep,
     dtype_of,
     layer_norm,
     modulate,
@@ -244,6 +245,7 @@ def check_flux_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projecti
         raise _shape_error("pooled_projections", pooled_projections.shape, f"[{batch}, {cfg.pooled_projection_dim}]")
     if timestep.shape != (batch,):
         raise _shape_error("timestep", timestep.shape, f"[{batch}]")
+    check_timestep(timestep)
     n_axes = len(cfg.axes_dims_rope)
     if img_ids.shape != (num_img, n_axes):
         raise _shape_error("img_ids", img_ids.shape, f"[{num_img}, {n_axes}] (one row per image token)")

@@ -13,16 +13,24 @@ import numpy as np
 VAE_SCALE = 8
 
 
+PIXEL_MULTIPLE = 2 * VAE_SCALE  # the VAE's 8x downsampling, then the transformer's 2x2 packing
+
+
 def latent_size(height: int, width: int) -> tuple[int, int]:
-    """(H, W) of the unpacked latents for an image of height x width pixels."""
-    return 2 * (height // (VAE_SCALE * 2)), 2 * (width // (VAE_SCALE * 2))
+    """(H, W) of the unpacked latents for an image of height x width pixels (multiples of 16)."""
+    for name, size in (("height", height), ("width", width)):
+        if size < PIXEL_MULTIPLE or size % PIXEL_MULTIPLE:
+            lower = max(PIXEL_MULTIPLE, size // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+            raise ValueError(
+                f"{name} {size} is not a multiple of {PIXEL_MULTIPLE} pixels (the VAE's 8x times the 2x2 latent "
+                f"packing): use {lower} or {lower + PIXEL_MULTIPLE}"
+            )
+    return height // VAE_SCALE, width // VAE_SCALE
 
 
 def packed_grid(height: int, width: int) -> tuple[int, int]:
     """(rows, columns) of packed tokens for an image of height x width pixels."""
     h, w = latent_size(height, width)
-    if h == 0 or w == 0:
-        raise ValueError(f"an image of {height}x{width} pixels is too small: at least 16x16")
     return h // 2, w // 2
 
 

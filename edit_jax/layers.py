@@ -8,6 +8,7 @@ change to be sharded.
 from __future__ import annotations
 
 import math
+import warnings
 
 import flax.linen as nn
 import jax
@@ -237,14 +238,34 @@ def attention(
 ) -> jax.Array:
     """Softmax attention over q, k, v [B, L, H, K] -> [B, L, H*K].
 
-    key_mask [B, L] (True = attend) hides padded keys. implementation: "xla" or "cudnn" (GPU).
+    key_mask [B, L] (True = attend) hides padded keys. implementation: "xla" or "cudnn" (GPU
+    only, bfloat16/float16); "cudnn" where it cannot run falls back to "xla" with a warning.
     """
+    if implementation == "cudnn" and (jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16)):
+        warnings.warn(f"attention='cudnn' needs a GPU and bfloat16/float16 (here: {jax.default_backend()}, "
+                      f"{q.dtype}): using 'xla'", stacklevel=2)
+        implementation = "xla"
     mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
     if mask is not None and implementation == "cudnn":
         # cuDNN takes the mask as a bias whose last two dims must be the full [L, L]
         mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     return out.reshape(*out.shape[:2], -1)
+
+
+def check_values(name: str, x, valid, expected: str) -> None:
+    """Raises ValueError naming `name` when x is concrete (not traced under jit, where values are
+    unknown) and `valid(np.asarray(x))` is False."""
+    if x is None or isinstance(x, jax.core.Tracer):
+        return
+    if not bool(valid(np.asarray(x))):
+        raise ValueError(f"{name} must be {expected}, got {np.asarray(x).ravel()[:8]}")
+
+
+def check_timestep(timestep) -> None:
+    """timestep is sigma in [0, 1] (the pipelines pass t / 1000), not diffusers' 0-1000 scale."""
+    check_values("timestep", timestep, lambda t: np.all((t >= 0) & (t <= 1)),
+                 "sigma in [0, 1] (divide diffusers' 0-1000 timesteps by 1000)")
 
 
 def remat_policy(name: str):

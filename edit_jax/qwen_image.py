@@ -31,6 +31,8 @@ from edit_jax.layers import (
     Modulation,
     RMSNorm,
     TimestepEmbedding,
+    check_timestep,
+    check_values,
     dtype_of,
     layer_norm,
     modulate,
@@ -192,4 +194,7 @@ def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep,
         )
     if timestep.shape != (batch,):
         raise ValueError(f"timestep has shape {tuple(timestep.shape)}, expected [{batch}]")
+    check_timestep(timestep)
+    check_values("encoder_hidden_states_mask", mask, lambda m: np.all(m.sum(axis=-1) > 0),
+                 "1 for at least one text token in every row (a row of zeros hides the whole prompt)")
     return img_shape

@@ -236,7 +236,8 @@ def _runner(model, sampler, elastic, statics, batch, rescale, batched_cfg, cfg, 
                 v_c, s_c, aux_c = f(x, t, conds[0], states[0])
                 v_u, s_u, aux_u = f(x, t, conds[1], states[1])
                 v, states = guided(v_c, v_u), (s_c, s_u)
-                aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b]) if a.ndim else a + b, aux_c, aux_u)
+                # per-row records stack [conditional; unconditional]; scalar counts (FLOPs) add up
+                aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b]) if jnp.ndim(a) else a + b, aux_c, aux_u)
             x = (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(x.dtype)
             if progress is not None:
                 jax.debug.callback(progress, i, ordered=True)

@@ -3,8 +3,8 @@ as an edit-jax checkpoint, reloaded, and run again (the two outputs must agree e
 samples 12 steps dense and with E-DiT (routers scripted to skip and reuse, the block cache on),
 and draws the router map.
 
-Writes OUT/checkpoint, OUT/demo.json and OUT/router_map.png (steps down, blocks across: orange to
-red computed, blue skipped, green reused from the cache).
+Writes OUT/checkpoint, OUT/demo.json and OUT/router_map.png (steps down, blocks across: skipped,
+computed at each MLP width, reused from the cache; labelled, with a legend).
 """
 
 from __future__ import annotations
@@ -21,8 +21,33 @@ from edit_jax.checkpoint import save
 from edit_jax.models import example_inputs, jit_forward
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the OS can still hand out (Linux MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(config, preset_name: str, copies: int = 3) -> None:
+    """Raises MemoryError (before any allocation) when the demo's copies of the float32 params
+    (initialised, saved, reloaded) cannot fit in the memory available."""
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(edit_jax.abstract_params(config)))
+    need, have = copies * 4 * params, available_memory_bytes()
+    if have is not None and need > have:
+        raise MemoryError(
+            f"the demo of {preset_name} ({params / 1e9:.1f} B params) needs about {need / 2**30:.0f} GiB of memory "
+            f"({copies} float32 copies); this machine has {have / 2**30:.0f} GiB available. Use --preset flux-small "
+            "(the default), or run the full-size model on a GPU with converted weights (README: Sampling)"
+        )
+
+
 def run_demo(preset_name: str, out: Path, seed: int = 0) -> dict:
     config = edit_jax.preset(preset_name)
+    check_memory(config, preset_name)
     model = edit_jax.build_model(config)
     params = edit_jax.init_params(config, seed=seed)
     forward, inputs = jit_forward(model, example_inputs(config, batch=1, height=8, width=8, num_txt=16, seed=seed))
@@ -71,7 +96,7 @@ def sample_demo(model, params, config, out: Path, seed: int, steps: int = 12) ->
     from edit_jax.models import init_routers
     from edit_jax.sampler import SamplerConfig, sample
     from eval.bench_sample import conditions
-    from eval.pictures import router_map, write_png
+    from eval.pictures import block_groups, plot_router_map
 
     blocks = config.num_layers + getattr(config, "num_single_layers", 0)
     rng = np.random.default_rng(seed)
@@ -95,7 +120,9 @@ def sample_demo(model, params, config, out: Path, seed: int, steps: int = 12) ->
         results[name] = jax.block_until_ready(run())
         timings[name] = time.perf_counter() - t0
     records = jax.tree.map(np.asarray, results["edit"][1])
-    write_png(out / "router_map.png", router_map(records["p"][:, 0], records["executed"][:, 0], records["cache_hit"][:, 0]))
+    plot_router_map(out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0], records["cache_hit"][:, 0],
+                    title=f"E-DiT routing, {model.config.family} demo model (scripted router), {steps} steps, cache on",
+                    block_groups=block_groups(config))
     dense_latents, edit_latents = np.asarray(results["dense"][0]), np.asarray(results["edit"][0])
     return {
         "steps": steps,

@@ -10,9 +10,10 @@
 #
 # Dry run on a CPU machine (tiny presets, same code paths but cuDNN): GPU_SUITE_DRY=1 bash eval/gpu_suite.sh
 set -u
-out=${OUT:-gpu_results}
+out=${OUT:-$(mktemp -d -t gpu_suite.XXXXXX)}  # never inside the repository
 budget=${1:-520}
 mkdir -p "$out"
+echo "results in $out"
 exec > >(tee -a "$out/suite.log") 2>&1
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -25,9 +26,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then install_wheels .whl /tmp/site || echo "wh
 
 if [ -n "${GPU_SUITE_DRY:-}" ]; then
     size="--height 4 --width 4 --dtype bfloat16" runs="--runs 2"
+    flux_name=flux_tiny qwen_name=qwen_image_tiny
     flux="flux-tiny --txt 8" qwen="qwen-image-tiny --txt 8" attention=xla
 else
     size="--height 64 --width 64 --dtype bfloat16" runs="--runs 10"
+    flux_name=flux_dev qwen_name=qwen_image
     flux="flux-dev --txt 512" qwen="qwen-image --txt 256" attention=cudnn
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 fi
@@ -68,22 +71,22 @@ fi
 for stage in ${STAGES:-elastic profile flags forward}; do
     case $stage in
     elastic)
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_flux_dev 170 eval.bench_elastic --preset $flux $size --attention $attention $runs
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_qwen_image 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --no-ideal ;;
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_$flux_name 170 eval.bench_elastic --preset $flux $size --attention $attention $runs
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_$qwen_name 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --no-ideal ;;
     profile)  # where a step's device time goes, by scope (router, block, the rest)
         for mode in infer forced_all_open; do
-            XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_flux_dev_$mode 120 eval.profile_step --preset $flux $size --attention $attention --mode $mode
+            XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_${flux_name}_$mode 120 eval.profile_step --preset $flux $size --attention $attention --mode $mode
         done ;;
     cfg)  # Qwen-Image as it samples, with true CFG: batch 2 (not in the default stages)
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_qwen_image_batch2 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --batch 2 --no-ideal ;;
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${qwen_name}_batch2 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --batch 2 --no-ideal ;;
     forward)  # torch shares the GPU here: JAX allocates as it goes instead of taking most of the memory up front
-        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_flux_dev 200 eval.bench_forward --preset $flux $size --attention $attention $runs ;;
+        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_$flux_name 200 eval.bench_forward --preset $flux $size --attention $attention $runs ;;
     flags)  # XLA GPU options that may cut the per-block overheads: slices fused into GEMMs, conditionals in CUDA graphs
         [ -n "${GPU_SUITE_DRY:-}" ] && continue
         XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
-            bench elastic_flux_dev_dynamic_slice_fusion 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal
+            bench elastic_${flux_name}_dynamic_slice_fusion 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
-            bench elastic_flux_dev_command_buffers 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal ;;
+            bench elastic_${flux_name}_command_buffers 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal ;;
     *) echo "unknown stage $stage (elastic, profile, flags, forward, cfg)"; exit 2 ;;
     esac
 done

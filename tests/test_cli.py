@@ -59,9 +59,14 @@ def test_convert_of_a_release_lists_router_params_under_routers(tmp_path, capsys
     capsys.readouterr()
 
     assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
-    rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)["params"]}
-    assert rows["routers/transformer_blocks/router/width_head/kernel"]["shape"] == [2, 128, 4]
-    assert rows["transformer_blocks/img_mlp/fc1/kernel"]["shape"] == [2, 64, 256]
+    report = json.loads(capsys.readouterr().out)
+    params = {r["path"]: r for r in report["params"]}
+    routers = {r["path"]: r for r in report["routers"]}
+    assert routers["transformer_blocks/router/width_head/kernel"]["shape"] == [2, 128, 4]
+    assert params["transformer_blocks/img_mlp/fc1/kernel"]["shape"] == [2, 64, 256]
+    assert not any("router" in p for p in params)
+    assert report["param_count"] == sum(r["count"] for r in params.values())
+    assert report["routers_count"] == sum(r["count"] for r in routers.values())
 
 
 def test_order_channels_writes_a_reordered_checkpoint_and_refuses_trained_routers(tmp_path, capsys):

@@ -1,0 +1,157 @@
+"""Checkpoints: relative paths, overwriting only what the tool wrote, leftovers of killed writes,
+and damage found before it becomes a traceback."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edit_jax
+from edit_jax.checkpoint import CheckpointError, load_routers, missing_array_files, save, verify_arrays
+from edit_jax.models import init_variables
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = edit_jax.preset("flux-tiny")
+    return config, init_variables(config)
+
+
+def test_every_read_accepts_a_relative_path(tiny, tmp_path, monkeypatch):
+    config, variables = tiny
+    monkeypatch.chdir(tmp_path)
+    save("ckpt/flux", config, variables["params"], variables["routers"])
+
+    model, params = edit_jax.load("ckpt/flux")
+    routers = load_routers("ckpt/flux")
+
+    np.testing.assert_array_equal(params["proj_out"]["kernel"], variables["params"]["proj_out"]["kernel"])
+    assert routers is not None and missing_array_files("ckpt/flux") == [] and verify_arrays("ckpt/flux") == []
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tiny, tmp_path):
+    config, variables = tiny
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "holiday.jpg").write_bytes(b"\xff\xd8")
+
+    with pytest.raises(CheckpointError, match="not an edit-jax checkpoint"):
+        save(precious, config, variables["params"], overwrite=True)
+    assert (precious / "holiday.jpg").read_bytes() == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("dst, protected", [("models/flux", "models/flux"), ("models/flux/out", "models/flux"),
+                                            ("models", "models/flux"), ("models", "models/flux/w.safetensors")],
+                         ids=["is-the-source", "inside-the-source", "holds-the-source", "holds-the-source-file"])
+def test_a_checkpoint_never_overlaps_a_protected_source(tiny, tmp_path, dst, protected):
+    config, variables = tiny
+    (tmp_path / "models" / "flux").mkdir(parents=True)
+    (tmp_path / "models" / "flux" / "w.safetensors").write_bytes(b"x")
+
+    with pytest.raises(CheckpointError, match="the source"):
+        save(tmp_path / dst, config, variables["params"], overwrite=True, protect=[tmp_path / protected])
+    assert (tmp_path / "models" / "flux" / "w.safetensors").exists()
+
+
+def test_overwrite_replaces_an_existing_checkpoint(tiny, tmp_path):
+    config, variables = tiny
+    save(tmp_path / "ckpt", config, variables["params"])
+    doubled = {**variables["params"], "proj_out": {k: 2 * v for k, v in variables["params"]["proj_out"].items()}}
+
+    save(tmp_path / "ckpt", config, doubled, overwrite=True)
+
+    _, params = edit_jax.load(tmp_path / "ckpt")
+    np.testing.assert_array_equal(params["proj_out"]["bias"], doubled["proj_out"]["bias"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_the_next_write_removes_folders_left_by_killed_writes(tiny, tmp_path, capsys):
+    config, variables = tiny
+    dead = [tmp_path / ".ckpt.incomplete-999999999-0badc0de", tmp_path / ".ckpt.incomplete-1234abcd",
+            tmp_path / ".ckpt.old-999999999-0badc0de"]
+    live = tmp_path / f".ckpt.incomplete-{os.getpid()}-0badc0de"  # a write still running
+    other = tmp_path / ".other.incomplete-999999999-0badc0de"  # another destination's
+    for folder in dead + [live, other]:
+        (folder / "params").mkdir(parents=True)
+
+    save(tmp_path / "ckpt", config, variables["params"])
+
+    assert not any(f.exists() for f in dead)
+    assert live.exists() and other.exists()
+    assert "did not finish" in capsys.readouterr().err
+
+
+SLOW_WRITE = """
+import sys, time
+import numpy as np
+import edit_jax
+from edit_jax.checkpoint import write_checkpoint
+
+def groups():
+    yield {"a": np.zeros((4, 4), np.float32)}
+    print("first group written", flush=True)
+    time.sleep(60)
+    yield {"b": np.zeros((4,), np.float32)}
+
+write_checkpoint(sys.argv[1], edit_jax.preset("flux-tiny"), {"params": groups()})
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_write_stopped_by_a_signal_leaves_nothing_behind(tmp_path, sig):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(tmp_path / "ckpt")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while proc.stdout.readline().strip() != "first group written":
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+    assert any(p.name.startswith(".ckpt.incomplete-") for p in tmp_path.iterdir())
+
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def damaged(tiny, tmp_path):
+    """A checkpoint whose array data files were deleted after it was written."""
+    config, variables = tiny
+    path = save(tmp_path / "ckpt", config, variables["params"])
+    for data in path.glob("params/**/d/*"):
+        data.unlink()
+    return path
+
+
+def test_missing_array_data_is_found_without_reading_arrays(damaged):
+    assert any("missing data file" in p for p in missing_array_files(damaged))
+
+
+def test_loading_a_checkpoint_with_missing_array_data_is_one_clear_error(damaged):
+    with pytest.raises(CheckpointError, match="incomplete"):
+        edit_jax.load(damaged)
+
+
+def test_verify_names_arrays_with_non_finite_values(tiny, tmp_path):
+    config, variables = tiny
+    params = {**variables["params"], "proj_out": {**variables["params"]["proj_out"],
+                                                  "bias": np.full_like(variables["params"]["proj_out"]["bias"], np.nan)}}
+    save(tmp_path / "ckpt", config, params)
+
+    assert verify_arrays(tmp_path / "ckpt") == ["params/proj_out/bias: 4 non-finite values"]
+
+
+def test_a_checkpoint_for_another_config_lists_what_does_not_fit(tiny, tmp_path):
+    config, variables = tiny
+    save(tmp_path / "ckpt", config, variables["params"])
+    from edit_jax.checkpoint import load_params
+    from edit_jax.models import abstract_params
+
+    with pytest.raises(CheckpointError, match="does not fit the model config"):
+        load_params(tmp_path / "ckpt", abstract_params(edit_jax.preset("flux-small")))
