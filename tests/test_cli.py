@@ -122,3 +122,109 @@ def test_sample_without_routers_in_elastic_mode_is_a_clear_error(tmp_path, capsy
             "--height", "32", "--width", "32", "--steps", "2", "--elastic", "infer"]
     assert main(args) == 2
     assert "has no routers" in capsys.readouterr().err
+
+
+@pytest.fixture
+def flux_small_ckpt(tmp_path):
+    """A flux-small checkpoint without routers and a matching embeddings file."""
+    import numpy as np
+
+    import edit_jax
+    from edit_jax.checkpoint import save
+
+    config = edit_jax.preset("flux-small")
+    save(tmp_path / "ckpt", config, edit_jax.init_params(config))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "emb.npz", prompt_embeds=rng.standard_normal((1, 8, 64)).astype(np.float32),
+             pooled_prompt_embeds=rng.standard_normal((1, 32)).astype(np.float32))
+    return tmp_path / "ckpt", tmp_path / "emb.npz"
+
+
+def sample_args(ckpt, emb, out, *extra):
+    return ["sample", str(ckpt), "--embeddings", str(emb), "--out", str(out), "--height", "64", "--width", "64",
+            "--steps", "2", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [  # argparse keeps a flag's last value
+    (["--height", "100", "--width", "100"], "not a multiple of 16"),
+    (["--embeddings", "{tmp}/nope.npz"], "nope.npz: no such file"),
+    (["--out", "{tmp}/emb.npz"], "is an existing file"),
+    (["--elastic", "infer"], "has no routers"),
+], ids=["size", "embeddings", "out-is-a-file", "no-routers"])
+def test_bad_sample_input_is_one_clear_error_before_any_work(flux_small_ckpt, tmp_path, capsys, extra, message):
+    ckpt, emb = flux_small_ckpt
+    extra = [x.format(tmp=tmp_path) for x in extra]
+    assert main(sample_args(ckpt, emb, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_with_fresh_routers_runs_e_dit_on_a_checkpoint_without_routers(flux_small_ckpt, tmp_path, capsys):
+    ckpt, emb = flux_small_ckpt
+    assert main(sample_args(ckpt, emb, tmp_path / "out", "--elastic", "infer", "--fresh-routers")) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["executed_fraction_per_step"] == [1.0, 1.0]  # full-capacity routers keep every block
+
+
+def test_dense_sample_writes_no_records(flux_small_ckpt, tmp_path):
+    ckpt, emb = flux_small_ckpt
+    assert main(sample_args(ckpt, emb, tmp_path / "out")) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["latents.npy", "summary.json"]
+
+
+def test_inspect_of_a_checkpoint_with_missing_array_data_is_an_error(flux_small_ckpt, capsys):
+    ckpt, _ = flux_small_ckpt
+    for data in ckpt.glob("params/**/d/*"):
+        data.unlink()
+    assert main(["inspect", str(ckpt)]) == 2
+    assert "missing data file" in capsys.readouterr().err
+
+
+def test_inspect_of_a_checkpoint_missing_its_array_manifest_is_an_error(flux_small_ckpt, capsys):
+    ckpt, _ = flux_small_ckpt
+    for manifest in ckpt.glob("params/*/manifest.ocdbt"):
+        manifest.unlink()
+    assert main(["inspect", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.ocdbt" in err and "Traceback" not in err
+
+
+def test_inspect_verify_reads_every_array(flux_small_ckpt, capsys):
+    ckpt, _ = flux_small_ckpt
+    assert main(["inspect", str(ckpt), "--verify"]) == 0
+    assert "every array read and finite" in capsys.readouterr().out
+
+
+def test_a_calibration_file_of_the_other_family_is_a_clear_error(flux_small_ckpt, tmp_path, capsys):
+    import numpy as np
+
+    ckpt, _ = flux_small_ckpt
+    np.savez(tmp_path / "qwen.npz", hidden_states=np.zeros((1, 4, 64)), encoder_hidden_states=np.zeros((1, 4, 16)),
+             timestep=np.zeros(1), img_shapes=np.array([1, 2, 2]))
+    assert main(["order-channels", str(ckpt), str(tmp_path / "o"), "--calibration", str(tmp_path / "qwen.npz")]) == 2
+    assert "does not hold flux model inputs" in capsys.readouterr().err
+
+
+def test_order_channels_reports_the_importance_kept_by_the_order_it_wrote(flux_small_ckpt, tmp_path, capsys):
+    ckpt, _ = flux_small_ckpt
+    assert main(["order-channels", str(ckpt), str(tmp_path / "o"), "--batches", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for after, before in zip(report["importance_kept_at_half_width"], report["importance_kept_at_half_width_before"]):
+        assert after > 0.5 and after >= before
+
+
+def test_demo_of_a_model_too_large_for_this_machine_says_what_it_needs(tmp_path, capsys, monkeypatch):
+    import eval.demo
+
+    monkeypatch.setattr(eval.demo, "available_memory_bytes", lambda: 16 << 30)
+    assert main(["demo", "--preset", "flux-dev", "--out", str(tmp_path / "d")]) == 2
+    assert "needs about" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_help_shows_defaults_and_explains_the_embeddings(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # help wraps at the terminal's width
+    assert "(default: 0.015)" in text and "pooled_prompt_embeds [B, 768]" in text and "--cache-start" in text

@@ -231,3 +231,48 @@ def test_a_converted_tensor_of_the_wrong_shape_is_an_error_not_a_broadcast():
 
     with pytest.raises(ConversionError, match=r"shape \(1, 4\), expected \(3, 4\)"):
         _fill(np.empty((3, 4), np.float32), np.ones((1, 4), np.float32))
+
+
+def test_overwrite_never_deletes_the_source(save_diffusers, tmp_path, capsys):
+    from edit_jax.cli import main
+
+    src = save_diffusers(make_diffusers_flux())
+    before = sorted(p.name for p in src.iterdir())
+
+    for dst in (src, src / "converted", src.parent):
+        assert main(["convert", "flux", str(src), str(dst), "--overwrite"]) == 2
+        assert "the source" in capsys.readouterr().err
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_a_non_finite_source_tensor_is_named_and_nothing_is_written(tmp_path):
+    model = make_diffusers_flux()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["transformer_blocks.0.ff.net.2.weight"][0, 0] = float("nan")
+    save_file(sd, tmp_path / "model.safetensors")
+    model.save_config(tmp_path)
+
+    with pytest.raises(ConversionError, match=r"'transformer_blocks.0.ff.net.2.weight'.*non-finite"):
+        convert_flux(tmp_path / "model.safetensors", tmp_path / "ckpt", config=from_diffusers_config(tmp_path / "config.json"))
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt*"))
+
+
+def test_a_file_of_random_bytes_is_one_clear_error(tmp_path):
+    from checkpoints_convert import open_source
+    from checkpoints_convert.sources import SourceError
+
+    (tmp_path / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(SourceError, match="model.safetensors is not a safetensors file"):
+        open_source(tmp_path / "model.safetensors")
+
+
+def test_a_truncated_file_is_one_clear_error_naming_it(tmp_path):
+    from checkpoints_convert import open_source
+    from checkpoints_convert.sources import SourceError
+
+    save_file({k: v.contiguous() for k, v in make_diffusers_flux().state_dict().items()}, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(SourceError, match=r"model.safetensors is truncated"):
+        open_source(tmp_path / "model.safetensors")

@@ -183,3 +183,15 @@ def test_flux_true_cfg_matches_the_diffusers_pipeline(save_diffusers, tmp_path):
     latents, _ = sample(model, params, jnp.asarray(noise), cond, SamplerConfig(num_steps=4, true_cfg_scale=3.0), negative_cond=neg)
 
     assert relative_error(latents, ref) <= 1e-4
+
+
+def test_sequential_true_cfg_with_routers_records_both_branches(save_diffusers, tmp_path):
+    model, params, cond, noise = small_flux(save_diffusers, tmp_path)
+    routers = init_routers(model.config)
+    sampler = SamplerConfig(num_steps=2, true_cfg_scale=2.0, cfg_mode="sequential")
+
+    _, records = sample(model, params, noise, cond, sampler, routers=routers, elastic=ElasticConfig(mode="infer"),
+                        negative_cond=cond)
+
+    assert records["executed"].shape == (2, 2 * noise.shape[0], 4)
+    assert records["flops_total"].shape == (2,)
