@@ -6,9 +6,19 @@ guidance and the E-DiT block cache carried as explicit state.
     state = init_state(model.config, elastic, batch, num_img, num_txt)
     velocity, state = f(x, t, cond, state)          # t [B] = sigma in [0, 1]
 
+    g = velocity_fn(model, elastic)                  # the same with params and routers as arguments
+    velocity, state = g(params, routers, x, t, cond, state)
+
 cond holds the conditioning inputs by the model's own names: FLUX `encoder_hidden_states`,
 `pooled_projections`, `img_ids`, `txt_ids` (and `guidance` for dev); Qwen-Image
-`encoder_hidden_states`, `encoder_hidden_states_mask` and the static `img_shapes`.
+`encoder_hidden_states`, `encoder_hidden_states_mask` and `img_shapes`, a `Static` value (part of
+the pytree's structure, not a leaf), so jit, vmap and grad pass cond through whole.
+
+The state carries the step counter and, with the cache on, the stored block residuals: a caller
+must thread the returned state into the next call. A solver that cannot carry state (diffrax's
+vector fields are pure) would hand the same state to every call, and the cache would never fill:
+use the cache only where the state is threaded (as `sample` does), and pass `step` to say which
+solver step a call belongs to (Heun calls the model twice per step; `cache_start` counts steps).
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,11 +82,26 @@ def make_conditions(config, prompt_embeds, height: int, width: int, pooled_proje
         return {"encoder_hidden_states": embeds, "pooled_projections": jnp.asarray(pooled_projections, jnp.float32),
                 "img_ids": jnp.asarray(flux_img_ids(height, width)), "txt_ids": jnp.asarray(flux_txt_ids(embeds.shape[1]))}
     mask = jnp.ones(embeds.shape[:2], jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
-    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask, "img_shapes": qwen_img_shapes(height, width)}
+    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask,
+            "img_shapes": Static(qwen_img_shapes(height, width))}
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """A value that is part of a pytree's structure, not a leaf (Qwen-Image's img_shapes in cond):
+    jit keys its cache on it instead of tracing it."""
+
+    value: Any
+
+
+def static_value(x):
+    return x.value if isinstance(x, Static) else x
 
 
 def _split_static(cond: dict) -> tuple[dict, dict]:
-    static = {k: v for k, v in cond.items() if k == "img_shapes"}
+    """(array conditions, static settings as plain values) of a cond dict."""
+    static = {k: static_value(v) for k, v in cond.items() if k == "img_shapes"}
     return {k: v for k, v in cond.items() if k not in static}, static
 
 
@@ -91,33 +117,46 @@ def init_state(config, elastic: ElasticConfig | None, batch: int, num_img: int, 
     return state
 
 
-def make_velocity_fn(model, params: dict, routers: dict | None = None, elastic: ElasticConfig | None = None,
-                     return_aux: bool = False, decisions=None) -> Callable:
-    """The model as a pure function f(x, t, cond, state) -> (velocity, state) (with return_aux:
-    (velocity, state, aux)); x [B, N, C] packed latents, t [B] sigmas in [0, 1].
+def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = False, decisions=None) -> Callable:
+    """The model as a pure function of everything that changes:
+    f(params, routers, x, t, cond, state, step=None) -> (velocity, state) (with return_aux:
+    (velocity, state, aux)); x [B, N, C] packed latents, t [B] sigmas in [0, 1]; routers may be
+    None in dense mode. Differentiate or vmap with respect to params or routers directly.
 
-    decisions (mode "forced"): {"run" or "p", "bucket"} arrays of [L] or [B, L], or a function of
-    the step index returning them (scripted router probabilities per step)."""
+    step: the solver step this call belongs to (the cache's `cache_start` counts these); None
+    takes the count of calls so far (state["step"]). decisions (mode "forced"): {"run" or "p",
+    "bucket"} arrays of [L] or [B, L], or a function of the step returning them."""
     elastic_on = elastic is not None and elastic.mode != "dense"
-    if elastic_on and routers is None:
-        raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
 
-    def f(x, t, cond, state):
+    def f(params, routers, x, t, cond, state, step=None):
         arrays, static = _split_static(cond)
         if not elastic_on:
             v = model.apply({"params": params}, hidden_states=x, timestep=t, **arrays, **static)
             return (v, state, {}) if return_aux else (v, state)
-        forced = decisions(state["step"]) if callable(decisions) else decisions
+        if routers is None:
+            raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
+        step = state["step"] if step is None else jnp.asarray(step, jnp.int32)
+        forced = decisions(step) if callable(decisions) else decisions
         v, aux = model.apply(
             {"params": params, "routers": routers}, hidden_states=x, timestep=t, **arrays, **static,
-            elastic=elastic, decisions=forced, cache=state.get("cache"), step=state["step"],
+            elastic=elastic, decisions=forced, cache=state.get("cache"), step=step,
         )
-        new_state = {"step": state["step"] + 1}
+        new_state = {"step": step + 1}
         if "cache" in state:
             new_state["cache"] = aux.pop("cache")
         return (v, new_state, aux) if return_aux else (v, new_state)
 
     return f
+
+
+def make_velocity_fn(model, params: dict, routers: dict | None = None, elastic: ElasticConfig | None = None,
+                     return_aux: bool = False, decisions=None) -> Callable:
+    """`velocity_fn` with params and routers closed over: f(x, t, cond, state, step=None) ->
+    (velocity, state) (with return_aux: (velocity, state, aux))."""
+    if elastic is not None and elastic.mode != "dense" and routers is None:
+        raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
+    g = velocity_fn(model, elastic, return_aux, decisions)
+    return lambda x, t, cond, state, step=None: g(params, routers, x, t, cond, state, step)
 
 
 def _concat_conditions(cond: dict, negative: dict) -> dict:
@@ -147,8 +186,10 @@ def check_sampling_inputs(config, noise, cond: dict, negative: dict | None, samp
     num_img = noise.shape[1]
     if isinstance(config, FluxConfig) and cond["img_ids"].shape[0] != num_img:
         raise ValueError(f"latents hold {num_img} tokens but img_ids has {cond['img_ids'].shape[0]} (wrong resolution?)")
-    if isinstance(config, QwenImageConfig) and int(np.prod(cond["img_shapes"])) != num_img:
-        raise ValueError(f"latents hold {num_img} tokens but img_shapes {cond['img_shapes']} has {int(np.prod(cond['img_shapes']))} (wrong resolution?)")
+    if isinstance(config, QwenImageConfig):
+        shape = static_value(cond["img_shapes"])
+        if int(np.prod(shape)) != num_img:
+            raise ValueError(f"latents hold {num_img} tokens but img_shapes {shape} has {int(np.prod(shape))} (wrong resolution?)")
     for name, c in (("prompt", cond), ("negative prompt", negative)):
         if c is not None and c["encoder_hidden_states"].shape[-1] != config.joint_attention_dim:
             raise ValueError(

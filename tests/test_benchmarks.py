@@ -58,3 +58,17 @@ def test_op_names_map_hlo_instructions_to_their_scopes_and_flag_control_flow():
 
     assert any(profile_step.scope_of(n) == "elastic_router" for n in names.values())
     assert containers and all(names[c].split("/")[-1] in ("cond", "while") for c in containers)
+
+
+def test_gpu_suite_dry_run_writes_outside_the_repository_and_names_files_after_its_presets(tmp_path):
+    import os
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(GPU_SUITE_DRY="1", STAGES="cfg", TMPDIR=str(tmp_path))
+    done = subprocess.run(["bash", "eval/gpu_suite.sh", "300"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not (repo / "gpu_results").exists()
+    (results,) = [p for p in tmp_path.iterdir() if p.name.startswith("gpu_suite.")]
+    assert sorted(p.name for p in results.iterdir()) == ["elastic_qwen_image_tiny_batch2.json", "suite.log"]

@@ -131,3 +131,18 @@ def test_img_shapes_that_do_not_fit_the_tokens_are_an_error():
 
 def test_preset_matches_published_config():
     assert edit_jax.preset("qwen-image") == QwenImageConfig(num_layers=60, joint_attention_dim=3584)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"timestep": 1000 * np.full((1,), 0.5, np.float32)}, "timestep must be sigma in"),
+    ({"encoder_hidden_states_mask": np.zeros((1, 4), np.int32)}, "at least one text token"),
+    ({"img_shapes": (1, 3, 3)}, "img_shapes"),
+], ids=["timestep-0-1000", "all-zero-mask", "img-shapes"])
+def test_inputs_with_impossible_values_are_clear_errors(bad, message):
+    import edit_jax
+    from edit_jax.models import example_inputs
+
+    config = edit_jax.preset("qwen-image-tiny")
+    inputs = {**example_inputs(config, batch=1, height=4, width=3, num_txt=4), **bad}
+    with pytest.raises(ValueError, match=message):
+        edit_jax.build_model(config).apply({"params": edit_jax.init_params(config)}, **inputs)

@@ -195,3 +195,43 @@ def test_sequential_true_cfg_with_routers_records_both_branches(save_diffusers, 
 
     assert records["executed"].shape == (2, 2 * noise.shape[0], 4)
     assert records["flops_total"].shape == (2,)
+
+
+def test_the_velocity_function_jits_with_qwen_conditions_and_takes_params_as_arguments():
+    from edit_jax.sampler import init_state, make_conditions, velocity_fn
+
+    config = edit_jax.preset("qwen-image-tiny")
+    variables = edit_jax.models.init_variables(config)
+    model = edit_jax.build_model(config)
+    cond = make_conditions(config, np.ones((1, 4, config.joint_attention_dim), np.float32), 64, 48)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 12, config.in_channels)), jnp.float32)
+    elastic = ElasticConfig(mode="infer")
+    g = velocity_fn(model, elastic)
+    state = init_state(config, elastic, 1, 12, 4)
+
+    v, _ = jax.jit(g)(variables["params"], variables["routers"], x, jnp.full((1,), 0.5), cond, state)
+    grads = jax.grad(lambda r: jnp.sum(g(variables["params"], r, x, jnp.full((1,), 0.5), cond, state)[0]))(variables["routers"])
+
+    assert v.shape == x.shape
+    assert jax.tree.structure(grads) == jax.tree.structure(variables["routers"])
+
+
+def test_an_explicit_step_decides_when_the_cache_starts():
+    from edit_jax.sampler import init_state, make_velocity_fn
+
+    config = edit_jax.preset("qwen-image-tiny")
+    variables = edit_jax.models.init_variables(config)
+    model = edit_jax.build_model(config)
+    cond = {"encoder_hidden_states": jnp.ones((1, 4, config.joint_attention_dim)),
+            "encoder_hidden_states_mask": jnp.ones((1, 4), jnp.int32), "img_shapes": (1, 4, 3)}
+    x = jnp.zeros((1, 12, config.in_channels))
+    elastic = ElasticConfig(mode="infer", cache=True, cache_start=3)
+    f = make_velocity_fn(model, variables["params"], variables["routers"], elastic)
+    state = init_state(config, elastic, 1, 12, 4)
+
+    _, before = f(x, jnp.full((1,), 0.5), cond, state, step=2)
+    _, after = f(x, jnp.full((1,), 0.5), cond, state, step=3)
+
+    assert not before["cache"]["transformer_blocks"]["stored"].any()
+    assert after["cache"]["transformer_blocks"]["stored"].all()
+    assert int(after["step"]) == 4
