@@ -262,6 +262,18 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from train.config import load_config
+    from train.loop import train
+
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():  # no file given: only overrides
+        path, overrides = None, [path] + overrides
+    metrics = train(load_config(path, overrides), progress=not args.quiet)
+    print(json.dumps({k: float(v) for k, v in metrics.items() if getattr(v, "ndim", 1) == 0}, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from eval.demo import run_demo
 
@@ -348,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--overwrite", action="store_true", help="replace OUT if it is an edit-jax checkpoint")
     order.set_defaults(run=cmd_order_channels)
 
+    trn = command("train", "train E-DiT routers (and optionally the base) on a device mesh",
+                  "fields and defaults: train/config.py (TrainConfig); e.g. edit-jax train run.yaml steps=100 mesh.fsdp=8")
+    trn.add_argument("config", nargs="?", help="YAML or JSON file of TrainConfig fields (default: all defaults)")
+    trn.add_argument("overrides", nargs="*", help="key=value field overrides, mesh.AXIS=N for one mesh axis")
+    trn.add_argument("--quiet", action="store_true", help="no progress bar")
+    trn.set_defaults(run=cmd_train)
+
     inspect = command("inspect", "print a checkpoint's config and arrays, after checking every array's data file is there")
     inspect.add_argument("ckpt", help="edit-jax checkpoint folder")
     inspect.add_argument("--verify", action="store_true", help="also read every array and check it is finite")
@@ -365,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ConversionError, SourceError, CheckpointError, ValueError, MemoryError) as e:
+    except (ConfigError, ConversionError, SourceError, CheckpointError, ValueError, MemoryError, RuntimeError) as e:
         print(f"edit-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -95,9 +95,13 @@ def logical_axes(config, collection: str = "params") -> dict:
     return nn.get_partition_spec(_boxed_abstract_variables(config))[collection]
 
 
-def init_variables(config, seed: int = 0) -> dict:
-    """Random base params and fresh routers (full-capacity init): {"params", "routers"}."""
-    return nn.meta.unbox(jax.jit(_init_fn(config))(jax.random.key(seed)))
+def init_variables(config, seed: int = 0, shardings: dict | None = None) -> dict:
+    """Random base params and fresh routers (full-capacity init): {"params", "routers"}.
+
+    shardings: {"params": ..., "routers": ...} pytrees of shardings: each array is created
+    directly in its sharding, never whole on one device."""
+    init = _init_fn(config)
+    return jax.jit(lambda key: nn.meta.unbox(init(key)), out_shardings=shardings)(jax.random.key(seed))
 
 
 def init_params(config, seed: int = 0) -> dict:

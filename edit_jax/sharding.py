@@ -59,15 +59,28 @@ def logical_to_mesh(spec: PartitionSpec, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -
     return PartitionSpec(*out)
 
 
-def param_shardings(config, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> dict:
-    """NamedShardings for every param of `config`'s model (pass to `edit_jax.load`)."""
+def param_shardings(config, mesh: Mesh, rules=LOGICAL_AXIS_RULES, collection: str = "params") -> dict:
+    """NamedShardings for every param of `config`'s model (pass to `edit_jax.load`), or of its
+    routers with collection="routers"."""
     from edit_jax.models import logical_axes
 
     return jax.tree.map(
         lambda spec: NamedSharding(mesh, logical_to_mesh(spec, mesh, rules)),
-        logical_axes(config),
+        logical_axes(config, collection),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+
+
+BATCH_AXES = ("data", "fsdp")  # a batch is split over every data-parallel axis
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def describe(config, mesh: Mesh) -> str:

@@ -1,0 +1,183 @@
+"""The training config: one frozen dataclass, read from YAML or JSON with `key=value` overrides,
+validated before any compute, printed at start and saved beside the checkpoints.
+
+    edit-jax train run.yaml steps=2000 rho_g=0.5 mesh.fsdp=8
+
+Names follow the paper (SPEC section 4): the loss is
+    L = L_flow + lambda_g * L_gate + lambda_w * L_width
+with the gate budget rho_g (constant, or linear in the noise level s from rho_high at s = 0 to
+rho_low at s = 1) read from the soft p or the hard straight-through gate, and the width budget rho_w.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from edit_jax.config import DTYPES, PRESETS, REMAT_POLICIES, ConfigError
+
+TRAINABLE = ("routers", "routers+base")
+TARGETS = ("data", "teacher")
+GATE_BUDGETS = ("soft", "hard")
+RHO_SCHEDULES = ("constant", "linear")
+NOISE_SAMPLERS = ("uniform", "logit_normal", "shift")
+LR_SCHEDULES = ("constant", "cosine")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run (see the module docstring for the loss)."""
+
+    # what to start from
+    checkpoint: str | None = None  # converted edit-jax checkpoint; None: random weights of `preset`
+    preset: str = "flux-tiny"  # only without a checkpoint (smoke runs, tests, benchmarks)
+    routers: str = "checkpoint"  # "checkpoint" (its routers, fresh where it has none) or "fresh"
+    trainable: str = "routers"  # "routers" (base frozen, no optimizer state) or "routers+base"
+    # the loss (SPEC section 4)
+    target: str = "data"  # "data": v = noise - x0; "teacher": the dense model's velocity
+    lambda_g: float = 1.0
+    lambda_w: float = 1.0
+    gate_budget: str = "hard"  # the gate budget reads the "soft" p or the "hard" straight-through gate
+    rho_schedule: str = "constant"
+    rho_g: float = 0.6  # constant gate budget
+    rho_high: float = 0.7  # linear: rho_g(s) = rho_high + (rho_low - rho_high) * s
+    rho_low: float = 0.5
+    rho_w: float = 0.75
+    tau: float = 0.5
+    # noise levels s in [0, 1]
+    noise_sampler: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 3.0  # "shift": s' = shift s / (1 + (shift - 1) s) of a uniform s
+    # optimizer (optax AdamW)
+    learning_rate: float = 1e-4
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float = 1.0  # global norm; 0 turns clipping off
+    grad_accum: int = 1  # micro-batches per step
+    # the run
+    batch_size: int = 8  # global
+    steps: int = 1000
+    log_every: int = 10
+    save_every: int = 500
+    keep: int = 3  # checkpoints kept
+    run_dir: str = "runs/edit"
+    seed: int = 0
+    # data: "synthetic" (class-conditional toy latents, for smoke runs and benchmarks)
+    data: str = "synthetic"
+    height: int = 4  # latent token grid of the synthetic source
+    width: int = 4
+    num_txt: int = 8
+    num_classes: int = 10
+    # how it runs
+    mesh: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    remat: str = "none"
+    param_dtype: str = "float32"  # base params
+    router_dtype: str = "float32"  # routers and their optimizer state
+    dtype: str = "float32"  # compute
+
+    def __post_init__(self):
+        choices = {"routers": ("checkpoint", "fresh"), "trainable": TRAINABLE, "target": TARGETS,
+                   "gate_budget": GATE_BUDGETS, "rho_schedule": RHO_SCHEDULES, "noise_sampler": NOISE_SAMPLERS,
+                   "lr_schedule": LR_SCHEDULES, "remat": REMAT_POLICIES, "param_dtype": DTYPES,
+                   "router_dtype": DTYPES, "dtype": DTYPES, "data": ("synthetic",)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.checkpoint is None and self.preset not in PRESETS:
+            raise ConfigError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.target == "teacher" and self.trainable != "routers":
+            raise ConfigError("target='teacher' needs a frozen base (trainable='routers'): the teacher is the "
+                              "same base run dense, so training the base would move the target")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        for name in ("rho_g", "rho_high", "rho_low", "rho_w", "tau"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        unknown = sorted(set(self.mesh) - set(MESH_AXES))
+        if unknown or list(self.mesh.values()).count(-1) > 1:
+            raise ConfigError(f"mesh {self.mesh}: axes are {MESH_AXES}, at most one of them -1 (the rest)")
+
+    def mesh_shape(self, num_devices: int) -> dict[str, int]:
+        """The mesh sizes over `num_devices`, -1 filled in; a ConfigError when they do not divide."""
+        sizes = {a: int(self.mesh.get(a, 1)) for a in MESH_AXES}
+        fixed = 1
+        for size in sizes.values():
+            fixed *= size if size != -1 else 1
+        if any(s == -1 for s in sizes.values()):
+            if num_devices % fixed:
+                raise ConfigError(f"mesh {self.mesh} does not divide the {num_devices} devices")
+            sizes = {a: num_devices // fixed if s == -1 else s for a, s in sizes.items()}
+        if sizes["data"] * sizes["fsdp"] * sizes["tensor"] != num_devices:
+            raise ConfigError(f"mesh {sizes} needs {sizes['data'] * sizes['fsdp'] * sizes['tensor']} devices, "
+                              f"there are {num_devices}")
+        if (self.batch_size // self.grad_accum) % (sizes["data"] * sizes["fsdp"]):
+            raise ConfigError(f"the micro-batch of {self.batch_size // self.grad_accum} is not divisible by the "
+                              f"data-parallel size data x fsdp = {sizes['data'] * sizes['fsdp']}")
+        return sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    """A command-line value as the type of the field's current value (JSON for the rest)."""
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{text!r} is not a boolean")
+        return text.lower() in ("true", "1")
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return type(current)(text) if isinstance(current, (int, float, str)) else json.loads(text)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{text!r} is not a {type(current).__name__}") from e
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Reads a YAML or JSON file of fields (or none), then applies `key=value` overrides
+    (`mesh.fsdp=8` sets one mesh axis). Unknown fields are an error that names them."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"no such config file: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        except Exception as e:  # yaml and json raise their own error types
+            raise ConfigError(f"{path} is not valid {path.suffix[1:].upper()}: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of config fields")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        if key.startswith("mesh."):
+            values["mesh"] = {**values.get("mesh", defaults.mesh), key[5:]: int(text)}
+            continue
+        if key not in fields:
+            raise ConfigError(f"unknown config field {key!r}; known: {', '.join(sorted(fields))}")
+        values[key] = _parse_value(text, values.get(key, getattr(defaults, key)))
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config fields {unknown}; known: {', '.join(sorted(fields))}")
+    if "mesh" in values:
+        values["mesh"] = {**defaults.mesh, **values["mesh"]}
+    return TrainConfig(**values)

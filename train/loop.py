@@ -1,0 +1,189 @@
+"""`edit-jax train`: E-DiT router training on a device mesh, read top to bottom.
+
+    edit-jax train run.yaml steps=2000 mesh.fsdp=8
+
+Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl, TensorBoard events in RUN_DIR/tb, orbax
+checkpoints in RUN_DIR/checkpoints (trainable params, optimizer state, step; the last `keep`),
+and at the end RUN_DIR/edit-jax, an edit-jax checkpoint with the trained routers that `edit-jax
+sample` reads. A rerun with the same RUN_DIR resumes from the latest complete checkpoint and
+continues exactly (same batches, same noise); a SIGTERM (preemption) saves before exiting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+import edit_jax
+from edit_jax.checkpoint import load_params, load_routers, resolve, save
+from edit_jax.config import ConfigError, preset
+from edit_jax.models import abstract_params, build_model, init_variables
+from edit_jax.sharding import batch_sharding, describe, make_mesh, param_shardings, replicated
+from train.config import TrainConfig
+from train.data import shared_inputs, synthetic_batch
+from train.step import make_optimizer, make_train_step
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss); the message says where and what."""
+
+
+def opt_state_shardings(abstract_opt_state, trainable_shardings, mesh):
+    """The optimizer state's shardings: every sub-tree shaped like the trainable params (Adam's
+    moments) takes their shardings; the rest (step counts) is replicated."""
+    structure = jax.tree.structure(trainable_shardings)
+    return jax.tree.map(
+        lambda x: trainable_shardings if jax.tree.structure(x) == structure else replicated(mesh),
+        abstract_opt_state, is_leaf=lambda x: jax.tree.structure(x) == structure,
+    )
+
+
+def model_config_of(config: TrainConfig):
+    if config.checkpoint is not None:
+        model_config = edit_jax.checkpoint.load_config(config.checkpoint)
+    else:
+        model_config = preset(config.preset)
+    return model_config.with_runtime(param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat)
+
+
+def train(config: TrainConfig, progress: bool = True, max_steps: int | None = None) -> dict:
+    """Runs (or resumes) the training run; returns the last step's metrics. max_steps: stop after
+    this many steps of this call (tests of resumption), saving a checkpoint there."""
+    run_dir = resolve(config.run_dir)
+    is_main = jax.process_index() == 0
+
+    # ---- Mesh, model, shardings -------------------------------------------------------------
+    mesh = make_mesh(config.mesh_shape(jax.device_count()))
+    model_config = model_config_of(config)
+    model = build_model(model_config)
+    shardings = {"params": param_shardings(model_config, mesh),
+                 "routers": param_shardings(model_config, mesh, collection="routers")}
+    data_sharding = batch_sharding(mesh)
+    if is_main:
+        print(f"config: {json.dumps(config.to_dict())}", file=sys.stderr)
+        print(describe(model_config, mesh), file=sys.stderr)
+
+    # ---- Params: created or restored straight into their shardings ---------------------------
+    variables = init_variables(model_config, config.seed, shardings)  # random base, fresh routers
+    if config.checkpoint is not None:
+        variables["params"] = load_params(config.checkpoint, abstract_params(model_config), shardings["params"])
+        stored = load_routers(config.checkpoint, shardings["routers"]) if config.routers == "checkpoint" else None
+        if stored is not None:
+            variables["routers"] = stored
+    variables["routers"] = jax.tree.map(lambda x: x.astype(config.router_dtype), variables["routers"])
+    if config.trainable == "routers":
+        trainable, frozen = {"routers": variables["routers"]}, {"params": variables["params"]}
+    else:
+        trainable, frozen = dict(variables), {}
+    trainable_shardings = {k: shardings[k] for k in trainable}
+    frozen_shardings = {k: shardings[k] for k in frozen}
+
+    # ---- Optimizer: state only for what trains, sharded like it ------------------------------
+    optimizer = make_optimizer(config)
+    opt_shardings = opt_state_shardings(jax.eval_shape(optimizer.init, trainable), trainable_shardings, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(trainable)
+
+    # ---- Checkpoints: resume from the latest complete one ------------------------------------
+    manager = ocp.CheckpointManager(
+        run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True),
+        item_names=("trainable", "opt_state", "meta"),
+    )
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        target = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)  # noqa: E731
+        restored = manager.restore(start, args=ocp.args.Composite(
+            trainable=ocp.args.StandardRestore(target(trainable)), opt_state=ocp.args.StandardRestore(target(opt_state)),
+            meta=ocp.args.JsonRestore()))
+        trainable, opt_state = restored["trainable"], restored["opt_state"]
+        if is_main:
+            print(f"resumed from step {start} ({run_dir / 'checkpoints'})", file=sys.stderr)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    def save_checkpoint(step):
+        manager.save(step, args=ocp.args.Composite(
+            trainable=ocp.args.StandardSave(trainable), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({"step": step, "data": {"source": config.data, "next_step": step}})), force=True)
+
+    # ---- Update step: compiled ahead of the loop, the state donated --------------------------
+    shared = shared_inputs(model_config, config)
+    step_fn = jax.jit(
+        make_train_step(config, model, optimizer, shared, data_sharding),
+        in_shardings=(trainable_shardings, opt_shardings, frozen_shardings, data_sharding, None),
+        out_shardings=(trainable_shardings, opt_shardings, None),
+        donate_argnums=(0, 1),
+    )
+    batch_fn = jax.jit(lambda step: synthetic_batch(model_config, config, step), out_shardings=data_sharding)
+    example = jax.eval_shape(batch_fn, 0)
+    example.pop("label")
+    compiled = step_fn.lower(trainable, opt_state, frozen, example, jnp.int32(0)).compile()
+    if is_main:
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            print(f"train step per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
+                  f"{memory.temp_size_in_bytes / 2**20:.1f} MiB, outputs {memory.output_size_in_bytes / 2**20:.1f} MiB",
+                  file=sys.stderr)
+
+    # ---- Loop ---------------------------------------------------------------------------------
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"))
+    end = config.steps if max_steps is None else min(config.steps, start + max_steps)
+    metrics = {}
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(start, end), initial=start, total=config.steps, desc="train", unit="step",
+                   disable=not (progress and is_main))
+        for step in bar:
+            t0 = time.perf_counter()
+            batch = batch_fn(step)
+            batch.pop("label")
+            trainable, opt_state, metrics = compiled(trainable, opt_state, frozen, batch, jnp.int32(step))
+            done = step + 1
+            if done % config.log_every == 0 or done == end:
+                metrics = jax.device_get(metrics)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingError(f"the loss is {loss} at step {done}: stopping (lower learning_rate, or check "
+                                        "the data); the last good checkpoint is kept")
+                record = {"step": done, "step_time_s": time.perf_counter() - t0,
+                          **{k: np.asarray(v).tolist() for k, v in metrics.items()}}
+                if writer is not None:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    for k, v in record.items():
+                        if np.ndim(v) == 0 and k != "step":
+                            writer.add_scalar(k, v, done)
+                bar.set_postfix(loss=f"{loss:.4f}", open=f"{float(metrics['open_rate']):.2f}")
+            if done % config.save_every == 0 or done == end or stop["signal"] is not None:
+                save_checkpoint(done)
+            if stop["signal"] is not None:
+                manager.wait_until_finished()
+                print(f"stopped by signal {stop['signal']} after step {done}; checkpoint saved", file=sys.stderr)
+                raise SystemExit(128 + stop["signal"])
+        manager.wait_until_finished()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if writer is not None:
+            writer.close()
+    if end == config.steps and is_main:
+        routers = trainable["routers"]
+        params = trainable.get("params", frozen.get("params"))
+        save(run_dir / "edit-jax", model_config.with_runtime(param_dtype=config.param_dtype), params, routers, overwrite=True)
+    return jax.device_get(metrics)

@@ -1,0 +1,152 @@
+"""One training step of E-DiT routers (and optionally the base), top to bottom (SPEC section 4).
+
+    x_t = (1 - s) x0 + s noise                       s [B] in [0, 1], noise ~ N(0, 1)
+    target = noise - x0 (data) or the dense model's velocity at (x_t, s) (teacher)
+    L_flow  = mean((v_pred - target)^2)
+    L_gate  = (mean over blocks and batch of gate - rho_g(s))^2, gate = p (soft) or the hard
+              straight-through gate 1[p >= tau] + p - stop_gradient(p)
+    L_width = (sum_i 1[p_i >= tau] r_i / max(sum_i 1[p_i >= tau], eps) - rho_w)^2, r_i = q_i . S
+    L = L_flow + lambda_g L_gate + lambda_w L_width
+
+The step's randomness is jax.random.fold_in(key(seed), step): a resumed run draws the same noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from edit_jax.elastic import ElasticConfig
+from train.config import TrainConfig
+
+EPS = 1e-6
+
+
+def noise_levels(config: TrainConfig, key: jax.Array, batch: int) -> jax.Array:
+    """s [B] in [0, 1]: uniform, logit-normal, or a uniform s shifted towards noise as the
+    pipelines' schedules are (s' = shift s / (1 + (shift - 1) s))."""
+    if config.noise_sampler == "logit_normal":
+        return jax.nn.sigmoid(config.logit_mean + config.logit_std * jax.random.normal(key, (batch,)))
+    s = jax.random.uniform(key, (batch,))
+    if config.noise_sampler == "shift":
+        s = config.shift * s / (1 + (config.shift - 1) * s)
+    return s
+
+
+def gate_budget(config: TrainConfig, s: jax.Array) -> jax.Array:
+    """rho_g(s) [B]: constant, or linear from rho_high (s = 0, clean) to rho_low (s = 1, noise)."""
+    if config.rho_schedule == "constant":
+        return jnp.full_like(s, config.rho_g)
+    return config.rho_high + (config.rho_low - config.rho_high) * s
+
+
+def edit_loss(config: TrainConfig, v_pred, target, aux: dict, s, width_buckets) -> tuple[jax.Array, dict]:
+    """SPEC 4's loss from the model's train-mode aux (p [B, L], q [B, L, K]); returns (loss,
+    metrics: each term, the open rate and mean width per block [L])."""
+    p, q = aux["p"], aux["q"]
+    flow = jnp.mean(jnp.square(v_pred.astype(jnp.float32) - target.astype(jnp.float32)))
+    hard = (p >= config.tau).astype(jnp.float32)
+    gate = hard + p - jax.lax.stop_gradient(p) if config.gate_budget == "hard" else p
+    gate_gap = jnp.mean(jnp.mean(gate, axis=1) - gate_budget(config, s))  # the batch mean, as SPEC 4
+    gate_loss = jnp.square(gate_gap)
+    r = q @ jnp.asarray(width_buckets, jnp.float32)  # [B, L] expected width fraction
+    width_loss = jnp.square(jnp.sum(hard * r) / jnp.maximum(jnp.sum(hard), EPS) - config.rho_w)
+    loss = flow + config.lambda_g * gate_loss + config.lambda_w * width_loss
+    bucket_width = jnp.asarray(width_buckets, jnp.float32)[jnp.argmax(q, axis=-1)]
+    metrics = {
+        "loss": loss, "flow_loss": flow, "gate_loss": gate_loss, "width_loss": width_loss,
+        "open_rate": jnp.mean(hard), "open_rate_per_block": jnp.mean(hard, axis=0),
+        "mean_p": jnp.mean(p),
+        "mean_width_per_block": jnp.sum(hard * bucket_width, axis=0) / jnp.maximum(jnp.sum(hard, axis=0), 1.0),
+    }
+    return loss, metrics
+
+
+def model_conditions(model_config, batch: dict) -> tuple[dict, dict]:
+    """(array inputs, static inputs) of the model besides hidden_states and timestep, from a
+    batch {"latents" [B, N, C], "encoder_hidden_states" [B, T, D], "pooled_projections" [B, P]
+    (FLUX) or "encoder_hidden_states_mask" [B, T] (Qwen-Image), "img_ids"/"img_shapes", ...}."""
+    arrays = {k: v for k, v in batch.items() if k not in ("latents", "label", "img_shapes")}
+    static = {"img_shapes": batch["img_shapes"]} if "img_shapes" in batch else {}
+    return arrays, static
+
+
+def make_loss_fn(config: TrainConfig, model) -> Callable:
+    """loss_fn(trainable, frozen, batch, key) -> (loss, metrics): trainable {"routers"[, "params"]},
+    frozen {"params"} when the base is frozen (no gradient ever reaches it)."""
+    model_config = model.config
+    elastic = ElasticConfig(mode="train", tau=config.tau)
+
+    def loss_fn(trainable, frozen, batch, key):
+        params = trainable["params"] if "params" in trainable else jax.lax.stop_gradient(frozen["params"])
+        x0 = batch["latents"]
+        arrays, static = model_conditions(model_config, batch)
+        noise_key, s_key = jax.random.split(key)
+        noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+        s = noise_levels(config, s_key, x0.shape[0])
+        x_t = ((1 - s)[:, None, None] * x0 + s[:, None, None] * noise).astype(x0.dtype)
+        if config.target == "data":
+            target = noise - x0
+        else:  # the same base, run dense, at the same noisy input
+            target = jax.lax.stop_gradient(model.apply({"params": params}, hidden_states=x_t, timestep=s, **arrays, **static))
+        v_pred, aux = model.apply({"params": params, "routers": trainable["routers"]}, hidden_states=x_t, timestep=s,
+                                  **arrays, **static, elastic=elastic)
+        return edit_loss(config, v_pred, target, aux, s, model_config.width_buckets)
+
+    return loss_fn
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup then a constant or cosine learning rate, after global norm clipping."""
+    if config.lr_schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps,
+                                                      max(config.steps, config.warmup_steps + 1))
+    else:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1)),
+             optax.constant_schedule(config.learning_rate)], [config.warmup_steps])
+    adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw) if config.grad_clip > 0 else adamw
+
+
+def make_train_step(config: TrainConfig, model, optimizer: optax.GradientTransformation, shared: dict,
+                    micro_batch_sharding=None) -> Callable:
+    """train_step(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics).
+
+    batch: per-sample arrays [B, ...]; shared: the inputs every sample shares (FLUX img_ids and
+    txt_ids, Qwen-Image's static img_shapes), closed over. The global batch is split into
+    `grad_accum` micro-batches (sample b goes to micro-batch b % grad_accum, so each keeps the
+    batch's sharding); their gradients and metrics are averaged."""
+    loss_fn = make_loss_fn(config, model)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    accum = config.grad_accum
+    static = dict(shared)
+
+    def train_step(trainable, opt_state, frozen, batch, step):
+        key = jax.random.fold_in(jax.random.key(config.seed), step)
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
+
+        def one(carry, inputs):
+            index, mb = inputs
+            if micro_batch_sharding is not None:
+                mb = jax.lax.with_sharding_constraint(mb, jax.tree.map(lambda _: micro_batch_sharding, mb))
+            (_, metrics), grads = grad_fn(trainable, frozen, {**mb, **static}, jax.random.fold_in(key, index))
+            grads_sum, metrics_sum = carry
+            return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        first = jax.eval_shape(lambda: grad_fn(trainable, frozen, {**jax.tree.map(lambda x: x[0], micro), **static}, key))
+        metric_zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), first[0][1])
+        (grads, metrics), _ = jax.lax.scan(one, (zeros, metric_zeros), (jnp.arange(accum), micro))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        metrics = jax.tree.map(lambda m: m / accum, metrics)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return trainable, opt_state, metrics
+
+    return train_step
+
