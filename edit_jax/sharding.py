@@ -43,8 +43,21 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
     return Mesh(devices.reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def check_auto_axes(mesh: Mesh) -> None:
+    """Raises ValueError for a mesh with Explicit (or Manual) axis types: the models rely on XLA's
+    sharding propagation (Auto axes); jax.make_mesh builds Explicit axes unless told otherwise."""
+    kinds = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ()) or ()))
+    other = {name: str(kind) for name, kind in kinds.items() if kind != AxisType.Auto}
+    if other:
+        raise ValueError(
+            f"mesh axes {other} are not Auto: edit-jax models need Auto axes; build the mesh with "
+            "edit_jax.sharding.make_mesh, or jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)"
+        )
+
+
 def logical_to_mesh(spec: PartitionSpec, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
     """Maps one logical PartitionSpec onto mesh axes; a mesh axis of size 1 is left out."""
+    check_auto_axes(mesh)
     table = dict(rules)
     used, out = set(), []
     for name in spec:

@@ -13,3 +13,16 @@ def test_elastic_forwards_with_sharded_params_equal_unsharded():
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("relative error") == 4
+
+
+def test_a_mesh_with_explicit_axes_is_rejected_with_a_clear_message():
+    import jax
+    import pytest
+    from jax.sharding import AxisType
+
+    import edit_jax
+    from edit_jax.sharding import MESH_AXES, param_shardings
+
+    mesh = jax.make_mesh((1, 1, 1), MESH_AXES, axis_types=(AxisType.Explicit,) * 3)
+    with pytest.raises(ValueError, match="not Auto"):
+        param_shardings(edit_jax.preset("flux-tiny"), mesh)
