@@ -10,7 +10,7 @@ from checkpoints_convert.engine import convert_source
 from checkpoints_convert.sources import open_source
 
 FAMILIES = {"flux": flux, "qwen-image": qwen_image}
-FORMATS = {"flux": ("auto", "diffusers", "bfl"), "qwen-image": ("auto", "diffusers", "edit-release")}
+FORMATS = {"flux": ("auto", "diffusers", "bfl", "edit-release"), "qwen-image": ("auto", "diffusers", "edit-release")}
 
 
 def convert_checkpoint(

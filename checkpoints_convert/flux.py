@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edit_jax.config import FluxConfig, preset
 from checkpoints_convert.configs import reconcile_config
+from checkpoints_convert import tables
 from checkpoints_convert.tables import Src, linear, rows, scale, swap_halves
 
 BFL_PREFIX = "model.diffusion_model."
@@ -109,13 +110,21 @@ def bfl_table(cfg: FluxConfig) -> dict[str, Src]:
     }
 
 
-TABLES = {"diffusers": diffusers_table, "bfl": bfl_table}
+def router_table(cfg: FluxConfig) -> dict[str, Src]:
+    """Our routers <- gate_mlps.{i}.* numbered over the double blocks, then the single blocks
+    (the layout `edit-jax export --format edit-release` writes for FLUX)."""
+    return tables.router_table((("transformer_blocks", 0), ("single_transformer_blocks", cfg.num_layers)))
+
+
+TABLES = {"diffusers": diffusers_table, "bfl": bfl_table, "edit-release": diffusers_table}
 
 
 def detect_format(keys: list[str]) -> str:
-    """"bfl" or "diffusers" from the tensor names."""
+    """"bfl", "edit-release" (diffusers keys + routers) or "diffusers" from the tensor names."""
     if any(k.startswith(("double_blocks.", BFL_PREFIX + "double_blocks.")) for k in keys):
         return "bfl"
+    if any(k.startswith("gate_mlps.") for k in keys):
+        return "edit-release"
     if any(k.startswith("transformer_blocks.") for k in keys):
         return "diffusers"
     raise ValueError("cannot tell the FLUX checkpoint format: no 'double_blocks.*' (BFL) or "
@@ -123,8 +132,8 @@ def detect_format(keys: list[str]) -> str:
 
 
 def prepare(source, fmt: str = "auto", config: FluxConfig | None = None):
-    """Picks the format and config of a FLUX source: returns (config, table, format, None) (FLUX
-    has no released routers).
+    """Picks the format and config of a FLUX source: returns (config, table, format, router table
+    or None); "edit-release" is the E-DiT layout `edit-jax export` writes for FLUX.
 
     BFL files carry no config: without one given, flux-dev or flux-schnell is taken by whether
     the file has guidance weights. A diffusers folder's config.json is read; a config given as
@@ -140,4 +149,4 @@ def prepare(source, fmt: str = "auto", config: FluxConfig | None = None):
             config = preset("flux-dev" if "guidance_in.in_layer.weight" in source else "flux-schnell")
     else:
         config = reconcile_config(source, config, "flux")
-    return config, TABLES[fmt](config), fmt, None
+    return config, TABLES[fmt](config), fmt, router_table(config) if fmt == "edit-release" else None

@@ -16,6 +16,7 @@ import dataclasses
 
 from edit_jax.config import QwenImageConfig
 from checkpoints_convert.configs import reconcile_config
+from checkpoints_convert import tables
 from checkpoints_convert.tables import Src, linear, scale
 
 def diffusers_table(cfg: QwenImageConfig) -> dict[str, Src]:
@@ -53,13 +54,7 @@ def diffusers_table(cfg: QwenImageConfig) -> dict[str, Src]:
 
 def router_table() -> dict[str, Src]:
     """Our router tree <- the release's gate_mlps.{i}.*, stacked over {i}."""
-    g, r = "gate_mlps.{i}", "transformer_blocks/router"
-    return {
-        **linear(f"{r}/img_mod/linear", f"{g}.img_mod.1"),
-        **linear(f"{r}/proj", f"{g}.out.0"),
-        **linear(f"{r}/gate_head", f"{g}.out.2"),
-        **linear(f"{r}/width_head", f"{g}.width_head"),
-    }
+    return tables.router_table((("transformer_blocks", 0),))
 
 
 TABLES = {"diffusers": diffusers_table, "edit-release": diffusers_table}

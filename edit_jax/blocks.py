@@ -11,7 +11,7 @@ import flax.linen as nn
 from edit_jax.config import WIDTH_BUCKETS, RuntimeConfig
 from edit_jax.elastic import ElasticConfig, elastic_step
 from edit_jax.router import Router
-from edit_jax.layers import MLP, JointAttention, Modulation, layer_norm, modulate
+from edit_jax.layers import MLP, TOKENS, JointAttention, Modulation, constrain, layer_norm, modulate
 
 
 class DualStreamBlock(nn.Module):
@@ -46,7 +46,7 @@ class DualStreamBlock(nn.Module):
     def forward(self, carry, temb, cos, sin, key_mask, width=None, hidden_mask=None):
         """The block itself; the image MLP keeps its first `width` hidden channels."""
         img_mod, txt_mod, img_mlp, txt_mlp = (getattr(self, n) for n in self.names)
-        txt, img = carry
+        txt, img = (constrain(x, TOKENS) for x in carry)
         shift1, scale1, gate1, shift2, scale2, gate2 = img_mod(temb)
         c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = txt_mod(temb)
 
@@ -60,7 +60,7 @@ class DualStreamBlock(nn.Module):
         txt = txt + c_gate1[:, None] * txt_attn
         txt_ff = txt_mlp(modulate(layer_norm(txt), c_shift2, c_scale2))
         txt = txt + c_gate2[:, None] * txt_ff
-        return txt, img
+        return constrain(txt, TOKENS), constrain(img, TOKENS)
 
     def __call__(self, carry, per_layer, temb, cos, sin, key_mask, step):
         txt, img = carry

@@ -62,7 +62,7 @@ def is_checkpoint(path: str | Path) -> bool:
         return False
 
 
-def _overlap(a: Path, b: Path) -> bool:
+def overlaps(a: Path, b: Path) -> bool:
     """Whether a is b, lies inside b, or holds b."""
     return a == b or a in b.parents or b in a.parents
 
@@ -72,7 +72,7 @@ def check_destination(path: Path, overwrite: bool, protect: Iterable[str | Path]
     overlap a protected path (the source of a conversion), and an existing `path` is replaced
     only with `overwrite` and only when it is an edit-jax checkpoint."""
     for other in protect:
-        if _overlap(path, resolve(other)):
+        if overlaps(path, resolve(other)):
             raise CheckpointError(f"refusing to write {path}: it is, holds or lies inside {resolve(other)} (the source)")
     if not path.exists():
         return
@@ -190,12 +190,16 @@ def write_checkpoint(
     soon as it arrives. `protect`: paths the checkpoint must neither be, hold nor lie inside
     (a conversion's source). A SIGINT or SIGTERM during the write removes the partial folder."""
     path = resolve(path)
-    check_destination(path, overwrite, protect)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_scratch(path):
-        print(f"removed {stale}, left by an earlier write of {path} that did not finish", file=sys.stderr)
-    tmp = path.parent / f".{path.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    lead = jax.process_index() == 0  # in a multi-process run every process writes its shards
+    if lead:
+        check_destination(path, overwrite, protect)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_scratch(path):
+            print(f"removed {stale}, left by an earlier write of {path} that did not finish", file=sys.stderr)
+    tmp = path.parent / f".{path.name}.incomplete-{_shared_token()}"
+    if lead:
+        tmp.mkdir()
+    _barrier(f"edit-jax checkpoint {path}: folder made")
     with _sigterm_raises():
         try:
             with _streaming_context():
@@ -205,19 +209,42 @@ def write_checkpoint(
                         del group  # let the arrays go before the next group is built
                         _return_freed_memory()
                     ocp.partial.finalize(tmp / name)
-            meta = {
-                "format": FORMAT_NAME,
-                "version": FORMAT_VERSION,
-                "family": config.family,
-                "config": config_to_dict(config),
-                **(extra or {}),
-            }
-            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            if lead:
+                meta = {
+                    "format": FORMAT_NAME,
+                    "version": FORMAT_VERSION,
+                    "family": config.family,
+                    "config": config_to_dict(config),
+                    **(extra or {}),
+                }
+                (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if lead:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _move_into_place(tmp, path)
+        _barrier(f"edit-jax checkpoint {path}: written")
+        if lead:
+            _move_into_place(tmp, path)
+        _barrier(f"edit-jax checkpoint {path}: in place")
     return path
+
+
+def _shared_token() -> str:
+    """PID-uuid naming this write's temporary folder: process 0's, in a multi-process run."""
+    token = np.frombuffer(f"{os.getpid():010d}{uuid.uuid4().hex[:8]}".encode(), np.uint8)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    text = token.tobytes().decode()
+    return f"{int(text[:10])}-{text[10:]}"
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
@@ -237,12 +264,19 @@ def _move_into_place(tmp: Path, path: Path) -> None:
         shutil.rmtree(trash)
 
 
+def _host_or_global(x):
+    """NumPy for host data and fully addressable arrays; a global jax.Array (sharded over several
+    processes) stays as it is: each process writes its own shards."""
+    return x if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x)
+
+
 def save(path: str | Path, config, params: dict, routers: dict | None = None, *, overwrite: bool = False,
          protect: Iterable[str | Path] = ()) -> Path:
-    """Saves in-memory params (plain pytrees) with their config (see `write_checkpoint`)."""
-    trees = {PARAMS_DIR: [jax.tree.map(np.asarray, params)]}
+    """Saves in-memory params (plain pytrees) with their config (see `write_checkpoint`). In a
+    multi-process run every process calls it with the same global arrays."""
+    trees = {PARAMS_DIR: [jax.tree.map(_host_or_global, params)]}
     if routers is not None:
-        trees[ROUTERS_DIR] = [jax.tree.map(np.asarray, routers)]
+        trees[ROUTERS_DIR] = [jax.tree.map(_host_or_global, routers)]
     return write_checkpoint(path, config, trees, overwrite=overwrite, protect=protect)
 
 
@@ -426,24 +460,31 @@ def _missing_file(store: Path, location: str, root: Path) -> str | None:
     return None
 
 
+def read_array(path: str | Path, tree: str, name: str) -> np.ndarray:
+    """One stored array ("transformer_blocks/attn/to_q/kernel" of tree "params"), read alone
+    (through tensorstore) so that a whole checkpoint never has to be in memory."""
+    import tensorstore as ts
+
+    path = resolve(path)
+    stores = _array_stores(path / tree)
+    store = next((s for s in stores if (s / "_METADATA").is_file()), stores[0] if stores else path / tree)
+    spec = {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{store}/", "path": f"{name.replace('/', '.')}/"}}
+    return np.asarray(ts.open(spec, open=True).result().read().result())
+
+
 def verify_arrays(path: str | Path, progress: bool = False) -> list[str]:
     """Reads every array of every tree, one at a time, and returns what is wrong (an unreadable
     array, non-finite values) as messages; empty when the checkpoint is sound."""
-    import tensorstore as ts
     from tqdm.auto import tqdm
 
     path = resolve(path)
     problems = []
     for tree in tree_names(path):
         leaves = flatten(params_metadata(path, tree))
-        stores = _array_stores(path / tree)
         for name in tqdm(sorted(leaves), desc=f"verify {tree}", unit="array", disable=not progress):
-            key = name.replace("/", ".")
-            store = next((s for s in stores if (s / "_METADATA").is_file()), stores[0] if stores else None)
             try:
-                spec = {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{store}/", "path": f"{key}/"}}
-                values = np.asarray(ts.open(spec, open=True).result().read().result())
-            except Exception as e:  # noqa: BLE001
+                values = read_array(path, tree, name)
+            except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError or its own types
                 problems.append(f"{tree}/{name}: unreadable ({str(e).splitlines()[0][:200]})")
                 continue
             if values.dtype.kind == "f" or values.dtype.name == "bfloat16":

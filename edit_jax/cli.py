@@ -32,6 +32,15 @@ def resolve_config(value: str | None, family: str):
     raise ConfigError(f"--config {value!r} is neither a preset ({', '.join(PRESETS)}) nor an existing path")
 
 
+def cmd_export(args) -> int:
+    from checkpoints_convert.export import export_checkpoint
+
+    path = export_checkpoint(args.ckpt, args.out, args.format, dtype=args.dtype, overwrite=args.overwrite,
+                             shard_bytes=int(args.shard_gb * 2**30))
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from checkpoints_convert import convert_checkpoint
 
@@ -264,8 +273,10 @@ def cmd_sample(args) -> int:
 
 def cmd_train(args) -> int:
     from train.config import load_config
+    from train.distributed import initialize
     from train.loop import train
 
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path and not Path(path).exists():  # no file given: only overrides
         path, overrides = None, [path] + overrides
@@ -327,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace DST if it is an edit-jax checkpoint (never another folder, never the source)")
     convert.set_defaults(run=cmd_convert)
 
+    exp = command("export", "edit-jax checkpoint -> PyTorch safetensors (diffusers layout, or the E-DiT release layout)")
+    exp.add_argument("ckpt", help="edit-jax checkpoint folder")
+    exp.add_argument("out", help="folder to create")
+    exp.add_argument("--format", default="diffusers", choices=["diffusers", "edit-release"],
+                     help="diffusers: the DiT as sharded safetensors + index + config.json; edit-release: one "
+                          "model.safetensors with the DiT and the routers as gate_mlps.{i}.*")
+    exp.add_argument("--dtype", choices=list(DTYPES), help="tensor dtype (default: as stored)")
+    exp.add_argument("--shard-gb", type=float, default=5.0, help="diffusers shard size, GiB")
+    exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier export")
+    exp.set_defaults(run=cmd_export)
+
     smp = command("sample", "sample latents from prompt embeddings (Euler flow matching, E-DiT optional)", EMBEDDINGS_HELP)
     smp.add_argument("ckpt", help="edit-jax checkpoint folder")
     smp.add_argument("--embeddings", required=True, help="prompt embeddings (.npz/.safetensors; keys below)")
@@ -365,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("config", nargs="?", help="YAML or JSON file of TrainConfig fields (default: all defaults)")
     trn.add_argument("overrides", nargs="*", help="key=value field overrides, mesh.AXIS=N for one mesh axis")
     trn.add_argument("--quiet", action="store_true", help="no progress bar")
+    trn.add_argument("--distributed", action="store_true",
+                     help="join a multi-process run JAX detects itself (TPU pod slices, SLURM, Open MPI, Kubernetes)")
+    trn.add_argument("--coordinator", help="HOST:PORT of process 0, for processes started by hand (or EDIT_JAX_COORDINATOR)")
+    trn.add_argument("--num-processes", type=int, help="processes in the run (or EDIT_JAX_NUM_PROCESSES)")
+    trn.add_argument("--process-id", type=int, help="this process's id, 0-based (or EDIT_JAX_PROCESS_ID)")
     trn.set_defaults(run=cmd_train)
 
     inspect = command("inspect", "print a checkpoint's config and arrays, after checking every array's data file is there")

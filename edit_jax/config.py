@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 class RuntimeConfig:
     """How to run a model, independent of its weights.
 
-    param_dtype: dtype the params are stored in. dtype: compute dtype of matmuls and the residual
+    param_dtype: dtype the params are stored in; router_dtype: the routers' (e.g. float32 routers
+    training beside a bfloat16 frozen base), param_dtype when None. dtype: compute dtype of matmuls and the residual
     stream; norms, RoPE and softmax always run in float32. attention: "xla" (default, any backend)
     or "cudnn" (GPU, bfloat16/float16 only). remat: "none", "full" (recompute each block in the
     backward pass) or "dots" (save matmul outputs without batch dims).
@@ -37,9 +38,12 @@ class RuntimeConfig:
     dtype: str = "float32"
     attention: str = "xla"
     remat: str = "none"
+    router_dtype: str | None = None  # the routers' param dtype; None: param_dtype
 
     def __post_init__(self):
         _check_choice("param_dtype", self.param_dtype, DTYPES)
+        if self.router_dtype is not None:
+            _check_choice("router_dtype", self.router_dtype, DTYPES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("attention", self.attention, ATTENTION_IMPLEMENTATIONS)
         _check_choice("remat", self.remat, REMAT_POLICIES)

@@ -28,6 +28,9 @@ from edit_jax.elastic import (
 )
 from edit_jax.flops import step_flops
 from edit_jax.layers import (
+    HEADS,
+    HIDDEN,
+    TOKENS,
     Linear,
     Modulation,
     RMSNorm,
@@ -36,6 +39,7 @@ from edit_jax.layers import (
     apply_rope,
     attention,
     check_timestep,
+    constrain,
     dtype_of,
     layer_norm,
     modulate,
@@ -61,7 +65,7 @@ class FluxSingleAttention(nn.Module):
     def __call__(self, h, cos, sin):
         cfg, rt = self.config, self.config.runtime
         q, k, v = (
-            split_heads(Linear(cfg.inner_dim, ("embed", "heads"), rt, name=n)(h), cfg.attention_head_dim)
+            constrain(split_heads(Linear(cfg.inner_dim, ("embed", "heads"), rt, name=n)(h), cfg.attention_head_dim), HEADS)
             for n in ("to_q", "to_k", "to_v")
         )
         q = RMSNorm("head_dim", rt, name="norm_q")(q)
@@ -90,16 +94,17 @@ class FluxSingleBlock(nn.Module):
 
     def forward(self, x, temb, cos, sin, width=None, hidden_mask=None):
         cfg = self.config
+        x = constrain(x, TOKENS)
         shift, scale, gate = self.norm(temb)
         h = modulate(layer_norm(x), shift, scale)
-        mlp = activation_fn(cfg.activation)(self.proj_mlp(h, out_size=width))
+        mlp = constrain(activation_fn(cfg.activation)(self.proj_mlp(h, out_size=width)), HIDDEN)
         sow_hidden_magnitude(self, mlp)
         if hidden_mask is not None:
             mlp = mlp * hidden_mask[:, None, :].astype(mlp.dtype)
         attn = self.attn(h, cos, sin)
         in_size = None if width is None else cfg.inner_dim + width
         out = self.proj_out(jnp.concatenate([attn, mlp], axis=-1), in_size=in_size)
-        return x + gate[:, None] * out
+        return constrain(x + gate[:, None] * out, TOKENS)
 
     def __call__(self, x, per_layer, temb, cos, sin, step):
         def body(mdl, c, width, hidden_mask):

@@ -16,6 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_jax.config import RuntimeConfig
+from edit_jax.sharding import constrain
+
+TOKENS = ("activation_batch", "activation_length", "activation_embed")  # [B, L, D]
+HIDDEN = ("activation_batch", "activation_length", "activation_mlp")  # [B, L, M]
+HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")  # [B, L, H, K]
 
 Dtype = jnp.dtype
 
@@ -44,7 +49,8 @@ class Linear(nn.Module):
 
     def _weight(self, name, init, axes, shape):
         init = nn.with_logical_partitioning(init, axes)
-        dtype = dtype_of(self.runtime.param_dtype)
+        rt = self.runtime
+        dtype = dtype_of(rt.router_dtype or rt.param_dtype if self.collection == "routers" else rt.param_dtype)
         if self.collection == "params":
             return self.param(name, init, shape, dtype)
         return self.variable(self.collection, name, lambda: init(self.make_rng("params"), shape, dtype)).value
@@ -159,7 +165,7 @@ class MLP(nn.Module):
     def __call__(self, x, width: int | None = None, hidden_mask: jax.Array | None = None):
         dim = x.shape[-1]
         h = Linear(self.hidden_dim, ("embed", "mlp"), self.runtime, name="fc1")(x, out_size=width)
-        h = activation_fn(self.activation)(h)
+        h = constrain(activation_fn(self.activation)(h), HIDDEN)
         sow_hidden_magnitude(self, h)
         if hidden_mask is not None:
             h = h * hidden_mask[:, None, :].astype(h.dtype)
@@ -305,7 +311,7 @@ class JointAttention(nn.Module):
 
         def qkv(x, names, norm_names):
             q, k, v = (Linear(inner, ("embed", "heads"), self.runtime, name=n)(x) for n in names)
-            q, k, v = (split_heads(t, self.head_dim) for t in (q, k, v))
+            q, k, v = (constrain(split_heads(t, self.head_dim), HEADS) for t in (q, k, v))
             q = RMSNorm("head_dim", self.runtime, self.eps, name=norm_names[0])(q)
             k = RMSNorm("head_dim", self.runtime, self.eps, name=norm_names[1])(k)
             return q, k, v

@@ -30,6 +30,14 @@ LOGICAL_AXIS_RULES = (
     ("router", None),        # E-DiT router hidden (128): tiny, replicated
     ("gate", None),
     ("bucket", None),
+    # activations: the batch is split over every data-parallel axis (else XLA may keep all of it
+    # on every chip and split the model width instead); heads and MLP hidden follow the weights
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_mlp", "tensor"),
 )
 
 
@@ -55,21 +63,33 @@ def check_auto_axes(mesh: Mesh) -> None:
         )
 
 
-def logical_to_mesh(spec: PartitionSpec, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
-    """Maps one logical PartitionSpec onto mesh axes; a mesh axis of size 1 is left out."""
+def logical_to_mesh(spec: PartitionSpec, mesh: Mesh, rules=LOGICAL_AXIS_RULES, shape=None) -> PartitionSpec:
+    """Maps one logical PartitionSpec onto mesh axes (a rule may name several); a mesh axis of
+    size 1, already used in this array, or (given the array's `shape`) not dividing its
+    dimension is left out."""
     check_auto_axes(mesh)
     table = dict(rules)
     used, out = set(), []
-    for name in spec:
+    for dim, name in enumerate(spec):
         if name not in table:
             raise KeyError(f"logical axis {name!r} has no sharding rule; add it to LOGICAL_AXIS_RULES")
-        axis = table[name]
-        if axis is None or axis in used or mesh.shape[axis] == 1:
-            out.append(None)
-        else:
-            used.add(axis)
-            out.append(axis)
+        wanted = table[name]
+        axes = [] if wanted is None else [wanted] if isinstance(wanted, str) else list(wanted)
+        axes = [a for a in axes if a not in used and mesh.shape[a] > 1]
+        if shape is not None and axes and shape[dim] % int(np.prod([mesh.shape[a] for a in axes])):
+            axes = []
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return PartitionSpec(*out)
+
+
+def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+    """x constrained to the mesh axes the rules give its logical axis `names`, when a mesh is set
+    (`with jax.set_mesh(mesh)` around tracing); unchanged when none is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_mesh(PartitionSpec(*names), mesh, shape=x.shape))
 
 
 def param_shardings(config, mesh: Mesh, rules=LOGICAL_AXIS_RULES, collection: str = "params") -> dict:

@@ -1,6 +1,7 @@
 """Run in a subprocess by test_sharding.py with 8 simulated CPU devices: the elastic forwards (infer
 and forced, whose block weights stay stacked through the scan) with params sharded over (fsdp 4,
-tensor 2) equal the unsharded ones."""
+tensor 2) equal the unsharded ones; under a set mesh the models constrain their activations (the
+batch over data x fsdp) and still give the same result."""
 
 import os
 
@@ -39,6 +40,24 @@ def main():
             error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
             assert error <= 1e-5, (preset, name, error)
             print(preset, name, f"relative error {error:.1e}")
+        check_activation_constraints(config, model, variables, sharded)
+
+
+def check_activation_constraints(config, model, variables, sharded):
+    """A dense forward of batch 4 traced under jax.set_mesh holds sharding constraints and equals
+    the unconstrained, unsharded forward."""
+    arrays, static = split_static(example_inputs(config, 4, 4, 4, 8))
+    forward = lambda v, x: model.apply({"params": v["params"]}, **x, **static)  # noqa: E731
+    expected = np.asarray(jax.jit(forward)(variables, arrays))
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(forward)(variables, arrays))
+        got = np.asarray(jax.jit(forward)(
+            {"params": jax.device_put(variables["params"], param_shardings(config, mesh))}, arrays))
+    assert jaxpr.count("sharding_constraint") >= 4, "the models constrain no activations"
+    error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    assert error <= 1e-5, error
+    print(config.family, "activation constraints", f"relative error {error:.1e}")
 
 
 if __name__ == "__main__":

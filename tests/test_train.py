@@ -61,7 +61,7 @@ def test_the_teacher_target_with_every_block_open_at_full_width_has_zero_flow_lo
     config = TrainConfig(preset="flux-tiny", target="teacher", batch_size=2, num_txt=4)
     model_config = edit_jax.preset("flux-tiny")
     variables = init_variables(model_config)  # fresh routers: every block open at full width
-    batch = {**synthetic_batch(model_config, config, 0), **shared_inputs(model_config, config)}
+    batch = {**synthetic_batch(model_config, config, 0), **shared_inputs(model_config, 4, 4, 4)}
     batch.pop("label")
 
     _, metrics = make_loss_fn(config, edit_jax.build_model(model_config))(
@@ -90,16 +90,53 @@ def test_a_hard_gate_budget_moves_the_open_rate_to_rho_g(tmp_path):
     assert abs(float(metrics["open_rate"]) - 0.5) <= 0.25  # fresh routers start with every block open
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one_exactly(tmp_path):
-    train(tiny_run(tmp_path, "whole", steps=6), progress=False)
-    train(tiny_run(tmp_path, "parts", steps=6), progress=False, max_steps=3)  # stopped after step 3
-    train(tiny_run(tmp_path, "parts", steps=6), progress=False)  # resumes at 3
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    from test_dataset import flux_examples
+    from train.dataset import write_dataset
+
+    return write_dataset(tmp_path / "ds", "flux", flux_examples(16, seed=3))
+
+
+@pytest.mark.parametrize("source", ["synthetic", "dataset"])
+def test_a_resumed_run_equals_an_uninterrupted_one_exactly(tmp_path, tiny_dataset, source):
+    data = {"data": str(tiny_dataset)} if source == "dataset" else {}
+    train(tiny_run(tmp_path, "whole", steps=6, **data), progress=False)
+    train(tiny_run(tmp_path, "parts", steps=6, **data), progress=False, max_steps=3)  # stopped after step 3
+    train(tiny_run(tmp_path, "parts", steps=6, **data), progress=False)  # resumes at 3
 
     whole, parts = (load_routers(tmp_path / n / "edit-jax") for n in ("whole", "parts"))
     jax.tree.map(np.testing.assert_array_equal, whole, parts)
     lines = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("whole", "parts")}
     strip = lambda rows: [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]  # noqa: E731
     assert strip(lines["whole"]) == strip(lines["parts"])
+
+
+def test_sigterm_during_training_saves_a_checkpoint_and_exits(tmp_path):
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "edit_jax.cli", "train", f"run_dir={tmp_path / 'run'}", "steps=100000", "batch_size=2",
+            "num_txt=4", "log_every=1", "save_every=100000", "--quiet"]
+    proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run did not reach step 2: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "checkpoint saved" in err
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved and max(saved) >= 2
 
 
 def test_the_cli_trains_from_overrides_alone(tmp_path, capsys):
@@ -110,18 +147,58 @@ def test_the_cli_trains_from_overrides_alone(tmp_path, capsys):
     assert (tmp_path / "cli" / "config.json").is_file() and list((tmp_path / "cli" / "tb").iterdir())
 
 
-def test_a_sharded_step_on_data_2_fsdp_4_equals_one_device(tmp_path):
-    """Two processes: the same run on 8 simulated devices (data 2 x fsdp 4) and on one device."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    runs = {"sharded": ("--xla_force_host_platform_device_count=8", "mesh.data=2", "mesh.fsdp=4"),
-            "single": ("--xla_force_host_platform_device_count=1", "mesh.data=1", "mesh.fsdp=1")}
-    for name, (flag, *mesh) in runs.items():
-        args = [sys.executable, "-m", "edit_jax.cli", "train", f"run_dir={tmp_path / name}", "steps=2", "batch_size=8",
-                "num_txt=4", "learning_rate=1e-2", "warmup_steps=1", "log_every=1", "preset=flux-small", *mesh, "--quiet"]
-        done = subprocess.run(args, env={**env, "XLA_FLAGS": flag}, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-    sharded, single = (load_routers(tmp_path / n / "edit-jax") for n in runs)
-    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    losses = [[json.loads(x)["loss"] for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in runs]
+def run_cli(run_dir, devices, *overrides, env_extra=None, wait=True):
+    args = [sys.executable, "-m", "edit_jax.cli", "train", f"run_dir={run_dir}", "steps=2", "batch_size=8", "num_txt=4",
+            "learning_rate=1e-2", "warmup_steps=1", "lr_schedule=constant", "log_every=1", *overrides, "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           **(env_extra or {})}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def assert_same_run(a, b):
+    for x, y in zip(jax.tree.leaves(load_routers(a / "edit-jax")), jax.tree.leaves(load_routers(b / "edit-jax"))):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    losses = [[json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (a, b)]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_sharded_multi_process_and_re_meshed_runs_equal_one_device(tmp_path):
+    """The same two steps on one device; on 8 simulated devices as data 2 x fsdp 4; restored from
+    that run's checkpoint onto fsdp 8; and as two real processes (jax.distributed on localhost,
+    CPU collectives) of 2 devices each, data 2 x fsdp 2."""
+    run_cli(tmp_path / "single", 1, "mesh.data=1", "mesh.fsdp=1")
+    run_cli(tmp_path / "sharded", 8, "mesh.data=2", "mesh.fsdp=4")
+    assert_same_run(tmp_path / "single", tmp_path / "sharded")
+
+    run_cli(tmp_path / "sharded", 8, "mesh.data=1", "mesh.fsdp=8", "steps=3")  # resumes at 2 on another mesh
+    run_cli(tmp_path / "single", 1, "mesh.data=1", "mesh.fsdp=1", "steps=3")
+    assert_same_run(tmp_path / "single", tmp_path / "sharded")
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [run_cli(tmp_path / "two", 2, "mesh.data=2", "mesh.fsdp=2", "steps=3", wait=False, env_extra={
+        "EDIT_JAX_COORDINATOR": f"localhost:{port}", "EDIT_JAX_NUM_PROCESSES": "2", "EDIT_JAX_PROCESS_ID": str(i)})
+        for i in range(2)]
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert_same_run(tmp_path / "single", tmp_path / "two")
+
+
+def test_routers_have_their_own_param_dtype_beside_a_bfloat16_base():
+    from edit_jax.models import abstract_params
+
+    config = edit_jax.preset("flux-tiny").with_runtime(param_dtype="bfloat16", router_dtype="float32")
+    assert {x.dtype for x in jax.tree.leaves(abstract_params(config))} == {jnp.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(abstract_params(config, "routers"))} == {jnp.dtype("float32")}

@@ -69,9 +69,11 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept
     run_dir: str = "runs/edit"
     seed: int = 0
-    # data: "synthetic" (class-conditional toy latents, for smoke runs and benchmarks)
+    # data: a dataset folder (train/dataset.py: ArrayRecord + manifest), or "synthetic"
+    # (class-conditional toy latents for smoke runs and benchmarks, of the size below)
     data: str = "synthetic"
-    height: int = 4  # latent token grid of the synthetic source
+    guidance: float = 3.5  # FLUX.1-dev's embedded guidance during training
+    height: int = 4  # packed token grid of the synthetic source
     width: int = 4
     num_txt: int = 8
     num_classes: int = 10
@@ -86,7 +88,7 @@ class TrainConfig:
         choices = {"routers": ("checkpoint", "fresh"), "trainable": TRAINABLE, "target": TARGETS,
                    "gate_budget": GATE_BUDGETS, "rho_schedule": RHO_SCHEDULES, "noise_sampler": NOISE_SAMPLERS,
                    "lr_schedule": LR_SCHEDULES, "remat": REMAT_POLICIES, "param_dtype": DTYPES,
-                   "router_dtype": DTYPES, "dtype": DTYPES, "data": ("synthetic",)}
+                   "router_dtype": DTYPES, "dtype": DTYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")

@@ -16,14 +16,14 @@ from edit_jax.config import FluxConfig
 from train.config import TrainConfig
 
 
-def shared_inputs(model_config, config: TrainConfig) -> dict:
-    """What every sample shares: FLUX RoPE ids [N, 3], [T, 3] (and nothing per sample); Qwen-Image
-    the static img_shapes (frames, rows, columns)."""
+def shared_inputs(model_config, rows: int, cols: int, num_txt: int) -> dict:
+    """What every sample of a batch on a rows x cols grid of packed tokens with num_txt text
+    tokens shares: FLUX RoPE ids [N, 3], [T, 3]; Qwen-Image the static img_shapes."""
     if isinstance(model_config, FluxConfig):
-        rows, cols = np.meshgrid(np.arange(config.height), np.arange(config.width), indexing="ij")
-        img_ids = np.stack([np.zeros(rows.size), rows.ravel(), cols.ravel()], axis=-1).astype(np.float32)
-        return {"img_ids": jnp.asarray(img_ids), "txt_ids": jnp.zeros((config.num_txt, 3), jnp.float32)}
-    return {"img_shapes": (1, config.height, config.width)}
+        r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        img_ids = np.stack([np.zeros(r.size), r.ravel(), c.ravel()], axis=-1).astype(np.float32)
+        return {"img_ids": jnp.asarray(img_ids), "txt_ids": jnp.zeros((num_txt, 3), jnp.float32)}
+    return {"img_shapes": (1, int(rows), int(cols))}
 
 
 def synthetic_batch(model_config, config: TrainConfig, step) -> dict:
@@ -45,7 +45,44 @@ def synthetic_batch(model_config, config: TrainConfig, step) -> dict:
         pooled = jax.random.normal(tables[2], (config.num_classes, model_config.pooled_projection_dim))
         batch["pooled_projections"] = pooled[label]
         if model_config.guidance_embeds:
-            batch["guidance"] = jnp.full((config.batch_size,), 3.5)
+            batch["guidance"] = jnp.full((config.batch_size,), config.guidance)
     else:
         batch["encoder_hidden_states_mask"] = jnp.ones((config.batch_size, config.num_txt), jnp.int32)
     return batch
+
+
+class DataSource:
+    """The run's batches as global arrays in the batch sharding: `next(step)` -> (batch, grid),
+    grid the (rows, columns) of packed tokens. A dataset folder is checked against the model
+    before any compute and read by its grain pipeline (each process reads its own slice; the
+    slices are assembled into global arrays); `iterator` is grain's checkpointable iterator (None
+    for the synthetic source, whose state is the step)."""
+
+    def __init__(self, config: TrainConfig, model_config, sharding):
+        self.config, self.model_config, self.sharding = config, model_config, sharding
+        self.iterator = None
+        if config.data == "synthetic":
+            self._synthetic = jax.jit(lambda step: synthetic_batch(model_config, config, step), out_shardings=sharding)
+            return
+        from train.dataset import check_fits, make_pipeline, read_manifest
+
+        check_fits(read_manifest(config.data), model_config, config.data)
+        processes = jax.process_count()
+        if config.batch_size % processes:
+            from edit_jax.config import ConfigError
+
+            raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {processes} processes")
+        pipeline = make_pipeline(config.data, config.batch_size // processes, config.seed, jax.process_index(), processes)
+        self.iterator = iter(pipeline.to_iter_dataset())
+
+    def next(self, step: int) -> tuple[dict, tuple[int, int]]:
+        if self.iterator is None:
+            batch = self._synthetic(step)
+            batch.pop("label")
+            return batch, (self.config.height, self.config.width)
+        local = next(self.iterator)
+        grid = tuple(int(x) for x in local.pop("grid"))
+        if isinstance(self.model_config, FluxConfig) and self.model_config.guidance_embeds:
+            local["guidance"] = np.full((local["latents"].shape[0],), self.config.guidance, np.float32)
+        batch = {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in local.items()}
+        return batch, grid

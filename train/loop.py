@@ -3,10 +3,12 @@
     edit-jax train run.yaml steps=2000 mesh.fsdp=8
 
 Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl, TensorBoard events in RUN_DIR/tb, orbax
-checkpoints in RUN_DIR/checkpoints (trainable params, optimizer state, step; the last `keep`),
-and at the end RUN_DIR/edit-jax, an edit-jax checkpoint with the trained routers that `edit-jax
-sample` reads. A rerun with the same RUN_DIR resumes from the latest complete checkpoint and
-continues exactly (same batches, same noise); a SIGTERM (preemption) saves before exiting.
+checkpoints in RUN_DIR/checkpoints (trainable params, optimizer state, step, the data iterator;
+the last `keep`), and at the end RUN_DIR/edit-jax, an edit-jax checkpoint with the trained routers
+that `edit-jax sample` reads. A rerun with the same RUN_DIR resumes from the latest complete
+checkpoint and continues exactly (same batches, same noise), on any mesh; a SIGTERM (preemption)
+saves before exiting. In a multi-process run (train/distributed.py) only process 0 writes logs
+and metadata; every process takes part in the checkpoints.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import math
 import signal
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +26,11 @@ import orbax.checkpoint as ocp
 
 import edit_jax
 from edit_jax.checkpoint import load_params, load_routers, resolve, save
-from edit_jax.config import ConfigError, preset
+from edit_jax.config import preset
 from edit_jax.models import abstract_params, build_model, init_variables
 from edit_jax.sharding import batch_sharding, describe, make_mesh, param_shardings, replicated
 from train.config import TrainConfig
-from train.data import shared_inputs, synthetic_batch
+from train.data import DataSource, shared_inputs
 from train.step import make_optimizer, make_train_step
 
 
@@ -52,34 +53,41 @@ def model_config_of(config: TrainConfig):
         model_config = edit_jax.checkpoint.load_config(config.checkpoint)
     else:
         model_config = preset(config.preset)
-    return model_config.with_runtime(param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat)
+    return model_config.with_runtime(param_dtype=config.param_dtype, router_dtype=config.router_dtype,
+                                     dtype=config.dtype, remat=config.remat)
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs with the shardings of `tree`'s arrays (restore targets)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def train(config: TrainConfig, progress: bool = True, max_steps: int | None = None) -> dict:
-    """Runs (or resumes) the training run; returns the last step's metrics. max_steps: stop after
+    """Runs (or resumes) the training run; returns the last logged metrics. max_steps: stop after
     this many steps of this call (tests of resumption), saving a checkpoint there."""
     run_dir = resolve(config.run_dir)
     is_main = jax.process_index() == 0
 
-    # ---- Mesh, model, shardings -------------------------------------------------------------
+    # ---- Mesh, model, data: everything checked before any compute ----------------------------
     mesh = make_mesh(config.mesh_shape(jax.device_count()))
     model_config = model_config_of(config)
     model = build_model(model_config)
+    data_sharding = batch_sharding(mesh)
+    data = DataSource(config, model_config, data_sharding)
     shardings = {"params": param_shardings(model_config, mesh),
                  "routers": param_shardings(model_config, mesh, collection="routers")}
-    data_sharding = batch_sharding(mesh)
     if is_main:
         print(f"config: {json.dumps(config.to_dict())}", file=sys.stderr)
-        print(describe(model_config, mesh), file=sys.stderr)
+        print(f"{jax.process_count()} process(es), {jax.device_count()} devices; {describe(model_config, mesh)}",
+              file=sys.stderr)
 
     # ---- Params: created or restored straight into their shardings ---------------------------
     variables = init_variables(model_config, config.seed, shardings)  # random base, fresh routers
     if config.checkpoint is not None:
         variables["params"] = load_params(config.checkpoint, abstract_params(model_config), shardings["params"])
         stored = load_routers(config.checkpoint, shardings["routers"]) if config.routers == "checkpoint" else None
-        if stored is not None:
-            variables["routers"] = stored
-    variables["routers"] = jax.tree.map(lambda x: x.astype(config.router_dtype), variables["routers"])
+        if stored is not None:  # as stored; trained in router_dtype
+            variables["routers"] = jax.tree.map(lambda x: x.astype(config.router_dtype), stored)
     if config.trainable == "routers":
         trainable, frozen = {"routers": variables["routers"]}, {"params": variables["params"]}
     else:
@@ -92,18 +100,22 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
     opt_shardings = opt_state_shardings(jax.eval_shape(optimizer.init, trainable), trainable_shardings, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(trainable)
 
-    # ---- Checkpoints: resume from the latest complete one ------------------------------------
+    # ---- Checkpoints: resume from the latest complete one, onto this run's shardings ---------
+    items = ("trainable", "opt_state", "meta") + (("data",) if data.iterator is not None else ())
     manager = ocp.CheckpointManager(
         run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True),
-        item_names=("trainable", "opt_state", "meta"),
+        item_names=items,
     )
     start = 0
     if manager.latest_step() is not None:
+        import grain
+
         start = manager.latest_step()
-        target = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)  # noqa: E731
-        restored = manager.restore(start, args=ocp.args.Composite(
-            trainable=ocp.args.StandardRestore(target(trainable)), opt_state=ocp.args.StandardRestore(target(opt_state)),
-            meta=ocp.args.JsonRestore()))
+        args = {"trainable": ocp.args.StandardRestore(abstract_like(trainable)),
+                "opt_state": ocp.args.StandardRestore(abstract_like(opt_state)), "meta": ocp.args.JsonRestore()}
+        if data.iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data.iterator)
+        restored = manager.restore(start, args=ocp.args.Composite(**args))
         trainable, opt_state = restored["trainable"], restored["opt_state"]
         if is_main:
             print(f"resumed from step {start} ({run_dir / 'checkpoints'})", file=sys.stderr)
@@ -112,28 +124,37 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     def save_checkpoint(step):
-        manager.save(step, args=ocp.args.Composite(
-            trainable=ocp.args.StandardSave(trainable), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave({"step": step, "data": {"source": config.data, "next_step": step}})), force=True)
+        args = {"trainable": ocp.args.StandardSave(trainable), "opt_state": ocp.args.StandardSave(opt_state),
+                "meta": ocp.args.JsonSave({"step": step, "data": config.data})}
+        if data.iterator is not None:
+            import grain
 
-    # ---- Update step: compiled ahead of the loop, the state donated --------------------------
-    shared = shared_inputs(model_config, config)
-    step_fn = jax.jit(
-        make_train_step(config, model, optimizer, shared, data_sharding),
-        in_shardings=(trainable_shardings, opt_shardings, frozen_shardings, data_sharding, None),
-        out_shardings=(trainable_shardings, opt_shardings, None),
-        donate_argnums=(0, 1),
-    )
-    batch_fn = jax.jit(lambda step: synthetic_batch(model_config, config, step), out_shardings=data_sharding)
-    example = jax.eval_shape(batch_fn, 0)
-    example.pop("label")
-    compiled = step_fn.lower(trainable, opt_state, frozen, example, jnp.int32(0)).compile()
-    if is_main:
-        memory = compiled.memory_analysis()
-        if memory is not None:
-            print(f"train step per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
-                  f"{memory.temp_size_in_bytes / 2**20:.1f} MiB, outputs {memory.output_size_in_bytes / 2**20:.1f} MiB",
-                  file=sys.stderr)
+            args["data"] = grain.checkpoint.CheckpointSave(data.iterator)
+        manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    # ---- Update step: one compiled program per batch shape, the state donated ----------------
+    compiled = {}
+
+    def step_for(batch, grid):
+        key = (grid, batch["encoder_hidden_states"].shape[1])
+        if key not in compiled:
+            shared = shared_inputs(model_config, *grid, key[1])
+            fn = jax.jit(make_train_step(config, model, optimizer, shared, data_sharding),
+                         in_shardings=(trainable_shardings, opt_shardings, frozen_shardings, data_sharding, None),
+                         out_shardings=(trainable_shardings, opt_shardings, None), donate_argnums=(0, 1))
+            with jax.set_mesh(mesh):  # the models constrain their activations to this mesh's axes
+                compiled[key] = fn.lower(trainable, opt_state, frozen, abstract_like(batch), jnp.int32(0)).compile()
+            memory = compiled[key].memory_analysis()
+            if is_main and memory is not None:
+                print(f"train step for {grid[0]}x{grid[1]} image + {key[1]} text tokens, per device: arguments "
+                      f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries {memory.temp_size_in_bytes / 2**20:.1f} "
+                      f"MiB, outputs {memory.output_size_in_bytes / 2**20:.1f} MiB", file=sys.stderr)
+        return compiled[key]
+
+    end = config.steps if max_steps is None else min(config.steps, start + max_steps)
+    pending = data.next(start) if start < end else None
+    if pending is not None:
+        step_for(*pending)  # compiled ahead of the loop
 
     # ---- Loop ---------------------------------------------------------------------------------
     stop = {"signal": None}
@@ -143,7 +164,6 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
         from tensorboardX import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tb"))
-    end = config.steps if max_steps is None else min(config.steps, start + max_steps)
     metrics = {}
     try:
         from tqdm.auto import tqdm
@@ -152,9 +172,9 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
                    disable=not (progress and is_main))
         for step in bar:
             t0 = time.perf_counter()
-            batch = batch_fn(step)
-            batch.pop("label")
-            trainable, opt_state, metrics = compiled(trainable, opt_state, frozen, batch, jnp.int32(step))
+            batch, grid = pending if pending is not None else data.next(step)
+            pending = None
+            trainable, opt_state, metrics = step_for(batch, grid)(trainable, opt_state, frozen, batch, jnp.int32(step))
             done = step + 1
             if done % config.log_every == 0 or done == end:
                 metrics = jax.device_get(metrics)
@@ -182,8 +202,13 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
         signal.signal(signal.SIGTERM, previous)
         if writer is not None:
             writer.close()
-    if end == config.steps and is_main:
-        routers = trainable["routers"]
-        params = trainable.get("params", frozen.get("params"))
-        save(run_dir / "edit-jax", model_config.with_runtime(param_dtype=config.param_dtype), params, routers, overwrite=True)
+    if end == config.steps:
+        export_final(run_dir / "edit-jax", model_config, config, trainable, frozen)
     return jax.device_get(metrics)
+
+
+def export_final(path, model_config, config: TrainConfig, trainable: dict, frozen: dict) -> None:
+    """The trained model as an edit-jax checkpoint (base params and routers); in a multi-process
+    run every process writes its own shards."""
+    params = trainable.get("params", frozen.get("params"))
+    save(path, model_config.with_runtime(param_dtype=config.param_dtype), params, trainable["routers"], overwrite=True)

@@ -1,0 +1,128 @@
+"""`export_checkpoint`: an edit-jax checkpoint back to PyTorch layouts, by reading the import
+tables backward (each transform's inverse), never through a second hand-written mapping.
+
+    diffusers     the DiT in diffusers' layout: sharded safetensors
+                  (diffusion_pytorch_model-0000i-of-0000N.safetensors), their index and config.json,
+                  loadable with FluxTransformer2DModel / QwenImageTransformer2DModel.from_pretrained
+    edit-release  one model.safetensors: the DiT keys plus the routers as gate_mlps.{i}.* (the
+                  released E-DiT layout, SPEC section 6; FLUX numbers its double blocks first, then
+                  its single blocks)
+
+Arrays are read one at a time and written in shards of about `shard_bytes`: peak memory is about
+one shard plus one stacked tensor. The output folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from checkpoints_convert import flux, qwen_image
+from checkpoints_convert.engine import ConversionError
+from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, flatten, load_config, overlaps, params_metadata,
+                                 read_array, resolve, tree_names)
+
+FAMILIES = {"flux": flux, "qwen-image": qwen_image}
+DIFFUSERS_CLASSES = {"flux": "FluxTransformer2DModel", "qwen-image": "QwenImageTransformer2DModel"}
+OURS_ONLY = ("mlp_ratio", "activation", "router_hidden", "width_buckets")  # fields diffusers does not know
+WEIGHTS = "diffusion_pytorch_model"
+
+
+def _tables(config, fmt: str, has_routers: bool) -> dict[str, dict]:
+    module = FAMILIES[config.family]
+    tables = {"params": module.TABLES["diffusers"](config)}
+    if fmt == "edit-release":
+        if not has_routers:
+            raise ConversionError("--format edit-release writes the routers, and this checkpoint has none")
+        tables[ROUTERS_DIR] = module.router_table(config) if config.family == "flux" else module.router_table()
+    return tables
+
+
+def _tensors(path: Path, tables: dict[str, dict], dtype):
+    """Yields (source key, tensor) for every source tensor, one stacked param at a time."""
+    for tree, table in tables.items():
+        stored = flatten(params_metadata(path, tree))
+        if set(stored) != set(table):
+            raise ConversionError(f"{path}/{tree} holds {sorted(set(stored) ^ set(table))[:5]} that the table does not map")
+        for name in sorted(table):
+            src = table[name]
+            if not src.invertible:
+                raise ConversionError(f"{name} <- {src.key} cannot be read backward")
+            values = read_array(path, tree, name)
+            values = values.astype(dtype) if dtype is not None else values
+            layers = [values[i] for i in range(values.shape[0])] if src.stacked else [values]
+            for key, layer in zip(src.keys(values.shape[0] if src.stacked else None), layers):
+                yield key, np.ascontiguousarray(src.unapply(layer))
+
+
+def _is_export(folder: Path) -> bool:
+    """Whether `folder` looks like an earlier export: a diffusers config of our classes, or only
+    the release file."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name") in DIFFUSERS_CLASSES.values()
+    except (OSError, ValueError, AttributeError):
+        return sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
+
+
+def diffusers_config(config) -> dict:
+    d = {k: v for k, v in config.architecture().items() if k not in OURS_ONLY}
+    d["axes_dims_rope"] = list(d["axes_dims_rope"])
+    return {"_class_name": DIFFUSERS_CLASSES[config.family], **d}
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers", *, dtype: str | None = None,
+                      shard_bytes: int = 5 << 30, overwrite: bool = False, progress: bool = True) -> Path:
+    """Writes the checkpoint `ckpt` as `fmt` into the folder `out`; returns `out`. dtype: the
+    tensors' dtype (default: as stored)."""
+    from safetensors.numpy import save_file
+
+    if fmt not in ("diffusers", "edit-release"):
+        raise ValueError(f"unknown export format {fmt!r}; choose diffusers or edit-release")
+    ckpt, out = resolve(ckpt), resolve(out)
+    config = load_config(ckpt)
+    tables = _tables(config, fmt, ROUTERS_DIR in tree_names(ckpt))
+    if overlaps(out, ckpt):
+        raise CheckpointError(f"refusing to export into {out}: it is, holds or lies inside the checkpoint {ckpt}")
+    if out.exists() and not (overwrite and _is_export(out)):
+        raise CheckpointError(f"{out} already exists" + (" and is not an earlier export (a diffusers config.json or "
+                                                          "model.safetensors)" if overwrite else " (--overwrite replaces an earlier export)"))
+    np_dtype = None if dtype is None else np.dtype(__import__("ml_dtypes").bfloat16 if dtype == "bfloat16" else dtype)
+    tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        shards, shard, size = [], {}, 0
+        for key, tensor in tqdm(_tensors(ckpt, tables, np_dtype), desc="export", unit="tensor", disable=not progress):
+            shard[key] = tensor
+            size += tensor.nbytes
+            if fmt == "diffusers" and size >= shard_bytes:
+                shards.append(shard)
+                shard, size = {}, 0
+        shards.append(shard)
+        if fmt == "edit-release":
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            names = [f"{WEIGHTS}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            if len(shards) == 1:
+                names = [f"{WEIGHTS}.safetensors"]
+            weight_map = {}
+            for name, part in zip(names, shards):
+                save_file(part, tmp / name, metadata={"format": "pt"})
+                weight_map.update({k: name for k in part})
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": int(sum(t.nbytes for s in shards for t in s.values()))},
+                         "weight_map": dict(sorted(weight_map.items()))}
+                (tmp / f"{WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(diffusers_config(config), indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

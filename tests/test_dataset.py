@@ -1,0 +1,78 @@
+"""The training dataset: ArrayRecord files with a manifest, and its grain pipeline."""
+
+import numpy as np
+import pytest
+
+import edit_jax
+from edit_jax.config import ConfigError
+from train.dataset import check_fits, make_pipeline, read_manifest, write_dataset
+
+
+def flux_examples(count, height=4, width=4, seed=0, txt=4, width_txt=32):
+    rng = np.random.default_rng(seed)
+    return [dict(latents=rng.standard_normal((1, height, width)).astype(np.float32),
+                 prompt_embeds=rng.standard_normal((txt, width_txt)).astype(np.float32),
+                 pooled_prompt_embeds=rng.standard_normal(32).astype(np.float32), caption=f"example {i}")
+            for i in range(count)]
+
+
+@pytest.fixture
+def two_buckets(tmp_path):
+    return write_dataset(tmp_path / "ds", "flux", flux_examples(12) + flux_examples(8, height=2, seed=1))
+
+
+def batches(path, count, **kwargs):
+    it = iter(make_pipeline(path, **kwargs).to_iter_dataset())
+    return it, [next(it) for _ in range(count)]
+
+
+def test_the_manifest_records_family_count_fields_and_one_bucket_per_latent_shape(two_buckets):
+    manifest = read_manifest(two_buckets)
+    assert (manifest["family"], manifest["count"]) == ("flux", 20)
+    assert [(b["latent_shape"], b["count"]) for b in manifest["buckets"]] == [([1, 2, 4], 8), ([1, 4, 4], 12)]
+    assert manifest["fields"]["prompt_embeds"]["shape"] == [4, 32]
+
+
+def test_a_batch_never_mixes_latent_shapes(two_buckets):
+    _, got = batches(two_buckets, 10, batch_size=4, seed=0)
+    assert {b["latents"].shape for b in got} == {(4, 2, 4), (4, 4, 4)}  # packed: [B, N, 4C]
+    assert all(tuple(b["grid"]) in ((1, 2), (2, 2)) for b in got)
+
+
+def test_the_pipeline_is_deterministic_for_a_seed(two_buckets):
+    a, b, c = (batches(two_buckets, 5, batch_size=4, seed=s)[1] for s in (0, 0, 1))
+    assert all(np.array_equal(x["latents"], y["latents"]) for x, y in zip(a, b))
+    assert any(not np.array_equal(x["latents"], y["latents"]) for x, y in zip(a, c))
+
+
+def test_process_slices_are_disjoint_and_cover_the_data(tmp_path):
+    path = write_dataset(tmp_path / "ds", "flux", flux_examples(12))
+    seen = []
+    for process in range(3):  # one epoch: 12 examples over 3 processes, batches of 2
+        _, got = batches(path, 2, batch_size=2, seed=0, process_index=process, process_count=3)
+        seen.append({tuple(row.ravel()[:3]) for b in got for row in b["latents"]})
+    assert all(len(s) == 4 for s in seen)
+    assert len(set.union(*seen)) == 12
+
+
+def test_the_iterator_state_round_trips(two_buckets):
+    it, _ = batches(two_buckets, 3, batch_size=4, seed=0)
+    state = it.get_state()
+    expected = next(it)
+    again = iter(make_pipeline(two_buckets, batch_size=4, seed=0).to_iter_dataset())
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again)["latents"], expected["latents"])
+
+
+@pytest.mark.parametrize("preset, message", [("qwen-image-tiny", "is for flux"), ("flux-small", "latent channels")])
+def test_a_dataset_that_does_not_fit_the_model_is_a_clear_error(two_buckets, preset, message):
+    with pytest.raises(ConfigError, match=message):
+        check_fits(read_manifest(two_buckets), edit_jax.preset(preset), two_buckets)
+
+
+def test_examples_missing_a_field_are_refused_and_nothing_is_left(tmp_path):
+    bad = flux_examples(2)
+    del bad[1]["pooled_prompt_embeds"]
+    with pytest.raises(ConfigError, match="needs"):
+        write_dataset(tmp_path / "ds", "flux", bad)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,188 @@
+"""The training dataset: precomputed examples in ArrayRecord files with a manifest, read by a
+grain pipeline whose iterator state goes into the training checkpoint.
+
+    DATASET/
+      manifest.json        {"format": "edit-jax-dataset", "version": 1, "family": "flux",
+                            "count": N, "fields": {name: {"shape", "dtype"}}, "captions": bool,
+                            "buckets": [{"latent_shape": [C, H, W], "count": n, "files": [...]}]}
+      bucket-CxHxW-00000.array_record ...
+
+One record is one example, msgpack-serialised (flax.serialization) as a dict of arrays:
+  latents [C, H, W]            the VAE latents as the transformer reads them before 2x2 packing
+                               (FLUX: (z - shift) * scale; Qwen-Image: (z - mean) / std), float
+  prompt_embeds [T, D]         text encoder states (FLUX: T5; Qwen-Image: Qwen2.5-VL)
+  pooled_prompt_embeds [P]     FLUX only: the pooled CLIP vector
+  prompt_embeds_mask [T]       Qwen-Image only: 1 for valid tokens
+  caption (optional)           the text, as UTF-8 bytes
+Images of several sizes go to one bucket per latent shape; a batch is always drawn from one
+bucket (latents are never padded). Text fields have one shape across the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from edit_jax.checkpoint import resolve
+from edit_jax.config import ConfigError
+
+FORMAT = "edit-jax-dataset"
+VERSION = 1
+MANIFEST = "manifest.json"
+TEXT_FIELDS = {"flux": ("prompt_embeds", "pooled_prompt_embeds"), "qwen-image": ("prompt_embeds", "prompt_embeds_mask")}
+
+
+def _serialize(example: dict) -> bytes:
+    from flax import serialization
+
+    return serialization.msgpack_serialize(example)
+
+
+def _deserialize(record: bytes) -> dict:
+    from flax import serialization
+
+    return serialization.msgpack_restore(record)
+
+
+def write_dataset(out: str | Path, family: str, examples: Iterable[dict], records_per_file: int = 4096,
+                  overwrite: bool = False) -> Path:
+    """Writes examples (dicts of the fields above, NumPy arrays) as a dataset folder, atomically:
+    into a hidden sibling folder renamed into place when complete. Returns the folder."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    if family not in TEXT_FIELDS:
+        raise ConfigError(f"unknown model family {family!r}; choose from {', '.join(TEXT_FIELDS)}")
+    out = resolve(out)
+    if out.exists() and not (overwrite and (out / MANIFEST).is_file()):
+        raise ConfigError(f"{out} already exists" + (" and is not an edit-jax dataset" if overwrite else ""))
+    tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    fields: dict | None = None
+    buckets: dict[tuple, dict] = {}
+    writers: dict[tuple, tuple] = {}
+    try:
+        for index, example in enumerate(examples):
+            arrays = {k: np.asarray(v) for k, v in example.items() if k != "caption"}
+            expected = {"latents", *TEXT_FIELDS[family]}
+            if set(arrays) != expected:
+                raise ConfigError(f"example {index} has fields {sorted(arrays)}; a {family} dataset needs {sorted(expected)}")
+            if arrays["latents"].ndim != 3:
+                raise ConfigError(f"example {index}: latents have shape {arrays['latents'].shape}, expected [C, H, W]")
+            shapes = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items() if k != "latents"}
+            shapes["latents"] = {"shape": [arrays["latents"].shape[0], None, None], "dtype": str(arrays["latents"].dtype)}
+            if fields is None:
+                fields = shapes
+            elif shapes != fields:
+                raise ConfigError(f"example {index} has fields {shapes}, the first example {fields}")
+            key = tuple(arrays["latents"].shape)
+            bucket = buckets.setdefault(key, {"latent_shape": list(key), "count": 0, "files": []})
+            if key not in writers or writers[key][1] >= records_per_file:
+                if key in writers:
+                    writers[key][0].close()
+                name = f"bucket-{'x'.join(map(str, key))}-{len(bucket['files']):05d}.array_record"
+                bucket["files"].append(name)
+                writers[key] = (ArrayRecordWriter(str(tmp / name), "group_size:1"), 0)
+            record = dict(arrays)
+            if "caption" in example:
+                record["caption"] = np.frombuffer(str(example["caption"]).encode(), np.uint8)
+            writers[key][0].write(_serialize(record))
+            writers[key] = (writers[key][0], writers[key][1] + 1)
+            bucket["count"] += 1
+        for writer, _ in writers.values():
+            writer.close()
+        if fields is None:
+            raise ConfigError("no examples to write")
+        manifest = {"format": FORMAT, "version": VERSION, "family": family,
+                    "count": sum(b["count"] for b in buckets.values()), "fields": fields,
+                    "buckets": sorted(buckets.values(), key=lambda b: b["latent_shape"])}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = resolve(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not an edit-jax dataset (no readable {MANIFEST}: {e})") from e
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ConfigError(f"{path / MANIFEST} is not an edit-jax dataset manifest of version {VERSION}")
+    return manifest
+
+
+def check_fits(manifest: dict, model_config, path) -> None:
+    """Raises ConfigError when the dataset is of another family or its shapes do not fit the model."""
+    if manifest["family"] != model_config.family:
+        raise ConfigError(f"dataset {path} is for {manifest['family']}, the checkpoint is {model_config.family}")
+    channels = manifest["fields"]["latents"]["shape"][0]
+    if 4 * channels != model_config.in_channels:  # both families read latents packed 2x2
+        raise ConfigError(f"dataset {path} has {channels} latent channels; the model reads {model_config.in_channels} "
+                          "packed channels (4 x the latent channels)")
+    width = manifest["fields"]["prompt_embeds"]["shape"][-1]
+    if width != model_config.joint_attention_dim:
+        raise ConfigError(f"dataset {path} has text embeddings {width} wide; the model expects {model_config.joint_attention_dim}")
+    for bucket in manifest["buckets"]:
+        _, h, w = bucket["latent_shape"]
+        if h % 2 or w % 2:
+            raise ConfigError(f"dataset {path}: latents {bucket['latent_shape']} are not a whole number of 2x2 patches")
+
+
+def pack(latents: np.ndarray) -> np.ndarray:
+    """[B, C, H, W] -> [B, (H/2)(W/2), 4C] (diffusers' _pack_latents, in NumPy)."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def model_batch(family: str, records: dict) -> dict:
+    """A batch of stacked records -> the per-sample model inputs the train step reads, and
+    "grid": the packed token grid (rows, columns), the same for the whole batch."""
+    latents = np.asarray(records["latents"], np.float32)
+    batch = {"latents": pack(latents), "grid": np.asarray(latents.shape[2:]) // 2,
+             "encoder_hidden_states": np.asarray(records["prompt_embeds"], np.float32)}
+    if family == "flux":
+        batch["pooled_projections"] = np.asarray(records["pooled_prompt_embeds"], np.float32)
+    else:
+        batch["encoder_hidden_states_mask"] = np.asarray(records["prompt_embeds_mask"], np.int32)
+    return batch
+
+
+def _training_fields(record: bytes) -> dict:
+    """One record's arrays without its caption (text of any length: kept for people, not batched)."""
+    return {k: v for k, v in _deserialize(record).items() if k != "caption"}
+
+
+def make_pipeline(path: str | Path, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
+    """The grain dataset of this process's batches, forever: per bucket a seeded global shuffle,
+    this process's slice (disjoint from the others', together covering the data), repeated with a
+    new order each epoch, batched; buckets mixed in proportion to their sizes. batch_size is the
+    per-process batch. `.to_iter_dataset()` gives the checkpointable iterator."""
+    import grain
+
+    path = resolve(path)
+    manifest = read_manifest(path)
+    family = manifest["family"]
+    datasets, weights = [], []
+    for bucket in manifest["buckets"]:
+        if bucket["count"] < batch_size * process_count:
+            raise ConfigError(f"dataset bucket {bucket['latent_shape']} holds {bucket['count']} examples, fewer than "
+                              f"one global batch of {batch_size * process_count}")
+        source = grain.sources.ArrayRecordDataSource([str(path / f) for f in bucket["files"]])
+        ds = (grain.MapDataset.source(source).shuffle(seed=seed)[process_index::process_count]
+              .map(_training_fields).repeat().batch(batch_size, drop_remainder=True)
+              .map(lambda records: model_batch(family, records)))
+        datasets.append(ds)
+        weights.append(bucket["count"])
+    return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)

@@ -1,0 +1,49 @@
+"""Multi-process setup: `jax.distributed.initialize` when a run is launched as several processes.
+
+TPU pod slices and clusters JAX knows (SLURM, Open MPI, Kubernetes) set it up themselves:
+`--distributed` lets JAX detect them. GPU nodes started by hand give the coordinator address, the
+process count and this process's id, as flags or as EDIT_JAX_COORDINATOR, EDIT_JAX_NUM_PROCESSES,
+EDIT_JAX_PROCESS_ID. Call before anything touches a device.
+"""
+
+from __future__ import annotations
+
+import os
+
+from edit_jax.config import ConfigError
+
+ENV = ("EDIT_JAX_COORDINATOR", "EDIT_JAX_NUM_PROCESSES", "EDIT_JAX_PROCESS_ID")
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               auto: bool = False) -> bool:
+    """Joins the processes of one run; returns whether this is a multi-process run. Flags win over
+    the environment; with neither (and not `auto`) the run is one process."""
+    import jax
+
+    coordinator = coordinator or os.environ.get(ENV[0])
+    num_processes = num_processes if num_processes is not None else _int_env(ENV[1])
+    process_id = process_id if process_id is not None else _int_env(ENV[2])
+    given = [coordinator is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise ConfigError("a multi-process run needs all three of the coordinator address, the number of processes "
+                          f"and this process's id (flags --coordinator --num-processes --process-id, or {', '.join(ENV)})")
+    if all(given):
+        if not 0 <= process_id < num_processes:
+            raise ConfigError(f"process id {process_id} is not in [0, {num_processes})")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+        return True
+    if auto:
+        jax.distributed.initialize()
+        return jax.process_count() > 1
+    return False
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError as e:
+        raise ConfigError(f"{name}={value!r} is not an integer") from e
