@@ -276,6 +276,16 @@ def cmd_train(args) -> int:
     from train.distributed import initialize
     from train.loop import train
 
+    if args.compile_only:
+        from train.compile_only import compile_only
+
+        if not args.topology:
+            raise ValueError("--compile-only needs --topology (e.g. v5e:4x4, v5p:2x2x2, v6e:2x4)")
+        path, overrides = args.config, list(args.overrides)
+        if path is not None and "=" in path and not Path(path).exists():
+            path, overrides = None, [path] + overrides
+        report = compile_only(load_config(path, overrides), args.topology)
+        return 0 if report["fits"] is not False else 1
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path and not Path(path).exists():  # no file given: only overrides
@@ -387,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("config", nargs="?", help="YAML or JSON file of TrainConfig fields (default: all defaults)")
     trn.add_argument("overrides", nargs="*", help="key=value field overrides, mesh.AXIS=N for one mesh axis")
     trn.add_argument("--quiet", action="store_true", help="no progress bar")
+    trn.add_argument("--compile-only", action="store_true",
+                     help="compile the real step for --topology on this host (libtpu) and report per-chip memory")
+    trn.add_argument("--topology", help="TPU topology for --compile-only, e.g. v5e:4x4, v5p:2x2x2, v6e:2x4")
     trn.add_argument("--distributed", action="store_true",
                      help="join a multi-process run JAX detects itself (TPU pod slices, SLURM, Open MPI, Kubernetes)")
     trn.add_argument("--coordinator", help="HOST:PORT of process 0, for processes started by hand (or EDIT_JAX_COORDINATOR)")

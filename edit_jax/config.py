@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots")
 ACTIVATIONS = ("gelu_tanh", "sigmoid_gelu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -30,7 +30,8 @@ class RuntimeConfig:
     param_dtype: dtype the params are stored in; router_dtype: the routers' (e.g. float32 routers
     training beside a bfloat16 frozen base), param_dtype when None. dtype: compute dtype of matmuls and the residual
     stream; norms, RoPE and softmax always run in float32. attention: "xla" (default, any backend)
-    or "cudnn" (GPU, bfloat16/float16 only). remat: "none", "full" (recompute each block in the
+    "cudnn" (GPU, bfloat16/float16 only) or "splash" (TPU: Pallas splash attention, a flash kernel
+    that never materialises the [L, L] scores). remat: "none", "full" (recompute each block in the
     backward pass) or "dots" (save matmul outputs without batch dims).
     """
 

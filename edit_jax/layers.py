@@ -247,6 +247,8 @@ def attention(
     key_mask [B, L] (True = attend) hides padded keys. implementation: "xla" or "cudnn" (GPU
     only, bfloat16/float16); "cudnn" where it cannot run falls back to "xla" with a warning.
     """
+    if implementation == "splash":
+        return splash_attention(q, k, v, key_mask)
     if implementation == "cudnn" and (jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16)):
         warnings.warn(f"attention='cudnn' needs a GPU and bfloat16/float16 (here: {jax.default_backend()}, "
                       f"{q.dtype}): using 'xla'", stacklevel=2)
@@ -257,6 +259,52 @@ def attention(
         mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     return out.reshape(*out.shape[:2], -1)
+
+
+SPLASH_BLOCKS = (512, 256, 128)  # kernel tile sizes tried, largest first; one must divide L
+
+
+def splash_attention(q, k, v, key_mask=None, interpret: bool | None = None) -> jax.Array:
+    """Softmax attention through Pallas's TPU splash attention (a flash kernel: the [L, L] scores
+    are never materialised): q, k, v [B, L, H, K] -> [B, L, H*K]. Padded keys (key_mask False) form
+    a second segment that valid queries never see. Under a mesh (jax.set_mesh) the kernel runs per
+    shard (shard_map over the batch and head axes the rules give); interpret: run the kernel as
+    plain JAX (CPU tests; default: when the backend is not a TPU)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+    from jax.sharding import PartitionSpec
+
+    from edit_jax.sharding import logical_to_mesh
+
+    batch, length, heads, dim = q.shape
+    block = next((b for b in SPLASH_BLOCKS if length % b == 0), None)
+    if block is None:
+        raise ValueError(f"splash attention needs a sequence length divisible by 128; got {length} tokens "
+                         "(choose an image and text length that add up to a multiple of 128, or attention='xla')")
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    sizes = kernels.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = PartitionSpec(None, None, None, None) if mesh.empty else logical_to_mesh(
+        PartitionSpec(*HEADS), mesh, shape=q.shape)
+    head_axis = spec[2]
+    local_heads = heads // (1 if head_axis is None else int(np.prod([mesh.shape[a] for a in np.atleast_1d(head_axis)])))
+    kernel = kernels.make_splash_mha(masks.MultiHeadMask([masks.FullMask((length, length))] * local_heads),
+                                     head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    segments = jnp.zeros((batch, length), jnp.int32) if key_mask is None else (~key_mask.astype(bool)).astype(jnp.int32)
+
+    def attend(q, k, v, segments):  # [b, L, h, K] per shard
+        to_heads = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731 - [b, h, L, K], the kernel's layout
+        ids = jax.vmap(lambda s: kernels.SegmentIds(q=s, kv=s))(segments)
+        out = jax.vmap(kernel)(to_heads(q * (dim ** -0.5)).astype(q.dtype), to_heads(k), to_heads(v), segment_ids=ids)
+        return jnp.swapaxes(out, 1, 2)
+
+    if mesh.empty:
+        out = attend(q, k, v, segments)
+    else:
+        out = jax.shard_map(attend, in_specs=(spec, spec, spec, PartitionSpec(spec[0], None)), out_specs=spec,
+                            check_vma=False)(q, k, v, segments)
+    return out.reshape(batch, length, heads * dim)
 
 
 def check_values(name: str, x, valid, expected: str) -> None:

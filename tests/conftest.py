@@ -1,6 +1,11 @@
-"""Shared fixtures."""
+"""Shared fixtures. The suite runs on the CPU: with libtpu installed (for compile-only runs),
+JAX would otherwise try to start a TPU runtime in every process."""
 
-import pytest
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture

@@ -124,3 +124,28 @@ def test_remat_policies_leave_the_forward_unchanged(remat):
     base = edit_jax.build_model(config).apply({"params": params}, **inputs)
     rematted = edit_jax.build_model(config.with_runtime(remat=remat)).apply({"params": params}, **inputs)
     np.testing.assert_array_equal(base, rematted)
+
+
+@pytest.mark.parametrize("preset", ["flux-tiny", "qwen-image-tiny"])
+def test_splash_attention_matches_xla_attention_in_the_models(preset):
+    """Pallas splash attention (TPU), run in interpret mode on the CPU; 64 image + 64 text tokens
+    (the kernel tiles 128), Qwen-Image with padded text in one row."""
+    import edit_jax
+    from edit_jax.models import example_inputs, split_static
+
+    config = edit_jax.preset(preset)
+    arrays, static = split_static(example_inputs(config, batch=2, height=8, width=8, num_txt=64))
+    if "encoder_hidden_states_mask" in arrays:
+        arrays["encoder_hidden_states_mask"] = arrays["encoder_hidden_states_mask"].at[1, 40:].set(0)
+    params = edit_jax.init_params(config)
+    xla, splash = (edit_jax.build_model(config.with_runtime(attention=a)).apply({"params": params}, **arrays, **static)
+                   for a in ("xla", "splash"))
+    assert relative_error(splash, xla) <= 1e-5
+
+
+def test_splash_attention_names_the_lengths_it_cannot_tile():
+    from edit_jax.layers import splash_attention
+
+    x = jnp.zeros((1, 100, 2, 16))
+    with pytest.raises(ValueError, match="divisible by 128"):
+        splash_attention(x, x, x)

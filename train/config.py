@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edit_jax.config import DTYPES, PRESETS, REMAT_POLICIES, ConfigError
+from edit_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, REMAT_POLICIES, ConfigError
 
 TRAINABLE = ("routers", "routers+base")
 TARGETS = ("data", "teacher")
@@ -80,6 +80,7 @@ class TrainConfig:
     # how it runs
     mesh: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
     remat: str = "none"
+    attention: str = "xla"  # "xla", "cudnn" (GPU) or "splash" (TPU flash kernel)
     param_dtype: str = "float32"  # base params
     router_dtype: str = "float32"  # routers and their optimizer state
     dtype: str = "float32"  # compute
@@ -87,7 +88,8 @@ class TrainConfig:
     def __post_init__(self):
         choices = {"routers": ("checkpoint", "fresh"), "trainable": TRAINABLE, "target": TARGETS,
                    "gate_budget": GATE_BUDGETS, "rho_schedule": RHO_SCHEDULES, "noise_sampler": NOISE_SAMPLERS,
-                   "lr_schedule": LR_SCHEDULES, "remat": REMAT_POLICIES, "param_dtype": DTYPES,
+                   "lr_schedule": LR_SCHEDULES, "remat": REMAT_POLICIES, "attention": ATTENTION_IMPLEMENTATIONS,
+                   "param_dtype": DTYPES,
                    "router_dtype": DTYPES, "dtype": DTYPES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -48,13 +48,29 @@ def opt_state_shardings(abstract_opt_state, trainable_shardings, mesh):
     )
 
 
+def jitted_train_step(config: TrainConfig, model, optimizer, shared: dict, trainable_shardings, opt_shardings,
+                      frozen_shardings, data_sharding):
+    """The train step under jit with every input and output sharding given and the state donated."""
+    return jax.jit(make_train_step(config, model, optimizer, shared, data_sharding),
+                   in_shardings=(trainable_shardings, opt_shardings, frozen_shardings, data_sharding, None),
+                   out_shardings=(trainable_shardings, opt_shardings, None), donate_argnums=(0, 1))
+
+
+def split_trainable(config: TrainConfig, variables: dict) -> tuple[dict, dict]:
+    """(trainable, frozen) collections of {"params", "routers"}: the base is frozen (and gets no
+    optimizer state) when only the routers train."""
+    if config.trainable == "routers":
+        return {"routers": variables["routers"]}, {"params": variables["params"]}
+    return dict(variables), {}
+
+
 def model_config_of(config: TrainConfig):
     if config.checkpoint is not None:
         model_config = edit_jax.checkpoint.load_config(config.checkpoint)
     else:
         model_config = preset(config.preset)
     return model_config.with_runtime(param_dtype=config.param_dtype, router_dtype=config.router_dtype,
-                                     dtype=config.dtype, remat=config.remat)
+                                     dtype=config.dtype, remat=config.remat, attention=config.attention)
 
 
 def abstract_like(tree):
@@ -88,10 +104,7 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
         stored = load_routers(config.checkpoint, shardings["routers"]) if config.routers == "checkpoint" else None
         if stored is not None:  # as stored; trained in router_dtype
             variables["routers"] = jax.tree.map(lambda x: x.astype(config.router_dtype), stored)
-    if config.trainable == "routers":
-        trainable, frozen = {"routers": variables["routers"]}, {"params": variables["params"]}
-    else:
-        trainable, frozen = dict(variables), {}
+    trainable, frozen = split_trainable(config, variables)
     trainable_shardings = {k: shardings[k] for k in trainable}
     frozen_shardings = {k: shardings[k] for k in frozen}
 
@@ -138,10 +151,8 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
     def step_for(batch, grid):
         key = (grid, batch["encoder_hidden_states"].shape[1])
         if key not in compiled:
-            shared = shared_inputs(model_config, *grid, key[1])
-            fn = jax.jit(make_train_step(config, model, optimizer, shared, data_sharding),
-                         in_shardings=(trainable_shardings, opt_shardings, frozen_shardings, data_sharding, None),
-                         out_shardings=(trainable_shardings, opt_shardings, None), donate_argnums=(0, 1))
+            fn = jitted_train_step(config, model, optimizer, shared_inputs(model_config, *grid, key[1]),
+                                   trainable_shardings, opt_shardings, frozen_shardings, data_sharding)
             with jax.set_mesh(mesh):  # the models constrain their activations to this mesh's axes
                 compiled[key] = fn.lower(trainable, opt_state, frozen, abstract_like(batch), jnp.int32(0)).compile()
             memory = compiled[key].memory_analysis()
