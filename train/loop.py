@@ -56,6 +56,15 @@ def jitted_train_step(config: TrainConfig, model, optimizer, shared: dict, train
                    out_shardings=(trainable_shardings, opt_shardings, None), donate_argnums=(0, 1))
 
 
+def step_flops(model_config, batch: dict, grid, config: TrainConfig) -> float:
+    """Model FLOPs of one train step (edit_jax.flops): forward and backward (3x the dense forward,
+    recomputation under remat not counted), plus the teacher's forward."""
+    from edit_jax.flops import dense_flops
+
+    per_sample = dense_flops(model_config, grid[0] * grid[1], batch["encoder_hidden_states"].shape[1])
+    return (3 + (config.target == "teacher")) * per_sample * batch["latents"].shape[0]
+
+
 def split_trainable(config: TrainConfig, variables: dict) -> tuple[dict, dict]:
     """(trainable, frozen) collections of {"params", "routers"}: the base is frozen (and gets no
     optimizer state) when only the routers train."""
@@ -193,7 +202,9 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
                 if not math.isfinite(loss):
                     raise TrainingError(f"the loss is {loss} at step {done}: stopping (lower learning_rate, or check "
                                         "the data); the last good checkpoint is kept")
-                record = {"step": done, "step_time_s": time.perf_counter() - t0,
+                seconds = time.perf_counter() - t0  # the step and its metrics' transfer
+                record = {"step": done, "step_time_s": seconds,
+                          "model_tflops_per_s": step_flops(model_config, batch, grid, config) / seconds / 1e12,
                           **{k: np.asarray(v).tolist() for k, v in metrics.items()}}
                 if writer is not None:
                     with open(run_dir / "metrics.jsonl", "a") as f:
