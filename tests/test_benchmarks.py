@@ -72,3 +72,13 @@ def test_gpu_suite_dry_run_writes_outside_the_repository_and_names_files_after_i
     assert not (repo / "gpu_results").exists()
     (results,) = [p for p in tmp_path.iterdir() if p.name.startswith("gpu_suite.")]
     assert sorted(p.name for p in results.iterdir()) == ["elastic_qwen_image_tiny_batch2.json", "suite.log"]
+
+
+def test_train_benchmark_reports_one_device_beside_eight(tmp_path):
+    from eval import bench_train
+
+    result = bench_train.main(["--preset", "flux-tiny", "--steps", "3", "--skip", "1", "--batch", "8", "--height", "4",
+                               "--width", "4", "--txt", "4", "--out", str(tmp_path / "train.json")])
+    assert result["one_device"]["devices"] == 1 and result["sharded"]["mesh"] == {"data": 2, "fsdp": 4}
+    assert result["step_time_ratio_sharded_over_one"] > 0
+    assert json.loads((tmp_path / "train.json").read_text())["preset"] == "flux-tiny"

@@ -168,18 +168,15 @@ def assert_same_run(a, b):
 
 
 def test_sharded_multi_process_and_re_meshed_runs_equal_one_device(tmp_path):
-    """The same two steps on one device; on 8 simulated devices as data 2 x fsdp 4; restored from
-    that run's checkpoint onto fsdp 8; and as two real processes (jax.distributed on localhost,
-    CPU collectives) of 2 devices each, data 2 x fsdp 2."""
-    run_cli(tmp_path / "single", 1, "mesh.data=1", "mesh.fsdp=1")
-    run_cli(tmp_path / "sharded", 8, "mesh.data=2", "mesh.fsdp=4")
-    assert_same_run(tmp_path / "single", tmp_path / "sharded")
-
-    run_cli(tmp_path / "sharded", 8, "mesh.data=1", "mesh.fsdp=8", "steps=3")  # resumes at 2 on another mesh
-    run_cli(tmp_path / "single", 1, "mesh.data=1", "mesh.fsdp=1", "steps=3")
-    assert_same_run(tmp_path / "single", tmp_path / "sharded")
-
+    """Three steps on one device; the same on 8 simulated devices as data 2 x fsdp 4 for two steps,
+    then restored from that checkpoint onto fsdp 8 for the third; and as two real processes
+    (jax.distributed on localhost, CPU collectives) of 2 devices each, data 2 x fsdp 2."""
     import socket
+
+    run_cli(tmp_path / "single", 1, "mesh.data=1", "mesh.fsdp=1", "steps=3")
+    run_cli(tmp_path / "sharded", 8, "mesh.data=2", "mesh.fsdp=4")
+    run_cli(tmp_path / "sharded", 8, "mesh.data=1", "mesh.fsdp=8", "steps=3")  # resumes at 2 on another mesh
+    assert_same_run(tmp_path / "single", tmp_path / "sharded")
 
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -241,3 +238,13 @@ def test_every_param_router_and_optimizer_leaf_has_the_sharding_the_rules_give()
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "checked" in done.stdout
+
+
+def test_the_pipeline_noise_sampler_shifts_as_the_model_pipeline_shifts_its_schedule():
+    from edit_jax.schedules import SCHEDULERS, flow_match_schedule
+    from train.step import pipeline_shift
+
+    config = edit_jax.preset("flux-dev")
+    uniform = np.linspace(1.0, 1 / 28, 28).astype(np.float32)  # the schedule's unshifted sigmas
+    sigmas, _ = flow_match_schedule(SCHEDULERS["flux-dev"], 28, 4096)
+    np.testing.assert_allclose(pipeline_shift(config, 4096, jnp.asarray(uniform)), sigmas[:-1], rtol=1e-5)

@@ -22,7 +22,7 @@ TRAINABLE = ("routers", "routers+base")
 TARGETS = ("data", "teacher")
 GATE_BUDGETS = ("soft", "hard")
 RHO_SCHEDULES = ("constant", "linear")
-NOISE_SAMPLERS = ("uniform", "logit_normal", "shift")
+NOISE_SAMPLERS = ("uniform", "logit_normal", "shift", "pipeline")
 LR_SCHEDULES = ("constant", "cosine")
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -51,7 +51,8 @@ class TrainConfig:
     noise_sampler: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    shift: float = 3.0  # "shift": s' = shift s / (1 + (shift - 1) s) of a uniform s
+    shift: float = 3.0  # "shift": s' = shift s / (1 + (shift - 1) s) of a uniform s; "pipeline": the
+    # resolution-dependent shift of the model's own pipeline (its scheduler config)
     # optimizer (optax AdamW)
     learning_rate: float = 1e-4
     warmup_steps: int = 100

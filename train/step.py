@@ -25,15 +25,36 @@ from train.config import TrainConfig
 EPS = 1e-6
 
 
-def noise_levels(config: TrainConfig, key: jax.Array, batch: int) -> jax.Array:
-    """s [B] in [0, 1]: uniform, logit-normal, or a uniform s shifted towards noise as the
-    pipelines' schedules are (s' = shift s / (1 + (shift - 1) s))."""
+def noise_levels(config: TrainConfig, key: jax.Array, batch: int, model_config=None, num_img: int = 0) -> jax.Array:
+    """s [B] in [0, 1]: uniform; logit-normal; a uniform s shifted towards noise by a fixed
+    `shift` (s' = shift s / (1 + (shift - 1) s)); or "pipeline": shifted as the model's own
+    pipeline shifts its sampling schedule for an image of num_img tokens (FLUX.1-dev and
+    Qwen-Image: mu linear in the token count, s' = e^mu / (e^mu + 1/s - 1))."""
     if config.noise_sampler == "logit_normal":
         return jax.nn.sigmoid(config.logit_mean + config.logit_std * jax.random.normal(key, (batch,)))
     s = jax.random.uniform(key, (batch,))
     if config.noise_sampler == "shift":
         s = config.shift * s / (1 + (config.shift - 1) * s)
+    elif config.noise_sampler == "pipeline":
+        s = pipeline_shift(model_config, num_img, s)
     return s
+
+
+def pipeline_shift(model_config, num_img: int, s: jax.Array) -> jax.Array:
+    """The time shift the model family's pipeline applies to its sigmas (edit_jax.schedules)."""
+    import math
+
+    from edit_jax.sampler import default_scheduler
+    from edit_jax.schedules import calculate_shift
+
+    scheduler = default_scheduler(model_config)
+    if not scheduler.use_dynamic_shifting:
+        return scheduler.shift * s / (1 + (scheduler.shift - 1) * s)
+    mu = calculate_shift(num_img, scheduler.base_image_seq_len, scheduler.max_image_seq_len,
+                         scheduler.base_shift, scheduler.max_shift)
+    if scheduler.time_shift_type == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / jnp.maximum(s, 1e-6) - 1))
+    return mu / (mu + (1 / jnp.maximum(s, 1e-6) - 1))
 
 
 def gate_budget(config: TrainConfig, s: jax.Array) -> jax.Array:
@@ -86,7 +107,7 @@ def make_loss_fn(config: TrainConfig, model) -> Callable:
         arrays, static = model_conditions(model_config, batch)
         noise_key, s_key = jax.random.split(key)
         noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-        s = noise_levels(config, s_key, x0.shape[0])
+        s = noise_levels(config, s_key, x0.shape[0], model_config, x0.shape[1])
         x_t = ((1 - s)[:, None, None] * x0 + s[:, None, None] * noise).astype(x0.dtype)
         if config.target == "data":
             target = noise - x0

@@ -1,0 +1,68 @@
+"""Router training step time and per-device memory: the same run on one device and sharded over
+simulated devices (each a fresh process: the device count is fixed when JAX starts).
+
+    python -m eval.bench_train --preset flux-small --steps 30 --out bench_train.json
+
+Step times are the median over the steps after the first few (compile excluded); the memory is
+the compiled step's per-device arguments and temporaries as the trainer prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from eval.report import emit, environment
+
+MEMORY = re.compile(r"per device: arguments ([\d.]+) MiB, temporaries ([\d.]+) MiB")
+
+
+def run(devices: int, mesh: dict, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"run_dir={tmp}/run", f"preset={args.preset}", f"steps={args.steps}", f"batch_size={args.batch}",
+                     f"height={args.height}", f"width={args.width}", f"num_txt={args.txt}", "log_every=1",
+                     f"save_every={args.steps}", *[f"mesh.{k}={v}" for k, v in mesh.items()]]
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+        done = subprocess.run([sys.executable, "-m", "edit_jax.cli", "train", *overrides, "--quiet"], env=env,
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time_s"] for r in rows[args.skip:]]
+    memory = MEMORY.search(done.stderr)
+    return {"devices": devices, "mesh": mesh, "median_step_ms": round(1000 * float(np.median(times)), 2),
+            "model_tflops_per_s": round(float(np.median([r["model_tflops_per_s"] for r in rows[args.skip:]])), 4),
+            "arguments_mib": float(memory[1]), "temporaries_mib": float(memory[2]),
+            "final_loss": rows[-1]["loss"]}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="flux-small")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--skip", type=int, default=5, help="first steps left out of the median")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--height", type=int, default=16, help="packed tokens")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--txt", type=int, default=32)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    one = run(1, {"data": 1, "fsdp": 1}, args)
+    sharded = run(8, {"data": 2, "fsdp": 4}, args)
+    result = {**environment(), "preset": args.preset, "batch": args.batch, "tokens": [args.height * args.width, args.txt],
+              "one_device": one, "sharded": sharded,
+              "step_time_ratio_sharded_over_one": round(sharded["median_step_ms"] / one["median_step_ms"], 3),
+              "temporaries_ratio_sharded_over_one": round(sharded["temporaries_mib"] / one["temporaries_mib"], 3)}
+    return emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
