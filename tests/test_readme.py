@@ -47,3 +47,32 @@ def test_every_readme_snippet_runs(tmp_path, monkeypatch):
             raise AssertionError(f"README snippet {index + 1} failed:\n{snippet}") from e
     assert namespace["ode_latents"].shape == namespace["noise"].shape
     assert namespace["heun_latents"].shape == namespace["noise"].shape
+
+
+SHELL_SUBSTITUTIONS = (("steps=200", "steps=3"),)
+NEEDS_MORE = ("/models", "run.yaml", "ckpt/", "--compile-only", "--distributed", "--coordinator", "[", "demo")
+
+
+def readme_commands() -> list[str]:
+    """The `edit-jax ...` lines of README.md's bash blocks that run on a fresh machine (no
+    downloaded weights, TPU or cluster; the demo and usage synopses are tested elsewhere)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("edit-jax ") and not any(m in line for m in NEEDS_MORE):
+                commands.append(line)
+    return commands
+
+
+def test_readme_training_and_export_commands_run_as_written(tmp_path, monkeypatch):
+    import shlex
+
+    from edit_jax.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands()
+    assert any(c.startswith("edit-jax train") for c in commands) and any(c.startswith("edit-jax export") for c in commands)
+    for command in commands:
+        for old, new in SHELL_SUBSTITUTIONS:
+            command = command.replace(old, new)
+        assert main(shlex.split(command, comments=True)[1:] + (["--quiet"] if " train " in f" {command} " else [])) == 0, command
