@@ -15,9 +15,6 @@ one shard plus one stacked tensor. The output folder appears only when complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +22,8 @@ from tqdm.auto import tqdm
 
 from checkpoints_convert import flux, qwen_image
 from checkpoints_convert.engine import ConversionError
-from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, flatten, load_config, overlaps, params_metadata,
-                                 read_array, resolve, tree_names)
+from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, atomic_folder, flatten, load_config, overlaps,
+                                 params_metadata, read_array, resolve, tree_names)
 
 FAMILIES = {"flux": flux, "qwen-image": qwen_image}
 DIFFUSERS_CLASSES = {"flux": "FluxTransformer2DModel", "qwen-image": "QwenImageTransformer2DModel"}
@@ -93,9 +90,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
         raise CheckpointError(f"{out} already exists" + (" and is not an earlier export (a diffusers config.json or "
                                                           "model.safetensors)" if overwrite else " (--overwrite replaces an earlier export)"))
     np_dtype = None if dtype is None else np.dtype(__import__("ml_dtypes").bfloat16 if dtype == "bfloat16" else dtype)
-    tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as tmp:
         shards, shard, size = [], {}, 0
         for key, tensor in tqdm(_tensors(ckpt, tables, np_dtype), desc="export", unit="tensor", disable=not progress):
             shard[key] = tensor
@@ -119,10 +114,4 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
                          "weight_map": dict(sorted(weight_map.items()))}
                 (tmp / f"{WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             (tmp / "config.json").write_text(json.dumps(diffusers_config(config), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

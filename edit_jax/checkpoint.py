@@ -247,6 +247,27 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: Path):
+    """Yields a hidden temporary sibling folder to fill; when the block ends it replaces `path`
+    (the old one goes only then), and on an error, SIGINT or SIGTERM it is removed. Folders that
+    earlier, killed writes of `path` left are removed first. For single-process writers (exports,
+    datasets); the caller has decided that `path` may be replaced."""
+    path = resolve(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_scratch(path):
+        print(f"removed {stale}, left by an earlier write of {path} that did not finish", file=sys.stderr)
+    tmp = path.parent / f".{path.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    with _sigterm_raises():
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _move_into_place(tmp, path)
+
+
 def _move_into_place(tmp: Path, path: Path) -> None:
     """Renames the finished `tmp` to `path`, replacing what is there; no signal lands between
     the two renames, so `path` is always either the old or the new checkpoint."""

@@ -21,15 +21,12 @@ bucket (latents are never padded). Text fields have one shape across the dataset
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from edit_jax.checkpoint import resolve
+from edit_jax.checkpoint import atomic_folder, resolve
 from edit_jax.config import ConfigError
 
 FORMAT = "edit-jax-dataset"
@@ -61,12 +58,10 @@ def write_dataset(out: str | Path, family: str, examples: Iterable[dict], record
     out = resolve(out)
     if out.exists() and not (overwrite and (out / MANIFEST).is_file()):
         raise ConfigError(f"{out} already exists" + (" and is not an edit-jax dataset" if overwrite else ""))
-    tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     fields: dict | None = None
     buckets: dict[tuple, dict] = {}
     writers: dict[tuple, tuple] = {}
-    try:
+    with atomic_folder(out) as tmp:
         for index, example in enumerate(examples):
             arrays = {k: np.asarray(v) for k, v in example.items() if k != "caption"}
             expected = {"latents", *TEXT_FIELDS[family]}
@@ -102,12 +97,6 @@ def write_dataset(out: str | Path, family: str, examples: Iterable[dict], record
                     "count": sum(b["count"] for b in buckets.values()), "fields": fields,
                     "buckets": sorted(buckets.values(), key=lambda b: b["latent_shape"])}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
