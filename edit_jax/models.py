@@ -95,13 +95,18 @@ def logical_axes(config, collection: str = "params") -> dict:
     return nn.get_partition_spec(_boxed_abstract_variables(config))[collection]
 
 
-def init_variables(config, seed: int = 0, shardings: dict | None = None) -> dict:
-    """Random base params and fresh routers (full-capacity init): {"params", "routers"}.
+def init_variables(config, seed: int = 0, shardings: dict | None = None,
+                   collections: tuple[str, ...] = ("params", "routers")) -> dict:
+    """Random base params and fresh routers (full-capacity init): {"params", "routers"}, or only
+    the `collections` asked for (the others are never computed).
 
     shardings: {"params": ..., "routers": ...} pytrees of shardings: each array is created
     directly in its sharding, never whole on one device."""
     init = _init_fn(config)
-    return jax.jit(lambda key: nn.meta.unbox(init(key)), out_shardings=shardings)(jax.random.key(seed))
+    if shardings is not None:
+        shardings = {c: shardings[c] for c in collections}
+    return jax.jit(lambda key: {c: nn.meta.unbox(init(key))[c] for c in collections},
+                   out_shardings=shardings)(jax.random.key(seed))
 
 
 def init_params(config, seed: int = 0) -> dict:

@@ -31,8 +31,8 @@ def tiny_run(tmp_path, name="run", **overrides) -> TrainConfig:
 
 def test_config_reads_a_file_and_applies_overrides(tmp_path):
     (tmp_path / "run.yaml").write_text("steps: 50\nrho_g: 0.5\nmesh: {data: 2}\n")
-    config = load_config(tmp_path / "run.yaml", ["steps=7", "mesh.fsdp=4", "gate_budget=soft"])
-    assert (config.steps, config.rho_g, config.gate_budget) == (7, 0.5, "soft")
+    config = load_config(tmp_path / "run.yaml", ["steps=7", "mesh.fsdp=4", "gate_budget=soft", "checkpoint=ckpt/flux"])
+    assert (config.steps, config.rho_g, config.gate_budget, config.checkpoint) == (7, 0.5, "soft", "ckpt/flux")
     assert config.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
 
 
@@ -248,3 +248,15 @@ def test_the_pipeline_noise_sampler_shifts_as_the_model_pipeline_shifts_its_sche
     uniform = np.linspace(1.0, 1 / 28, 28).astype(np.float32)  # the schedule's unshifted sigmas
     sigmas, _ = flow_match_schedule(SCHEDULERS["flux-dev"], 28, 4096)
     np.testing.assert_allclose(pipeline_shift(config, 4096, jnp.asarray(uniform)), sigmas[:-1], rtol=1e-5)
+
+
+def test_training_from_a_checkpoint_starts_from_its_base_with_fresh_routers(tmp_path):
+    from edit_jax.checkpoint import save
+
+    config = edit_jax.preset("flux-tiny")
+    base = init_variables(config, seed=7)["params"]
+    save(tmp_path / "ckpt", config, base)
+    train(tiny_run(tmp_path, checkpoint=str(tmp_path / "ckpt"), routers="fresh", steps=2), progress=False)
+
+    trained = edit_jax.load(tmp_path / "run" / "edit-jax")[1]
+    jax.tree.map(np.testing.assert_array_equal, trained, jax.tree.map(np.asarray, base))

@@ -142,6 +142,8 @@ def _parse_value(text: str, current: Any) -> Any:
         return text.lower() in ("true", "1")
     if text.lower() in ("none", "null"):
         return None
+    if current is None:  # an optional path such as checkpoint
+        return text
     try:
         return type(current)(text) if isinstance(current, (int, float, str)) else json.loads(text)
     except (ValueError, TypeError) as e:

@@ -107,12 +107,13 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
               file=sys.stderr)
 
     # ---- Params: created or restored straight into their shardings ---------------------------
-    variables = init_variables(model_config, config.seed, shardings)  # random base, fresh routers
-    if config.checkpoint is not None:
-        variables["params"] = load_params(config.checkpoint, abstract_params(model_config), shardings["params"])
+    if config.checkpoint is None:
+        variables = init_variables(model_config, config.seed, shardings)  # random base, fresh routers
+    else:
         stored = load_routers(config.checkpoint, shardings["routers"]) if config.routers == "checkpoint" else None
-        if stored is not None:  # as stored; trained in router_dtype
-            variables["routers"] = jax.tree.map(lambda x: x.astype(config.router_dtype), stored)
+        variables = {"params": load_params(config.checkpoint, abstract_params(model_config), shardings["params"]),
+                     "routers": init_variables(model_config, config.seed, shardings, ("routers",))["routers"]
+                     if stored is None else jax.tree.map(lambda x: x.astype(config.router_dtype), stored)}
     trainable, frozen = split_trainable(config, variables)
     trainable_shardings = {k: shardings[k] for k in trainable}
     frozen_shardings = {k: shardings[k] for k in frozen}
