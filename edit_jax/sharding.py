@@ -117,13 +117,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def describe(config, mesh: Mesh) -> str:
-    """The sharding plan as text, one line per param (printed at start-up by trainers)."""
+    """The sharding plan as text, one line per param and router array (printed at start-up by trainers)."""
     from edit_jax.checkpoint import flatten
     from edit_jax.models import abstract_params, logical_axes
 
-    shapes = flatten(abstract_params(config))
-    specs = flatten(jax.tree.map(lambda s: s, logical_axes(config), is_leaf=lambda x: isinstance(x, PartitionSpec)))
     lines = [f"mesh {dict(mesh.shape)}"]
-    for path in sorted(shapes):
-        lines.append(f"  {path}: {tuple(shapes[path].shape)} {tuple(specs[path])} -> {tuple(logical_to_mesh(specs[path], mesh))}")
+    for collection in ("params", "routers"):
+        shapes = flatten(abstract_params(config, collection))
+        specs = flatten(jax.tree.map(lambda s: s, logical_axes(config, collection), is_leaf=lambda x: isinstance(x, PartitionSpec)))
+        for path in sorted(shapes):
+            name = path if collection == "params" else f"routers/{path}"
+            lines.append(f"  {name}: {tuple(shapes[path].shape)} {tuple(specs[path])} -> {tuple(logical_to_mesh(specs[path], mesh))}")
     return "\n".join(lines)
