@@ -266,6 +266,13 @@ def cmd_sample(args) -> int:
         summary["executed_fraction_per_step"] = records["executed"].mean(axis=(1, 2)).round(4).tolist()
         summary["cache_hit_rate"] = float(records["cache_hit"].mean())
         summary["tflops_total"] = float(records["flops_total"].sum() / 1e12)
+        from eval.pictures import block_groups, plot_router_map
+
+        summary["router_map"] = str(plot_router_map(
+            out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0], records["cache_hit"][:, 0],
+            title=f"E-DiT routing of sample 0: {config.family}, {args.height}x{args.width}, {args.steps} steps, "
+                  f"tau {args.tau}{', cache from step %d' % args.cache_start if args.cache else ''}",
+            block_groups=block_groups(config)))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
@@ -362,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp = command("sample", "sample latents from prompt embeddings (Euler flow matching, E-DiT optional)", EMBEDDINGS_HELP)
     smp.add_argument("ckpt", help="edit-jax checkpoint folder")
     smp.add_argument("--embeddings", required=True, help="prompt embeddings (.npz/.safetensors; keys below)")
-    smp.add_argument("--out", required=True, help="folder for latents.npy, summary.json and (E-DiT) records.npz")
+    smp.add_argument("--out", required=True,
+                     help="folder for latents.npy, summary.json and (E-DiT) records.npz and router_map.png")
     smp.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
     smp.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
     smp.add_argument("--steps", type=int, default=28, help="denoising steps")

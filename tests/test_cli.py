@@ -107,6 +107,7 @@ def test_sample_writes_latents_and_per_step_records(tmp_path, capsys):
     assert np.load(tmp_path / "out" / "latents.npy").shape == (1, 4, 8, 8)
     assert len(summary["executed_fraction_per_step"]) == 3
     assert np.load(tmp_path / "out" / "records.npz")["p"].shape == (3, 1, 6)
+    assert (tmp_path / "out" / "router_map.png").stat().st_size > 10_000
 
 
 def test_sample_without_routers_in_elastic_mode_is_a_clear_error(tmp_path, capsys):
