@@ -24,19 +24,23 @@ from train.data import shared_inputs, synthetic_batch
 from train.loop import jitted_train_step, model_config_of, opt_state_shardings, split_trainable
 from train.step import make_optimizer
 
-HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}  # per chip, by device kind
+# HBM per chip by device kind, GiB (v5e: the 15.75 XLA reports it can use of 16)
+HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 15.75, "TPU v5": 95, "TPU v6 lite": 32}
 
 
 def topology_devices(name: str):
     """The devices of a TPU topology such as "v5e:4x4" or "v5p:2x2x2" (needs libtpu)."""
-    try:
-        from jax.experimental import topologies
+    import importlib.util
 
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError("compile-only needs libtpu, the version jax pins: "
+                          "pip install \"jax[tpu]==$(python -c 'import jax; print(jax.__version__)')\"")
+    from jax.experimental import topologies
+
+    try:
         return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
-    except (ImportError, RuntimeError, ValueError) as e:
-        raise ConfigError(f"cannot compile for TPU topology {name!r}: {str(e).splitlines()[0][:300]} "
-                          "(compile-only needs libtpu, the version jax pins: pip install \"jax[tpu]==$(python -c 'import jax; "
-                          "print(jax.__version__)')\")") from e
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"cannot compile for TPU topology {name!r}: {str(e).splitlines()[0][:300]}") from e
 
 
 def with_shardings(tree, shardings):
