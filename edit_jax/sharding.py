@@ -6,6 +6,9 @@ sharded, gathered per layer), "tensor" (Megatron-style tensor parallel inside a 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -41,6 +44,40 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+_ACTIVE_RULES = contextvars.ContextVar("edit_jax_axis_rules", default=LOGICAL_AXIS_RULES)
+
+
+def active_rules() -> tuple:
+    """The rules table in force: LOGICAL_AXIS_RULES, or as `use_rules` changed it."""
+    return _ACTIVE_RULES.get()
+
+
+def rules_with(overrides: dict | None) -> tuple:
+    """LOGICAL_AXIS_RULES with some logical axes mapped otherwise ({logical axis: mesh axis, a list
+    of them, or None}); a ValueError names an unknown logical or mesh axis."""
+    overrides = overrides or {}
+    known = dict(LOGICAL_AXIS_RULES)
+    for name, axes in overrides.items():
+        if name not in known:
+            raise ValueError(f"axis rule for unknown logical axis {name!r}; known: {', '.join(known)}")
+        listed = [] if axes is None else [axes] if isinstance(axes, str) else list(axes)
+        if any(a not in MESH_AXES for a in listed):
+            raise ValueError(f"axis rule {name!r}: {axes!r} names no mesh axes of {MESH_AXES}")
+    table = ((name, overrides[name] if name in overrides else axes) for name, axes in LOGICAL_AXIS_RULES)
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in table)
+
+
+@contextlib.contextmanager
+def use_rules(overrides: dict | None):
+    """Within the block, logical axes map by `rules_with(overrides)`: for params, routers,
+    optimizer state and the activations the models constrain alike."""
+    token = _ACTIVE_RULES.set(rules_with(overrides))
+    try:
+        yield
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
 def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
     """A Mesh over (data, fsdp, tensor) with Auto axis types; default: every device on fsdp."""
     devices = np.asarray(jax.devices() if devices is None else devices)
@@ -63,12 +100,12 @@ def check_auto_axes(mesh: Mesh) -> None:
         )
 
 
-def logical_to_mesh(spec: PartitionSpec, mesh: Mesh, rules=LOGICAL_AXIS_RULES, shape=None) -> PartitionSpec:
+def logical_to_mesh(spec: PartitionSpec, mesh: Mesh, rules=None, shape=None) -> PartitionSpec:
     """Maps one logical PartitionSpec onto mesh axes (a rule may name several); a mesh axis of
     size 1, already used in this array, or (given the array's `shape`) not dividing its
     dimension is left out."""
     check_auto_axes(mesh)
-    table = dict(rules)
+    table = dict(active_rules() if rules is None else rules)
     used, out = set(), []
     for dim, name in enumerate(spec):
         if name not in table:
@@ -92,7 +129,7 @@ def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_mesh(PartitionSpec(*names), mesh, shape=x.shape))
 
 
-def param_shardings(config, mesh: Mesh, rules=LOGICAL_AXIS_RULES, collection: str = "params") -> dict:
+def param_shardings(config, mesh: Mesh, rules=None, collection: str = "params") -> dict:
     """NamedShardings for every param of `config`'s model (pass to `edit_jax.load`), or of its
     routers with collection="routers"."""
     from edit_jax.models import logical_axes

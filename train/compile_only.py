@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from edit_jax.config import ConfigError
 from edit_jax.models import abstract_params, build_model
-from edit_jax.sharding import batch_sharding, make_mesh, param_shardings
+from edit_jax.sharding import batch_sharding, make_mesh, param_shardings, use_rules
 from train.config import TrainConfig
 from train.data import shared_inputs, synthetic_batch
 from train.loop import jitted_train_step, model_config_of, opt_state_shardings, split_trainable
@@ -49,6 +49,11 @@ def with_shardings(tree, shardings):
 
 def compile_only(config: TrainConfig, topology: str) -> dict:
     """Compiles the train step for `topology`; returns the memory report (also printed)."""
+    with use_rules(config.axis_rules):
+        return _compile_only(config, topology)
+
+
+def _compile_only(config: TrainConfig, topology: str) -> dict:
     devices = topology_devices(topology)
     mesh = make_mesh(config.mesh_shape(len(devices)), devices=devices)
     model_config = model_config_of(config)

@@ -66,6 +66,9 @@ class TrainConfig:
     batch_size: int = 8  # global
     steps: int = 1000
     log_every: int = 10
+    eval_every: int = 0  # 0: no evaluation
+    eval_batches: int = 2  # fixed held-out batches per evaluation (fixed noise too)
+    eval_data: str | None = None  # a held-out dataset; None: batches the run never trains on
     save_every: int = 500
     keep: int = 3  # checkpoints kept
     run_dir: str = "runs/edit"
@@ -80,6 +83,8 @@ class TrainConfig:
     num_classes: int = 10
     # how it runs
     mesh: dict = dataclasses.field(default_factory=lambda: {"data": 1, "fsdp": -1, "tensor": 1})
+    # changes to the logical-axis rules (edit_jax/sharding.py), e.g. {"embed": null, "mlp": "tensor"}
+    axis_rules: dict = dataclasses.field(default_factory=dict)
     remat: str = "none"
     attention: str = "xla"  # "xla", "cudnn" (GPU) or "splash" (TPU flash kernel)
     param_dtype: str = "float32"  # base params
@@ -100,6 +105,8 @@ class TrainConfig:
         if self.target == "teacher" and self.trainable != "routers":
             raise ConfigError("target='teacher' needs a frozen base (trainable='routers'): the teacher is the "
                               "same base run dense, so training the base would move the target")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            raise ConfigError(f"eval_every={self.eval_every} must be >= 0 and eval_batches={self.eval_batches} >= 1")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -108,6 +115,12 @@ class TrainConfig:
         for name in ("rho_g", "rho_high", "rho_low", "rho_w", "tau"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        from edit_jax.sharding import rules_with
+
+        try:
+            rules_with(self.axis_rules)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         unknown = sorted(set(self.mesh) - set(MESH_AXES))
         if unknown or list(self.mesh.values()).count(-1) > 1:
             raise ConfigError(f"mesh {self.mesh}: axes are {MESH_AXES}, at most one of them -1 (the rest)")

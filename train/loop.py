@@ -2,7 +2,7 @@
 
     edit-jax train run.yaml steps=2000 mesh.fsdp=8
 
-Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl, TensorBoard events in RUN_DIR/tb, orbax
+Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl (and eval.jsonl), TensorBoard events in RUN_DIR/tb, orbax
 checkpoints in RUN_DIR/checkpoints (trainable params, optimizer state, step, the data iterator;
 the last `keep`), and at the end RUN_DIR/edit-jax, an edit-jax checkpoint with the trained routers
 that `edit-jax sample` reads. A rerun with the same RUN_DIR resumes from the latest complete
@@ -28,10 +28,10 @@ import edit_jax
 from edit_jax.checkpoint import load_params, load_routers, resolve, save
 from edit_jax.config import preset
 from edit_jax.models import abstract_params, build_model, init_variables
-from edit_jax.sharding import batch_sharding, describe, make_mesh, param_shardings, replicated
+from edit_jax.sharding import batch_sharding, describe, make_mesh, param_shardings, replicated, use_rules
 from train.config import TrainConfig
 from train.data import DataSource, shared_inputs
-from train.step import make_optimizer, make_train_step
+from train.step import make_loss_fn, make_optimizer, make_train_step
 
 
 class TrainingError(RuntimeError):
@@ -65,6 +65,37 @@ def step_flops(model_config, batch: dict, grid, config: TrainConfig) -> float:
     return (3 + (config.target == "teacher")) * per_sample * batch["latents"].shape[0]
 
 
+EVAL_STEPS = 10**9  # the synthetic source's batches from here on are never trained on
+
+
+def make_evaluator(config: TrainConfig, model, model_config, data: DataSource, data_sharding):
+    """evaluate(trainable, frozen) -> the mean metrics ("eval_" + name) over `eval_batches` fixed
+    batches with fixed noise: from `eval_data`, or batches the run never trains on (the synthetic
+    source far past the last step; a dataset read in another order)."""
+    import dataclasses
+
+    if config.data == "synthetic" and config.eval_data is None:
+        batches = [data.next(EVAL_STEPS + i) for i in range(config.eval_batches)]
+    else:
+        held_out = dataclasses.replace(config, data=config.eval_data or config.data, seed=config.seed + 1)
+        source = DataSource(held_out, model_config, data_sharding)
+        batches = [source.next(i) for i in range(config.eval_batches)]
+    loss_fn, programs = make_loss_fn(config, model), {}
+
+    def evaluate(trainable, frozen):
+        totals = None
+        for i, (batch, grid) in enumerate(batches):
+            key = (grid, batch["encoder_hidden_states"].shape[1])
+            if key not in programs:
+                shared = shared_inputs(model_config, *grid, key[1])
+                programs[key] = jax.jit(lambda t, f, b, k, shared=shared: loss_fn(t, f, {**b, **shared}, k)[1])
+            metrics = programs[key](trainable, frozen, batch, jax.random.fold_in(jax.random.key(config.seed + 1), i))
+            totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+        return {f"eval_{k}": np.asarray(v) / len(batches) for k, v in jax.device_get(totals).items()}
+
+    return evaluate
+
+
 def split_trainable(config: TrainConfig, variables: dict) -> tuple[dict, dict]:
     """(trainable, frozen) collections of {"params", "routers"}: the base is frozen (and gets no
     optimizer state) when only the routers train."""
@@ -90,6 +121,11 @@ def abstract_like(tree):
 def train(config: TrainConfig, progress: bool = True, max_steps: int | None = None) -> dict:
     """Runs (or resumes) the training run; returns the last logged metrics. max_steps: stop after
     this many steps of this call (tests of resumption), saving a checkpoint there."""
+    with use_rules(config.axis_rules):
+        return _train(config, progress, max_steps)
+
+
+def _train(config: TrainConfig, progress: bool, max_steps: int | None) -> dict:
     run_dir = resolve(config.run_dir)
     is_main = jax.process_index() == 0
 
@@ -148,7 +184,7 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
 
     def save_checkpoint(step):
         args = {"trainable": ocp.args.StandardSave(trainable), "opt_state": ocp.args.StandardSave(opt_state),
-                "meta": ocp.args.JsonSave({"step": step, "data": config.data})}
+                "meta": ocp.args.JsonSave({"step": step, "data": config.data, "config": config.to_dict()})}
         if data.iterator is not None:
             import grain
 
@@ -173,6 +209,7 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
         return compiled[key]
 
     end = config.steps if max_steps is None else min(config.steps, start + max_steps)
+    evaluate = make_evaluator(config, model, model_config, data, data_sharding) if config.eval_every else None
     pending = data.next(start) if start < end else None
     if pending is not None:
         step_for(*pending)  # compiled ahead of the loop
@@ -214,6 +251,14 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
                         if np.ndim(v) == 0 and k != "step":
                             writer.add_scalar(k, v, done)
                 bar.set_postfix(loss=f"{loss:.4f}", open=f"{float(metrics['open_rate']):.2f}")
+            if evaluate is not None and (done % config.eval_every == 0 or done == config.steps):
+                scores = evaluate(trainable, frozen)
+                if writer is not None:
+                    with open(run_dir / "eval.jsonl", "a") as f:
+                        f.write(json.dumps({"step": done, **{k: v.tolist() for k, v in scores.items()}}) + "\n")
+                    for k, v in scores.items():
+                        if np.ndim(v) == 0:
+                            writer.add_scalar(k, v, done)
             if done % config.save_every == 0 or done == end or stop["signal"] is not None:
                 save_checkpoint(done)
             if stop["signal"] is not None:
