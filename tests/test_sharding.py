@@ -26,3 +26,17 @@ def test_a_mesh_with_explicit_axes_is_rejected_with_a_clear_message():
     mesh = jax.make_mesh((1, 1, 1), MESH_AXES, axis_types=(AxisType.Explicit,) * 3)
     with pytest.raises(ValueError, match="not Auto"):
         param_shardings(edit_jax.preset("flux-tiny"), mesh)
+
+
+def test_axis_rule_changes_apply_inside_use_rules_only():
+    import jax
+    from jax.sharding import AxisType, PartitionSpec
+
+    from edit_jax.sharding import MESH_AXES, logical_to_mesh, use_rules
+
+    mesh = jax.sharding.AbstractMesh((2, 4, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    spec = PartitionSpec("layers", "embed", "mlp")
+    assert logical_to_mesh(spec, mesh) == PartitionSpec(None, "fsdp", "tensor")
+    with use_rules({"embed": None, "mlp": ["fsdp", "tensor"]}):
+        assert logical_to_mesh(spec, mesh) == PartitionSpec(None, None, ("fsdp", "tensor"))
+    assert logical_to_mesh(PartitionSpec("activation_batch", "activation_length"), mesh) == PartitionSpec(("data", "fsdp"), None)
