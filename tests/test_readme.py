@@ -53,13 +53,16 @@ SHELL_SUBSTITUTIONS = (("steps=200", "steps=3"),)
 NEEDS_MORE = ("/models", "run.yaml", "ckpt/", "--compile-only", "--distributed", "--coordinator", "[", "demo")
 
 
-def readme_commands() -> list[str]:
-    """The `edit-jax ...` lines of README.md's bash blocks that run on a fresh machine (no
-    downloaded weights, TPU or cluster; the demo and usage synopses are tested elsewhere)."""
+def readme_commands(converting: bool = False) -> list[str]:
+    """The `edit-jax ...` lines of README.md's bash blocks: with `converting`, those of the blocks
+    that convert weights from /models; otherwise those that run on a fresh machine (no weights,
+    TPU or cluster; the demo and usage synopses are tested elsewhere)."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL):
+        if converting != ("/models" in block):
+            continue
         for line in block.replace("\\\n", " ").splitlines():
-            if line.startswith("edit-jax ") and not any(m in line for m in NEEDS_MORE):
+            if line.startswith("edit-jax ") and (converting or not any(m in line for m in NEEDS_MORE)):
                 commands.append(line)
     return commands
 
@@ -76,3 +79,33 @@ def test_readme_training_and_export_commands_run_as_written(tmp_path, monkeypatc
         for old, new in SHELL_SUBSTITUTIONS:
             command = command.replace(old, new)
         assert main(shlex.split(command, comments=True)[1:] + (["--quiet"] if " train " in f" {command} " else [])) == 0, command
+
+
+def test_readme_conversion_commands_run_as_written_on_tiny_sources(tmp_path, monkeypatch):
+    """The README's /models/... sources, made tiny (diffusers' own test configs) in a temp folder."""
+    import shlex
+
+    from safetensors.torch import save_file
+
+    from edit_jax.cli import main
+    from reference import make_diffusers_flux, make_diffusers_qwen
+    from test_convert_flux import diffusers_to_bfl
+    from test_qwen_image import fake_release
+
+    models = tmp_path / "models"
+    flux = make_diffusers_flux(guidance_embeds=True)
+    flux.save_pretrained(models / "FLUX.1-dev" / "transformer")
+    save_file(diffusers_to_bfl(flux.state_dict(), 1, 1), models / "flux1-dev.safetensors")
+    qwen = make_diffusers_qwen()
+    qwen.save_pretrained(models / "Qwen-Image" / "transformer")
+    (models / "Elastic-DiT").mkdir()
+    fake_release(qwen, models / "Elastic-DiT" / "model.safetensors")
+    substitutions = (("/models/", f"{models}/"),  # a BFL file carries no config: the tiny one's, given
+                     ("--format bfl", f"--format bfl --config {models}/FLUX.1-dev/transformer/config.json"))
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands(converting=True)
+    assert sum(c.startswith("edit-jax convert") for c in commands) == 3
+    for command in commands:
+        for old, new in substitutions:
+            command = command.replace(old, new)
+        assert main(shlex.split(command, comments=True)[1:]) == 0, command
