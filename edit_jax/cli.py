@@ -283,21 +283,18 @@ def cmd_train(args) -> int:
     from train.distributed import initialize
     from train.loop import train
 
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():  # no file given: only overrides
+        path, overrides = None, [path] + overrides
+    config = load_config(path, overrides)
     if args.compile_only:
         from train.compile_only import compile_only
 
         if not args.topology:
             raise ValueError("--compile-only needs --topology (e.g. v5e:4x4, v5p:2x2x2, v6e:2x4)")
-        path, overrides = args.config, list(args.overrides)
-        if path is not None and "=" in path and not Path(path).exists():
-            path, overrides = None, [path] + overrides
-        report = compile_only(load_config(path, overrides), args.topology)
-        return 0 if report["fits"] is not False else 1
+        return 0 if compile_only(config, args.topology)["fits"] is not False else 1
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
-    path, overrides = args.config, list(args.overrides)
-    if path is not None and "=" in path and not Path(path).exists():  # no file given: only overrides
-        path, overrides = None, [path] + overrides
-    metrics = train(load_config(path, overrides), progress=not args.quiet)
+    metrics = train(config, progress=not args.quiet)
     print(json.dumps({k: float(v) for k, v in metrics.items() if getattr(v, "ndim", 1) == 0}, indent=2))
     return 0
 
