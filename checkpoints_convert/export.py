@@ -37,7 +37,7 @@ def _tables(config, fmt: str, has_routers: bool) -> dict[str, dict]:
     if fmt == "edit-release":
         if not has_routers:
             raise ConversionError("--format edit-release writes the routers, and this checkpoint has none")
-        tables[ROUTERS_DIR] = module.router_table(config) if config.family == "flux" else module.router_table()
+        tables[ROUTERS_DIR] = module.router_table(config)
     return tables
 
 

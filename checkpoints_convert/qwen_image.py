@@ -52,8 +52,9 @@ def diffusers_table(cfg: QwenImageConfig) -> dict[str, Src]:
     }
 
 
-def router_table() -> dict[str, Src]:
-    """Our router tree <- the release's gate_mlps.{i}.*, stacked over {i}."""
+def router_table(cfg: QwenImageConfig | None = None) -> dict[str, Src]:
+    """Our router tree <- the release's gate_mlps.{i}.*, stacked over {i} (one stack: the config
+    does not change the table; taken for the same signature as FLUX's)."""
     return tables.router_table((("transformer_blocks", 0),))
 
 

@@ -369,8 +369,12 @@ def load_params(path: str | Path, abstract: dict, shardings=None, tree: str = PA
     them matching the params. Arrays are read straight into their shardings.
     """
     path = resolve(path)
-    stored = params_metadata(path, tree)
-    _check_layout(path / tree, stored, abstract)
+    _check_layout(path / tree, params_metadata(path, tree), abstract)
+    return _restore(path, tree, abstract, shardings)
+
+
+def _restore(path: Path, tree: str, abstract: dict, shardings) -> dict:
+    """orbax restore of a checked tree into the given shardings (see `load_params`)."""
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
@@ -400,9 +404,9 @@ def load_routers(path: str | Path, shardings=None) -> dict | None:
     """The router subtree of a checkpoint (None when it has none), as stored."""
     if ROUTERS_DIR not in tree_names(path):
         return None
-    meta = params_metadata(path, ROUTERS_DIR)
+    meta = params_metadata(path, ROUTERS_DIR)  # checked; restored as stored
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(*m), meta, is_leaf=lambda x: isinstance(x, tuple))
-    return load_params(path, abstract, shardings, ROUTERS_DIR)
+    return _restore(resolve(path), ROUTERS_DIR, abstract, shardings)
 
 
 # OCDBT locations: "btreenode:BASE:FILE:OFFSET:LENGTH" / "value:...", BASE a sub-folder or empty

@@ -66,7 +66,7 @@ def _compile_only(config: TrainConfig, topology: str) -> dict:
     optimizer = make_optimizer(config)
     abstract_opt = jax.eval_shape(optimizer.init, trainable)
     opt_shardings = opt_state_shardings(abstract_opt, trainable_shardings, mesh)
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, opt_shardings)
+    opt_state = with_shardings(abstract_opt, opt_shardings)
     data_sharding = batch_sharding(mesh)
     batch = jax.eval_shape(lambda: synthetic_batch(model_config, config, 0))
     batch.pop("label")
