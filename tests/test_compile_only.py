@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason="compile-only needs libtpu: pip install \"jax[tpu]==<jax's version>\"")
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                       reason="compile-only needs libtpu: pip install \"jax[tpu]==<jax's version>\""),
+    pytest.mark.skipif(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1",
+                       reason="one process at a time may hold libtpu: run `python -m pytest tests/test_compile_only.py`"
+                              " on its own (without -n)"),
+]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,6 +25,8 @@ def compile_only(*overrides, topology="v5e:2x2"):
     # one process at a time may hold libtpu, so these run one after another
     done = subprocess.run(args, env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
                           capture_output=True, text=True, timeout=1800)
+    if "{" not in done.stdout:
+        raise AssertionError(f"compile-only printed no report (exit {done.returncode}): {done.stderr[-2000:]}")
     start = done.stdout.index("{")
     return done.returncode, json.loads(done.stdout[start: done.stdout.rindex("}") + 1]), done.stderr
 
