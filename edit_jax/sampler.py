@@ -121,7 +121,7 @@ def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = 
     """The model as a pure function of everything that changes:
     f(params, routers, x, t, cond, state, step=None) -> (velocity, state) (with return_aux:
     (velocity, state, aux)); x [B, N, C] packed latents, t [B] sigmas in [0, 1]; routers may be
-    None in dense mode. Differentiate or vmap with respect to params or routers directly.
+    None in dense and forced modes (forced decisions run no router). Differentiate or vmap with respect to params or routers directly.
 
     step: the solver step this call belongs to (the cache's `cache_start` counts these); None
     takes the count of calls so far (state["step"]). decisions (mode "forced"): {"run" or "p",
@@ -133,12 +133,13 @@ def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = 
         if not elastic_on:
             v = model.apply({"params": params}, hidden_states=x, timestep=t, **arrays, **static)
             return (v, state, {}) if return_aux else (v, state)
-        if routers is None:
+        if routers is None and elastic.mode != "forced":
             raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
         step = state["step"] if step is None else jnp.asarray(step, jnp.int32)
         forced = decisions(step) if callable(decisions) else decisions
+        variables = {"params": params} if routers is None else {"params": params, "routers": routers}
         v, aux = model.apply(
-            {"params": params, "routers": routers}, hidden_states=x, timestep=t, **arrays, **static,
+            variables, hidden_states=x, timestep=t, **arrays, **static,
             elastic=elastic, decisions=forced, cache=state.get("cache"), step=step,
         )
         new_state = {"step": step + 1}
@@ -153,7 +154,7 @@ def make_velocity_fn(model, params: dict, routers: dict | None = None, elastic: 
                      return_aux: bool = False, decisions=None) -> Callable:
     """`velocity_fn` with params and routers closed over: f(x, t, cond, state, step=None) ->
     (velocity, state) (with return_aux: (velocity, state, aux))."""
-    if elastic is not None and elastic.mode != "dense" and routers is None:
+    if elastic is not None and elastic.mode not in ("dense", "forced") and routers is None:
         raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
     g = velocity_fn(model, elastic, return_aux, decisions)
     return lambda x, t, cond, state, step=None: g(params, routers, x, t, cond, state, step)

@@ -41,7 +41,9 @@ def test_config_reads_a_file_and_applies_overrides(tmp_path):
     (["trainable=everything"], "trainable='everything'"),
     (["target=teacher", "trainable=routers+base"], "needs a frozen base"),
     (["batch_size=6", "grad_accum=4"], "not divisible by grad_accum"),
-], ids=["unknown-field", "unknown-trainable", "teacher-with-base", "accumulation"])
+    (["skip_blocks=[1]"], "needs trainable='base'"),
+    (["trainable=base", "skip_blocks=[-1]"], "block indices >= 0"),
+], ids=["unknown-field", "unknown-trainable", "teacher-with-base", "accumulation", "pruning-routers", "negative-block"])
 def test_bad_configs_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
@@ -278,3 +280,35 @@ def test_training_from_a_checkpoint_starts_from_its_base_with_fresh_routers(tmp_
 
     trained = edit_jax.load(tmp_path / "run" / "edit-jax")[1]
     jax.tree.map(np.testing.assert_array_equal, trained, jax.tree.map(np.asarray, base))
+
+
+def test_dense_training_moves_only_the_base_and_keeps_the_routers_as_they_were(tmp_path):
+    config = tiny_run(tmp_path, trainable="base", steps=20, batch_size=8, learning_rate=3e-3)
+    train(config, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    assert np.mean([r["loss"] for r in rows[-4:]]) < 0.8 * np.mean([r["loss"] for r in rows[:4]])
+    assert all(r["gate_loss"] == 0.0 and r["open_rate"] == 1.0 for r in rows)
+    initial = init_variables(edit_jax.preset("flux-tiny"), config.seed)
+    jax.tree.map(np.testing.assert_array_equal, load_routers(tmp_path / "run" / "edit-jax"),
+                 jax.tree.map(np.asarray, initial["routers"]))
+    trained = edit_jax.load(tmp_path / "run" / "edit-jax")[1]
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(initial["params"])))
+
+
+def test_static_pruning_training_never_runs_nor_updates_a_skipped_block(tmp_path):
+    config = tiny_run(tmp_path, trainable="base", skip_blocks=(1,), steps=3)  # flux-tiny: block 1 is its single block
+    metrics = train(config, progress=False)
+
+    assert float(metrics["open_rate"]) == 0.5
+    trained = edit_jax.load(tmp_path / "run" / "edit-jax")[1]
+    initial = init_variables(edit_jax.preset("flux-tiny"), config.seed)["params"]
+    jax.tree.map(np.testing.assert_array_equal, trained["single_transformer_blocks"],
+                 jax.tree.map(np.asarray, initial["single_transformer_blocks"]))
+    assert not np.array_equal(trained["transformer_blocks"]["attn"]["to_q"]["kernel"],
+                              initial["transformer_blocks"]["attn"]["to_q"]["kernel"])
+
+
+def test_skip_blocks_past_the_last_block_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="the model has blocks 0..1"):
+        train(tiny_run(tmp_path, trainable="base", skip_blocks=(2,)), progress=False)

@@ -18,7 +18,7 @@ from typing import Any
 
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, REMAT_POLICIES, ConfigError
 
-TRAINABLE = ("routers", "routers+base")
+TRAINABLE = ("routers", "routers+base", "base")
 TARGETS = ("data", "teacher")
 GATE_BUDGETS = ("soft", "hard")
 RHO_SCHEDULES = ("constant", "linear")
@@ -35,7 +35,9 @@ class TrainConfig:
     checkpoint: str | None = None  # converted edit-jax checkpoint; None: random weights of `preset`
     preset: str = "flux-tiny"  # only without a checkpoint (smoke runs, tests, benchmarks)
     routers: str = "checkpoint"  # "checkpoint" (its routers, fresh where it has none) or "fresh"
-    trainable: str = "routers"  # "routers" (base frozen, no optimizer state) or "routers+base"
+    trainable: str = "routers"  # "routers" (base frozen, no optimizer state), "routers+base", or "base":
+    # the base alone with the flow loss, routers untouched (dense training, or static pruning below)
+    skip_blocks: tuple = ()  # with trainable=base: blocks (scan order) never run, a statically pruned model
     # the loss (SPEC section 4)
     target: str = "data"  # "data": v = noise - x0; "teacher": the dense model's velocity
     lambda_g: float = 1.0
@@ -105,6 +107,10 @@ class TrainConfig:
         if self.target == "teacher" and self.trainable != "routers":
             raise ConfigError("target='teacher' needs a frozen base (trainable='routers'): the teacher is the "
                               "same base run dense, so training the base would move the target")
+        if self.skip_blocks and self.trainable != "base":
+            raise ConfigError(f"skip_blocks={list(self.skip_blocks)} prunes blocks statically: it needs trainable='base'")
+        if any(not isinstance(i, int) or i < 0 for i in self.skip_blocks):
+            raise ConfigError(f"skip_blocks={list(self.skip_blocks)} must be block indices >= 0 (scan order)")
         if self.eval_every < 0 or self.eval_batches < 1:
             raise ConfigError(f"eval_every={self.eval_every} must be >= 0 and eval_batches={self.eval_batches} >= 1")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep"):
@@ -198,6 +204,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown config fields {unknown}; known: {', '.join(sorted(fields))}")
+    if "skip_blocks" in values:
+        values["skip_blocks"] = tuple(values["skip_blocks"] or ())
     if "mesh" in values:
         values["mesh"] = {**defaults.mesh, **values["mesh"]}
     return TrainConfig(**values)

@@ -101,6 +101,8 @@ def split_trainable(config: TrainConfig, variables: dict) -> tuple[dict, dict]:
     optimizer state) when only the routers train."""
     if config.trainable == "routers":
         return {"routers": variables["routers"]}, {"params": variables["params"]}
+    if config.trainable == "base":
+        return {"params": variables["params"]}, {"routers": variables["routers"]}
     return dict(variables), {}
 
 
@@ -118,14 +120,15 @@ def abstract_like(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def train(config: TrainConfig, progress: bool = True, max_steps: int | None = None) -> dict:
+def train(config: TrainConfig, progress: bool = True, max_steps: int | None = None, describe_setup: bool = True) -> dict:
     """Runs (or resumes) the training run; returns the last logged metrics. max_steps: stop after
-    this many steps of this call (tests of resumption), saving a checkpoint there."""
+    this many steps of this call (tests of resumption), saving a checkpoint there. describe_setup:
+    print the config, the mesh and every param's sharding first."""
     with use_rules(config.axis_rules):
-        return _train(config, progress, max_steps)
+        return _train(config, progress, max_steps, describe_setup)
 
 
-def _train(config: TrainConfig, progress: bool, max_steps: int | None) -> dict:
+def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_setup: bool = True) -> dict:
     run_dir = resolve(config.run_dir)
     is_main = jax.process_index() == 0
 
@@ -137,7 +140,7 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None) -> dict:
     data = DataSource(config, model_config, data_sharding)
     shardings = {"params": param_shardings(model_config, mesh),
                  "routers": param_shardings(model_config, mesh, collection="routers")}
-    if is_main:
+    if is_main and describe_setup:
         print(f"config: {json.dumps(config.to_dict())}", file=sys.stderr)
         print(f"{jax.process_count()} process(es), {jax.device_count()} devices; {describe(model_config, mesh)}",
               file=sys.stderr)
@@ -202,7 +205,7 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None) -> dict:
             with jax.set_mesh(mesh):  # the models constrain their activations to this mesh's axes
                 compiled[key] = fn.lower(trainable, opt_state, frozen, abstract_like(batch), jnp.int32(0)).compile()
             memory = compiled[key].memory_analysis()
-            if is_main and memory is not None:
+            if is_main and describe_setup and memory is not None:
                 print(f"train step for {grid[0]}x{grid[1]} image + {key[1]} text tokens, per device: arguments "
                       f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries {memory.temp_size_in_bytes / 2**20:.1f} "
                       f"MiB, outputs {memory.output_size_in_bytes / 2**20:.1f} MiB", file=sys.stderr)
@@ -279,4 +282,5 @@ def export_final(path, model_config, config: TrainConfig, trainable: dict, froze
     """The trained model as an edit-jax checkpoint (base params and routers); in a multi-process
     run every process writes its own shards."""
     params = trainable.get("params", frozen.get("params"))
-    save(path, model_config.with_runtime(param_dtype=config.param_dtype), params, trainable["routers"], overwrite=True)
+    routers = trainable.get("routers", frozen.get("routers"))
+    save(path, model_config.with_runtime(param_dtype=config.param_dtype), params, routers, overwrite=True)

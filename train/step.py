@@ -100,6 +100,8 @@ def make_loss_fn(config: TrainConfig, model) -> Callable:
     frozen {"params"} when the base is frozen (no gradient ever reaches it)."""
     model_config = model.config
     elastic = ElasticConfig(mode="train", tau=config.tau)
+    if config.trainable == "base":
+        return _base_loss_fn(config, model)
 
     def loss_fn(trainable, frozen, batch, key):
         params = trainable["params"] if "params" in trainable else jax.lax.stop_gradient(frozen["params"])
@@ -116,6 +118,53 @@ def make_loss_fn(config: TrainConfig, model) -> Callable:
         v_pred, aux = model.apply({"params": params, "routers": trainable["routers"]}, hidden_states=x_t, timestep=s,
                                   **arrays, **static, elastic=elastic)
         return edit_loss(config, v_pred, target, aux, s, model_config.width_buckets)
+
+    return loss_fn
+
+
+def num_blocks(model_config) -> int:
+    return model_config.num_layers + getattr(model_config, "num_single_layers", 0)
+
+
+def static_decisions(model_config, skip_blocks) -> dict:
+    """Forced decisions [L] of a statically pruned model: `skip_blocks` never run, the rest at full width."""
+    import numpy as np
+
+    from edit_jax.config import ConfigError
+
+    total = num_blocks(model_config)
+    if any(not 0 <= i < total for i in skip_blocks):
+        raise ConfigError(f"skip_blocks={list(skip_blocks)}: the model has blocks 0..{total - 1}")
+    run = np.ones((total,), bool)
+    run[list(skip_blocks)] = False
+    return {"run": jnp.asarray(run), "bucket": jnp.full((total,), len(model_config.width_buckets) - 1, jnp.int32)}
+
+
+def _base_loss_fn(config: TrainConfig, model) -> Callable:
+    """The flow loss of the base alone (trainable {"params"}), run dense or, with skip_blocks,
+    without those blocks (the static pruning baseline). Metrics as edit_loss's, gate and width
+    terms zero, open_rate the fraction of blocks that run."""
+    model_config = model.config
+    forced = static_decisions(model_config, config.skip_blocks) if config.skip_blocks else None
+    open_rate = 1.0 - len(set(config.skip_blocks)) / num_blocks(model_config)
+
+    def loss_fn(trainable, frozen, batch, key):
+        x0 = batch["latents"]
+        arrays, static = model_conditions(model_config, batch)
+        noise_key, s_key = jax.random.split(key)
+        noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+        s = noise_levels(config, s_key, x0.shape[0], model_config, x0.shape[1])
+        x_t = ((1 - s)[:, None, None] * x0 + s[:, None, None] * noise).astype(x0.dtype)
+        inputs = dict(hidden_states=x_t, timestep=s, **arrays, **static)
+        if forced is None:
+            v_pred = model.apply({"params": trainable["params"]}, **inputs)
+        else:
+            v_pred, _ = model.apply({"params": trainable["params"]}, **inputs, elastic=ElasticConfig(mode="forced"),
+                                    decisions=forced)
+        flow = jnp.mean(jnp.square(v_pred.astype(jnp.float32) - (noise - x0).astype(jnp.float32)))
+        zero = jnp.zeros((), jnp.float32)
+        return flow, {"loss": flow, "flow_loss": flow, "gate_loss": zero, "width_loss": zero,
+                      "open_rate": jnp.asarray(open_rate, jnp.float32)}
 
     return loss_fn
 
