@@ -299,10 +299,39 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from eval.demo import run_demo
+def cmd_smoke(args) -> int:
+    from eval.smoke import run_smoke
 
-    summary = run_demo(args.preset, Path(args.out), seed=args.seed)
+    summary = run_smoke(args.preset, Path(args.out), seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import dataclasses
+
+    from eval.demo import SETTINGS, markdown_table, run_demo, with_overrides
+
+    settings = with_overrides(SETTINGS["full" if args.full else args.settings], args.set)
+    out = check_output_folder(args.out)
+    summary = run_demo(dataclasses.replace(settings, seed=args.seed), out, progress=not args.quiet)
+    print(markdown_table(summary["methods"]))
+    print(f"\n{summary['seconds'] / 60:.1f} minutes; table, JSON and pictures in {out}/ (results.md, results.json, "
+          "quality_vs_flops.png, fd_vs_flops.png, router_map.png, samples/)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from edit_jax.elastic import ElasticConfig
+    from eval.sampling_eval import evaluate_checkpoint
+
+    out = check_output_folder(args.out)
+    existing_file(args.embeddings, "--embeddings")
+    elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision,
+                            cache_start=args.steps // 3 if args.cache_start is None else args.cache_start,
+                            delta_margin=args.delta_margin, max_reuse=args.max_reuse)
+    summary = evaluate_checkpoint(args.ckpt, args.embeddings, out, args.height, args.width, args.steps, args.seed,
+                                  elastic, args.guidance, args.repeats)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -310,6 +339,10 @@ def cmd_demo(args) -> int:
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows every default and keeps the epilogs' line breaks."""
 
+
+DEMO_HELP = """writes OUT/results.md and results.json (one row per method: blocks run, FLOPs vs dense,
+wall-clock, class accuracy, Frechet distance, PSNR/SSIM vs dense), quality_vs_flops.png,
+fd_vs_flops.png, router_map.png and samples/*.png; trained checkpoints in OUT/runs."""
 
 EMBEDDINGS_HELP = """embeddings file (.npz or .safetensors), by model family:
   flux        prompt_embeds [B, T, 4096] (T5 tokens), pooled_prompt_embeds [B, 768] (CLIP)
@@ -332,11 +365,44 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, help, epilog=None):
         return sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=_HelpFormatter)
 
-    demo = command("demo", "random-weight model: forward, save, reload, compare, sample dense and with E-DiT (no downloads)")
-    demo.add_argument("--preset", default="flux-small", choices=sorted(PRESETS), help="model size (see README: Presets)")
-    demo.add_argument("--out", default="edit-jax-demo", help="folder for the checkpoint, demo.json and router_map.png")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and noise")
+    demo = command("demo", "train a small DiT and E-DiT routers on real digits; judge them against dense, static "
+                           "pruning, a per-step schedule and the cache at equal FLOPs (no downloads)", DEMO_HELP)
+    demo.add_argument("--full", action="store_true",
+                      help="28x28 MNIST, 12 blocks, a sweep of three gate budgets (about 40 minutes on 2 cores)")
+    demo.add_argument("--settings", default="default", choices=["default", "tiny"],
+                      help="default: 8x8 digits, 8 blocks, one budget (a few minutes); tiny: seconds, for tests")
+    demo.add_argument("--out", default="edit-jax-demo", help="output folder; a rerun reuses its trained checkpoints")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data split, weights, training and noise")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="change one setting (eval/demo.py DemoSettings), e.g. --set rho_g=[0.6,0.4] "
+                           "--set rho_schedule=linear; give another --out for other settings")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=cmd_demo)
+
+    smoke = command("smoke", "random-weight model: forward, save, reload, compare, sample dense and with E-DiT (no downloads)")
+    smoke.add_argument("--preset", default="flux-small", choices=sorted(PRESETS), help="model size (see README: Presets)")
+    smoke.add_argument("--out", default="edit-jax-smoke", help="folder for the checkpoint, demo.json and router_map.png")
+    smoke.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and noise")
+    smoke.set_defaults(run=cmd_smoke)
+
+    ev = command("eval", "dense vs E-DiT vs E-DiT + cache on a checkpoint with routers and your prompt embeddings: "
+                         "FLOPs, wall-clock, routing, PSNR/SSIM to dense from the same noise", EMBEDDINGS_HELP)
+    ev.add_argument("ckpt", help="edit-jax checkpoint folder with routers")
+    ev.add_argument("--embeddings", required=True, help="prompt embeddings (.npz/.safetensors; keys below)")
+    ev.add_argument("--out", default="edit-jax-eval", help="folder for eval.json, router_map.png, fidelity_vs_flops.png")
+    ev.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
+    ev.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
+    ev.add_argument("--steps", type=int, default=28, help="denoising steps")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for every method)")
+    ev.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev embedded guidance (ignored by other models)")
+    ev.add_argument("--tau", type=float, default=0.5, help="gate threshold: a block runs when its router's p >= tau")
+    ev.add_argument("--decision", default="batch", choices=["batch", "sample"],
+                    help="one skip/width decision per block for the batch (as the release) or one per sample")
+    ev.add_argument("--cache-start", type=int, help="first step of the cache (default: a third of --steps)")
+    ev.add_argument("--delta-margin", type=float, default=0.015, help="borderline: tau <= p <= tau + delta-margin")
+    ev.add_argument("--max-reuse", type=int, default=10, help="reuses of one stored residual before the block runs again")
+    ev.add_argument("--repeats", type=int, default=3, help="timed repeats per method (warm; the median is reported)")
+    ev.set_defaults(run=cmd_eval)
 
     convert = command("convert", "PyTorch weights -> edit-jax orbax checkpoint")
     convert.add_argument("family", choices=["flux", "qwen-image"])
@@ -429,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ConversionError, SourceError, CheckpointError, ValueError, MemoryError, RuntimeError) as e:
+    except (ConfigError, ConversionError, SourceError, CheckpointError, ValueError, MemoryError, RuntimeError,
+            OSError) as e:
         print(f"edit-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -71,3 +71,52 @@ def block_groups(config) -> list[tuple[str, int]]:
     if getattr(config, "num_single_layers", 0):
         return [("double-stream", config.num_layers), ("single-stream", config.num_single_layers)]
     return [("blocks", config.num_layers)]
+
+
+def plot_quality_vs_flops(path: str | Path, curves: dict[str, list[tuple[float, float]]], *, ylabel: str, title: str,
+                          dense: float | None = None, lower_is_better: bool = False) -> Path:
+    """One line per method through its (FLOPs relative to dense, quality) points, sorted by FLOPs;
+    `dense` as a dashed horizontal reference at FLOPs 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    markers = "osD^v<>pP*"
+    for i, (name, points) in enumerate(curves.items()):
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], label=name)
+    if dense is not None:
+        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+        ax.plot([1.0], [dense], marker="*", color="black", markersize=10)
+    ax.set_xlabel("FLOPs per sample relative to dense (routers counted)")
+    ax.set_ylabel(ylabel + (" (lower is better)" if lower_is_better else ""))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_sample_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, *, title: str, columns: int = 10) -> Path:
+    """Images [M, H, W] in [0, 1] in a grid, each titled with the label it was conditioned on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.25 * rows + 0.6), dpi=100, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, label in zip(axes.ravel(), images, labels):
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"label {label}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,9 +1,9 @@
-"""The built-in demo: a randomly initialised model (no downloads) runs a jitted forward, is saved
+"""`edit-jax smoke`, the quick check that the stack works: a randomly initialised model (no downloads) runs a jitted forward, is saved
 as an edit-jax checkpoint, reloaded, and run again (the two outputs must agree exactly); then it
 samples 12 steps dense and with E-DiT (routers scripted to skip and reuse, the block cache on),
 and draws the router map.
 
-Writes OUT/checkpoint, OUT/demo.json and OUT/router_map.png (steps down, blocks across: skipped,
+Writes OUT/checkpoint, OUT/smoke.json and OUT/router_map.png (steps down, blocks across: skipped,
 computed at each MLP width, reused from the cache; labelled, with a legend).
 """
 
@@ -33,19 +33,19 @@ def available_memory_bytes() -> int | None:
 
 
 def check_memory(config, preset_name: str, copies: int = 3) -> None:
-    """Raises MemoryError (before any allocation) when the demo's copies of the float32 params
+    """Raises MemoryError (before any allocation) when the smoke run's copies of the float32 params
     (initialised, saved, reloaded) cannot fit in the memory available."""
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(edit_jax.abstract_params(config)))
     need, have = copies * 4 * params, available_memory_bytes()
     if have is not None and need > have:
         raise MemoryError(
-            f"the demo of {preset_name} ({params / 1e9:.1f} B params) needs about {need / 2**30:.0f} GiB of memory "
+            f"the smoke run of {preset_name} ({params / 1e9:.1f} B params) needs about {need / 2**30:.0f} GiB of memory "
             f"({copies} float32 copies); this machine has {have / 2**30:.0f} GiB available. Use --preset flux-small "
             "(the default), or run the full-size model on a GPU with converted weights (README: Sampling)"
         )
 
 
-def run_demo(preset_name: str, out: Path, seed: int = 0) -> dict:
+def run_smoke(preset_name: str, out: Path, seed: int = 0) -> dict:
     config = edit_jax.preset(preset_name)
     check_memory(config, preset_name)
     model = edit_jax.build_model(config)
@@ -78,14 +78,14 @@ def run_demo(preset_name: str, out: Path, seed: int = 0) -> dict:
         "reloaded_output_identical": bool(np.array_equal(np.asarray(before), np.asarray(after))),
         "backend": jax.default_backend(),
     }
-    summary["sampling"] = sample_demo(model, params, config, out, seed)
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["sampling"] = sample_smoke(model, params, config, out, seed)
+    (out / "smoke.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not summary["reloaded_output_identical"]:
         raise RuntimeError("the reloaded checkpoint gives a different output")
     return summary
 
 
-def sample_demo(model, params, config, out: Path, seed: int, steps: int = 12) -> dict:
+def sample_smoke(model, params, config, out: Path, seed: int, steps: int = 12) -> dict:
     """Dense vs E-DiT sampling on random prompt embeddings; E-DiT decisions are scripted the way
     released routers behave (outer blocks always on, inner blocks borderline or off)."""
     import jax.numpy as jnp
@@ -121,7 +121,7 @@ def sample_demo(model, params, config, out: Path, seed: int, steps: int = 12) ->
         timings[name] = time.perf_counter() - t0
     records = jax.tree.map(np.asarray, results["edit"][1])
     plot_router_map(out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0], records["cache_hit"][:, 0],
-                    title=f"E-DiT routing, {model.config.family} demo model (scripted router), {steps} steps, cache on",
+                    title=f"E-DiT routing, {model.config.family} smoke-test model (scripted router), {steps} steps, cache on",
                     block_groups=block_groups(config))
     dense_latents, edit_latents = np.asarray(results["dense"][0]), np.asarray(results["edit"][0])
     return {

@@ -8,10 +8,10 @@ from edit_jax.cli import main
 from reference import make_diffusers_flux
 
 
-def test_demo_writes_a_summary_whose_reload_is_identical(tmp_path, capsys):
-    assert main(["demo", "--preset", "flux-tiny", "--out", str(tmp_path)]) == 0
+def test_smoke_writes_a_summary_whose_reload_is_identical(tmp_path, capsys):
+    assert main(["smoke", "--preset", "flux-tiny", "--out", str(tmp_path)]) == 0
 
-    summary = json.loads((tmp_path / "demo.json").read_text())
+    summary = json.loads((tmp_path / "smoke.json").read_text())
     assert summary["reloaded_output_identical"] is True
     assert json.loads(capsys.readouterr().out) == summary
 
@@ -215,11 +215,11 @@ def test_order_channels_reports_the_importance_kept_by_the_order_it_wrote(flux_s
         assert after > 0.5 and after >= before
 
 
-def test_demo_of_a_model_too_large_for_this_machine_says_what_it_needs(tmp_path, capsys, monkeypatch):
-    import eval.demo
+def test_smoke_of_a_model_too_large_for_this_machine_says_what_it_needs(tmp_path, capsys, monkeypatch):
+    import eval.smoke
 
-    monkeypatch.setattr(eval.demo, "available_memory_bytes", lambda: 16 << 30)
-    assert main(["demo", "--preset", "flux-dev", "--out", str(tmp_path / "d")]) == 2
+    monkeypatch.setattr(eval.smoke, "available_memory_bytes", lambda: 16 << 30)
+    assert main(["smoke", "--preset", "flux-dev", "--out", str(tmp_path / "d")]) == 2
     assert "needs about" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 

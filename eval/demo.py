@@ -1,0 +1,465 @@
+"""`edit-jax demo`: does E-DiT keep quality while cutting compute, on real images, against the
+baselines at equal FLOPs? Every stage uses the project's own model, trainer and sampler.
+
+  1. data     real digits (eval/real_data.py) split into train / validation / test; the train
+              part written as a training dataset (ArrayRecord)
+  2. judge    a classifier fitted on the train part (eval/judge.py), fixed before any generation
+  3. dense    a small FLUX-architecture DiT trained dense (`trainable=base`), its MLP channels
+              ordered by importance
+  4. routers  per gate budget rho_g: E-DiT routers on the frozen base (`routers`), and routers
+              with the base fine-tuned (`routers+base`)
+  5. static   blocks pruned by validation loss, as many as matches each E-DiT run's FLOPs,
+              fine-tuned for the same number of steps (`skip_blocks`)
+  6. sample   every method from the same noise for every test label; judged by class accuracy,
+              Frechet distance to the real test images (the judge's features), PSNR / SSIM to
+              dense; FLOPs per sample (routers counted) and warm wall-clock
+
+OUT/results.json and OUT/results.md hold the table; OUT/quality_vs_flops.png, OUT/fd_vs_flops.png,
+OUT/router_map.png and OUT/samples/*.png the pictures. Trained checkpoints stay in OUT/runs and a
+rerun with the same settings reuses them, and an interrupted run resumes where its training stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edit_jax.checkpoint import is_checkpoint, load_routers, resolve, save
+from edit_jax.config import FluxConfig
+from edit_jax.elastic import ElasticConfig
+from edit_jax.flops import base_flops, layer_flops
+from edit_jax.sampler import SamplerConfig
+from eval import baselines, real_data
+from eval.judge import Judge
+from eval.metrics import json_number, psnr, ssim
+from eval.sampling_eval import run_method
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """Everything the demo's result depends on."""
+
+    dataset: str = "digits"
+    patch: int = 1  # pixels folded into channels per side (real_data.to_latents)
+    validation_fraction: float = 0.1  # of the train part: chooses the statically pruned blocks
+    test_fraction: float = 0.2
+    num_layers: int = 2  # double-stream blocks
+    num_single_layers: int = 6
+    num_attention_heads: int = 4
+    attention_head_dim: int = 16
+    router_hidden: int = 32
+    batch_size: int = 32
+    dense_steps: int = 900
+    dense_learning_rate: float = 1e-3
+    router_steps: int = 200  # routers, routers + base, and the static pruning fine-tune alike
+    router_learning_rate: float = 1e-3
+    finetune_learning_rate: float = 3e-4
+    rho_g: tuple = (0.5,)
+    rho_w: float = 0.75
+    gate_budget: str = "hard"  # the trainer's: the budget reads the hard straight-through gate or the soft p
+    rho_schedule: str = "constant"  # "linear": rho_g(s) from rho_g + rho_spread (clean) to rho_g - rho_spread (noise)
+    rho_spread: float = 0.2
+    sample_steps: int = 16
+    eval_samples: int = 300  # test images judged (the first of the test split); 0: all
+    timing_repeats: int = 3
+    seed: int = 0
+
+    def model_config(self, channels: int) -> FluxConfig:
+        quarter = 2 * round(3 * self.attention_head_dim / 16)
+        return FluxConfig(num_layers=self.num_layers, num_single_layers=self.num_single_layers,
+                          attention_head_dim=self.attention_head_dim, num_attention_heads=self.num_attention_heads,
+                          joint_attention_dim=16, pooled_projection_dim=16, in_channels=4 * channels,
+                          axes_dims_rope=(self.attention_head_dim - 2 * quarter, quarter, quarter),
+                          router_hidden=self.router_hidden, guidance_embeds=False)
+
+
+SETTINGS = {
+    # 8x8 digits, 8 blocks: the README's first command, a few minutes on 2 CPU cores
+    "default": DemoSettings(),
+    # 28x28 MNIST (4x4 pixels a channel group, 2x2 groups a token: 16 tokens), 10 blocks, a budget sweep: `--full`
+    "full": DemoSettings(dataset="mnist", patch=4, num_layers=2, num_single_layers=8, dense_steps=3000,
+                         router_steps=600, rho_g=(0.7, 0.5, 0.35), sample_steps=20),
+    # seconds: the test suite's end-to-end run
+    "tiny": DemoSettings(num_layers=1, num_single_layers=2, num_attention_heads=2, router_hidden=8, batch_size=16,
+                         dense_steps=6, router_steps=3, sample_steps=3, eval_samples=20, timing_repeats=1),
+}
+
+
+class DemoError(ValueError):
+    """The output folder holds results of other settings."""
+
+
+_START = time.perf_counter()
+
+
+def digest(value) -> str:
+    """6 hex digits naming what a stage's output depends on: settings that differ never share a folder."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def with_overrides(settings: DemoSettings, overrides: list[str]) -> DemoSettings:
+    """settings with `key=value` changes (values as JSON, else strings), e.g. rho_g=[0.6,0.4]."""
+    fields = {f.name: f for f in dataclasses.fields(DemoSettings)}
+    changes = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise DemoError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        current = getattr(settings, key)
+        if isinstance(current, tuple):
+            items = value if isinstance(value, list) else [value]
+            if not items or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+                raise DemoError(f"--set {item!r}: {key} takes a tuple of numbers, e.g. {key}=[0.6,0.4]")
+            changes[key] = tuple(float(v) for v in items)
+            continue
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(current):
+            raise DemoError(f"--set {item!r}: {key} takes a {type(current).__name__}")
+        changes[key] = value
+    return dataclasses.replace(settings, **changes)
+
+
+def log(message: str) -> None:
+    print(f"demo [{time.perf_counter() - _START:6.1f} s]: {message}", file=sys.stderr, flush=True)
+
+
+class Demo:
+    def __init__(self, settings: DemoSettings, out: Path, progress: bool = True):
+        self.s, self.out, self.progress = settings, resolve(out), progress
+
+    # ---- 1. data ---------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        s = self.s
+        images, labels = real_data.load_images(s.dataset)
+        train, self.test = real_data.split(images, labels, s.test_fraction, s.seed)
+        self.train, self.validation = real_data.split(*train, s.validation_fraction, s.seed + 1)
+        if s.eval_samples:
+            self.test = (self.test[0][: s.eval_samples], self.test[1][: s.eval_samples])
+        self.image_size = images.shape[1:]
+        channels, lh, lw = real_data.latent_shape(self.image_size, s.patch)
+        self.grid = (lh // 2, lw // 2)
+        self.config = s.model_config(channels)
+        self.model = __import__("edit_jax").build_model(self.config)
+        path = self.out / "data" / f"train-{digest([s.dataset, s.patch, s.validation_fraction, s.test_fraction, s.seed])}"
+        self.train_data = path
+        if not (path / "manifest.json").is_file():
+            real_data.write_training_set(path, *self.train, s.patch, 16, 16)
+        log(f"{s.dataset}: {len(self.train[1])} train, {len(self.validation[1])} validation, {len(self.test[1])} test "
+            f"images of {self.image_size[0]}x{self.image_size[1]} -> {self.grid[0] * self.grid[1]} tokens of "
+            f"{self.config.in_channels} channels")
+
+    # ---- 2. judge ----------------------------------------------------------------------------
+    def fit_judge(self) -> dict:
+        self.judge = Judge(seed=self.s.seed).fit(*self.train)
+        reference = self.train[0][: len(self.test[0])]
+        self.judge_summary = {
+            "classifier": "scikit-learn MLPClassifier, 128 hidden units, on pixels",
+            "test_accuracy": self.judge.accuracy(*self.test),
+            "frechet_floor_real_vs_real": self.judge.frechet_distance(reference, self.test[0]),
+        }
+        log(f"judge: test accuracy {self.judge_summary['test_accuracy']:.3f}, Frechet distance real train vs real "
+            f"test (the floor) {self.judge_summary['frechet_floor_real_vs_real']:.2f}")
+        return self.judge_summary
+
+    # ---- 3-5. training, each run reused when its config is unchanged -------------------------
+    def train_run(self, name: str, **fields) -> Path:
+        from train.config import TrainConfig
+        from train.loop import train
+
+        s = self.s
+        config = TrainConfig(data=str(self.train_data), batch_size=s.batch_size, seed=s.seed, log_every=25,
+                             warmup_steps=20, noise_sampler="pipeline", mesh={"data": 1, "fsdp": -1, "tensor": 1},
+                             **fields)
+        name = f"{name}-{digest({k: v for k, v in config.to_dict().items() if k != 'run_dir'})}"
+        config = dataclasses.replace(config, save_every=config.steps, keep=1, run_dir=str(self.out / "runs" / name))
+        final = Path(config.run_dir) / "edit-jax"
+        stored = Path(config.run_dir) / "config.json"
+        if stored.is_file() and json.loads(stored.read_text()) != json.loads(json.dumps(config.to_dict())):
+            raise DemoError(f"{config.run_dir} holds a training run of other settings; run the demo with another --out "
+                            "(or remove that folder)")
+        if is_checkpoint(final):
+            log(f"{name}: reusing {final}")
+            return final
+        log(f"{name}: training {config.steps} steps ({config.trainable})")
+        train(config, progress=self.progress, describe_setup=False)
+        return final
+
+    def train_dense(self) -> Path:
+        import edit_jax
+
+        from edit_jax.config import config_to_dict
+
+        init = self.out / "runs" / f"init-{digest([config_to_dict(self.config), self.s.seed])}"
+        if not is_checkpoint(init):
+            save(init, self.config, edit_jax.init_params(self.config, seed=self.s.seed), overwrite=True)
+        dense = self.train_run("dense", checkpoint=str(init), trainable="base", steps=self.s.dense_steps,
+                               learning_rate=self.s.dense_learning_rate)
+        ordered = dense.parent.with_name(dense.parent.name.replace("dense", "dense-ordered"))
+        if not is_checkpoint(ordered):
+            from edit_jax.channel_order import order_mlp_channels
+
+            params = edit_jax.load(dense)[1]
+            params, _ = order_mlp_channels(self.config, params, [self.model_inputs(self.train, 64, i, noisy=False) for i in range(4)])
+            save(ordered, self.config, params, overwrite=True)
+        self.base = edit_jax.load(ordered)[1]
+        self.ordered = ordered
+        return ordered
+
+    def model_inputs(self, split, count: int, seed: int, noisy: bool = True) -> dict:
+        """Model inputs of `count` images of a split at random noise levels (calibration, validation)."""
+        from train.data import shared_inputs
+
+        rng = np.random.default_rng(self.s.seed + 100 + seed)
+        pick = rng.choice(len(split[1]), size=min(count, len(split[1])), replace=False)
+        x0 = self.pack(real_data.to_latents(split[0][pick], self.s.patch))
+        s = rng.uniform(0.02, 0.98, size=len(pick)).astype(np.float32)
+        noise = rng.standard_normal(x0.shape).astype(np.float32)
+        x_t = (1 - s)[:, None, None] * x0 + s[:, None, None] * noise
+        cond = real_data.label_conditions(split[1][pick], 16, 16)
+        inputs = {"hidden_states": jnp.asarray(x_t), "timestep": jnp.asarray(s),
+                  "encoder_hidden_states": jnp.asarray(cond["prompt_embeds"]),
+                  "pooled_projections": jnp.asarray(cond["pooled_prompt_embeds"]),
+                  **shared_inputs(self.config, *self.grid, 1)}
+        inputs["target"] = jnp.asarray(noise - x0)
+        return inputs if noisy else {k: v for k, v in inputs.items() if k != "target"}
+
+    def pack(self, latents: np.ndarray) -> np.ndarray:
+        from train.dataset import pack
+
+        return pack(latents)
+
+    def prune_order(self) -> list[int]:
+        """Static pruning's block order, greedy by the flow loss on validation images."""
+        inputs = self.model_inputs(self.validation, 256, 1)
+        target = inputs.pop("target")
+        full = len(self.config.width_buckets) - 1
+
+        @jax.jit
+        def loss(run):
+            v, _ = self.model.apply({"params": self.base}, **inputs, elastic=ElasticConfig(mode="forced"),
+                                    decisions={"run": run, "bucket": jnp.full(run.shape, full, jnp.int32)})
+            return jnp.mean(jnp.square(v - target))
+
+        blocks = self.config.num_layers + self.config.num_single_layers
+        return baselines.greedy_prune_order(lambda run: float(loss(jnp.asarray(run))), blocks)
+
+    # ---- 6. sampling and judging ---------------------------------------------------------------
+    def conditions(self) -> tuple[jax.Array, dict]:
+        from train.data import shared_inputs
+
+        labels = self.test[1]
+        cond = real_data.label_conditions(labels, 16, 16)
+        noise = jax.random.normal(jax.random.key(self.s.seed + 7),
+                                  (len(labels), self.grid[0] * self.grid[1], self.config.in_channels))
+        return noise, {"encoder_hidden_states": jnp.asarray(cond["prompt_embeds"]),
+                       "pooled_projections": jnp.asarray(cond["pooled_prompt_embeds"]),
+                       **shared_inputs(self.config, *self.grid, 1)}
+
+    def images(self, packed: np.ndarray) -> np.ndarray:
+        from edit_jax.latents import unpack_latents
+
+        rows, cols = self.grid
+        latents = np.asarray(unpack_latents(jnp.asarray(packed), 16 * rows, 16 * cols))
+        return real_data.to_images(latents, self.s.patch, self.image_size)
+
+    def judge_method(self, name: str, latents: np.ndarray, stats: dict, **extra) -> dict:
+        images = self.images(latents)
+        row = {"method": name, **extra, **stats,
+               "class_accuracy": self.judge.accuracy(images, self.test[1]),
+               "frechet_distance": self.judge.frechet_distance(images, self.test[0])}
+        if name != "dense":
+            row["psnr_vs_dense_db"] = json_number(psnr(self.dense_images, images))
+            row["ssim_vs_dense"] = ssim(self.dense_images, images)
+        where = "" if "rho_g" not in extra else f" rho_g={extra['rho_g']}"
+        self.samples.append((f"{name}{where} at {stats['flops_vs_dense']:.2f} of dense FLOPs", images))
+        return row
+
+
+def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
+    """Runs (or resumes) the whole demo; returns the summary also written to OUT/results.json."""
+    import edit_jax
+
+    start = time.perf_counter()
+    demo = Demo(settings, out, progress)
+    demo.out.mkdir(parents=True, exist_ok=True)
+    demo.prepare_data()
+    judge = demo.fit_judge()
+    demo.train_dense()
+    config, model, s = demo.config, demo.model, settings
+
+    edit_runs = {}
+    for rho in s.rho_g:
+        common = dict(checkpoint=str(demo.ordered), routers="fresh", rho_g=rho, rho_w=s.rho_w,
+                      gate_budget=s.gate_budget, steps=s.router_steps, rho_schedule=s.rho_schedule,
+                      rho_high=min(rho + s.rho_spread, 1.0), rho_low=max(rho - s.rho_spread, 0.0))
+        edit_runs[rho] = {
+            "routers": demo.train_run(f"edit-rho{rho}", trainable="routers", learning_rate=s.router_learning_rate, **common),
+            "routers+base": demo.train_run(f"edit-ft-rho{rho}", trainable="routers+base",
+                                           learning_rate=s.finetune_learning_rate, **common),
+        }
+    log("static pruning: ordering blocks by validation loss")
+    order = demo.prune_order()
+
+    noise, cond = demo.conditions()
+    sampler = SamplerConfig(num_steps=s.sample_steps)
+    num_img, fixed = noise.shape[1], float(base_flops(config, noise.shape[1], 1))
+    table = layer_flops(config, num_img, 1)
+    timing = dict(timing_rows=1, repeats=s.timing_repeats)
+    infer = ElasticConfig(mode="infer", decision="sample")
+    cached = dataclasses.replace(infer, cache=True, cache_start=s.sample_steps // 3, delta_margin=0.05, max_reuse=2)
+    demo.samples, rows = [], []
+
+    log("sampling: dense")
+    latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, **timing)
+    demo.dense_images = demo.images(latents)
+    rows.append(demo.judge_method("dense", latents, stats))
+    router_map = None
+    for rho, runs in edit_runs.items():
+        ft_params = edit_jax.load(runs["routers+base"])[1]
+        ft_routers = load_routers(runs["routers+base"])
+        log(f"sampling at rho_g={rho}: E-DiT (routers), E-DiT (routers+base) with and without the cache")
+        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, load_routers(runs["routers"]), infer, **timing)
+        rows.append(demo.judge_method("E-DiT (routers)", latents, stats, rho_g=rho))
+        latents, edit_stats, records = run_method(model, ft_params, noise, cond, sampler, ft_routers, infer, **timing)
+        rows.append(demo.judge_method("E-DiT (routers+base)", latents, edit_stats, rho_g=rho))
+        latents, cached_stats, cache_records = run_method(model, ft_params, noise, cond, sampler, ft_routers, cached,
+                                                          **timing)
+        rows.append(demo.judge_method("E-DiT (routers+base) + cache", latents, cached_stats, rho_g=rho))
+        if router_map is None:
+            router_map = (rho, jax.tree.map(np.asarray, cache_records))
+        target = edit_stats["flops_vs_dense"]
+
+        executed = np.asarray(records["executed"], np.float64)  # [S, B, L]
+        buckets = np.asarray(records["bucket"])
+        common_bucket = np.apply_along_axis(lambda b: np.bincount(b, minlength=4).argmax(), 1,
+                                            buckets.transpose(0, 2, 1).reshape(-1, buckets.shape[1]))
+        common_bucket = common_bucket.reshape(executed.shape[0], executed.shape[2])
+        schedule = baselines.step_schedule(executed.mean(axis=1), common_bucket, table, fixed, target)
+        run_table, bucket_table = jnp.asarray(schedule), jnp.asarray(common_bucket, jnp.int32)
+        log(f"sampling at rho_g={rho}: per-step schedule, static pruning, cache alone (matched to {target:.2f} of dense)")
+        latents, stats, _ = run_method(model, ft_params, noise, cond, sampler, None, ElasticConfig(mode="forced"),
+                                       decisions=_ScheduleDecisions(run_table, bucket_table), **timing)
+        rows.append(demo.judge_method("per-step schedule", latents, stats, rho_g=rho))
+
+        skipped = sorted(baselines.static_for_target(order, table, fixed, target))
+        forced = {"run": jnp.asarray(~np.isin(np.arange(len(table)), skipped)),
+                  "bucket": jnp.full((len(table),), len(config.width_buckets) - 1, jnp.int32)}
+        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None, ElasticConfig(mode="forced"),
+                                       decisions=forced, **timing)
+        rows.append(demo.judge_method("static pruning", latents, stats, rho_g=rho, skipped_blocks=skipped))
+        static_params = demo.base  # nothing pruned: the dense model itself
+        if skipped:
+            static_run = demo.train_run(f"static-{'-'.join(map(str, skipped))}", trainable="base",
+                                        checkpoint=str(demo.ordered), skip_blocks=tuple(skipped),
+                                        steps=s.router_steps, learning_rate=s.finetune_learning_rate)
+            static_params = edit_jax.load(static_run)[1]
+        latents, stats, _ = run_method(model, static_params, noise, cond, sampler, None,
+                                       ElasticConfig(mode="forced"), decisions=forced, **timing)
+        rows.append(demo.judge_method("static pruning + fine-tune", latents, stats, rho_g=rho, skipped_blocks=skipped))
+
+        # the cache alone, matched to E-DiT with and without the cache
+        borderline = {"p": jnp.full((len(table),), 0.5 + 1e-3), "bucket": forced["bucket"]}
+        candidates = baselines.cache_candidates(s.sample_steps, table, fixed)
+        for matched in (target, cached_stats["flops_vs_dense"]):
+            setting = baselines.closest(candidates, matched)
+            alone = ElasticConfig(mode="forced", cache=True, delta_margin=0.01, **setting)
+            latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None, alone, decisions=borderline,
+                                           **timing)
+            rows.append(demo.judge_method("cache alone", latents, stats, rho_g=rho, cache=setting))
+
+    summary = write_results(demo, rows, judge, order, router_map, time.perf_counter() - start)
+    return summary
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ScheduleDecisions:
+    """Forced decisions of step i: row i of a [S, L] run table and bucket table (one object per
+    schedule, so the sampler compiles it once)."""
+
+    run: jax.Array
+    bucket: jax.Array
+
+    def __call__(self, step):
+        i = jnp.minimum(step, self.run.shape[0] - 1)
+        return {"run": self.run[i], "bucket": self.bucket[i]}
+
+
+COLUMNS = [("method", "method", "{}"), ("rho_g", "rho_g", "{}"), ("blocks_executed", "blocks run", "{:.2f}"),
+           ("flops_vs_dense", "FLOPs vs dense", "{:.3f}"), ("wall_clock_s", "wall-clock (s, 1 sample)", "{:.3f}"),
+           ("class_accuracy", "class accuracy", "{:.3f}"), ("frechet_distance", "Frechet distance", "{:.2f}"),
+           ("psnr_vs_dense_db", "PSNR vs dense (dB)", "{:.1f}"), ("ssim_vs_dense", "SSIM vs dense", "{:.3f}")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(c[1] for c in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            value = row.get(key, "")
+            cells.append(fmt.format(value) if isinstance(value, (int, float)) and value != "" else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(demo: Demo, rows: list[dict], judge: dict, order: list[int], router_map, seconds: float) -> dict:
+    from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map, plot_sample_grid
+
+    out, s = demo.out, demo.s
+    dense = rows[0]
+    curves_acc, curves_fd = {}, {}
+    for row in rows[1:]:
+        curves_acc.setdefault(row["method"], []).append((row["flops_vs_dense"], row["class_accuracy"]))
+        curves_fd.setdefault(row["method"], []).append((row["flops_vs_dense"], row["frechet_distance"]))
+    what = f"{s.dataset}, {len(demo.test[1])} test labels, {s.sample_steps} steps"
+    pictures = [
+        plot_quality_vs_flops(out / "quality_vs_flops.png", curves_acc, ylabel="class accuracy (judge)",
+                              dense=dense["class_accuracy"], title=f"Class accuracy vs compute ({what})"),
+        plot_quality_vs_flops(out / "fd_vs_flops.png", curves_fd, ylabel="Frechet distance to real test images",
+                              dense=dense["frechet_distance"], lower_is_better=True,
+                              title=f"Frechet distance vs compute ({what}; real-vs-real floor "
+                                    f"{judge['frechet_floor_real_vs_real']:.2f})"),
+    ]
+    rho, records = router_map
+    pictures.append(plot_router_map(out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0],
+                                    records["cache_hit"][:, 0], block_groups=block_groups(demo.config),
+                                    title=f"E-DiT (routers+base) + cache, rho_g={rho}: test sample 0 "
+                                          f"(label {demo.test[1][0]})"))
+    (out / "samples").mkdir(exist_ok=True)
+    show = np.concatenate([np.flatnonzero(demo.test[1] == c)[:2] for c in range(real_data.NUM_CLASSES)])
+    for index, (name, images) in enumerate(demo.samples):
+        slug = "".join(ch if ch.isalnum() or ch in "=." else "-" for ch in name).strip("-")
+        pictures.append(plot_sample_grid(out / "samples" / f"{index:02d}-{slug}.png", images[show], demo.test[1][show],
+                                         title=f"{name}: samples conditioned on the label above each"))
+    summary = {"settings": dataclasses.asdict(s), "judge": judge, "static_prune_order": order,
+               "model": {"blocks": len(order) + 1, "tokens": demo.grid[0] * demo.grid[1],
+                         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(demo.base)))},
+               "methods": rows, "seconds": round(seconds, 1), "backend": jax.default_backend(),
+               "pictures": [str(p) for p in pictures]}
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=_plain) + "\n")
+    (out / "results.md").write_text(
+        f"# E-DiT demo: {what}\n\nJudge: test accuracy {judge['test_accuracy']:.3f}, Frechet floor (real vs real) "
+        f"{judge['frechet_floor_real_vs_real']:.2f}. FLOPs per sample, routers counted; wall-clock of one sample, "
+        f"warm, median of {s.timing_repeats}. {seconds / 60:.1f} minutes in all.\n\n{markdown_table(rows)}\n")
+    return summary
+
+
+def _plain(x):
+    if isinstance(x, (np.integer, np.floating, np.bool_)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")

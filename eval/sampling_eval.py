@@ -1,0 +1,143 @@
+"""What a sampling run costs and how close it stays to dense: `edit-jax eval`.
+
+    edit-jax eval ckpt/flux-edit --embeddings prompts.npz --height 512 --width 512
+
+`run_method` samples one way (dense, E-DiT routers, with the cache, or forced decisions) and
+measures it: analytic FLOPs per step and in total per sample (routers counted where they run),
+blocks executed, mean MLP width of executed blocks, cache hit rate, and the warm wall-clock
+(median of repeats). `fidelity` compares its latents with dense ones from the same noise (PSNR,
+SSIM). `evaluate_checkpoint` runs dense, E-DiT and E-DiT + cache on a checkpoint with routers and
+the user's prompt embeddings and writes OUT/eval.json, OUT/router_map.png and
+OUT/fidelity_vs_flops.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from edit_jax.elastic import ElasticConfig
+from edit_jax.flops import dense_flops
+from edit_jax.sampler import SamplerConfig, sample
+from eval.metrics import json_number, psnr, ssim
+
+SHARED_CONDITIONS = ("img_ids", "txt_ids", "img_shapes")
+
+
+def rows_of(cond: dict, rows: int) -> dict:
+    """The first `rows` samples of a sampler cond (shared inputs such as RoPE ids kept whole)."""
+    return {k: v if k in SHARED_CONDITIONS else v[:rows] for k, v in cond.items()}
+
+
+def num_txt_of(cond: dict) -> int:
+    return int(cond["encoder_hidden_states"].shape[1])
+
+
+def routing_stats(config, records: dict, num_img: int, num_txt: int, steps: int) -> dict:
+    """Cost and routing of a run from the sampler's records (dense: records empty)."""
+    dense = float(dense_flops(config, num_img, num_txt))
+    if not records:
+        return {"flops_per_step": dense, "flops_total": dense * steps, "flops_vs_dense": 1.0,
+                "blocks_executed": 1.0, "mean_width": 1.0, "cache_hit_rate": 0.0}
+    per_sample = np.asarray(records["flops_per_sample"], np.float64)  # [S, B]
+    executed = np.asarray(records["executed"], bool)  # [S, B, L]
+    widths = np.asarray(config.width_buckets, np.float64)[np.asarray(records["bucket"])]
+    return {
+        "flops_per_step": float(per_sample.mean()),
+        "flops_total": float(per_sample.sum(axis=0).mean()),
+        "flops_vs_dense": float(per_sample.mean() / dense),
+        "blocks_executed": float(executed.mean()),
+        "mean_width": float(widths[executed].mean()) if executed.any() else 0.0,
+        "cache_hit_rate": float(np.asarray(records["cache_hit"]).mean()),
+    }
+
+
+def run_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, routers: dict | None = None,
+               elastic: ElasticConfig | None = None, decisions=None, timing_rows: int = 1,
+               repeats: int = 3) -> tuple[np.ndarray, dict, dict]:
+    """Samples the whole batch once, then times `timing_rows` rows `repeats` times (warm);
+    returns (latents [B, N, C], stats, records)."""
+    latents, records = sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic, decisions=decisions)
+    latents, records = jax.device_get((latents, records))
+    stats = routing_stats(model.config, records, noise.shape[1], num_txt_of(cond), sampler.num_steps)
+    if timing_rows:
+        small_noise, small_cond = noise[:timing_rows], rows_of(cond, timing_rows)
+
+        def once():
+            return jax.block_until_ready(sample(model, params, small_noise, small_cond, sampler, routers=routers,
+                                                elastic=elastic, decisions=decisions)[0])
+
+        once()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - t0)
+        stats["wall_clock_s"] = float(np.median(times))
+        stats["timing_rows"] = timing_rows
+    return np.asarray(latents), stats, records
+
+
+def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:
+    """PSNR (dB) and SSIM of a set against the reference set, both [N, C, H, W]."""
+    return {"psnr_db": json_number(psnr(reference, test)), "ssim": ssim(reference, test)}
+
+
+def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: int, steps: int, seed: int = 0,
+                        elastic: ElasticConfig | None = None, guidance: float = 3.5, repeats: int = 3) -> dict:
+    """Dense vs E-DiT vs E-DiT + cache on a checkpoint with routers, from the same noise."""
+    import dataclasses
+
+    from edit_jax import load
+    from edit_jax.checkpoint import CheckpointError, load_routers
+    from edit_jax.cli import check_embeddings, conditions, read_embeddings
+    from edit_jax.latents import initial_noise, unpack_latents
+    from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map
+
+    data = read_embeddings(embeddings)
+    model, params = load(ckpt)
+    config = model.config
+    check_embeddings(config, data, embeddings)
+    routers = load_routers(ckpt)
+    if routers is None:
+        raise CheckpointError(f"{ckpt} has no routers to evaluate: train them (`edit-jax train`) or convert an E-DiT release")
+    cond = conditions(config, data, height, width)
+    batch = cond["encoder_hidden_states"].shape[0]
+    noise = initial_noise(jax.random.key(seed), batch, config.in_channels // 4, height, width)
+    sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance)
+    elastic = elastic or ElasticConfig(mode="infer", cache_start=steps // 3)
+    methods = {"dense": dict(elastic=None),
+               "E-DiT": dict(elastic=dataclasses.replace(elastic, cache=False), routers=routers),
+               "E-DiT + cache": dict(elastic=dataclasses.replace(elastic, cache=True), routers=routers)}
+    results, latents, edit_records = {}, {}, None
+    for name, kwargs in methods.items():
+        print(f"eval: {name}", flush=True)
+        x, stats, records = run_method(model, params, noise, cond, sampler, timing_rows=batch, repeats=repeats, **kwargs)
+        latents[name] = np.asarray(unpack_latents(x, height, width))
+        results[name] = {**stats, **fidelity(latents["dense"], latents[name])}
+        if name == "E-DiT + cache":
+            edit_records = records
+    out.mkdir(parents=True, exist_ok=True)
+    plot_router_map(out / "router_map.png", edit_records["executed"][:, 0], edit_records["bucket"][:, 0],
+                    edit_records["cache_hit"][:, 0], block_groups=block_groups(config),
+                    title=f"E-DiT + cache routing of prompt 0: {config.family}, {height}x{width}, {steps} steps")
+    plot_quality_vs_flops(out / "fidelity_vs_flops.png",
+                          {name: [(r["flops_vs_dense"], _finite(r["psnr_db"]))] for name, r in results.items() if name != "dense"},
+                          ylabel="PSNR of the final latents vs dense (dB)",
+                          title=f"Fidelity to dense sampling from the same noise ({batch} prompts, {steps} steps)")
+    summary = {"checkpoint": str(ckpt), "embeddings": str(embeddings), "height": height, "width": width,
+               "steps": steps, "seed": seed, "prompts": batch, "tau": elastic.tau, "decision": elastic.decision,
+               "cache": {"cache_start": elastic.cache_start, "delta_margin": elastic.delta_margin,
+                         "max_reuse": elastic.max_reuse},
+               "backend": jax.default_backend(), "methods": results,
+               "pictures": [str(out / "router_map.png"), str(out / "fidelity_vs_flops.png")]}
+    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _finite(x) -> float:
+    return float(x) if not isinstance(x, str) else float("nan")

@@ -1,0 +1,47 @@
+"""Baselines at matched FLOPs: static pruning, the per-step schedule and the cache alone."""
+
+import numpy as np
+import pytest
+
+from eval import baselines
+
+# 4 blocks, each 10 FLOPs at full width (columns: skipped, 1/4, 1/2, 3/4, full); 10 fixed
+TABLE = np.array([[0, 4, 6, 8, 10]] * 4)
+FIXED = 10.0
+
+
+def test_closest_picks_the_option_nearest_the_target_and_the_cheaper_on_a_tie():
+    assert baselines.closest([(0.9, "a"), (0.6, "b"), (0.4, "c")], 0.55) == "b"
+    assert baselines.closest([(0.6, "more"), (0.4, "less")], 0.5) == "less"
+
+
+def test_greedy_pruning_removes_the_block_whose_loss_is_lowest_first():
+    cost = np.array([5.0, 1.0, 3.0, 2.0])  # loss added by removing each block
+    order = baselines.greedy_prune_order(lambda run: float(cost[~run].sum()), 4)
+    assert order == [1, 3, 2]
+
+
+def test_static_pruning_is_matched_to_the_flops_target():
+    order = [2, 0, 3, 1]
+    assert baselines.static_fraction(TABLE, FIXED, []) == 1.0
+    assert baselines.static_for_target(order, TABLE, FIXED, target=0.62) == [2, 0]  # (10 + 20) / 50 = 0.6
+    assert baselines.static_for_target(order, TABLE, FIXED, target=1.0) == []
+
+
+def test_the_step_schedule_keeps_the_cells_run_most_often_until_the_target():
+    rate = np.array([[1.0, 0.9, 0.1, 0.0], [1.0, 0.2, 0.8, 0.0]])  # [steps, blocks]
+    full = np.full(rate.shape, 3)
+    run = baselines.step_schedule(rate, full, TABLE, FIXED, target=(2 * 10 + 40) / 100)  # four cells of 10
+    np.testing.assert_array_equal(run, [[True, True, False, False], [True, False, True, False]])
+
+
+def test_the_step_schedule_counts_each_cell_at_its_bucket_width():
+    rate = np.ones((1, 4))
+    half = np.full((1, 4), 1)  # bucket 1: 6 FLOPs a block
+    run = baselines.step_schedule(rate, half, TABLE, FIXED, target=(10 + 24) / 50)
+    assert run.all()
+
+
+@pytest.mark.parametrize("start, reuse, computed", [(2, 1, 2 + 1), (1, 3, 1 + 1), (4, 2, 4)])
+def test_the_cache_alone_computes_every_block_before_its_start_then_once_per_1_plus_max_reuse(start, reuse, computed):
+    assert baselines.cache_fraction(4, start, reuse, TABLE, FIXED) == pytest.approx((4 * 10 + computed * 40) / 200)
