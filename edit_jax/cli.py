@@ -321,6 +321,37 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def read_prompts(args) -> list[str]:
+    """--prompt TEXT (repeatable) and --prompts FILE (one per line, or JSONL with a "prompt" field)."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        for line in Path(existing_file(args.prompts, "--prompts")).read_text().splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    line = json.loads(line)["prompt"]
+                except (ValueError, KeyError) as e:
+                    raise ValueError(f"--prompts {args.prompts}: a JSON line without a \"prompt\" field: {line[:80]}") from e
+            if line:
+                prompts.append(line)
+    if not prompts:
+        raise ValueError("no prompts: give --prompt TEXT or --prompts FILE")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from pipelines.generate import generate
+
+    prompts = read_prompts(args)
+    result = generate(args.model, prompts, args.out, steps=args.steps, guidance=args.guidance, height=args.height,
+                      width=args.width, seed=args.seed, elastic=args.elastic, cache=args.cache,
+                      cache_start=args.cache_start, tile_size=args.tile_size,
+                      embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
+                      progress=not args.quiet)
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from edit_jax.elastic import ElasticConfig
     from eval.sampling_eval import evaluate_checkpoint
@@ -378,6 +409,26 @@ def build_parser() -> argparse.ArgumentParser:
                            "--set rho_schedule=linear; give another --out for other settings")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=cmd_demo)
+
+    gen = command("generate", "prompts -> PNG images with a FLUX pipeline folder (text encoders, transformer, VAE)")
+    gen.add_argument("--model", required=True, help="pipeline folder: transformer/ (diffusers weights or an edit-jax "
+                                                      "checkpoint), vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a \"prompt\" field")
+    gen.add_argument("--out", default="edit-jax-images", help="folder for image-N.png, generate.json, router_map.png")
+    gen.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
+    gen.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
+    gen.add_argument("--steps", type=int, default=28, help="denoising steps")
+    gen.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev embedded guidance")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    gen.add_argument("--elastic", default="dense", choices=["dense", "infer"], help="infer: E-DiT with the routers in transformer/")
+    gen.add_argument("--cache", action="store_true", help="router-guided block cache (with --elastic infer)")
+    gen.add_argument("--cache-start", type=int, help="first step of the cache (default: a third of --steps)")
+    gen.add_argument("--tile-size", type=int, default=1024, help="VAE decode tile, pixels (larger images decode in tiles)")
+    gen.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
+                     help="folder of cached prompt embeddings ('none': no cache)")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(run=cmd_generate)
 
     smoke = command("smoke", "random-weight model: forward, save, reload, compare, sample dense and with E-DiT (no downloads)")
     smoke.add_argument("--preset", default="flux-small", choices=sorted(PRESETS), help="model size (see README: Presets)")
