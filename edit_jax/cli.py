@@ -352,6 +352,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_prepare_data(args) -> int:
+    from pipelines.prepare_data import prepare_data
+
+    report = prepare_data(args.images, args.out, args.model, captions=args.captions, resolution=args.resolution,
+                          max_sequence_length=args.max_sequence_length, overwrite=args.overwrite,
+                          progress=not args.quiet)
+    for row in report["skipped"]:
+        print(f"skipped {row['file']}: {row['reason']}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in report.items() if k != "skipped"} | {"skipped": len(report["skipped"])}, indent=2))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from edit_jax.elastic import ElasticConfig
     from eval.sampling_eval import evaluate_checkpoint
@@ -429,6 +441,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder of cached prompt embeddings ('none': no cache)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(run=cmd_generate)
+
+    prep = command("prepare-data", "a folder of captioned images -> a training dataset (VAE latents and text "
+                                    "embeddings in ArrayRecord files with a manifest)")
+    prep.add_argument("images", help="folder of images (.png .jpg .jpeg .webp .bmp), captions in NAME.txt beside each")
+    prep.add_argument("out", help="dataset folder to create")
+    prep.add_argument("--model", required=True, help="FLUX pipeline folder (its vae/ and text encoders are used)")
+    prep.add_argument("--captions", help="JSONL of {\"file\": NAME, \"caption\": TEXT} instead of sidecar .txt files")
+    prep.add_argument("--resolution", type=int, default=1024,
+                      help="bucket size: about RESOLUTION^2 pixels at aspect ratios 1:1, 4:3, 3:2, 16:9 and their inverses")
+    prep.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens per caption")
+    prep.add_argument("--overwrite", action="store_true", help="replace OUT if it is an edit-jax dataset")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(run=cmd_prepare_data)
 
     smoke = command("smoke", "random-weight model: forward, save, reload, compare, sample dense and with E-DiT (no downloads)")
     smoke.add_argument("--preset", default="flux-small", choices=sorted(PRESETS), help="model size (see README: Presets)")

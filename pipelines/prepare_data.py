@@ -1,0 +1,188 @@
+"""`edit-jax prepare-data`: a folder of captioned images -> the training dataset (train/dataset.py).
+
+    edit-jax prepare-data photos/ data/photos --model /models/FLUX.1-dev --resolution 1024
+
+Captions come from a sidecar `NAME.txt` beside each image, or from one JSONL file of
+{"file": NAME, "caption": TEXT} lines (--captions). Each image goes to the resolution bucket (a
+multiple of 16 px on each side, about resolution^2 pixels) nearest its aspect ratio, is resized to
+cover it and center-cropped, encoded by the Flax VAE (the latent mean, shifted and scaled as the
+pipeline does) and its caption by the text encoders. Work is staged in chunks under
+`OUT.partial/`, so an interrupted run resumes where it stopped; the dataset is written at the end,
+atomically, and the staging folder removed. Images that cannot be used are reported with the
+reason (unreadable, too small, no caption) in OUT/skipped.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from edit_jax.checkpoint import resolve
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
+
+
+def buckets(resolution: int) -> list[tuple[int, int]]:
+    """(height, width) buckets of about resolution^2 pixels, multiples of 16, one per aspect ratio."""
+    out = []
+    for aspect in ASPECTS:  # aspect = width / height
+        h = max(16, int(round(resolution / math.sqrt(aspect) / 16)) * 16)
+        w = max(16, int(round(resolution * math.sqrt(aspect) / 16)) * 16)
+        out.append((h, w))
+    return out
+
+
+def nearest_bucket(height: int, width: int, resolution: int) -> tuple[int, int]:
+    return min(buckets(resolution), key=lambda b: abs(math.log((b[1] / b[0]) / (width / height))))
+
+
+def fit(image, bucket: tuple[int, int]):
+    """The PIL image resized to cover the bucket (Lanczos) and center-cropped to it; None when
+    that would need upscaling (the image is too small)."""
+    from PIL import Image
+
+    h, w = bucket
+    scale = max(h / image.height, w / image.width)
+    if scale > 1.0:
+        return None
+    size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
+    image = image.resize(size, Image.LANCZOS)
+    left, top = (image.width - w) // 2, (image.height - h) // 2
+    return image.crop((left, top, left + w, top + h))
+
+
+def read_captions(images: Path, captions: str | None) -> dict[str, str]:
+    """File name -> caption, from --captions (JSONL) or the sidecar .txt files."""
+    out = {}
+    if captions is not None:
+        path = resolve(captions)
+        if not path.is_file():
+            raise ValueError(f"--captions {captions}: no such file")
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out[str(row["file"])] = str(row["caption"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path} line {number}: expected {{\"file\": ..., \"caption\": ...}}, got {line[:80]}") from e
+        return out
+    for txt in images.glob("*.txt"):
+        for suffix in IMAGE_SUFFIXES:
+            out[txt.stem + suffix] = txt.read_text().strip()
+            out[txt.stem + suffix.upper()] = out[txt.stem + suffix]
+    return out
+
+
+def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, resolution: int = 1024,
+                 max_sequence_length: int = 512, chunk: int = 16, overwrite: bool = False, progress: bool = True) -> dict:
+    """Writes the dataset; returns the report {"written", "skipped": [{"file", "reason"}], "buckets"}."""
+    import shutil
+
+    import jax
+    from PIL import Image, UnidentifiedImageError
+    from tqdm.auto import tqdm
+
+    from checkpoints_convert.vae import load_vae
+    from edit_jax.vae import AutoencoderKL, to_model_latents
+    from pipelines.text_encoders import FluxTextEncoder
+    from train.dataset import write_dataset
+
+    images_dir, out, model_dir = resolve(images_dir), resolve(out), resolve(model_dir)
+    if not images_dir.is_dir():
+        raise ValueError(f"IMAGES {images_dir}: no such folder")
+    if resolution % 16 or resolution < 16:
+        raise ValueError(f"--resolution {resolution} must be a positive multiple of 16")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists (--overwrite replaces an edit-jax dataset)")
+    for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        if not (model_dir / name).is_dir():
+            raise ValueError(f"--model {model_dir} has no {name}/ (prepare-data needs the VAE and the text encoders)")
+    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"IMAGES {images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    texts = read_captions(images_dir, captions)
+    staging = out.with_name(out.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    settings = {"images": str(images_dir), "model": str(model_dir), "resolution": resolution,
+                "max_sequence_length": max_sequence_length, "chunk": chunk, "captions": captions}
+    stamp = staging / "settings.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != settings:
+        raise ValueError(f"{staging} holds an interrupted run of other settings; remove it or use the same ones")
+    stamp.write_text(json.dumps(settings))
+
+    vae_config, vae_params = load_vae(model_dir / "vae")
+    encode = jax.jit(lambda p, x: AutoencoderKL(vae_config).apply({"params": p}, x, method="encode")[0])
+    encoder = FluxTextEncoder(model_dir, max_sequence_length)
+    chunks = [files[i : i + chunk] for i in range(0, len(files), chunk)]
+    with tqdm(total=len(files), desc="prepare-data", unit="image", disable=not progress) as bar:
+        for index, group in enumerate(chunks):
+            done = staging / f"chunk-{index:05d}.npz"
+            if done.is_file():
+                bar.update(len(group))
+                continue
+            rows, skipped = [], []
+            for path in group:
+                caption = texts.get(path.name)
+                if caption is None:
+                    skipped.append({"file": path.name, "reason": "no caption"})
+                    continue
+                try:
+                    with Image.open(path) as opened:
+                        image = opened.convert("RGB")
+                except (UnidentifiedImageError, OSError) as e:
+                    skipped.append({"file": path.name, "reason": f"unreadable ({e.__class__.__name__})"})
+                    continue
+                bucket = nearest_bucket(image.height, image.width, resolution)
+                fitted = fit(image, bucket)
+                if fitted is None:
+                    skipped.append({"file": path.name, "reason": f"too small ({image.width}x{image.height} for the "
+                                                                f"{bucket[1]}x{bucket[0]} bucket)"})
+                    continue
+                pixels = np.asarray(fitted, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+                latents = np.asarray(to_model_latents(vae_config, encode(vae_params, pixels)))[0]
+                rows.append((path.name, caption, latents))
+            arrays = {"skipped": np.frombuffer(json.dumps(skipped).encode(), np.uint8)}
+            if rows:
+                text = encoder([caption for _, caption, _ in rows])
+                for n, (name, caption, latents) in enumerate(rows):
+                    arrays[f"{n}/latents"] = latents
+                    arrays[f"{n}/prompt_embeds"] = text["prompt_embeds"][n]
+                    arrays[f"{n}/pooled_prompt_embeds"] = text["pooled_prompt_embeds"][n]
+                    arrays[f"{n}/caption"] = np.frombuffer(caption.encode(), np.uint8)
+            tmp = staging / f".chunk-{index:05d}.npz"
+            np.savez(tmp, **arrays)
+            tmp.replace(done)
+            bar.update(len(group))
+
+    skipped, shapes = [], {}
+
+    def examples():
+        for index in range(len(chunks)):
+            with np.load(staging / f"chunk-{index:05d}.npz") as data:
+                skipped.extend(json.loads(data["skipped"].tobytes()))
+                count = len({k.split("/")[0] for k in data.files if "/" in k})
+                for n in range(count):
+                    latents = data[f"{n}/latents"]
+                    key = "x".join(map(str, latents.shape))
+                    shapes[key] = shapes.get(key, 0) + 1
+                    yield {"latents": latents, "prompt_embeds": data[f"{n}/prompt_embeds"],
+                           "pooled_prompt_embeds": data[f"{n}/pooled_prompt_embeds"],
+                           "caption": data[f"{n}/caption"].tobytes().decode()}
+
+    try:
+        write_dataset(out, "flux", examples(), overwrite=overwrite)
+    except ValueError as e:
+        if "no examples" in str(e):
+            shutil.rmtree(staging)  # every chunk was done: nothing to resume
+            reasons = "; ".join(f"{r['file']}: {r['reason']}" for r in skipped[:5])
+            raise ValueError(f"no usable images in {images_dir}: {len(skipped)} skipped ({reasons})") from e
+        raise
+    report = {"written": sum(shapes.values()), "skipped": skipped, "latent_shapes": shapes, "dataset": str(out)}
+    (out / "skipped.json").write_text(json.dumps(skipped, indent=2) + "\n")
+    shutil.rmtree(staging)
+    return report

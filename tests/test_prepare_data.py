@@ -1,0 +1,99 @@
+"""`edit-jax prepare-data`: captioned images -> a training dataset the trainer reads."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edit_jax.cli import main
+from tiny_pipeline import make_tiny_flux_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline") / "FLUX.1-tiny"
+    make_tiny_flux_pipeline(folder)
+    return folder
+
+
+@pytest.fixture
+def photos(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("square", (80, 80)), ("wide", (120, 70)), ("tall", (60, 100)), ("tiny", (20, 20)),
+                       ("uncaptioned", (80, 80))):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8)).save(folder / f"{name}.png")
+        if name != "uncaptioned":
+            (folder / f"{name}.txt").write_text(f"a {name} photo")
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "broken.txt").write_text("a broken photo")
+    return folder
+
+
+def test_prepare_data_writes_bucketed_latents_and_reports_what_it_skipped(tiny_pipeline, photos, tmp_path, capsys):
+    from train.dataset import read_manifest
+
+    out = tmp_path / "data"
+    assert main(["prepare-data", str(photos), str(out), "--model", str(tiny_pipeline), "--resolution", "64",
+                 "--max-sequence-length", "16", "--quiet"]) == 0
+
+    manifest = read_manifest(out)
+    assert manifest["count"] == 3 and manifest["family"] == "flux"
+    assert sorted(tuple(b["latent_shape"]) for b in manifest["buckets"]) == [(4, 6, 10), (4, 8, 8), (4, 10, 6)]
+    skipped = {r["file"]: r["reason"] for r in json.loads((out / "skipped.json").read_text())}
+    assert skipped["uncaptioned.png"] == "no caption" and skipped["broken.png"].startswith("unreadable")
+    assert skipped["tiny.png"].startswith("too small")
+    assert "skipped tiny.png: too small" in capsys.readouterr().err
+    assert not (tmp_path / "data.partial").exists()
+
+
+def test_the_trainer_reads_a_prepared_dataset(tiny_pipeline, photos, tmp_path):
+    from checkpoints_convert import convert_checkpoint
+    from pipelines.prepare_data import prepare_data
+    from train.config import TrainConfig
+    from train.loop import train
+
+    prepare_data(photos, tmp_path / "data", tiny_pipeline, resolution=64, max_sequence_length=16, progress=False)
+    ckpt = convert_checkpoint("flux", tiny_pipeline / "transformer", tmp_path / "ckpt", dtype="float32", progress=False)
+    metrics = train(TrainConfig(checkpoint=str(ckpt), data=str(tmp_path / "data"), batch_size=1, steps=2, log_every=1,
+                                run_dir=str(tmp_path / "run")), progress=False, describe_setup=False)
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_an_interrupted_run_resumes_without_encoding_finished_chunks_again(tiny_pipeline, photos, tmp_path, monkeypatch):
+    from pipelines import prepare_data as module
+    from pipelines.text_encoders import FluxTextEncoder
+
+    calls = []
+    original = FluxTextEncoder.__call__
+
+    def interrupted(self, prompts, cache=None):
+        calls.append(list(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, prompts, cache)
+
+    monkeypatch.setattr(FluxTextEncoder, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        module.prepare_data(photos, tmp_path / "data", tiny_pipeline, resolution=64, max_sequence_length=16, chunk=1,
+                            progress=False)
+    assert not (tmp_path / "data").exists() and (tmp_path / "data.partial").is_dir()
+    monkeypatch.setattr(FluxTextEncoder, "__call__", lambda self, prompts, cache=None: calls.append(list(prompts))
+                        or original(self, prompts, cache))
+    report = module.prepare_data(photos, tmp_path / "data", tiny_pipeline, resolution=64, max_sequence_length=16,
+                                 chunk=1, progress=False)
+    assert report["written"] == 3
+    assert sum(len(c) for c in calls) == 4  # one caption encoded before the stop, the interrupted one again, one more
+
+
+def test_images_without_a_usable_one_is_one_clear_error(tiny_pipeline, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "broken.txt").write_text("x")
+    assert main(["prepare-data", str(folder), str(tmp_path / "d"), "--model", str(tiny_pipeline), "--quiet"]) == 2
+    assert "no usable images" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
