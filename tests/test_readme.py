@@ -88,24 +88,41 @@ def test_readme_conversion_commands_run_as_written_on_tiny_sources(tmp_path, mon
     from safetensors.torch import save_file
 
     from edit_jax.cli import main
-    from reference import make_diffusers_flux, make_diffusers_qwen
+    from reference import make_diffusers_qwen
+    from tiny_pipeline import make_tiny_flux_pipeline
     from test_convert_flux import diffusers_to_bfl
     from test_qwen_image import fake_release
 
     models = tmp_path / "models"
-    flux = make_diffusers_flux(guidance_embeds=True)
-    flux.save_pretrained(models / "FLUX.1-dev" / "transformer")
+    flux = make_tiny_flux_pipeline(models / "FLUX.1-dev").transformer  # the whole pipeline, for generate
     save_file(diffusers_to_bfl(flux.state_dict(), 1, 1), models / "flux1-dev.safetensors")
+    make_photos(tmp_path / "photos")
     qwen = make_diffusers_qwen()
     qwen.save_pretrained(models / "Qwen-Image" / "transformer")
     (models / "Elastic-DiT").mkdir()
     fake_release(qwen, models / "Elastic-DiT" / "model.safetensors")
     substitutions = (("/models/", f"{models}/"),  # a BFL file carries no config: the tiny one's, given
-                     ("--format bfl", f"--format bfl --config {models}/FLUX.1-dev/transformer/config.json"))
+                     ("--format bfl", f"--format bfl --config {models}/FLUX.1-dev/transformer/config.json"),
+                     ("1024", "64"), ("--steps 28", "--steps 2"))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # the embedding cache's default folder
     commands = readme_commands(converting=True)
     assert sum(c.startswith("edit-jax convert") for c in commands) == 3
+    assert any(c.startswith("edit-jax generate") for c in commands) and any("prepare-data" in c for c in commands)
     for command in commands:
         for old, new in substitutions:
             command = command.replace(old, new)
-        assert main(shlex.split(command, comments=True)[1:]) == 0, command
+        quiet = ["--quiet"] if command.startswith(("edit-jax generate", "edit-jax prepare-data")) else []
+        assert main(shlex.split(command, comments=True)[1:] + quiet) == 0, command
+
+
+def make_photos(folder):
+    """Three captioned random photos of the size the README's prepare-data line (made tiny) takes."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate(((80, 80), (120, 70), (70, 120))):
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8)).save(folder / f"photo-{i}.png")
+        (folder / f"photo-{i}.txt").write_text(f"photo number {i}")
