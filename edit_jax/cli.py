@@ -401,6 +401,26 @@ CALIBRATION_HELP = """calibration file (.npz): the model's own inputs, one batch
               [B, T] (optional), timestep [B] in [0, 1], img_shapes (3 ints: frames, rows, columns)"""
 
 
+def add_sampling_arguments(parser, seed_help: str = "seed of the initial noise") -> None:
+    parser.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
+    parser.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
+    parser.add_argument("--steps", type=int, default=28, help="denoising steps")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev embedded guidance (ignored by other models)")
+
+
+def add_elastic_arguments(parser, cache_start: int | None) -> None:
+    """E-DiT's decision flags: tau, one decision per batch or per sample, and the cache's settings."""
+    parser.add_argument("--decision", default="batch", choices=["batch", "sample"],
+                        help="one skip/width decision per block for the batch (as the release) or one per sample")
+    parser.add_argument("--tau", type=float, default=0.5, help="gate threshold: a block runs when its router's p >= tau")
+    parser.add_argument("--cache-start", type=int, default=cache_start,
+                        help="first step (0-based) at which the cache stores and reuses" +
+                             (" (default: a third of --steps)" if cache_start is None else ""))
+    parser.add_argument("--delta-margin", type=float, default=0.015, help="borderline: tau <= p <= tau + delta-margin")
+    parser.add_argument("--max-reuse", type=int, default=10, help="reuses of one stored residual before the block runs again")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edit-jax", description="Elastic Diffusion Transformers in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -428,11 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a \"prompt\" field")
     gen.add_argument("--out", default="edit-jax-images", help="folder for image-N.png, generate.json, router_map.png")
-    gen.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
-    gen.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
-    gen.add_argument("--steps", type=int, default=28, help="denoising steps")
-    gen.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev embedded guidance")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    add_sampling_arguments(gen)
     gen.add_argument("--elastic", default="dense", choices=["dense", "infer"], help="infer: E-DiT with the routers in transformer/")
     gen.add_argument("--cache", action="store_true", help="router-guided block cache (with --elastic infer)")
     gen.add_argument("--cache-start", type=int, help="first step of the cache (default: a third of --steps)")
@@ -466,17 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("ckpt", help="edit-jax checkpoint folder with routers")
     ev.add_argument("--embeddings", required=True, help="prompt embeddings (.npz/.safetensors; keys below)")
     ev.add_argument("--out", default="edit-jax-eval", help="folder for eval.json, router_map.png, fidelity_vs_flops.png")
-    ev.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
-    ev.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
-    ev.add_argument("--steps", type=int, default=28, help="denoising steps")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the initial noise (the same for every method)")
-    ev.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev embedded guidance (ignored by other models)")
-    ev.add_argument("--tau", type=float, default=0.5, help="gate threshold: a block runs when its router's p >= tau")
-    ev.add_argument("--decision", default="batch", choices=["batch", "sample"],
-                    help="one skip/width decision per block for the batch (as the release) or one per sample")
-    ev.add_argument("--cache-start", type=int, help="first step of the cache (default: a third of --steps)")
-    ev.add_argument("--delta-margin", type=float, default=0.015, help="borderline: tau <= p <= tau + delta-margin")
-    ev.add_argument("--max-reuse", type=int, default=10, help="reuses of one stored residual before the block runs again")
+    add_sampling_arguments(ev, seed_help="seed of the initial noise (the same for every method)")
+    add_elastic_arguments(ev, cache_start=None)
     ev.add_argument("--repeats", type=int, default=3, help="timed repeats per method (warm; the median is reported)")
     ev.set_defaults(run=cmd_eval)
 
@@ -510,24 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--embeddings", required=True, help="prompt embeddings (.npz/.safetensors; keys below)")
     smp.add_argument("--out", required=True,
                      help="folder for latents.npy, summary.json and (E-DiT) records.npz and router_map.png")
-    smp.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
-    smp.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
-    smp.add_argument("--steps", type=int, default=28, help="denoising steps")
-    smp.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    smp.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev embedded guidance (ignored by other models)")
+    add_sampling_arguments(smp)
     smp.add_argument("--true-cfg", type=float, default=1.0, help="> 1: true CFG with the negative_* embeddings")
     smp.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"],
                      help="true CFG as one batch of 2B rows, or two calls per step as the released E-DiT code")
     smp.add_argument("--elastic", default="dense", choices=["dense", "infer"], help="dense: routers off; infer: E-DiT")
     smp.add_argument("--fresh-routers", action="store_true",
                      help="with --elastic infer on a checkpoint without routers: fresh full-capacity routers")
-    smp.add_argument("--decision", default="batch", choices=["batch", "sample"],
-                     help="one skip/width decision per block for the batch (as the release) or one per sample")
-    smp.add_argument("--tau", type=float, default=0.5, help="gate threshold: a block runs when its router's p >= tau")
     smp.add_argument("--cache", action="store_true", help="router-guided block cache: reuse a block's last residual when p is borderline")
-    smp.add_argument("--cache-start", type=int, default=15, help="first step (0-based) at which the cache stores and reuses")
-    smp.add_argument("--delta-margin", type=float, default=0.015, help="borderline: tau <= p <= tau + delta-margin")
-    smp.add_argument("--max-reuse", type=int, default=10, help="reuses of one stored residual before the block runs again")
+    add_elastic_arguments(smp, cache_start=15)
     smp.set_defaults(run=cmd_sample)
 
     order = command("order-channels", "sort elastic MLP channels by importance (before router training)", CALIBRATION_HELP)

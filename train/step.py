@@ -95,6 +95,18 @@ def model_conditions(model_config, batch: dict) -> tuple[dict, dict]:
     return arrays, static
 
 
+def noisy_batch(config: TrainConfig, model_config, batch: dict, key: jax.Array):
+    """(x0, noise, s, x_t, array conditions, static conditions) of a batch: the clean latents,
+    the noise and levels s drawn from `key`, and x_t = (1 - s) x0 + s noise."""
+    x0 = batch["latents"]
+    arrays, static = model_conditions(model_config, batch)
+    noise_key, s_key = jax.random.split(key)
+    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    s = noise_levels(config, s_key, x0.shape[0], model_config, x0.shape[1])
+    x_t = ((1 - s)[:, None, None] * x0 + s[:, None, None] * noise).astype(x0.dtype)
+    return x0, noise, s, x_t, arrays, static
+
+
 def make_loss_fn(config: TrainConfig, model) -> Callable:
     """loss_fn(trainable, frozen, batch, key) -> (loss, metrics): trainable {"routers"[, "params"]},
     frozen {"params"} when the base is frozen (no gradient ever reaches it)."""
@@ -105,12 +117,7 @@ def make_loss_fn(config: TrainConfig, model) -> Callable:
 
     def loss_fn(trainable, frozen, batch, key):
         params = trainable["params"] if "params" in trainable else jax.lax.stop_gradient(frozen["params"])
-        x0 = batch["latents"]
-        arrays, static = model_conditions(model_config, batch)
-        noise_key, s_key = jax.random.split(key)
-        noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-        s = noise_levels(config, s_key, x0.shape[0], model_config, x0.shape[1])
-        x_t = ((1 - s)[:, None, None] * x0 + s[:, None, None] * noise).astype(x0.dtype)
+        x0, noise, s, x_t, arrays, static = noisy_batch(config, model_config, batch, key)
         if config.target == "data":
             target = noise - x0
         else:  # the same base, run dense, at the same noisy input
@@ -149,12 +156,7 @@ def _base_loss_fn(config: TrainConfig, model) -> Callable:
     open_rate = 1.0 - len(set(config.skip_blocks)) / num_blocks(model_config)
 
     def loss_fn(trainable, frozen, batch, key):
-        x0 = batch["latents"]
-        arrays, static = model_conditions(model_config, batch)
-        noise_key, s_key = jax.random.split(key)
-        noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-        s = noise_levels(config, s_key, x0.shape[0], model_config, x0.shape[1])
-        x_t = ((1 - s)[:, None, None] * x0 + s[:, None, None] * noise).astype(x0.dtype)
+        x0, noise, s, x_t, arrays, static = noisy_batch(config, model_config, batch, key)
         inputs = dict(hidden_states=x_t, timestep=s, **arrays, **static)
         if forced is None:
             v_pred = model.apply({"params": trainable["params"]}, **inputs)
