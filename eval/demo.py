@@ -66,6 +66,7 @@ class DemoSettings:
     gate_budget: str = "hard"  # the trainer's: the budget reads the hard straight-through gate or the soft p
     rho_schedule: str = "constant"  # "linear": rho_g(s) from rho_g + rho_spread (clean) to rho_g - rho_spread (noise)
     rho_spread: float = 0.2
+    router_target: str = "data"  # routers on the frozen base: "data" (v = noise - x0) or "teacher" (dense velocity)
     sample_steps: int = 16
     eval_samples: int = 300  # test images judged (the first of the test split); 0: all
     timing_repeats: int = 3
@@ -84,8 +85,8 @@ SETTINGS = {
     # 8x8 digits, 8 blocks: the README's first command, a few minutes on 2 CPU cores
     "default": DemoSettings(),
     # 28x28 MNIST (4x4 pixels a channel group, 2x2 groups a token: 16 tokens), 10 blocks, a budget sweep: `--full`
-    "full": DemoSettings(dataset="mnist", patch=4, num_layers=2, num_single_layers=8, dense_steps=3000,
-                         router_steps=600, rho_g=(0.7, 0.5, 0.35), sample_steps=20),
+    "full": DemoSettings(dataset="mnist", patch=4, num_layers=2, num_single_layers=8, dense_steps=4000,
+                         router_steps=600, rho_g=(0.7, 0.5, 0.35), sample_steps=20, eval_samples=0),
     # seconds: the test suite's end-to-end run
     "tiny": DemoSettings(num_layers=1, num_single_layers=2, num_attention_heads=2, router_hidden=8, batch_size=16,
                          dense_steps=6, router_steps=3, sample_steps=3, eval_samples=20, timing_repeats=1),
@@ -307,7 +308,8 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
                       gate_budget=s.gate_budget, steps=s.router_steps, rho_schedule=s.rho_schedule,
                       rho_high=min(rho + s.rho_spread, 1.0), rho_low=max(rho - s.rho_spread, 0.0))
         edit_runs[rho] = {
-            "routers": demo.train_run(f"edit-rho{rho}", trainable="routers", learning_rate=s.router_learning_rate, **common),
+            "routers": demo.train_run(f"edit-rho{rho}", trainable="routers", learning_rate=s.router_learning_rate,
+                                      target=s.router_target, **common),
             "routers+base": demo.train_run(f"edit-ft-rho{rho}", trainable="routers+base",
                                            learning_rate=s.finetune_learning_rate, **common),
         }

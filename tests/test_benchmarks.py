@@ -82,3 +82,12 @@ def test_train_benchmark_reports_one_device_beside_eight(tmp_path):
     assert result["one_device"]["devices"] == 1 and result["sharded"]["mesh"] == {"data": 2, "fsdp": 4}
     assert result["step_time_ratio_sharded_over_one"] > 0
     assert json.loads((tmp_path / "train.json").read_text())["preset"] == "flux-tiny"
+
+
+def test_vae_benchmark_reports_both_sides_time_and_peak_memory(tmp_path):
+    from eval.bench_vae import main
+
+    result = main(["--size", "32", "--runs", "1", "--out", str(tmp_path / "vae.json")])
+    for side in ("ours", "diffusers"):
+        assert result[side]["decode_s"] > 0 and result[side]["peak_rss_gib"] > 0
+    assert result["ours_vs_diffusers_time"] > 0 and (tmp_path / "vae.json").is_file()
