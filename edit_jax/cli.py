@@ -310,10 +310,13 @@ def cmd_smoke(args) -> int:
 def cmd_demo(args) -> int:
     import dataclasses
 
-    from eval.demo import SETTINGS, markdown_table, run_demo, with_overrides
+    from eval.demo import EXPECTED, SETTINGS, markdown_table, run_demo, with_overrides
 
-    settings = with_overrides(SETTINGS["full" if args.full else args.settings], args.set)
+    name = "full" if args.full else args.settings
+    settings = with_overrides(SETTINGS[name], args.set)
     out = check_output_folder(args.out)
+    print(f"edit-jax demo ({name} settings{', changed' if args.set else ''}): {EXPECTED[name]} on 2 CPU cores; "
+          f"a rerun reuses what {out}/ already holds", file=sys.stderr)
     summary = run_demo(dataclasses.replace(settings, seed=args.seed), out, progress=not args.quiet)
     print(markdown_table(summary["methods"]))
     print(f"\n{summary['seconds'] / 60:.1f} minutes; table, JSON and pictures in {out}/ (results.md, results.json, "
@@ -374,7 +377,7 @@ def cmd_eval(args) -> int:
                             cache_start=args.steps // 3 if args.cache_start is None else args.cache_start,
                             delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     summary = evaluate_checkpoint(args.ckpt, args.embeddings, out, args.height, args.width, args.steps, args.seed,
-                                  elastic, args.guidance, args.repeats)
+                                  elastic, args.guidance, args.repeats, args.vae, args.tile_size)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -485,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(ev, seed_help="seed of the initial noise (the same for every method)")
     add_elastic_arguments(ev, cache_start=None)
     ev.add_argument("--repeats", type=int, default=3, help="timed repeats per method (warm; the median is reported)")
+    ev.add_argument("--vae", help="a FLUX VAE folder (diffusers vae/): decode every method's latents, compare the "
+                                  "images with dense's and write them as PNGs")
+    ev.add_argument("--tile-size", type=int, default=1024, help="VAE decode tile, pixels")
     ev.set_defaults(run=cmd_eval)
 
     convert = command("convert", "PyTorch weights -> edit-jax orbax checkpoint")

@@ -134,6 +134,9 @@ def with_overrides(settings: DemoSettings, overrides: list[str]) -> DemoSettings
     return dataclasses.replace(settings, **changes)
 
 
+EXPECTED = {"default": "about 5 minutes", "full": "about 30 minutes", "tiny": "about a minute"}  # on 2 CPU cores
+
+
 def log(message: str) -> None:
     print(f"demo [{time.perf_counter() - _START:6.1f} s]: {message}", file=sys.stderr, flush=True)
 
@@ -287,6 +290,8 @@ class Demo:
             row["ssim_vs_dense"] = ssim(self.dense_images, images)
         where = "" if "rho_g" not in extra else f" rho_g={extra['rho_g']}"
         self.samples.append((f"{name}{where} at {stats['flops_vs_dense']:.2f} of dense FLOPs", images))
+        self.bar.update(1)
+        self.bar.set_postfix_str(name)
         return row
 
 
@@ -325,6 +330,9 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
     cached = dataclasses.replace(infer, cache=True, cache_start=s.sample_steps // 3, delta_margin=0.05, max_reuse=2)
     demo.samples, rows = [], []
 
+    from tqdm.auto import tqdm
+
+    demo.bar = tqdm(total=1 + 8 * len(s.rho_g), desc="sample and judge", unit="method", disable=not progress)
     log("sampling: dense")
     latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, **timing)
     demo.dense_images = demo.images(latents)
@@ -383,6 +391,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
                                            **timing)
             rows.append(demo.judge_method("cache alone", latents, stats, rho_g=rho, cache=setting))
 
+    demo.bar.close()
     summary = write_results(demo, rows, judge, order, router_map, time.perf_counter() - start)
     return summary
 

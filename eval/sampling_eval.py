@@ -6,7 +6,7 @@
 measures it: analytic FLOPs per step and in total per sample (routers counted where they run),
 blocks executed, mean MLP width of executed blocks, cache hit rate, and the warm wall-clock
 (median of repeats). `fidelity` compares its latents with dense ones from the same noise (PSNR,
-SSIM). `evaluate_checkpoint` runs dense, E-DiT and E-DiT + cache on a checkpoint with routers and
+SSIM), and with a FLUX VAE (`--vae`) the decoded images too. `evaluate_checkpoint` runs dense, E-DiT and E-DiT + cache on a checkpoint with routers and
 the user's prompt embeddings and writes OUT/eval.json, OUT/router_map.png and
 OUT/fidelity_vs_flops.png.
 """
@@ -88,8 +88,10 @@ def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:
 
 
 def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: int, steps: int, seed: int = 0,
-                        elastic: ElasticConfig | None = None, guidance: float = 3.5, repeats: int = 3) -> dict:
-    """Dense vs E-DiT vs E-DiT + cache on a checkpoint with routers, from the same noise."""
+                        elastic: ElasticConfig | None = None, guidance: float = 3.5, repeats: int = 3,
+                        vae: str | None = None, tile_size: int = 1024) -> dict:
+    """Dense vs E-DiT vs E-DiT + cache on a checkpoint with routers, from the same noise; with a
+    FLUX VAE folder (`vae`), the decoded images are compared too and written as PNGs."""
     import dataclasses
 
     from edit_jax import load
@@ -113,15 +115,35 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     methods = {"dense": dict(elastic=None),
                "E-DiT": dict(elastic=dataclasses.replace(elastic, cache=False), routers=routers),
                "E-DiT + cache": dict(elastic=dataclasses.replace(elastic, cache=True), routers=routers)}
-    results, latents, edit_records = {}, {}, None
+    decoder = None
+    if vae is not None:
+        from checkpoints_convert.vae import load_vae
+
+        decoder = load_vae(vae)
+    results, latents, images, edit_records = {}, {}, {}, None
     for name, kwargs in methods.items():
         print(f"eval: {name}", flush=True)
         x, stats, records = run_method(model, params, noise, cond, sampler, timing_rows=batch, repeats=repeats, **kwargs)
         latents[name] = np.asarray(unpack_latents(x, height, width))
         results[name] = {**stats, **fidelity(latents["dense"], latents[name])}
+        if decoder is not None:
+            from edit_jax.vae import decode_tiled, from_model_latents
+
+            images[name] = np.clip(decode_tiled(decoder[0], decoder[1], from_model_latents(decoder[0], latents[name]),
+                                                tile_size), -1.0, 1.0)
+            results[name]["images"] = {f"{k}": v for k, v in fidelity(images["dense"], images[name]).items()}
         if name == "E-DiT + cache":
             edit_records = records
     out.mkdir(parents=True, exist_ok=True)
+    if images:
+        from PIL import Image
+
+        from pipelines.generate import to_uint8
+
+        for name, batch_images in images.items():
+            slug = name.replace(" + ", "-").replace(" ", "-").lower()
+            for i, image in enumerate(to_uint8(batch_images)):
+                Image.fromarray(image).save(out / f"{slug}-{i}.png")
     plot_router_map(out / "router_map.png", edit_records["executed"][:, 0], edit_records["bucket"][:, 0],
                     edit_records["cache_hit"][:, 0], block_groups=block_groups(config),
                     title=f"E-DiT + cache routing of prompt 0: {config.family}, {height}x{width}, {steps} steps")

@@ -102,3 +102,22 @@ def test_eval_of_a_checkpoint_without_routers_is_one_clear_error(tmp_path, capsy
             "--height", "32", "--width", "32", "--steps", "2"]
     assert main(args) == 2
     assert "has no routers to evaluate" in capsys.readouterr().err
+
+
+def test_eval_with_a_vae_compares_the_decoded_images_too(tiny_routed_ckpt, tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from tiny_pipeline import VAE_TINY
+
+    ckpt, emb = tiny_routed_ckpt  # flux-tiny reads 4 packed channels: a VAE of 1 latent channel
+    torch.manual_seed(0)
+    AutoencoderKL(**{**VAE_TINY, "latent_channels": 1}).save_pretrained(tmp_path / "vae")
+    args = ["eval", str(ckpt), "--embeddings", str(emb), "--out", str(tmp_path / "out"), "--height", "32",
+            "--width", "32", "--steps", "3", "--cache-start", "1", "--delta-margin", "0.3", "--repeats", "1",
+            "--vae", str(tmp_path / "vae")]
+    assert main(args) == 0
+
+    methods = json.loads((tmp_path / "out" / "eval.json").read_text())["methods"]
+    assert methods["dense"]["images"]["psnr_db"] == "inf" and 0 < methods["E-DiT + cache"]["images"]["ssim"] <= 1
+    assert (tmp_path / "out" / "e-dit-cache-1.png").is_file()
