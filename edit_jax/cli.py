@@ -434,9 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", "train a small DiT and E-DiT routers on real digits; judge them against dense, static "
                            "pruning, a per-step schedule and the cache at equal FLOPs (no downloads)", DEMO_HELP)
     demo.add_argument("--full", action="store_true",
-                      help="28x28 MNIST, 12 blocks, a sweep of three gate budgets (about 40 minutes on 2 cores)")
+                      help="28x28 MNIST, 10 blocks, a sweep of three gate budgets (about 30 minutes on 2 cores)")
     demo.add_argument("--settings", default="default", choices=["default", "tiny"],
-                      help="default: 8x8 digits, 8 blocks, one budget (a few minutes); tiny: seconds, for tests")
+                      help="default: 8x8 digits, 6 blocks, one budget (about 4.5 minutes); tiny: about a minute, for tests")
     demo.add_argument("--out", default="edit-jax-demo", help="output folder; a rerun reuses its trained checkpoints")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data split, weights, training and noise")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
