@@ -1,11 +1,10 @@
-"""The `edit-jax` command line: demo, convert, inspect.
+"""The `edit-jax` command line (README: CLI has every command; `edit-jax COMMAND --help` every flag).
 
-    edit-jax demo [--preset flux-small] [--out DIR]
-    edit-jax convert flux|qwen-image SRC DST [--format auto|diffusers|bfl|edit-release] [--dtype ...]
-                     [--config PRESET_OR_CONFIG_JSON] [--overwrite]
-    edit-jax sample CKPT --embeddings FILE --out DIR [--steps 28] [--elastic infer --cache] ...
-    edit-jax order-channels CKPT OUT [--calibration FILE.npz] [--overwrite]
-    edit-jax inspect CKPT [--json]
+    edit-jax demo [--full] [--out DIR]              the fidelity demo on real digits
+    edit-jax eval CKPT --embeddings FILE            dense vs E-DiT vs the cache on a real checkpoint
+    edit-jax generate --model DIR --prompt TEXT     prompts to PNGs (FLUX pipeline folder)
+    edit-jax prepare-data IMAGES OUT --model DIR    captioned images to a training dataset
+    edit-jax convert | export | inspect | order-channels | sample | train | smoke
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""Evaluation: the end-to-end demo, forward timing against diffusers, (later) FLOPs and quality."""
+"""Evaluation: the fidelity demo and its judge, metrics and baselines, `edit-jax eval`, the
+random-weight smoke run, pictures, and the benchmarks."""
