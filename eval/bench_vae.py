@@ -24,13 +24,20 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def torch_vae(seed: int = 0):
+def vae_config(channels: str | None):
+    """FLUX.1's VAE config, or one with other block widths ("32,32,64,64": quick runs)."""
+    from edit_jax.vae import AutoencoderKLConfig
+
+    if not channels:
+        return AutoencoderKLConfig()
+    widths = tuple(int(c) for c in channels.split(","))
+    return AutoencoderKLConfig(block_out_channels=widths, norm_num_groups=min(32, widths[0]))
+
+
+def torch_vae(cfg, seed: int = 0):
     import torch
     from diffusers import AutoencoderKL
 
-    from edit_jax.vae import AutoencoderKLConfig
-
-    cfg = AutoencoderKLConfig()
     torch.manual_seed(seed)
     blocks = len(cfg.block_out_channels)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
@@ -40,11 +47,12 @@ def torch_vae(seed: int = 0):
                          up_block_types=("UpDecoderBlock2D",) * blocks).eval()
 
 
-def run_side(side: str, size: int, runs: int, tile: int | None) -> dict:
+def run_side(side: str, size: int, runs: int, tile: int | None, channels: str | None = None) -> dict:
     import numpy as np
 
+    config = vae_config(channels)
     latents = np.random.default_rng(0).standard_normal((1, 16, size // 8, size // 8)).astype(np.float32)
-    vae = torch_vae()
+    vae = torch_vae(config)
     if side == "diffusers":
         import torch
 
@@ -59,9 +67,8 @@ def run_side(side: str, size: int, runs: int, tile: int | None) -> dict:
         from checkpoints_convert.engine import build_params
         from checkpoints_convert.sources import from_state_dict
         from checkpoints_convert.vae import vae_table
-        from edit_jax.vae import AutoencoderKL, AutoencoderKLConfig, decode_tiled
+        from edit_jax.vae import AutoencoderKL, decode_tiled
 
-        config = AutoencoderKLConfig()
         images = jax.ShapeDtypeStruct((1, 3, 16, 16), np.float32)
         abstract = jax.eval_shape(lambda x: AutoencoderKL(config).init(jax.random.key(0), x), images)["params"]
         params = build_params(vae_table(abstract), from_state_dict(vae.state_dict()), abstract)
@@ -89,16 +96,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=1024, help="image side, pixels")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tile", type=int, help="our tiled decode's tile, pixels (default: one tile)")
+    parser.add_argument("--channels", help="block widths instead of FLUX.1's 128,256,512,512 (quick runs)")
     parser.add_argument("--side", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # one side, in a child
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.side:
-        print(json.dumps(run_side(args.side, args.size, args.runs, args.tile)))
+        print(json.dumps(run_side(args.side, args.size, args.runs, args.tile, args.channels)))
         return {}
-    result = {"benchmark": "vae_decode", **environment(), "size": args.size, "tile": args.tile}
+    result = {"benchmark": "vae_decode", **environment(), "size": args.size, "tile": args.tile,
+              "channels": args.channels or "128,256,512,512"}
     for side in ("ours", "diffusers"):
         command = [sys.executable, "-m", "eval.bench_vae", "--side", side, "--size", str(args.size),
-                   "--runs", str(args.runs)] + (["--tile", str(args.tile)] if args.tile else [])
+                   "--runs", str(args.runs)] + (["--tile", str(args.tile)] if args.tile else []) + \
+                  (["--channels", args.channels] if args.channels else [])
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         result[side] = json.loads(done.stdout.strip().splitlines()[-1])
     result["ours_vs_diffusers_time"] = round(result["ours"]["decode_s"] / result["diffusers"]["decode_s"], 3)

@@ -16,11 +16,11 @@ def tiny_pipeline(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def photos(tmp_path):
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
     from PIL import Image
 
-    folder = tmp_path / "photos"
+    folder = tmp_path_factory.mktemp("images") / "photos"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name, size in (("square", (80, 80)), ("wide", (120, 70)), ("tall", (60, 100)), ("tiny", (20, 20)),
@@ -33,32 +33,41 @@ def photos(tmp_path):
     return folder
 
 
-def test_prepare_data_writes_bucketed_latents_and_reports_what_it_skipped(tiny_pipeline, photos, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def prepared(tiny_pipeline, photos, tmp_path_factory):
+    """The CLI run once for the module: (dataset folder, what it printed on stderr)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["prepare-data", str(photos), str(out), "--model", str(tiny_pipeline), "--resolution", "64",
+                     "--max-sequence-length", "16", "--quiet"]) == 0
+    return out, err.getvalue()
+
+
+def test_prepare_data_writes_bucketed_latents_and_reports_what_it_skipped(prepared):
     from train.dataset import read_manifest
 
-    out = tmp_path / "data"
-    assert main(["prepare-data", str(photos), str(out), "--model", str(tiny_pipeline), "--resolution", "64",
-                 "--max-sequence-length", "16", "--quiet"]) == 0
-
+    out, err = prepared
     manifest = read_manifest(out)
     assert manifest["count"] == 3 and manifest["family"] == "flux"
     assert sorted(tuple(b["latent_shape"]) for b in manifest["buckets"]) == [(4, 6, 10), (4, 8, 8), (4, 10, 6)]
     skipped = {r["file"]: r["reason"] for r in json.loads((out / "skipped.json").read_text())}
     assert skipped["uncaptioned.png"] == "no caption" and skipped["broken.png"].startswith("unreadable")
     assert skipped["tiny.png"].startswith("too small")
-    assert "skipped tiny.png: too small" in capsys.readouterr().err
-    assert not (tmp_path / "data.partial").exists()
+    assert "skipped tiny.png: too small" in err
+    assert not out.with_name("data.partial").exists()
 
 
-def test_the_trainer_reads_a_prepared_dataset(tiny_pipeline, photos, tmp_path):
+def test_the_trainer_reads_a_prepared_dataset(tiny_pipeline, prepared, tmp_path):
     from checkpoints_convert import convert_checkpoint
-    from pipelines.prepare_data import prepare_data
     from train.config import TrainConfig
     from train.loop import train
 
-    prepare_data(photos, tmp_path / "data", tiny_pipeline, resolution=64, max_sequence_length=16, progress=False)
     ckpt = convert_checkpoint("flux", tiny_pipeline / "transformer", tmp_path / "ckpt", dtype="float32", progress=False)
-    metrics = train(TrainConfig(checkpoint=str(ckpt), data=str(tmp_path / "data"), batch_size=1, steps=2, log_every=1,
+    metrics = train(TrainConfig(checkpoint=str(ckpt), data=str(prepared[0]), batch_size=1, steps=2, log_every=1,
                                 run_dir=str(tmp_path / "run")), progress=False, describe_setup=False)
     assert np.isfinite(float(metrics["loss"]))
 
