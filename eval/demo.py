@@ -35,6 +35,7 @@ from edit_jax.checkpoint import is_checkpoint, load_routers, resolve, save
 from edit_jax.config import FluxConfig
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import base_flops, layer_flops
+from edit_jax.models import build_model
 from edit_jax.sampler import SamplerConfig
 from eval import baselines, real_data
 from eval.judge import Judge
@@ -96,7 +97,7 @@ SETTINGS = {
 
 
 class DemoError(ValueError):
-    """The output folder holds results of other settings."""
+    """Demo settings that cannot be used (a bad --set)."""
 
 
 _START = time.perf_counter()
@@ -159,7 +160,7 @@ class Demo:
         channels, lh, lw = real_data.latent_shape(self.image_size, s.patch)
         self.grid = (lh // 2, lw // 2)
         self.config = s.model_config(channels)
-        self.model = __import__("edit_jax").build_model(self.config)
+        self.model = build_model(self.config)
         path = self.out / "data" / f"train-{digest([s.dataset, s.patch, s.validation_fraction, s.test_fraction, s.seed])}"
         self.train_data = path
         if not (path / "manifest.json").is_file():
@@ -193,10 +194,6 @@ class Demo:
         name = f"{name}-{digest({k: v for k, v in config.to_dict().items() if k != 'run_dir'})}"
         config = dataclasses.replace(config, save_every=config.steps, keep=1, run_dir=str(self.out / "runs" / name))
         final = Path(config.run_dir) / "edit-jax"
-        stored = Path(config.run_dir) / "config.json"
-        if stored.is_file() and json.loads(stored.read_text()) != json.loads(json.dumps(config.to_dict())):
-            raise DemoError(f"{config.run_dir} holds a training run of other settings; run the demo with another --out "
-                            "(or remove that folder)")
         if is_checkpoint(final):
             log(f"{name}: reusing {final}")
             return final
@@ -231,7 +228,9 @@ class Demo:
 
         rng = np.random.default_rng(self.s.seed + 100 + seed)
         pick = rng.choice(len(split[1]), size=min(count, len(split[1])), replace=False)
-        x0 = self.pack(real_data.to_latents(split[0][pick], self.s.patch))
+        from train.dataset import pack
+
+        x0 = pack(real_data.to_latents(split[0][pick], self.s.patch))
         s = rng.uniform(0.02, 0.98, size=len(pick)).astype(np.float32)
         noise = rng.standard_normal(x0.shape).astype(np.float32)
         x_t = (1 - s)[:, None, None] * x0 + s[:, None, None] * noise
@@ -242,11 +241,6 @@ class Demo:
                   **shared_inputs(self.config, *self.grid, 1)}
         inputs["target"] = jnp.asarray(noise - x0)
         return inputs if noisy else {k: v for k, v in inputs.items() if k != "target"}
-
-    def pack(self, latents: np.ndarray) -> np.ndarray:
-        from train.dataset import pack
-
-        return pack(latents)
 
     def prune_order(self) -> list[int]:
         """Static pruning's block order, greedy by the flow loss on validation images."""
