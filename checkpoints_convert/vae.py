@@ -1,7 +1,8 @@
-"""FLUX.1's VAE: our Flax AutoencoderKL params <-> diffusers' AutoencoderKL state dict.
+"""The VAEs: our Flax params <-> diffusers' state dicts, for FLUX.1's AutoencoderKL and
+Qwen-Image's AutoencoderKLQwenImage.
 
 Our module names are diffusers' with "_N" for a list index ("down_blocks_0/resnets_1/conv1"
-<-> "down_blocks.0.resnets.1.conv1"), so the table is built by one renaming rule per kind of
+<-> "down_blocks.0.resnets.1.conv1"), so a table is built by one renaming rule per kind of
 leaf, and reads both ways (every transform has its inverse).
 """
 
@@ -22,13 +23,30 @@ def conv_kernel(w: np.ndarray) -> np.ndarray:
     return np.transpose(w, (2, 3, 1, 0))
 
 
-def _conv_weight(k: np.ndarray) -> np.ndarray:
-    return np.transpose(k, (3, 2, 0, 1))
+conv_kernel.inverse = lambda k: np.transpose(k, (3, 2, 0, 1))
 
 
-conv_kernel.inverse = _conv_weight
+def conv3d_kernel(w: np.ndarray) -> np.ndarray:
+    """PyTorch Conv3d weight [out, in, kt, kh, kw] -> our kernel [kt, kh, kw, in, out]."""
+    return np.transpose(w, (2, 3, 4, 1, 0))
 
-LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}  # our leaf name -> diffusers'
+
+conv3d_kernel.inverse = lambda k: np.transpose(k, (4, 3, 0, 1, 2))
+
+
+def channel_vector(source_ndim: int):
+    """A per-channel parameter stored broadcastable ([C, 1, 1(, 1)]) -> our [C]."""
+
+    def squeeze(w: np.ndarray) -> np.ndarray:
+        return np.reshape(w, (-1,))
+
+    squeeze.inverse = lambda g: g.reshape(g.shape[0], *(1,) * (source_ndim - 1))
+    squeeze.__name__ = f"channel_vector[{source_ndim}d]"
+    return squeeze
+
+
+LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "gamma": "gamma"}  # our leaf name -> diffusers'
+KERNELS = {5: (conv3d_kernel,), 4: (conv_kernel,), 2: (transpose,)}  # by our kernel's rank
 
 
 def diffusers_key(path: str) -> str:
@@ -37,13 +55,30 @@ def diffusers_key(path: str) -> str:
     return ".".join(re.sub(r"_(\d+)$", r".\1", m) for m in modules) + "." + LEAVES[leaf]
 
 
+def _transforms(path: str, shape: tuple) -> tuple:
+    module, leaf = path.split("/")[-2:]
+    if leaf == "kernel":
+        return KERNELS.get(len(shape), ())
+    if leaf == "gamma":  # QwenImageRMS_norm: [C, 1, 1] in attention blocks (images), else [C, 1, 1, 1]
+        return (channel_vector(3 if module == "norm" else 4),)
+    return ()
+
+
 def vae_table(abstract: dict) -> dict[str, Src]:
-    """Our params <- diffusers AutoencoderKL, for every leaf of `abstract` (our param tree)."""
-    table = {}
-    for path, leaf in flatten(abstract).items():
-        transforms = {4: (conv_kernel,), 2: (transpose,)}.get(len(leaf.shape), ())
-        table[path] = Src(diffusers_key(path), transforms if path.endswith("kernel") else ())
-    return table
+    """Our params <- diffusers' VAE state dict, for every leaf of `abstract` (our param tree)."""
+    return {path: Src(diffusers_key(path), _transforms(path, leaf.shape)) for path, leaf in flatten(abstract).items()}
+
+
+def vae_config(config: dict):
+    """Our config from a diffusers vae/config.json dict, by its `_class_name`."""
+    from edit_jax.qwen_image_vae import AutoencoderKLQwenImageConfig
+    from edit_jax.vae import AutoencoderKLConfig
+
+    kinds = {"AutoencoderKL": AutoencoderKLConfig, "AutoencoderKLQwenImage": AutoencoderKLQwenImageConfig}
+    name = config.get("_class_name", "AutoencoderKL")
+    if name not in kinds:
+        raise ValueError(f"vae class {name!r} is not supported (only {', '.join(kinds)})")
+    return kinds[name].from_diffusers(config)
 
 
 def load_vae(folder: str | Path, dtype: str = "float32"):
@@ -54,15 +89,11 @@ def load_vae(folder: str | Path, dtype: str = "float32"):
     from checkpoints_convert.engine import build_params
     from checkpoints_convert.sources import SourceError, open_source
     from edit_jax.checkpoint import resolve
-    from edit_jax.vae import AutoencoderKL, AutoencoderKLConfig
+    from edit_jax.vae import abstract_vae
 
     folder = resolve(folder)
     if not (folder / "config.json").is_file():
         raise SourceError(f"{folder} is not a diffusers VAE folder: no config.json")
-    config = AutoencoderKLConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
-    size = 2 * config.downscale
-    images = jax.ShapeDtypeStruct((1, config.in_channels, size, size), np.float32)
-    abstract = jax.eval_shape(lambda x: AutoencoderKL(config).init(jax.random.key(0), x), images)["params"]
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.dtype(dtype)), abstract)
-    source = open_source(folder)
-    return config, build_params(vae_table(abstract), source, abstract)
+    config = vae_config(json.loads((folder / "config.json").read_text()))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.dtype(dtype)), abstract_vae(config))
+    return config, build_params(vae_table(abstract), open_source(folder), abstract)

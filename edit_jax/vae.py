@@ -2,9 +2,9 @@
 
     encode(images [B, 3, H, W] in [-1, 1]) -> the latent distribution's mean [B, C, H/f, W/f]
     decode(z [B, C, H/f, W/f]) -> images [B, 3, H, W]
-    to_model_latents(mean) = (mean - shift_factor) * scaling_factor    (what FluxPipeline feeds)
-    from_model_latents(x) = x / scaling_factor + shift_factor          (what it decodes)
-    decode_tiled(...)  decodes large images in overlapping, blended tiles (bounded memory)
+    config.to_model_latents(mean) = (mean - shift_factor) * scaling_factor    (what FluxPipeline feeds)
+    config.from_model_latents(x) = x / scaling_factor + shift_factor          (what it decodes)
+    decode_tiled(...)  decodes large images in overlapping, blended tiles (bounded memory; either VAE)
 
 f = 2^(number of blocks - 1) (8 for FLUX.1). Arrays are channels-first at the interface, as in
 diffusers, and channels-last inside. Param names follow diffusers' modules (`down_blocks_0/
@@ -55,6 +55,19 @@ class AutoencoderKLConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
         return cls(**values)
+
+    clamps_output = False
+
+    def module(self) -> AutoencoderKL:
+        return AutoencoderKL(self)
+
+    def to_model_latents(self, mean):
+        """The VAE's latents as the transformer reads them (before 2x2 packing)."""
+        return (mean - (self.shift_factor or 0.0)) * self.scaling_factor
+
+    def from_model_latents(self, latents):
+        """The transformer's latents (unpacked) as the VAE decodes them."""
+        return latents / self.scaling_factor + (self.shift_factor or 0.0)
 
 
 EPS = 1e-6
@@ -208,21 +221,12 @@ class AutoencoderKL(nn.Module):
         return self.decode(self.encode(images)[0])
 
 
-def to_model_latents(config: AutoencoderKLConfig, mean):
-    """The VAE's latents as the transformer reads them (before 2x2 packing)."""
-    return (mean - (config.shift_factor or 0.0)) * config.scaling_factor
-
-
-def from_model_latents(config: AutoencoderKLConfig, latents):
-    """The transformer's latents (unpacked) as the VAE decodes them."""
-    return latents / config.scaling_factor + (config.shift_factor or 0.0)
-
-
-def init_vae(config: AutoencoderKLConfig, seed: int = 0, size: int | None = None) -> dict:
-    """Random params (for tests); size: the image side used to trace shapes."""
-    size = size or 2 * config.downscale
-    images = jnp.zeros((1, config.in_channels, size, size), jnp.float32)
-    return AutoencoderKL(config).init(jax.random.key(seed), images)["params"]
+def abstract_vae(config) -> dict:
+    """The param tree's shapes (float32) of either VAE (AutoencoderKLConfig or
+    AutoencoderKLQwenImageConfig), traced without allocating."""
+    size = 2 * config.downscale
+    images = jax.ShapeDtypeStruct((1, 3, size, size), jnp.float32)
+    return jax.eval_shape(lambda x: config.module().init(jax.random.key(0), x), images)["params"]
 
 
 def _blend(a: np.ndarray, b: np.ndarray, extent: int, axis: int) -> None:
@@ -240,19 +244,21 @@ def _blend(a: np.ndarray, b: np.ndarray, extent: int, axis: int) -> None:
     b[tuple(head)] = a[tuple(tail)] * (1 - w) + b[tuple(head)] * w
 
 
-def decode_tiled(config: AutoencoderKLConfig, params: dict, z, tile_size: int = 1024, overlap: float = 0.25,
+def decode_tiled(config, params: dict, z, tile_size: int = 1024, overlap: float = 0.25,
                  progress=None) -> np.ndarray:
-    """decode() in overlapping tiles of tile_size x tile_size image pixels, blended linearly across
-    the overlaps, as diffusers' AutoencoderKL.tiled_decode (its tile_sample_min_size, FLUX.1's
-    sample_size 1024): memory is bounded by one tile whatever the image size. Latents no larger
-    than a tile are decoded whole. progress(n): called after each tile."""
+    """decode() of either VAE in overlapping tiles of tile_size x tile_size image pixels, blended
+    linearly across the overlaps, as diffusers' tiled_decode (AutoencoderKL's tile_sample_min_size,
+    FLUX.1's sample_size 1024; AutoencoderKLQwenImage's tile_sample_min_height/width with a stride
+    of 3/4 tile): memory is bounded by one tile whatever the image size. Latents no larger than a
+    tile are decoded whole. A VAE that clamps its output is clamped after blending.
+    progress(n): called after each tile."""
     latent_tile = tile_size // config.downscale
     if latent_tile < 1 or tile_size % config.downscale:
         raise ValueError(f"tile size {tile_size} px is not a positive multiple of the VAE's {config.downscale}x scale")
-    decode = _tile_decoder(config)
     z = np.asarray(z, np.float32)
     if z.shape[-2] <= latent_tile and z.shape[-1] <= latent_tile:
-        return np.asarray(decode(params, z))
+        return np.asarray(_tile_decoder(config, clamp=True)(params, z))
+    decode = _tile_decoder(config, clamp=False)
     step = int(latent_tile * (1 - overlap))
     extent = int(tile_size * overlap)
     limit = tile_size - extent
@@ -270,9 +276,11 @@ def decode_tiled(config: AutoencoderKLConfig, params: dict, z, tile_size: int = 
                 _blend(rows[i - 1][j], tile, extent, axis=2)
             if j > 0:
                 _blend(row[j - 1], tile, extent, axis=3)
-    return np.concatenate([np.concatenate([t[:, :, :limit, :limit] for t in row], axis=3) for row in rows], axis=2)
+    images = np.concatenate([np.concatenate([t[:, :, :limit, :limit] for t in row], axis=3) for row in rows], axis=2)
+    return np.clip(images, -1.0, 1.0) if config.clamps_output else images
 
 
 @functools.lru_cache(maxsize=8)
-def _tile_decoder(config: AutoencoderKLConfig):
-    return jax.jit(lambda params, z: AutoencoderKL(config).apply({"params": params}, z, method="decode"))
+def _tile_decoder(config, clamp: bool):
+    kwargs = {"clamp": clamp} if config.clamps_output else {}
+    return jax.jit(lambda params, z: config.module().apply({"params": params}, z, method="decode", **kwargs))

@@ -62,15 +62,12 @@ def run_side(side: str, size: int, runs: int, tile: int | None, channels: str | 
             with torch.no_grad():
                 return vae.decode(z).sample
     else:
-        import jax
-
         from checkpoints_convert.engine import build_params
         from checkpoints_convert.sources import from_state_dict
         from checkpoints_convert.vae import vae_table
-        from edit_jax.vae import AutoencoderKL, decode_tiled
+        from edit_jax.vae import abstract_vae, decode_tiled
 
-        images = jax.ShapeDtypeStruct((1, 3, 16, 16), np.float32)
-        abstract = jax.eval_shape(lambda x: AutoencoderKL(config).init(jax.random.key(0), x), images)["params"]
+        abstract = abstract_vae(config)
         params = build_params(vae_table(abstract), from_state_dict(vae.state_dict()), abstract)
         del vae
 

@@ -128,9 +128,9 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
         latents[name] = np.asarray(unpack_latents(x, height, width))
         results[name] = {**stats, **fidelity(latents["dense"], latents[name])}
         if decoder is not None:
-            from edit_jax.vae import decode_tiled, from_model_latents
+            from edit_jax.vae import decode_tiled
 
-            images[name] = np.clip(decode_tiled(decoder[0], decoder[1], from_model_latents(decoder[0], latents[name]),
+            images[name] = np.clip(decode_tiled(decoder[0], decoder[1], decoder[0].from_model_latents(latents[name]),
                                                 tile_size), -1.0, 1.0)
             results[name]["images"] = {f"{k}": v for k, v in fidelity(images["dense"], images[name]).items()}
         if name == "E-DiT + cache":

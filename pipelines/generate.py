@@ -85,7 +85,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     from edit_jax.elastic import ElasticConfig
     from edit_jax.latents import initial_noise, unpack_latents
     from edit_jax.sampler import SamplerConfig, make_conditions, sample
-    from edit_jax.vae import decode_tiled, from_model_latents
+    from edit_jax.vae import decode_tiled
     from pipelines.text_encoders import EmbeddingCache, FluxTextEncoder
 
     folder = resolve(model_dir)
@@ -127,7 +127,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     timings["denoise_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    z = from_model_latents(vae_config, np.asarray(unpack_latents(latents, height, width)))
+    z = vae_config.from_model_latents(np.asarray(unpack_latents(latents, height, width)))
     images = decode_tiled(vae_config, vae_params, z, tile_size)
     timings["decode_s"] = time.perf_counter() - t0
 

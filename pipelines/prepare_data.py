@@ -88,7 +88,6 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
     from tqdm.auto import tqdm
 
     from checkpoints_convert.vae import load_vae
-    from edit_jax.vae import AutoencoderKL, to_model_latents
     from pipelines.text_encoders import FluxTextEncoder
     from train.dataset import write_dataset
 
@@ -116,7 +115,7 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
     stamp.write_text(json.dumps(settings))
 
     vae_config, vae_params = load_vae(model_dir / "vae")
-    encode = jax.jit(lambda p, x: AutoencoderKL(vae_config).apply({"params": p}, x, method="encode")[0])
+    encode = jax.jit(lambda p, x: vae_config.module().apply({"params": p}, x, method="encode")[0])
     encoder = FluxTextEncoder(model_dir, max_sequence_length)
     chunks = [files[i : i + chunk] for i in range(0, len(files), chunk)]
     with tqdm(total=len(files), desc="prepare-data", unit="image", disable=not progress) as bar:
@@ -144,7 +143,7 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
                                                                 f"{bucket[1]}x{bucket[0]} bucket)"})
                     continue
                 pixels = np.asarray(fitted, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
-                latents = np.asarray(to_model_latents(vae_config, encode(vae_params, pixels)))[0]
+                latents = np.asarray(vae_config.to_model_latents(encode(vae_params, pixels)))[0]
                 rows.append((path.name, caption, latents))
             arrays = {"skipped": np.frombuffer(json.dumps(skipped).encode(), np.uint8)}
             if rows:

@@ -8,7 +8,7 @@ import torch
 from checkpoints_convert.sources import from_state_dict
 from checkpoints_convert.engine import build_params, ConversionError
 from checkpoints_convert.vae import load_vae, vae_table
-from edit_jax.vae import AutoencoderKL, AutoencoderKLConfig, from_model_latents, to_model_latents
+from edit_jax.vae import AutoencoderKL, AutoencoderKLConfig
 
 TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
             norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
@@ -66,8 +66,8 @@ def test_decode_matches_diffusers(tiny_vae, ours):
 def test_model_latents_are_the_pipelines_shift_and_scale_and_invert():
     config = AutoencoderKLConfig(**TINY)
     z = np.random.default_rng(2).standard_normal((1, 4, 4, 4)).astype(np.float32)
-    np.testing.assert_allclose(to_model_latents(config, z), (z - 0.1159) * 0.3611, rtol=1e-6)
-    np.testing.assert_allclose(from_model_latents(config, to_model_latents(config, z)), z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(config.to_model_latents(z), (z - 0.1159) * 0.3611, rtol=1e-6)
+    np.testing.assert_allclose(config.from_model_latents(config.to_model_latents(z)), z, rtol=1e-5, atol=1e-6)
 
 
 def test_the_table_reads_back_to_the_diffusers_state_dict(tiny_vae, ours):
