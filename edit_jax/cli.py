@@ -2,7 +2,7 @@
 
     edit-jax demo [--full] [--out DIR]              the fidelity demo on real digits
     edit-jax eval CKPT --embeddings FILE            dense vs E-DiT vs the cache on a real checkpoint
-    edit-jax generate --model DIR --prompt TEXT     prompts to PNGs (FLUX pipeline folder)
+    edit-jax generate --model DIR --prompt TEXT     prompts to PNGs (FLUX.1 / Qwen-Image pipeline folder)
     edit-jax prepare-data IMAGES OUT --model DIR    captioned images to a training dataset
     edit-jax convert | export | inspect | order-channels | sample | train | smoke
 """
@@ -345,8 +345,9 @@ def cmd_generate(args) -> int:
     from pipelines.generate import generate
 
     prompts = read_prompts(args)
-    result = generate(args.model, prompts, args.out, steps=args.steps, guidance=args.guidance, height=args.height,
-                      width=args.width, seed=args.seed, elastic=args.elastic, cache=args.cache,
+    result = generate(args.model, prompts, args.out, steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg,
+                      negative_prompt=args.negative_prompt, height=args.height, width=args.width, seed=args.seed,
+                      max_sequence_length=args.max_sequence_length, elastic=args.elastic, cache=args.cache,
                       cache_start=args.cache_start, tile_size=args.tile_size,
                       embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
                       progress=not args.quiet)
@@ -444,11 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=cmd_demo)
 
-    gen = command("generate", "prompts -> PNG images with a FLUX pipeline folder (text encoders, transformer, VAE)")
-    gen.add_argument("--model", required=True, help="pipeline folder: transformer/ (diffusers weights or an edit-jax "
-                                                      "checkpoint), vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/")
+    gen = command("generate", "prompts -> PNG images with a FLUX.1 or Qwen-Image pipeline folder (text encoders, "
+                              "transformer, VAE)")
+    gen.add_argument("--model", required=True, help="diffusers pipeline folder: model_index.json, transformer/ "
+                                                      "(diffusers weights or an edit-jax checkpoint), vae/, scheduler/, "
+                                                      "text encoders and tokenizers")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a \"prompt\" field")
+    gen.add_argument("--negative-prompt", help="the negative prompt of true CFG (with --true-cfg > 1)")
+    gen.add_argument("--true-cfg", type=float, default=1.0,
+                     help="> 1: true classifier-free guidance with --negative-prompt (Qwen-Image: typically 4)")
+    gen.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (FLUX: T5's; Qwen-Image: at most)")
     gen.add_argument("--out", default="edit-jax-images", help="folder for image-N.png, generate.json, router_map.png")
     add_sampling_arguments(gen)
     gen.add_argument("--elastic", default="dense", choices=["dense", "infer"], help="infer: E-DiT with the routers in transformer/")
@@ -464,11 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "embeddings in ArrayRecord files with a manifest)")
     prep.add_argument("images", help="folder of images (.png .jpg .jpeg .webp .bmp), captions in NAME.txt beside each")
     prep.add_argument("out", help="dataset folder to create")
-    prep.add_argument("--model", required=True, help="FLUX pipeline folder (its vae/ and text encoders are used)")
+    prep.add_argument("--model", required=True, help="FLUX.1 or Qwen-Image pipeline folder (its vae/ and text encoders are used)")
     prep.add_argument("--captions", help="JSONL of {\"file\": NAME, \"caption\": TEXT} instead of sidecar .txt files")
     prep.add_argument("--resolution", type=int, default=1024,
                       help="bucket size: about RESOLUTION^2 pixels at aspect ratios 1:1, 4:3, 3:2, 16:9 and their inverses")
-    prep.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens per caption")
+    prep.add_argument("--max-sequence-length", type=int, default=512, help="text tokens per caption (FLUX: T5; Qwen-Image: at most, padded with a mask)")
     prep.add_argument("--overwrite", action="store_true", help="replace OUT if it is an edit-jax dataset")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(run=cmd_prepare_data)

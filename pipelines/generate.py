@@ -1,12 +1,14 @@
-"""`edit-jax generate`: prompts to PNGs with a FLUX pipeline folder.
+"""`edit-jax generate`: prompts to PNGs with a FLUX.1 or Qwen-Image pipeline folder.
 
     edit-jax generate --model /models/FLUX.1-dev --prompt "a red fox in snow" --out out/
+    edit-jax generate --model /models/Qwen-Image --prompt "..." --negative-prompt " " --true-cfg 4 --out out/
 
-The folder is diffusers' pipeline layout: transformer/ (diffusers weights, or an edit-jax
-checkpoint, e.g. one with trained routers), vae/, text_encoder/ + tokenizer/ (CLIP),
-text_encoder_2/ + tokenizer_2/ (T5), scheduler/. Stages: encode (PyTorch, cached per prompt),
-denoise (JAX, dense or E-DiT with the cache), decode (the Flax VAE, tiled). Same components, seed
-and initial noise give FluxPipeline's image.
+The folder is diffusers' pipeline layout (model_index.json names the pipeline): transformer/
+(diffusers weights, or an edit-jax checkpoint, e.g. one with trained routers), vae/, scheduler/,
+and the text encoders with their tokenizers (FLUX: CLIP in text_encoder/, T5 in text_encoder_2/;
+Qwen-Image: Qwen2.5-VL in text_encoder/). Stages: encode (PyTorch, cached per prompt), denoise
+(JAX, dense or E-DiT with the cache), decode (the Flax VAE, tiled). Same components, seed and
+initial noise give FluxPipeline's or QwenImagePipeline's image.
 """
 
 from __future__ import annotations
@@ -21,24 +23,40 @@ import numpy as np
 
 from edit_jax.checkpoint import is_checkpoint, resolve
 
-COMPONENTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+PIPELINES = {  # model_index.json's _class_name -> (family, the components generate reads)
+    "FluxPipeline": ("flux", ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2",
+                              "tokenizer_2")),
+    "QwenImagePipeline": ("qwen-image", ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")),
+}
 
 
-def check_pipeline_folder(folder: Path) -> None:
+def pipeline_family(folder: Path, role: str = "--model", unused: tuple[str, ...] = ()) -> str:
+    """The model family of a diffusers pipeline folder, from its model_index.json; every missing
+    component (but the `unused` ones) named in one error."""
     from pipelines.text_encoders import missing_components
 
     if not folder.is_dir():
-        raise ValueError(f"--model {folder}: no such folder")
-    missing = missing_components(folder, COMPONENTS)
+        raise ValueError(f"{role} {folder}: no such folder")
+    try:
+        name = json.loads((folder / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{role} {folder} is not a diffusers pipeline folder (no readable model_index.json "
+                         f"with a _class_name: {e})") from e
+    if name not in PIPELINES:
+        raise ValueError(f"{role} {folder} holds a {name}; supported: {', '.join(PIPELINES)}")
+    family, components = PIPELINES[name]
+    components = tuple(c for c in components if c not in unused)
+    missing = missing_components(folder, components)
     if missing:
-        raise ValueError(f"--model {folder} is not a FLUX pipeline folder: no {', '.join(m + '/' for m in missing)} "
-                         f"(it needs {', '.join(COMPONENTS)})")
+        raise ValueError(f"{role} {folder} is not a complete {name} folder: no {', '.join(m + '/' for m in missing)} "
+                         f"(it needs {', '.join(components)})")
+    return family
 
 
-def load_transformer(folder: Path):
+def load_transformer(folder: Path, family: str):
     """(model, params, routers or None) from an edit-jax checkpoint or diffusers weights (converted in memory)."""
     import edit_jax
-    from checkpoints_convert import flux
+    from checkpoints_convert.convert import FAMILIES
     from checkpoints_convert.engine import build_params
     from checkpoints_convert.sources import open_source
     from edit_jax.checkpoint import load_routers
@@ -46,9 +64,11 @@ def load_transformer(folder: Path):
 
     if is_checkpoint(folder):
         model, params = edit_jax.load(folder)
+        if model.config.family != family:
+            raise ValueError(f"{folder} is a {model.config.family} checkpoint in a {family} pipeline folder")
         return model, params, load_routers(folder)
     source = open_source(folder)
-    config, table, _, router_table = flux.prepare(source)
+    config, table, _, router_table = FAMILIES[family].prepare(source)
     config = config.with_runtime(param_dtype="float32")
     params = build_params(table, source, abstract_params(config))
     routers = build_params(router_table, source, abstract_routers(config)) if router_table is not None else None
@@ -73,43 +93,66 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (x * 255).round().astype(np.uint8)
 
 
-def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: float = 3.5, height: int = 1024,
-             width: int = 1024, seed: int = 0, elastic: str = "dense", cache: bool = False, cache_start: int | None = None,
-             tile_size: int = 1024, embeddings_cache=None, noise=None, progress: bool = True) -> dict:
+def check_guidance(true_cfg: float, negative_prompt: str | None) -> None:
+    """diffusers' pipelines silently skip true CFG without a negative prompt; here it is an error."""
+    if true_cfg > 1 and negative_prompt is None:
+        raise ValueError(f"--true-cfg {true_cfg} needs --negative-prompt (use --negative-prompt ' ' for an empty one)")
+    if true_cfg <= 1 and negative_prompt is not None:
+        raise ValueError(f"--negative-prompt is only used with --true-cfg > 1 (got {true_cfg})")
+
+
+def conditions(config, embeds: dict, height: int, width: int) -> dict:
+    from edit_jax.sampler import make_conditions
+
+    return make_conditions(config, embeds["prompt_embeds"], height, width, embeds.get("pooled_prompt_embeds"),
+                           embeds.get("prompt_embeds_mask"))
+
+
+def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: float = 3.5, true_cfg: float = 1.0,
+             negative_prompt: str | None = None, height: int = 1024, width: int = 1024, seed: int = 0,
+             elastic: str = "dense", cache: bool = False, cache_start: int | None = None, tile_size: int = 1024,
+             max_sequence_length: int = 512, embeddings_cache=None, noise=None, progress: bool = True) -> dict:
     """Runs the three stages and writes OUT/image-N.png and OUT/generate.json; returns
-    {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. noise: packed initial latents (None:
-    drawn from the seed)."""
+    {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. guidance: FLUX.1-dev's embedded
+    guidance (ignored by models without one); true_cfg > 1 with a negative prompt: true
+    classifier-free guidance (Qwen-Image's usual 4.0). noise: packed initial latents (None: drawn
+    from the seed)."""
     from tqdm.auto import tqdm
 
     from checkpoints_convert.vae import load_vae
     from edit_jax.elastic import ElasticConfig
     from edit_jax.latents import initial_noise, unpack_latents
-    from edit_jax.sampler import SamplerConfig, make_conditions, sample
+    from edit_jax.sampler import SamplerConfig, sample
     from edit_jax.vae import decode_tiled
-    from pipelines.text_encoders import EmbeddingCache, FluxTextEncoder
+    from pipelines.text_encoders import TEXT_ENCODERS, EmbeddingCache
 
     folder = resolve(model_dir)
-    check_pipeline_folder(folder)
+    family = pipeline_family(folder)
     out = resolve(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder")
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT or --prompts FILE")
+    check_guidance(true_cfg, negative_prompt)
     timings = {}
 
     t0 = time.perf_counter()
-    encoder = FluxTextEncoder(folder)
-    embeds = encoder(prompts, EmbeddingCache(embeddings_cache) if embeddings_cache else None)
+    encoder = TEXT_ENCODERS[family](folder, max_sequence_length)
+    store = EmbeddingCache(embeddings_cache) if embeddings_cache else None
+    embeds = encoder(prompts, store)
+    negative = encoder([negative_prompt] * len(prompts), store) if negative_prompt is not None else None
     timings["encode_s"] = time.perf_counter() - t0
 
-    model, params, routers = load_transformer(folder / "transformer")
+    model, params, routers = load_transformer(folder / "transformer", family)
     config = model.config
     vae_config, vae_params = load_vae(folder / "vae")
     if 4 * vae_config.latent_channels != config.in_channels or vae_config.downscale != 8:
         raise ValueError(f"the VAE ({vae_config.latent_channels} latent channels, {vae_config.downscale}x) does not fit "
                          f"the transformer ({config.in_channels} packed channels, a 8x VAE)")
-    sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance, scheduler=load_scheduler(folder / "scheduler"))
-    cond = make_conditions(config, embeds["prompt_embeds"], height, width, embeds["pooled_prompt_embeds"])
+    sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg,
+                            scheduler=load_scheduler(folder / "scheduler"))
+    cond = conditions(config, embeds, height, width)
+    negative_cond = conditions(config, negative, height, width) if negative is not None else None
     if noise is None:
         noise = initial_noise(jax.random.key(seed), len(prompts), vae_config.latent_channels, height, width)
     settings = None
@@ -122,7 +165,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     t0 = time.perf_counter()
     with tqdm(total=steps, desc="denoise", unit="step", disable=not progress) as bar:
         latents, records = sample(model, params, noise, cond, sampler, routers=routers if settings else None,
-                                  elastic=settings, progress=(lambda i: bar.update(1)) if progress else None)
+                                  elastic=settings, negative_cond=negative_cond,
+                                  progress=(lambda i: bar.update(1)) if progress else None)
         latents = jax.block_until_ready(latents)
     timings["denoise_s"] = time.perf_counter() - t0
 
@@ -138,8 +182,9 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     for i, image in enumerate(to_uint8(images)):
         paths.append(out / f"image-{i}.png")
         Image.fromarray(image).save(paths[-1])
-    summary = {"model": str(folder), "prompts": prompts, "height": height, "width": width, "steps": steps,
-               "guidance": guidance, "seed": seed, "elastic": elastic, "cache": cache,
+    summary = {"model": str(folder), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
+               "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,
+               "seed": seed, "elastic": elastic, "cache": cache,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}, "images": [str(p) for p in paths],
                "backend": jax.default_backend()}
     records = jax.tree.map(np.asarray, records)

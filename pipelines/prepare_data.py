@@ -1,12 +1,14 @@
 """`edit-jax prepare-data`: a folder of captioned images -> the training dataset (train/dataset.py).
 
     edit-jax prepare-data photos/ data/photos --model /models/FLUX.1-dev --resolution 1024
+    edit-jax prepare-data photos/ data/photos-qwen --model /models/Qwen-Image
 
 Captions come from a sidecar `NAME.txt` beside each image, or from one JSONL file of
 {"file": NAME, "caption": TEXT} lines (--captions). Each image goes to the resolution bucket (a
 multiple of 16 px on each side, about resolution^2 pixels) nearest its aspect ratio, is resized to
-cover it and center-cropped, encoded by the Flax VAE (the latent mean, shifted and scaled as the
-pipeline does) and its caption by the text encoders. Work is staged in chunks under
+cover it and center-cropped, encoded by the pipeline folder's Flax VAE (the latent mean, normalised
+as the pipeline does: FLUX shift and scale, Qwen-Image per-channel mean and std) and its caption
+by the text encoders (Qwen-Image's embeddings padded to --max-sequence-length, with the mask). Work is staged in chunks under
 `OUT.partial/`, so an interrupted run resumes where it stopped; the dataset is written at the end,
 atomically, and the staging folder removed. Images that cannot be used are reported with the
 reason (unreadable, too small, no caption) in OUT/skipped.json.
@@ -88,8 +90,9 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
     from tqdm.auto import tqdm
 
     from checkpoints_convert.vae import load_vae
-    from pipelines.text_encoders import FluxTextEncoder
-    from train.dataset import write_dataset
+    from pipelines.generate import pipeline_family
+    from pipelines.text_encoders import TEXT_ENCODERS
+    from train.dataset import TEXT_FIELDS, write_dataset
 
     images_dir, out, model_dir = resolve(images_dir), resolve(out), resolve(model_dir)
     if not images_dir.is_dir():
@@ -98,9 +101,7 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
         raise ValueError(f"--resolution {resolution} must be a positive multiple of 16")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists (--overwrite replaces an edit-jax dataset)")
-    for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-        if not (model_dir / name).is_dir():
-            raise ValueError(f"--model {model_dir} has no {name}/ (prepare-data needs the VAE and the text encoders)")
+    family = pipeline_family(model_dir, unused=("transformer", "scheduler"))
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"IMAGES {images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -116,7 +117,7 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
 
     vae_config, vae_params = load_vae(model_dir / "vae")
     encode = jax.jit(lambda p, x: vae_config.module().apply({"params": p}, x, method="encode")[0])
-    encoder = FluxTextEncoder(model_dir, max_sequence_length)
+    encoder = TEXT_ENCODERS[family](model_dir, max_sequence_length)
     chunks = [files[i : i + chunk] for i in range(0, len(files), chunk)]
     with tqdm(total=len(files), desc="prepare-data", unit="image", disable=not progress) as bar:
         for index, group in enumerate(chunks):
@@ -147,11 +148,10 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
                 rows.append((path.name, caption, latents))
             arrays = {"skipped": np.frombuffer(json.dumps(skipped).encode(), np.uint8)}
             if rows:
-                text = encoder([caption for _, caption, _ in rows])
+                text = encoder([caption for _, caption, _ in rows], pad_to=max_sequence_length)
                 for n, (name, caption, latents) in enumerate(rows):
                     arrays[f"{n}/latents"] = latents
-                    arrays[f"{n}/prompt_embeds"] = text["prompt_embeds"][n]
-                    arrays[f"{n}/pooled_prompt_embeds"] = text["pooled_prompt_embeds"][n]
+                    arrays.update({f"{n}/{field}": text[field][n] for field in TEXT_FIELDS[family]})
                     arrays[f"{n}/caption"] = np.frombuffer(caption.encode(), np.uint8)
             tmp = staging / f".chunk-{index:05d}.npz"
             np.savez(tmp, **arrays)
@@ -169,12 +169,11 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
                     latents = data[f"{n}/latents"]
                     key = "x".join(map(str, latents.shape))
                     shapes[key] = shapes.get(key, 0) + 1
-                    yield {"latents": latents, "prompt_embeds": data[f"{n}/prompt_embeds"],
-                           "pooled_prompt_embeds": data[f"{n}/pooled_prompt_embeds"],
+                    yield {"latents": latents, **{field: data[f"{n}/{field}"] for field in TEXT_FIELDS[family]},
                            "caption": data[f"{n}/caption"].tobytes().decode()}
 
     try:
-        write_dataset(out, "flux", examples(), overwrite=overwrite)
+        write_dataset(out, family, examples(), overwrite=overwrite)
     except ValueError as e:
         if "no examples" in str(e):
             shutil.rmtree(staging)  # every chunk was done: nothing to resume

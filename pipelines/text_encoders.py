@@ -1,10 +1,12 @@
-"""FLUX.1's text encoders at the edge: CLIP-L (the pooled vector) and T5 (the token states), run
-with PyTorch through transformers from a local pipeline folder, exactly as diffusers'
-FluxPipeline.encode_prompt computes them (its own code does the tokenising and encoding).
+"""Text encoders at the edge, run with PyTorch through transformers from a local pipeline folder,
+exactly as the diffusers pipeline's own encode_prompt computes them (its code does the tokenising
+and encoding): FLUX.1's CLIP-L (the pooled vector) and T5 (the token states); Qwen-Image's
+Qwen2.5-VL text path (prompt template, dropped template prefix, last hidden states, mask).
 
     encoder = FluxTextEncoder("/models/FLUX.1-dev")
     embeds = encoder(["a cat"], cache=EmbeddingCache("~/.cache/edit-jax/prompt-embeddings"))
     embeds["prompt_embeds"] [B, 512, 4096], embeds["pooled_prompt_embeds"] [B, 768]
+    QwenImageTextEncoder("/models/Qwen-Image")(["a cat"]) -> prompt_embeds [B, T, 3584], prompt_embeds_mask [B, T]
 
 The cache keeps one .npz per (prompt, encoder weights and tokenizers, settings), so a prompt is
 encoded once.
@@ -19,9 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from edit_jax.checkpoint import resolve
-
-COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-
 
 def missing_components(folder: Path, names) -> list[str]:
     return [name for name in names if not (folder / name).is_dir()]
@@ -63,27 +62,72 @@ class EmbeddingCache:
         tmp.replace(self.path(key))
 
 
-class FluxTextEncoder:
-    """CLIP + T5 of a FLUX pipeline folder (its text_encoder, tokenizer, text_encoder_2, tokenizer_2)."""
+class TextEncoder:
+    """A pipeline's text encoding through its own `encode_prompt`, with the per-prompt cache.
+    Subclasses load the pipeline (`pipeline_class`, `components`) and define `encode` (a batch)
+    and `rows` (its per-prompt parts, as cached) and `stack` (rows back into a batch)."""
 
-    def __init__(self, folder: str | Path, max_sequence_length: int = 512, device: str | None = None):
+    family: str
+    pipeline_class: str
+    components: tuple[str, ...]
+
+    def __init__(self, folder: str | Path, max_sequence_length: int, device: str | None = None):
+        import diffusers
         import torch
-        from diffusers import FluxPipeline
 
         self.folder = resolve(folder)
-        missing = missing_components(self.folder, COMPONENTS)
+        missing = missing_components(self.folder, self.components)
         if missing:
-            raise ValueError(f"{self.folder} is not a FLUX pipeline folder with text encoders: no {', '.join(missing)}")
+            raise ValueError(f"{self.folder} is not a {self.family} pipeline folder with text encoders: "
+                             f"no {', '.join(missing)}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.max_sequence_length = max_sequence_length
-        self.pipe = FluxPipeline.from_pretrained(self.folder, transformer=None, vae=None, scheduler=None,
-                                                 dtype=torch.float32, local_files_only=True).to(self.device)
-        self.identity = fingerprint(self.folder, COMPONENTS)
+        pipeline = getattr(diffusers, self.pipeline_class)
+        self.pipe = pipeline.from_pretrained(self.folder, transformer=None, vae=None, scheduler=None,
+                                             dtype=torch.float32, local_files_only=True).to(self.device)
+        self.identity = fingerprint(self.folder, self.components)
 
     def key(self, prompt: str) -> str:
         settings = {"prompt": prompt, "encoders": self.identity, "max_sequence_length": self.max_sequence_length,
-                    "family": "flux"}
+                    "family": self.family}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+    def encode(self, prompts: list[str]) -> dict:
+        raise NotImplementedError
+
+    def rows(self, batch: dict) -> list[dict]:
+        count = len(next(iter(batch.values())))
+        return [{k: v[n] for k, v in batch.items()} for n in range(count)]
+
+    def stack(self, rows: list[dict], pad_to: int | None = None) -> dict:
+        return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+
+    def __call__(self, prompts: list[str], cache: EmbeddingCache | None = None, pad_to: int | None = None) -> dict:
+        """The batch of embeddings (float32 NumPy), each prompt encoded once with a cache."""
+        rows: dict[int, dict] = {}
+        if cache is not None:
+            for i, prompt in enumerate(prompts):
+                hit = cache.get(self.key(prompt))
+                if hit is not None:
+                    rows[i] = hit
+        todo = [i for i in range(len(prompts)) if i not in rows]
+        if todo:
+            for i, row in zip(todo, self.rows(self.encode([prompts[i] for i in todo]))):
+                rows[i] = row
+                if cache is not None:
+                    cache.put(self.key(prompts[i]), row)
+        return self.stack([rows[i] for i in range(len(prompts))], pad_to)
+
+
+class FluxTextEncoder(TextEncoder):
+    """CLIP + T5 of a FLUX pipeline folder: {"prompt_embeds" [B, T, 4096] (T = max_sequence_length),
+    "pooled_prompt_embeds" [B, 768]}."""
+
+    family, pipeline_class = "flux", "FluxPipeline"
+    components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+    def __init__(self, folder: str | Path, max_sequence_length: int = 512, device: str | None = None):
+        super().__init__(folder, max_sequence_length, device)
 
     def encode(self, prompts: list[str]) -> dict:
         import torch
@@ -93,19 +137,45 @@ class FluxTextEncoder:
                                                         max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds.float().cpu().numpy(), "pooled_prompt_embeds": pooled.float().cpu().numpy()}
 
-    def __call__(self, prompts: list[str], cache: EmbeddingCache | None = None) -> dict:
-        """{"prompt_embeds" [B, T, D], "pooled_prompt_embeds" [B, P]} float32, cached per prompt."""
-        rows: dict[int, dict] = {}
-        if cache is not None:
-            for i, prompt in enumerate(prompts):
-                hit = cache.get(self.key(prompt))
-                if hit is not None:
-                    rows[i] = hit
-        todo = [i for i in range(len(prompts)) if i not in rows]
-        if todo:
-            fresh = self.encode([prompts[i] for i in todo])
-            for n, i in enumerate(todo):
-                rows[i] = {k: v[n] for k, v in fresh.items()}
-                if cache is not None:
-                    cache.put(self.key(prompts[i]), rows[i])
-        return {k: np.stack([rows[i][k] for i in range(len(prompts))]) for k in ("prompt_embeds", "pooled_prompt_embeds")}
+
+class QwenImageTextEncoder(TextEncoder):
+    """Qwen2.5-VL's text path of a Qwen-Image pipeline folder: the prompt in the pipeline's
+    template, the last hidden states with the template's prefix dropped. {"prompt_embeds" [B, T, 3584],
+    "prompt_embeds_mask" [B, T]}: T is the batch's longest prompt (at most max_sequence_length, or
+    pad_to), shorter ones padded with zeros and mask 0, as the pipeline pads them."""
+
+    family, pipeline_class = "qwen-image", "QwenImagePipeline"
+    components = ("text_encoder", "tokenizer")
+
+    def __init__(self, folder: str | Path, max_sequence_length: int = 512, device: str | None = None):
+        if not 1 <= max_sequence_length <= 1024:
+            raise ValueError(f"max_sequence_length {max_sequence_length}: Qwen-Image reads 1 to 1024 tokens")
+        super().__init__(folder, max_sequence_length, device)
+
+    def encode(self, prompts: list[str]) -> dict:
+        import torch
+
+        with torch.no_grad():
+            embeds, mask = self.pipe.encode_prompt(prompts, device=self.device,
+                                                   max_sequence_length=self.max_sequence_length)
+        embeds = embeds.float().cpu().numpy()
+        mask = np.ones(embeds.shape[:2], np.int64) if mask is None else mask.cpu().numpy().astype(np.int64)
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+    def rows(self, batch: dict) -> list[dict]:
+        """Each prompt's valid tokens only (the pipeline's padding is at the end)."""
+        lengths = batch["prompt_embeds_mask"].sum(axis=1)
+        return [{"prompt_embeds": e[:n], "prompt_embeds_mask": m[:n]}
+                for e, m, n in zip(batch["prompt_embeds"], batch["prompt_embeds_mask"], lengths)]
+
+    def stack(self, rows: list[dict], pad_to: int | None = None) -> dict:
+        length = pad_to or max(len(row["prompt_embeds_mask"]) for row in rows)
+        embeds = np.zeros((len(rows), length, rows[0]["prompt_embeds"].shape[-1]), np.float32)
+        mask = np.zeros((len(rows), length), np.int64)
+        for n, row in enumerate(rows):
+            embeds[n, : len(row["prompt_embeds"])] = row["prompt_embeds"]
+            mask[n, : len(row["prompt_embeds_mask"])] = row["prompt_embeds_mask"]
+        return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+
+TEXT_ENCODERS = {cls.family: cls for cls in (FluxTextEncoder, QwenImageTextEncoder)}

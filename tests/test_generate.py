@@ -86,3 +86,66 @@ def test_a_folder_without_a_component_is_one_error_naming_it(tiny_pipeline, tmp_
     assert main(["generate", "--model", str(broken), "--prompt", "a cat", "--out", str(tmp_path / "o")]) == 2
     assert "no vae/" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_pipeline(tmp_path_factory):
+    from tiny_pipeline import make_tiny_qwen_pipeline
+
+    folder = tmp_path_factory.mktemp("pipeline") / "Qwen-Image-tiny"
+    return make_tiny_qwen_pipeline(folder), folder
+
+
+def test_qwen_text_embeddings_equal_the_pipelines_encode_prompt(tiny_qwen_pipeline):
+    from pipelines.text_encoders import QwenImageTextEncoder
+
+    pipe, folder = tiny_qwen_pipeline
+    ours = QwenImageTextEncoder(folder, device="cpu")(PROMPTS)
+    with torch.no_grad():
+        embeds, mask = pipe.encode_prompt(PROMPTS, device="cpu")
+    np.testing.assert_array_equal(ours["prompt_embeds"], embeds.numpy())
+    np.testing.assert_array_equal(ours["prompt_embeds_mask"], mask.numpy())  # the shorter prompt is padded
+    assert ours["prompt_embeds_mask"][1].sum() < ours["prompt_embeds_mask"][0].sum()
+
+
+def test_cached_qwen_prompts_are_padded_to_the_batchs_longest(tiny_qwen_pipeline, tmp_path):
+    from pipelines.text_encoders import EmbeddingCache, QwenImageTextEncoder
+
+    _, folder = tiny_qwen_pipeline
+    encoder, cache = QwenImageTextEncoder(folder, device="cpu"), EmbeddingCache(tmp_path / "cache")
+    together = encoder(PROMPTS)
+    apart = [encoder([p], cache) for p in PROMPTS]
+    again = encoder(PROMPTS, cache)  # both rows from the cache
+    np.testing.assert_array_equal(again["prompt_embeds_mask"], together["prompt_embeds_mask"])
+    np.testing.assert_allclose(again["prompt_embeds"], together["prompt_embeds"], rtol=1e-5, atol=1e-6)
+    assert apart[1]["prompt_embeds"].shape[1] == apart[1]["prompt_embeds_mask"].sum()  # alone: no padding
+
+
+def test_generate_equals_the_diffusers_qwen_image_pipeline_with_true_cfg(tiny_qwen_pipeline, tmp_path):
+    from pipelines.generate import generate
+
+    pipe, folder = tiny_qwen_pipeline
+    noise = np.random.default_rng(0).standard_normal((2, 12, 16)).astype(np.float32)  # 64 x 48 px
+    with torch.no_grad():
+        ref = pipe(PROMPTS, negative_prompt=[" "] * 2, true_cfg_scale=4.0, latents=torch.from_numpy(noise), height=64,
+                   width=48, num_inference_steps=3, output_type="np").images
+    result = generate(folder, PROMPTS, tmp_path / "out", steps=3, true_cfg=4.0, negative_prompt=" ", height=64,
+                      width=48, noise=noise, progress=False)
+    ours = np.clip(result["images"] / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    assert relative_error(ours, ref) <= 1e-4
+    assert result["summary"]["family"] == "qwen-image"
+
+
+def test_true_cfg_without_a_negative_prompt_is_one_clear_error(tiny_qwen_pipeline, tmp_path, capsys):
+    _, folder = tiny_qwen_pipeline
+    assert main(["generate", "--model", str(folder), "--prompt", "a cat", "--true-cfg", "4",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--true-cfg 4.0 needs --negative-prompt" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_of_another_pipeline_is_one_error_naming_it(tmp_path, capsys):
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert main(["generate", "--model", str(tmp_path / "sd"), "--prompt", "a cat", "--out", str(tmp_path / "o")]) == 2
+    assert "holds a StableDiffusionPipeline; supported: FluxPipeline, QwenImagePipeline" in capsys.readouterr().err

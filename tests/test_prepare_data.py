@@ -79,19 +79,19 @@ def test_an_interrupted_run_resumes_without_encoding_finished_chunks_again(tiny_
     calls = []
     original = FluxTextEncoder.__call__
 
-    def interrupted(self, prompts, cache=None):
+    def interrupted(self, prompts, cache=None, **kwargs):
         calls.append(list(prompts))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, prompts, cache)
+        return original(self, prompts, cache, **kwargs)
 
     monkeypatch.setattr(FluxTextEncoder, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
         module.prepare_data(photos, tmp_path / "data", tiny_pipeline, resolution=64, max_sequence_length=16, chunk=1,
                             progress=False)
     assert not (tmp_path / "data").exists() and (tmp_path / "data.partial").is_dir()
-    monkeypatch.setattr(FluxTextEncoder, "__call__", lambda self, prompts, cache=None: calls.append(list(prompts))
-                        or original(self, prompts, cache))
+    monkeypatch.setattr(FluxTextEncoder, "__call__", lambda self, prompts, cache=None, **kwargs:
+                        calls.append(list(prompts)) or original(self, prompts, cache, **kwargs))
     report = module.prepare_data(photos, tmp_path / "data", tiny_pipeline, resolution=64, max_sequence_length=16,
                                  chunk=1, progress=False)
     assert report["written"] == 3
@@ -106,3 +106,23 @@ def test_images_without_a_usable_one_is_one_clear_error(tiny_pipeline, tmp_path,
     assert main(["prepare-data", str(folder), str(tmp_path / "d"), "--model", str(tiny_pipeline), "--quiet"]) == 2
     assert "no usable images" in capsys.readouterr().err
     assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
+
+
+def test_a_qwen_image_dataset_holds_padded_embeddings_and_masks_the_trainer_reads(photos, tmp_path):
+    from edit_jax.config import from_diffusers_config
+    from tiny_pipeline import make_tiny_qwen_pipeline
+    from train.dataset import check_fits, make_pipeline, read_manifest
+
+    folder = tmp_path / "Qwen-Image-tiny"
+    make_tiny_qwen_pipeline(folder)
+    out = tmp_path / "data"
+    assert main(["prepare-data", str(photos), str(out), "--model", str(folder), "--resolution", "64",
+                 "--max-sequence-length", "256", "--quiet"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["family"] == "qwen-image" and manifest["count"] == 3
+    assert manifest["fields"]["prompt_embeds"]["shape"] == [256, 16]
+    assert manifest["fields"]["prompt_embeds_mask"]["shape"] == [256]
+    check_fits(manifest, from_diffusers_config(folder / "transformer" / "config.json", "qwen-image"), out)
+    batch = next(iter(make_pipeline(out, batch_size=1, seed=0).to_iter_dataset()))
+    mask = batch["encoder_hidden_states_mask"][0]
+    assert 0 < mask.sum() < 256 and not batch["encoder_hidden_states"][0][mask == 0].any()  # zero padding, masked
