@@ -1,11 +1,13 @@
-"""Decode time and peak memory of our Flax FLUX VAE against diffusers' AutoencoderKL, same random
-weights (through the conversion table), same latents; each side in its own process so that its
-peak resident memory (VmHWM) is its own.
+"""Decode time and peak memory of our Flax VAEs against diffusers' (AutoencoderKL for FLUX.1,
+AutoencoderKLQwenImage for Qwen-Image), same random weights (through the conversion table), same
+latents; each side in its own process so that its peak resident memory (VmHWM) is its own.
 
-    python -m eval.bench_vae --size 1024 --runs 3            # FLUX.1's VAE config, 1024x1024
-    python -m eval.bench_vae --size 1024 --tile 512          # ours decoding in 512 px tiles
+    python -m eval.bench_vae --size 1024 --runs 3                      # FLUX.1's VAE, 1024x1024
+    python -m eval.bench_vae --vae qwen-image --size 1024              # Qwen-Image's VAE
+    python -m eval.bench_vae --vae qwen-image --size 2048 --tile 1024  # both sides in 1024 px tiles
 
-Prints JSON (seconds: median of --runs after a warm-up call; peak RSS in GiB); --out writes it.
+Prints JSON (seconds: median of --runs after a warm-up call, or the first call with --runs 0;
+peak RSS in GiB); --out writes it.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ def peak_rss_gib() -> float:
     return float("nan")
 
 
-def vae_config(channels: str | None):
-    """FLUX.1's VAE config, or one with other block widths ("32,32,64,64": quick runs)."""
+def vae_config(vae: str, channels: str | None):
+    """The real config of FLUX.1's or Qwen-Image's VAE, or one of other widths for quick runs
+    (FLUX: block widths "32,32,64,64"; Qwen-Image: the base width "16")."""
+    from edit_jax.qwen_image_vae import AutoencoderKLQwenImageConfig
     from edit_jax.vae import AutoencoderKLConfig
 
+    if vae == "qwen-image":
+        return AutoencoderKLQwenImageConfig(**({"base_dim": int(channels)} if channels else {}))
     if not channels:
         return AutoencoderKLConfig()
     widths = tuple(int(c) for c in channels.split(","))
@@ -35,10 +41,17 @@ def vae_config(channels: str | None):
 
 
 def torch_vae(cfg, seed: int = 0):
+    import dataclasses
+
     import torch
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
+
+    from edit_jax.qwen_image_vae import AutoencoderKLQwenImageConfig
 
     torch.manual_seed(seed)
+    if isinstance(cfg, AutoencoderKLQwenImageConfig):
+        return AutoencoderKLQwenImage(**{k: list(v) if isinstance(v, tuple) else v
+                                         for k, v in dataclasses.asdict(cfg).items()}).eval()
     blocks = len(cfg.block_out_channels)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
                          block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
@@ -47,16 +60,32 @@ def torch_vae(cfg, seed: int = 0):
                          up_block_types=("UpDecoderBlock2D",) * blocks).eval()
 
 
-def run_side(side: str, size: int, runs: int, tile: int | None, channels: str | None = None) -> dict:
+def enable_torch_tiling(vae, tile: int) -> None:
+    """diffusers' tiled decode at a tile of `tile` pixels, overlapping by a quarter (as ours)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    if isinstance(vae, AutoencoderKLQwenImage):
+        vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
+                          tile_sample_stride_height=tile * 3 // 4, tile_sample_stride_width=tile * 3 // 4)
+    else:
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // 8
+
+
+def run_side(side: str, vae_name: str, size: int, runs: int, tile: int | None, channels: str | None = None) -> dict:
     import numpy as np
 
-    config = vae_config(channels)
+    config = vae_config(vae_name, channels)
     latents = np.random.default_rng(0).standard_normal((1, 16, size // 8, size // 8)).astype(np.float32)
     vae = torch_vae(config)
     if side == "diffusers":
         import torch
 
         z = torch.from_numpy(latents)
+        if config.clamps_output:  # the video VAE takes a frame axis
+            z = z[:, :, None]
+        if tile:
+            enable_torch_tiling(vae, tile)
 
         def decode():
             with torch.no_grad():
@@ -77,7 +106,7 @@ def run_side(side: str, size: int, runs: int, tile: int | None, channels: str | 
     t0 = time.perf_counter()
     decode()
     first = time.perf_counter() - t0
-    times = []
+    times = [first] if runs == 0 else []
     for _ in range(runs):
         t0 = time.perf_counter()
         decode()
@@ -90,20 +119,22 @@ def main(argv=None) -> dict:
     from eval.report import emit, environment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", default="flux", choices=["flux", "qwen-image"], help="which VAE")
     parser.add_argument("--size", type=int, default=1024, help="image side, pixels")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--tile", type=int, help="our tiled decode's tile, pixels (default: one tile)")
-    parser.add_argument("--channels", help="block widths instead of FLUX.1's 128,256,512,512 (quick runs)")
+    parser.add_argument("--runs", type=int, default=3, help="timed decodes after the first (0: time the first)")
+    parser.add_argument("--tile", type=int, help="tiled decode on both sides, tile in pixels (default: untiled)")
+    parser.add_argument("--channels", help="quick runs: FLUX block widths instead of 128,256,512,512, or "
+                                           "Qwen-Image's base width instead of 96")
     parser.add_argument("--side", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # one side, in a child
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.side:
-        print(json.dumps(run_side(args.side, args.size, args.runs, args.tile, args.channels)))
+        print(json.dumps(run_side(args.side, args.vae, args.size, args.runs, args.tile, args.channels)))
         return {}
-    result = {"benchmark": "vae_decode", **environment(), "size": args.size, "tile": args.tile,
-              "channels": args.channels or "128,256,512,512"}
+    result = {"benchmark": "vae_decode", **environment(), "vae": args.vae, "size": args.size, "tile": args.tile,
+              "channels": args.channels or ("96" if args.vae == "qwen-image" else "128,256,512,512")}
     for side in ("ours", "diffusers"):
-        command = [sys.executable, "-m", "eval.bench_vae", "--side", side, "--size", str(args.size),
+        command = [sys.executable, "-m", "eval.bench_vae", "--side", side, "--vae", args.vae, "--size", str(args.size),
                    "--runs", str(args.runs)] + (["--tile", str(args.tile)] if args.tile else []) + \
                   (["--channels", args.channels] if args.channels else [])
         done = subprocess.run(command, capture_output=True, text=True, check=True)

@@ -84,10 +84,12 @@ def test_train_benchmark_reports_one_device_beside_eight(tmp_path):
     assert json.loads((tmp_path / "train.json").read_text())["preset"] == "flux-tiny"
 
 
-def test_vae_benchmark_reports_both_sides_time_and_peak_memory(tmp_path):
+@pytest.mark.parametrize("vae", [["--channels", "8,8,16,16"], ["--vae", "qwen-image", "--channels", "4", "--tile", "16"]],
+                         ids=["flux", "qwen-image-tiled"])
+def test_vae_benchmark_reports_both_sides_time_and_peak_memory(vae, tmp_path):
     from eval.bench_vae import main
 
-    result = main(["--size", "32", "--runs", "1", "--channels", "8,8,16,16", "--out", str(tmp_path / "vae.json")])
+    result = main(["--size", "32", "--runs", "1", *vae, "--out", str(tmp_path / "vae.json")])
     for side in ("ours", "diffusers"):
         assert result[side]["decode_s"] > 0 and result[side]["peak_rss_gib"] > 0
     assert result["ours_vs_diffusers_time"] > 0 and (tmp_path / "vae.json").is_file()
