@@ -75,7 +75,8 @@ class FluxSingleAttention(nn.Module):
 
 class FluxSingleBlock(nn.Module):
     """Single-stream parallel block over the joint sequence x [B, T + N, D]: attention and MLP
-    read the same modulated input and share one output projection (proj_out [D + M, D]).
+    read the same modulated input and share one output projection (proj_out [D + M, D]), taken as
+    two matmuls into one sum (attention rows, MLP rows) instead of one over their concatenation.
 
     Elastic width (our choice; the paper released no FLUX code): the MLP half, proj_mlp columns
     [:m] and the matching proj_out rows D..D+m. The router reads the joint sequence.
@@ -102,8 +103,7 @@ class FluxSingleBlock(nn.Module):
         if hidden_mask is not None:
             mlp = mlp * hidden_mask[:, None, :].astype(mlp.dtype)
         attn = self.attn(h, cos, sin)
-        in_size = None if width is None else cfg.inner_dim + width
-        out = self.proj_out(jnp.concatenate([attn, mlp], axis=-1), in_size=in_size)
+        out = self.proj_out((attn, mlp))
         return constrain(x + gate[:, None] * out, TOKENS)
 
     def __call__(self, x, per_layer, temb, cos, sin, step):

@@ -32,17 +32,20 @@ def dtype_of(name: str) -> Dtype:
 class Linear(nn.Module):
     """y = x @ kernel + bias, kernel [in, out] (PyTorch's Linear weight transposed).
 
-    `axes` are the logical names of the kernel's (in, out) axes. `in_size`/`out_size` use only the
-    first rows/columns of the kernel: static slices, so a narrow call really does fewer FLOPs
-    (the elastic MLP width buckets). `collection` puts the params in another variable collection
-    (the E-DiT routers live in "routers", apart from the base "params").
+    `axes` are the logical names of the kernel's (in, out) axes. An input narrower than
+    `in_features` meets only the kernel's first rows, and `out_size` keeps only its first columns:
+    static slices, so a narrow call really does fewer FLOPs (the elastic MLP width buckets). x may
+    be a tuple of parts whose features, in order, make up the input: each part meets its own rows
+    and the products are summed, so the concatenation is never written. `collection` puts the
+    params in another variable collection (the E-DiT routers live in "routers", apart from the
+    base "params").
     """
 
     features: int
     axes: tuple[str, str]
     runtime: RuntimeConfig
     use_bias: bool = True
-    in_features: int | None = None  # needed only when called with in_size
+    in_features: int | None = None  # needed only when called with fewer input features
     collection: str = "params"
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
@@ -56,16 +59,18 @@ class Linear(nn.Module):
         return self.variable(self.collection, name, lambda: init(self.make_rng("params"), shape, dtype)).value
 
     @nn.compact
-    def __call__(self, x: jax.Array, in_size: int | None = None, out_size: int | None = None):
-        if in_size is not None and self.in_features is None:
-            raise ValueError("a Linear called with in_size needs its full in_features")
-        kernel = self._weight("kernel", self.kernel_init, self.axes, (self.in_features or x.shape[-1], self.features))
-        if in_size is not None:
-            kernel = kernel[:in_size]
+    def __call__(self, x: jax.Array | tuple[jax.Array, ...], out_size: int | None = None):
+        parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        rows = sum(p.shape[-1] for p in parts)
+        kernel = self._weight("kernel", self.kernel_init, self.axes, (self.in_features or rows, self.features))
         if out_size is not None:
             kernel = kernel[:, :out_size]
         dtype = dtype_of(self.runtime.dtype)
-        y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        start, y = 0, 0
+        for part in parts:
+            stop = start + part.shape[-1]
+            y = y + jnp.dot(part.astype(dtype), kernel[start:stop].astype(dtype))
+            start = stop
         if self.use_bias:
             bias = self._weight("bias", self.bias_init, self.axes[1:], (self.features,))
             if out_size is not None:
@@ -170,7 +175,7 @@ class MLP(nn.Module):
         if hidden_mask is not None:
             h = h * hidden_mask[:, None, :].astype(h.dtype)
         fc2 = Linear(dim, ("mlp", "embed"), self.runtime, in_features=self.hidden_dim, name="fc2")
-        return fc2(h, in_size=width)
+        return fc2(h)
 
 
 def timestep_frequencies(dim: int = 256, max_period: float = 10000.0) -> np.ndarray:
