@@ -269,3 +269,19 @@ def test_released_routers_give_the_p_and_q_of_spec_section_1(tmp_path):
                             np.concatenate([txt_valid, np.ones((2, 6), bool)], 1).astype(np.float64), temb.astype(np.float64))
         np.testing.assert_allclose(jax.nn.sigmoid(gate), p, rtol=1e-5)
         np.testing.assert_allclose(jax.nn.softmax(widths), q, rtol=1e-5, atol=1e-7)
+
+
+def test_the_flux_single_block_projects_attention_and_mlp_without_concatenating_them():
+    case = Case("flux")
+    closed = jax.make_jaxpr(lambda r: case.elastic(INFER, routers=r)[0])(case.routers)
+    cfg = case.config
+    wide = [s for s in _shapes_of(closed.jaxpr, "concatenate") if len(s) == 3 and s[-1] > cfg.inner_dim]
+    assert not wide, wide  # no [B, L, D + width] input to proj_out is ever written
+
+
+def _shapes_of(jaxpr, primitive: str):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            yield from (tuple(v.aval.shape) for v in eqn.outvars)
+        for sub in _subjaxprs(eqn):
+            yield from _shapes_of(sub, primitive)
