@@ -93,3 +93,11 @@ def test_vae_benchmark_reports_both_sides_time_and_peak_memory(vae, tmp_path):
     for side in ("ours", "diffusers"):
         assert result[side]["decode_s"] > 0 and result[side]["peak_rss_gib"] > 0
     assert result["ours_vs_diffusers_time"] > 0 and (tmp_path / "vae.json").is_file()
+
+
+def test_layer_stack_benchmark_times_every_loop_form_and_counts_its_weight_slices():
+    from eval.bench_layer_stack import main
+
+    result = main(["--layers", "2", "--dim", "8", "--hidden", "16", "--tokens", "4", "--runs", "2"])
+    assert set(result["median_ms"]) == {"scan", "scan_unroll2", "fori_closed", "unrolled_static", "separate_arrays"}
+    assert result["weight_slices_in_hlo"]["separate_arrays"] == 0 and result["over_scan"]["scan"] == 1.0
