@@ -187,12 +187,13 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
                "seed": seed, "elastic": elastic, "cache": cache,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}, "images": [str(p) for p in paths],
                "backend": jax.default_backend()}
+    from eval.sampling_eval import routing_stats
+
     records = jax.tree.map(np.asarray, records)
+    summary["routing"] = routing_stats(config, records, noise.shape[1], cond["encoder_hidden_states"].shape[1], steps)
     if records:
         from eval.pictures import block_groups, plot_router_map
-        from eval.sampling_eval import routing_stats
 
-        summary["routing"] = routing_stats(config, records, noise.shape[1], cond["encoder_hidden_states"].shape[1], steps)
         summary["router_map"] = str(plot_router_map(
             out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0], records["cache_hit"][:, 0],
             title=f"E-DiT routing of prompt 0, {height}x{width}, {steps} steps", block_groups=block_groups(config)))

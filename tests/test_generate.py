@@ -134,6 +134,7 @@ def test_generate_equals_the_diffusers_qwen_image_pipeline_with_true_cfg(tiny_qw
     ours = np.clip(result["images"] / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
     assert relative_error(ours, ref) <= 1e-4
     assert result["summary"]["family"] == "qwen-image"
+    assert result["summary"]["routing"]["flops_vs_dense"] == 1.0 and result["summary"]["routing"]["flops_per_step"] > 0
 
 
 def test_true_cfg_without_a_negative_prompt_is_one_clear_error(tiny_qwen_pipeline, tmp_path, capsys):
