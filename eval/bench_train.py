@@ -30,7 +30,8 @@ def run(devices: int, mesh: dict, args) -> dict:
         overrides = [f"run_dir={tmp}/run", f"preset={args.preset}", f"steps={args.steps}", f"batch_size={args.batch}",
                      f"height={args.height}", f"width={args.width}", f"num_txt={args.txt}", "log_every=1",
                      f"save_every={args.steps}", *[f"mesh.{k}={v}" for k, v in mesh.items()]]
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
         done = subprocess.run([sys.executable, "-m", "edit_jax.cli", "train", *overrides, "--quiet"], env=env,
                               capture_output=True, text=True)
         if done.returncode:

@@ -171,7 +171,7 @@ def test_the_cli_trains_from_overrides_alone(tmp_path, capsys):
 def run_cli(run_dir, devices, *overrides, env_extra=None, wait=True):
     args = [sys.executable, "-m", "edit_jax.cli", "train", f"run_dir={run_dir}", "steps=2", "batch_size=8", "num_txt=4",
             "learning_rate=1e-2", "warmup_steps=1", "lr_schedule=constant", "log_every=1", *overrides, "--quiet"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
            **(env_extra or {})}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:

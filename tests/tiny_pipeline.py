@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from edit_jax.schedules import SCHEDULERS
-from reference import make_diffusers_flux, make_diffusers_qwen
+from reference import make_diffusers_flux, make_diffusers_qwen, randomize_
 
 CHARS = list(string.ascii_lowercase + string.digits + ".,!?'-")
 VAE_TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
@@ -108,10 +108,7 @@ def make_tiny_qwen_pipeline(folder: Path):
                            patch_size=2, spatial_merge_size=1, temporal_patch_size=1, window_size=4,
                            fullatt_block_indexes=[0]))).eval()
     torch.manual_seed(1)
-    vae = AutoencoderKLQwenImage(**QWEN_VAE_TINY).eval()
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    vae = randomize_(AutoencoderKLQwenImage(**QWEN_VAE_TINY).eval(), scale=0.05)
     scheduler = FlowMatchEulerDiscreteScheduler(**dataclasses.asdict(SCHEDULERS["qwen-image"]))
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=make_diffusers_qwen())
