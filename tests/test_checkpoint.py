@@ -105,8 +105,10 @@ write_checkpoint(sys.argv[1], edit_jax.preset("flux-tiny"), {"params": groups()}
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_write_stopped_by_a_signal_leaves_nothing_behind(tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # a shell's background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    default_signals = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(tmp_path / "ckpt")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_signals)
     deadline = time.time() + 120
     while proc.stdout.readline().strip() != "first group written":
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
