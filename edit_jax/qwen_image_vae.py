@@ -151,8 +151,7 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         b, h, w, c = x.shape
-        tokens = RMSNorm(name="norm")(x).reshape(b, h * w, c)
-        qkv = nn.Conv(3 * c, (1, 1), name="to_qkv")(tokens.reshape(b, h, w, c)).reshape(b, h * w, 3 * c)
+        qkv = nn.Conv(3 * c, (1, 1), name="to_qkv")(RMSNorm(name="norm")(x)).reshape(b, h * w, 3 * c)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         weights = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) / np.sqrt(c).astype(x.dtype), axis=-1)
         out = nn.Conv(c, (1, 1), name="proj")(jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, h, w, c))

@@ -23,18 +23,15 @@ import numpy as np
 
 from edit_jax.checkpoint import is_checkpoint, resolve
 
-PIPELINES = {  # model_index.json's _class_name -> (family, the components generate reads)
-    "FluxPipeline": ("flux", ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2",
-                              "tokenizer_2")),
-    "QwenImagePipeline": ("qwen-image", ("transformer", "vae", "scheduler", "text_encoder", "tokenizer")),
-}
+MODEL_COMPONENTS = ("transformer", "vae", "scheduler")  # beside each family's text encoders and tokenizers
 
 
 def pipeline_family(folder: Path, role: str = "--model", unused: tuple[str, ...] = ()) -> str:
     """The model family of a diffusers pipeline folder, from its model_index.json; every missing
     component (but the `unused` ones) named in one error."""
-    from pipelines.text_encoders import missing_components
+    from pipelines.text_encoders import TEXT_ENCODERS, missing_components
 
+    pipelines = {encoder.pipeline_class: encoder for encoder in TEXT_ENCODERS.values()}
     if not folder.is_dir():
         raise ValueError(f"{role} {folder}: no such folder")
     try:
@@ -42,15 +39,14 @@ def pipeline_family(folder: Path, role: str = "--model", unused: tuple[str, ...]
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{role} {folder} is not a diffusers pipeline folder (no readable model_index.json "
                          f"with a _class_name: {e})") from e
-    if name not in PIPELINES:
-        raise ValueError(f"{role} {folder} holds a {name}; supported: {', '.join(PIPELINES)}")
-    family, components = PIPELINES[name]
-    components = tuple(c for c in components if c not in unused)
+    if name not in pipelines:
+        raise ValueError(f"{role} {folder} holds a {name}; supported: {', '.join(pipelines)}")
+    components = tuple(c for c in MODEL_COMPONENTS + pipelines[name].components if c not in unused)
     missing = missing_components(folder, components)
     if missing:
         raise ValueError(f"{role} {folder} is not a complete {name} folder: no {', '.join(m + '/' for m in missing)} "
                          f"(it needs {', '.join(components)})")
-    return family
+    return pipelines[name].family
 
 
 def load_transformer(folder: Path, family: str):

@@ -8,8 +8,8 @@ Captions come from a sidecar `NAME.txt` beside each image, or from one JSONL fil
 multiple of 16 px on each side, about resolution^2 pixels) nearest its aspect ratio, is resized to
 cover it and center-cropped, encoded by the pipeline folder's Flax VAE (the latent mean, normalised
 as the pipeline does: FLUX shift and scale, Qwen-Image per-channel mean and std) and its caption
-by the text encoders (Qwen-Image's embeddings padded to --max-sequence-length, with the mask). Work is staged in chunks under
-`OUT.partial/`, so an interrupted run resumes where it stopped; the dataset is written at the end,
+by the text encoders (Qwen-Image's embeddings padded to --max-sequence-length, with the mask).
+Work is staged in chunks under `OUT.partial/`, so an interrupted run resumes where it stopped; the dataset is written at the end,
 atomically, and the staging folder removed. Images that cannot be used are reported with the
 reason (unreadable, too small, no caption) in OUT/skipped.json.
 """
