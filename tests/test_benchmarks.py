@@ -25,6 +25,16 @@ def test_elastic_benchmark_reports_speedup_beside_flop_reduction(preset, tmp_pat
     assert result["routers_overhead"]["flops"] > 0
 
 
+def test_router_benchmark_reports_the_routers_time_and_flops_as_shares_of_the_dense_forward(tmp_path):
+    from eval import bench_router
+
+    result = bench_router.main(["--preset", "flux-tiny", "--height", "4", "--width", "4", "--txt", "8", "--runs", "2",
+                                "--out", str(tmp_path / "router.json")])
+    assert set(result["median_ms"]) == {"dense", "router_prelude", "routers"}
+    assert all(v > 0 for v in result["share_of_dense"].values())
+    assert json.loads((tmp_path / "router.json").read_text()) == json.loads(json.dumps(result))
+
+
 def test_elastic_benchmark_leaves_out_the_comparison_a_pattern_cannot_have(tmp_path):
     # flux-tiny: 1 double + 1 single block; the pattern skips the single one, and a FLUX model
     # needs at least one single block, so there is no dense model without the skipped blocks
