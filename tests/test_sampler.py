@@ -133,17 +133,14 @@ def test_a_user_written_heun_sampler_runs_on_the_pure_velocity_function(save_dif
     state = init_state(model.config, elastic, batch=2, num_img=12, num_txt=6)
     sigmas = jnp.linspace(1.0, 0.0, 5)
 
-    @jax.jit
-    def heun(x, state):
-        for i in range(4):
-            t = jnp.full((2,), sigmas[i])
-            v, state = f(x, t, cond, state)
-            x_euler = x + (sigmas[i + 1] - sigmas[i]) * v
-            v_next, state = f(x_euler, jnp.full((2,), sigmas[i + 1]), cond, state)
-            x = x + (sigmas[i + 1] - sigmas[i]) * 0.5 * (v + v_next)
-        return x, state
+    def heun_step(i, carry):
+        x, state = carry
+        v, state = f(x, jnp.full((2,), sigmas[i]), cond, state)
+        x_euler = x + (sigmas[i + 1] - sigmas[i]) * v
+        v_next, state = f(x_euler, jnp.full((2,), sigmas[i + 1]), cond, state)
+        return x + (sigmas[i + 1] - sigmas[i]) * 0.5 * (v + v_next), state
 
-    x, state = heun(noise, state)
+    x, state = jax.jit(lambda x, state: jax.lax.fori_loop(0, 4, heun_step, (x, state)))(noise, state)
     assert x.shape == noise.shape and np.isfinite(np.asarray(x)).all()
     assert int(state["step"]) == 8 and bool(state["cache"]["transformer_blocks"]["stored"].all())
 
