@@ -1,6 +1,7 @@
 """Times whole sampling runs in one process: dense, E-DiT with a forced pattern, and E-DiT with
 the block cache on scripted borderline router probabilities. Reports per-step time, the cache hit
-rate and the memory the cache holds.
+rate and the memory the cache holds. The variants run in alternating rounds (`eval.timing`);
+speedups are medians of per-round ratios.
 
     python -m eval.bench_sample --preset flux-small --steps 28 --height 256 --width 256
 """
@@ -8,7 +9,6 @@ rate and the memory the cache holds.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ import numpy as np
 
 import edit_jax
 from eval.report import emit, environment
+from eval.timing import paired_ratio, time_runs
 from edit_jax.config import FluxConfig
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
@@ -50,7 +51,7 @@ def main(argv=None) -> dict:
     p.add_argument("--width", type=int, default=256, help="pixels")
     p.add_argument("--txt", type=int, default=32)
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="rounds, each running every variant once")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -69,16 +70,12 @@ def main(argv=None) -> dict:
         "cache_borderline": dict(routers=variables["routers"], elastic=cache_cfg,
                                  decisions=scripted_borderline(args.steps, blocks, 0.5, 0.015)),
     }
-    times, records = {}, {}
+    runs, records = {}, {}
     for name, kwargs in variants.items():
-        run = lambda kw=kwargs: jax.block_until_ready(sample(model, variables["params"], noise, cond, sampler, **kw))  # noqa: E731
-        _, records[name] = run()  # compile + warm
-        samples = []
-        for _ in range(args.runs):
-            t0 = time.perf_counter()
-            run()
-            samples.append(time.perf_counter() - t0)
-        times[name] = float(np.median(samples))
+        runs[name] = lambda kw=kwargs: jax.block_until_ready(sample(model, variables["params"], noise, cond, sampler, **kw))
+        _, records[name] = runs[name]()  # compile + warm
+    rounds = time_runs(runs, args.runs)
+    times = {k: float(np.median(v)) / 1000 for k, v in rounds.items()}
     rows, cols = packed_grid(args.height, args.width)
     state = init_state(config, cache_cfg, 1, rows * cols, args.txt)
     cache_bytes = sum(x.nbytes for x in jax.tree.leaves(state["cache"]))
@@ -88,7 +85,7 @@ def main(argv=None) -> dict:
         "preset": args.preset, "overrides": args.set, "dtype": args.dtype,
         "tokens": {"image": rows * cols, "text": args.txt}, "steps": args.steps,
         "ms_per_step": {k: round(1000 * v / args.steps, 3) for k, v in times.items()},
-        "speedup_vs_dense": {k: round(times["dense"] / v, 3) for k, v in times.items() if k != "dense"},
+        "speedup_vs_dense": {k: round(paired_ratio(rounds, "dense", k), 3) for k in times if k != "dense"},
         "cache_hit_rate": round(float(hits.mean()), 4),
         "cache_hit_rate_after_start": round(float(hits[args.steps // 2 :].mean()), 4),
         "cache_mib": round(cache_bytes / 2**20, 2),

@@ -25,6 +25,25 @@ def test_elastic_benchmark_reports_speedup_beside_flop_reduction(preset, tmp_pat
     assert result["routers_overhead"]["flops"] > 0
 
 
+def test_forward_benchmark_reports_ours_beside_diffusers_eager(tmp_path):
+    from eval import bench_forward
+
+    result = bench_forward.main(["--preset", "flux-tiny", "--height", "4", "--width", "4", "--txt", "8", "--runs", "2",
+                                 "--warmup", "1", "--out", str(tmp_path / "forward.json")])
+    assert set(result["median_ms"]) == {"edit_jax", "diffusers_eager"}
+    assert result["ratio_edit_jax_over"]["diffusers_eager"] > 0
+
+
+def test_sample_benchmark_reports_speedups_beside_flop_reductions(tmp_path):
+    from eval import bench_sample
+
+    result = bench_sample.main(["--preset", "flux-tiny", "--steps", "2", "--height", "32", "--width", "32", "--runs", "2",
+                                "--out", str(tmp_path / "sample.json")])
+    assert set(result["ms_per_step"]) == {"dense", "forced_pattern", "cache_borderline"}
+    assert set(result["speedup_vs_dense"]) == set(result["flop_reduction_vs_dense"]) == {"forced_pattern", "cache_borderline"}
+    assert result["flop_reduction_vs_dense"]["forced_pattern"] > 1
+
+
 def test_router_benchmark_reports_the_routers_time_and_flops_as_shares_of_the_dense_forward(tmp_path):
     from eval import bench_router
 
