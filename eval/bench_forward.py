@@ -3,9 +3,12 @@
     python -m eval.bench_forward --preset flux-small --height 16 --width 16 --txt 32
     python -m eval.bench_forward --preset flux-dev --height 64 --width 64 --txt 512 \\
         --dtype bfloat16 --attention cudnn --compile        # GPU, full size
+    python -m eval.bench_forward --preset qwen-image --height 64 --width 64 --txt 256 \\
+        --dtype bfloat16 --attention cudnn --compile --batch 2   # as true CFG samples
 
 Both models get the same random weights (ours through the diffusers conversion table, which is
-also checked numerically here) and the same inputs. Each variant is warmed up (compiled), then
+also checked numerically here) and the same inputs, FLUX.1 or Qwen-Image by the preset's family.
+Each variant is warmed up (compiled; torch.compile's first call is timed and reported apart), then
 the variants run alternately; the median of --runs timings is reported, with ratios. torch and
 diffusers are optional: without them only our forward is timed. Prints JSON; --out writes it.
 """
@@ -23,7 +26,7 @@ import numpy as np
 import edit_jax
 from eval.report import emit, environment
 from eval.timing import time_alternating
-from edit_jax.models import abstract_params, example_inputs
+from edit_jax.models import abstract_params, example_inputs, split_static
 
 
 def log(message: str) -> None:
@@ -62,22 +65,37 @@ def config_from(args):
 
 
 def diffusers_model(config, torch_dtype, device):
+    """diffusers' transformer of `config`'s family and architecture, random weights, in eval mode."""
+    import diffusers
     import torch
-    from diffusers import FluxTransformer2DModel
 
-    arch = config.architecture()
-    kwargs = {k: arch[k] for k in (
-        "patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
-        "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "axes_dims_rope",
-    )}
+    from checkpoints_convert.export import diffusers_config
+
+    kwargs = diffusers_config(config)
+    model_class = getattr(diffusers, kwargs.pop("_class_name"))
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch_dtype)  # built in its dtype: a float32 FLUX.1-dev would need 48 GB first
     try:
         with torch.device(device):
-            model = FluxTransformer2DModel(**kwargs)
+            model = model_class(**kwargs)
     finally:
         torch.set_default_dtype(default)
     return model.eval()
+
+
+def diffusers_inputs(arrays: dict, static: dict, torch_dtype, device) -> dict:
+    """Our forward's inputs as diffusers' forward takes them (the activations in torch_dtype)."""
+    import torch
+
+    out = {k: torch.from_numpy(np.array(v, np.float32)).to(device) for k, v in arrays.items()}
+    for k in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
+        if k in out:
+            out[k] = out[k].to(torch_dtype)
+    if "encoder_hidden_states_mask" in out:
+        out["encoder_hidden_states_mask"] = out["encoder_hidden_states_mask"].long()
+    if "img_shapes" in static:  # Qwen-Image: one (frames, rows, cols) list per sample
+        out["img_shapes"] = [[static["img_shapes"]]] * arrays["hidden_states"].shape[0]
+    return out
 
 
 def main(argv=None) -> dict:
@@ -85,17 +103,18 @@ def main(argv=None) -> dict:
     model_arguments(p)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="also time diffusers under torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="also time diffusers under torch.compile (its compile time reported apart)")
     p.add_argument("--no-torch", action="store_true", help="time only our forward")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args(argv)
 
     config = config_from(args)
     model = edit_jax.build_model(config)
-    inputs_f32 = example_inputs(config, args.batch, args.height, args.width, args.txt)
-    inputs = {k: (v.astype(args.dtype) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v)
-              for k, v in inputs_f32.items()}
-    forward = jax.jit(lambda params, x: model.apply({"params": params}, **x))
+    arrays_f32, static = split_static(example_inputs(config, args.batch, args.height, args.width, args.txt))
+    arrays = {k: (v.astype(args.dtype) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v)
+              for k, v in arrays_f32.items()}
+    forward = jax.jit(lambda params, x: model.apply({"params": params}, **x, **static))
 
     variants, result = {}, {}
     try:
@@ -103,7 +122,7 @@ def main(argv=None) -> dict:
             raise ImportError("--no-torch")
         import torch
         from checkpoints_convert.engine import build_params
-        from checkpoints_convert.flux import diffusers_table
+        from checkpoints_convert.export import FAMILIES
         from checkpoints_convert.sources import from_state_dict
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,12 +132,10 @@ def main(argv=None) -> dict:
         log(f"diffusers model built in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         params = jax.device_put(build_params(
-            diffusers_table(config), from_state_dict(ref.state_dict()), abstract_params(config)
+            FAMILIES[config.family].diffusers_table(config), from_state_dict(ref.state_dict()), abstract_params(config)
         ))
         log(f"its weights converted to ours in {time.perf_counter() - t0:.1f} s")
-        torch_inputs = {k: torch.from_numpy(np.array(v, np.float32)).to(device) for k, v in inputs_f32.items()}
-        for k in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
-            torch_inputs[k] = torch_inputs[k].to(torch_dtype)
+        torch_inputs = diffusers_inputs(arrays_f32, static, torch_dtype, device)
 
         def run_torch(m):
             def call():
@@ -132,6 +149,10 @@ def main(argv=None) -> dict:
         variants["diffusers_eager"] = run_torch(ref)
         if args.compile:
             variants["diffusers_compiled"] = run_torch(torch.compile(ref))
+            t0 = time.perf_counter()
+            variants["diffusers_compiled"]()
+            result["torch_compile_s"] = round(time.perf_counter() - t0, 2)
+            log(f"diffusers under torch.compile: first call (compile) {result['torch_compile_s']} s")
         result["torch"] = torch.__version__
         ref_out = variants["diffusers_eager"]().float().cpu().numpy()
     except ImportError as e:
@@ -140,10 +161,10 @@ def main(argv=None) -> dict:
         result["torch"] = f"not timed ({e})"
 
     t0 = time.perf_counter()
-    ours_out = jax.block_until_ready(forward(params, inputs))
+    ours_out = jax.block_until_ready(forward(params, arrays))
     result["jax_compile_s"] = round(time.perf_counter() - t0, 2)
     log(f"edit_jax first call (compile) {result['jax_compile_s']} s")
-    variants = {"edit_jax": lambda: jax.block_until_ready(forward(params, inputs)), **variants}
+    variants = {"edit_jax": lambda: jax.block_until_ready(forward(params, arrays)), **variants}
     if ref_out is not None:
         ours = np.asarray(ours_out, np.float64)
         result["relative_error_vs_diffusers"] = float(np.linalg.norm(ours - ref_out) / np.linalg.norm(ref_out))

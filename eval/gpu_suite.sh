@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The full-size GPU checks in one run (for a session lent the device machine): FLUX.1-dev and
 # Qwen-Image at 1024^2 (64x64 latent tokens) in bfloat16 with cuDNN attention, E-DiT patterns
-# against the dense forward, then our dense FLUX.1-dev forward against diffusers'. A tiny Qwen-Image
+# against the dense forward, then our dense forwards against diffusers' (eager and torch.compile'd:
+# FLUX.1-dev at batch 1, Qwen-Image at batch 2 as true CFG runs it). A tiny Qwen-Image
 # run first checks the installed JAX/Flax and the cuDNN path in seconds; if it fails and a Flax
 # wheel was carried in .whl_flax/, that Flax is used instead. Wheels in .whl/ (diffusers and what
-# it needs) are installed first. Everything is logged to $OUT/suite.log; each benchmark writes its
-# JSON to $OUT. The benchmarks share one time budget so that the suite ends before its caller's
-# limit; the device tool brings back at most 8 files from $OUT, which all stages fill. Usage: [STAGES="elastic profile flags forward"] bash eval/gpu_suite.sh [total seconds, default 520]
+# it needs) are installed first. Everything is logged to $OUT/suite.log; each benchmark's JSON is
+# appended, as it ends, to $OUT/results.jsonl ({"name", "result"} a line). The benchmarks share one
+# time budget so that the suite ends before its caller's limit.
+# Usage: [STAGES="elastic profile flags forward"] bash eval/gpu_suite.sh [total seconds, default 520]
 #
 # Dry run on a CPU machine (tiny presets, same code paths but cuDNN): GPU_SUITE_DRY=1 bash eval/gpu_suite.sh
 set -u
@@ -27,11 +29,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then install_wheels .whl /tmp/site || echo "wh
 if [ -n "${GPU_SUITE_DRY:-}" ]; then
     size="--height 4 --width 4 --dtype bfloat16" runs="--runs 2"
     flux_name=flux_tiny qwen_name=qwen_image_tiny
-    flux="flux-tiny --txt 8" qwen="qwen-image-tiny --txt 8" attention=xla
+    flux="flux-tiny --txt 8" qwen="qwen-image-tiny --txt 8" attention=xla compile=""  # torch.compile: a minute on CPU
 else
     size="--height 64 --width 64 --dtype bfloat16" runs="--runs 10"
     flux_name=flux_dev qwen_name=qwen_image
-    flux="flux-dev --txt 512" qwen="qwen-image --txt 256" attention=cudnn
+    flux="flux-dev --txt 512" qwen="qwen-image --txt 256" attention=cudnn compile="--compile"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 fi
 python3 - <<'EOF'
@@ -53,15 +55,19 @@ bench() {  # name seconds module args...
     echo "== $name (at most $limit s; $SECONDS s into the suite)"
     timeout "$limit" python3 -m "$@" --out "$out/$name.json"
     local rc=$?
+    if [ -f "$out/$name.json" ]; then  # one file for all stages: the device tool brings back 8 files at most
+        { printf '{"name": "%s", "result": ' "$name"; tr -d '\n' <"$out/$name.json"; echo '}'; } >>"$out/results.jsonl"
+        rm "$out/$name.json"
+    fi
     echo "== $name: exit $rc after $SECONDS s"
     return "$rc"
 }
 
 check="eval.bench_elastic --preset qwen-image-tiny --txt 8 --height 4 --width 4 --dtype bfloat16 --attention $attention --runs 2"
-if ! out=/tmp bench check_tiny 90 $check; then
+if ! bench check_tiny 90 $check; then
     if ls .whl_flax/*.whl >/dev/null 2>&1; then
         install_wheels .whl_flax /tmp/flax_site && python3 -c "import flax; print('now flax', flax.__version__)"
-        out=/tmp bench check_tiny_carried_flax 90 $check || exit 1
+        bench check_tiny_carried_flax 90 $check || exit 1
     else
         exit 1
     fi
@@ -79,8 +85,9 @@ for stage in ${STAGES:-elastic profile flags forward}; do
         done ;;
     cfg)  # Qwen-Image as it samples, with true CFG: batch 2 (not in the default stages)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${qwen_name}_batch2 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --batch 2 --no-ideal ;;
-    forward)  # torch shares the GPU here: JAX allocates as it goes instead of taking most of the memory up front
-        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_$flux_name 200 eval.bench_forward --preset $flux $size --attention $attention $runs ;;
+    forward)  # against diffusers eager and torch.compile'd; torch shares the GPU, so JAX allocates as it goes
+        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_$flux_name 300 eval.bench_forward --preset $flux $size --attention $attention $runs $compile
+        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_${qwen_name}_batch2 300 eval.bench_forward --preset $qwen $size --attention $attention $runs $compile --batch 2 ;;
     flags)  # XLA GPU options that may cut the per-block overheads: slices fused into GEMMs, conditionals in CUDA graphs
         [ -n "${GPU_SUITE_DRY:-}" ] && continue
         XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \

@@ -25,13 +25,15 @@ def test_elastic_benchmark_reports_speedup_beside_flop_reduction(preset, tmp_pat
     assert result["routers_overhead"]["flops"] > 0
 
 
-def test_forward_benchmark_reports_ours_beside_diffusers_eager(tmp_path):
+@pytest.mark.parametrize("preset, batch", [("flux-tiny", 1), ("qwen-image-tiny", 2)])
+def test_forward_benchmark_times_ours_beside_diffusers_eager_on_the_same_weights(preset, batch, tmp_path):
     from eval import bench_forward
 
-    result = bench_forward.main(["--preset", "flux-tiny", "--height", "4", "--width", "4", "--txt", "8", "--runs", "2",
-                                 "--warmup", "1", "--out", str(tmp_path / "forward.json")])
+    result = bench_forward.main(["--preset", preset, "--batch", str(batch), "--height", "4", "--width", "4", "--txt", "8",
+                                 "--runs", "2", "--warmup", "1", "--out", str(tmp_path / "forward.json")])
     assert set(result["median_ms"]) == {"edit_jax", "diffusers_eager"}
     assert result["ratio_edit_jax_over"]["diffusers_eager"] > 0
+    assert result["relative_error_vs_diffusers"] <= 1e-5
 
 
 def test_sample_benchmark_reports_speedups_beside_flop_reductions(tmp_path):
@@ -89,7 +91,7 @@ def test_op_names_map_hlo_instructions_to_their_scopes_and_flag_control_flow():
     assert containers and all(names[c].split("/")[-1] in ("cond", "while") for c in containers)
 
 
-def test_gpu_suite_dry_run_writes_outside_the_repository_and_names_files_after_its_presets(tmp_path):
+def test_gpu_suite_dry_run_writes_one_results_file_outside_the_repository_naming_each_run(tmp_path):
     import os
 
     repo = Path(__file__).resolve().parents[1]
@@ -100,7 +102,10 @@ def test_gpu_suite_dry_run_writes_outside_the_repository_and_names_files_after_i
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not (repo / "gpu_results").exists()
     (results,) = [p for p in tmp_path.iterdir() if p.name.startswith("gpu_suite.")]
-    assert sorted(p.name for p in results.iterdir()) == ["elastic_qwen_image_tiny_batch2.json", "suite.log"]
+    assert sorted(p.name for p in results.iterdir()) == ["results.jsonl", "suite.log"]
+    lines = [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
+    assert [line["name"] for line in lines] == ["check_tiny", "elastic_qwen_image_tiny_batch2"]
+    assert lines[1]["result"]["tokens"]["batch"] == 2
 
 
 def test_train_benchmark_reports_one_device_beside_eight(tmp_path):
