@@ -4,6 +4,8 @@ rate and the memory the cache holds. The variants run in alternating rounds (`ev
 speedups are medians of per-round ratios.
 
     python -m eval.bench_sample --preset flux-small --steps 28 --height 256 --width 256
+    python -m eval.bench_sample --preset flux-dev --txt 512 --height 1024 --width 1024 \\
+        --dtype bfloat16 --attention cudnn                       # GPU, full size
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--runs", type=int, default=3, help="rounds, each running every variant once")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
     p.add_argument("--out")
     args = p.parse_args(argv)
 
-    config = preset_with_overrides(args.preset, args.set).with_runtime(param_dtype=args.dtype, dtype=args.dtype)
+    config = preset_with_overrides(args.preset, args.set).with_runtime(
+        param_dtype=args.dtype, dtype=args.dtype, attention=args.attention)
     model = edit_jax.build_model(config)
     variables = init_variables(config)
     cond = conditions(config, 1, args.txt, args.height, args.width)

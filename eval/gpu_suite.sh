@@ -27,11 +27,11 @@ install_wheels() {  # folder target
 if ls .whl/*.whl >/dev/null 2>&1; then install_wheels .whl /tmp/site || echo "wheels in .whl did not install"; fi
 
 if [ -n "${GPU_SUITE_DRY:-}" ]; then
-    size="--height 4 --width 4 --dtype bfloat16" runs="--runs 2"
+    size="--height 4 --width 4 --dtype bfloat16" runs="--runs 2" pixels="--height 32 --width 32 --dtype bfloat16" steps=2
     flux_name=flux_tiny qwen_name=qwen_image_tiny
     flux="flux-tiny --txt 8" qwen="qwen-image-tiny --txt 8" attention=xla compile=""  # torch.compile: a minute on CPU
 else
-    size="--height 64 --width 64 --dtype bfloat16" runs="--runs 10"
+    size="--height 64 --width 64 --dtype bfloat16" runs="--runs 10" pixels="--height 1024 --width 1024 --dtype bfloat16" steps=28
     flux_name=flux_dev qwen_name=qwen_image
     flux="flux-dev --txt 512" qwen="qwen-image --txt 256" attention=cudnn compile="--compile"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -85,6 +85,8 @@ for stage in ${STAGES:-elastic profile flags forward}; do
         done ;;
     cfg)  # Qwen-Image as it samples, with true CFG: batch 2 (not in the default stages)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${qwen_name}_batch2 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --batch 2 --no-ideal ;;
+    sample)  # whole 28-step sampling runs: dense, the forced pattern, the cache (not in the default stages)
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench sample_$flux_name 240 eval.bench_sample --preset $flux $pixels --attention $attention --steps $steps ;;
     forward)  # against diffusers eager and torch.compile'd; torch shares the GPU, so JAX allocates as it goes
         XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_$flux_name 300 eval.bench_forward --preset $flux $size --attention $attention $runs $compile
         XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_${qwen_name}_batch2 300 eval.bench_forward --preset $qwen $size --attention $attention $runs $compile --batch 2 ;;
@@ -94,7 +96,7 @@ for stage in ${STAGES:-elastic profile flags forward}; do
             bench elastic_${flux_name}_dynamic_slice_fusion 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
             bench elastic_${flux_name}_command_buffers 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal ;;
-    *) echo "unknown stage $stage (elastic, profile, flags, forward, cfg)"; exit 2 ;;
+    *) echo "unknown stage $stage (elastic, profile, flags, forward, cfg, sample)"; exit 2 ;;
     esac
 done
 echo "suite done in $SECONDS s"
