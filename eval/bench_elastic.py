@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import edit_jax
-from eval.report import emit, environment
+from eval.report import emit, environment, run_script
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
 from edit_jax.models import example_inputs, init_variables, split_static
@@ -154,4 +154,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -16,6 +16,7 @@ diffusers are optional: without them only our forward is timed. Prints JSON; --o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,7 +25,8 @@ import jax
 import numpy as np
 
 import edit_jax
-from eval.report import emit, environment
+from edit_jax.config import ConfigError
+from eval.report import emit, environment, run_script
 from eval.timing import time_alternating
 from edit_jax.models import abstract_params, example_inputs, split_static
 
@@ -34,14 +36,20 @@ def log(message: str) -> None:
 
 
 def preset_with_overrides(name: str, overrides: list[str]):
-    """A preset with FIELD=VALUE overrides (values parsed as JSON: ints, floats, lists, bools)."""
+    """A preset with FIELD=VALUE overrides (values parsed as JSON: ints, floats, lists, bools; else
+    strings). An unknown field or preset is a ConfigError naming it."""
+    config = edit_jax.preset(name)
+    fields = [f.name for f in dataclasses.fields(config) if f.name != "runtime"]
     changes = {}
     for item in overrides:
         field, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE")
-        changes[field] = json.loads(value)
-    return edit_jax.preset(name).replace(**changes)
+        if not sep or field not in fields:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        try:
+            changes[field] = json.loads(value)
+        except ValueError:
+            changes[field] = value
+    return config.replace(**changes)
 
 
 def model_arguments(p: argparse.ArgumentParser) -> None:
@@ -186,4 +194,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

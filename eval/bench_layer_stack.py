@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.report import emit, environment
+from eval.report import emit, environment, run_script
 from eval.timing import time_alternating
 
 
@@ -96,4 +96,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -22,7 +22,7 @@ from edit_jax.layers import dtype_of
 from edit_jax.router import Router, router_prelude
 from eval.bench_elastic import build, forwards
 from eval.bench_forward import model_arguments
-from eval.report import emit, environment
+from eval.report import emit, environment, run_script
 from eval.timing import paired_ratio, time_runs
 
 
@@ -90,4 +90,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import edit_jax
-from eval.report import emit, environment
+from eval.report import emit, environment, run_script
 from eval.timing import paired_ratio, time_runs
 from edit_jax.config import FluxConfig
 from edit_jax.elastic import ElasticConfig
@@ -102,4 +102,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.report import emit, environment
+from eval.report import emit, environment, run_script
 
 MEMORY = re.compile(r"per device: arguments ([\d.]+) MiB, temporaries ([\d.]+) MiB")
 
@@ -66,4 +66,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

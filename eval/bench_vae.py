@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from eval.report import run_script
+
 
 def peak_rss_gib() -> float:
     for line in open("/proc/self/status"):
@@ -128,6 +130,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--side", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # one side, in a child
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    for name in ("size", "tile"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(f"--{name} {value}: must be a positive multiple of 8 pixels (the VAE's scale)")
     if args.side:
         print(json.dumps(run_side(args.side, args.vae, args.size, args.runs, args.tile, args.channels)))
         return {}
@@ -137,11 +143,15 @@ def main(argv=None) -> dict:
         command = [sys.executable, "-m", "eval.bench_vae", "--side", side, "--vae", args.vae, "--size", str(args.size),
                    "--runs", str(args.runs)] + (["--tile", str(args.tile)] if args.tile else []) + \
                   (["--channels", args.channels] if args.channels else [])
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:  # the child's own last line: "eval.bench_vae: error: ..." or its traceback's end
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            raise (ValueError if done.returncode == 2 else RuntimeError)(
+                f"{side} side: {lines[-1].removeprefix('eval.bench_vae: error: ')}")
         result[side] = json.loads(done.stdout.strip().splitlines()[-1])
     result["ours_vs_diffusers_time"] = round(result["ours"]["decode_s"] / result["diffusers"]["decode_s"], 3)
     return emit(result, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from eval.report import run_script
+
 
 def write_source(folder: Path, layers: int) -> None:
     import ml_dtypes
@@ -92,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -30,7 +30,7 @@ import jax  # noqa: E402
 
 from eval.bench_elastic import all_open, build, forced_pattern, forwards  # noqa: E402
 from eval.bench_forward import model_arguments  # noqa: E402
-from eval.report import emit, environment  # noqa: E402
+from eval.report import emit, environment, run_script  # noqa: E402
 
 MODES = ("dense", "infer", "forced_all_open", "forced_pattern")
 SCOPES = ("elastic_router", "elastic_block")
@@ -161,4 +161,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -1,17 +1,19 @@
-"""What every benchmark records beside its figures, and how it hands them out."""
+"""What every benchmark records beside its figures, how it hands them out, and how it runs as a program."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import platform
+import sys
+from collections.abc import Callable
 from pathlib import Path
-
-import jax
 
 
 def environment() -> dict:
     """Date, machine, device and JAX version of this run."""
+    import jax  # here, not at the top: the scripts that measure memory import JAX late or not at all
+
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
@@ -27,3 +29,14 @@ def emit(result: dict, out: str | None) -> dict:
     if out:
         Path(out).write_text(text + "\n")
     return result
+
+
+def run_script(main: Callable) -> None:
+    """Runs an eval script's main() as a program: bad input (an unknown preset or config field, a
+    size the model cannot take, a missing file) is one line on stderr and exit status 2."""
+    try:
+        main()
+    except (ValueError, OSError) as e:  # edit_jax's ConfigError is a ValueError
+        spec = getattr(sys.modules.get(main.__module__), "__spec__", None)  # run with -m: __main__ is eval.<name>
+        print(f"{spec.name if spec is not None else main.__module__}: error: {e}", file=sys.stderr)
+        sys.exit(2)

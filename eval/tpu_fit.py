@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from eval.report import run_script
+
 # 1024 x 1024 images: 64 x 64 packed tokens; FLUX reads 512 T5 tokens, Qwen-Image about 256
 SIZES = {"flux-dev": ["height=64", "width=64", "num_txt=512"], "qwen-image": ["height=64", "width=64", "num_txt=256"]}
 COMMON = ["remat=full", "param_dtype=bfloat16", "dtype=bfloat16", "router_dtype=float32"]
@@ -72,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

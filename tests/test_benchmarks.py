@@ -135,3 +135,17 @@ def test_layer_stack_benchmark_times_every_loop_form_and_counts_its_weight_slice
     result = main(["--layers", "2", "--dim", "8", "--hidden", "16", "--tokens", "4", "--runs", "2"])
     assert set(result["median_ms"]) == {"scan", "scan_unroll2", "fori_closed", "unrolled_static", "separate_arrays"}
     assert result["weight_slices_in_hlo"]["separate_arrays"] == 0 and result["over_scan"]["scan"] == 1.0
+
+
+def test_a_bad_benchmark_flag_is_one_line_naming_it_and_exit_status_2():
+    done = subprocess.run([sys.executable, "-m", "eval.bench_router", "--set", "nope=1"], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("eval.bench_router: error: --set 'nope=1': expected FIELD=VALUE")
+
+
+def test_a_vae_benchmark_size_off_the_vae_scale_is_refused_before_any_work():
+    from eval.bench_vae import main
+
+    with pytest.raises(ValueError, match="--size 33: must be a positive multiple of 8 pixels"):
+        main(["--size", "33"])
