@@ -4,13 +4,14 @@
     python -m eval.bench_forward --preset flux-dev --height 64 --width 64 --txt 512 \\
         --dtype bfloat16 --attention cudnn --compile        # GPU, full size
     python -m eval.bench_forward --preset qwen-image --height 64 --width 64 --txt 256 \\
-        --dtype bfloat16 --attention cudnn --compile --batch 2   # as true CFG samples
+        --dtype bfloat16 --attention cudnn --compile --batch 1 2   # one sample, and true CFG
 
 Both models get the same random weights (ours through the diffusers conversion table, which is
 also checked numerically here) and the same inputs, FLUX.1 or Qwen-Image by the preset's family.
 Each variant is warmed up (compiled; torch.compile's first call is timed and reported apart), then
-the variants run alternately; the median of --runs timings is reported, with ratios. torch and
-diffusers are optional: without them only our forward is timed. Prints JSON; --out writes it.
+the variants run alternately; the median of --runs timings is reported, with ratios, for each
+--batch size in turn (the weights built and converted once). torch and diffusers are optional:
+without them only our forward is timed. Prints JSON; --out writes it.
 """
 
 from __future__ import annotations
@@ -107,8 +108,11 @@ def diffusers_inputs(arrays: dict, static: dict, torch_dtype, device) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                conflict_handler="resolve")
     model_arguments(p)
+    p.add_argument("--batch", type=int, nargs="+", default=[1],
+                   help="batch sizes, each timed in turn on the same weights (e.g. 1 2: one sample, and true CFG)")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true",
@@ -116,15 +120,18 @@ def main(argv=None) -> dict:
     p.add_argument("--no-torch", action="store_true", help="time only our forward")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args(argv)
+    if min(args.batch) < 1:
+        raise ValueError(f"--batch {args.batch}: batch sizes must be >= 1")
 
     config = config_from(args)
     model = edit_jax.build_model(config)
-    arrays_f32, static = split_static(example_inputs(config, args.batch, args.height, args.width, args.txt))
-    arrays = {k: (v.astype(args.dtype) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v)
-              for k, v in arrays_f32.items()}
+    _, static = split_static(example_inputs(config, 1, args.height, args.width, args.txt))
     forward = jax.jit(lambda params, x: model.apply({"params": params}, **x, **static))
 
-    variants, result = {}, {}
+    result = {**environment(), "preset": args.preset, "overrides": args.set,
+              "tokens": {"image": args.height * args.width, "text": args.txt}, "dtype": args.dtype,
+              "attention": args.attention, "runs": args.runs}
+    references = {}
     try:
         if args.no_torch:
             raise ImportError("--no-torch")
@@ -143,53 +150,52 @@ def main(argv=None) -> dict:
             FAMILIES[config.family].diffusers_table(config), from_state_dict(ref.state_dict()), abstract_params(config)
         ))
         log(f"its weights converted to ours in {time.perf_counter() - t0:.1f} s")
-        torch_inputs = diffusers_inputs(arrays_f32, static, torch_dtype, device)
-
-        def run_torch(m):
-            def call():
-                with torch.inference_mode():
-                    out = m(**torch_inputs, return_dict=False)[0]
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                return out
-            return call
-
-        variants["diffusers_eager"] = run_torch(ref)
-        if args.compile:
-            variants["diffusers_compiled"] = run_torch(torch.compile(ref))
-            t0 = time.perf_counter()
-            variants["diffusers_compiled"]()
-            result["torch_compile_s"] = round(time.perf_counter() - t0, 2)
-            log(f"diffusers under torch.compile: first call (compile) {result['torch_compile_s']} s")
+        references["diffusers_eager"] = ref
+        if args.compile:  # one graph per batch size (dynamic=False), as a sampler at a fixed batch gets
+            references["diffusers_compiled"] = torch.compile(ref, dynamic=False)
         result["torch"] = torch.__version__
-        ref_out = variants["diffusers_eager"]().float().cpu().numpy()
     except ImportError as e:
         params = edit_jax.init_params(config)
-        ref_out = None
         result["torch"] = f"not timed ({e})"
 
-    t0 = time.perf_counter()
-    ours_out = jax.block_until_ready(forward(params, arrays))
-    result["jax_compile_s"] = round(time.perf_counter() - t0, 2)
-    log(f"edit_jax first call (compile) {result['jax_compile_s']} s")
-    variants = {"edit_jax": lambda: jax.block_until_ready(forward(params, arrays)), **variants}
-    if ref_out is not None:
-        ours = np.asarray(ours_out, np.float64)
-        result["relative_error_vs_diffusers"] = float(np.linalg.norm(ours - ref_out) / np.linalg.norm(ref_out))
-    time_alternating(variants, args.warmup)
-    medians = time_alternating(variants, args.runs)
+    result["by_batch"] = {}
+    for batch in args.batch:
+        arrays_f32, _ = split_static(example_inputs(config, batch, args.height, args.width, args.txt))
+        arrays = {k: (v.astype(args.dtype) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v)
+                  for k, v in arrays_f32.items()}
+        row, variants = {}, {}
+        if references:
+            torch_inputs = diffusers_inputs(arrays_f32, static, torch_dtype, device)
 
-    result.update({
-        **environment(),
-        "preset": args.preset,
-        "overrides": args.set,
-        "tokens": {"image": args.height * args.width, "text": args.txt, "batch": args.batch},
-        "dtype": args.dtype,
-        "attention": args.attention,
-        "runs": args.runs,
-        "median_ms": {k: round(v, 3) for k, v in medians.items()},
-        "ratio_edit_jax_over": {k: round(medians["edit_jax"] / v, 3) for k, v in medians.items() if k != "edit_jax"},
-    })
+            def run_torch(m, torch_inputs=torch_inputs):
+                def call():
+                    with torch.inference_mode():
+                        out = m(**torch_inputs, return_dict=False)[0]
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    return out
+                return call
+
+            variants = {name: run_torch(m) for name, m in references.items()}
+            if "diffusers_compiled" in variants:
+                t0 = time.perf_counter()
+                variants["diffusers_compiled"]()
+                row["torch_compile_s"] = round(time.perf_counter() - t0, 2)
+                log(f"batch {batch}: diffusers under torch.compile, first call (compile) {row['torch_compile_s']} s")
+        t0 = time.perf_counter()
+        ours_out = jax.block_until_ready(forward(params, arrays))
+        row["jax_compile_s"] = round(time.perf_counter() - t0, 2)
+        log(f"batch {batch}: edit_jax first call (compile) {row['jax_compile_s']} s")
+        if variants:
+            ref_out = variants["diffusers_eager"]().float().cpu().numpy()
+            ours = np.asarray(ours_out, np.float64)
+            row["relative_error_vs_diffusers"] = float(np.linalg.norm(ours - ref_out) / np.linalg.norm(ref_out))
+        variants = {"edit_jax": lambda arrays=arrays: jax.block_until_ready(forward(params, arrays)), **variants}
+        time_alternating(variants, args.warmup)
+        medians = time_alternating(variants, args.runs)
+        row["median_ms"] = {k: round(v, 3) for k, v in medians.items()}
+        row["ratio_edit_jax_over"] = {k: round(medians["edit_jax"] / v, 3) for k, v in medians.items() if k != "edit_jax"}
+        result["by_batch"][str(batch)] = row
     return emit(result, args.out)
 
 

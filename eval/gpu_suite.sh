@@ -2,7 +2,7 @@
 # The full-size GPU checks in one run (for a session lent the device machine): FLUX.1-dev and
 # Qwen-Image at 1024^2 (64x64 latent tokens) in bfloat16 with cuDNN attention, E-DiT patterns
 # against the dense forward, then our dense forwards against diffusers' (eager and torch.compile'd:
-# FLUX.1-dev at batch 1, Qwen-Image at batch 2 as true CFG runs it). A tiny Qwen-Image
+# each at batch 1 and at batch 2 as true CFG runs it). A tiny Qwen-Image
 # run first checks the installed JAX/Flax and the cuDNN path in seconds; if it fails and a Flax
 # wheel was carried in .whl_flax/, that Flax is used instead. Wheels in .whl/ (diffusers and what
 # it needs) are installed first. Everything is logged to $OUT/suite.log; each benchmark's JSON is
@@ -88,8 +88,8 @@ for stage in ${STAGES:-elastic profile flags forward}; do
     sample)  # whole 28-step sampling runs: dense, the forced pattern, the cache (not in the default stages)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench sample_$flux_name 240 eval.bench_sample --preset $flux $pixels --attention $attention --steps $steps ;;
     forward)  # against diffusers eager and torch.compile'd; torch shares the GPU, so JAX allocates as it goes
-        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_$flux_name 300 eval.bench_forward --preset $flux $size --attention $attention $runs $compile
-        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_${qwen_name}_batch2 300 eval.bench_forward --preset $qwen $size --attention $attention $runs $compile --batch 2 ;;
+        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_$flux_name 360 eval.bench_forward --preset $flux $size --attention $attention $runs $compile --batch 1 2
+        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_$qwen_name 360 eval.bench_forward --preset $qwen $size --attention $attention $runs $compile --batch 1 2 ;;
     flags)  # XLA GPU options that may cut the per-block overheads: slices fused into GEMMs, conditionals in CUDA graphs
         [ -n "${GPU_SUITE_DRY:-}" ] && continue
         XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
