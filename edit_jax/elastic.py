@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.router import router_prelude
+from edit_jax.router import router_modulation, router_prelude
 
 
 MODES = ("dense", "train", "infer", "forced")
@@ -214,18 +214,42 @@ def elastic_step(
 
 
 def router_preludes(model: nn.Module, elastic: ElasticConfig | None, stacks: Sequence[str], temb: jax.Array,
-                    dtype) -> list[dict] | None:
+                    dtype, modulations: Sequence[jax.Array] | None = None) -> list[dict] | None:
     """Per block stack, the half of every router that reads only temb (`router_prelude`: the
     modulation and the scaled proj kernel, [L_i, B, ...]), computed once per step with batched
     matmuls ahead of the scan instead of small ops and weight copies in every block. None where
-    no router runs (dense and forced modes, init)."""
-    if elastic is None or elastic.mode not in ("infer", "train") or model.is_initializing():
+    no router runs (dense and forced modes, init).
+
+    modulations: per stack the routers' shift and scale [L_i, B, 2D] computed ahead for this
+    step's temb (`edit_jax.models.router_modulations`, e.g. for every step of a sampling run at
+    once); None computes them here."""
+    runs_routers = elastic is not None and elastic.mode in ("infer", "train")
+    if modulations is not None and not runs_routers:
+        raise ValueError(f"router_modulations were given, but elastic mode {getattr(elastic, 'mode', None)!r} runs no router")
+    if not runs_routers or model.is_initializing():
         return None
     routers = model.variables.get("routers")
     if routers is None:
         raise ValueError(f"elastic mode {elastic.mode!r} runs the routers: apply with {{'params', 'routers'}}")
+    if modulations is not None:
+        check_modulations(modulations, [routers[name]["router"] for name in stacks], temb.shape)
     with jax.named_scope("elastic_router"):
-        return [router_prelude(routers[name]["router"], temb, dtype) for name in stacks]
+        return [router_prelude(routers[name]["router"],
+                               router_modulation(routers[name]["router"], temb, dtype) if modulations is None else modulations[i],
+                               dtype)
+                for i, name in enumerate(stacks)]
+
+
+def check_modulations(modulations: Sequence[jax.Array], stack_routers: Sequence[dict], temb_shape) -> None:
+    """Raises ValueError unless there is one [L_i, B, 2D] array per block stack."""
+    if len(modulations) != len(stack_routers):
+        raise ValueError(f"router_modulations holds {len(modulations)} arrays, expected one per block stack ({len(stack_routers)})")
+    batch, dim = temb_shape
+    for i, (mod, weights) in enumerate(zip(modulations, stack_routers)):
+        expected = (weights["proj"]["kernel"].shape[0], batch, 2 * dim)
+        if tuple(mod.shape) != expected:
+            raise ValueError(f"router_modulations[{i}] has shape {tuple(mod.shape)}, expected {list(expected)} "
+                             "(layers, batch, 2 x inner_dim): computed for another model or batch?")
 
 
 def per_layer_inputs(

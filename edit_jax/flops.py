@@ -25,8 +25,9 @@ def _single_block(d: int, m: int, length: int) -> int:
 
 
 def router_flops(config, num_img: int, num_txt: int) -> int:
-    """FLOPs of one block's router per sample: modulation (all three chunks, computed for every
-    layer at once: `edit_jax.router.router_prelude`), proj, the token mean of h and the two heads."""
+    """FLOPs of one block's router per sample and step: modulation (all three chunks, computed for
+    every layer at once, and by `sample` for every step at once: `edit_jax.router.router_modulation`),
+    proj, the token mean of h and the two heads."""
     d, h, k = config.inner_dim, config.router_hidden, len(config.width_buckets)
     return 2 * (3 * d * d + (d * h + h) * (num_img + num_txt) + h * (1 + k))
 

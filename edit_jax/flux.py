@@ -12,6 +12,7 @@ and stacked over i); the MLPs are `ff/fc1`, `ff/fc2` (diffusers `ff.net.0.proj`,
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
@@ -135,6 +136,16 @@ class FluxTimeTextEmbedding(nn.Module):
         return temb + TimestepEmbedding(cfg.inner_dim, "pooled", rt, name="text_embedder")(pooled_projections)
 
 
+BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def time_embedding(config: FluxConfig, params: dict, timestep, pooled_projections, guidance=None, **_) -> jax.Array:
+    """temb [B, D] as the model computes it, from its params alone (other conditions ignored)."""
+    dtype = dtype_of(config.runtime.dtype)
+    return FluxTimeTextEmbedding(config).apply({"params": params["time_text_embed"]}, timestep,
+                                                jnp.asarray(pooled_projections).astype(dtype), guidance)
+
+
 class FluxTransformer(nn.Module):
     """FLUX.1 velocity model.
 
@@ -164,11 +175,14 @@ class FluxTransformer(nn.Module):
         decisions: dict | None = None,
         cache: dict | None = None,
         step=None,
+        router_modulations=None,
     ):
         """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
         aux) with p, q, executed, cache_hit, bucket over all 19 + 38 blocks and the step's FLOPs.
         decisions: {"run" or "p", "bucket"} [L] or [B, L] for mode "forced". cache: the block
-        cache (`init_cache`), returned updated as aux["cache"]; step: the denoising step index."""
+        cache (`init_cache`), returned updated as aux["cache"]; step: the denoising step index.
+        router_modulations: the routers' temb-only modulation for these inputs, computed ahead
+        (`edit_jax.models.router_modulations`); None computes it here."""
         cfg, rt = self.config, self.config.runtime
         check_flux_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
         dtype = dtype_of(rt.dtype)
@@ -181,10 +195,9 @@ class FluxTransformer(nn.Module):
             timestep, pooled_projections.astype(dtype), guidance
         )
         lazy = lazy_weights(elastic, self.is_initializing())
-        stacks = ("transformer_blocks", "single_transformer_blocks")
         per_double, per_single = per_layer_inputs(
             decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, lazy,
-            router_preludes(self, elastic, stacks, temb, dtype),
+            router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations),
         )
         txt = Linear(cfg.inner_dim, ("text_embed", "embed"), rt, name="context_embedder")(
             encoder_hidden_states.astype(dtype)

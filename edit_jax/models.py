@@ -25,6 +25,34 @@ def build_model(config) -> nn.Module:
     raise TypeError(f"no model for config type {type(config).__name__}")
 
 
+def router_modulations(config, params: dict, routers: dict, timestep: jax.Array, cond: dict) -> list[jax.Array]:
+    """Per block stack, every router's shift and scale [L_i, B, 2D] for timestep [B] (sigmas in
+    [0, 1]) and the conditioning inputs `cond` (the model's keyword arguments; FLUX reads
+    pooled_projections and guidance, Qwen-Image none): what the model computes first in every
+    routed call, handed to it as `router_modulations=` to skip that work. They read only the time
+    embedding, so a sampler computes them for all its steps in one matmul (`jax.vmap` over the
+    steps' timesteps), reading each router's [D, 3D] kernel once per run instead of once per step.
+    Pass them only with the same timestep and cond as the call's."""
+    from edit_jax.router import router_modulation
+
+    family = _family_module(config)
+    temb = family.time_embedding(config, params, timestep, **cond)
+    dtype = jnp.dtype(config.runtime.dtype)
+    return [router_modulation(routers[name]["router"], temb, dtype) for name in family.BLOCK_STACKS]
+
+
+def _family_module(config):
+    if isinstance(config, FluxConfig):
+        from edit_jax import flux
+
+        return flux
+    if isinstance(config, QwenImageConfig):
+        from edit_jax import qwen_image
+
+        return qwen_image
+    raise TypeError(f"no model for config type {type(config).__name__}")
+
+
 def example_inputs(config, batch: int = 1, height: int = 4, width: int = 4, num_txt: int = 8, seed: int = 0) -> dict:
     """Random model inputs (as keyword arguments) for an image of height x width latent tokens."""
     rng = np.random.default_rng(seed)

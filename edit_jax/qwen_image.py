@@ -12,6 +12,7 @@ The 60 dual-stream blocks run under `nn.scan`. Param names follow diffusers'
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -87,6 +88,14 @@ class QwenTimestepEmbedding(nn.Module):
         return TimestepEmbedding(cfg.inner_dim, "freq", rt, name="timestep_embedder")(sinusoid)
 
 
+BLOCK_STACKS = ("transformer_blocks",)
+
+
+def time_embedding(config: QwenImageConfig, params: dict, timestep, **_) -> jax.Array:
+    """temb [B, D] as the model computes it, from its params alone (the conditions ignored)."""
+    return QwenTimestepEmbedding(config).apply({"params": params["time_text_embed"]}, timestep)
+
+
 class QwenImageTransformer(nn.Module):
     """Qwen-Image velocity model.
 
@@ -113,11 +122,14 @@ class QwenImageTransformer(nn.Module):
         decisions: dict | None = None,
         cache: dict | None = None,
         step=None,
+        router_modulations=None,
     ):
         """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
         aux) with p, q, executed, cache_hit, bucket over the blocks and the step's FLOPs.
         decisions: {"run" or "p", "bucket"} [L] or [B, L] for mode "forced". cache: the block
-        cache (`init_cache`), returned updated as aux["cache"]; step: the denoising step index."""
+        cache (`init_cache`), returned updated as aux["cache"]; step: the denoising step index.
+        router_modulations: the routers' temb-only modulation for these inputs, computed ahead
+        (`edit_jax.models.router_modulations`); None computes it here."""
         cfg, rt = self.config, self.config.runtime
         img_shape = check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes)
         dtype = dtype_of(rt.dtype)
@@ -150,7 +162,7 @@ class QwenImageTransformer(nn.Module):
             name="transformer_blocks",
         )
         caches = None if cache is None else (cache["transformer_blocks"],)
-        preludes = router_preludes(self, elastic, ("transformer_blocks",), temb, dtype)
+        preludes = router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations)
         (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy, preludes)
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)

@@ -44,19 +44,31 @@ class _ModulationWeights(nn.Module):
                         kernel_init=self.kernel_init, name="linear")(dim)
 
 
-def router_prelude(weights: dict, temb: jax.Array, dtype) -> dict:
-    """The half of the router that reads only temb, for a stack of L routers at once (one step).
+def router_modulation(weights: dict, temb: jax.Array, dtype) -> jax.Array:
+    """The routers' own modulation for a stack of L routers at once: shift and scale, the first
+    two chunks of img_mod(SiLU(temb)), as [L, B, 2D] (dtype).
 
     weights: the routers' params, leaves stacked on a leading layer axis [L, ...]; temb [B, D].
-    With shift, scale the first two chunks of img_mod(SiLU(temb)) and K the proj kernel, returns
-    {"scaled": K' = (1 + scale) * K [L, B, D, H] (dtype), "colsum": sum_d K' [L, B, 1, H],
-    "offset": shift @ K + bias [L, B, 1, H]} (float32). Batched matmuls over the layer axis read
-    each layer's kernels in place."""
-    f32, dim = jnp.float32, temb.shape[-1]
+    It reads only temb, so a sampler computes it for all its steps at once (`router_modulations`
+    in `edit_jax.models`): the [D, 3D] kernels, most of a router's weight, are then read once
+    per run instead of once per step. A batched matmul over the layer axis reads each layer's
+    kernel in place."""
+    dim = temb.shape[-1]
     mod_kernel, mod_bias = (weights["img_mod"]["linear"][k].astype(dtype) for k in ("kernel", "bias"))
     act = nn.silu(temb).astype(dtype)
     mod = jnp.matmul(jnp.broadcast_to(act, (mod_kernel.shape[0], *act.shape)), mod_kernel) + mod_bias[:, None, :]
-    shift, scale = mod[..., :dim], mod[..., dim : 2 * dim]  # the third chunk is unused
+    return mod[..., : 2 * dim]  # the third chunk is unused
+
+
+def router_prelude(weights: dict, modulation: jax.Array, dtype) -> dict:
+    """The rest of the routers' temb-only half, for a stack of L routers (one step).
+
+    weights: the routers' params stacked [L, ...]; modulation: `router_modulation` [L, B, 2D].
+    With shift, scale its two halves and K the proj kernel, returns
+    {"scaled": K' = (1 + scale) * K [L, B, D, H] (dtype), "colsum": sum_d K' [L, B, 1, H],
+    "offset": shift @ K + bias [L, B, 1, H]} (float32)."""
+    f32 = jnp.float32
+    shift, scale = jnp.split(modulation, 2, axis=-1)
     kernel = weights["proj"]["kernel"].astype(dtype)  # [L, D, H]
     scaled = ((1 + scale.astype(f32))[..., None] * kernel.astype(f32)[:, None]).astype(dtype)
     offset = jnp.matmul(shift, kernel, preferred_element_type=f32) + weights["proj"]["bias"].astype(f32)[:, None, :]
@@ -77,8 +89,8 @@ class Router(nn.Module):
     Computed folded, so that the tokens are read twice (their moments, one matmul) and no
     normalised copy is written: with m, r a token's mean and 1/std and K' = (1+scale) * K,
     proj(LN(x)*(1+scale)+shift) = r * (x @ K' - m * sum_d K') + shift @ K + bias. What reads only
-    temb (`router_prelude`) the models compute ahead of the block scan for all layers at once and
-    pass in as `prelude`; without it the router computes its own.
+    temb (`router_modulation`, then `router_prelude`) the models compute ahead of the block scan
+    for all layers at once and pass in as `prelude`; without it the router computes its own.
     """
 
     hidden: int
@@ -104,7 +116,8 @@ class Router(nn.Module):
         dtype, f32 = dtype_of(rt.dtype), jnp.float32
         if prelude is None:
             own = {"img_mod": {"linear": {"kernel": mod_kernel, "bias": mod_bias}}, "proj": {"kernel": kernel, "bias": bias}}
-            prelude = jax.tree.map(lambda x: x[0], router_prelude(jax.tree.map(lambda x: x[None], own), temb, dtype))
+            own = jax.tree.map(lambda x: x[None], own)
+            prelude = jax.tree.map(lambda x: x[0], router_prelude(own, router_modulation(own, temb, dtype), dtype))
         scaled, colsum, offset = prelude["scaled"], prelude["colsum"], prelude["offset"]
         total, count = 0.0, 0.0
         for tokens, valid in groups:

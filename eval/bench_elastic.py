@@ -1,7 +1,9 @@
 """Times the dense forward against E-DiT forwards in one process: a forced pattern (half the
 blocks skipped, half of the rest at width 1/2), the same skips alone beside a dense model built
 without the skipped blocks (the mechanism's own overhead), and fresh routers in infer mode (every
-block runs at full width: the routers' own cost). Prints measured speedups beside FLOP ratios;
+block runs at full width: the routers' own cost), also with the routers' temb-only modulation
+computed ahead, as `sample` does for all its steps at once (so what a sampling step pays). Prints
+measured speedups beside FLOP ratios;
 speedups and overheads are medians of per-round ratios (`eval.timing.paired_ratio`).
 
     python -m eval.bench_elastic --preset flux-small --height 16 --width 16 --txt 32
@@ -23,7 +25,7 @@ import edit_jax
 from eval.report import emit, environment, run_script
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
-from edit_jax.models import example_inputs, init_variables, split_static
+from edit_jax.models import example_inputs, init_variables, router_modulations, split_static
 from eval.bench_forward import config_from, model_arguments
 from eval.timing import paired_ratio, time_runs
 
@@ -41,14 +43,23 @@ def all_open(num_blocks: int) -> dict:
 
 
 def forwards(model, static: dict) -> dict:
-    """The jitted forwards the eval scripts time: "dense" (v, x), "forced" (v, x, decisions) and
-    "infer" (v, x). Decisions are arguments, as the routers' are: constants would let XLA fold
-    the branches away."""
+    """The jitted forwards the eval scripts time: "dense" (v, x), "forced" (v, x, decisions),
+    "infer" (v, x) and "infer_ahead" (v, x, router_modulations). Decisions are arguments, as the
+    routers' are: constants would let XLA fold the branches away."""
     return {
         "dense": jax.jit(lambda v, x: model.apply({"params": v["params"]}, **x, **static)),
         "forced": jax.jit(lambda v, x, d: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=d)),
         "infer": jax.jit(lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer"))),
+        "infer_ahead": jax.jit(lambda v, x, m: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer"),
+                                                           router_modulations=m)),
     }
+
+
+def modulations_ahead(config, variables: dict, arrays: dict, static: dict) -> list:
+    """The routers' modulation for these inputs, computed once outside any timed call."""
+    cond = {k: v for k, v in {**arrays, **static}.items() if k != "timestep"}
+    return jax.block_until_ready(router_modulations(config, variables["params"], variables["routers"],
+                                                    arrays["timestep"], cond))
 
 
 def without_skipped_blocks(config, params: dict, run: np.ndarray):
@@ -102,6 +113,8 @@ def main(argv=None) -> dict:
         "skips_only": lambda v, x: forced_fn(v, x, skip_only),
         "forced_all_open": lambda v, x: forced_fn(v, x, all_open(num_blocks)),
         "routers_all_open": jitted["infer"],
+        "routers_all_open_modulation_ahead": lambda v, x, m=modulations_ahead(config, variables, arrays, static): (
+            jitted["infer_ahead"](v, x, m)),
     }
     if kept is not None:
         kept_model, kept_params = edit_jax.build_model(kept[0]), kept[1]
@@ -147,6 +160,8 @@ def main(argv=None) -> dict:
             # of which: the branching mechanism with every block forced open, and the routers' own work
             "time_mechanism": round(paired_ratio(times, "forced_all_open", "dense") - 1, 4),
             "time_router_work": round(paired_ratio(times, "routers_all_open", "forced_all_open") - 1, 4),
+            # what a sampling step pays: the modulation is computed for all steps ahead (`sample`)
+            "time_modulation_ahead": round(paired_ratio(times, "routers_all_open_modulation_ahead", "dense") - 1, 4),
         },
     }
     result["forced"]["speedup_over_flop_reduction"] = round(result["forced"]["speedup"] / result["forced"]["flop_reduction"], 3)

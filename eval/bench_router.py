@@ -1,6 +1,7 @@
 """Times a step's routers on their own, beside the dense forward they sit in: the half that reads
-only temb (`router_prelude`, every layer at once: a matrix-vector product per layer at batch 1,
-bound by reading the modulation weights) and the whole (the prelude, then each block's router on
+only temb (`router_prelude` after `router_modulation`, every layer at once; the modulation is a
+matrix-vector product per layer at batch 1, bound by reading the modulation weights, which a
+sampler computes for all its steps at once), and the whole (that half, then each block's router on
 its input tokens in a scan, as the model runs them). Prints their time and FLOPs as shares of the
 dense forward; `eval.bench_elastic` measures the same routers inside the model (their share there
 includes the branching mechanism).
@@ -19,7 +20,7 @@ import numpy as np
 
 from edit_jax.flops import dense_flops, router_flops
 from edit_jax.layers import dtype_of
-from edit_jax.router import Router, router_prelude
+from edit_jax.router import Router, router_modulation, router_prelude
 from eval.bench_elastic import build, forwards
 from eval.bench_forward import model_arguments
 from eval.report import emit, environment, run_script
@@ -34,7 +35,8 @@ def router_step(config):
     router = Router(config.router_hidden, len(config.width_buckets), config.runtime)
 
     def prelude(routers, temb):
-        return [router_prelude(stack["router"], temb, dtype) for stack in routers.values()]
+        return [router_prelude(stack["router"], router_modulation(stack["router"], temb, dtype), dtype)
+                for stack in routers.values()]
 
     def routers_of_step(routers, tokens, temb):
         def one(x, layer):

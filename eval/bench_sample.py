@@ -1,6 +1,7 @@
-"""Times whole sampling runs in one process: dense, E-DiT with a forced pattern, and E-DiT with
-the block cache on scripted borderline router probabilities. Reports per-step time, the cache hit
-rate and the memory the cache holds. The variants run in alternating rounds (`eval.timing`);
+"""Times whole sampling runs in one process: dense, E-DiT with a forced pattern, E-DiT with the
+block cache on scripted borderline router probabilities, and fresh routers all open (infer mode:
+every block runs at full width, so its time over dense is what the routers cost a sampling step).
+Reports per-step time, the cache hit rate and the memory the cache holds. The variants run in alternating rounds (`eval.timing`);
 speedups are medians of per-round ratios.
 
     python -m eval.bench_sample --preset flux-small --steps 28 --height 256 --width 256
@@ -73,6 +74,7 @@ def main(argv=None) -> dict:
         "forced_pattern": dict(routers=variables["routers"], elastic=ElasticConfig(mode="forced"), decisions=forced_pattern(blocks)),
         "cache_borderline": dict(routers=variables["routers"], elastic=cache_cfg,
                                  decisions=scripted_borderline(args.steps, blocks, 0.5, 0.015)),
+        "routers_all_open": dict(routers=variables["routers"], elastic=ElasticConfig(mode="infer")),
     }
     runs, records = {}, {}
     for name, kwargs in variants.items():
@@ -89,7 +91,10 @@ def main(argv=None) -> dict:
         "preset": args.preset, "overrides": args.set, "dtype": args.dtype,
         "tokens": {"image": rows * cols, "text": args.txt}, "steps": args.steps,
         "ms_per_step": {k: round(1000 * v / args.steps, 3) for k, v in times.items()},
-        "speedup_vs_dense": {k: round(paired_ratio(rounds, "dense", k), 3) for k in times if k != "dense"},
+        "speedup_vs_dense": {k: round(paired_ratio(rounds, "dense", k), 3) for k in ("forced_pattern", "cache_borderline")},
+        "routers_time_over_dense": round(paired_ratio(rounds, "routers_all_open", "dense") - 1, 4),
+        "routers_flops_over_dense": round(float(np.asarray(records["routers_all_open"]["flops_total"]).sum())
+                                          / (dense_flops(config, rows * cols, args.txt) * args.steps) - 1, 4),
         "cache_hit_rate": round(float(hits.mean()), 4),
         "cache_hit_rate_after_start": round(float(hits[args.steps // 2 :].mean()), 4),
         "cache_mib": round(cache_bytes / 2**20, 2),

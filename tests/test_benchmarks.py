@@ -20,7 +20,7 @@ def test_elastic_benchmark_reports_speedup_beside_flop_reduction(preset, tmp_pat
                                  "--out", str(out)])
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert {"dense", "forced_pattern", "skips_only", "routers_all_open"} <= set(result["median_ms"])
+    assert {"dense", "forced_pattern", "skips_only", "routers_all_open", "routers_all_open_modulation_ahead"} <= set(result["median_ms"])
     assert result["forced"]["flop_reduction"] > 1
     assert result["routers_overhead"]["flops"] > 0
 
@@ -37,14 +37,15 @@ def test_forward_benchmark_times_ours_beside_diffusers_eager_on_the_same_weights
         assert row["relative_error_vs_diffusers"] <= 1e-5
 
 
-def test_sample_benchmark_reports_speedups_beside_flop_reductions(tmp_path):
+def test_sample_benchmark_reports_speedups_beside_flop_reductions_and_the_routers_cost(tmp_path):
     from eval import bench_sample
 
     result = bench_sample.main(["--preset", "flux-tiny", "--steps", "2", "--height", "32", "--width", "32", "--runs", "2",
                                 "--out", str(tmp_path / "sample.json")])
-    assert set(result["ms_per_step"]) == {"dense", "forced_pattern", "cache_borderline"}
+    assert set(result["ms_per_step"]) == {"dense", "forced_pattern", "cache_borderline", "routers_all_open"}
     assert set(result["speedup_vs_dense"]) == set(result["flop_reduction_vs_dense"]) == {"forced_pattern", "cache_borderline"}
     assert result["flop_reduction_vs_dense"]["forced_pattern"] > 1
+    assert result["routers_flops_over_dense"] > 0 and "routers_time_over_dense" in result
 
 
 def test_router_benchmark_reports_the_routers_time_and_flops_as_shares_of_the_dense_forward(tmp_path):

@@ -214,6 +214,45 @@ def test_the_routers_temb_only_half_runs_once_per_stack_ahead_of_the_block_scans
         assert in_router and not kernels & {(d, 2 * d), (d, 3 * d), (d, h)}  # none read in the scan
 
 
+def modulations_of(case, routers, arrays=None):
+    from edit_jax.models import router_modulations
+
+    arrays = dict(arrays or case.arrays)
+    timestep = arrays.pop("timestep")
+    return router_modulations(case.config, case.params, routers, timestep, {**arrays, **case.static})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_modulations_computed_ahead_give_the_routed_call_it_would_compute(family):
+    case = Case(family)
+    routers = jax.tree.map(lambda x: x, case.routers)
+    routers["transformer_blocks"]["router"]["gate_head"]["kernel"] *= 3000.0  # p depends on the modulation
+
+    own, own_aux = case.model.apply({"params": case.params, "routers": routers}, **case.arrays, **case.static,
+                                    elastic=INFER)
+    ahead, ahead_aux = case.model.apply({"params": case.params, "routers": routers}, **case.arrays, **case.static,
+                                        elastic=INFER, router_modulations=modulations_of(case, routers))
+
+    assert relative(ahead, own) <= 1e-6
+    np.testing.assert_allclose(ahead_aux["p"], own_aux["p"], rtol=1e-6)
+    np.testing.assert_allclose(ahead_aux["q"], own_aux["q"], rtol=1e-6)
+
+
+def test_router_modulations_for_another_batch_are_a_clear_error():
+    case = Case("flux")
+    one_row = modulations_of(case, case.routers, case.row(0))
+    with pytest.raises(ValueError, match=r"router_modulations\[0\] has shape \(2, 1, 64\), expected \[2, 2, 64\]"):
+        case.model.apply({"params": case.params, "routers": case.routers}, **case.arrays, **case.static,
+                         elastic=INFER, router_modulations=one_row)
+
+
+def test_router_modulations_where_no_router_runs_are_a_clear_error():
+    case = Case("qwen-image")
+    with pytest.raises(ValueError, match="router_modulations were given, but elastic mode 'forced' runs no router"):
+        case.model.apply({"params": case.params, "routers": case.routers}, **case.arrays, **case.static,
+                         elastic=FORCED, router_modulations=modulations_of(case, case.routers))
+
+
 def test_forced_decisions_of_the_wrong_shape_are_a_clear_error():
     case = Case("qwen-image")
     with pytest.raises(ValueError, match=r"forced (run|bucket) has shape \(2,\), expected \[3\] or \[2, 3\]"):

@@ -232,3 +232,35 @@ def test_an_explicit_step_decides_when_the_cache_starts():
     assert not before["cache"]["transformer_blocks"]["stored"].any()
     assert after["cache"]["transformer_blocks"]["stored"].all()
     assert int(after["step"]) == 4
+
+
+def test_sampling_with_routers_equals_a_step_loop_whose_calls_run_their_own_router_modulation():
+    from edit_jax.models import init_variables
+    from edit_jax.sampler import default_scheduler, init_state, make_conditions, make_velocity_fn
+    from edit_jax.schedules import flow_match_schedule
+
+    config = edit_jax.preset("flux-tiny")
+    model, variables = edit_jax.build_model(config), init_variables(config)
+    routers = jax.tree.map(lambda x: x, variables["routers"])
+    for stack in routers.values():
+        stack["router"]["gate_head"]["kernel"] *= 300.0  # p follows each step's modulation, some near tau
+    rng = np.random.default_rng(0)
+    cond = make_conditions(config, rng.standard_normal((1, 4, config.joint_attention_dim)), HEIGHT, WIDTH,
+                           rng.standard_normal((1, config.pooled_projection_dim)))
+    noise = jnp.asarray(rng.standard_normal((1, 12, config.in_channels)), jnp.float32)
+    elastic = ElasticConfig(mode="infer", cache=True, cache_start=1, delta_margin=0.2)
+
+    latents, records = sample(model, variables["params"], noise, cond, SamplerConfig(num_steps=3), routers=routers,
+                              elastic=elastic)
+
+    sigmas, timesteps = flow_match_schedule(default_scheduler(config), 3, 12)
+    f = jax.jit(make_velocity_fn(model, variables["params"], routers, elastic, return_aux=True))
+    x, state = noise, init_state(config, elastic, 1, 12, 4)
+    for i in range(3):
+        v, state, aux = f(x, jnp.full((1,), timesteps[i] / 1000), cond, state)
+        np.testing.assert_allclose(records["p"][i], aux["p"], rtol=1e-6)
+        np.testing.assert_array_equal(records["cache_hit"][i], aux["cache_hit"])
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    assert not np.all(records["p"] == records["p"][0])  # the routers' modulation changed with the step
+    assert records["cache_hit"].any() and not records["cache_hit"].all()
+    assert relative_error(latents, x) <= 1e-5
