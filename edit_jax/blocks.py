@@ -11,13 +11,14 @@ import flax.linen as nn
 from edit_jax.config import WIDTH_BUCKETS, RuntimeConfig
 from edit_jax.elastic import ElasticConfig, elastic_step
 from edit_jax.router import Router
-from edit_jax.layers import MLP, TOKENS, JointAttention, Modulation, constrain, layer_norm, modulate
+from edit_jax.layers import MLP, TOKENS, JointAttention, Modulation, constrain, layer_norm, modulate, modulation_chunks
 
 
 class DualStreamBlock(nn.Module):
     """carry (txt [B, T, D], img [B, N, D]) -> (same, outputs); temb [B, D]; cos/sin [T + N, K];
     key_mask [B, T + N] or None; per_layer: this block's forced decisions and cache (see
-    `elastic_step`); step: the denoising step index.
+    `elastic_step`) and, computed ahead, its modulations ({"modulation": {name: [B, 6D]}},
+    `block_modulations`); step: the denoising step index.
 
     `names` gives the submodules their family's diffusers names: (image modulation, text
     modulation, image MLP, text MLP).
@@ -43,12 +44,14 @@ class DualStreamBlock(nn.Module):
         setattr(self, txt_mlp, MLP(self.mlp_hidden_dim, self.activation, rt))
         self.router = Router(self.router_hidden, len(self.width_buckets), rt)
 
-    def forward(self, carry, temb, cos, sin, key_mask, width=None, hidden_mask=None):
+    def forward(self, carry, temb, cos, sin, key_mask, width=None, hidden_mask=None, modulations=None):
         """The block itself; the image MLP keeps its first `width` hidden channels."""
         img_mod, txt_mod, img_mlp, txt_mlp = (getattr(self, n) for n in self.names)
+        given = modulations or {}
         txt, img = (constrain(x, TOKENS) for x in carry)
-        shift1, scale1, gate1, shift2, scale2, gate2 = img_mod(temb)
-        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = txt_mod(temb)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation_chunks(img_mod, temb, given.get(self.names[0]), 6)
+        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = modulation_chunks(
+            txt_mod, temb, given.get(self.names[1]), 6)
 
         img_attn, txt_attn = self.attn(
             modulate(layer_norm(img), shift1, scale1), modulate(layer_norm(txt), c_shift1, c_scale1), cos, sin, key_mask
@@ -66,8 +69,10 @@ class DualStreamBlock(nn.Module):
         txt, img = carry
         txt_valid = None if key_mask is None else key_mask[:, : txt.shape[1]]
 
+        modulations = per_layer.get("modulation")
+
         def body(mdl, c, width, hidden_mask):
-            return mdl.forward(c, temb, cos, sin, key_mask, width, hidden_mask)
+            return mdl.forward(c, temb, cos, sin, key_mask, width, hidden_mask, modulations)
 
         return elastic_step(
             self, body, carry, [(txt, txt_valid), (img, None)], temb,

@@ -254,11 +254,12 @@ def check_modulations(modulations: Sequence[jax.Array], stack_routers: Sequence[
 
 def per_layer_inputs(
     decisions: dict | None, caches: Sequence[dict] | None, stack_sizes: Sequence[int], batch: int, lazy: bool,
-    preludes: Sequence[dict] | None = None,
+    preludes: Sequence[dict] | None = None, modulations: Sequence[dict] | None = None,
 ) -> list[dict]:
     """The scanned per-layer inputs of each block stack: forced decisions, the stack's cache
-    (when given), the routers' preludes (`router_preludes`, when given) and, with lazy
-    weights (`lazy_weights`), the layer index."""
+    (when given), the routers' preludes (`router_preludes`, when given), the blocks' own
+    modulations (`edit_jax.layers.block_modulations`, when given) and, with lazy weights
+    (`lazy_weights`), the layer index."""
     out = []
     for i, (forced, size) in enumerate(zip(forced_per_layer(decisions, stack_sizes, batch), stack_sizes)):
         inputs = {"forced": forced}
@@ -266,6 +267,8 @@ def per_layer_inputs(
             inputs["cache"] = caches[i]
         if preludes is not None:
             inputs["router_prelude"] = preludes[i]
+        if modulations is not None:
+            inputs["modulation"] = modulations[i]
         if lazy:
             inputs["layer"] = jnp.arange(size)
         out.append(inputs)

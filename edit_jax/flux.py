@@ -37,12 +37,14 @@ from edit_jax.layers import (
     RMSNorm,
     TimestepEmbedding,
     activation_fn,
+    block_modulations,
     apply_rope,
     attention,
     check_timestep,
     constrain,
     dtype_of,
     layer_norm,
+    modulation_chunks,
     modulate,
     rope_frequencies,
     scan_blocks,
@@ -94,10 +96,10 @@ class FluxSingleBlock(nn.Module):
         self.proj_out = Linear(cfg.inner_dim, ("attn_mlp", "embed"), rt, in_features=cfg.inner_dim + cfg.mlp_hidden_dim)
         self.router = Router(cfg.router_hidden, len(cfg.width_buckets), rt)
 
-    def forward(self, x, temb, cos, sin, width=None, hidden_mask=None):
+    def forward(self, x, temb, cos, sin, width=None, hidden_mask=None, modulation=None):
         cfg = self.config
         x = constrain(x, TOKENS)
-        shift, scale, gate = self.norm(temb)
+        shift, scale, gate = modulation_chunks(self.norm, temb, modulation, 3)
         h = modulate(layer_norm(x), shift, scale)
         mlp = constrain(activation_fn(cfg.activation)(self.proj_mlp(h, out_size=width)), HIDDEN)
         sow_hidden_magnitude(self, mlp)
@@ -108,8 +110,10 @@ class FluxSingleBlock(nn.Module):
         return constrain(x + gate[:, None] * out, TOKENS)
 
     def __call__(self, x, per_layer, temb, cos, sin, step):
+        modulation = per_layer.get("modulation", {}).get("norm")
+
         def body(mdl, c, width, hidden_mask):
-            return mdl.forward(c, temb, cos, sin, width, hidden_mask)
+            return mdl.forward(c, temb, cos, sin, width, hidden_mask, modulation)
 
         cfg = self.config
         return elastic_step(
@@ -198,6 +202,7 @@ class FluxTransformer(nn.Module):
         per_double, per_single = per_layer_inputs(
             decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, lazy,
             router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations),
+            block_modulations(self, dict(zip(BLOCK_STACKS, (FLUX_DOUBLE_BLOCK_NAMES[:2], ("norm",)))), temb, dtype),
         )
         txt = Linear(cfg.inner_dim, ("text_embed", "embed"), rt, name="context_embedder")(
             encoder_hidden_states.astype(dtype)

@@ -126,6 +126,33 @@ class Modulation(nn.Module):
         return jnp.split(linear(nn.silu(temb), out_size=used * dim), used, axis=-1)
 
 
+def stacked_modulation(params: dict, temb: jax.Array, dtype) -> jax.Array:
+    """`Modulation` for a stack of L layers at once: params {"linear": {"kernel" [L, D, kD],
+    "bias" [L, kD]}} (as nn.scan stacks them), temb [B, D] -> [L, B, kD], chunks unsplit. A
+    batched matmul over the layer axis reads each layer's kernel in place, where a block in the
+    scan would copy its layer's slice of the stack first."""
+    kernel, bias = (params["linear"][k].astype(dtype) for k in ("kernel", "bias"))
+    act = nn.silu(temb).astype(dtype)
+    return jnp.matmul(jnp.broadcast_to(act, (kernel.shape[0], *act.shape)), kernel) + bias[:, None, :]
+
+
+def block_modulations(model: nn.Module, stacks: dict[str, tuple[str, ...]], temb: jax.Array, dtype) -> list[dict] | None:
+    """Per block stack {modulation name: [L, B, kD]}: the AdaLN modulations of every block, which
+    read only temb, computed ahead of the block scan (`stacked_modulation`); the blocks take
+    their layer's row instead of applying their `Modulation`. None at init (the blocks create
+    their params). stacks: {stack name: the names of its blocks' Modulation submodules}."""
+    if model.is_initializing():
+        return None
+    params = model.variables["params"]
+    return [{name: stacked_modulation(params[stack][name], temb, dtype) for name in names} for stack, names in stacks.items()]
+
+
+def modulation_chunks(module: nn.Module, temb: jax.Array, given: jax.Array | None, num_chunks: int) -> list[jax.Array]:
+    """The `num_chunks` modulation vectors [B, D]: split from `given` [B, kD] (computed ahead by
+    `block_modulations`) or computed by `module` (a `Modulation`) from temb."""
+    return module(temb) if given is None else jnp.split(given, num_chunks, axis=-1)
+
+
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     """x [B, L, D] * (1 + scale [B, D]) + shift [B, D]."""
     return x * (1 + scale[:, None, :]) + shift[:, None, :]

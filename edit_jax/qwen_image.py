@@ -32,6 +32,7 @@ from edit_jax.layers import (
     Modulation,
     RMSNorm,
     TimestepEmbedding,
+    block_modulations,
     check_timestep,
     check_values,
     dtype_of,
@@ -163,7 +164,8 @@ class QwenImageTransformer(nn.Module):
         )
         caches = None if cache is None else (cache["transformer_blocks"],)
         preludes = router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations)
-        (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy, preludes)
+        modulations = block_modulations(self, {BLOCK_STACKS[0]: QWEN_BLOCK_NAMES[:2]}, temb, dtype)
+        (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy, preludes, modulations)
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)
 

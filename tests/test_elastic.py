@@ -1,6 +1,8 @@
 """E-DiT blocks (SPEC sections 1-3) on FLUX and Qwen-Image: dense equivalence, skips, widths,
 per-sample decisions, train mode, released routers, and real branching in the compiled forward."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,7 +207,8 @@ def test_the_routers_temb_only_half_runs_once_per_stack_ahead_of_the_block_scans
 
     ahead = [v.aval.shape for e in _dots(closed.jaxpr, into_scans=False) for v in e.invars]
     counts = [count for _, count, _, _ in case.stacks()]
-    assert [s[0] for s in ahead if s[1:] == (d, 3 * d)] == counts  # modulation kernels
+    single_blocks_own = [case.config.num_single_layers] if family == "flux" else []  # their AdaLN is D x 3D too
+    assert sorted(s[0] for s in ahead if s[1:] == (d, 3 * d)) == sorted(counts + single_blocks_own)  # modulation kernels
     assert [s[0] for s in ahead if s[1:] == (d, h)] == counts  # proj kernels
     for scan in _block_scans(closed.jaxpr):
         in_router = [e for e in _dots(scan.params["jaxpr"].jaxpr, into_scans=True)
@@ -251,6 +254,23 @@ def test_router_modulations_where_no_router_runs_are_a_clear_error():
     with pytest.raises(ValueError, match="router_modulations were given, but elastic mode 'forced' runs no router"):
         case.model.apply({"params": case.params, "routers": case.routers}, **case.arrays, **case.static,
                          elastic=FORCED, router_modulations=modulations_of(case, case.routers))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("elastic", [None, INFER], ids=["dense", "infer"])
+def test_the_blocks_own_modulations_run_once_per_stack_ahead_of_the_block_scans(family, elastic):
+    case = Case(family)
+    fn = (lambda p: case.dense(params=p)) if elastic is None else (lambda p: case.elastic(elastic, params=p)[0])
+    closed = jax.make_jaxpr(fn)(case.params)
+    d, layers = case.config.inner_dim, case.config.num_layers
+
+    ahead = [v.aval.shape for e in _dots(closed.jaxpr, into_scans=False) for v in e.invars]
+    assert [s[0] for s in ahead if s[1:] == (d, 6 * d)] == [layers, layers]  # image and text stream AdaLN
+    in_scans = [str(e.source_info.name_stack) for scan in _block_scans(closed.jaxpr) if elastic is not None
+                for e in _dots(scan.params["jaxpr"].jaxpr, into_scans=True)]
+    in_scans += [str(e.source_info.name_stack) for e in _dots(closed.jaxpr, into_scans=True)
+                 if "forward" in str(e.source_info.name_stack)]
+    assert in_scans and not [n for n in in_scans if re.search(r"/(norm1|norm1_context|norm|img_mod|txt_mod)(/|$)", n)]
 
 
 def test_forced_decisions_of_the_wrong_shape_are_a_clear_error():
