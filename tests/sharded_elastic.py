@@ -1,7 +1,8 @@
 """Run in a subprocess by test_sharding.py with 8 simulated CPU devices: the elastic forwards (infer
 and forced, whose block weights stay stacked through the scan) with params sharded over (fsdp 4,
-tensor 2) equal the unsharded ones; under a set mesh the models constrain their activations (the
-batch over data x fsdp) and still give the same result."""
+tensor 2) equal the unsharded ones, and so does E-DiT sampling (its modulations computed ahead for
+every step); under a set mesh the models constrain their activations (the batch over data x
+fsdp) and still give the same result."""
 
 import os
 
@@ -40,7 +41,26 @@ def main():
             error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
             assert error <= 1e-5, (preset, name, error)
             print(preset, name, f"relative error {error:.1e}")
+        check_sampling(config, model, variables, sharded)
         check_activation_constraints(config, model, variables, sharded)
+
+
+def check_sampling(config, model, variables, sharded):
+    """Three Euler steps with routers and the cache, sharded params and routers against unsharded."""
+    from edit_jax.latents import initial_noise
+    from edit_jax.sampler import SamplerConfig, make_conditions, sample
+
+    rng = np.random.default_rng(0)
+    pooled = rng.standard_normal((2, config.pooled_projection_dim)) if config.family == "flux" else None
+    cond = make_conditions(config, rng.standard_normal((2, 8, config.joint_attention_dim)), 64, 64, pooled)
+    noise = initial_noise(jax.random.key(0), 2, config.in_channels // 4, 64, 64)
+    elastic = ElasticConfig(mode="infer", decision="sample", cache=True, cache_start=1)
+    run = lambda v: np.asarray(sample(model, v["params"], noise, cond, SamplerConfig(num_steps=3),  # noqa: E731
+                                      routers=v["routers"], elastic=elastic)[0])
+    expected, got = run(variables), run(sharded)
+    error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    assert error <= 1e-5, (config.family, "sampling", error)
+    print(config.family, "sampling", f"relative error {error:.1e}")
 
 
 def check_activation_constraints(config, model, variables, sharded):
