@@ -141,6 +141,7 @@ class FluxTimeTextEmbedding(nn.Module):
 
 
 BLOCK_STACKS = ("transformer_blocks", "single_transformer_blocks")
+BLOCK_MODULATIONS = {"transformer_blocks": FLUX_DOUBLE_BLOCK_NAMES[:2], "single_transformer_blocks": ("norm",)}
 
 
 def time_embedding(config: FluxConfig, params: dict, timestep, pooled_projections, guidance=None, **_) -> jax.Array:
@@ -202,7 +203,7 @@ class FluxTransformer(nn.Module):
         per_double, per_single = per_layer_inputs(
             decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, lazy,
             router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations),
-            block_modulations(self, dict(zip(BLOCK_STACKS, (FLUX_DOUBLE_BLOCK_NAMES[:2], ("norm",)))), temb, dtype),
+            block_modulations(self, BLOCK_MODULATIONS, temb, dtype),
         )
         txt = Linear(cfg.inner_dim, ("text_embed", "embed"), rt, name="context_embedder")(
             encoder_hidden_states.astype(dtype)

@@ -90,6 +90,7 @@ class QwenTimestepEmbedding(nn.Module):
 
 
 BLOCK_STACKS = ("transformer_blocks",)
+BLOCK_MODULATIONS = {"transformer_blocks": QWEN_BLOCK_NAMES[:2]}
 
 
 def time_embedding(config: QwenImageConfig, params: dict, timestep, **_) -> jax.Array:
@@ -164,7 +165,7 @@ class QwenImageTransformer(nn.Module):
         )
         caches = None if cache is None else (cache["transformer_blocks"],)
         preludes = router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations)
-        modulations = block_modulations(self, {BLOCK_STACKS[0]: QWEN_BLOCK_NAMES[:2]}, temb, dtype)
+        modulations = block_modulations(self, BLOCK_MODULATIONS, temb, dtype)
         (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy, preludes, modulations)
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_jax.config import RuntimeConfig
-from edit_jax.layers import Linear, dtype_of
+from edit_jax.layers import Linear, dtype_of, stacked_modulation
 
 
 def _kaiming_uniform_sqrt5():
@@ -51,13 +51,8 @@ def router_modulation(weights: dict, temb: jax.Array, dtype) -> jax.Array:
     weights: the routers' params, leaves stacked on a leading layer axis [L, ...]; temb [B, D].
     It reads only temb, so a sampler computes it for all its steps at once (`router_modulations`
     in `edit_jax.models`): the [D, 3D] kernels, most of a router's weight, are then read once
-    per run instead of once per step. A batched matmul over the layer axis reads each layer's
-    kernel in place."""
-    dim = temb.shape[-1]
-    mod_kernel, mod_bias = (weights["img_mod"]["linear"][k].astype(dtype) for k in ("kernel", "bias"))
-    act = nn.silu(temb).astype(dtype)
-    mod = jnp.matmul(jnp.broadcast_to(act, (mod_kernel.shape[0], *act.shape)), mod_kernel) + mod_bias[:, None, :]
-    return mod[..., : 2 * dim]  # the third chunk is unused
+    per run instead of once per step."""
+    return stacked_modulation(weights["img_mod"], temb, dtype)[..., : 2 * temb.shape[-1]]  # the third chunk is unused
 
 
 def router_prelude(weights: dict, modulation: jax.Array, dtype) -> dict:
