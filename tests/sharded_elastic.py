@@ -1,7 +1,7 @@
 """Run in a subprocess by test_sharding.py with 8 simulated CPU devices: the elastic forwards (infer
 and forced, whose block weights stay stacked through the scan) with params sharded over (fsdp 4,
 tensor 2) equal the unsharded ones, and so does E-DiT sampling (its modulations computed ahead for
-every step); under a set mesh the models constrain their activations (the batch over data x
+every step; on FLUX); under a set mesh the models constrain their activations (the batch over data x
 fsdp) and still give the same result."""
 
 import os
@@ -41,7 +41,8 @@ def main():
             error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
             assert error <= 1e-5, (preset, name, error)
             print(preset, name, f"relative error {error:.1e}")
-        check_sampling(config, model, variables, sharded)
+        if preset == "flux-tiny":  # the sampler's sharding is the same for both families
+            check_sampling(config, model, variables, sharded)
         check_activation_constraints(config, model, variables, sharded)
 
 
