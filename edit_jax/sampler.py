@@ -120,8 +120,8 @@ def init_state(config, elastic: ElasticConfig | None, batch: int, num_img: int, 
 
 def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = False, decisions=None) -> Callable:
     """The model as a pure function of everything that changes:
-    f(params, routers, x, t, cond, state, step=None, router_modulations=None) -> (velocity, state) (with return_aux:
-    (velocity, state, aux)); x [B, N, C] packed latents, t [B] sigmas in [0, 1]; routers may be
+    f(params, routers, x, t, cond, state, step=None, router_modulations=None) -> (velocity, state)
+    (with return_aux: (velocity, state, aux)); x [B, N, C] packed latents, t [B] sigmas in [0, 1]; routers may be
     None in dense and forced modes (forced decisions run no router). Differentiate or vmap with respect to params or routers directly.
 
     step: the solver step this call belongs to (the cache's `cache_start` counts these); None

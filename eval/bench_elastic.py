@@ -106,6 +106,7 @@ def main(argv=None) -> dict:
     kept = None if args.no_ideal else without_skipped_blocks(config, variables["params"], np.asarray(pattern["run"]))
 
     jitted = forwards(model, static)
+    ahead = modulations_ahead(config, variables, arrays, static)
     forced_fn = jitted["forced"]
     fns = {
         "dense": jitted["dense"],
@@ -113,8 +114,7 @@ def main(argv=None) -> dict:
         "skips_only": lambda v, x: forced_fn(v, x, skip_only),
         "forced_all_open": lambda v, x: forced_fn(v, x, all_open(num_blocks)),
         "routers_all_open": jitted["infer"],
-        "routers_all_open_modulation_ahead": lambda v, x, m=modulations_ahead(config, variables, arrays, static): (
-            jitted["infer_ahead"](v, x, m)),
+        "routers_all_open_modulation_ahead": lambda v, x: jitted["infer_ahead"](v, x, ahead),
     }
     if kept is not None:
         kept_model, kept_params = edit_jax.build_model(kept[0]), kept[1]

@@ -1,8 +1,8 @@
 """Times whole sampling runs in one process: dense, E-DiT with a forced pattern, E-DiT with the
 block cache on scripted borderline router probabilities, and fresh routers all open (infer mode:
 every block runs at full width, so its time over dense is what the routers cost a sampling step).
-Reports per-step time, the cache hit rate and the memory the cache holds. The variants run in alternating rounds (`eval.timing`);
-speedups are medians of per-round ratios.
+Reports per-step time, the cache hit rate and the memory the cache holds. The variants run in
+alternating rounds (`eval.timing`); speedups are medians of per-round ratios.
 
     python -m eval.bench_sample --preset flux-small --steps 28 --height 256 --width 256
     python -m eval.bench_sample --preset flux-dev --txt 512 --height 1024 --width 1024 \\
