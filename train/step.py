@@ -201,20 +201,17 @@ def make_train_step(config: TrainConfig, model, optimizer: optax.GradientTransfo
         key = jax.random.fold_in(jax.random.key(config.seed), step)
         micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
 
-        def one(carry, inputs):
+        def one(grads_sum, inputs):
             index, mb = inputs
             if micro_batch_sharding is not None:
                 mb = jax.lax.with_sharding_constraint(mb, jax.tree.map(lambda _: micro_batch_sharding, mb))
             (_, metrics), grads = grad_fn(trainable, frozen, {**mb, **static}, jax.random.fold_in(key, index))
-            grads_sum, metrics_sum = carry
-            return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
+            return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        first = jax.eval_shape(lambda: grad_fn(trainable, frozen, {**jax.tree.map(lambda x: x[0], micro), **static}, key))
-        metric_zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), first[0][1])
-        (grads, metrics), _ = jax.lax.scan(one, (zeros, metric_zeros), (jnp.arange(accum), micro))
+        # metrics come out stacked [accum, ...] (no zeros to build, so the gradient is traced once)
+        grads, metrics = jax.lax.scan(one, jax.tree.map(jnp.zeros_like, trainable), (jnp.arange(accum), micro))
         grads = jax.tree.map(lambda g: g / accum, grads)
-        metrics = jax.tree.map(lambda m: m / accum, metrics)
+        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
