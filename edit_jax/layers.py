@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,11 @@ class Linear(nn.Module):
         rt = self.runtime
         dtype = dtype_of(rt.router_dtype or rt.param_dtype if self.collection == "routers" else rt.param_dtype)
         if self.collection == "params":
+            if self.has_variable("params", name):  # what self.param checks, without tracing the initializer
+                value = nn.meta.unbox(self.get_variable("params", name))
+                if value.shape != shape:
+                    raise flax.errors.ScopeParamShapeError(name, self.scope.path_text, value.shape, shape)
+                return value
             return self.param(name, init, shape, dtype)
         return self.variable(self.collection, name, lambda: init(self.make_rng("params"), shape, dtype)).value
 
