@@ -85,6 +85,9 @@ for stage in ${STAGES:-elastic profile flags forward}; do
         done ;;
     cfg)  # Qwen-Image as it samples, with true CFG: batch 2 (not in the default stages)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${qwen_name}_batch2 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --batch 2 --no-ideal ;;
+    compile)  # trace, lower and compile times at full size without weights (not in the default stages)
+        bench compile_$flux_name 150 eval.bench_compile --preset $flux $size --attention $attention
+        bench compile_$qwen_name 150 eval.bench_compile --preset $qwen $size --attention $attention ;;
     sample)  # whole 28-step sampling runs: dense, the forced pattern, the cache (not in the default stages)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench sample_$flux_name 240 eval.bench_sample --preset $flux $pixels --attention $attention --steps $steps ;;
     forward)  # against diffusers eager and torch.compile'd; torch shares the GPU, so JAX allocates as it goes
@@ -96,7 +99,7 @@ for stage in ${STAGES:-elastic profile flags forward}; do
             bench elastic_${flux_name}_dynamic_slice_fusion 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
             bench elastic_${flux_name}_command_buffers 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal ;;
-    *) echo "unknown stage $stage (elastic, profile, flags, forward, cfg, sample)"; exit 2 ;;
+    *) echo "unknown stage $stage (elastic, profile, flags, forward, cfg, sample, compile)"; exit 2 ;;
     esac
 done
 echo "suite done in $SECONDS s"

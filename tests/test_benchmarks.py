@@ -131,6 +131,17 @@ def test_vae_benchmark_reports_both_sides_time_and_peak_memory(vae, tmp_path):
     assert result["ours_vs_diffusers_time"] > 0 and (tmp_path / "vae.json").is_file()
 
 
+def test_compile_benchmark_times_tracing_lowering_and_compiling_each_mode_without_weights(tmp_path):
+    from eval.bench_compile import main
+
+    result = main(["--preset", "qwen-image-tiny", "--height", "2", "--width", "2", "--txt", "4", "--modes", "infer",
+                   "train_step", "--out", str(tmp_path / "compile.json")])
+    assert set(result["seconds"]) == {"infer", "train_step"}
+    for seconds in result["seconds"].values():
+        assert seconds["total_s"] >= seconds["compile_s"] > 0 and seconds["trace_s"] > 0
+    assert json.loads((tmp_path / "compile.json").read_text())["preset"] == "qwen-image-tiny"
+
+
 def test_layer_stack_benchmark_times_every_loop_form_and_counts_its_weight_slices():
     from eval.bench_layer_stack import main
 
