@@ -73,6 +73,33 @@ def test_the_teacher_target_with_every_block_open_at_full_width_has_zero_flow_lo
     assert float(metrics["flow_loss"]) < 1e-12
 
 
+def test_gradient_accumulation_averages_the_gradients_and_metrics_of_its_micro_batches():
+    import optax
+
+    from train.step import make_train_step
+
+    config = TrainConfig(preset="flux-tiny", batch_size=6, grad_accum=3, num_txt=4)
+    model_config = edit_jax.preset("flux-tiny")
+    model, variables = edit_jax.build_model(model_config), init_variables(model_config)
+    trainable, frozen = {"routers": variables["routers"]}, {"params": variables["params"]}
+    batch = synthetic_batch(model_config, config, 0)
+    batch.pop("label")
+    shared = shared_inputs(model_config, 4, 4, 4)
+    sgd = optax.sgd(1.0)  # the update is minus the gradient
+    updated, _, metrics = jax.jit(make_train_step(config, model, sgd, shared))(trainable, sgd.init(trainable), frozen,
+                                                                               batch, jnp.int32(0))
+
+    key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    grad_fn = jax.jit(jax.grad(make_loss_fn(config, model), has_aux=True))
+    by_hand = [grad_fn(trainable, frozen, {**jax.tree.map(lambda x, i=i: x[i::3], batch), **shared},  # sample b: b % 3
+                       jax.random.fold_in(key, i)) for i in range(3)]
+    mean = lambda trees: jax.tree.map(lambda *x: sum(x) / 3, *trees)  # noqa: E731
+    expected = jax.tree.map(jnp.subtract, trainable, mean([g for g, _ in by_hand]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updated, expected)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 {k: metrics[k] for k in by_hand[0][1]}, mean([m for _, m in by_hand]))
+
+
 def test_router_training_leaves_the_base_bitwise_unchanged_and_keeps_no_optimizer_state_for_it(tmp_path):
     config = tiny_run(tmp_path)
     train(config, progress=False)
