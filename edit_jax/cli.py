@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--full", action="store_true",
                       help="28x28 MNIST, 10 blocks, a sweep of three gate budgets (about 30 minutes on 2 cores)")
     demo.add_argument("--settings", default="default", choices=["default", "tiny"],
-                      help="default: 8x8 digits, 6 blocks, one budget (about 4.5 minutes); tiny: about a minute, for tests")
+                      help="default: 8x8 digits, 6 blocks, one budget (3.5 to 4.5 minutes); tiny: about a minute, for tests")
     demo.add_argument("--out", default="edit-jax-demo", help="output folder; a rerun reuses its trained checkpoints")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data split, weights, training and noise")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
