@@ -25,20 +25,16 @@ from eval.report import emit, environment, run_script
 MODES = ("dense", "forced", "infer", "train_step")
 
 
-def abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
-
-
 def programs(config, batch: int, height: int, width: int, txt: int) -> dict:
-    """{mode: (jitted function, abstract arguments)} of the model `config` at this input size."""
+    """{mode: (jitted function, its arguments: abstract params, routers and optimizer state)} of
+    the model `config` at this input size."""
     from train.config import TrainConfig
     from train.data import shared_inputs, synthetic_batch
     from train.step import make_optimizer, make_train_step
 
     model = edit_jax.build_model(config)
     variables = {c: abstract_params(config, c) for c in ("params", "routers")}
-    arrays, static = split_static(example_inputs(config, batch, height, width, txt))
-    arrays = abstract(arrays)
+    arrays, static = split_static(example_inputs(config, batch, height, width, txt))  # inputs are small: concrete
     num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
     decisions = {"run": jax.ShapeDtypeStruct((num_blocks,), jnp.bool_), "bucket": jax.ShapeDtypeStruct((num_blocks,), jnp.int32)}
 
