@@ -15,9 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from edit_jax.config import RuntimeConfig
-from edit_jax.sharding import constrain
+from edit_jax.sharding import constrain, gathered, logical_to_mesh
 
 TOKENS = ("activation_batch", "activation_length", "activation_embed")  # [B, L, D]
 HIDDEN = ("activation_batch", "activation_length", "activation_mlp")  # [B, L, M]
@@ -68,7 +69,8 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array | tuple[jax.Array, ...], out_size: int | None = None):
         parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         rows = sum(p.shape[-1] for p in parts)
-        kernel = self._weight("kernel", self.kernel_init, self.axes, (self.in_features or rows, self.features))
+        kernel = gathered(self._weight("kernel", self.kernel_init, self.axes, (self.in_features or rows, self.features)),
+                          self.axes)
         if out_size is not None:
             kernel = kernel[:, :out_size]
         dtype = dtype_of(self.runtime.dtype)
@@ -78,7 +80,7 @@ class Linear(nn.Module):
             y = y + jnp.dot(part.astype(dtype), kernel[start:stop].astype(dtype))
             start = stop
         if self.use_bias:
-            bias = self._weight("bias", self.bias_init, self.axes[1:], (self.features,))
+            bias = gathered(self._weight("bias", self.bias_init, self.axes[1:], (self.features,)), self.axes[1:])
             if out_size is not None:
                 bias = bias[:out_size]
             y = y + bias.astype(dtype)
@@ -137,7 +139,8 @@ def stacked_modulation(params: dict, temb: jax.Array, dtype) -> jax.Array:
     "bias" [L, kD]}} (as nn.scan stacks them), temb [B, D] -> [L, B, kD], chunks unsplit. A
     batched matmul over the layer axis reads each layer's kernel in place, where a block in the
     scan would copy its layer's slice of the stack first."""
-    kernel, bias = (params["linear"][k].astype(dtype) for k in ("kernel", "bias"))
+    kernel = gathered(params["linear"]["kernel"], ("layers", "embed", "modulation")).astype(dtype)
+    bias = gathered(params["linear"]["bias"], ("layers", "modulation")).astype(dtype)
     act = nn.silu(temb).astype(dtype)
     return jnp.matmul(jnp.broadcast_to(act, (kernel.shape[0], *act.shape)), kernel) + bias[:, None, :]
 
@@ -310,9 +313,6 @@ def splash_attention(q, k, v, key_mask=None, interpret: bool | None = None) -> j
     plain JAX (CPU tests; default: when the backend is not a TPU)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-    from jax.sharding import PartitionSpec
-
-    from edit_jax.sharding import logical_to_mesh
 
     batch, length, heads, dim = q.shape
     block = next((b for b in SPLASH_BLOCKS if length % b == 0), None)

@@ -129,6 +129,27 @@ def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_mesh(PartitionSpec(*names), mesh, shape=x.shape))
 
 
+BATCH_AXES = ("data", "fsdp")  # a batch is split over every data-parallel axis
+
+
+def gathered(param: jax.Array, names: tuple[str, ...]) -> jax.Array:
+    """A param with logical axes `names`, constrained where it is used to its sharding less the
+    data-parallel mesh axes (FSDP's gather before use, made explicit), when a mesh is set;
+    unchanged when none is. The batch is split over those same axes: left to itself, XLA's SPMD
+    partitioner (jax 0.10) computes a matmul whose input is split over data x fsdp and tensor,
+    and whose kernel's output axis is split over fsdp, with two batch shards swapped (a silent
+    wrong answer; tests/sharded_elastic.py and tests/sharded_train.py check this mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return param
+    spec = logical_to_mesh(PartitionSpec(*names), mesh, shape=param.shape)
+    kept = []
+    for axes in spec:
+        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in BATCH_AXES)
+        kept.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return jax.lax.with_sharding_constraint(param, PartitionSpec(*kept))
+
+
 def param_shardings(config, mesh: Mesh, rules=None, collection: str = "params") -> dict:
     """NamedShardings for every param of `config`'s model (pass to `edit_jax.load`), or of its
     routers with collection="routers"."""
@@ -139,9 +160,6 @@ def param_shardings(config, mesh: Mesh, rules=None, collection: str = "params") 
         logical_axes(config, collection),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
-
-
-BATCH_AXES = ("data", "fsdp")  # a batch is split over every data-parallel axis
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -2,7 +2,7 @@
 and forced, whose block weights stay stacked through the scan) with params sharded over (fsdp 4,
 tensor 2) equal the unsharded ones, and so does E-DiT sampling (its modulations computed ahead for
 every step; on FLUX); under a set mesh the models constrain their activations (the batch over data x
-fsdp) and still give the same result."""
+fsdp) and still give the same result, on a mesh with every axis > 1 (dense, forced, infer)."""
 
 import os
 
@@ -65,20 +65,30 @@ def check_sampling(config, model, variables, sharded):
 
 
 def check_activation_constraints(config, model, variables, sharded):
-    """A dense forward of batch 4 traced under jax.set_mesh holds sharding constraints and equals
-    the unconstrained, unsharded forward."""
+    """Forwards of batch 4 traced under jax.set_mesh, on a mesh with every axis > 1 (the batch
+    split over data x fsdp, heads and MLP over tensor), hold sharding constraints and equal the
+    unconstrained, unsharded forwards: dense, forced and infer."""
     arrays, static = split_static(example_inputs(config, 4, 4, 4, 8))
-    forward = lambda v, x: model.apply({"params": v["params"]}, **x, **static)  # noqa: E731
-    expected = np.asarray(jax.jit(forward)(variables, arrays))
-    mesh = make_mesh({"data": 2, "fsdp": 4})
-    with jax.set_mesh(mesh):
-        jaxpr = str(jax.make_jaxpr(forward)(variables, arrays))
-        got = np.asarray(jax.jit(forward)(
-            {"params": jax.device_put(variables["params"], param_shardings(config, mesh))}, arrays))
-    assert jaxpr.count("sharding_constraint") >= 4, "the models constrain no activations"
-    error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
-    assert error <= 1e-5, error
-    print(config.family, "activation constraints", f"relative error {error:.1e}")
+    if "encoder_hidden_states_mask" in arrays:
+        arrays["encoder_hidden_states_mask"] = arrays["encoder_hidden_states_mask"].at[1, 5:].set(0)
+    num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    pattern = {"run": jnp.arange(num_blocks) % 2 == 0, "bucket": jnp.arange(num_blocks, dtype=jnp.int32) % 4}
+    cases = {
+        "dense": lambda v, x: model.apply({"params": v["params"]}, **x, **static),
+        "forced": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=pattern)[0],
+        "infer": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer", decision="sample"))[0],
+    }
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    on_mesh = {c: jax.device_put(variables[c], param_shardings(config, mesh, collection=c)) for c in ("params", "routers")}
+    for name, forward in cases.items():
+        expected = np.asarray(jax.jit(forward)(variables, arrays))
+        with jax.set_mesh(mesh):
+            jaxpr = str(jax.make_jaxpr(forward)(variables, arrays))
+            got = np.asarray(jax.jit(forward)(on_mesh, arrays))
+        assert jaxpr.count("sharding_constraint") >= 4, "the models constrain no activations"
+        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert error <= 1e-5, (config.family, name, error)
+        print(config.family, "on data x fsdp x tensor:", name, f"relative error {error:.1e}")
 
 
 if __name__ == "__main__":

@@ -277,11 +277,12 @@ def test_metrics_record_step_time_and_model_tflops(tmp_path):
     assert len(record["open_rate_per_block"]) == 2 and len(record["mean_width_per_block"]) == 2
 
 
-def test_every_param_router_and_optimizer_leaf_has_the_sharding_the_rules_give():
+def test_sharded_training_has_the_rules_shardings_and_equals_unsharded_on_every_mesh_axis():
     done = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_train.py")], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "checked" in done.stdout
+    assert done.stdout.count("train step on data x fsdp x tensor equals unsharded") == 2
 
 
 def test_the_pipeline_noise_sampler_shifts_as_the_model_pipeline_shifts_its_schedule():
