@@ -8,11 +8,12 @@ model is; they are not compared when a checkpoint is matched against a config.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "tokamax")
 REMAT_POLICIES = ("none", "full", "dots")
 ACTIVATIONS = ("gelu_tanh", "sigmoid_gelu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -30,8 +31,10 @@ class RuntimeConfig:
     param_dtype: dtype the params are stored in; router_dtype: the routers' (e.g. float32 routers
     training beside a bfloat16 frozen base), param_dtype when None. dtype: compute dtype of matmuls and the residual
     stream; norms, RoPE and softmax always run in float32. attention: "xla" (default, any backend)
-    "cudnn" (GPU, bfloat16/float16 only) or "splash" (TPU: Pallas splash attention, a flash kernel
-    that never materialises the [L, L] scores). remat: "none", "full" (recompute each block in the
+    "cudnn" (GPU, bfloat16/float16 only), "splash" (TPU: Pallas splash attention, a flash kernel
+    that never materialises the [L, L] scores) or "tokamax" (the `tokamax` package's attention, which
+    picks its fastest kernel for the device: Pallas Mosaic flash attention on Hopper/Blackwell GPUs
+    and TPUs, else XLA). remat: "none", "full" (recompute each block in the
     backward pass) or "dots" (save matmul outputs without batch dims).
     """
 
@@ -47,6 +50,8 @@ class RuntimeConfig:
             _check_choice("router_dtype", self.router_dtype, DTYPES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("attention", self.attention, ATTENTION_IMPLEMENTATIONS)
+        if self.attention == "tokamax" and importlib.util.find_spec("tokamax") is None:
+            raise ConfigError("attention='tokamax' needs the tokamax package: pip install 'edit-jax[tokamax]'")
         _check_choice("remat", self.remat, REMAT_POLICIES)
 
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from edit_jax.config import RuntimeConfig
 from edit_jax.sharding import constrain, gathered, logical_to_mesh
@@ -285,11 +285,14 @@ def attention(
 ) -> jax.Array:
     """Softmax attention over q, k, v [B, L, H, K] -> [B, L, H*K].
 
-    key_mask [B, L] (True = attend) hides padded keys. implementation: "xla" or "cudnn" (GPU
-    only, bfloat16/float16); "cudnn" where it cannot run falls back to "xla" with a warning.
+    key_mask [B, L] (True = attend) hides padded keys. implementation: "xla", "cudnn" (GPU only,
+    bfloat16/float16; where it cannot run it falls back to "xla" with a warning), "splash" (TPU,
+    `splash_attention`) or "tokamax" (`tokamax_attention`).
     """
     if implementation == "splash":
         return splash_attention(q, k, v, key_mask)
+    if implementation == "tokamax":
+        return tokamax_attention(q, k, v, key_mask)
     if implementation == "cudnn" and (jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16)):
         warnings.warn(f"attention='cudnn' needs a GPU and bfloat16/float16 (here: {jax.default_backend()}, "
                       f"{q.dtype}): using 'xla'", stacklevel=2)
@@ -299,6 +302,31 @@ def attention(
         # cuDNN takes the mask as a bias whose last two dims must be the full [L, L]
         mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return out.reshape(*out.shape[:2], -1)
+
+
+def _heads_spec(shape) -> PartitionSpec | None:
+    """The mesh axes of q [B, L, H, K] under the set mesh (None when no mesh is set): what a
+    kernel that XLA cannot partition itself runs per shard of."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else logical_to_mesh(PartitionSpec(*HEADS), mesh, shape=shape)
+
+
+def tokamax_attention(q, k, v, key_mask=None) -> jax.Array:
+    """Softmax attention through tokamax (the `tokamax` extra), which picks its fastest kernel for
+    the device: Pallas Mosaic flash attention on Hopper/Blackwell GPUs and TPUs, Pallas Triton on
+    other GPUs, else XLA.
+    q, k, v [B, L, H, K] -> [B, L, H*K]; key_mask [B, L] (True = attend) hides padded keys. Under a
+    mesh (jax.set_mesh) the kernel runs per shard of the batch and head axes the rules give."""
+    import tokamax
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # tokamax reads its options from absl flags, else parsing sys.argv (ours)
+        flags.FLAGS.mark_as_parsed()
+    mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
+    spec = _heads_spec(q.shape)
+    sharding = None if spec is None else NamedSharding(jax.sharding.get_abstract_mesh(), spec)
+    out = tokamax.dot_product_attention(q, k, v, mask=mask, q_sharding=sharding)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -323,8 +351,7 @@ def splash_attention(q, k, v, key_mask=None, interpret: bool | None = None) -> j
     sizes = kernels.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mesh = jax.sharding.get_abstract_mesh()
-    spec = PartitionSpec(None, None, None, None) if mesh.empty else logical_to_mesh(
-        PartitionSpec(*HEADS), mesh, shape=q.shape)
+    spec = PartitionSpec(None, None, None, None) if mesh.empty else _heads_spec(q.shape)
     head_axis = spec[2]
     local_heads = heads // (1 if head_axis is None else int(np.prod([mesh.shape[a] for a in np.atleast_1d(head_axis)])))
     kernel = kernels.make_splash_mha(masks.MultiHeadMask([masks.FullMask((length, length))] * local_heads),

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 import edit_jax
-from edit_jax.config import ConfigError
+from edit_jax.config import ATTENTION_IMPLEMENTATIONS, ConfigError
 from eval.report import emit, environment, run_script
 from eval.timing import time_alternating
 from edit_jax.models import abstract_params, example_inputs, split_static
@@ -61,7 +61,7 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--txt", type=int, default=32, help="text tokens")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLEMENTATIONS)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field of the preset, e.g. --set num_attention_heads=8")
 

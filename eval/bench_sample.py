@@ -20,7 +20,7 @@ import numpy as np
 import edit_jax
 from eval.report import emit, environment, run_script
 from eval.timing import paired_ratio, time_runs
-from edit_jax.config import FluxConfig
+from edit_jax.config import ATTENTION_IMPLEMENTATIONS, FluxConfig
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
 from edit_jax.latents import initial_noise, packed_grid
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--runs", type=int, default=3, help="rounds, each running every variant once")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    p.add_argument("--attention", default="xla", choices=ATTENTION_IMPLEMENTATIONS)
     p.add_argument("--out")
     args = p.parse_args(argv)
 

@@ -39,7 +39,7 @@ fi
 python3 - <<'EOF'
 import importlib.metadata as m, platform, jax
 print("python", platform.python_version(), "| devices", jax.devices())
-for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "diffusers"):
+for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch", "diffusers", "tokamax"):
     try:
         print(f"  {name} {m.version(name)}")
     except m.PackageNotFoundError:
@@ -93,13 +93,16 @@ for stage in ${STAGES:-elastic profile flags forward}; do
     forward)  # against diffusers eager and torch.compile'd; torch shares the GPU, so JAX allocates as it goes
         XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_$flux_name 360 eval.bench_forward --preset $flux $size --attention $attention $runs $compile --batch 1 2
         XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_$qwen_name 360 eval.bench_forward --preset $qwen $size --attention $attention $runs $compile --batch 1 2 ;;
+    tokamax)  # tokamax's attention (on Hopper: Pallas Mosaic flash attention) beside the cuDNN runs of `elastic`
+        # (not in the default stages; carry tokamax and its pure-Python dependencies in .whl/)
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${flux_name}_tokamax 170 eval.bench_elastic --preset $flux $size --attention tokamax $runs --no-ideal ;;
     flags)  # XLA GPU options that may cut the per-block overheads: slices fused into GEMMs, conditionals in CUDA graphs
         [ -n "${GPU_SUITE_DRY:-}" ] && continue
         XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
             bench elastic_${flux_name}_dynamic_slice_fusion 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
             bench elastic_${flux_name}_command_buffers 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal ;;
-    *) echo "unknown stage $stage (elastic, profile, flags, forward, cfg, sample, compile)"; exit 2 ;;
+    *) echo "unknown stage $stage (elastic, profile, flags, forward, cfg, sample, compile, tokamax)"; exit 2 ;;
     esac
 done
 echo "suite done in $SECONDS s"

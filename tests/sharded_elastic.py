@@ -2,7 +2,8 @@
 and forced, whose block weights stay stacked through the scan) with params sharded over (fsdp 4,
 tensor 2) equal the unsharded ones, and so does E-DiT sampling (its modulations computed ahead for
 every step; on FLUX); under a set mesh the models constrain their activations (the batch over data x
-fsdp) and still give the same result, on a mesh with every axis > 1 (dense, forced, infer)."""
+fsdp) and still give the same result, on a mesh with every axis > 1 (dense, forced, infer, and
+with tokamax's attention run per shard)."""
 
 import os
 
@@ -67,21 +68,24 @@ def check_sampling(config, model, variables, sharded):
 def check_activation_constraints(config, model, variables, sharded):
     """Forwards of batch 4 traced under jax.set_mesh, on a mesh with every axis > 1 (the batch
     split over data x fsdp, heads and MLP over tensor), hold sharding constraints and equal the
-    unconstrained, unsharded forwards: dense, forced and infer."""
+    unconstrained, unsharded forwards: dense, forced, infer, and dense with tokamax's attention
+    (its kernels run per shard)."""
     arrays, static = split_static(example_inputs(config, 4, 4, 4, 8))
     if "encoder_hidden_states_mask" in arrays:
         arrays["encoder_hidden_states_mask"] = arrays["encoder_hidden_states_mask"].at[1, 5:].set(0)
     num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
     pattern = {"run": jnp.arange(num_blocks) % 2 == 0, "bucket": jnp.arange(num_blocks, dtype=jnp.int32) % 4}
+    tokamax = edit_jax.build_model(config.with_runtime(attention="tokamax"))
     cases = {
         "dense": lambda v, x: model.apply({"params": v["params"]}, **x, **static),
         "forced": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=pattern)[0],
         "infer": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer", decision="sample"))[0],
+        "dense, tokamax attention": lambda v, x: tokamax.apply({"params": v["params"]}, **x, **static),
     }
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     on_mesh = {c: jax.device_put(variables[c], param_shardings(config, mesh, collection=c)) for c in ("params", "routers")}
     for name, forward in cases.items():
-        expected = np.asarray(jax.jit(forward)(variables, arrays))
+        expected = np.asarray(jax.jit(cases["dense" if "dense" in name else name])(variables, arrays))
         with jax.set_mesh(mesh):
             jaxpr = str(jax.make_jaxpr(forward)(variables, arrays))
             got = np.asarray(jax.jit(forward)(on_mesh, arrays))

@@ -126,10 +126,12 @@ def test_remat_policies_leave_the_forward_unchanged(remat):
     np.testing.assert_array_equal(base, rematted)
 
 
+@pytest.mark.parametrize("attention", ["splash", "tokamax"])
 @pytest.mark.parametrize("preset", ["flux-tiny", "qwen-image-tiny"])
-def test_splash_attention_matches_xla_attention_in_the_models(preset):
-    """Pallas splash attention (TPU), run in interpret mode on the CPU; 64 image + 64 text tokens
-    (the kernel tiles 128), Qwen-Image with padded text in one row."""
+def test_flash_attention_kernels_match_xla_attention_in_the_models(preset, attention):
+    """Pallas splash attention (TPU), run in interpret mode on the CPU, and tokamax's attention
+    (its XLA kernel here); 64 image + 64 text tokens (splash tiles 128), Qwen-Image with padded
+    text in one row."""
     import edit_jax
     from edit_jax.models import example_inputs, split_static
 
@@ -138,9 +140,20 @@ def test_splash_attention_matches_xla_attention_in_the_models(preset):
     if "encoder_hidden_states_mask" in arrays:
         arrays["encoder_hidden_states_mask"] = arrays["encoder_hidden_states_mask"].at[1, 40:].set(0)
     params = edit_jax.init_params(config)
-    xla, splash = (edit_jax.build_model(config.with_runtime(attention=a)).apply({"params": params}, **arrays, **static)
-                   for a in ("xla", "splash"))
-    assert relative_error(splash, xla) <= 1e-5
+    xla, flash = (edit_jax.build_model(config.with_runtime(attention=a)).apply({"params": params}, **arrays, **static)
+                  for a in ("xla", attention))
+    assert relative_error(flash, xla) <= 1e-5
+
+
+def test_tokamax_attention_without_its_package_is_a_config_error_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    from edit_jax.config import ConfigError, RuntimeConfig
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tokamax" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"edit-jax\[tokamax\]"):
+        RuntimeConfig(attention="tokamax")
 
 
 def test_splash_attention_names_the_lengths_it_cannot_tile():

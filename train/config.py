@@ -88,7 +88,7 @@ class TrainConfig:
     # changes to the logical-axis rules (edit_jax/sharding.py), e.g. {"embed": null, "mlp": "tensor"}
     axis_rules: dict = dataclasses.field(default_factory=dict)
     remat: str = "none"
-    attention: str = "xla"  # "xla", "cudnn" (GPU) or "splash" (TPU flash kernel)
+    attention: str = "xla"  # "xla", "cudnn" (GPU), "splash" (TPU flash kernel) or "tokamax"
     param_dtype: str = "float32"  # base params
     router_dtype: str = "float32"  # routers and their optimizer state
     dtype: str = "float32"  # compute
