@@ -138,9 +138,10 @@ def stacked_modulation(params: dict, temb: jax.Array, dtype) -> jax.Array:
     """`Modulation` for a stack of L layers at once: params {"linear": {"kernel" [L, D, kD],
     "bias" [L, kD]}} (as nn.scan stacks them), temb [B, D] -> [L, B, kD], chunks unsplit. A
     batched matmul over the layer axis reads each layer's kernel in place, where a block in the
-    scan would copy its layer's slice of the stack first."""
-    kernel = gathered(params["linear"]["kernel"], ("layers", "embed", "modulation")).astype(dtype)
-    bias = gathered(params["linear"]["bias"], ("layers", "modulation")).astype(dtype)
+    scan would copy its layer's slice of the stack first. The kernels are not `gathered`: that
+    would hold every layer's whole kernel at once (6 GB a chip for FLUX.1-dev in bfloat16); their
+    fsdp-split rows give partial products that XLA sums instead."""
+    kernel, bias = (params["linear"][k].astype(dtype) for k in ("kernel", "bias"))
     act = nn.silu(temb).astype(dtype)
     return jnp.matmul(jnp.broadcast_to(act, (kernel.shape[0], *act.shape)), kernel) + bias[:, None, :]
 

@@ -12,7 +12,6 @@ import numpy as np
 
 from edit_jax.config import RuntimeConfig
 from edit_jax.layers import Linear, dtype_of, stacked_modulation
-from edit_jax.sharding import gathered
 
 
 def _kaiming_uniform_sqrt5():
@@ -65,10 +64,9 @@ def router_prelude(weights: dict, modulation: jax.Array, dtype) -> dict:
     "offset": shift @ K + bias [L, B, 1, H]} (float32)."""
     f32 = jnp.float32
     shift, scale = jnp.split(modulation, 2, axis=-1)
-    kernel = gathered(weights["proj"]["kernel"], ("layers", "embed", "router")).astype(dtype)  # [L, D, H]
-    bias = gathered(weights["proj"]["bias"], ("layers", "router"))
+    kernel = weights["proj"]["kernel"].astype(dtype)  # [L, D, H]
     scaled = ((1 + scale.astype(f32))[..., None] * kernel.astype(f32)[:, None]).astype(dtype)
-    offset = jnp.matmul(shift, kernel, preferred_element_type=f32) + bias.astype(f32)[:, None, :]
+    offset = jnp.matmul(shift, kernel, preferred_element_type=f32) + weights["proj"]["bias"].astype(f32)[:, None, :]
     # colsum of the rounded K', so that the token mean cancels exactly in r * (x @ K' - m * colsum)
     return {"scaled": scaled, "colsum": scaled.astype(f32).sum(axis=-2, keepdims=True), "offset": offset[:, :, None, :]}
 
