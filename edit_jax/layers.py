@@ -138,12 +138,17 @@ def stacked_modulation(params: dict, temb: jax.Array, dtype) -> jax.Array:
     """`Modulation` for a stack of L layers at once: params {"linear": {"kernel" [L, D, kD],
     "bias" [L, kD]}} (as nn.scan stacks them), temb [B, D] -> [L, B, kD], chunks unsplit. A
     batched matmul over the layer axis reads each layer's kernel in place, where a block in the
-    scan would copy its layer's slice of the stack first. The kernels are not `gathered`: that
-    would hold every layer's whole kernel at once (6 GB a chip for FLUX.1-dev in bfloat16); their
-    fsdp-split rows give partial products that XLA sums instead."""
+    scan would copy its layer's slice of the stack first.
+
+    Under a mesh the kernels stay split as they are stored: SiLU(temb) (a few KB) is split as the
+    kernels' rows, each chip multiplies its rows and the partial products are summed into
+    replicated modulations. Left to itself, XLA gathered every layer's whole kernel at once (two
+    copies of 6.3 GiB a chip for Qwen-Image in bfloat16: its router training no longer fit a v5e
+    chip)."""
     kernel, bias = (params["linear"][k].astype(dtype) for k in ("kernel", "bias"))
-    act = nn.silu(temb).astype(dtype)
-    return jnp.matmul(jnp.broadcast_to(act, (kernel.shape[0], *act.shape)), kernel) + bias[:, None, :]
+    act = constrain(nn.silu(temb).astype(dtype), (None, "embed"))
+    out = jnp.matmul(jnp.broadcast_to(act, (kernel.shape[0], *act.shape)), kernel) + bias[:, None, :]
+    return constrain(out, (None, None, None))
 
 
 def block_modulations(model: nn.Module, stacks: dict[str, tuple[str, ...]], temb: jax.Array, dtype) -> list[dict] | None:

@@ -103,9 +103,9 @@ def check_auto_axes(mesh: Mesh) -> None:
 def logical_to_mesh(spec: PartitionSpec, mesh: Mesh, rules=None, shape=None) -> PartitionSpec:
     """Maps one logical PartitionSpec onto mesh axes (a rule may name several); a mesh axis of
     size 1, already used in this array, or (given the array's `shape`) not dividing its
-    dimension is left out."""
+    dimension is left out. A logical name None leaves its dimension unsplit."""
     check_auto_axes(mesh)
-    table = dict(active_rules() if rules is None else rules)
+    table = {None: None, **dict(active_rules() if rules is None else rules)}
     used, out = set(), []
     for dim, name in enumerate(spec):
         if name not in table:
@@ -133,21 +133,30 @@ BATCH_AXES = ("data", "fsdp")  # a batch is split over every data-parallel axis
 
 
 def gathered(param: jax.Array, names: tuple[str, ...]) -> jax.Array:
-    """A param with logical axes `names`, constrained where it is used to its sharding less the
-    data-parallel mesh axes (FSDP's gather before use, made explicit), when a mesh is set;
-    unchanged when none is. The batch is split over those same axes: left to itself, XLA's SPMD
-    partitioner (jax 0.10) computes a matmul whose input is split over data x fsdp and tensor,
-    and whose kernel's output axis is split over fsdp, with two batch shards swapped (a silent
-    wrong answer; tests/sharded_elastic.py and tests/sharded_train.py check this mesh)."""
+    """A param with logical axes `names` where it is used, under a set mesh whose batch is split
+    over two or more mesh axes and where the param is also split over another one: constrained to
+    its sharding less the batch's axes (FSDP's gather, written out). There, left to itself, XLA's
+    SPMD partitioner (jax 0.10) computes a matmul whose input is split over data x fsdp and tensor,
+    and whose kernel's output axis is split over fsdp, with two batch shards swapped: a silent
+    wrong answer (tests/sharded_elastic.py and tests/sharded_train.py run that mesh). Unchanged
+    otherwise, so that the partitioner keeps its own plan (pure FSDP, data x fsdp) and memory."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return param
-    spec = logical_to_mesh(PartitionSpec(*names), mesh, shape=param.shape)
-    kept = []
-    for axes in spec:
-        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in BATCH_AXES)
-        kept.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return jax.lax.with_sharding_constraint(param, PartitionSpec(*kept))
+    batch = _axes_of(logical_to_mesh(PartitionSpec("activation_batch"), mesh)[0])
+    if len(batch) < 2:
+        return param
+    kept = [tuple(a for a in _axes_of(axes) if a not in batch)
+            for axes in logical_to_mesh(PartitionSpec(*names), mesh, shape=param.shape)]
+    if not any(kept):
+        return param
+    return jax.lax.with_sharding_constraint(
+        param, PartitionSpec(*(None if not axes else axes[0] if len(axes) == 1 else axes for axes in kept)))
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def param_shardings(config, mesh: Mesh, rules=None, collection: str = "params") -> dict:

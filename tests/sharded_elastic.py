@@ -45,6 +45,7 @@ def main():
         if preset == "flux-tiny":  # the sampler's sharding is the same for both families
             check_sampling(config, model, variables, sharded)
         check_activation_constraints(config, model, variables, sharded)
+        check_modulation_kernels_stay_split(config, model, variables)
 
 
 def check_sampling(config, model, variables, sharded):
@@ -93,6 +94,23 @@ def check_activation_constraints(config, model, variables, sharded):
         error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
         assert error <= 1e-5, (config.family, name, error)
         print(config.family, "on data x fsdp x tensor:", name, f"relative error {error:.1e}")
+
+
+def check_modulation_kernels_stay_split(config, model, variables):
+    """Under pure FSDP the modulations computed ahead of the scan never gather a stacked
+    [L, D, kD] kernel whole (at full size that is GiBs a chip)."""
+    import re
+
+    arrays, static = split_static(example_inputs(config, 8, 4, 4, 8))
+    mesh = make_mesh({"fsdp": 8})
+    params = jax.device_put(variables["params"], param_shardings(config, mesh))
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(lambda p, x: model.apply({"params": p}, **x, **static)).lower(params, arrays).compile().as_text()
+    stacked = {tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+               if "linear" in jax.tree_util.keystr(path) and leaf.ndim == 3}
+    gathered = {tuple(int(d) for d in m.split(",")) for m in re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} all-gather\(", hlo)}
+    assert stacked and not stacked & gathered, (config.family, stacked & gathered)
+    print(config.family, "modulation kernels stay split")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ def test_elastic_forwards_with_sharded_params_equal_unsharded():
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("relative error") == 13
+    assert done.stdout.count("modulation kernels stay split") == 2
 
 
 def test_a_mesh_with_explicit_axes_is_rejected_with_a_clear_message():
