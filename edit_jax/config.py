@@ -34,7 +34,7 @@ class RuntimeConfig:
     "cudnn" (GPU, bfloat16/float16 only), "splash" (TPU: Pallas splash attention, a flash kernel
     that never materialises the [L, L] scores) or "tokamax" (the `tokamax` package's attention, which
     picks its fastest kernel for the device: Pallas Mosaic flash attention on Hopper/Blackwell GPUs
-    and TPUs, else XLA). remat: "none", "full" (recompute each block in the
+    and TPUs, Pallas Triton on other GPUs, else XLA). remat: "none", "full" (recompute each block in the
     backward pass) or "dots" (save matmul outputs without batch dims).
     """
 
