@@ -116,7 +116,7 @@ def logical_to_mesh(spec: PartitionSpec, mesh: Mesh, rules=None, shape=None) -> 
         if shape is not None and axes and shape[dim] % int(np.prod([mesh.shape[a] for a in axes])):
             axes = []
         used.update(axes)
-        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+        out.append(_entry_of(axes))
     return PartitionSpec(*out)
 
 
@@ -150,13 +150,17 @@ def gathered(param: jax.Array, names: tuple[str, ...]) -> jax.Array:
             for axes in logical_to_mesh(PartitionSpec(*names), mesh, shape=param.shape)]
     if not any(kept):
         return param
-    return jax.lax.with_sharding_constraint(
-        param, PartitionSpec(*(None if not axes else axes[0] if len(axes) == 1 else axes for axes in kept)))
+    return jax.lax.with_sharding_constraint(param, PartitionSpec(*(_entry_of(axes) for axes in kept)))
 
 
 def _axes_of(entry) -> tuple[str, ...]:
     """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _entry_of(axes) -> str | tuple[str, ...] | None:
+    """The PartitionSpec entry of a sequence of mesh axes (the inverse of `_axes_of`)."""
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
 def param_shardings(config, mesh: Mesh, rules=None, collection: str = "params") -> dict:
