@@ -18,7 +18,7 @@ class DualStreamBlock(nn.Module):
     """carry (txt [B, T, D], img [B, N, D]) -> (same, outputs); temb [B, D]; cos/sin [T + N, K];
     key_mask [B, T + N] or None; per_layer: this block's forced decisions and cache (see
     `elastic_step`) and, computed ahead, its modulations ({"modulation": {name: [B, 6D]}},
-    `block_modulations`); step: the denoising step index.
+    `modulations_ahead`); step: the denoising step index.
 
     `names` gives the submodules their family's diffusers names: (image modulation, text
     modulation, image MLP, text MLP).

@@ -262,7 +262,7 @@ def per_layer_inputs(
 ) -> list[dict]:
     """The scanned per-layer inputs of each block stack: forced decisions, the stack's cache
     (when given), the routers' preludes (`router_preludes`, when given), the blocks' own
-    modulations (`edit_jax.layers.block_modulations`, when given) and, with lazy weights
+    modulations (`edit_jax.layers.modulations_ahead`, when given) and, with lazy weights
     (`lazy_weights`), the layer index."""
     out = []
     for i, (forced, size) in enumerate(zip(forced_per_layer(decisions, stack_sizes, batch), stack_sizes)):

@@ -37,15 +37,15 @@ from edit_jax.layers import (
     RMSNorm,
     TimestepEmbedding,
     activation_fn,
-    block_modulations,
     apply_rope,
     attention,
     check_timestep,
     constrain,
     dtype_of,
     layer_norm,
-    modulation_chunks,
     modulate,
+    modulation_chunks,
+    modulations_ahead,
     rope_frequencies,
     scan_blocks,
     sow_hidden_magnitude,
@@ -181,13 +181,16 @@ class FluxTransformer(nn.Module):
         cache: dict | None = None,
         step=None,
         router_modulations=None,
+        block_modulations=None,
     ):
         """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
         aux) with p, q, executed, cache_hit, bucket over all 19 + 38 blocks and the step's FLOPs.
         decisions: {"run" or "p", "bucket"} [L] or [B, L] for mode "forced". cache: the block
         cache (`init_cache`), returned updated as aux["cache"]; step: the denoising step index.
         router_modulations: the routers' temb-only modulation for these inputs, computed ahead
-        (`edit_jax.models.router_modulations`); None computes it here."""
+        (`edit_jax.models.router_modulations`); None computes it here. block_modulations: the
+        blocks' AdaLN modulations for these inputs, computed ahead (`edit_jax.models.block_modulations`);
+        None computes them here."""
         cfg, rt = self.config, self.config.runtime
         check_flux_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
         dtype = dtype_of(rt.dtype)
@@ -203,7 +206,7 @@ class FluxTransformer(nn.Module):
         per_double, per_single = per_layer_inputs(
             decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, lazy,
             router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations),
-            block_modulations(self, BLOCK_MODULATIONS, temb, dtype),
+            modulations_ahead(self, BLOCK_MODULATIONS, temb, dtype, block_modulations),
         )
         txt = Linear(cfg.inner_dim, ("text_embed", "embed"), rt, name="context_embedder")(
             encoder_hidden_states.astype(dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import flax
 import flax.linen as nn
@@ -151,20 +152,50 @@ def stacked_modulation(params: dict, temb: jax.Array, dtype) -> jax.Array:
     return constrain(out, (None, None, None))
 
 
-def block_modulations(model: nn.Module, stacks: dict[str, tuple[str, ...]], temb: jax.Array, dtype) -> list[dict] | None:
+def modulations_ahead(model: nn.Module, stacks: dict[str, tuple[str, ...]], temb: jax.Array, dtype,
+                      given: Sequence[dict] | None = None) -> list[dict] | None:
     """Per block stack {modulation name: [L, B, kD]}: the AdaLN modulations of every block, which
     read only temb, computed ahead of the block scan (`stacked_modulation`); the blocks take
     their layer's row instead of applying their `Modulation`. None at init (the blocks create
-    their params). stacks: {stack name: the names of its blocks' Modulation submodules}."""
+    their params). stacks: {stack name: the names of its blocks' Modulation submodules}.
+    given: the same, computed by the caller for this temb (`edit_jax.models.block_modulations`,
+    e.g. for every step of a sampling run at once): checked and returned."""
     if model.is_initializing():
+        if given is not None:
+            raise ValueError("block_modulations were given at init: the blocks create their params there")
         return None
     params = model.variables["params"]
+    if given is not None:
+        check_block_modulations(given, params, stacks, temb.shape)
+        return list(given)
+    return stack_modulations(params, stacks, temb, dtype)
+
+
+def stack_modulations(params: dict, stacks: dict[str, tuple[str, ...]], temb: jax.Array, dtype) -> list[dict]:
+    """`modulations_ahead` from the model's params: per stack {name: [L, B, kD]} for temb [B, D]."""
     return [{name: stacked_modulation(params[stack][name], temb, dtype) for name in names} for stack, names in stacks.items()]
+
+
+def check_block_modulations(given: Sequence[dict], params: dict, stacks: dict[str, tuple[str, ...]], temb_shape) -> None:
+    """Raises ValueError unless `given` holds one {name: [L, B, kD]} per block stack, as the
+    model's params and this batch make them."""
+    if len(given) != len(stacks):
+        raise ValueError(f"block_modulations holds {len(given)} entries, expected one per block stack ({len(stacks)})")
+    for i, (mods, (stack, names)) in enumerate(zip(given, stacks.items())):
+        if not isinstance(mods, dict) or set(mods) != set(names):
+            found = sorted(mods) if isinstance(mods, dict) else type(mods).__name__
+            raise ValueError(f"block_modulations[{i}] ({stack}) holds {found}, expected {sorted(names)}")
+        for name in names:
+            layers, _, width = params[stack][name]["linear"]["kernel"].shape
+            expected = (layers, temb_shape[0], width)
+            if tuple(mods[name].shape) != expected:
+                raise ValueError(f"block_modulations[{i}][{name!r}] has shape {tuple(mods[name].shape)}, expected "
+                                 f"{list(expected)} (layers, batch, chunks x inner_dim): computed for another model or batch?")
 
 
 def modulation_chunks(module: nn.Module, temb: jax.Array, given: jax.Array | None, num_chunks: int) -> list[jax.Array]:
     """The `num_chunks` modulation vectors [B, D]: split from `given` [B, kD] (computed ahead by
-    `block_modulations`) or computed by `module` (a `Modulation`) from temb."""
+    `modulations_ahead`) or computed by `module` (a `Modulation`) from temb."""
     return module(temb) if given is None else jnp.split(given, num_chunks, axis=-1)
 
 

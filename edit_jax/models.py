@@ -41,6 +41,22 @@ def router_modulations(config, params: dict, routers: dict, timestep: jax.Array,
     return [router_modulation(routers[name]["router"], temb, dtype) for name in family.BLOCK_STACKS]
 
 
+def block_modulations(config, params: dict, timestep: jax.Array, cond: dict) -> list[dict]:
+    """Per block stack {modulation name: [L_i, B, kD]}: every block's AdaLN shift, scale and gate
+    chunks for timestep [B] and the conditioning inputs `cond` (as `router_modulations`), what
+    the model computes ahead of its block scans in every call, handed to it as
+    `block_modulations=` to skip that work. They read only the time embedding, so a sampler
+    computes them for all its steps at once (`jax.vmap` over the steps' timesteps): at full
+    size these [D, 6D] and [D, 3D] kernels are about a quarter of the model's weights, read
+    once per run instead of once per step. Pass them only with the same timestep and cond as
+    the call's."""
+    from edit_jax.layers import stack_modulations
+
+    family = _family_module(config)
+    temb = family.time_embedding(config, params, timestep, **cond)
+    return stack_modulations(params, family.BLOCK_MODULATIONS, temb, jnp.dtype(config.runtime.dtype))
+
+
 def _family_module(config):
     if isinstance(config, FluxConfig):
         from edit_jax import flux

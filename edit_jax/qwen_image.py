@@ -32,12 +32,12 @@ from edit_jax.layers import (
     Modulation,
     RMSNorm,
     TimestepEmbedding,
-    block_modulations,
     check_timestep,
     check_values,
     dtype_of,
     layer_norm,
     modulate,
+    modulations_ahead,
     rope_frequencies,
     scan_blocks,
     timestep_embedding,
@@ -125,13 +125,16 @@ class QwenImageTransformer(nn.Module):
         cache: dict | None = None,
         step=None,
         router_modulations=None,
+        block_modulations=None,
     ):
         """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
         aux) with p, q, executed, cache_hit, bucket over the blocks and the step's FLOPs.
         decisions: {"run" or "p", "bucket"} [L] or [B, L] for mode "forced". cache: the block
         cache (`init_cache`), returned updated as aux["cache"]; step: the denoising step index.
         router_modulations: the routers' temb-only modulation for these inputs, computed ahead
-        (`edit_jax.models.router_modulations`); None computes it here."""
+        (`edit_jax.models.router_modulations`); None computes it here. block_modulations: the
+        blocks' AdaLN modulations for these inputs, computed ahead (`edit_jax.models.block_modulations`);
+        None computes them here."""
         cfg, rt = self.config, self.config.runtime
         img_shape = check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes)
         dtype = dtype_of(rt.dtype)
@@ -165,7 +168,7 @@ class QwenImageTransformer(nn.Module):
         )
         caches = None if cache is None else (cache["transformer_blocks"],)
         preludes = router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations)
-        modulations = block_modulations(self, BLOCK_MODULATIONS, temb, dtype)
+        modulations = modulations_ahead(self, BLOCK_MODULATIONS, temb, dtype, block_modulations)
         (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy, preludes, modulations)
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)

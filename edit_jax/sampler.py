@@ -34,7 +34,7 @@ import numpy as np
 
 from edit_jax.config import FluxConfig, QwenImageConfig
 from edit_jax.elastic import ElasticConfig
-from edit_jax.models import router_modulations
+from edit_jax.models import block_modulations, router_modulations
 from edit_jax.schedules import SCHEDULERS, SchedulerConfig, flow_match_schedule
 
 CFG_MODES = ("batched", "sequential")
@@ -120,23 +120,26 @@ def init_state(config, elastic: ElasticConfig | None, batch: int, num_img: int, 
 
 def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = False, decisions=None) -> Callable:
     """The model as a pure function of everything that changes:
-    f(params, routers, x, t, cond, state, step=None, router_modulations=None) -> (velocity, state)
+    f(params, routers, x, t, cond, state, step=None, router_modulations=None, block_modulations=None)
+    -> (velocity, state)
     (with return_aux: (velocity, state, aux)); x [B, N, C] packed latents, t [B] sigmas in [0, 1]; routers may be
     None in dense and forced modes (forced decisions run no router). Differentiate or vmap with respect to params or routers directly.
 
     step: the solver step this call belongs to (the cache's `cache_start` counts these); None
     takes the count of calls so far (state["step"]). decisions (mode "forced"): {"run" or "p",
     "bucket"} arrays of [L] or [B, L], or a function of the step returning them.
-    router_modulations: the routers' modulation for this t and cond, computed ahead
-    (`edit_jax.models.router_modulations`; `sample` does so for all its steps at once)."""
+    router_modulations, block_modulations: the routers' and the blocks' modulations for this t
+    and cond, computed ahead (`edit_jax.models.router_modulations` and `block_modulations`;
+    `sample` does so for all its steps at once)."""
     elastic_on = elastic is not None and elastic.mode != "dense"
 
-    def f(params, routers, x, t, cond, state, step=None, router_modulations=None):
+    def f(params, routers, x, t, cond, state, step=None, router_modulations=None, block_modulations=None):
         arrays, static = _split_static(cond)
         if not elastic_on:
             if router_modulations is not None:
                 raise ValueError("router_modulations were given, but this velocity function runs no router (dense)")
-            v = model.apply({"params": params}, hidden_states=x, timestep=t, **arrays, **static)
+            v = model.apply({"params": params}, hidden_states=x, timestep=t, **arrays, **static,
+                            block_modulations=block_modulations)
             return (v, state, {}) if return_aux else (v, state)
         if routers is None and elastic.mode != "forced":
             raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
@@ -146,6 +149,7 @@ def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = 
         v, aux = model.apply(
             variables, hidden_states=x, timestep=t, **arrays, **static,
             elastic=elastic, decisions=forced, cache=state.get("cache"), step=step, router_modulations=router_modulations,
+            block_modulations=block_modulations,
         )
         new_state = {"step": step + 1}
         if "cache" in state:
@@ -158,12 +162,13 @@ def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = 
 def make_velocity_fn(model, params: dict, routers: dict | None = None, elastic: ElasticConfig | None = None,
                      return_aux: bool = False, decisions=None) -> Callable:
     """`velocity_fn` with params and routers closed over: f(x, t, cond, state, step=None,
-    router_modulations=None) -> (velocity, state) (with return_aux: (velocity, state, aux))."""
+    router_modulations=None, block_modulations=None) -> (velocity, state) (with return_aux:
+    (velocity, state, aux))."""
     if elastic is not None and elastic.mode not in ("dense", "forced") and routers is None:
         raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
     g = velocity_fn(model, elastic, return_aux, decisions)
-    return lambda x, t, cond, state, step=None, router_modulations=None: g(
-        params, routers, x, t, cond, state, step, router_modulations)
+    return lambda x, t, cond, state, step=None, router_modulations=None, block_modulations=None: g(
+        params, routers, x, t, cond, state, step, router_modulations, block_modulations)
 
 
 def _concat_conditions(cond: dict, negative: dict) -> dict:
@@ -224,8 +229,9 @@ def sample(
     With true CFG batched, records cover 2B rows ([conditional; unconditional]); sequential
     records stack the two calls' rows the same way. decisions: forced decisions for mode
     "forced" (see `make_velocity_fn`). `progress(step)` is called from the device after every
-    step (e.g. a tqdm update). Where routers run, their temb-only modulation is computed for all
-    steps ahead of the loop (`edit_jax.models.router_modulations`)."""
+    step (e.g. a tqdm update). What reads only the time embedding is computed for all steps
+    ahead of the loop, so that its kernels are read once per run: the blocks' AdaLN modulations
+    (`edit_jax.models.block_modulations`) and, where routers run, theirs (`router_modulations`)."""
     config = model.config
     check_sampling_inputs(config, noise, cond, negative_cond, sampler)
     batch, num_img = noise.shape[:2]
@@ -273,26 +279,31 @@ def _runner(model, sampler, elastic, statics, batch, rescale, batched_cfg, cfg, 
         f = make_velocity_fn(model, params, routers, elastic, return_aux=True, decisions=decisions)
         conds = [{**a, **dict(s)} for a, s in zip(arrays, statics)]
 
-        def every_step(c):  # [num_steps, L_i, rows, 2D] per stack, one matmul over all steps
+        def every_step(c):  # per stack [num_steps, L_i, rows, kD]: one matmul over all steps
             rows = c["encoder_hidden_states"].shape[0]
-            return jax.vmap(lambda t: router_modulations(model.config, params, routers, jnp.full((rows,), t), c))(t_model)
 
-        mods = tuple(every_step(c) for c in conds) if routed else (None,) * len(conds)
+            def at(t):
+                timestep = jnp.full((rows,), t)
+                return {"router_modulations": router_modulations(model.config, params, routers, timestep, c) if routed else None,
+                        "block_modulations": block_modulations(model.config, params, timestep, c)}
+
+            return jax.vmap(at)(t_model)
+
+        mods = tuple(every_step(c) for c in conds)
 
         def step(carry, xs):
             (x, states), (i, mods_i) = carry, xs
             t = jnp.full((batch,), t_model[i])
             if not cfg:
-                v, s, aux = f(x, t, conds[0], states[0], router_modulations=mods_i[0])
+                v, s, aux = f(x, t, conds[0], states[0], **mods_i[0])
                 states = (s,)
             elif batched_cfg:
-                v2, s, aux = f(jnp.concatenate([x, x]), jnp.concatenate([t, t]), conds[0], states[0],
-                               router_modulations=mods_i[0])
+                v2, s, aux = f(jnp.concatenate([x, x]), jnp.concatenate([t, t]), conds[0], states[0], **mods_i[0])
                 v = guided(v2[:batch], v2[batch:])
                 states = (s,)
             else:
-                v_c, s_c, aux_c = f(x, t, conds[0], states[0], router_modulations=mods_i[0])
-                v_u, s_u, aux_u = f(x, t, conds[1], states[1], router_modulations=mods_i[1])
+                v_c, s_c, aux_c = f(x, t, conds[0], states[0], **mods_i[0])
+                v_u, s_u, aux_u = f(x, t, conds[1], states[1], **mods_i[1])
                 v, states = guided(v_c, v_u), (s_c, s_u)
                 # per-row records stack [conditional; unconditional]; scalar counts (FLOPs) add up
                 aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b]) if jnp.ndim(a) else a + b, aux_c, aux_u)

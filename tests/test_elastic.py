@@ -256,6 +256,42 @@ def test_router_modulations_where_no_router_runs_are_a_clear_error():
                          elastic=FORCED, router_modulations=modulations_of(case, case.routers))
 
 
+def block_modulations_of(case, arrays=None):
+    from edit_jax.models import block_modulations
+
+    arrays = dict(arrays or case.arrays)
+    timestep = arrays.pop("timestep")
+    return block_modulations(case.config, case.params, timestep, {**arrays, **case.static})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("elastic", [None, INFER], ids=["dense", "infer"])
+def test_block_modulations_computed_ahead_give_the_call_it_would_compute(family, elastic):
+    case = Case(family)
+    variables = {"params": case.params} if elastic is None else {"params": case.params, "routers": case.routers}
+    run = jax.jit(lambda mods: case.model.apply(variables, **case.arrays, **case.static, elastic=elastic,
+                                                 block_modulations=mods))
+
+    own, ahead = run(None), run(block_modulations_of(case))
+
+    for a, b in zip(jax.tree.leaves(ahead), jax.tree.leaves(own)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_block_modulations_for_another_batch_are_a_clear_error():
+    case = Case("qwen-image")
+    one_row = block_modulations_of(case, case.row(0))
+    with pytest.raises(ValueError, match=r"block_modulations\[0\]\['img_mod'\] has shape \(3, 1, 192\), expected \[3, 2, 192\]"):
+        case.model.apply({"params": case.params}, **case.arrays, **case.static, block_modulations=one_row)
+
+
+def test_block_modulations_of_another_model_are_a_clear_error():
+    case = Case("flux")
+    double_only = block_modulations_of(case)[:1]
+    with pytest.raises(ValueError, match=r"block_modulations holds 1 entries, expected one per block stack \(2\)"):
+        case.model.apply({"params": case.params}, **case.arrays, **case.static, block_modulations=double_only)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("elastic", [None, INFER], ids=["dense", "infer"])
 def test_the_blocks_own_modulations_run_once_per_stack_ahead_of_the_block_scans(family, elastic):

@@ -234,7 +234,7 @@ def test_an_explicit_step_decides_when_the_cache_starts():
     assert int(after["step"]) == 4
 
 
-def test_sampling_with_routers_equals_a_step_loop_whose_calls_run_their_own_router_modulation():
+def test_sampling_with_routers_equals_a_step_loop_whose_calls_compute_their_own_modulations():
     from edit_jax.models import init_variables
     from edit_jax.sampler import default_scheduler, init_state, make_conditions, make_velocity_fn
     from edit_jax.schedules import flow_match_schedule
@@ -264,3 +264,34 @@ def test_sampling_with_routers_equals_a_step_loop_whose_calls_run_their_own_rout
     assert not np.all(records["p"] == records["p"][0])  # the routers' modulation changed with the step
     assert records["cache_hit"].any() and not records["cache_hit"].all()
     assert relative_error(latents, x) <= 1e-5
+
+
+@pytest.mark.parametrize("elastic", [None, ElasticConfig(mode="infer", cache=True)], ids=["dense", "routers and cache"])
+def test_the_sampling_loop_reads_no_modulation_kernel_in_its_steps(elastic):
+    from edit_jax.models import init_variables
+    from edit_jax.sampler import make_conditions
+
+    config = dataclasses.replace(edit_jax.preset("flux-tiny"), mlp_ratio=2.0)  # no MLP width is 3D or 6D wide
+    model, variables = edit_jax.build_model(config), init_variables(config)
+    rng = np.random.default_rng(0)
+    cond = make_conditions(config, rng.standard_normal((1, 4, config.joint_attention_dim)), HEIGHT, WIDTH,
+                           rng.standard_normal((1, config.pooled_projection_dim)))
+    noise = jnp.asarray(rng.standard_normal((1, 12, config.in_channels)), jnp.float32)
+    closed = jax.make_jaxpr(lambda p, r: sample(model, p, noise, cond, SamplerConfig(num_steps=3), routers=r,
+                                                elastic=elastic)[0])(variables["params"], variables["routers"])
+    d = config.inner_dim
+
+    def kernels(jaxpr, in_step):  # the shapes of every dot's operands, and whether it is in the step loop
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield in_step, {tuple(v.aval.shape[-2:]) for v in eqn.invars}
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        yield from kernels(sub, in_step or eqn.primitive.name == "scan")
+
+    modulation = {(d, 6 * d), (d, 3 * d)}  # the blocks' AdaLN (and the routers' own) kernels
+    found = list(kernels(closed.jaxpr, False))
+    assert any(not in_step and shapes & modulation for in_step, shapes in found)  # computed ahead
+    assert not [shapes for in_step, shapes in found if in_step and shapes & modulation]
