@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -88,6 +89,9 @@ def _fill(dst: np.ndarray, src: np.ndarray) -> None:
     a whole transpose runs at a third of the speed."""
     if src.shape != dst.shape:
         raise ConversionError(f"a converted tensor has shape {src.shape}, expected {dst.shape}")
+    if src.dtype == dst.dtype and src.dtype.kind == "V":  # ml_dtypes' floats: their bits copy faster
+        unsigned = np.dtype(f"u{src.dtype.itemsize}")
+        src, dst = src.view(unsigned), dst.view(unsigned)
     if src.ndim == 2 and not src.flags.c_contiguous and src.T.flags.c_contiguous:
         for i in range(0, src.shape[0], _BLOCK):
             for j in range(0, src.shape[1], _BLOCK):
@@ -96,13 +100,33 @@ def _fill(dst: np.ndarray, src: np.ndarray) -> None:
         dst[...] = src
 
 
+# 2-byte floats: a value is NaN or infinite exactly when all its exponent bits are set. Testing the
+# bits in cache-sized chunks is several times faster than isfinite on a float32 copy (bfloat16 has
+# no native ufunc).
+_EXPONENT_BITS = {np.dtype(ml_dtypes.bfloat16): np.uint16(0x7F80), np.dtype(np.float16): np.uint16(0x7C00)}
+_CHUNK = 1 << 16
+
+
+def _count_non_finite(values: np.ndarray) -> int:
+    if values.dtype in _EXPONENT_BITS:
+        exponent, bits = _EXPONENT_BITS[values.dtype], values.reshape(-1).view(np.uint16)
+        buffer, bad = np.empty(min(_CHUNK, bits.size), np.uint16), 0
+        for start in range(0, bits.size, _CHUNK):
+            chunk = buffer[: min(_CHUNK, bits.size - start)]
+            np.bitwise_and(bits[start : start + _CHUNK], exponent, out=chunk)
+            if chunk.max(initial=0) == exponent:
+                bad += int(np.count_nonzero(chunk == exponent))
+        return bad
+    finite = np.isfinite(values if values.dtype.kind == "f" else values.astype(np.float32))
+    return int(values.size - np.count_nonzero(finite))
+
+
 def _check_finite(values: np.ndarray, key: str, path: str) -> None:
     """Raises ConversionError naming the source tensor when it holds a NaN or an infinity."""
     if values.dtype.kind in "iub":
         return
-    finite = np.isfinite(values.astype(np.float32, copy=False)) if values.dtype.kind != "f" else np.isfinite(values)
-    if not finite.all():
-        bad = int(values.size - np.count_nonzero(finite))
+    bad = _count_non_finite(values)
+    if bad:
         raise ConversionError(f"source tensor {key!r} (-> {path}) holds {bad} non-finite values (NaN or inf): "
                               "the file is damaged or was saved from a diverged model; nothing was written")
 

@@ -4,11 +4,15 @@
     python -m eval.bench_forward --preset flux-dev --height 64 --width 64 --txt 512 \\
         --dtype bfloat16 --attention cudnn --compile        # GPU, full size
     python -m eval.bench_forward --preset qwen-image --height 64 --width 64 --txt 256 \\
-        --dtype bfloat16 --attention cudnn --compile --batch 1 2   # one sample, and true CFG
+        --dtype bfloat16 --attention cudnn --compile regional --batch 1 2   # one sample, and true CFG
 
 Both models get the same random weights (ours through the diffusers conversion table, which is
 also checked numerically here) and the same inputs, FLUX.1 or Qwen-Image by the preset's family.
-Each variant is warmed up (compiled; torch.compile's first call is timed and reported apart), then
+`--compile` also times diffusers under torch.compile: the whole model (`full`, the default) or
+each repeated block (`regional`: diffusers' `compile_repeated_blocks`, which it recommends for
+these models: a fraction of the compile time for about the same speed); eager runs then run under
+`torch.compiler.set_stance("force_eager")`. Each variant is warmed up (compiled; torch.compile's
+first call is timed and reported apart), then
 the variants run alternately; the median of --runs timings is reported, with ratios, for each
 --batch size in turn (the weights built and converted once). torch and diffusers are optional:
 without them only our forward is timed. Prints JSON; --out writes it.
@@ -115,8 +119,9 @@ def main(argv=None) -> dict:
                    help="batch sizes, each timed in turn on the same weights (e.g. 1 2: one sample, and true CFG)")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--compile", action="store_true",
-                   help="also time diffusers under torch.compile (its compile time reported apart)")
+    p.add_argument("--compile", nargs="?", const="full", choices=["full", "regional"],
+                   help="also time diffusers under torch.compile, of the whole model (full, the default) or of "
+                        "each repeated block (regional); its compile time reported apart")
     p.add_argument("--no-torch", action="store_true", help="time only our forward")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args(argv)
@@ -151,9 +156,14 @@ def main(argv=None) -> dict:
         ))
         log(f"its weights converted to ours in {time.perf_counter() - t0:.1f} s")
         references["diffusers_eager"] = ref
-        if args.compile:  # one graph per batch size (dynamic=False), as a sampler at a fixed batch gets
+        # one graph per batch size (dynamic=False), as a sampler at a fixed batch gets
+        if args.compile == "full":
             references["diffusers_compiled"] = torch.compile(ref, dynamic=False)
+        elif args.compile == "regional":  # compiles ref's blocks in place; eager calls set them aside
+            ref.compile_repeated_blocks(fullgraph=True, dynamic=False)
+            references["diffusers_compiled"] = ref
         result["torch"] = torch.__version__
+        result["torch_compile"] = args.compile
     except ImportError as e:
         params = edit_jax.init_params(config)
         result["torch"] = f"not timed ({e})"
@@ -167,16 +177,17 @@ def main(argv=None) -> dict:
         if references:
             torch_inputs = diffusers_inputs(arrays_f32, static, torch_dtype, device)
 
-            def run_torch(m, torch_inputs=torch_inputs):
+            def run_torch(m, stance, torch_inputs=torch_inputs):
                 def call():
-                    with torch.inference_mode():
+                    with torch.inference_mode(), torch.compiler.set_stance(stance):
                         out = m(**torch_inputs, return_dict=False)[0]
                     if device == "cuda":
                         torch.cuda.synchronize()
                     return out
                 return call
 
-            variants = {name: run_torch(m) for name, m in references.items()}
+            variants = {name: run_torch(m, "default" if name == "diffusers_compiled" else "force_eager")
+                        for name, m in references.items()}
             if "diffusers_compiled" in variants:
                 t0 = time.perf_counter()
                 variants["diffusers_compiled"]()

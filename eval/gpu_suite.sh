@@ -34,7 +34,7 @@ if [ -n "${GPU_SUITE_DRY:-}" ]; then
 else
     size="--height 64 --width 64 --dtype bfloat16" runs="--runs 10" pixels="--height 1024 --width 1024 --dtype bfloat16" steps=28
     flux_name=flux_dev qwen_name=qwen_image
-    flux="flux-dev --txt 512" qwen="qwen-image --txt 256" attention=cudnn compile="--compile"
+    flux="flux-dev --txt 512" qwen="qwen-image --txt 256" attention=cudnn compile="--compile regional"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 fi
 python3 - <<'EOF'
@@ -91,9 +91,12 @@ for stage in ${STAGES:-elastic profile flags forward}; do
         bench compile_$qwen_name 150 eval.bench_compile --preset $qwen $size --attention $attention ;;
     sample)  # whole 28-step sampling runs: dense, the forced pattern, the cache (not in the default stages)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench sample_$flux_name 240 eval.bench_sample --preset $flux $pixels --attention $attention --steps $steps ;;
-    forward)  # against diffusers eager and torch.compile'd; torch shares the GPU, so JAX allocates as it goes
-        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_$flux_name 360 eval.bench_forward --preset $flux $size --attention $attention $runs $compile --batch 1 2
-        XLA_PYTHON_CLIENT_PREALLOCATE=false bench forward_$qwen_name 360 eval.bench_forward --preset $qwen $size --attention $attention $runs $compile --batch 1 2 ;;
+    forward|forward-flux|forward-qwen)  # against diffusers eager and torch.compile'd (block by block, as diffusers
+        # recommends: the whole model's compile takes minutes); torch shares the GPU, so JAX allocates as it goes
+        [ "$stage" != forward-qwen ] && XLA_PYTHON_CLIENT_PREALLOCATE=false \
+            bench forward_$flux_name 360 eval.bench_forward --preset $flux $size --attention $attention $runs $compile --batch 1 2
+        [ "$stage" != forward-flux ] && XLA_PYTHON_CLIENT_PREALLOCATE=false \
+            bench forward_$qwen_name 360 eval.bench_forward --preset $qwen $size --attention $attention $runs $compile --batch 1 2 ;;
     tokamax)  # tokamax's attention (on Hopper: Pallas Mosaic flash attention) beside the cuDNN runs of `elastic`
         # (not in the default stages; carry tokamax and its pure-Python dependencies in .whl/)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${flux_name}_tokamax 170 eval.bench_elastic --preset $flux $size --attention tokamax $runs --no-ideal ;;
@@ -103,7 +106,7 @@ for stage in ${STAGES:-elastic profile flags forward}; do
             bench elastic_${flux_name}_dynamic_slice_fusion 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
             bench elastic_${flux_name}_command_buffers 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal ;;
-    *) echo "unknown stage $stage (elastic, profile, flags, forward, cfg, sample, compile, tokamax)"; exit 2 ;;
+    *) echo "unknown stage $stage (elastic, profile, flags, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax)"; exit 2 ;;
     esac
 done
 echo "suite done in $SECONDS s"

@@ -37,6 +37,17 @@ def test_forward_benchmark_times_ours_beside_diffusers_eager_on_the_same_weights
         assert row["relative_error_vs_diffusers"] <= 1e-5
 
 
+def test_forward_benchmark_times_diffusers_compiled_block_by_block_beside_eager(tmp_path):
+    from eval import bench_forward
+
+    result = bench_forward.main(["--preset", "flux-tiny", "--height", "4", "--width", "4", "--txt", "8", "--runs", "2",
+                                 "--warmup", "1", "--compile", "regional", "--out", str(tmp_path / "forward.json")])
+    row = result["by_batch"]["1"]
+    assert result["torch_compile"] == "regional" and row["torch_compile_s"] > 0
+    assert set(row["ratio_edit_jax_over"]) == {"diffusers_eager", "diffusers_compiled"}
+    assert row["relative_error_vs_diffusers"] <= 1e-5
+
+
 def test_sample_benchmark_reports_speedups_beside_flop_reductions_and_the_routers_cost(tmp_path):
     from eval import bench_sample
 

@@ -257,6 +257,22 @@ def test_a_non_finite_source_tensor_is_named_and_nothing_is_written(tmp_path):
     assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt*"))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_the_finite_check_flags_exactly_the_nans_and_infinities(dtype):
+    import ml_dtypes
+
+    from checkpoints_convert.engine import _check_finite
+
+    dtype = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
+    info = ml_dtypes.finfo(dtype)
+    finite = np.array([0.0, -0.0, 1.0, -2.5, float(info.max), -float(info.max), float(info.smallest_subnormal)], dtype)
+    _check_finite(finite, "w", "p")
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        values = np.concatenate([finite, np.array([bad], dtype)])
+        with pytest.raises(ConversionError, match="holds 1 non-finite"):
+            _check_finite(values, "w", "p")
+
+
 def test_a_file_of_random_bytes_is_one_clear_error(tmp_path):
     from checkpoints_convert import open_source
     from checkpoints_convert.sources import SourceError
