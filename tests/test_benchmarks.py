@@ -90,6 +90,8 @@ def test_step_profile_splits_device_time_between_routers_blocks_and_the_rest(tmp
     assert scopes["elastic_router"]["op_calls"] > 0 and scopes["elastic_block"]["op_calls"] > 0
     assert sum(s["ms"] for s in scopes.values()) == pytest.approx(result["op_ms_per_step"], abs=2e-3)  # each rounded to 1 us
     assert {row["scope"] for row in result["top_ops"]} <= {"elastic_router", "elastic_block", "other"}
+    assert all(row["scope"] == scope for scope, rows in result["top_ops_by_scope"].items() for row in rows)
+    assert result["top_ops_by_scope"]["elastic_router"] and "--xla_gpu_enable_command_buffer=" in result["xla_flags"]
 
 
 def test_op_names_map_hlo_instructions_to_their_scopes_and_flag_control_flow():
