@@ -80,10 +80,10 @@ for stage in ${STAGES:-elastic profile flags forward}; do
     elastic)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_$flux_name 170 eval.bench_elastic --preset $flux $size --attention $attention $runs
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_$qwen_name 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --no-ideal ;;
-    profile)  # where a step's device time goes, by scope (router, block, the rest)
-        for mode in infer forced_all_open; do
-            XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_${flux_name}_$mode 120 eval.profile_step --preset $flux $size --attention $attention --mode $mode
-        done ;;
+    profile)  # where a step's device time goes, by scope (router, block, the rest); command buffers off to see each op
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_${flux_name}_dense 120 eval.profile_step --preset $flux $size --attention $attention --mode dense
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_${qwen_name}_dense 120 eval.profile_step --preset $qwen $size --attention $attention --mode dense
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_${flux_name}_infer 120 eval.profile_step --preset $flux $size --attention $attention --mode infer ;;
     cfg)  # Qwen-Image as it samples, with true CFG: batch 2 (not in the default stages)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${qwen_name}_batch2 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --batch 2 --no-ideal ;;
     compile)  # trace, lower and compile times at full size without weights (not in the default stages)
@@ -100,12 +100,13 @@ for stage in ${STAGES:-elastic profile flags forward}; do
     tokamax)  # tokamax's attention (on Hopper: Pallas Mosaic flash attention) beside the cuDNN runs of `elastic`
         # (not in the default stages; carry tokamax and its pure-Python dependencies in .whl/)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${flux_name}_tokamax 170 eval.bench_elastic --preset $flux $size --attention tokamax $runs --no-ideal ;;
-    flags)  # XLA GPU options that may cut the per-block overheads: slices fused into GEMMs, conditionals in CUDA graphs
+    flags)  # the per-block conditionals (and the loops) inside command buffers (CUDA graphs), so that a block's
+        # switch needs no round trip to the host: whole sampling runs, the routers' cost included. (jax 0.11's
+        # default buffers hold fusions, GEMMs and cuDNN calls; --xla_gpu_enable_dynamic_slice_fusion=true was
+        # measured on 2026-11-30 and changed nothing.)
         [ -n "${GPU_SUITE_DRY:-}" ] && continue
-        XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
-            bench elastic_${flux_name}_dynamic_slice_fusion 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
-            bench elastic_${flux_name}_command_buffers 170 eval.bench_elastic --preset $flux $size --attention $attention $runs --no-ideal ;;
+            bench sample_${flux_name}_conditional_command_buffers 240 eval.bench_sample --preset $flux $pixels --attention $attention --steps $steps ;;
     *) echo "unknown stage $stage (elastic, profile, flags, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax)"; exit 2 ;;
     esac
 done
