@@ -61,6 +61,15 @@ def op_names(hlo_text: str) -> tuple[dict[str, str], set[str]]:
     return names, containers
 
 
+_SHAPED = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(")
+
+
+def op_shapes(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> "its output shape and opcode" (e.g. "bf16[15360,3072]{1,0} fusion"):
+    what a copy or a concatenation moves, also for the ops XLA made that carry no op_name."""
+    return {m.group(1): f"{m.group(2)} {m.group(3)}" for m in map(_SHAPED.match, hlo_text.splitlines()) if m}
+
+
 def scope_of(op_name: str) -> str:
     """The E-DiT scope an op belongs to ("other" outside both)."""
     parts = op_name.split("/")
@@ -123,7 +132,8 @@ def main(argv=None) -> dict:
     config, model, variables, arrays, static = build(args)
     num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
     fn, extra = forward(args.mode, model, static, num_blocks)
-    names, containers = op_names(fn.lower(variables, arrays, *extra).compile().as_text())
+    hlo = fn.lower(variables, arrays, *extra).compile().as_text()
+    (names, containers), shapes = op_names(hlo), op_shapes(hlo)
     jax.block_until_ready(fn(variables, arrays, *extra))
 
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -150,7 +160,7 @@ def main(argv=None) -> dict:
         by_scope[scope]["ms"] += sum(ts) / args.steps
         by_scope[scope]["ops"] += len(ts) / args.steps
         rows.append({"op": op, "scope": scope, "ms_per_step": sum(ts) / args.steps,
-                     "calls_per_step": len(ts) / args.steps, "op_name": op_name})
+                     "calls_per_step": len(ts) / args.steps, "hlo": shapes.get(op, ""), "op_name": op_name})
     total = sum(s["ms"] for s in by_scope.values())
     rows.sort(key=lambda r: -r["ms_per_step"])
     result = {

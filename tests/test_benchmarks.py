@@ -103,6 +103,8 @@ def test_op_names_map_hlo_instructions_to_their_scopes_and_flag_control_flow():
     names, containers = profile_step.op_names(jax.jit(f).lower(jnp.ones((8, 8))).compile().as_text())
 
     assert any(profile_step.scope_of(n) == "elastic_router" for n in names.values())
+    shapes = profile_step.op_shapes(jax.jit(f).lower(jnp.ones((8, 8))).compile().as_text())
+    assert {shapes[c] for c in containers} == {"(f32[8,8]{1,0}) conditional"}
     assert containers and all(names[c].split("/")[-1] in ("cond", "while") for c in containers)
 
 
