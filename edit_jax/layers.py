@@ -334,11 +334,23 @@ def attention(
         warnings.warn(f"attention='cudnn' needs a GPU and bfloat16/float16 (here: {jax.default_backend()}, "
                       f"{q.dtype}): using 'xla'", stacklevel=2)
         implementation = "xla"
+    if key_mask is not None and implementation == "cudnn":
+        # cuDNN would take a mask as a full [B, 1, L, L] bias, read by every head: as key lengths it
+        # runs its padding-mask kernels instead
+        return attention_by_key_lengths(q, k, v, key_mask, implementation)
     mask = None if key_mask is None else key_mask[:, None, None, :].astype(bool)
-    if mask is not None and implementation == "cudnn":
-        # cuDNN takes the mask as a bias whose last two dims must be the full [L, L]
-        mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return out.reshape(*out.shape[:2], -1)
+
+
+def attention_by_key_lengths(q, k, v, key_mask, implementation: str) -> jax.Array:
+    """`attention` with its key mask given as lengths: each row's keys and values reordered so that
+    its valid keys come first (softmax attention does not depend on the keys' order), then only the
+    first sum(key_mask) keys attended to. q, k, v [B, L, H, K], key_mask [B, L] -> [B, L, H*K]."""
+    order = jnp.argsort(jnp.logical_not(key_mask).astype(jnp.int32), axis=1, stable=True)[:, :, None, None]
+    k, v = (jnp.take_along_axis(x, order, axis=1) for x in (k, v))
+    lengths = jnp.sum(key_mask.astype(jnp.int32), axis=1)
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
     return out.reshape(*out.shape[:2], -1)
 
 

@@ -108,12 +108,16 @@ for stage in ${STAGES:-elastic profile flags forward}; do
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
             bench sample_${flux_name}_conditional_command_buffers 240 eval.bench_sample --preset $flux $pixels --attention $attention --steps $steps
         # GEMMs through Triton, so that XLA may fuse the elementwise work around them (the AdaLN modulation,
-        # activations, gates) into them, as torch.compile does; our dense forward alone, each beside the default
-        for xla_flags in "" "--xla_gpu_triton_gemm_any=true"; do
-            XLA_FLAGS="$xla_flags" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench "forward_${flux_name}_ours${xla_flags:+_triton_gemm_any}" 90 \
-                eval.bench_forward --preset $flux $size --attention $attention $runs --no-torch
+        # activations, gates) into them, as torch.compile does: our dense forward alone (the `ours` stage's beside it)
+        XLA_FLAGS="--xla_gpu_triton_gemm_any=true" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
+            bench forward_${flux_name}_ours_triton_gemm_any 90 eval.bench_forward --preset $flux $size --attention $attention $runs --no-torch ;;
+    ours)  # our dense forwards alone, no diffusers (a minute each: no weight conversion)
+        for model in "$flux" "$qwen"; do
+            name=${model%% *}
+            XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench "forward_${name//-/_}_ours" 90 \
+                eval.bench_forward --preset $model $size --attention $attention $runs --no-torch
         done ;;
-    *) echo "unknown stage $stage (elastic, profile, flags, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax)"; exit 2 ;;
+    *) echo "unknown stage $stage (elastic, profile, flags, ours, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax)"; exit 2 ;;
     esac
 done
 echo "suite done in $SECONDS s"

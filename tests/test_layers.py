@@ -90,6 +90,16 @@ def test_attention_with_key_mask_matches_torch_sdpa():
     assert relative_error(out, ref.numpy()) <= 1e-6
 
 
+def test_a_key_mask_given_as_lengths_of_reordered_keys_attends_to_the_same_keys():
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, 7, 2, 8)), jnp.float32) for _ in range(3))
+    mask = np.ones((3, 7), bool)
+    mask[0, [1, 4]] = False  # holes anywhere, not only a padded tail
+    mask[1, 5:] = False
+    by_lengths = layers.attention_by_key_lengths(q, k, v, jnp.asarray(mask), "xla")
+    assert relative_error(by_lengths, layers.attention(q, k, v, jnp.asarray(mask))) <= 1e-6
+
+
 def test_mlp_width_uses_the_first_hidden_channels_only():
     mlp = layers.MLP(16, "gelu_tanh", RT)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 8)), jnp.float32)
