@@ -111,13 +111,15 @@ for stage in ${STAGES:-elastic profile flags forward}; do
         # activations, gates) into them, as torch.compile does: our dense forward alone (the `ours` stage's beside it)
         XLA_FLAGS="--xla_gpu_triton_gemm_any=true" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
             bench forward_${flux_name}_ours_triton_gemm_any 90 eval.bench_forward --preset $flux $size --attention $attention $runs --no-torch ;;
+    kernels)  # candidate rewrites timed apart: the q/k RMSNorm and RoPE as one pass (FLUX.1-dev's single blocks)
+        bench qk_norm_rope 60 eval.bench_qk_norm_rope $([ -n "${GPU_SUITE_DRY:-}" ] && echo "--tokens 64 --heads 2 --layers 2") ;;
     ours)  # our dense forwards alone, no diffusers (a minute each: no weight conversion)
         for model in "$flux" "$qwen"; do
             name=${model%% *}
             XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench "forward_${name//-/_}_ours" 90 \
                 eval.bench_forward --preset $model $size --attention $attention $runs --no-torch
         done ;;
-    *) echo "unknown stage $stage (elastic, profile, flags, ours, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax)"; exit 2 ;;
+    *) echo "unknown stage $stage (elastic, profile, flags, ours, kernels, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax)"; exit 2 ;;
     esac
 done
 echo "suite done in $SECONDS s"

@@ -48,6 +48,15 @@ def test_forward_benchmark_times_diffusers_compiled_block_by_block_beside_eager(
     assert row["relative_error_vs_diffusers"] <= 1e-5
 
 
+def test_qk_norm_rope_benchmark_times_both_forms_of_the_same_values(tmp_path):
+    from eval import bench_qk_norm_rope
+
+    result = bench_qk_norm_rope.main(["--tokens", "16", "--heads", "2", "--head-dim", "16", "--layers", "2",
+                                      "--dtype", "float32", "--runs", "2", "--out", str(tmp_path / "qk.json")])
+    assert set(result["ms_per_layer"]) == {"two_passes", "one_pass"} and result["one_pass_over_two_passes"] > 0
+    assert result["relative_difference"] <= 1e-6
+
+
 def test_sample_benchmark_reports_speedups_beside_flop_reductions_and_the_routers_cost(tmp_path):
     from eval import bench_sample
 
