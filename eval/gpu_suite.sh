@@ -111,8 +111,11 @@ for stage in ${STAGES:-elastic profile flags forward}; do
         # activations, gates) into them, as torch.compile does: our dense forward alone (the `ours` stage's beside it)
         XLA_FLAGS="--xla_gpu_triton_gemm_any=true" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
             bench forward_${flux_name}_ours_triton_gemm_any 90 eval.bench_forward --preset $flux $size --attention $attention $runs --no-torch ;;
-    kernels)  # candidate rewrites timed apart: the q/k RMSNorm and RoPE as one pass (FLUX.1-dev's single blocks)
-        bench qk_norm_rope 60 eval.bench_qk_norm_rope $([ -n "${GPU_SUITE_DRY:-}" ] && echo "--tokens 64 --heads 2 --layers 2") ;;
+    kernels)  # candidate rewrites timed apart, at FLUX.1-dev's single-block shapes: the q/k RMSNorm and RoPE as one
+        # pass; the router's token mean as a sum fused with its ReLU
+        tiny=${GPU_SUITE_DRY:+--tokens 64 --layers 2}
+        bench qk_norm_rope 60 eval.bench_qk_norm_rope $tiny ${GPU_SUITE_DRY:+--heads 2}
+        bench router_pool 60 eval.bench_router_pool $tiny ${GPU_SUITE_DRY:+--dim 64 --hidden 16} ;;
     ours)  # our dense forwards alone, no diffusers (a minute each: no weight conversion)
         for model in "$flux" "$qwen"; do
             name=${model%% *}

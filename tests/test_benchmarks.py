@@ -57,6 +57,15 @@ def test_qk_norm_rope_benchmark_times_both_forms_of_the_same_values(tmp_path):
     assert result["relative_difference"] <= 1e-6
 
 
+def test_router_pool_benchmark_times_both_forms_of_the_same_mean(tmp_path):
+    from eval import bench_router_pool
+
+    result = bench_router_pool.main(["--tokens", "16", "--dim", "32", "--hidden", "8", "--layers", "2",
+                                     "--dtype", "float32", "--runs", "2", "--out", str(tmp_path / "pool.json")])
+    assert set(result["ms_per_layer"]) == {"matmul_mean", "fused_sum"} and result["fused_sum_over_matmul_mean"] > 0
+    assert result["relative_difference"] <= 1e-6
+
+
 def test_sample_benchmark_reports_speedups_beside_flop_reductions_and_the_routers_cost(tmp_path):
     from eval import bench_sample
 

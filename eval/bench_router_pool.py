@@ -1,0 +1,75 @@
+"""The router's token half (`router.pooled_hidden`) as the model runs it and with its token mean
+taken as a sum fused into the ReLU's pass, timed side by side in one process: a candidate for
+the routers' +2.26% of a FLUX.1-dev sampling step on an H200 (BENCHMARKS.md, 2026-11-30).
+
+    python -m eval.bench_router_pool                        # FLUX.1-dev: a single block's router
+    python -m eval.bench_router_pool --tokens 288 --dim 512 --hidden 128 --layers 12   # the D 512 CPU config
+
+"matmul_mean": as the model computes it (the mean over tokens as a [B, L] x [B, L, H] product with
+the valid-token weights); "fused_sum": the same mean as a sum over tokens, which XLA can fuse with
+the ReLU so that h [B, L, H] is never written (on the dev CPU it ran slower inside the model). Each
+variant maps over --layers inputs in one jitted call. Prints JSON: median ms per layer, the ratio
+fused_sum / matmul_mean, fusions in each compiled program, and the outputs' relative difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from edit_jax.router import pooled_hidden
+from eval.report import emit, environment, run_script
+from eval.timing import paired_ratio, time_runs
+
+
+def fused_sum(tokens, prelude: dict, eps: float = 1e-6) -> jax.Array:
+    """`pooled_hidden` for one group of all-valid tokens [B, L, D], its mean taken as a sum."""
+    f32 = jnp.float32
+    x32 = tokens.astype(f32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+    y = jnp.einsum("bld,bdh->blh", tokens, prelude["scaled"], preferred_element_type=f32)
+    h = nn.relu(jax.lax.rsqrt(var + eps) * (y - mean * prelude["colsum"]) + prelude["offset"])
+    return h.sum(axis=1) / tokens.shape[1]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=4096 + 512)
+    p.add_argument("--dim", type=int, default=3072)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=38, help="inputs mapped over in one call (FLUX.1-dev: 38 single blocks)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.standard_normal((args.layers, 1, args.tokens, args.dim)), args.dtype)
+    prelude = {"scaled": jnp.asarray(rng.standard_normal((1, args.dim, args.hidden)) / np.sqrt(args.dim), args.dtype),
+               "colsum": jnp.asarray(rng.standard_normal((1, 1, args.hidden)), jnp.float32),
+               "offset": jnp.asarray(rng.standard_normal((1, 1, args.hidden)), jnp.float32)}
+    forms = {"matmul_mean": lambda x: pooled_hidden([(x, None)], prelude, args.dtype),
+             "fused_sum": lambda x: fused_sum(x, prelude)}
+    variants = {name: jax.jit(lambda xs, f=f: jax.lax.map(f, xs)) for name, f in forms.items()}
+    fusions = {name: fn.lower(xs).compile().as_text().count(" fusion(") for name, fn in variants.items()}
+    outs = {name: np.asarray(jax.block_until_ready(fn(xs)), np.float64) for name, fn in variants.items()}
+    rounds = time_runs({name: (lambda fn=fn: jax.block_until_ready(fn(xs))) for name, fn in variants.items()}, args.runs)
+    result = {
+        **environment(), "tokens": args.tokens, "dim": args.dim, "hidden": args.hidden, "layers": args.layers,
+        "dtype": args.dtype, "runs": args.runs,
+        "ms_per_layer": {k: round(float(np.median(v)) / args.layers, 4) for k, v in rounds.items()},
+        "fused_sum_over_matmul_mean": round(paired_ratio(rounds, "fused_sum", "matmul_mean"), 3),
+        "fusions": fusions,
+        "relative_difference": float(np.linalg.norm(outs["fused_sum"] - outs["matmul_mean"])
+                                     / np.linalg.norm(outs["matmul_mean"])),
+    }
+    return emit(result, args.out)
+
+
+if __name__ == "__main__":
+    run_script(main)
