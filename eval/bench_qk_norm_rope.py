@@ -24,7 +24,7 @@ import numpy as np
 from edit_jax import layers
 from edit_jax.config import RuntimeConfig
 from eval.report import emit, environment, run_script
-from eval.timing import paired_ratio, time_runs
+from eval.timing import compare_forms, form_arguments
 
 
 def two_passes(x, scale, cos, sin, eps: float = 1e-6):
@@ -42,13 +42,9 @@ def one_pass(x, scale, cos, sin, eps: float = 1e-6):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096 + 512)
+    form_arguments(p)
     p.add_argument("--heads", type=int, default=24)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=38, help="inputs mapped over in one call (FLUX.1-dev: 38 single blocks)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--out")
     args = p.parse_args(argv)
 
     rng = np.random.default_rng(0)
@@ -58,20 +54,9 @@ def main(argv=None) -> dict:
     third = args.head_dim // 8 * 2
     cos, sin = layers.rope_frequencies(positions, (args.head_dim - 2 * third, third, third))
 
-    variants = {name: jax.jit(lambda xs, f=f: jax.lax.map(lambda x: f(x, scale, cos, sin), xs))
-                for name, f in (("two_passes", two_passes), ("one_pass", one_pass))}
-    fusions = {name: fn.lower(xs).compile().as_text().count(" fusion(") for name, fn in variants.items()}
-    outs = {name: np.asarray(jax.block_until_ready(fn(xs)), np.float64) for name, fn in variants.items()}
-    rounds = time_runs({name: (lambda fn=fn: jax.block_until_ready(fn(xs))) for name, fn in variants.items()}, args.runs)
-    result = {
-        **environment(), "tokens": args.tokens, "heads": args.heads, "head_dim": args.head_dim,
-        "layers": args.layers, "dtype": args.dtype, "runs": args.runs,
-        "ms_per_layer": {k: round(float(np.median(v)) / args.layers, 4) for k, v in rounds.items()},
-        "one_pass_over_two_passes": round(paired_ratio(rounds, "one_pass", "two_passes"), 3),
-        "fusions": fusions,
-        "relative_difference": float(np.linalg.norm(outs["one_pass"] - outs["two_passes"])
-                                     / np.linalg.norm(outs["two_passes"])),
-    }
+    forms = {"two_passes": lambda x: two_passes(x, scale, cos, sin), "one_pass": lambda x: one_pass(x, scale, cos, sin)}
+    result = {**environment(), "tokens": args.tokens, "heads": args.heads, "head_dim": args.head_dim,
+              "layers": args.layers, "dtype": args.dtype, "runs": args.runs, **compare_forms(forms, xs, args.runs)}
     return emit(result, args.out)
 
 

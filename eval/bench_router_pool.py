@@ -23,7 +23,7 @@ import numpy as np
 
 from edit_jax.router import pooled_hidden
 from eval.report import emit, environment, run_script
-from eval.timing import paired_ratio, time_runs
+from eval.timing import compare_forms, form_arguments
 
 
 def fused_sum(tokens, prelude: dict, eps: float = 1e-6) -> jax.Array:
@@ -39,13 +39,9 @@ def fused_sum(tokens, prelude: dict, eps: float = 1e-6) -> jax.Array:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096 + 512)
+    form_arguments(p)
     p.add_argument("--dim", type=int, default=3072)
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=38, help="inputs mapped over in one call (FLUX.1-dev: 38 single blocks)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--out")
     args = p.parse_args(argv)
 
     rng = np.random.default_rng(0)
@@ -55,19 +51,8 @@ def main(argv=None) -> dict:
                "offset": jnp.asarray(rng.standard_normal((1, 1, args.hidden)), jnp.float32)}
     forms = {"matmul_mean": lambda x: pooled_hidden([(x, None)], prelude, args.dtype),
              "fused_sum": lambda x: fused_sum(x, prelude)}
-    variants = {name: jax.jit(lambda xs, f=f: jax.lax.map(f, xs)) for name, f in forms.items()}
-    fusions = {name: fn.lower(xs).compile().as_text().count(" fusion(") for name, fn in variants.items()}
-    outs = {name: np.asarray(jax.block_until_ready(fn(xs)), np.float64) for name, fn in variants.items()}
-    rounds = time_runs({name: (lambda fn=fn: jax.block_until_ready(fn(xs))) for name, fn in variants.items()}, args.runs)
-    result = {
-        **environment(), "tokens": args.tokens, "dim": args.dim, "hidden": args.hidden, "layers": args.layers,
-        "dtype": args.dtype, "runs": args.runs,
-        "ms_per_layer": {k: round(float(np.median(v)) / args.layers, 4) for k, v in rounds.items()},
-        "fused_sum_over_matmul_mean": round(paired_ratio(rounds, "fused_sum", "matmul_mean"), 3),
-        "fusions": fusions,
-        "relative_difference": float(np.linalg.norm(outs["fused_sum"] - outs["matmul_mean"])
-                                     / np.linalg.norm(outs["matmul_mean"])),
-    }
+    result = {**environment(), "tokens": args.tokens, "dim": args.dim, "hidden": args.hidden, "layers": args.layers,
+              "dtype": args.dtype, "runs": args.runs, **compare_forms(forms, xs, args.runs)}
     return emit(result, args.out)
 
 

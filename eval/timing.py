@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 
 
@@ -30,3 +31,30 @@ def paired_ratio(times: dict[str, np.ndarray], numerator: str, denominator: str)
     """Median over rounds of one variant's time over another's from the same round: steadier
     than a ratio of medians on a machine whose speed drifts."""
     return float(np.median(times[numerator] / times[denominator]))
+
+
+def compare_forms(forms: dict, xs, runs: int) -> dict:
+    """Two forms of one computation, {base name: f, candidate name: g} (f, g: x -> array), each
+    mapped over xs' leading axis (the layers) in one jitted call, timed side by side. Returns
+    {"ms_per_layer": each form's median, "<candidate>_over_<base>": the median per-round ratio,
+    "fusions": fusion ops in each compiled program, "relative_difference": of their outputs}."""
+    (base, _), (candidate, _) = forms.items()
+    jitted = {name: jax.jit(lambda xs, f=f: jax.lax.map(f, xs)) for name, f in forms.items()}
+    fusions = {name: fn.lower(xs).compile().as_text().count(" fusion(") for name, fn in jitted.items()}
+    outs = {name: np.asarray(jax.block_until_ready(fn(xs)), np.float64) for name, fn in jitted.items()}
+    rounds = time_runs({name: (lambda fn=fn: jax.block_until_ready(fn(xs))) for name, fn in jitted.items()}, runs)
+    return {
+        "ms_per_layer": {k: round(float(np.median(v)) / len(xs), 4) for k, v in rounds.items()},
+        f"{candidate}_over_{base}": round(paired_ratio(rounds, candidate, base), 3),
+        "fusions": fusions,
+        "relative_difference": float(np.linalg.norm(outs[candidate] - outs[base]) / np.linalg.norm(outs[base])),
+    }
+
+
+def form_arguments(p) -> None:
+    """The flags `compare_forms` scripts share: tokens per layer, layers, dtype, rounds, --out."""
+    p.add_argument("--tokens", type=int, default=4096 + 512, help="tokens per layer (default: FLUX.1-dev's 1024^2)")
+    p.add_argument("--layers", type=int, default=38, help="inputs mapped over in one call (FLUX.1-dev: 38 single blocks)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--out")
