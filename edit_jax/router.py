@@ -117,21 +117,24 @@ class Router(nn.Module):
         return gate_head(pooled)[:, 0].astype(f32), width_head(pooled).astype(f32)
 
 
-def pooled_hidden(groups, prelude: dict, dtype, eps: float = 1e-6) -> jax.Array:
-    """The router's token half: the mean over all valid tokens of all groups of
-    h = ReLU(proj(LN(x)*(1+scale)+shift)), computed folded (see `Router`) from its `router_prelude`
-    (one layer's: scaled [B, D, H], colsum and offset [B, 1, H]). groups: (tokens [B, L_i, D],
-    valid [B, L_i] or None) pairs. Returns [B, H] float32."""
+def router_hidden(tokens, prelude: dict, dtype, eps: float = 1e-6) -> jax.Array:
+    """h = ReLU(proj(LN(x)*(1+scale)+shift)) of one group of tokens [B, L, D], computed folded (see
+    `Router`) from one layer's `router_prelude` (scaled [B, D, H], colsum and offset [B, 1, H]).
+    Returns [B, L, H] float32."""
     f32 = jnp.float32
-    scaled, colsum, offset = prelude["scaled"], prelude["colsum"], prelude["offset"]
+    x32 = tokens.astype(f32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+    y = jnp.einsum("bld,bdh->blh", tokens.astype(dtype), prelude["scaled"], preferred_element_type=f32)
+    return nn.relu(jax.lax.rsqrt(var + eps) * (y - mean * prelude["colsum"]) + prelude["offset"])
+
+
+def pooled_hidden(groups, prelude: dict, dtype, eps: float = 1e-6) -> jax.Array:
+    """The router's token half: the mean of `router_hidden` over all valid tokens of all groups,
+    (tokens [B, L_i, D], valid [B, L_i] or None) pairs. Returns [B, H] float32."""
     total, count = 0.0, 0.0
     for tokens, valid in groups:
-        x32 = tokens.astype(f32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
-        y = jnp.einsum("bld,bdh->blh", tokens.astype(dtype), scaled, preferred_element_type=f32)
-        h = nn.relu(jax.lax.rsqrt(var + eps) * (y - mean * colsum) + offset)
-        weight = jnp.ones(tokens.shape[:2], f32) if valid is None else valid.astype(f32)
-        total = total + jnp.einsum("bl,blh->bh", weight, h)
+        weight = jnp.ones(tokens.shape[:2], jnp.float32) if valid is None else valid.astype(jnp.float32)
+        total = total + jnp.einsum("bl,blh->bh", weight, router_hidden(tokens, prelude, dtype, eps))
         count = count + weight.sum(axis=1)
     return total / jnp.maximum(count, 1.0)[:, None]

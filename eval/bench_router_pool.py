@@ -16,25 +16,18 @@ from __future__ import annotations
 
 import argparse
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.router import pooled_hidden
+from edit_jax.router import pooled_hidden, router_hidden
 from eval.report import emit, environment, run_script
 from eval.timing import compare_forms, form_arguments
 
 
-def fused_sum(tokens, prelude: dict, eps: float = 1e-6) -> jax.Array:
+def fused_sum(tokens, prelude: dict, dtype) -> jax.Array:
     """`pooled_hidden` for one group of all-valid tokens [B, L, D], its mean taken as a sum."""
-    f32 = jnp.float32
-    x32 = tokens.astype(f32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
-    y = jnp.einsum("bld,bdh->blh", tokens, prelude["scaled"], preferred_element_type=f32)
-    h = nn.relu(jax.lax.rsqrt(var + eps) * (y - mean * prelude["colsum"]) + prelude["offset"])
-    return h.sum(axis=1) / tokens.shape[1]
+    return router_hidden(tokens, prelude, dtype).sum(axis=1) / tokens.shape[1]
 
 
 def main(argv=None) -> dict:
@@ -50,7 +43,7 @@ def main(argv=None) -> dict:
                "colsum": jnp.asarray(rng.standard_normal((1, 1, args.hidden)), jnp.float32),
                "offset": jnp.asarray(rng.standard_normal((1, 1, args.hidden)), jnp.float32)}
     forms = {"matmul_mean": lambda x: pooled_hidden([(x, None)], prelude, args.dtype),
-             "fused_sum": lambda x: fused_sum(x, prelude)}
+             "fused_sum": lambda x: fused_sum(x, prelude, args.dtype)}
     result = {**environment(), "tokens": args.tokens, "dim": args.dim, "hidden": args.hidden, "layers": args.layers,
               "dtype": args.dtype, "runs": args.runs, **compare_forms(forms, xs, args.runs)}
     return emit(result, args.out)

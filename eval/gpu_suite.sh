@@ -117,11 +117,8 @@ for stage in ${STAGES:-elastic profile flags forward}; do
         bench qk_norm_rope 60 eval.bench_qk_norm_rope $tiny ${GPU_SUITE_DRY:+--heads 2}
         bench router_pool 60 eval.bench_router_pool $tiny ${GPU_SUITE_DRY:+--dim 64 --hidden 16} ;;
     ours)  # our dense forwards alone, no diffusers (a minute each: no weight conversion)
-        for model in "$flux" "$qwen"; do
-            name=${model%% *}
-            XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench "forward_${name//-/_}_ours" 90 \
-                eval.bench_forward --preset $model $size --attention $attention $runs --no-torch
-        done ;;
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench forward_${flux_name}_ours 90 eval.bench_forward --preset $flux $size --attention $attention $runs --no-torch
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench forward_${qwen_name}_ours 90 eval.bench_forward --preset $qwen $size --attention $attention $runs --no-torch ;;
     *) echo "unknown stage $stage (elastic, profile, flags, ours, kernels, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax)"; exit 2 ;;
     esac
 done
