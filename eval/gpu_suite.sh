@@ -80,10 +80,14 @@ for stage in ${STAGES:-elastic profile flags forward}; do
     elastic)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_$flux_name 170 eval.bench_elastic --preset $flux $size --attention $attention $runs
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_$qwen_name 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --no-ideal ;;
-    profile)  # where a step's device time goes, by scope (router, block, the rest); command buffers off to see each op
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_${flux_name}_dense 120 eval.profile_step --preset $flux $size --attention $attention --mode dense
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_${qwen_name}_dense 120 eval.profile_step --preset $qwen $size --attention $attention --mode dense
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_${flux_name}_infer 120 eval.profile_step --preset $flux $size --attention $attention --mode infer ;;
+    profile)  # where a step's device time goes, by scope (router, block, the rest); command buffers off to see each op.
+        # Each compiled program comes back too (hlo_NAME.txt.gz), to trace an op in the profile to its source offline
+        for run in "$flux_name dense" "$qwen_name dense" "$flux_name infer"; do
+            set -- $run
+            [ "$1" = "$flux_name" ] && model=$flux || model=$qwen
+            XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_$1_$2 120 eval.profile_step --preset $model $size \
+                --attention $attention --mode $2 --top 60 --hlo-out "$out/hlo_$1_$2.txt.gz"
+        done ;;
     cfg)  # Qwen-Image as it samples, with true CFG: batch 2 (not in the default stages)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${qwen_name}_batch2 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --batch 2 --no-ideal ;;
     compile)  # trace, lower and compile times at full size without weights (not in the default stages)

@@ -27,6 +27,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import glob  # noqa: E402
+import gzip  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -116,6 +117,13 @@ def forward(mode: str, model, static: dict, num_blocks: int) -> tuple:
     return jitted["forced"], (forced_pattern(num_blocks) if mode == "forced_pattern" else all_open(num_blocks),)
 
 
+def write_text(path: str, text: str) -> None:
+    """Writes text to path, gzipped when the name ends in .gz."""
+    data = text.encode()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(data) if path.endswith(".gz") else data)
+
+
 def rounded(row: dict) -> dict:
     return {**row, "ms_per_step": round(row["ms_per_step"], 4)}
 
@@ -127,6 +135,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=3, help="forwards traced (after one warm-up)")
     p.add_argument("--top", type=int, default=25, help="ops listed, by total time (overall, and per scope)")
     p.add_argument("--out", help="write the JSON result here too")
+    p.add_argument("--hlo-out", help="write the compiled program's HLO text here (gzipped if the name ends in .gz), "
+                                     "to read the ops of a device run later without the device")
     args = p.parse_args(argv)
 
     config, model, variables, arrays, static = build(args)
@@ -134,6 +144,8 @@ def main(argv=None) -> dict:
     fn, extra = forward(args.mode, model, static, num_blocks)
     hlo = fn.lower(variables, arrays, *extra).compile().as_text()
     (names, containers), shapes = op_names(hlo), op_shapes(hlo)
+    if args.hlo_out:
+        write_text(args.hlo_out, hlo)
     jax.block_until_ready(fn(variables, arrays, *extra))
 
     with tempfile.TemporaryDirectory() as trace_dir:

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny configs and report what BENCHMARKS.md records
 (timings themselves are never asserted)."""
 
+import gzip
 import json
 import subprocess
 import sys
@@ -96,11 +97,11 @@ def test_elastic_benchmark_leaves_out_the_comparison_a_pattern_cannot_have(tmp_p
     assert result["skip_mechanism_overhead"] is None
 
 
-def test_step_profile_splits_device_time_between_routers_blocks_and_the_rest(tmp_path):
+def test_step_profile_splits_device_time_between_routers_blocks_and_the_rest_and_keeps_its_hlo(tmp_path):
     # a program of its own: the CPU profiler records XLA ops only when a flag is set before JAX starts
-    out = tmp_path / "profile.json"
+    out, hlo = tmp_path / "profile.json", tmp_path / "hlo.txt.gz"
     subprocess.run([sys.executable, "-m", "eval.profile_step", "--preset", "flux-tiny", "--height", "4", "--width", "4",
-                    "--txt", "8", "--mode", "infer", "--steps", "1", "--out", str(out)],
+                    "--txt", "8", "--mode", "infer", "--steps", "1", "--out", str(out), "--hlo-out", str(hlo)],
                    check=True, capture_output=True, cwd=Path(__file__).parents[1])
     result = json.loads(out.read_text())
 
@@ -110,6 +111,8 @@ def test_step_profile_splits_device_time_between_routers_blocks_and_the_rest(tmp
     assert {row["scope"] for row in result["top_ops"]} <= {"elastic_router", "elastic_block", "other"}
     assert all(row["scope"] == scope for scope, rows in result["top_ops_by_scope"].items() for row in rows)
     assert result["top_ops_by_scope"]["elastic_router"] and "--xla_gpu_enable_command_buffer=" in result["xla_flags"]
+    text = gzip.decompress(hlo.read_bytes()).decode()
+    assert text.startswith("HloModule") and all(row["op"] in text for row in result["top_ops"])
 
 
 def test_op_names_map_hlo_instructions_to_their_scopes_and_flag_control_flow():
