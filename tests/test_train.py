@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import edit_jax
-from edit_jax.checkpoint import load_routers
+from edit_jax.checkpoint import load_routers, save
 from edit_jax.config import ConfigError
 from edit_jax.models import init_variables
 from train.config import TrainConfig, load_config
@@ -43,10 +43,38 @@ def test_config_reads_a_file_and_applies_overrides(tmp_path):
     (["batch_size=6", "grad_accum=4"], "not divisible by grad_accum"),
     (["skip_blocks=[1]"], "needs trainable='base'"),
     (["trainable=base", "skip_blocks=[-1]"], "block indices >= 0"),
-], ids=["unknown-field", "unknown-trainable", "teacher-with-base", "accumulation", "pruning-routers", "negative-block"])
+    (["skip_blocks=3"], "skip_blocks=3 must be a list"),
+    (["steps=ten"], "steps=ten: 'ten' is not an integer"),
+    (["mesh.data=two"], "mesh.data=two: 'two' is not an integer"),
+    (["mesh.data=0"], "sizes >= 1"),
+    (["learning_rate=-1e-4"], "learning_rate=-0.0001 must be > 0"),
+    (["guidance=nan"], "guidance=nan must be a finite number"),
+    (["b2=1"], r"b2=1.0 must be in \[0, 1\)"),
+    (["height=0"], "height=0 must be >= 1"),
+    (["run_dir="], "run_dir is empty"),
+    (["eval_data=held_out"], "eval_every=0"),
+], ids=["unknown-field", "unknown-trainable", "teacher-with-base", "accumulation", "pruning-routers", "negative-block",
+        "skip-blocks-not-a-list", "not-an-integer", "mesh-not-an-integer", "mesh-zero", "negative-learning-rate",
+        "non-finite", "b2", "empty-grid", "empty-run-dir", "eval-data-never-read"])
 def test_bad_configs_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps: ten\n", "steps='ten' must be an integer"),
+    ("mesh: 8\n", "mesh=8 must be a mapping"),
+    ("learning_rate: [1]\n", "learning_rate=\\[1\\] must be a finite number"),
+], ids=["text-for-integer", "number-for-mapping", "list-for-number"])
+def test_a_config_file_with_a_value_of_the_wrong_type_is_one_clear_error(tmp_path, text, message):
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "run.yaml")
+
+
+def test_a_float_that_yaml_reads_as_text_is_read_as_the_number_it_spells(tmp_path):
+    (tmp_path / "run.yaml").write_text("learning_rate: 3e-5\n")  # YAML 1.1: no dot, so a string
+    assert load_config(tmp_path / "run.yaml").learning_rate == 3e-5
 
 
 @pytest.mark.parametrize("mesh, devices, message", [
@@ -246,6 +274,39 @@ def test_routers_have_their_own_param_dtype_beside_a_bfloat16_base():
     assert {x.dtype for x in jax.tree.leaves(abstract_params(config, "routers"))} == {jnp.dtype("float32")}
 
 
+@pytest.mark.parametrize("folder", ["checkpoint", "other-files"])
+def test_a_run_dir_that_is_not_a_runs_folder_is_refused_and_left_as_it_was(tmp_path, folder):
+    run_dir = tmp_path / "target"
+    if folder == "checkpoint":
+        variables = init_variables(edit_jax.preset("flux-tiny"))
+        save(run_dir, edit_jax.preset("flux-tiny"), variables["params"])
+    else:
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text('{"model_type": "something else"}')
+        (run_dir / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    with pytest.raises(ConfigError, match="is not a training run's folder"):
+        train(tiny_run(tmp_path, "target"), progress=False)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_dir_overlapping_its_starting_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="overlap"):
+        train(tiny_run(tmp_path, "run", checkpoint=str(tmp_path / "run" / "edit-jax")), progress=False)
+
+
+def test_a_resumed_run_names_its_changed_settings_and_refuses_a_config_its_checkpoint_does_not_fit(tmp_path, capsys):
+    train(tiny_run(tmp_path, steps=2), progress=False)
+    with pytest.raises(ConfigError, match="settings changed since that run: trainable 'routers' -> 'routers\\+base'"):
+        train(tiny_run(tmp_path, steps=2, trainable="routers+base"), progress=False)
+
+    capsys.readouterr()
+    train(tiny_run(tmp_path, steps=3, rho_g=0.5), progress=False)
+    resumed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("resumed from step 2 (")]
+    assert resumed and resumed[0].endswith("with changed settings: rho_g 0.6 -> 0.5, steps 2 -> 3")
+
+
 def test_a_checkpoint_interrupted_mid_save_is_never_resumed_from(tmp_path):
     train(tiny_run(tmp_path, steps=4), progress=False)
     partial = tmp_path / "run" / "checkpoints" / "6.orbax-checkpoint-tmp-1795980000000000"
@@ -296,8 +357,6 @@ def test_the_pipeline_noise_sampler_shifts_as_the_model_pipeline_shifts_its_sche
 
 
 def test_training_from_a_checkpoint_starts_from_its_base_with_fresh_routers(tmp_path):
-    from edit_jax.checkpoint import save
-
     config = edit_jax.preset("flux-tiny")
     base = init_variables(config, seed=7)["params"]
     save(tmp_path / "ckpt", config, base)

@@ -11,8 +11,10 @@ rho_low at s = 1) read from the soft p or the hard straight-through gate, and th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,7 @@ class TrainConfig:
     dtype: str = "float32"  # compute
 
     def __post_init__(self):
+        self._check_types()
         choices = {"routers": ("checkpoint", "fresh"), "trainable": TRAINABLE, "target": TARGETS,
                    "gate_budget": GATE_BUDGETS, "rho_schedule": RHO_SCHEDULES, "noise_sampler": NOISE_SAMPLERS,
                    "lr_schedule": LR_SCHEDULES, "remat": REMAT_POLICIES, "attention": ATTENTION_IMPLEMENTATIONS,
@@ -113,9 +116,23 @@ class TrainConfig:
             raise ConfigError(f"skip_blocks={list(self.skip_blocks)} must be block indices >= 0 (scan order)")
         if self.eval_every < 0 or self.eval_batches < 1:
             raise ConfigError(f"eval_every={self.eval_every} must be >= 0 and eval_batches={self.eval_batches} >= 1")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep"):
+        if self.eval_data is not None and not self.eval_every:
+            raise ConfigError(f"eval_data={self.eval_data!r} is given but eval_every=0: set eval_every=N to evaluate on it")
+        if not self.run_dir.strip():
+            raise ConfigError("run_dir is empty: name the folder the run writes its checkpoints and logs to")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep", "height", "width",
+                     "num_txt", "num_classes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "seed", "weight_decay", "grad_clip", "lambda_g", "lambda_w"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("learning_rate", "logit_std", "shift"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         for name in ("rho_g", "rho_high", "rho_low", "rho_w", "tau"):
@@ -128,8 +145,27 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from e
         unknown = sorted(set(self.mesh) - set(MESH_AXES))
-        if unknown or list(self.mesh.values()).count(-1) > 1:
-            raise ConfigError(f"mesh {self.mesh}: axes are {MESH_AXES}, at most one of them -1 (the rest)")
+        sizes = list(self.mesh.values())
+        if (unknown or sizes.count(-1) > 1
+                or any(not _is_int(v) or (v < 1 and v != -1) for v in sizes)):
+            raise ConfigError(f"mesh {self.mesh}: axes are {MESH_AXES}, sizes >= 1 and at most one of them -1 (the rest)")
+
+    def _check_types(self):
+        """Each field holds a value of its annotated type (a YAML file can hold anything)."""
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), str(field.type)
+            if kind.endswith(" | None"):
+                if value is None:
+                    continue
+                kind = kind.removesuffix(" | None")
+            ok = {"int": _is_int(value),
+                  "float": (_is_int(value) or isinstance(value, float)) and math.isfinite(value),
+                  "str": isinstance(value, str), "tuple": isinstance(value, (tuple, list)),
+                  "dict": isinstance(value, dict)}[kind]
+            if not ok:
+                what = {"int": "an integer", "float": "a finite number", "str": "a string", "tuple": "a list",
+                        "dict": "a mapping"}[kind]
+                raise ConfigError(f"{field.name}={value!r} must be {what}")
 
     def mesh_shape(self, num_devices: int) -> dict[str, int]:
         """The mesh sizes over `num_devices`, -1 filled in; a ConfigError when they do not divide."""
@@ -153,20 +189,32 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _parse_value(text: str, current: Any) -> Any:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
     """A command-line value as the type of the field's current value (JSON for the rest)."""
-    if isinstance(current, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ConfigError(f"{text!r} is not a boolean")
-        return text.lower() in ("true", "1")
     if text.lower() in ("none", "null"):
         return None
     if current is None:  # an optional path such as checkpoint
         return text
+    kinds = {int: "an integer", float: "a number", str: "a string"}
     try:
-        return type(current)(text) if isinstance(current, (int, float, str)) else json.loads(text)
+        return type(current)(text) if type(current) in kinds else json.loads(text)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{text!r} is not a {type(current).__name__}") from e
+        raise ConfigError(f"{key}={text}: {text!r} is not {kinds.get(type(current), 'valid JSON')}") from e
+
+
+def _numbers_read_as_text(values: dict) -> dict:
+    """Float fields given as text become numbers: YAML 1.1 reads `1e-4` (no dot) as a string."""
+    floats = {f.name for f in dataclasses.fields(TrainConfig) if str(f.type) == "float"}
+    out = dict(values)
+    for name in floats & set(values):
+        if isinstance(values[name], str):
+            with contextlib.suppress(ValueError):
+                out[name] = float(values[name])
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -196,16 +244,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raise ConfigError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
         if key.startswith("mesh."):
-            values["mesh"] = {**values.get("mesh", defaults.mesh), key[5:]: int(text)}
+            mesh = values.get("mesh", defaults.mesh)
+            values["mesh"] = {**(mesh if isinstance(mesh, dict) else {}), key[5:]: _parse_value(key, text, 1)}
             continue
         if key not in fields:
             raise ConfigError(f"unknown config field {key!r}; known: {', '.join(sorted(fields))}")
-        values[key] = _parse_value(text, values.get(key, getattr(defaults, key)))
+        values[key] = _parse_value(key, text, values.get(key, getattr(defaults, key)))
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown config fields {unknown}; known: {', '.join(sorted(fields))}")
-    if "skip_blocks" in values:
+    values = _numbers_read_as_text(values)
+    if "skip_blocks" in values and isinstance(values["skip_blocks"], (list, type(None))):
         values["skip_blocks"] = tuple(values["skip_blocks"] or ())
-    if "mesh" in values:
+    if isinstance(values.get("mesh"), dict):
         values["mesh"] = {**defaults.mesh, **values["mesh"]}
     return TrainConfig(**values)

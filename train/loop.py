@@ -25,12 +25,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import edit_jax
-from edit_jax.checkpoint import load_params, load_routers, resolve, save
-from edit_jax.config import preset
+from edit_jax.checkpoint import load_params, load_routers, save
+from edit_jax.config import ConfigError, preset
 from edit_jax.models import abstract_params, build_model, init_variables
 from edit_jax.sharding import batch_sharding, describe, make_mesh, param_shardings, replicated, use_rules
 from train.config import TrainConfig
 from train.data import DataSource, shared_inputs
+from train.run_dir import changed_settings, check_run_dir, describe_changes, run_config
 from train.step import make_loss_fn, make_optimizer, make_train_step
 
 
@@ -129,7 +130,7 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
 
 
 def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_setup: bool = True) -> dict:
-    run_dir = resolve(config.run_dir)
+    run_dir = check_run_dir(config)
     is_main = jax.process_index() == 0
 
     # ---- Mesh, model, data: everything checked before any compute ----------------------------
@@ -177,10 +178,18 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
                 "opt_state": ocp.args.StandardRestore(abstract_like(opt_state)), "meta": ocp.args.JsonRestore()}
         if data.iterator is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data.iterator)
-        restored = manager.restore(start, args=ocp.args.Composite(**args))
+        changes = changed_settings(run_config(run_dir), config)
+        try:
+            restored = manager.restore(start, args=ocp.args.Composite(**args))
+        except (ValueError, KeyError, TypeError) as e:  # orbax's tree and shape mismatches
+            raise ConfigError(
+                f"{run_dir} holds a run whose checkpoint (step {start}) does not fit this config"
+                + (f"; settings changed since that run: {describe_changes(changes)}" if changes else "")
+                + ". Rerun with that run's settings to resume it, or choose another run_dir") from e
         trainable, opt_state = restored["trainable"], restored["opt_state"]
         if is_main:
-            print(f"resumed from step {start} ({run_dir / 'checkpoints'})", file=sys.stderr)
+            print(f"resumed from step {start} ({run_dir / 'checkpoints'})"
+                  + (f" with changed settings: {describe_changes(changes)}" if changes else ""), file=sys.stderr)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")

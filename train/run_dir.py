@@ -1,0 +1,63 @@
+"""The run folder (RUN_DIR): where a run may write, and what a resumed run changed.
+
+A run writes only into a new or empty folder, or into the folder of an earlier run (what it holds
+is only what runs write, its config.json a training config), and never into, over or around the
+checkpoint it starts from: so `run_dir` pointing at a checkpoint, a model folder or a source tree
+is refused before anything is written, instead of its config.json being replaced.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edit_jax.checkpoint import overlaps, resolve
+from edit_jax.config import ConfigError
+from train.config import TrainConfig
+
+CONFIG_FILE = "config.json"
+RUN_FILES = frozenset({CONFIG_FILE, "checkpoints", "tb", "metrics.jsonl", "eval.jsonl", "edit-jax"})
+FINAL_SCRATCH = ".edit-jax."  # the hidden folders of the final checkpoint's write (edit_jax.checkpoint)
+
+
+def run_config(run_dir: Path) -> dict | None:
+    """The settings an earlier run in `run_dir` was started with (its config.json), or None when
+    the folder holds no training config."""
+    try:
+        stored = json.loads((run_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) and {"run_dir", "trainable", "steps"} <= stored.keys() else None
+
+
+def check_run_dir(config: TrainConfig) -> Path:
+    """The resolved run folder; a ConfigError, before anything is written, unless the run may
+    write there (see the module docstring)."""
+    run_dir = resolve(config.run_dir)
+    if config.checkpoint is not None and overlaps(run_dir, resolve(config.checkpoint)):
+        raise ConfigError(f"run_dir {run_dir} and checkpoint {resolve(config.checkpoint)} overlap: the run would write "
+                          "into (or at the end over) the checkpoint it starts from; use a folder of its own")
+    if not run_dir.exists():
+        return run_dir
+    if not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} is a file, not a folder")
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith(FINAL_SCRATCH))
+    if others or (run_dir / CONFIG_FILE).exists() and run_config(run_dir) is None:
+        found = f"holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}" if others else \
+            f"has a {CONFIG_FILE} that is not a training config"
+        raise ConfigError(f"run_dir {run_dir} {found}: it is not a training run's folder, and a run writes only into "
+                          "a new or empty folder or an earlier run's; choose another run_dir")
+    return run_dir
+
+
+def changed_settings(stored: dict | None, config: TrainConfig) -> dict[str, tuple]:
+    """{field: (the earlier run's value, this config's)} for every field but run_dir that differs
+    (JSON values, so a tuple and its list are equal); empty without a stored config."""
+    if stored is None:
+        return {}
+    now = json.loads(json.dumps(config.to_dict()))
+    return {k: (stored.get(k), v) for k, v in now.items() if k != "run_dir" and stored.get(k) != v}
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k} {before!r} -> {after!r}" for k, (before, after) in changes.items())
