@@ -92,7 +92,7 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
     from checkpoints_convert.vae import load_vae
     from pipelines.generate import pipeline_family
     from pipelines.text_encoders import TEXT_ENCODERS
-    from train.dataset import TEXT_FIELDS, write_dataset
+    from train.dataset import MANIFEST, TEXT_FIELDS, write_dataset
 
     images_dir, out, model_dir = resolve(images_dir), resolve(out), resolve(model_dir)
     if not images_dir.is_dir():
@@ -101,6 +101,8 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
         raise ValueError(f"--resolution {resolution} must be a positive multiple of 16")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists (--overwrite replaces an edit-jax dataset)")
+    if out.exists() and not (out / MANIFEST).is_file():  # known before hours of encoding, not after
+        raise ValueError(f"{out} exists and is not an edit-jax dataset (no {MANIFEST}): --overwrite replaces only datasets")
     family = pipeline_family(model_dir, unused=("transformer", "scheduler"))
     files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -113,6 +115,9 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
     stamp = staging / "settings.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != settings:
         raise ValueError(f"{staging} holds an interrupted run of other settings; remove it or use the same ones")
+    if not stamp.is_file() and any(staging.iterdir()):  # removed when done, so it must be ours
+        raise ValueError(f"{staging} holds other files, not an interrupted prepare-data run (no settings.json): "
+                         "move it away or choose another OUT")
     stamp.write_text(json.dumps(settings))
 
     vae_config, vae_params = load_vae(model_dir / "vae")

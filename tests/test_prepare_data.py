@@ -108,6 +108,20 @@ def test_images_without_a_usable_one_is_one_clear_error(tiny_pipeline, tmp_path,
     assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
 
 
+@pytest.mark.parametrize("existing, message", [
+    ("d", "is not an edit-jax dataset"),
+    ("d.partial", "not an interrupted prepare-data run"),
+], ids=["out-not-a-dataset", "staging-not-ours"])
+def test_a_folder_prepare_data_did_not_write_is_refused_up_front_and_kept(tiny_pipeline, photos, tmp_path, capsys,
+                                                                          existing, message):
+    (tmp_path / existing).mkdir()
+    (tmp_path / existing / "mine.txt").write_text("mine")
+    args = ["prepare-data", str(photos), str(tmp_path / "d"), "--model", str(tiny_pipeline), "--quiet", "--overwrite"]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert (tmp_path / existing / "mine.txt").read_text() == "mine"
+
+
 def test_a_qwen_image_dataset_holds_padded_embeddings_and_masks_the_trainer_reads(photos, tmp_path):
     from edit_jax.config import from_diffusers_config
     from tiny_pipeline import make_tiny_qwen_pipeline
