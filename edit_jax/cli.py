@@ -224,6 +224,10 @@ def cmd_sample(args) -> int:
 
     out = check_output_folder(args.out)
     rows, cols = packed_grid(args.height, args.width)
+    elastic, routers = None, None
+    if args.elastic != "dense":  # its flags checked before any weights are read
+        elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision, cache=args.cache,
+                                cache_start=args.cache_start, delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     data = read_embeddings(args.embeddings)
     model, params = load(args.ckpt)
     config = model.config
@@ -231,8 +235,7 @@ def cmd_sample(args) -> int:
     cond = conditions(config, data, args.height, args.width)
     negative = conditions(config, data, args.height, args.width, "negative_")
     batch = cond["encoder_hidden_states"].shape[0]
-    elastic, routers = None, None
-    if args.elastic != "dense":
+    if elastic is not None:
         routers = load_routers(args.ckpt)
         if routers is None and args.fresh_routers:
             print("sample: no routers in the checkpoint: fresh full-capacity routers (every block runs at full "
@@ -243,8 +246,6 @@ def cmd_sample(args) -> int:
                 f"{args.ckpt} has no routers: use --elastic dense, a checkpoint with trained routers "
                 "(`edit-jax train`, or a converted E-DiT release), or --fresh-routers to run fresh full-capacity ones"
             )
-        elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision, cache=args.cache,
-                                cache_start=args.cache_start, delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, cfg_mode=args.cfg_mode)
     channels = config.in_channels // 4
     noise = initial_noise(jax.random.key(args.seed), batch, channels, args.height, args.width)

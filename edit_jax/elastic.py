@@ -57,6 +57,11 @@ class ElasticConfig:
             raise ValueError(f"elastic mode {self.mode!r} is not one of {MODES}")
         if self.decision not in DECISIONS:
             raise ValueError(f"elastic decision {self.decision!r} is not one of {DECISIONS}")
+        if not 0.0 <= self.tau <= 1.0:  # p is a probability: past 1 no block would ever run
+            raise ValueError(f"elastic tau {self.tau} must be in [0, 1]")
+        if not self.delta_margin >= 0.0 or self.cache_start < 0 or self.max_reuse < 0:
+            raise ValueError(f"elastic cache settings must be >= 0: delta_margin {self.delta_margin}, "
+                             f"cache_start {self.cache_start}, max_reuse {self.max_reuse}")
 
 
 def bucket_widths(hidden_dim: int, buckets: Sequence[float]) -> tuple[int, ...]:

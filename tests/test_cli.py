@@ -125,6 +125,13 @@ def test_sample_without_routers_in_elastic_mode_is_a_clear_error(tmp_path, capsy
     assert "has no routers" in capsys.readouterr().err
 
 
+def test_sample_refuses_a_gate_threshold_no_router_can_pass_before_reading_weights(tmp_path, capsys):
+    args = ["sample", str(tmp_path / "no-such-ckpt"), "--embeddings", str(tmp_path / "no.npz"), "--out", str(tmp_path / "o"),
+            "--elastic", "infer", "--tau", "2"]
+    assert main(args) == 2
+    assert "elastic tau 2.0 must be in [0, 1]" in capsys.readouterr().err
+
+
 @pytest.fixture
 def flux_small_ckpt(tmp_path):
     """A flux-small checkpoint without routers and a matching embeddings file."""

@@ -15,6 +15,18 @@ INFER = ElasticConfig(mode="infer")
 FORCED = ElasticConfig(mode="forced")
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(tau=1.5), r"tau 1.5 must be in \[0, 1\]"),
+    (dict(tau=float("nan")), r"tau nan must be in \[0, 1\]"),
+    (dict(delta_margin=-0.01), "cache settings must be >= 0"),
+    (dict(cache_start=-1), "cache settings must be >= 0"),
+    (dict(mode="sometimes"), "elastic mode 'sometimes' is not one of"),
+], ids=["tau-above-one", "tau-nan", "negative-margin", "negative-start", "unknown-mode"])
+def test_elastic_settings_out_of_range_are_one_clear_error(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ElasticConfig(**settings)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_all_blocks_forced_on_at_full_width_equals_dense(family):
     case = Case(family)

@@ -151,6 +151,8 @@ def test_bad_sampling_inputs_are_clear_errors(save_diffusers, tmp_path):
         sample(model, params, jnp.zeros((2, 16, 16)), cond, SamplerConfig(num_steps=2))
     with pytest.raises(ValueError, match="num_steps must be >= 1"):
         SamplerConfig(num_steps=0)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number, got nan"):
+        SamplerConfig(guidance_scale=float("nan"))
     with pytest.raises(ValueError, match="prompt embeddings have width 31, the model expects 32"):
         sample(model, params, noise, {**cond, "encoder_hidden_states": jnp.zeros((2, 6, 31))}, SamplerConfig(num_steps=2))
     with pytest.raises(ValueError, match="true_cfg_scale 4.0 > 1 needs negative prompt embeddings"):
