@@ -123,6 +123,32 @@ def load_calibration(path: str | None, config, batches: int, seed: int) -> list[
     return [inputs]
 
 
+def at_least(low: float, kind=int):
+    """An argparse type: a `kind` number >= low (argparse then names the flag and exits with 2)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value >= low:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
+        return value
+
+    return parse
+
+
+def above_zero(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return value
+
+
 def existing_file(path: str, flag: str) -> str:
     """`path` when it is a file; otherwise a ValueError naming the flag."""
     if not Path(path).is_file():
@@ -302,7 +328,7 @@ def cmd_train(args) -> int:
 def cmd_smoke(args) -> int:
     from eval.smoke import run_smoke
 
-    summary = run_smoke(args.preset, Path(args.out), seed=args.seed)
+    summary = run_smoke(args.preset, check_output_folder(args.out), seed=args.seed)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -406,10 +432,10 @@ CALIBRATION_HELP = """calibration file (.npz): the model's own inputs, one batch
 
 
 def add_sampling_arguments(parser, seed_help: str = "seed of the initial noise") -> None:
-    parser.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
-    parser.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
-    parser.add_argument("--steps", type=int, default=28, help="denoising steps")
-    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--height", type=at_least(1), default=1024, help="pixels, a multiple of 16")
+    parser.add_argument("--width", type=at_least(1), default=1024, help="pixels, a multiple of 16")
+    parser.add_argument("--steps", type=at_least(1), default=28, help="denoising steps")
+    parser.add_argument("--seed", type=at_least(0), default=0, help=seed_help)
     parser.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev embedded guidance (ignored by other models)")
 
 
@@ -418,11 +444,11 @@ def add_elastic_arguments(parser, cache_start: int | None) -> None:
     parser.add_argument("--decision", default="batch", choices=["batch", "sample"],
                         help="one skip/width decision per block for the batch (as the release) or one per sample")
     parser.add_argument("--tau", type=float, default=0.5, help="gate threshold: a block runs when its router's p >= tau")
-    parser.add_argument("--cache-start", type=int, default=cache_start,
+    parser.add_argument("--cache-start", type=at_least(0), default=cache_start,
                         help="first step (0-based) at which the cache stores and reuses" +
                              (" (default: a third of --steps)" if cache_start is None else ""))
     parser.add_argument("--delta-margin", type=float, default=0.015, help="borderline: tau <= p <= tau + delta-margin")
-    parser.add_argument("--max-reuse", type=int, default=10, help="reuses of one stored residual before the block runs again")
+    parser.add_argument("--max-reuse", type=at_least(0), default=10, help="reuses of one stored residual before the block runs again")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--settings", default="default", choices=["default", "tiny"],
                       help="default: 8x8 digits, 6 blocks, one budget (3.5 to 4.5 minutes); tiny: about a minute, for tests")
     demo.add_argument("--out", default="edit-jax-demo", help="output folder; a rerun reuses its trained checkpoints")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the data split, weights, training and noise")
+    demo.add_argument("--seed", type=at_least(0), default=0, help="seed of the data split, weights, training and noise")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="change one setting (eval/demo.py DemoSettings), e.g. --set rho_g=[0.6,0.4] "
                            "--set rho_schedule=linear; give another --out for other settings")
@@ -456,13 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", help="the negative prompt of true CFG (with --true-cfg > 1)")
     gen.add_argument("--true-cfg", type=float, default=1.0,
                      help="> 1: true classifier-free guidance with --negative-prompt (Qwen-Image: typically 4)")
-    gen.add_argument("--max-sequence-length", type=int, default=512, help="text tokens (FLUX: T5's; Qwen-Image: at most)")
+    gen.add_argument("--max-sequence-length", type=at_least(1), default=512, help="text tokens (FLUX: T5's; Qwen-Image: at most)")
     gen.add_argument("--out", default="edit-jax-images", help="folder for image-N.png, generate.json, router_map.png")
     add_sampling_arguments(gen)
     gen.add_argument("--elastic", default="dense", choices=["dense", "infer"], help="infer: E-DiT with the routers in transformer/")
     gen.add_argument("--cache", action="store_true", help="router-guided block cache (with --elastic infer)")
-    gen.add_argument("--cache-start", type=int, help="first step of the cache (default: a third of --steps)")
-    gen.add_argument("--tile-size", type=int, default=1024, help="VAE decode tile, pixels (larger images decode in tiles)")
+    gen.add_argument("--cache-start", type=at_least(0), help="first step of the cache (default: a third of --steps)")
+    gen.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels (larger images decode in tiles)")
     gen.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
                      help="folder of cached prompt embeddings ('none': no cache)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -474,9 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("out", help="dataset folder to create")
     prep.add_argument("--model", required=True, help="FLUX.1 or Qwen-Image pipeline folder (its vae/ and text encoders are used)")
     prep.add_argument("--captions", help="JSONL of {\"file\": NAME, \"caption\": TEXT} instead of sidecar .txt files")
-    prep.add_argument("--resolution", type=int, default=1024,
+    prep.add_argument("--resolution", type=at_least(1), default=1024,
                       help="bucket size: about RESOLUTION^2 pixels at aspect ratios 1:1, 4:3, 3:2, 16:9 and their inverses")
-    prep.add_argument("--max-sequence-length", type=int, default=512, help="text tokens per caption (FLUX: T5; Qwen-Image: at most, padded with a mask)")
+    prep.add_argument("--max-sequence-length", type=at_least(1), default=512, help="text tokens per caption (FLUX: T5; Qwen-Image: at most, padded with a mask)")
     prep.add_argument("--overwrite", action="store_true", help="replace OUT if it is an edit-jax dataset")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(run=cmd_prepare_data)
@@ -484,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     smoke = command("smoke", "random-weight model: forward, save, reload, compare, sample dense and with E-DiT (no downloads)")
     smoke.add_argument("--preset", default="flux-small", choices=sorted(PRESETS), help="model size (see README: Presets)")
     smoke.add_argument("--out", default="edit-jax-smoke", help="folder for the checkpoint, demo.json and router_map.png")
-    smoke.add_argument("--seed", type=int, default=0, help="seed of the random weights, inputs and noise")
+    smoke.add_argument("--seed", type=at_least(0), default=0, help="seed of the random weights, inputs and noise")
     smoke.set_defaults(run=cmd_smoke)
 
     ev = command("eval", "dense vs E-DiT vs E-DiT + cache on a checkpoint with routers and your prompt embeddings: "
@@ -494,10 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="edit-jax-eval", help="folder for eval.json, router_map.png, fidelity_vs_flops.png")
     add_sampling_arguments(ev, seed_help="seed of the initial noise (the same for every method)")
     add_elastic_arguments(ev, cache_start=None)
-    ev.add_argument("--repeats", type=int, default=3, help="timed repeats per method (warm; the median is reported)")
+    ev.add_argument("--repeats", type=at_least(1), default=3, help="timed repeats per method (warm; the median is reported)")
     ev.add_argument("--vae", help="a FLUX VAE folder (diffusers vae/): decode every method's latents, compare the "
                                   "images with dense's and write them as PNGs")
-    ev.add_argument("--tile-size", type=int, default=1024, help="VAE decode tile, pixels")
+    ev.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels")
     ev.set_defaults(run=cmd_eval)
 
     convert = command("convert", "PyTorch weights -> edit-jax orbax checkpoint")
@@ -521,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="diffusers: the DiT as sharded safetensors + index + config.json; edit-release: one "
                           "model.safetensors with the DiT and the routers as gate_mlps.{i}.*")
     exp.add_argument("--dtype", choices=list(DTYPES), help="tensor dtype (default: as stored)")
-    exp.add_argument("--shard-gb", type=float, default=5.0, help="diffusers shard size, GiB")
+    exp.add_argument("--shard-gb", type=above_zero, default=5.0, help="diffusers shard size, GiB")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier export")
     exp.set_defaults(run=cmd_export)
 
@@ -545,8 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("ckpt", help="a converted base checkpoint (without routers)")
     order.add_argument("out", help="checkpoint folder to create")
     order.add_argument("--calibration", help=".npz of model inputs (layout below; default: random inputs)")
-    order.add_argument("--batches", type=int, default=4, help="random calibration batches (without --calibration)")
-    order.add_argument("--seed", type=int, default=0, help="seed of the random calibration inputs")
+    order.add_argument("--batches", type=at_least(1), default=4, help="random calibration batches (without --calibration)")
+    order.add_argument("--seed", type=at_least(0), default=0, help="seed of the random calibration inputs")
     order.add_argument("--overwrite", action="store_true", help="replace OUT if it is an edit-jax checkpoint")
     order.set_defaults(run=cmd_order_channels)
 
@@ -561,8 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--distributed", action="store_true",
                      help="join a multi-process run JAX detects itself (TPU pod slices, SLURM, Open MPI, Kubernetes)")
     trn.add_argument("--coordinator", help="HOST:PORT of process 0, for processes started by hand (or EDIT_JAX_COORDINATOR)")
-    trn.add_argument("--num-processes", type=int, help="processes in the run (or EDIT_JAX_NUM_PROCESSES)")
-    trn.add_argument("--process-id", type=int, help="this process's id, 0-based (or EDIT_JAX_PROCESS_ID)")
+    trn.add_argument("--num-processes", type=at_least(1), help="processes in the run (or EDIT_JAX_NUM_PROCESSES)")
+    trn.add_argument("--process-id", type=at_least(0), help="this process's id, 0-based (or EDIT_JAX_PROCESS_ID)")
     trn.set_defaults(run=cmd_train)
 
     inspect = command("inspect", "print a checkpoint's config and arrays, after checking every array's data file is there")

@@ -43,6 +43,10 @@ from eval.metrics import json_number, psnr, ssim
 from eval.sampling_eval import run_method
 
 
+class DemoError(ValueError):
+    """Demo settings that cannot be used (a bad --set)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
     """Everything the demo's result depends on."""
@@ -74,6 +78,34 @@ class DemoSettings:
     timing_rows: int = 0  # samples timed per run: 1 (one sample alone, one more compile per method) or 0 (the whole batch)
     seed: int = 0
 
+    def __post_init__(self):
+        """Checked before anything runs: a bad --set fails now, not after minutes of training."""
+        from train.config import GATE_BUDGETS, RHO_SCHEDULES, TARGETS
+
+        choices = {"dataset": real_data.DATASETS, "gate_budget": GATE_BUDGETS, "rho_schedule": RHO_SCHEDULES,
+                   "router_target": TARGETS, "timing_rows": (0, 1)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise DemoError(f"{name}={getattr(self, name)!r} is not one of {tuple(allowed)}")
+        limits = {1: ("patch", "num_attention_heads", "attention_head_dim", "router_hidden", "batch_size", "dense_steps",
+                      "router_steps", "sample_steps", "timing_repeats"),
+                  0: ("num_layers", "num_single_layers", "eval_samples", "seed")}
+        for low, names in limits.items():
+            for name in names:
+                if getattr(self, name) < low:
+                    raise DemoError(f"{name}={getattr(self, name)} must be >= {low}")
+        if self.num_layers + self.num_single_layers < 1:
+            raise DemoError("the demo's model needs at least one block (num_layers + num_single_layers >= 1)")
+        for name in ("dense_learning_rate", "router_learning_rate", "finetune_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise DemoError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("validation_fraction", "test_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise DemoError(f"{name}={getattr(self, name)} must be in (0, 1)")
+        for name, value in [("rho_w", self.rho_w), ("rho_spread", self.rho_spread)] + [("rho_g", r) for r in self.rho_g]:
+            if not 0 <= value <= 1:
+                raise DemoError(f"{name}={value} must be in [0, 1]")
+
     def model_config(self, channels: int) -> FluxConfig:
         quarter = 2 * round(3 * self.attention_head_dim / 16)
         return FluxConfig(num_layers=self.num_layers, num_single_layers=self.num_single_layers,
@@ -94,10 +126,6 @@ SETTINGS = {
     "tiny": DemoSettings(num_layers=1, num_single_layers=2, num_attention_heads=2, router_hidden=8, batch_size=16,
                          dense_steps=6, router_steps=3, sample_steps=3, eval_samples=20, timing_repeats=1),
 }
-
-
-class DemoError(ValueError):
-    """Demo settings that cannot be used (a bad --set)."""
 
 
 _START = time.perf_counter()

@@ -47,6 +47,19 @@ def test_bad_flag_is_rejected_by_the_parser(capsys):
     assert "invalid choice: 'int8'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["sample", "c", "--embeddings", "e.npz", "--out", "o", "--steps", "0"], "argument --steps: 0 must be >= 1"),
+    (["eval", "c", "--embeddings", "e.npz", "--repeats", "0"], "argument --repeats: 0 must be >= 1"),
+    (["export", "c", "o", "--shard-gb", "nan"], "argument --shard-gb: nan must be > 0"),
+    (["generate", "--model", "m", "--prompt", "p", "--height", "ten"], "argument --height: 'ten' is not an integer"),
+], ids=["no-steps", "no-repeats", "nan-shard-size", "height-not-a-number"])
+def test_a_count_or_size_out_of_range_is_rejected_by_the_parser(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_convert_of_a_release_lists_router_params_under_routers(tmp_path, capsys):
     from reference import make_diffusers_qwen
     from test_qwen_image import fake_release
