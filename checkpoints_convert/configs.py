@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import json
 
-from edit_jax.config import ConfigError, from_diffusers_config
+from edit_jax.config import ConfigError, from_diffusers_config, read_json_object
 
 
 def reconcile_config(source, config, family: str):
@@ -14,7 +13,7 @@ def reconcile_config(source, config, family: str):
     found, stated = None, set()
     if source.folder is not None and (source.folder / "config.json").is_file():
         found = from_diffusers_config(source.folder / "config.json", family)
-        stated = set(json.loads((source.folder / "config.json").read_text()))
+        stated = set(read_json_object(source.folder / "config.json"))
     if config is None:
         if found is None:
             raise ConfigError(

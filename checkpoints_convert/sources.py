@@ -14,6 +14,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from edit_jax.config import read_json_object
+
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -196,7 +198,7 @@ def open_source(path: str | Path) -> Source:
     if len(indexes) > 1:
         raise SourceError(f"{path} holds several safetensors indexes: {[i.name for i in indexes]}")
     if indexes:
-        weight_map = json.loads(indexes[0].read_text()).get("weight_map", {})
+        weight_map = read_json_object(indexes[0]).get("weight_map", {})
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:

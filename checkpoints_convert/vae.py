@@ -8,7 +8,6 @@ leaf, and reads both ways (every transform has its inverse).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from checkpoints_convert.tables import Src, transpose
 from edit_jax.checkpoint import flatten
+from edit_jax.config import read_json_object
 
 
 def conv_kernel(w: np.ndarray) -> np.ndarray:
@@ -94,6 +94,6 @@ def load_vae(folder: str | Path, dtype: str = "float32"):
     folder = resolve(folder)
     if not (folder / "config.json").is_file():
         raise SourceError(f"{folder} is not a diffusers VAE folder: no config.json")
-    config = vae_config(json.loads((folder / "config.json").read_text()))
+    config = vae_config(read_json_object(folder / "config.json"))
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.dtype(dtype)), abstract_vae(config))
     return config, build_params(vae_table(abstract), open_source(folder), abstract)

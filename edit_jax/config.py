@@ -245,6 +245,17 @@ def config_from_dict(family: str, d: dict[str, Any]):
 DIFFUSERS_CLASSES = {"FluxTransformer2DModel": "flux", "QwenImageTransformer2DModel": "qwen-image"}
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file holding an object (a config.json), or one ConfigError naming the file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path} is not a readable JSON file: {e}") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
+    return value
+
+
 def from_diffusers_config(source: str | Path | dict[str, Any], family: str | None = None):
     """Reads a diffusers transformer config (a dict, a config.json, or the folder holding it).
 
@@ -256,7 +267,7 @@ def from_diffusers_config(source: str | Path | dict[str, Any], family: str | Non
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"no diffusers config.json at {path}")
-        source = json.loads(path.read_text())
+        source = read_json_object(path)
     d = dict(source)
     class_name = d.get("_class_name")
     if family is None:

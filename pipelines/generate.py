@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from edit_jax.checkpoint import is_checkpoint, resolve
+from edit_jax.config import read_json_object
 
 MODEL_COMPONENTS = ("transformer", "vae", "scheduler")  # beside each family's text encoders and tokenizers
 
@@ -78,7 +79,7 @@ def load_scheduler(folder: Path):
     path = folder / "scheduler_config.json"
     if not path.is_file():
         raise ValueError(f"{folder} has no scheduler_config.json")
-    values = json.loads(path.read_text())
+    values = read_json_object(path)
     names = {f.name for f in dataclasses.fields(SchedulerConfig)}
     return SchedulerConfig(**{k: v for k, v in values.items() if k in names})
 

@@ -166,6 +166,17 @@ def test_given_config_that_disagrees_with_source_config_is_an_error(save_diffuse
         convert_flux(src, tmp_path / "ckpt", config=config)
 
 
+@pytest.mark.parametrize("text, message", [("{not json", "is not a readable JSON file"), ("[1, 2]", "holds a JSON list")],
+                         ids=["broken", "not-an-object"])
+def test_a_source_config_that_is_not_a_json_object_is_an_error_naming_the_file(save_diffusers, tmp_path, text, message):
+    src = save_diffusers(make_diffusers_flux())
+    (src / "config.json").write_text(text)
+
+    with pytest.raises(ConfigError, match=f"{src / 'config.json'} {message}"):
+        convert_flux(src, tmp_path / "ckpt")
+    assert_nothing_written(tmp_path)
+
+
 def test_failure_while_writing_leaves_nothing_behind(save_diffusers, tmp_path, monkeypatch):
     import checkpoints_convert.engine as engine
 
