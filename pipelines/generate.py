@@ -118,7 +118,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
     from checkpoints_convert.vae import load_vae
     from edit_jax.elastic import ElasticConfig
-    from edit_jax.latents import initial_noise, unpack_latents
+    from edit_jax.latents import initial_noise, packed_grid, unpack_latents
     from edit_jax.sampler import SamplerConfig, sample
     from edit_jax.vae import decode_tiled
     from pipelines.text_encoders import TEXT_ENCODERS, EmbeddingCache
@@ -131,6 +131,11 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT or --prompts FILE")
     check_guidance(true_cfg, negative_prompt)
+    packed_grid(height, width)  # the size is checked before the text encoders run
+    if elastic == "dense" and (cache or cache_start is not None):
+        raise ValueError("--cache and --cache-start act on E-DiT's routers: add --elastic infer")
+    if cache_start is not None and not cache:
+        raise ValueError("--cache-start needs --cache")
     timings = {}
 
     t0 = time.perf_counter()

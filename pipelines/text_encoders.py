@@ -127,6 +127,8 @@ class FluxTextEncoder(TextEncoder):
     components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
     def __init__(self, folder: str | Path, max_sequence_length: int = 512, device: str | None = None):
+        if not 1 <= max_sequence_length <= 512:  # as FluxPipeline checks it
+            raise ValueError(f"max_sequence_length {max_sequence_length}: FLUX's T5 reads 1 to 512 tokens")
         super().__init__(folder, max_sequence_length, device)
 
     def encode(self, prompts: list[str]) -> dict:

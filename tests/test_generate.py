@@ -145,6 +145,23 @@ def test_true_cfg_without_a_negative_prompt_is_one_clear_error(tiny_qwen_pipelin
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--cache"], "--cache and --cache-start act on E-DiT's routers: add --elastic infer"),
+    (["--height", "1000"], "height 1000 is not a multiple of 16 pixels"),
+    (["--max-sequence-length", "513"], "max_sequence_length 513: FLUX's T5 reads 1 to 512 tokens"),
+], ids=["cache-without-routers", "size", "longer-than-t5"])
+def test_flags_that_cannot_work_are_one_clear_error_before_any_prompt_is_encoded(tiny_pipeline, tmp_path, capsys,
+                                                                                  monkeypatch, flags, message):
+    from pipelines import text_encoders
+
+    monkeypatch.setattr(text_encoders.FluxTextEncoder, "encode", lambda *a: pytest.fail("a prompt was encoded"))
+    _, folder = tiny_pipeline
+    assert main(["generate", "--model", str(folder), "--prompt", "a cat", "--embeddings-cache", "none",
+                 "--out", str(tmp_path / "o"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_folder_of_another_pipeline_is_one_error_naming_it(tmp_path, capsys):
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
