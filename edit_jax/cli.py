@@ -251,6 +251,8 @@ def cmd_sample(args) -> int:
     out = check_output_folder(args.out)
     rows, cols = packed_grid(args.height, args.width)
     elastic, routers = None, None
+    if args.elastic == "dense" and (args.cache or args.fresh_routers):
+        raise ValueError(f"--{'cache' if args.cache else 'fresh-routers'} acts on E-DiT's routers: add --elastic infer")
     if args.elastic != "dense":  # its flags checked before any weights are read
         elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision, cache=args.cache,
                                 cache_start=args.cache_start, delta_margin=args.delta_margin, max_reuse=args.max_reuse)

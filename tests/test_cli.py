@@ -138,11 +138,14 @@ def test_sample_without_routers_in_elastic_mode_is_a_clear_error(tmp_path, capsy
     assert "has no routers" in capsys.readouterr().err
 
 
-def test_sample_refuses_a_gate_threshold_no_router_can_pass_before_reading_weights(tmp_path, capsys):
-    args = ["sample", str(tmp_path / "no-such-ckpt"), "--embeddings", str(tmp_path / "no.npz"), "--out", str(tmp_path / "o"),
-            "--elastic", "infer", "--tau", "2"]
-    assert main(args) == 2
-    assert "elastic tau 2.0 must be in [0, 1]" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, message", [
+    (["--elastic", "infer", "--tau", "2"], "elastic tau 2.0 must be in [0, 1]"),
+    (["--cache"], "--cache acts on E-DiT's routers: add --elastic infer"),
+], ids=["tau-no-router-passes", "cache-without-routers"])
+def test_sample_refuses_e_dit_flags_that_cannot_work_before_reading_weights(tmp_path, capsys, flags, message):
+    args = ["sample", str(tmp_path / "no-such-ckpt"), "--embeddings", str(tmp_path / "no.npz"), "--out", str(tmp_path / "o")]
+    assert main(args + flags) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.fixture
