@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edit_jax.layers import check_values
 from edit_jax.router import router_modulation, router_prelude
 
 
@@ -259,6 +260,25 @@ def check_modulations(modulations: Sequence[jax.Array], stack_routers: Sequence[
         if tuple(mod.shape) != expected:
             raise ValueError(f"router_modulations[{i}] has shape {tuple(mod.shape)}, expected {list(expected)} "
                              "(layers, batch, 2 x inner_dim): computed for another model or batch?")
+
+
+def check_decisions(elastic: ElasticConfig | None, decisions: dict | None, num_buckets: int, initializing: bool) -> None:
+    """Forced decisions come exactly with mode "forced" (a forced call without them would run the
+    placeholders, every block at the narrowest width; in another mode they would be ignored) and,
+    where concrete, name buckets 0..K-1 and probabilities in [0, 1] (under jit an index past the
+    last bucket would be clamped to it). Raises ValueError."""
+    if initializing:
+        return
+    forced = elastic is not None and elastic.mode == "forced"
+    if forced and decisions is None:
+        raise ValueError("elastic mode 'forced' needs decisions={'run' (or 'p'): ..., 'bucket': ...}, each [L] or [B, L]")
+    if decisions is None:
+        return
+    if not forced:
+        raise ValueError(f"decisions are read only in elastic mode 'forced', not {getattr(elastic, 'mode', 'dense')!r}")
+    check_values("forced bucket", decisions.get("bucket"), lambda b: ((b >= 0) & (b < num_buckets)).all(),
+                 f"a width bucket 0..{num_buckets - 1}")
+    check_values("forced p", decisions.get("p"), lambda p: ((p >= 0) & (p <= 1)).all(), "in [0, 1]")
 
 
 def per_layer_inputs(

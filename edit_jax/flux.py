@@ -20,6 +20,7 @@ from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import FluxConfig
 from edit_jax.elastic import (
     ElasticConfig,
+    check_decisions,
     elastic_step,
     empty_cache,
     gather_aux,
@@ -203,6 +204,7 @@ class FluxTransformer(nn.Module):
             timestep, pooled_projections.astype(dtype), guidance
         )
         lazy = lazy_weights(elastic, self.is_initializing())
+        check_decisions(elastic, decisions, len(cfg.width_buckets), self.is_initializing())
         per_double, per_single = per_layer_inputs(
             decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, lazy,
             router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations),

@@ -20,6 +20,7 @@ from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import QwenImageConfig
 from edit_jax.elastic import (
     ElasticConfig,
+    check_decisions,
     empty_cache,
     gather_aux,
     lazy_weights,
@@ -169,6 +170,7 @@ class QwenImageTransformer(nn.Module):
         caches = None if cache is None else (cache["transformer_blocks"],)
         preludes = router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations)
         modulations = modulations_ahead(self, BLOCK_MODULATIONS, temb, dtype, block_modulations)
+        check_decisions(elastic, decisions, len(cfg.width_buckets), self.is_initializing())
         (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy, preludes, modulations)
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)

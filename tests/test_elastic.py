@@ -27,6 +27,20 @@ def test_elastic_settings_out_of_range_are_one_clear_error(settings, message):
         ElasticConfig(**settings)
 
 
+@pytest.mark.parametrize("mode, decisions, message", [
+    ("forced", None, "elastic mode 'forced' needs decisions"),
+    ("infer", "all-on", "decisions are read only in elastic mode 'forced', not 'infer'"),
+    ("forced", "bucket-past-the-last", r"forced bucket must be a width bucket 0..3, got \[4"),
+], ids=["forced-without-decisions", "decisions-in-infer", "bucket-past-the-last"])
+def test_forced_decisions_missing_misplaced_or_out_of_range_are_one_clear_error(mode, decisions, message):
+    case = Case("flux")
+    given = {None: None, "all-on": forced(np.ones(case.num_blocks), np.full(case.num_blocks, 3)),
+             "bucket-past-the-last": forced(np.ones(case.num_blocks), np.full(case.num_blocks, 4))}[decisions]
+    with pytest.raises(ValueError, match=message):
+        case.model.apply({"params": case.params, "routers": case.routers}, **case.arrays, **case.static,
+                         elastic=ElasticConfig(mode=mode), decisions=given)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_all_blocks_forced_on_at_full_width_equals_dense(family):
     case = Case(family)
