@@ -98,6 +98,10 @@ class TransformerConfig:
         return dataclasses.replace(self, **changes)
 
     def with_runtime(self, **changes):
+        known = [f.name for f in dataclasses.fields(RuntimeConfig)]
+        unknown = sorted(set(changes) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown runtime option(s) {unknown}; known: {', '.join(known)}")
         return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
 
     def architecture(self) -> dict[str, Any]:

@@ -157,3 +157,12 @@ def test_a_checkpoint_for_another_config_lists_what_does_not_fit(tiny, tmp_path)
 
     with pytest.raises(CheckpointError, match="does not fit the model config"):
         load_params(tmp_path / "ckpt", abstract_params(edit_jax.preset("flux-small")))
+
+
+def test_an_unknown_runtime_option_to_load_is_one_error_listing_the_known_ones(tiny, tmp_path):
+    from edit_jax.config import ConfigError
+
+    config, variables = tiny
+    save(tmp_path / "ckpt", config, variables["params"])
+    with pytest.raises(ConfigError, match=r"unknown runtime option\(s\) \['attn'\]; known: param_dtype, dtype, "):
+        edit_jax.load(tmp_path / "ckpt", attn="xla")
