@@ -162,7 +162,7 @@ def test_evaluation_scores_fixed_held_out_batches_every_eval_every_steps(tmp_pat
     train(tiny_run(tmp_path, steps=4, eval_every=2, eval_batches=2), progress=False)
     rows = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
-    assert all(np.isfinite(r["eval_loss"]) and len(r["eval_open_rate_per_block"]) == 2 for r in rows)
+    assert all(r["held_out"] and np.isfinite(r["eval_loss"]) and len(r["eval_open_rate_per_block"]) == 2 for r in rows)
 
 
 @pytest.fixture
@@ -171,6 +171,13 @@ def tiny_dataset(tmp_path):
     from train.dataset import write_dataset
 
     return write_dataset(tmp_path / "ds", "flux", flux_examples(16, seed=3))
+
+
+def test_a_dataset_run_without_eval_data_says_its_evaluation_reads_training_examples(tmp_path, tiny_dataset, capsys):
+    train(tiny_run(tmp_path, steps=2, eval_every=2, eval_batches=1, data=str(tiny_dataset)), progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["held_out"] for r in rows] == [False]
+    assert "a training loss, not a held-out one" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("source", ["synthetic", "dataset"])

@@ -71,8 +71,9 @@ EVAL_STEPS = 10**9  # the synthetic source's batches from here on are never trai
 
 def make_evaluator(config: TrainConfig, model, model_config, data: DataSource, data_sharding):
     """evaluate(trainable, frozen) -> the mean metrics ("eval_" + name) over `eval_batches` fixed
-    batches with fixed noise: from `eval_data`, or batches the run never trains on (the synthetic
-    source far past the last step; a dataset read in another order)."""
+    batches with fixed noise: from `eval_data` (held out), the synthetic source far past the last
+    step (held out), or, without eval_data, the training dataset itself in another order (a
+    fixed-noise training loss, which the run says, see `held_out_eval`)."""
     import dataclasses
 
     if config.data == "synthetic" and config.eval_data is None:
@@ -95,6 +96,11 @@ def make_evaluator(config: TrainConfig, model, model_config, data: DataSource, d
         return {f"eval_{k}": np.asarray(v) / len(batches) for k, v in jax.device_get(totals).items()}
 
     return evaluate
+
+
+def held_out_eval(config: TrainConfig) -> bool:
+    """Whether the evaluation reads examples the run never trains on."""
+    return config.eval_data is not None or config.data == "synthetic"
 
 
 def split_trainable(config: TrainConfig, variables: dict) -> tuple[dict, dict]:
@@ -222,6 +228,10 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
 
     end = config.steps if max_steps is None else min(config.steps, start + max_steps)
     evaluate = make_evaluator(config, model, model_config, data, data_sharding) if config.eval_every else None
+    if evaluate is not None and is_main and not held_out_eval(config):
+        print(f"eval: no eval_data, so every {config.eval_every} steps the run scores its own training examples "
+              "(fixed batches and noise): a training loss, not a held-out one; eval.jsonl says held_out: false. "
+              "Give eval_data=DATASET (edit-jax prepare-data) for held-out scores", file=sys.stderr)
     pending = data.next(start) if start < end else None
     if pending is not None:
         step_for(*pending)  # compiled ahead of the loop
@@ -267,7 +277,8 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
                 scores = evaluate(trainable, frozen)
                 if writer is not None:
                     with open(run_dir / "eval.jsonl", "a") as f:
-                        f.write(json.dumps({"step": done, **{k: v.tolist() for k, v in scores.items()}}) + "\n")
+                        f.write(json.dumps({"step": done, "held_out": held_out_eval(config),
+                                            **{k: v.tolist() for k, v in scores.items()}}) + "\n")
                     for k, v in scores.items():
                         if np.ndim(v) == 0:
                             writer.add_scalar(k, v, done)
