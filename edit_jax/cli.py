@@ -100,7 +100,6 @@ def load_calibration(path: str | None, config, batches: int, seed: int) -> list[
     """Calibration inputs: an .npz of model inputs named as the model's arguments (Qwen-Image:
     img_shapes as 3 ints), or random example inputs when no file is given."""
     import jax.numpy as jnp
-    import numpy as np
 
     from edit_jax.models import example_inputs
 
@@ -108,7 +107,7 @@ def load_calibration(path: str | None, config, batches: int, seed: int) -> list[
         print("order-channels: no --calibration given, using random inputs; real latents and "
               "prompt embeddings rank channels better", file=sys.stderr)
         return [example_inputs(config, batch=2, height=8, width=8, num_txt=16, seed=seed + i) for i in range(batches)]
-    data = dict(np.load(existing_file(path, "--calibration")))
+    data = read_arrays(path, "--calibration")
     expected = set(example_inputs(config))
     optional = {"encoder_hidden_states_mask"}
     missing, unexpected = sorted(expected - optional - set(data)), sorted(set(data) - expected)
@@ -149,6 +148,22 @@ def above_zero(text: str) -> float:
     return value
 
 
+def read_arrays(path: str, flag: str) -> dict:
+    """The named arrays of an .npz or .safetensors file; a ValueError naming the flag otherwise."""
+    import numpy as np
+
+    existing_file(path, flag)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
+
+            return load_file(path)
+        with np.load(path) as data:
+            return dict(data)
+    except Exception as e:  # numpy and safetensors raise many types for a file that is not theirs
+        raise ValueError(f"{flag} {path} is not a readable .npz or .safetensors file: {e}") from e
+
+
 def existing_file(path: str, flag: str) -> str:
     """`path` when it is a file; otherwise a ValueError naming the flag."""
     if not Path(path).is_file():
@@ -161,7 +176,7 @@ def cmd_order_channels(args) -> int:
 
     from edit_jax import load
     from edit_jax.channel_order import order_mlp_channels
-    from edit_jax.checkpoint import CheckpointError, ROUTERS_DIR, check_destination, resolve, save, tree_names
+    from edit_jax.checkpoint import CheckpointError, ROUTERS_DIR, check_destination, load_config, resolve, save, tree_names
 
     if ROUTERS_DIR in tree_names(args.ckpt):
         raise CheckpointError(
@@ -169,8 +184,8 @@ def cmd_order_channels(args) -> int:
             "reordering would break them (SPEC section 3). Reorder a base checkpoint before router training."
         )
     check_destination(resolve(args.out), args.overwrite, protect=[args.ckpt])
+    calibration = load_calibration(args.calibration, load_config(args.ckpt), args.batches, args.seed)  # before the weights
     model, params = load(args.ckpt)
-    calibration = load_calibration(args.calibration, model.config, args.batches, args.seed)
     ordered, scores = order_mlp_channels(model.config, params, calibration)
     path = save(args.out, model.config, ordered, overwrite=args.overwrite, protect=[args.ckpt])
 
@@ -187,18 +202,7 @@ def read_embeddings(path: str) -> dict:
     """Prompt embeddings from .npz or .safetensors: prompt_embeds [B, T, D] and, as the model
     needs, pooled_prompt_embeds [B, P] (FLUX), prompt_embeds_mask [B, T] (Qwen-Image) and the
     negative_* counterparts for true CFG."""
-    import numpy as np
-
-    existing_file(path, "--embeddings")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.numpy import load_file
-
-            data = load_file(path)
-        else:
-            data = dict(np.load(path))
-    except Exception as e:  # numpy and safetensors raise many types for a file that is not theirs
-        raise ValueError(f"--embeddings {path} is not a readable .npz or .safetensors file: {e}") from e
+    data = read_arrays(path, "--embeddings")
     if "prompt_embeds" not in data:
         raise ValueError(f"{path} has no 'prompt_embeds' (found: {sorted(data)})")
     return data

@@ -230,6 +230,13 @@ def test_a_calibration_file_of_the_other_family_is_a_clear_error(flux_small_ckpt
     assert "does not hold flux model inputs" in capsys.readouterr().err
 
 
+def test_a_calibration_file_that_is_not_arrays_is_an_error_naming_the_flag(flux_small_ckpt, tmp_path, capsys):
+    ckpt, _ = flux_small_ckpt
+    (tmp_path / "notes.npz").write_text("not arrays")
+    assert main(["order-channels", str(ckpt), str(tmp_path / "o"), "--calibration", str(tmp_path / "notes.npz")]) == 2
+    assert f"--calibration {tmp_path / 'notes.npz'} is not a readable .npz or .safetensors file" in capsys.readouterr().err
+
+
 def test_order_channels_reports_the_importance_kept_by_the_order_it_wrote(flux_small_ckpt, tmp_path, capsys):
     ckpt, _ = flux_small_ckpt
     assert main(["order-channels", str(ckpt), str(tmp_path / "o"), "--batches", "1"]) == 0
