@@ -76,3 +76,21 @@ def test_examples_missing_a_field_are_refused_and_nothing_is_left(tmp_path):
     with pytest.raises(ConfigError, match="needs"):
         write_dataset(tmp_path / "ds", "flux", bad)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, message", [("truncate", "cannot read the ArrayRecord files"),
+                                             ("delete-records", "should hold 12 examples")])
+def test_a_damaged_dataset_is_one_error_naming_it(two_buckets, damage, message):
+    import json
+
+    manifest = read_manifest(two_buckets)
+    big = next(b for b in manifest["buckets"] if b["count"] == 12)
+    if damage == "truncate":
+        file = two_buckets / big["files"][0]
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    else:  # a manifest from a larger copy than the files beside it
+        small = next(b for b in manifest["buckets"] if b["count"] == 8)
+        big["files"] = small["files"]
+        (two_buckets / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=message):
+        make_pipeline(two_buckets, batch_size=4, seed=0)

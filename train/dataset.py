@@ -168,7 +168,15 @@ def make_pipeline(path: str | Path, batch_size: int, seed: int, process_index: i
         if bucket["count"] < batch_size * process_count:
             raise ConfigError(f"dataset bucket {bucket['latent_shape']} holds {bucket['count']} examples, fewer than "
                               f"one global batch of {batch_size * process_count}")
-        source = grain.sources.ArrayRecordDataSource([str(path / f) for f in bucket["files"]])
+        files = [str(path / f) for f in bucket["files"]]
+        try:
+            source = grain.sources.ArrayRecordDataSource(files)
+        except (RuntimeError, OSError, ValueError) as e:  # array_record says little (often nothing) itself
+            raise ConfigError(f"dataset {path}: cannot read the ArrayRecord files of bucket {bucket['latent_shape']} "
+                              f"({', '.join(bucket['files'])}): truncated or not ArrayRecord? {e}") from e
+        if len(source) != bucket["count"]:
+            raise ConfigError(f"dataset {path}: bucket {bucket['latent_shape']} should hold {bucket['count']} examples "
+                              f"(manifest.json), its files hold {len(source)}: an incomplete copy?")
         ds = (grain.MapDataset.source(source).shuffle(seed=seed)[process_index::process_count]
               .map(_training_fields).repeat().batch(batch_size, drop_remainder=True)
               .map(lambda records: model_batch(family, records)))
