@@ -122,30 +122,20 @@ def load_calibration(path: str | None, config, batches: int, seed: int) -> list[
     return [inputs]
 
 
-def at_least(low: float, kind=int):
-    """An argparse type: a `kind` number >= low (argparse then names the flag and exits with 2)."""
+def at_least(low: float, kind=int, strict: bool = False):
+    """An argparse type: a `kind` number >= low (> low with strict); else argparse names the
+    flag and exits with 2."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not value >= low:  # NaN fails too
-            raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
+        if not (value > low if strict else value >= low):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low}")
         return value
 
     return parse
-
-
-def above_zero(text: str) -> float:
-    """An argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return value
 
 
 def read_arrays(path: str, flag: str) -> dict:
@@ -553,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="diffusers: the DiT as sharded safetensors + index + config.json; edit-release: one "
                           "model.safetensors with the DiT and the routers as gate_mlps.{i}.*")
     exp.add_argument("--dtype", choices=list(DTYPES), help="tensor dtype (default: as stored)")
-    exp.add_argument("--shard-gb", type=above_zero, default=5.0, help="diffusers shard size, GiB")
+    exp.add_argument("--shard-gb", type=at_least(0, float, strict=True), default=5.0, help="diffusers shard size, GiB")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier export")
     exp.set_defaults(run=cmd_export)
 

@@ -71,7 +71,7 @@ class TrainConfig:
     steps: int = 1000
     log_every: int = 10
     eval_every: int = 0  # 0: no evaluation
-    eval_batches: int = 2  # fixed held-out batches per evaluation (fixed noise too)
+    eval_batches: int = 2  # fixed batches per evaluation (fixed noise too)
     eval_data: str | None = None  # a held-out dataset; None: synthetic batches past the last step, or the
     # training dataset's own examples (a training loss: eval.jsonl says held_out: false)
     save_every: int = 500
