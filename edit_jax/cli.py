@@ -222,11 +222,28 @@ def conditions(config, data: dict, height: int, width: int, prefix: str = "") ->
                            data.get(f"{prefix}pooled_prompt_embeds"), data.get(f"{prefix}prompt_embeds_mask"))
 
 
-def check_output_folder(out: str) -> Path:
-    """The --out folder, checked before any work: it may exist as a folder, never as a file."""
+OUTPUTS = {  # what each command writes into its --out folder (a full-match pattern of names)
+    "sample": r"latents\.npy|records\.npz|summary\.json|router_map\.png",
+    "eval": r"eval\.json|router_map\.png|fidelity_vs_flops\.png|(dense|e-dit|e-dit-cache)-\d+\.png",
+    "generate": r"image-\d+\.png|generate\.json|router_map\.png",
+    "smoke": r"checkpoint|\.checkpoint\..+|smoke\.json|router_map\.png",
+    "demo": r"data|runs|samples|results\.(json|md)|(quality|fd)_vs_flops\.png|router_map\.png",
+}
+
+
+def check_output_folder(out: str, command: str) -> Path:
+    """The --out folder, checked before any work: new, empty, or holding only what `command`
+    writes there (an earlier run's, which it replaces); never a file, never a folder of other
+    files, whose same-named files it would overwrite."""
+    import re
+
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder")
+    others = sorted(p.name for p in path.iterdir() if not re.fullmatch(OUTPUTS[command], p.name)) if path.is_dir() else []
+    if others:
+        raise ValueError(f"--out {out} holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}, which "
+                         f"`edit-jax {command}` does not write: use a new or empty folder, or an earlier {command} output")
     return path
 
 
@@ -242,7 +259,7 @@ def cmd_sample(args) -> int:
     from edit_jax.models import init_routers
     from edit_jax.sampler import SamplerConfig, sample
 
-    out = check_output_folder(args.out)
+    out = check_output_folder(args.out, "sample")
     rows, cols = packed_grid(args.height, args.width)
     elastic, routers = None, None
     if args.elastic == "dense" and (args.cache or args.fresh_routers):
@@ -324,7 +341,7 @@ def cmd_train(args) -> int:
 def cmd_smoke(args) -> int:
     from eval.smoke import run_smoke
 
-    summary = run_smoke(args.preset, check_output_folder(args.out), seed=args.seed)
+    summary = run_smoke(args.preset, check_output_folder(args.out, "smoke"), seed=args.seed)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -336,7 +353,7 @@ def cmd_demo(args) -> int:
 
     name = "full" if args.full else args.settings
     settings = with_overrides(SETTINGS[name], args.set)
-    out = check_output_folder(args.out)
+    out = check_output_folder(args.out, "demo")
     print(f"edit-jax demo ({name} settings{', changed' if args.set else ''}): {EXPECTED[name]} on 2 CPU cores; "
           f"a rerun reuses what {out}/ already holds", file=sys.stderr)
     summary = run_demo(dataclasses.replace(settings, seed=args.seed), out, progress=not args.quiet)
@@ -368,6 +385,7 @@ def cmd_generate(args) -> int:
     from pipelines.generate import generate
 
     prompts = read_prompts(args)
+    check_output_folder(args.out, "generate")
     result = generate(args.model, prompts, args.out, steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg,
                       negative_prompt=args.negative_prompt, height=args.height, width=args.width, seed=args.seed,
                       max_sequence_length=args.max_sequence_length, elastic=args.elastic, cache=args.cache,
@@ -394,7 +412,7 @@ def cmd_eval(args) -> int:
     from edit_jax.elastic import ElasticConfig
     from eval.sampling_eval import evaluate_checkpoint
 
-    out = check_output_folder(args.out)
+    out = check_output_folder(args.out, "eval")
     existing_file(args.embeddings, "--embeddings")
     elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision,
                             cache_start=args.steps // 3 if args.cache_start is None else args.cache_start,

@@ -60,6 +60,19 @@ def test_a_count_or_size_out_of_range_is_rejected_by_the_parser(capsys, args, me
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [
+    ["sample", "ckpt", "--embeddings", "e.npz"], ["eval", "ckpt", "--embeddings", "e.npz"],
+    ["generate", "--model", "m", "--prompt", "a cat"], ["demo"], ["smoke"],
+], ids=lambda c: c[0])
+def test_an_out_folder_holding_files_the_command_does_not_write_is_refused_and_kept(tmp_path, capsys, command):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(command + ["--out", str(out)]) == 2
+    assert f"holds notes.txt, which `edit-jax {command[0]}` does not write" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
 def test_convert_of_a_release_lists_router_params_under_routers(tmp_path, capsys):
     from reference import make_diffusers_qwen
     from test_qwen_image import fake_release
