@@ -170,6 +170,9 @@ def make_velocity_fn(model, params: dict, routers: dict | None = None, elastic: 
     (velocity, state, aux))."""
     if elastic is not None and elastic.mode not in ("dense", "forced") and routers is None:
         raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
+    if routers is not None and (elastic is None or elastic.mode == "dense"):
+        raise ValueError("routers were given but the elastic mode is dense, so they would not run: pass "
+                         "elastic=ElasticConfig(mode='infer') to run E-DiT, or no routers")
     g = velocity_fn(model, elastic, return_aux, decisions)
     return lambda x, t, cond, state, step=None, router_modulations=None, block_modulations=None: g(
         params, routers, x, t, cond, state, step, router_modulations, block_modulations)

@@ -153,6 +153,8 @@ def test_bad_sampling_inputs_are_clear_errors(save_diffusers, tmp_path):
         SamplerConfig(num_steps=0)
     with pytest.raises(ValueError, match="guidance_scale must be a finite number, got nan"):
         SamplerConfig(guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match="routers were given but the elastic mode is dense, so they would not run"):
+        sample(model, params, noise, cond, SamplerConfig(num_steps=2), routers=init_routers(model.config))
     with pytest.raises(ValueError, match="prompt embeddings have width 31, the model expects 32"):
         sample(model, params, noise, {**cond, "encoder_hidden_states": jnp.zeros((2, 6, 31))}, SamplerConfig(num_steps=2))
     with pytest.raises(ValueError, match="true_cfg_scale 4.0 > 1 needs negative prompt embeddings"):
@@ -279,8 +281,9 @@ def test_the_sampling_loop_reads_no_modulation_kernel_in_its_steps(elastic):
     cond = make_conditions(config, rng.standard_normal((1, 4, config.joint_attention_dim)), HEIGHT, WIDTH,
                            rng.standard_normal((1, config.pooled_projection_dim)))
     noise = jnp.asarray(rng.standard_normal((1, 12, config.in_channels)), jnp.float32)
+    routers = variables["routers"] if elastic is not None else None  # dense sampling takes none
     closed = jax.make_jaxpr(lambda p, r: sample(model, p, noise, cond, SamplerConfig(num_steps=3), routers=r,
-                                                elastic=elastic)[0])(variables["params"], variables["routers"])
+                                                elastic=elastic)[0])(variables["params"], routers)
     d = config.inner_dim
 
     def kernels(jaxpr, in_step):  # the shapes of every dot's operands, and whether it is in the step loop
