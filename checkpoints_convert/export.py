@@ -8,8 +8,9 @@ tables backward (each transform's inverse), never through a second hand-written 
                   released E-DiT layout, SPEC section 6; FLUX numbers its double blocks first, then
                   its single blocks)
 
-Arrays are read one at a time and written in shards of about `shard_bytes`: peak memory is about
-one shard plus one stacked tensor. The output folder appears only when complete.
+Arrays are read one source tensor at a time and written in shards of about `shard_bytes`: peak
+memory is about one shard plus the stacked params of one source tensor. The output folder appears
+only when complete.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from checkpoints_convert import flux, qwen_image
 from checkpoints_convert.engine import ConversionError
+from checkpoints_convert.tables import join
 from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, atomic_folder, flatten, load_config, overlaps,
                                  params_metadata, read_array, resolve, tree_names)
 
@@ -42,20 +44,26 @@ def _tables(config, fmt: str, has_routers: bool) -> dict[str, dict]:
 
 
 def _tensors(path: Path, tables: dict[str, dict], dtype):
-    """Yields (source key, tensor) for every source tensor, one stacked param at a time."""
+    """Yields (source key, tensor) for every source tensor, one stacked source tensor at a time
+    (the params cut from one fused tensor are read together and joined)."""
     for tree, table in tables.items():
         stored = flatten(params_metadata(path, tree))
         if set(stored) != set(table):
             raise ConversionError(f"{path}/{tree} holds {sorted(set(stored) ^ set(table))[:5]} that the table does not map")
+        readers: dict[tuple[str, int], list[str]] = {}
         for name in sorted(table):
-            src = table[name]
-            if not src.invertible:
-                raise ConversionError(f"{name} <- {src.key} cannot be read backward")
-            values = read_array(path, tree, name)
-            values = values.astype(dtype) if dtype is not None else values
-            layers = [values[i] for i in range(values.shape[0])] if src.stacked else [values]
-            for key, layer in zip(src.keys(values.shape[0] if src.stacked else None), layers):
-                yield key, np.ascontiguousarray(src.unapply(layer))
+            readers.setdefault((table[name].key, table[name].offset), []).append(name)
+        for names in readers.values():
+            srcs = [table[name] for name in names]
+            for name, src in zip(names, srcs):
+                if not src.invertible:
+                    raise ConversionError(f"{name} <- {src.key} cannot be read backward")
+            values = [read_array(path, tree, name) for name in names]
+            values = [v.astype(dtype) for v in values] if dtype is not None else values
+            keys = srcs[0].keys(values[0].shape[0] if srcs[0].stacked else None)
+            for i, key in enumerate(keys):
+                layers = [v[i] if srcs[0].stacked else v for v in values]
+                yield key, np.ascontiguousarray(join([(src, src.unapply(layer)) for src, layer in zip(srcs, layers)]))
 
 
 def _is_export(folder: Path) -> bool:

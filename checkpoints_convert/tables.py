@@ -7,7 +7,9 @@ as our param's leading dimension says, numbered from `offset`.
 
 Tables read both ways: a transform that has an inverse carries it (`transform.inverse`), and
 `Src.unapply` runs the inverses in reverse order, so export is the import table read backward.
-Transforms that pick a part of a fused tensor (`rows`) have none: such tables import only.
+Several params may be cut from one fused source tensor (`rows`: BFL's qkv; `cols`: the input
+features of FLUX's proj_out, which we store as two kernels); read backward, `join` puts their
+parts side by side again.
 """
 
 from __future__ import annotations
@@ -39,16 +41,40 @@ class Src:
         return tensor
 
     @property
+    def part(self) -> tuple[int, int, int] | None:
+        """(axis, index, count) when this param is one of `count` parts of its source tensor,
+        cut along `axis` (the first transform, `part`); None when it is the whole tensor."""
+        return getattr(self.transforms[0], "part", None) if self.transforms else None
+
+    @property
+    def _inverted(self) -> tuple[Transform, ...]:
+        return self.transforms[1:] if self.part else self.transforms
+
+    @property
     def invertible(self) -> bool:
-        return all(hasattr(t, "inverse") for t in self.transforms)
+        return all(hasattr(t, "inverse") for t in self._inverted)
 
     def unapply(self, tensor: np.ndarray) -> np.ndarray:
-        """Our layout -> the source's: the inverse transforms in reverse order."""
-        for t in reversed(self.transforms):
+        """Our layout -> the source's: the inverse transforms in reverse order (for a part: the
+        part, which `join` puts in its place)."""
+        for t in reversed(self._inverted):
             if not hasattr(t, "inverse"):
-                raise ValueError(f"{self.key}: transform {getattr(t, '__name__', t)} has no inverse (a fused source tensor)")
+                raise ValueError(f"{self.key}: transform {getattr(t, '__name__', t)} has no inverse")
             tensor = t.inverse(tensor)
         return tensor
+
+
+def join(parts: list[tuple[Src, np.ndarray]]) -> np.ndarray:
+    """One source tensor from the `unapply`d arrays of the Srcs that read it: the array itself, or
+    every part in order along its axis."""
+    if len(parts) == 1 and parts[0][0].part is None:
+        return parts[0][1]
+    cuts = [src.part for src, _ in parts]
+    if None in cuts or len({(axis, count) for axis, _, count in cuts}) != 1 or \
+            sorted(index for _, index, _ in cuts) != list(range(cuts[0][2])):
+        raise ValueError(f"{parts[0][0].key}: read by {len(parts)} params that are not its parts {cuts}")
+    ordered = sorted(zip(cuts, (tensor for _, tensor in parts)), key=lambda c: c[0][1])
+    return np.concatenate([tensor for _, tensor in ordered], axis=cuts[0][0])
 
 
 def transpose(w: np.ndarray) -> np.ndarray:
@@ -59,17 +85,29 @@ def transpose(w: np.ndarray) -> np.ndarray:
 transpose.inverse = transpose
 
 
-def rows(sizes: tuple[int, ...], index: int) -> Transform:
-    """Part `index` of a tensor split along axis 0 into parts of the given sizes (fused qkv)."""
+def part(axis: int, sizes: tuple[int, ...], index: int) -> Transform:
+    """Part `index` of a tensor split along `axis` into parts of the given sizes; the first
+    transform of its Src (see `Src.part`)."""
     bounds = np.cumsum((0,) + tuple(sizes))
 
     def take(w: np.ndarray) -> np.ndarray:
-        if w.shape[0] != bounds[-1]:
-            raise ValueError(f"cannot split axis 0 of size {w.shape[0]} into {tuple(sizes)}")
-        return w[bounds[index] : bounds[index + 1]]
+        if w.ndim <= axis or w.shape[axis] != bounds[-1]:
+            raise ValueError(f"cannot split axis {axis} of shape {w.shape} into {tuple(sizes)}")
+        return w[(slice(None),) * axis + (slice(bounds[index], bounds[index + 1]),)]
 
-    take.__name__ = f"rows{tuple(sizes)}[{index}]"
+    take.__name__ = f"part{axis}{tuple(sizes)}[{index}]"
+    take.part = (axis, index, len(sizes))
     return take
+
+
+def rows(sizes: tuple[int, ...], index: int) -> Transform:
+    """Part `index` of a tensor split along axis 0 (a fused qkv weight or bias)."""
+    return part(0, sizes, index)
+
+
+def cols(sizes: tuple[int, ...], index: int) -> Transform:
+    """Part `index` of a PyTorch Linear weight [out, in] split along its input features."""
+    return part(1, sizes, index)
 
 
 def swap_halves(w: np.ndarray) -> np.ndarray:
@@ -87,6 +125,15 @@ def linear(ours: str, theirs: str, *pre: Transform, offset: int = 0) -> dict[str
         f"{ours}/kernel": Src(f"{theirs}.weight", pre + (transpose,), offset),
         f"{ours}/bias": Src(f"{theirs}.bias", pre, offset),
     }
+
+
+def joint_linear(ours: str, theirs: str, parts: tuple[tuple[str, str, int], ...]) -> dict[str, Src]:
+    """A Linear whose input features we store as one kernel per part (`JointLinear.parts`: kernel
+    name, logical axis, features): each kernel <- its columns of the weight (transposed), bias <-
+    bias."""
+    sizes = tuple(size for _, _, size in parts)
+    kernels = {f"{ours}/{name}": Src(f"{theirs}.weight", (cols(sizes, i), transpose)) for i, (name, _, _) in enumerate(parts)}
+    return {**kernels, f"{ours}/bias": Src(f"{theirs}.bias")}
 
 
 def scale(ours: str, theirs_key: str) -> dict[str, Src]:
