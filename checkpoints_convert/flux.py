@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from edit_jax.config import FluxConfig, preset
+from edit_jax.flux import proj_out_parts
 from checkpoints_convert.configs import reconcile_config
 from checkpoints_convert import tables
-from checkpoints_convert.tables import Src, linear, rows, scale, swap_halves
+from checkpoints_convert.tables import Src, joint_linear, linear, rows, scale, swap_halves
 
 BFL_PREFIX = "model.diffusion_model."
 
@@ -50,7 +51,7 @@ def diffusers_table(cfg: FluxConfig) -> dict[str, Src]:
         **scale("single_transformer_blocks/attn/norm_q", f"{sb}.attn.norm_q.weight"),
         **scale("single_transformer_blocks/attn/norm_k", f"{sb}.attn.norm_k.weight"),
         **linear("single_transformer_blocks/proj_mlp", f"{sb}.proj_mlp"),
-        **linear("single_transformer_blocks/proj_out", f"{sb}.proj_out"),
+        **joint_linear("single_transformer_blocks/proj_out", f"{sb}.proj_out", proj_out_parts(cfg)),
         **linear("norm_out/linear", "norm_out.linear"),
         **linear("proj_out", "proj_out"),
     }
@@ -104,7 +105,7 @@ def bfl_table(cfg: FluxConfig) -> dict[str, Src]:
         **linear("single_transformer_blocks/proj_mlp", f"{sb}.linear1", rows(qkv_mlp, 3)),
         **scale("single_transformer_blocks/attn/norm_q", f"{sb}.norm.query_norm.scale"),
         **scale("single_transformer_blocks/attn/norm_k", f"{sb}.norm.key_norm.scale"),
-        **linear("single_transformer_blocks/proj_out", f"{sb}.linear2"),
+        **joint_linear("single_transformer_blocks/proj_out", f"{sb}.linear2", proj_out_parts(cfg)),
         **linear("norm_out/linear", "final_layer.adaLN_modulation.1", swap_halves),
         **linear("proj_out", "final_layer.linear"),
     }

@@ -19,14 +19,15 @@ from edit_jax.models import build_model, split_static
 
 
 def elastic_mlps(config) -> list[dict]:
-    """Where each block stack's elastic MLP lives: fc1 (kernel columns + bias) and fc2 (kernel
-    rows, from `offset`) paths under the stack, and where its hidden magnitudes are sown."""
+    """Where each block stack's elastic MLP lives: the paths under the stack of fc1 (kernel
+    columns + bias) and of fc2 (its kernel's rows; `fc2_kernel` names that kernel), and where its
+    hidden magnitudes are sown."""
     if isinstance(config, FluxConfig):
         return [
-            dict(stack="transformer_blocks", fc1=("ff", "fc1"), fc2=("ff", "fc2"), offset=0, sown=("ff",)),
-            dict(stack="single_transformer_blocks", fc1=("proj_mlp",), fc2=("proj_out",), offset=config.inner_dim, sown=()),
+            dict(stack="transformer_blocks", fc1=("ff", "fc1"), fc2=("ff", "fc2"), fc2_kernel="kernel", sown=("ff",)),
+            dict(stack="single_transformer_blocks", fc1=("proj_mlp",), fc2=("proj_out",), fc2_kernel="kernel_mlp", sown=()),
         ]
-    return [dict(stack="transformer_blocks", fc1=("img_mlp", "fc1"), fc2=("img_mlp", "fc2"), offset=0, sown=("img_mlp",))]
+    return [dict(stack="transformer_blocks", fc1=("img_mlp", "fc1"), fc2=("img_mlp", "fc2"), fc2_kernel="kernel", sown=("img_mlp",))]
 
 
 def _node(tree: dict, path) -> dict:
@@ -51,25 +52,21 @@ def channel_importance(config, params: dict, calibration: list[dict]) -> list[np
         totals = sown if totals is None else [t + s for t, s in zip(totals, sown)]
     scores = []
     for magnitude, m in zip(totals, elastic_mlps(config)):
-        fc2 = np.asarray(_node(params[m["stack"]], m["fc2"])["kernel"], np.float32)
-        rows = fc2[:, m["offset"] : m["offset"] + config.mlp_hidden_dim]
-        scores.append(magnitude / len(calibration) * np.linalg.norm(rows, axis=-1))
+        fc2 = np.asarray(_node(params[m["stack"]], m["fc2"])[m["fc2_kernel"]], np.float32)
+        scores.append(magnitude / len(calibration) * np.linalg.norm(fc2, axis=-1))
     return scores
 
 
 def permute_mlp_channels(config, params: dict, orders: list[np.ndarray]) -> dict:
     """Reorders each elastic MLP's hidden channels; orders: [L_i, M] permutation per stack."""
     params = jax.tree.map(lambda x: x, params)  # fresh dicts, shared arrays
-    m_dim = config.mlp_hidden_dim
     for order, m in zip(orders, elastic_mlps(config)):
         stack = params[m["stack"]]
         fc1, fc2 = _node(stack, m["fc1"]), _node(stack, m["fc2"])
         idx = jnp.asarray(order)
         fc1["kernel"] = jnp.take_along_axis(fc1["kernel"], idx[:, None, :], axis=2)
         fc1["bias"] = jnp.take_along_axis(fc1["bias"], idx, axis=1)
-        off = m["offset"]
-        rows = jnp.take_along_axis(fc2["kernel"][:, off : off + m_dim], idx[:, :, None], axis=1)
-        fc2["kernel"] = fc2["kernel"].at[:, off : off + m_dim].set(rows)
+        fc2[m["fc2_kernel"]] = jnp.take_along_axis(fc2[m["fc2_kernel"]], idx[:, :, None], axis=1)
     return params
 
 

@@ -1,7 +1,7 @@
 """edit-jax checkpoints: an orbax params tree plus the model config as JSON.
 
     CKPT/
-      config.json   {"format": "edit-jax", "version": 1, "family": ..., "config": {...}, ...}
+      config.json   {"format": "edit-jax", "version": 2, "family": ..., "config": {...}, ...}
       params/       orbax PyTree checkpoint of the plain base params pytree
       routers/      (optional) the E-DiT router params, a separate pytree stacked over layers
 
@@ -14,6 +14,11 @@ and the old checkpoint goes only after the new one is complete. Params can be wr
 group (`write_checkpoint` takes an iterator of sub-trees), so a converter never holds the whole
 model in memory. Every path is resolved first: relative paths work everywhere (orbax needs
 absolute ones).
+
+Format 1 stored each FLUX single block's proj_out kernel whole, [L, D + M, D]; format 2 stores its
+attention and MLP rows as two kernels (`JointLinear`), each sharded by its own input axis. A
+format-1 checkpoint is read as format 2: its metadata lists the two kernels, and loading splits
+the stored one (`format_1_joined`).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from orbax.checkpoint.experimental import v1 as ocp
 from edit_jax.config import config_from_dict, config_to_dict
 
 FORMAT_NAME = "edit-jax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 ROUTERS_DIR = "routers"
@@ -315,8 +321,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_file} is not readable JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{meta_file} is not an edit-jax checkpoint config")
-    if meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')} is not {FORMAT_VERSION}")
+    if meta.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')} is not one this edit-jax reads "
+                              f"{READABLE_VERSIONS}")
     return meta
 
 
@@ -345,9 +352,8 @@ def _reading(path: Path, what: str):
         ) from e
 
 
-def params_metadata(path: str | Path, tree: str = PARAMS_DIR) -> dict:
-    """A stored tree with (shape, dtype) leaves, read without loading any array."""
-    path = resolve(path)
+def _stored_metadata(path: Path, tree: str) -> dict:
+    """The tree as stored, with (shape, dtype) leaves."""
     read_metadata(path)
     if not (path / tree).is_dir():
         raise CheckpointError(f"{path} has no {tree}/ tree")
@@ -362,23 +368,86 @@ def params_metadata(path: str | Path, tree: str = PARAMS_DIR) -> dict:
     return jax.tree.map(lambda m: (tuple(m.shape), np.dtype(m.dtype)), meta)
 
 
+def format_1_joined(config) -> dict[str, list[tuple[str, int]]]:
+    """{format-1 kernel: [(format-2 kernel, rows), ...] in row order} for a model config."""
+    if config.family != "flux" or not config.num_single_layers:
+        return {}
+    from edit_jax.flux import proj_out_parts
+
+    stem = "single_transformer_blocks/proj_out"
+    return {f"{stem}/kernel": [(f"{stem}/{name}", rows) for name, _, rows in proj_out_parts(config)]}
+
+
+def _joined(path: Path, tree: str) -> dict[str, list[tuple[str, int]]]:
+    """The kernels a params tree stores whole that the current format splits (format 1 only)."""
+    meta = read_metadata(path)
+    if meta["version"] != 1 or tree != PARAMS_DIR:
+        return {}
+    return format_1_joined(config_from_dict(meta["family"], meta["config"]))
+
+
+def params_metadata(path: str | Path, tree: str = PARAMS_DIR) -> dict:
+    """A stored tree with (shape, dtype) leaves, read without loading any array, in the current
+    format's layout (a format-1 kernel listed as its parts)."""
+    path = resolve(path)
+    flat = flatten(_stored_metadata(path, tree))
+    for whole, parts in _joined(path, tree).items():
+        if whole in flat:
+            shape, dtype = flat.pop(whole)
+            flat.update({name: (shape[:-2] + (rows, shape[-1]), dtype) for name, rows in parts})
+    return unflatten(flat)
+
+
 def load_params(path: str | Path, abstract: dict, shardings=None, tree: str = PARAMS_DIR) -> dict:
     """Restores params into the structure, shapes and dtypes of `abstract` (ShapeDtypeStructs).
 
     shardings: None (default device), one jax.sharding.Sharding for every leaf, or a pytree of
-    them matching the params. Arrays are read straight into their shardings.
+    them matching the params. Arrays are read straight into their shardings (a format-1 kernel
+    whole, then split into its parts' shardings).
     """
     path = resolve(path)
     _check_layout(path / tree, params_metadata(path, tree), abstract)
-    return _restore(path, tree, abstract, shardings)
+    shardings = _leaf_shardings(shardings, abstract)
+    joined = _joined(path, tree)
+    if not joined:
+        return _restore(path, tree, abstract, shardings)
+    targets, target_shardings = flatten(abstract), flatten(shardings)
+    wanted, placed = dict(targets), dict(target_shardings)
+    for whole, parts in joined.items():
+        first = targets[parts[0][0]]
+        for name, _ in parts:
+            del wanted[name], placed[name]
+        wanted[whole] = jax.ShapeDtypeStruct(first.shape[:-2] + (sum(r for _, r in parts), first.shape[-1]), first.dtype)
+        placed[whole] = _rows_whole(target_shardings[parts[0][0]], first.ndim)
+    restored = flatten(_restore(path, tree, unflatten(wanted), unflatten(placed)))
+    for whole, parts in joined.items():
+        bounds = np.cumsum([0] + [rows for _, rows in parts])
+        split = jax.jit(lambda w, b=bounds: tuple(w[..., b[i] : b[i + 1], :] for i in range(len(b) - 1)),
+                        out_shardings=tuple(target_shardings[name] for name, _ in parts))
+        restored.update(zip((name for name, _ in parts), split(restored.pop(whole))))
+    return unflatten(restored)
 
 
-def _restore(path: Path, tree: str, abstract: dict, shardings) -> dict:
-    """orbax restore of a checked tree into the given shardings (see `load_params`)."""
+def _rows_whole(sharding, ndim: int):
+    """`sharding` with the rows axis (-2) of an [..., rows, out] array left unsplit."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+    spec[-2] = None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _leaf_shardings(shardings, abstract: dict) -> dict:
+    """A sharding per leaf of `abstract` from None (the default device), one sharding or a tree."""
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, abstract)
+    return shardings
+
+
+def _restore(path: Path, tree: str, abstract: dict, shardings) -> dict:
+    """orbax restore of a checked tree into the given shardings (see `load_params`)."""
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
@@ -406,7 +475,7 @@ def load_routers(path: str | Path, shardings=None) -> dict | None:
         return None
     meta = params_metadata(path, ROUTERS_DIR)  # checked; restored as stored
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(*m), meta, is_leaf=lambda x: isinstance(x, tuple))
-    return _restore(resolve(path), ROUTERS_DIR, abstract, shardings)
+    return _restore(resolve(path), ROUTERS_DIR, abstract, _leaf_shardings(shardings, abstract))
 
 
 # OCDBT locations: "btreenode:BASE:FILE:OFFSET:LENGTH" / "value:...", BASE a sub-folder or empty
@@ -486,11 +555,21 @@ def _missing_file(store: Path, location: str, root: Path) -> str | None:
 
 
 def read_array(path: str | Path, tree: str, name: str) -> np.ndarray:
-    """One stored array ("transformer_blocks/attn/to_q/kernel" of tree "params"), read alone
-    (through tensorstore) so that a whole checkpoint never has to be in memory."""
+    """One array ("transformer_blocks/attn/to_q/kernel" of tree "params"), read alone (through
+    tensorstore) so that a whole checkpoint never has to be in memory; a format-2 name of a
+    format-1 checkpoint reads its rows of the stored kernel."""
+    path = resolve(path)
+    for whole, parts in _joined(path, tree).items():
+        bounds = np.cumsum([0] + [rows for _, rows in parts])
+        for (part, _), start, stop in zip(parts, bounds[:-1], bounds[1:]):
+            if part == name:
+                return _read_stored(path, tree, whole)[..., start:stop, :]
+    return _read_stored(path, tree, name)
+
+
+def _read_stored(path: Path, tree: str, name: str) -> np.ndarray:
     import tensorstore as ts
 
-    path = resolve(path)
     stores = _array_stores(path / tree)
     store = next((s for s in stores if (s / "_METADATA").is_file()), stores[0] if stores else path / tree)
     spec = {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{store}/", "path": f"{name.replace('/', '.')}/"}}

@@ -33,6 +33,7 @@ from edit_jax.layers import (
     HEADS,
     HIDDEN,
     TOKENS,
+    JointLinear,
     Linear,
     Modulation,
     RMSNorm,
@@ -77,13 +78,20 @@ class FluxSingleAttention(nn.Module):
         return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, None, rt.attention)
 
 
+def proj_out_parts(cfg: FluxConfig) -> tuple[tuple[str, str, int], ...]:
+    """The single blocks' proj_out input [attention D; MLP M] as `JointLinear.parts`: two kernels,
+    sharded like an attention output projection's and like fc2's."""
+    return ("kernel_attn", "heads", cfg.inner_dim), ("kernel_mlp", "mlp", cfg.mlp_hidden_dim)
+
+
 class FluxSingleBlock(nn.Module):
     """Single-stream parallel block over the joint sequence x [B, T + N, D]: attention and MLP
-    read the same modulated input and share one output projection (proj_out [D + M, D]), taken as
-    two matmuls into one sum (attention rows, MLP rows) instead of one over their concatenation.
+    read the same modulated input and share one output projection over their concatenation
+    (diffusers' proj_out [D + M, D]), stored as two kernels, kernel_attn [D, D] and kernel_mlp
+    [M, D], and taken as two matmuls into one sum.
 
     Elastic width (our choice; the paper released no FLUX code): the MLP half, proj_mlp columns
-    [:m] and the matching proj_out rows D..D+m. The router reads the joint sequence.
+    [:m] and proj_out's kernel_mlp rows [:m]. The router reads the joint sequence.
     """
 
     config: FluxConfig
@@ -94,7 +102,7 @@ class FluxSingleBlock(nn.Module):
         self.norm = Modulation(3, rt)
         self.proj_mlp = Linear(cfg.mlp_hidden_dim, ("embed", "mlp"), rt)
         self.attn = FluxSingleAttention(cfg)
-        self.proj_out = Linear(cfg.inner_dim, ("attn_mlp", "embed"), rt, in_features=cfg.inner_dim + cfg.mlp_hidden_dim)
+        self.proj_out = JointLinear(cfg.inner_dim, proj_out_parts(cfg), "embed", rt)
         self.router = Router(cfg.router_hidden, len(cfg.width_buckets), rt)
 
     def forward(self, x, temb, cos, sin, width=None, hidden_mask=None, modulation=None):

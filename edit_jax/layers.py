@@ -32,16 +32,31 @@ def dtype_of(name: str) -> Dtype:
     return jnp.dtype(name)
 
 
+def weight(module: nn.Module, name: str, init, axes: tuple[str, ...], shape: tuple[int, ...],
+           collection: str = "params") -> jax.Array:
+    """A kernel or bias of `module` with logical `axes`, in the runtime's param dtype (the router
+    dtype for the "routers" collection)."""
+    init = nn.with_logical_partitioning(init, axes)
+    rt = module.runtime
+    dtype = dtype_of(rt.router_dtype or rt.param_dtype if collection == "routers" else rt.param_dtype)
+    if collection == "params":
+        if module.has_variable("params", name):  # what module.param checks, without tracing the initializer
+            value = nn.meta.unbox(module.get_variable("params", name))
+            if value.shape != shape:
+                raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, value.shape, shape)
+            return value
+        return module.param(name, init, shape, dtype)
+    return module.variable(collection, name, lambda: init(module.make_rng("params"), shape, dtype)).value
+
+
 class Linear(nn.Module):
     """y = x @ kernel + bias, kernel [in, out] (PyTorch's Linear weight transposed).
 
     `axes` are the logical names of the kernel's (in, out) axes. An input narrower than
     `in_features` meets only the kernel's first rows, and `out_size` keeps only its first columns:
-    static slices, so a narrow call really does fewer FLOPs (the elastic MLP width buckets). x may
-    be a tuple of parts whose features, in order, make up the input: each part meets its own rows
-    and the products are summed, so the concatenation is never written. `collection` puts the
-    params in another variable collection (the E-DiT routers live in "routers", apart from the
-    base "params").
+    static slices, so a narrow call really does fewer FLOPs (the elastic MLP width buckets).
+    `collection` puts the params in another variable collection (the E-DiT routers live in
+    "routers", apart from the base "params").
     """
 
     features: int
@@ -54,34 +69,72 @@ class Linear(nn.Module):
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
 
     def _weight(self, name, init, axes, shape):
-        init = nn.with_logical_partitioning(init, axes)
-        rt = self.runtime
-        dtype = dtype_of(rt.router_dtype or rt.param_dtype if self.collection == "routers" else rt.param_dtype)
-        if self.collection == "params":
-            if self.has_variable("params", name):  # what self.param checks, without tracing the initializer
-                value = nn.meta.unbox(self.get_variable("params", name))
-                if value.shape != shape:
-                    raise flax.errors.ScopeParamShapeError(name, self.scope.path_text, value.shape, shape)
-                return value
-            return self.param(name, init, shape, dtype)
-        return self.variable(self.collection, name, lambda: init(self.make_rng("params"), shape, dtype)).value
+        return weight(self, name, init, axes, shape, self.collection)
 
     @nn.compact
-    def __call__(self, x: jax.Array | tuple[jax.Array, ...], out_size: int | None = None):
-        parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        rows = sum(p.shape[-1] for p in parts)
-        kernel = gathered(self._weight("kernel", self.kernel_init, self.axes, (self.in_features or rows, self.features)),
+    def __call__(self, x: jax.Array, out_size: int | None = None):
+        kernel = gathered(self._weight("kernel", self.kernel_init, self.axes, (self.in_features or x.shape[-1], self.features)),
                           self.axes)
         if out_size is not None:
             kernel = kernel[:, :out_size]
         dtype = dtype_of(self.runtime.dtype)
-        start, y = 0, 0
-        for part in parts:
-            stop = start + part.shape[-1]
-            y = y + jnp.dot(part.astype(dtype), kernel[start:stop].astype(dtype))
-            start = stop
+        y = jnp.dot(x.astype(dtype), kernel[: x.shape[-1]].astype(dtype))
         if self.use_bias:
             bias = gathered(self._weight("bias", self.bias_init, self.axes[1:], (self.features,)), self.axes[1:])
+            if out_size is not None:
+                bias = bias[:out_size]
+            y = y + bias.astype(dtype)
+        return y
+
+
+class JointLinear(nn.Module):
+    """y = concat(x_1, ..., x_n) @ kernel + bias, with the kernel's input rows stored as one param
+    per part: `parts` names each part's (param name, logical input axis, rows), in input order;
+    `out_axis` is the output's logical axis. Each part meets its own kernel and the products are
+    summed, so the concatenation is never written, and each kernel is sharded by its own input
+    axis (FLUX single blocks' proj_out: attention rows like an output projection's, MLP rows like
+    fc2's; as one param split over `tensor` in two halves, each device would need rows held by the
+    other). A part narrower than its rows meets only the first of them (elastic width), and
+    `out_size` keeps the first output columns. Initialised as one Linear over the whole input: one
+    [sum(rows), features] kernel drawn, then split, so the values do not depend on the split.
+    """
+
+    features: int
+    parts: tuple[tuple[str, str, int], ...]
+    out_axis: str
+    runtime: RuntimeConfig
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+    def _kernels(self) -> list[jax.Array]:
+        shapes = [(rows, self.features) for _, _, rows in self.parts]
+        if all(self.has_variable("params", name) for name, _, _ in self.parts):
+            return [weight(self, name, None, (axis, self.out_axis), shape)
+                    for (name, axis, _), shape in zip(self.parts, shapes)]
+        # one draw from the params stream for all parts (none per part): the same random stream
+        # as one Linear's, so the split changes no initial value
+        whole = self.kernel_init(self.make_rng("params"), (sum(r for r, _ in shapes), self.features),
+                                 dtype_of(self.runtime.param_dtype))
+        kernels, start = [], 0
+        for (name, axis, rows), shape in zip(self.parts, shapes):
+            part = nn.with_logical_partitioning(lambda start=start, rows=rows: whole[start : start + rows], (axis, self.out_axis))
+            kernels.append(self.variable("params", name, part).value)
+            start += rows
+        return kernels
+
+    @nn.compact
+    def __call__(self, x: Sequence[jax.Array], out_size: int | None = None):
+        if len(x) != len(self.parts):
+            raise ValueError(f"{self.name}: {len(x)} input parts for {len(self.parts)} kernels")
+        dtype, y = dtype_of(self.runtime.dtype), 0
+        for part, kernel, (_, axis, _) in zip(x, self._kernels(), self.parts):
+            kernel = gathered(kernel, (axis, self.out_axis))
+            if out_size is not None:
+                kernel = kernel[:, :out_size]
+            y = y + jnp.dot(part.astype(dtype), kernel[: part.shape[-1]].astype(dtype))
+        if self.use_bias:
+            bias = gathered(weight(self, "bias", self.bias_init, (self.out_axis,), (self.features,)), (self.out_axis,))
             if out_size is not None:
                 bias = bias[:out_size]
             y = y + bias.astype(dtype)

@@ -22,7 +22,6 @@ LOGICAL_AXIS_RULES = (
     ("embed", "fsdp"),       # model width D: FSDP shards it, gathered per layer
     ("mlp", "tensor"),       # MLP hidden M: column/row parallel fc1/fc2
     ("heads", "tensor"),     # H * K of q/k/v/out: head parallel
-    ("attn_mlp", "tensor"),  # FLUX single blocks' proj_out input [attention heads; MLP hidden]
     ("modulation", "tensor"),  # the AdaLN (shift, scale, gate) outputs, 3D or 6D wide
     ("embed_in", None),      # the input side of the D x D timestep linears
     ("head_dim", None),      # QK-norm scales: tiny

@@ -65,12 +65,12 @@ class Case:
         return {k: (v if k in per_sample else v[b : b + 1]) for k, v in self.arrays.items()}
 
     def stacks(self):
-        """(stack name, number of blocks, elastic MLP fc2-like kernel path, rows offset)."""
+        """(stack name, number of blocks, path of the elastic MLP's fc2-like kernel [L, M, D])."""
         cfg = self.config
         if isinstance(cfg, FluxConfig):
-            return [("transformer_blocks", cfg.num_layers, ("ff", "fc2"), 0),
-                    ("single_transformer_blocks", cfg.num_single_layers, ("proj_out",), cfg.inner_dim)]
-        return [("transformer_blocks", cfg.num_layers, ("img_mlp", "fc2"), 0)]
+            return [("transformer_blocks", cfg.num_layers, ("ff", "fc2", "kernel")),
+                    ("single_transformer_blocks", cfg.num_single_layers, ("proj_out", "kernel_mlp"))]
+        return [("transformer_blocks", cfg.num_layers, ("img_mlp", "fc2", "kernel"))]
 
 
 def forced(run, bucket):

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -166,3 +167,71 @@ def test_an_unknown_runtime_option_to_load_is_one_error_listing_the_known_ones(t
     save(tmp_path / "ckpt", config, variables["params"])
     with pytest.raises(ConfigError, match=r"unknown runtime option\(s\) \['attn'\]; known: param_dtype, dtype, "):
         edit_jax.load(tmp_path / "ckpt", attn="xla")
+
+
+@pytest.fixture
+def format_1(tiny, tmp_path):
+    """The tiny FLUX params saved as format 1 wrote them: each single block's proj_out one kernel."""
+    import json
+
+    from edit_jax.checkpoint import write_checkpoint
+
+    config, variables = tiny
+    blocks = variables["params"]["single_transformer_blocks"]
+    proj_out = blocks["proj_out"]
+    joined = {"kernel": np.concatenate([proj_out["kernel_attn"], proj_out["kernel_mlp"]], axis=1), "bias": proj_out["bias"]}
+    params = {**variables["params"], "single_transformer_blocks": {**blocks, "proj_out": joined}}
+    path = write_checkpoint(tmp_path / "v1", config, {"params": [params]})
+    meta = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**meta, "version": 1}))
+    return path
+
+
+def test_a_format_1_checkpoint_loads_with_its_proj_out_kernel_split(tiny, format_1):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from edit_jax.checkpoint import load_params
+    from edit_jax.models import abstract_params
+    from edit_jax.sharding import make_mesh
+
+    config, variables = tiny
+    on_mesh = NamedSharding(make_mesh({"data": 1}), PartitionSpec())
+    for shardings in (None, on_mesh):
+        params = load_params(format_1, abstract_params(config), shardings)
+        for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(variables["params"])):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_format_1_checkpoint_lists_and_reads_the_split_kernels(tiny, format_1):
+    from edit_jax.checkpoint import flatten, params_metadata, read_array
+
+    config, variables = tiny
+    listed = flatten(params_metadata(format_1))
+    want = {k: v.shape for k, v in flatten(variables["params"]).items()}
+
+    assert {k: shape for k, (shape, _) in listed.items()} == want
+    np.testing.assert_array_equal(read_array(format_1, "params", "single_transformer_blocks/proj_out/kernel_mlp"),
+                                  variables["params"]["single_transformer_blocks"]["proj_out"]["kernel_mlp"])
+    assert verify_arrays(format_1) == []
+
+
+def test_a_format_1_checkpoint_exports_the_same_tensors_as_format_2(tiny, format_1, tmp_path):
+    from safetensors.numpy import load_file
+
+    from checkpoints_convert.export import export_checkpoint
+
+    config, variables = tiny
+    current = save(tmp_path / "v2", config, variables["params"])
+    a = load_file(export_checkpoint(format_1, tmp_path / "a", progress=False) / "diffusion_pytorch_model.safetensors")
+    b = load_file(export_checkpoint(current, tmp_path / "b", progress=False) / "diffusion_pytorch_model.safetensors")
+
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_an_unknown_format_version_is_one_clear_error(tiny, format_1):
+    import json
+
+    meta = json.loads((format_1 / "config.json").read_text())
+    (format_1 / "config.json").write_text(json.dumps({**meta, "version": 3}))
+    with pytest.raises(CheckpointError, match=r"format version 3 is not one this edit-jax reads \(1, 2\)"):
+        edit_jax.load(format_1)

@@ -67,7 +67,7 @@ def test_forced_skips_equal_a_dense_model_without_those_blocks(family):
     out, aux = case.elastic(FORCED, forced(run, np.full(case.num_blocks, 3)))
 
     params, changes, start = dict(case.params), {}, 0
-    for name, count, _, _ in case.stacks():
+    for name, count, _ in case.stacks():
         keep = [i for i in range(count) if run[start + i]]
         params[name] = take_layers(case.params[name], keep)
         changes["num_layers" if name == "transformer_blocks" else "num_single_layers"] = len(keep)
@@ -85,11 +85,11 @@ def test_width_bucket_equals_a_dense_model_with_truncated_elastic_mlps(family, b
     out, _ = case.elastic(FORCED, forced(np.ones(case.num_blocks), np.full(case.num_blocks, bucket)))
 
     params = jax.tree.map(lambda x: x, case.params)
-    for name, _, path, offset in case.stacks():
+    for name, _, path in case.stacks():
         node = params[name]
-        for key in path:
+        for key in path[:-1]:
             node = node[key]
-        node["kernel"] = node["kernel"].at[:, offset + width : offset + case.hidden].set(0.0)
+        node[path[-1]] = node[path[-1]].at[:, width:].set(0.0)
     assert relative(out, case.dense(params)) <= 1e-6
 
 
@@ -205,7 +205,7 @@ def test_a_skipped_block_never_reads_its_weights(family):
     closed = jax.make_jaxpr(lambda r: case.elastic(INFER, routers=r)[0])(case.routers)
     scans = list(_block_scans(closed.jaxpr))
     assert len(scans) == len(case.stacks())
-    for eqn, (name, count, _, _) in zip(scans, case.stacks()):
+    for eqn, (name, count, _) in zip(scans, case.stacks()):
         stacked = {tuple(x.shape) for x in jax.tree.leaves(case.params[name])}
         xs = eqn.invars[eqn.params["num_consts"] + eqn.params["num_carry"]:]
         assert not stacked & {tuple(v.aval.shape) for v in xs}, "weights sliced by the scan itself"
@@ -232,7 +232,7 @@ def test_the_routers_temb_only_half_runs_once_per_stack_ahead_of_the_block_scans
     d, h = case.config.inner_dim, case.config.router_hidden
 
     ahead = [v.aval.shape for e in _dots(closed.jaxpr, into_scans=False) for v in e.invars]
-    counts = [count for _, count, _, _ in case.stacks()]
+    counts = [count for _, count, _ in case.stacks()]
     single_blocks_own = [case.config.num_single_layers] if family == "flux" else []  # their AdaLN is D x 3D too
     assert sorted(s[0] for s in ahead if s[1:] == (d, 3 * d)) == sorted(counts + single_blocks_own)  # modulation kernels
     assert [s[0] for s in ahead if s[1:] == (d, h)] == counts  # proj kernels

@@ -112,6 +112,33 @@ def test_mlp_width_uses_the_first_hidden_channels_only():
     np.testing.assert_allclose(mlp.apply({"params": params}, x, width=4), narrow, rtol=1e-6)
 
 
+def joint_and_whole(parts=(("a", "heads", 3), ("b", "mlp", 5))):
+    joint = layers.JointLinear(4, parts, "embed", RT)
+    whole = layers.Linear(4, ("heads", "embed"), RT)
+    rng = np.random.default_rng(0)
+    x = [jnp.asarray(rng.standard_normal((2, rows)), jnp.float32) for _, _, rows in parts]
+    return joint, whole, x
+
+
+def test_joint_linear_draws_the_initial_values_of_one_linear_over_the_whole_input():
+    joint, whole, x = joint_and_whole()
+    split = nn.meta.unbox(joint.init(jax.random.key(3), x))["params"]
+    one = nn.meta.unbox(whole.init(jax.random.key(3), jnp.concatenate(x, -1)))["params"]
+
+    np.testing.assert_array_equal(np.concatenate([split["a"], split["b"]]), one["kernel"])
+    np.testing.assert_allclose(joint.apply({"params": split}, x), whole.apply({"params": one}, jnp.concatenate(x, -1)),
+                               rtol=1e-6)
+
+
+def test_a_narrow_joint_linear_part_meets_the_first_rows_of_its_kernel():
+    joint, whole, x = joint_and_whole()
+    params = nn.meta.unbox(joint.init(jax.random.key(3), x))["params"]
+    truncated = {"kernel": jnp.concatenate([params["a"], params["b"][:2]]), "bias": params["bias"]}
+
+    np.testing.assert_allclose(joint.apply({"params": params}, (x[0], x[1][:, :2])),
+                               whole.apply({"params": truncated}, jnp.concatenate([x[0], x[1][:, :2]], -1)), rtol=1e-6)
+
+
 def test_every_param_has_one_logical_name_per_axis_and_a_layer_axis_when_stacked():
     config = edit_jax.preset("flux-tiny")
     shapes, specs = flatten(abstract_params(config)), flatten(logical_axes(config))

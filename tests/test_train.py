@@ -303,6 +303,19 @@ def test_a_run_dir_overlapping_its_starting_checkpoint_is_refused(tmp_path):
         train(tiny_run(tmp_path, "run", checkpoint=str(tmp_path / "run" / "edit-jax")), progress=False)
 
 
+def test_a_run_that_does_not_fit_with_unchanged_settings_is_blamed_on_another_param_layout(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    train(tiny_run(tmp_path, steps=2), progress=False)
+
+    def restore(*args, **kwargs):  # what orbax raises on a tree of another structure
+        raise ValueError("tree structures differ")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+    with pytest.raises(ConfigError, match="settings are the same: an edit-jax with another param layout wrote it"):
+        train(tiny_run(tmp_path, steps=2), progress=False)
+
+
 def test_a_resumed_run_names_its_changed_settings_and_refuses_a_config_its_checkpoint_does_not_fit(tmp_path, capsys):
     train(tiny_run(tmp_path, steps=2), progress=False)
     with pytest.raises(ConfigError, match="settings changed since that run: trainable 'routers' -> 'routers\\+base'"):

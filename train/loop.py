@@ -188,10 +188,12 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
         try:
             restored = manager.restore(start, args=ocp.args.Composite(**args))
         except (ValueError, KeyError, TypeError) as e:  # orbax's tree and shape mismatches
-            raise ConfigError(
-                f"{run_dir} holds a run whose checkpoint (step {start}) does not fit this config"
-                + (f"; settings changed since that run: {describe_changes(changes)}" if changes else "")
-                + ". Rerun with that run's settings to resume it, or choose another run_dir") from e
+            why = (f"; settings changed since that run: {describe_changes(changes)}. Rerun with that run's settings "
+                   "to resume it" if changes else
+                   ", though its settings are the same: an edit-jax with another param layout wrote it (FLUX's "
+                   "single-block proj_out was one kernel before checkpoint format 2). Resume it with that edit-jax")
+            raise ConfigError(f"{run_dir} holds a run whose checkpoint (step {start}) does not fit this config{why}, "
+                              "or choose another run_dir") from e
         trainable, opt_state = restored["trainable"], restored["opt_state"]
         if is_main:
             print(f"resumed from step {start} ({run_dir / 'checkpoints'})"
