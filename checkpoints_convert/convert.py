@@ -21,10 +21,12 @@ def convert_checkpoint(
     fmt: str = "auto",
     dtype: str = "bfloat16",
     config=None,
+    width_groups: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Converts `src` (a weight file or folder) into the checkpoint `dst`; params stored in `dtype`.
+    """Converts `src` (a weight file or folder) into the checkpoint `dst`; params stored in `dtype`,
+    the elastic MLPs' hidden channels in `width_groups` groups (default: the config's).
 
     Returns the checkpoint path. Nothing is left at `dst` when anything goes wrong; `dst` never
     overlaps `src`, and an existing `dst` is replaced (with `overwrite`) only when it is an
@@ -35,6 +37,9 @@ def convert_checkpoint(
     if fmt not in FORMATS[family]:
         raise ValueError(f"unknown {family} format {fmt!r}; choose from {', '.join(FORMATS[family])}")
     config, table, fmt, router_table = FAMILIES[family].prepare(source, fmt, config)
+    if width_groups is not None:
+        config = config.replace(width_groups=width_groups)
+        table = FAMILIES[family].TABLES[fmt](config)
     config = config.with_runtime(param_dtype=dtype)
     trees = {"params": (table, abstract_params(config))}
     if router_table is not None:

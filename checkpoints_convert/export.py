@@ -29,7 +29,7 @@ from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, atomic_folder, fl
 
 FAMILIES = {"flux": flux, "qwen-image": qwen_image}
 DIFFUSERS_CLASSES = {"flux": "FluxTransformer2DModel", "qwen-image": "QwenImageTransformer2DModel"}
-OURS_ONLY = ("mlp_ratio", "activation", "router_hidden", "width_buckets")  # fields diffusers does not know
+OURS_ONLY = ("mlp_ratio", "activation", "router_hidden", "width_buckets", "width_groups")  # fields diffusers does not know
 WEIGHTS = "diffusion_pytorch_model"
 
 

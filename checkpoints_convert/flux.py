@@ -6,7 +6,7 @@ from edit_jax.config import FluxConfig, preset
 from edit_jax.flux import proj_out_parts
 from checkpoints_convert.configs import reconcile_config
 from checkpoints_convert import tables
-from checkpoints_convert.tables import Src, joint_linear, linear, rows, scale, swap_halves
+from checkpoints_convert.tables import Src, input_linear, joint_linear, linear, rows, scale, stored_order, swap_halves
 
 BFL_PREFIX = "model.diffusion_model."
 
@@ -14,6 +14,7 @@ BFL_PREFIX = "model.diffusion_model."
 def diffusers_table(cfg: FluxConfig) -> dict[str, Src]:
     """Our params <- diffusers FluxTransformer2DModel state dict."""
     db, sb = "transformer_blocks.{i}", "single_transformer_blocks.{i}"
+    order = lambda axis: stored_order(cfg.mlp_hidden_dim, cfg.width_groups, axis)  # noqa: E731
     embedders = ["timestep_embedder", "text_embedder"] + (["guidance_embedder"] if cfg.guidance_embeds else [])
     return {
         **linear("x_embedder", "x_embedder"),
@@ -39,8 +40,8 @@ def diffusers_table(cfg: FluxConfig) -> dict[str, Src]:
         **scale("transformer_blocks/attn/norm_added_k", f"{db}.attn.norm_added_k.weight"),
         **linear("transformer_blocks/attn/to_out", f"{db}.attn.to_out.0"),
         **linear("transformer_blocks/attn/to_add_out", f"{db}.attn.to_add_out"),
-        **linear("transformer_blocks/ff/fc1", f"{db}.ff.net.0.proj"),
-        **linear("transformer_blocks/ff/fc2", f"{db}.ff.net.2"),
+        **linear("transformer_blocks/ff/fc1", f"{db}.ff.net.0.proj", *order(0)),
+        **input_linear("transformer_blocks/ff/fc2", f"{db}.ff.net.2", *order(1)),
         **linear("transformer_blocks/ff_context/fc1", f"{db}.ff_context.net.0.proj"),
         **linear("transformer_blocks/ff_context/fc2", f"{db}.ff_context.net.2"),
         # single-stream blocks, stacked over {i}
@@ -50,8 +51,8 @@ def diffusers_table(cfg: FluxConfig) -> dict[str, Src]:
         **linear("single_transformer_blocks/attn/to_v", f"{sb}.attn.to_v"),
         **scale("single_transformer_blocks/attn/norm_q", f"{sb}.attn.norm_q.weight"),
         **scale("single_transformer_blocks/attn/norm_k", f"{sb}.attn.norm_k.weight"),
-        **linear("single_transformer_blocks/proj_mlp", f"{sb}.proj_mlp"),
-        **joint_linear("single_transformer_blocks/proj_out", f"{sb}.proj_out", proj_out_parts(cfg)),
+        **linear("single_transformer_blocks/proj_mlp", f"{sb}.proj_mlp", *order(0)),
+        **joint_linear("single_transformer_blocks/proj_out", f"{sb}.proj_out", proj_out_parts(cfg), {"kernel_mlp": order(1)}),
         **linear("norm_out/linear", "norm_out.linear"),
         **linear("proj_out", "proj_out"),
     }
@@ -66,6 +67,7 @@ def bfl_table(cfg: FluxConfig) -> dict[str, Src]:
     db, sb = "double_blocks.{i}", "single_blocks.{i}"
     d, m = cfg.inner_dim, cfg.mlp_hidden_dim
     qkv, qkv_mlp = (d, d, d), (d, d, d, m)
+    order = lambda axis: stored_order(m, cfg.width_groups, axis)  # noqa: E731
     embedders = {"timestep_embedder": "time_in", "text_embedder": "vector_in"}
     if cfg.guidance_embeds:
         embedders["guidance_embedder"] = "guidance_in"
@@ -93,8 +95,8 @@ def bfl_table(cfg: FluxConfig) -> dict[str, Src]:
         **scale("transformer_blocks/attn/norm_added_k", f"{db}.txt_attn.norm.key_norm.scale"),
         **linear("transformer_blocks/attn/to_out", f"{db}.img_attn.proj"),
         **linear("transformer_blocks/attn/to_add_out", f"{db}.txt_attn.proj"),
-        **linear("transformer_blocks/ff/fc1", f"{db}.img_mlp.0"),
-        **linear("transformer_blocks/ff/fc2", f"{db}.img_mlp.2"),
+        **linear("transformer_blocks/ff/fc1", f"{db}.img_mlp.0", *order(0)),
+        **input_linear("transformer_blocks/ff/fc2", f"{db}.img_mlp.2", *order(1)),
         **linear("transformer_blocks/ff_context/fc1", f"{db}.txt_mlp.0"),
         **linear("transformer_blocks/ff_context/fc2", f"{db}.txt_mlp.2"),
         # single-stream blocks
@@ -102,10 +104,10 @@ def bfl_table(cfg: FluxConfig) -> dict[str, Src]:
         **linear("single_transformer_blocks/attn/to_q", f"{sb}.linear1", rows(qkv_mlp, 0)),
         **linear("single_transformer_blocks/attn/to_k", f"{sb}.linear1", rows(qkv_mlp, 1)),
         **linear("single_transformer_blocks/attn/to_v", f"{sb}.linear1", rows(qkv_mlp, 2)),
-        **linear("single_transformer_blocks/proj_mlp", f"{sb}.linear1", rows(qkv_mlp, 3)),
+        **linear("single_transformer_blocks/proj_mlp", f"{sb}.linear1", rows(qkv_mlp, 3), *order(0)),
         **scale("single_transformer_blocks/attn/norm_q", f"{sb}.norm.query_norm.scale"),
         **scale("single_transformer_blocks/attn/norm_k", f"{sb}.norm.key_norm.scale"),
-        **joint_linear("single_transformer_blocks/proj_out", f"{sb}.linear2", proj_out_parts(cfg)),
+        **joint_linear("single_transformer_blocks/proj_out", f"{sb}.linear2", proj_out_parts(cfg), {"kernel_mlp": order(1)}),
         **linear("norm_out/linear", "final_layer.adaLN_modulation.1", swap_halves),
         **linear("proj_out", "final_layer.linear"),
     }

@@ -17,11 +17,12 @@ import dataclasses
 from edit_jax.config import QwenImageConfig
 from checkpoints_convert.configs import reconcile_config
 from checkpoints_convert import tables
-from checkpoints_convert.tables import Src, linear, scale
+from checkpoints_convert.tables import Src, input_linear, linear, scale, stored_order
 
 def diffusers_table(cfg: QwenImageConfig) -> dict[str, Src]:
     """Our params <- diffusers QwenImageTransformer2DModel state dict."""
     b = "transformer_blocks.{i}"
+    order = lambda axis: stored_order(cfg.mlp_hidden_dim, cfg.width_groups, axis)  # noqa: E731
     return {
         **linear("img_in", "img_in"),
         **scale("txt_norm", "txt_norm.weight"),
@@ -43,8 +44,8 @@ def diffusers_table(cfg: QwenImageConfig) -> dict[str, Src]:
         **scale("transformer_blocks/attn/norm_added_k", f"{b}.attn.norm_added_k.weight"),
         **linear("transformer_blocks/attn/to_out", f"{b}.attn.to_out.0"),
         **linear("transformer_blocks/attn/to_add_out", f"{b}.attn.to_add_out"),
-        **linear("transformer_blocks/img_mlp/fc1", f"{b}.img_mlp.net.0.proj"),
-        **linear("transformer_blocks/img_mlp/fc2", f"{b}.img_mlp.net.2"),
+        **linear("transformer_blocks/img_mlp/fc1", f"{b}.img_mlp.net.0.proj", *order(0)),
+        **input_linear("transformer_blocks/img_mlp/fc2", f"{b}.img_mlp.net.2", *order(1)),
         **linear("transformer_blocks/txt_mlp/fc1", f"{b}.txt_mlp.net.0.proj"),
         **linear("transformer_blocks/txt_mlp/fc2", f"{b}.txt_mlp.net.2"),
         **linear("norm_out/linear", "norm_out.linear"),

@@ -110,6 +110,30 @@ def cols(sizes: tuple[int, ...], index: int) -> Transform:
     return part(1, sizes, index)
 
 
+def stored_order(hidden_dim: int, groups: int, axis: int) -> tuple[Transform, ...]:
+    """An elastic MLP's hidden channels along `axis`, from PyTorch's order to ours: G groups, with
+    channel j at position (j mod G) * M / G + j // G (`edit_jax.layers.channel_ranks`); no
+    transform when G is 1. Read backward, the inverse permutation."""
+    if groups == 1:
+        return ()
+    from edit_jax.layers import channel_ranks
+
+    ranks = channel_ranks(hidden_dim, groups)
+    back = np.argsort(ranks)
+
+    def reorder(w: np.ndarray, order: np.ndarray) -> np.ndarray:
+        if w.ndim <= axis or w.shape[axis] != hidden_dim:
+            raise ValueError(f"axis {axis} of shape {w.shape} is not the {hidden_dim} hidden channels")
+        return w if not any(w.strides) else np.take(w, order, axis=axis)  # a broadcast constant reorders to itself
+
+    def to_ours(w: np.ndarray) -> np.ndarray:
+        return reorder(w, ranks)
+
+    to_ours.__name__ = f"stored_order{axis}(G={groups})"
+    to_ours.inverse = lambda w: reorder(w, back)
+    return (to_ours,)
+
+
 def swap_halves(w: np.ndarray) -> np.ndarray:
     """(shift, scale) -> (scale, shift) along axis 0 (BFL's final adaLN order -> diffusers')."""
     shift, scale = np.split(w, 2, axis=0)
@@ -127,12 +151,20 @@ def linear(ours: str, theirs: str, *pre: Transform, offset: int = 0) -> dict[str
     }
 
 
-def joint_linear(ours: str, theirs: str, parts: tuple[tuple[str, str, int], ...]) -> dict[str, Src]:
+def input_linear(ours: str, theirs: str, *pre: Transform) -> dict[str, Src]:
+    """A Linear whose `pre` transforms act on the weight only (its input features, axis 1 of
+    PyTorch's [out, in]): an elastic fc2."""
+    return {f"{ours}/kernel": Src(f"{theirs}.weight", pre + (transpose,)), f"{ours}/bias": Src(f"{theirs}.bias")}
+
+
+def joint_linear(ours: str, theirs: str, parts: tuple[tuple[str, str, int], ...],
+                 then: dict[str, tuple[Transform, ...]] | None = None) -> dict[str, Src]:
     """A Linear whose input features we store as one kernel per part (`JointLinear.parts`: kernel
-    name, logical axis, features): each kernel <- its columns of the weight (transposed), bias <-
-    bias."""
-    sizes = tuple(size for _, _, size in parts)
-    kernels = {f"{ours}/{name}": Src(f"{theirs}.weight", (cols(sizes, i), transpose)) for i, (name, _, _) in enumerate(parts)}
+    name, logical axis, features): each kernel <- its columns of the weight (then `then[name]`,
+    transposed), bias <- bias."""
+    sizes, then = tuple(size for _, _, size in parts), then or {}
+    kernels = {f"{ours}/{name}": Src(f"{theirs}.weight", (cols(sizes, i), *then.get(name, ()), transpose))
+               for i, (name, _, _) in enumerate(parts)}
     return {**kernels, f"{ours}/bias": Src(f"{theirs}.bias")}
 
 

@@ -33,6 +33,7 @@ class DualStreamBlock(nn.Module):
     router_hidden: int = 128
     width_buckets: tuple[float, ...] = WIDTH_BUCKETS
     elastic: ElasticConfig | None = None
+    width_groups: int = 1  # how the image MLP's hidden channels are stored (`layers.channel_ranks`)
 
     def setup(self):
         rt = self.runtime
@@ -40,7 +41,7 @@ class DualStreamBlock(nn.Module):
         setattr(self, img_mod, Modulation(6, rt))
         setattr(self, txt_mod, Modulation(6, rt))
         self.attn = JointAttention(self.num_heads, self.head_dim, rt)
-        setattr(self, img_mlp, MLP(self.mlp_hidden_dim, self.activation, rt))
+        setattr(self, img_mlp, MLP(self.mlp_hidden_dim, self.activation, rt, self.width_groups))
         setattr(self, txt_mlp, MLP(self.mlp_hidden_dim, self.activation, rt))
         self.router = Router(self.router_hidden, len(self.width_buckets), rt)
 
@@ -76,5 +77,5 @@ class DualStreamBlock(nn.Module):
 
         return elastic_step(
             self, body, carry, [(txt, txt_valid), (img, None)], temb,
-            self.mlp_hidden_dim, self.width_buckets, self.elastic, per_layer, step,
+            self.mlp_hidden_dim, self.width_buckets, self.elastic, per_layer, step, self.width_groups,
         )

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_jax.config import FluxConfig
+from edit_jax.layers import channel_ranks
 from edit_jax.models import build_model, split_static
 
 
@@ -71,7 +72,9 @@ def permute_mlp_channels(config, params: dict, orders: list[np.ndarray]) -> dict
 
 
 def order_mlp_channels(config, params: dict, calibration: list[dict], routers: dict | None = None):
-    """Returns (params with every elastic MLP's channels sorted by importance, scores).
+    """Returns (params with every elastic MLP's channels sorted by importance, scores): the most
+    important channel becomes channel 0, stored where the config's `width_groups` puts it
+    (`layers.channel_ranks`).
 
     Refuses when trained routers are given: they learned the original channel order."""
     if routers is not None:
@@ -80,7 +83,8 @@ def order_mlp_channels(config, params: dict, calibration: list[dict], routers: d
             "channel order (SPEC section 3). Reorder before router training."
         )
     scores = channel_importance(config, params, calibration)
-    orders = [np.argsort(-s, axis=-1, kind="stable") for s in scores]
+    ranks = channel_ranks(config.mlp_hidden_dim, config.width_groups)
+    orders = [np.argsort(-s, axis=-1, kind="stable")[:, ranks] for s in scores]
     return permute_mlp_channels(config, params, orders), scores
 
 

@@ -1,7 +1,7 @@
 """edit-jax checkpoints: an orbax params tree plus the model config as JSON.
 
     CKPT/
-      config.json   {"format": "edit-jax", "version": 2, "family": ..., "config": {...}, ...}
+      config.json   {"format": "edit-jax", "version": 3, "family": ..., "config": {...}, ...}
       params/       orbax PyTree checkpoint of the plain base params pytree
       routers/      (optional) the E-DiT router params, a separate pytree stacked over layers
 
@@ -15,10 +15,13 @@ group (`write_checkpoint` takes an iterator of sub-trees), so a converter never 
 model in memory. Every path is resolved first: relative paths work everywhere (orbax needs
 absolute ones).
 
-Format 1 stored each FLUX single block's proj_out kernel whole, [L, D + M, D]; format 2 stores its
-attention and MLP rows as two kernels (`JointLinear`), each sharded by its own input axis. A
-format-1 checkpoint is read as format 2: its metadata lists the two kernels, and loading splits
-the stored one (`format_1_joined`).
+Earlier formats still load. Format 1 stored each FLUX single block's proj_out kernel whole,
+[L, D + M, D]; since format 2 its attention and MLP rows are two kernels (`JointLinear`), each
+sharded by its own input axis: a format-1 checkpoint's metadata lists the two kernels, and loading
+splits the stored one (`format_1_joined`). Formats 1 and 2 stored the elastic MLPs' hidden
+channels in PyTorch's order; since format 3 the config's `width_groups` says how they are stored
+(`edit_jax.layers.channel_ranks`), and an earlier checkpoint is read with width_groups = 1, its
+own order.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ from orbax.checkpoint.experimental import v1 as ocp
 from edit_jax.config import config_from_dict, config_to_dict
 
 FORMAT_NAME = "edit-jax"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 ROUTERS_DIR = "routers"
@@ -328,8 +331,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path):
-    meta = read_metadata(path)
-    return config_from_dict(meta["family"], meta["config"])
+    return _model_config(read_metadata(path))
+
+
+def _model_config(meta: dict):
+    """The model config of a checkpoint's config.json (before format 3: hidden channels in order)."""
+    config = dict(meta["config"])
+    if meta["version"] < 3:
+        config.setdefault("width_groups", 1)
+    return config_from_dict(meta["family"], config)
 
 
 def tree_names(path: str | Path) -> list[str]:
@@ -383,7 +393,7 @@ def _joined(path: Path, tree: str) -> dict[str, list[tuple[str, int]]]:
     meta = read_metadata(path)
     if meta["version"] != 1 or tree != PARAMS_DIR:
         return {}
-    return format_1_joined(config_from_dict(meta["family"], meta["config"]))
+    return format_1_joined(_model_config(meta))
 
 
 def params_metadata(path: str | Path, tree: str = PARAMS_DIR) -> dict:

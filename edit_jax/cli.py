@@ -50,6 +50,7 @@ def cmd_convert(args) -> int:
         fmt=args.format,
         dtype=args.dtype,
         config=resolve_config(args.config, args.family),
+        width_groups=args.width_groups,
         overwrite=args.overwrite,
     )
     print(f"wrote {path}")
@@ -550,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--dtype", default="bfloat16", choices=[d for d in DTYPES], help="dtype the params are stored in")
     convert.add_argument("--config", help="preset name or diffusers config.json (default: the source's own)")
+    convert.add_argument("--width-groups", type=at_least(1), default=None,
+                         help="groups the elastic MLP channels are stored in (default: 8 where it divides the widths); "
+                              "a multiple of the tensor-parallel size keeps narrow widths local to each shard, 1 keeps "
+                              "PyTorch's order")
     convert.add_argument("--overwrite", action="store_true",
                          help="replace DST if it is an edit-jax checkpoint (never another folder, never the source)")
     convert.set_defaults(run=cmd_convert)

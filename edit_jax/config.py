@@ -18,6 +18,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 ACTIVATIONS = ("gelu_tanh", "sigmoid_gelu")
 DTYPES = ("float32", "bfloat16", "float16")
 WIDTH_BUCKETS = (0.25, 0.5, 0.75, 1.0)  # E-DiT MLP width buckets S, fractions of M
+WIDTH_GROUPS = (8, 4, 2, 1)  # the choices of `width_groups` when it is not given, first that fits
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,15 @@ class TransformerConfig:
             )
         if any(d % 2 for d in self.axes_dims_rope):
             raise ConfigError(f"axes_dims_rope {self.axes_dims_rope} must all be even")
+        self._check_width_groups()
+
+    def _check_width_groups(self) -> None:
+        widths = [round(s * self.mlp_hidden_dim) for s in self.width_buckets]
+        if self.width_groups is None:
+            object.__setattr__(self, "width_groups", next(g for g in WIDTH_GROUPS if all(w % g == 0 for w in widths)))
+        if not isinstance(self.width_groups, int) or self.width_groups < 1 or any(w % self.width_groups for w in widths):
+            raise ConfigError(f"width_groups={self.width_groups!r} must be a positive int dividing every width bucket's "
+                              f"channel count {widths} (1 always does)")
 
     @property
     def inner_dim(self) -> int:
@@ -132,6 +142,7 @@ class FluxConfig(TransformerConfig):
     activation: str = "gelu_tanh"
     router_hidden: int = 128
     width_buckets: tuple[float, ...] = WIDTH_BUCKETS
+    width_groups: int | None = None  # G: how the MLP hidden channels are stored, see `edit_jax.elastic`
     runtime: RuntimeConfig = RuntimeConfig()
 
     def __post_init__(self):
@@ -165,6 +176,7 @@ class QwenImageConfig(TransformerConfig):
     activation: str = "gelu_tanh"
     router_hidden: int = 128
     width_buckets: tuple[float, ...] = WIDTH_BUCKETS
+    width_groups: int | None = None  # G: how the MLP hidden channels are stored, see `edit_jax.elastic`
     runtime: RuntimeConfig = RuntimeConfig()
 
     def __post_init__(self):

@@ -5,6 +5,12 @@ One mechanism wraps any block. A block opts in by giving (a) the token groups it
 hidden_mask) -> carry` whose elastic MLP keeps only its first `width` hidden channels
 (`width` static) and multiplies its hidden activations by `hidden_mask` [B, width].
 
+The hidden channels are stored in G groups (the model config's `width_groups`,
+`layers.channel_ranks`): channel j at position (j mod G) * M / G + j // G, so "the first m
+channels" are the first m / G positions of each group, and each bucket takes an equal share of
+every tensor shard of the MLP axis (with G a multiple of the shard count) instead of a prefix
+that sits on the first shards and must first be moved to the others. G = 1 is the plain order.
+
 Modes (ElasticConfig.mode):
   dense   routers ignored: the base model, bit for bit.
   train   straight-through gate and width mask; the whole block is computed and blended.
@@ -29,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.layers import check_values
+from edit_jax.layers import channel_ranks, check_values, narrow
 from edit_jax.router import router_modulation, router_prelude
 
 
@@ -73,10 +79,11 @@ def bucket_widths(hidden_dim: int, buckets: Sequence[float]) -> tuple[int, ...]:
     return widths
 
 
-def prefix_masks(hidden_dim: int, buckets: Sequence[float]) -> jax.Array:
-    """[K, M] float32: row k keeps the first S[k] * M channels."""
+def prefix_masks(hidden_dim: int, buckets: Sequence[float], groups: int = 1) -> jax.Array:
+    """[K, M] float32 over stored positions: row k keeps the first S[k] * M channels (stored in
+    `groups` groups, `layers.channel_ranks`)."""
     widths = np.asarray(bucket_widths(hidden_dim, buckets))
-    return jnp.asarray(np.arange(hidden_dim)[None, :] < widths[:, None], jnp.float32)
+    return jnp.asarray(channel_ranks(hidden_dim, groups)[None, :] < widths[:, None], jnp.float32)
 
 
 def _blend(new, old, weight):
@@ -116,6 +123,7 @@ def elastic_step(
     elastic: ElasticConfig | None,
     per_layer: dict,
     step: jax.Array | None = None,
+    groups: int = 1,
 ):
     """Runs one block under the elastic config: returns (new carry, per-layer outputs or None).
 
@@ -124,9 +132,10 @@ def elastic_step(
     in mode "forced" the router is not run}, optionally "router_prelude": the router's temb-only
     half computed ahead (`router_preludes`), with the cache on {"cache": {"delta": like carry,
     "stored": [B], "count": [B]}}, and with lazy weights {"layer": []} (the module's variables
-    are then the whole stack, see `lazy_weights`); step: the denoising step index.
-    Outputs: {"aux": p [B], q [B, K], executed [B] (rows that computed the block), cache_hit
-    [B], bucket [B], branch [] (0 skipped, 1 + k ran at bucket k)} and "cache" when given.
+    are then the whole stack, see `lazy_weights`); step: the denoising step index; groups: G,
+    how the MLP's hidden channels are stored. Outputs: {"aux": p [B], q [B, K], executed [B]
+    (rows that computed the block), cache_hit [B], bucket [B], branch [] (0 skipped, 1 + k ran at
+    bucket k)} and "cache" when given.
     """
     if elastic is None or elastic.mode == "dense":
         with jax.named_scope("elastic_block"):
@@ -145,7 +154,7 @@ def elastic_step(
                 lambda mdl: mdl.router(router_groups, temb, prelude), "routers", layer
             )(module)
         p, q = jax.nn.sigmoid(gate_logit), jax.nn.softmax(width_logits, axis=-1)
-    masks = prefix_masks(hidden_dim, buckets)
+    masks = prefix_masks(hidden_dim, buckets, groups)
     widths = bucket_widths(hidden_dim, buckets)
     num = len(buckets)
 
@@ -194,7 +203,7 @@ def elastic_step(
 
     def run_at(width):
         def branch(mdl, c, m):
-            return body(mdl, c, width, None if m is None else m[:, :width])
+            return body(mdl, c, width, None if m is None else narrow(m, 1, width, groups))
 
         viewed = layer_view(branch, "params", layer)
 

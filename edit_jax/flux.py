@@ -90,8 +90,9 @@ class FluxSingleBlock(nn.Module):
     (diffusers' proj_out [D + M, D]), stored as two kernels, kernel_attn [D, D] and kernel_mlp
     [M, D], and taken as two matmuls into one sum.
 
-    Elastic width (our choice; the paper released no FLUX code): the MLP half, proj_mlp columns
-    [:m] and proj_out's kernel_mlp rows [:m]. The router reads the joint sequence.
+    Elastic width (our choice; the paper released no FLUX code): the MLP half, the proj_mlp columns
+    and proj_out kernel_mlp rows of the first m hidden channels (stored in `width_groups` groups,
+    `layers.narrow`). The router reads the joint sequence.
     """
 
     config: FluxConfig
@@ -100,9 +101,9 @@ class FluxSingleBlock(nn.Module):
     def setup(self):
         cfg, rt = self.config, self.config.runtime
         self.norm = Modulation(3, rt)
-        self.proj_mlp = Linear(cfg.mlp_hidden_dim, ("embed", "mlp"), rt)
+        self.proj_mlp = Linear(cfg.mlp_hidden_dim, ("embed", "mlp"), rt, groups=cfg.width_groups)
         self.attn = FluxSingleAttention(cfg)
-        self.proj_out = JointLinear(cfg.inner_dim, proj_out_parts(cfg), "embed", rt)
+        self.proj_out = JointLinear(cfg.inner_dim, proj_out_parts(cfg), "embed", rt, groups=cfg.width_groups)
         self.router = Router(cfg.router_hidden, len(cfg.width_buckets), rt)
 
     def forward(self, x, temb, cos, sin, width=None, hidden_mask=None, modulation=None):
@@ -126,7 +127,8 @@ class FluxSingleBlock(nn.Module):
 
         cfg = self.config
         return elastic_step(
-            self, body, x, [(x, None)], temb, cfg.mlp_hidden_dim, cfg.width_buckets, self.elastic, per_layer, step
+            self, body, x, [(x, None)], temb, cfg.mlp_hidden_dim, cfg.width_buckets, self.elastic, per_layer, step,
+            cfg.width_groups,
         )
 
 
@@ -233,6 +235,7 @@ class FluxTransformer(nn.Module):
             cfg.router_hidden,
             cfg.width_buckets,
             elastic,
+            width_groups=cfg.width_groups,
             name="transformer_blocks",
         )
         (txt, img), double_out = double_blocks((txt, img), per_double, temb, cos, sin, None, step)

@@ -32,6 +32,32 @@ def dtype_of(name: str) -> Dtype:
     return jnp.dtype(name)
 
 
+def channel_ranks(hidden_dim: int, groups: int) -> np.ndarray:
+    """[M] int: which hidden channel (in the model's order, PyTorch's) each stored position holds.
+    With G groups, stored position g * (M / G) + i holds channel i * G + g: the channels are dealt
+    round robin to G groups, so the first m channels (G dividing m) are the first m / G positions
+    of every group. Each group being a contiguous block, a width bucket then takes the same share
+    of every tensor shard of the MLP axis when G is a multiple of the shard count; kept as a
+    prefix of one axis, it would sit on the first shards and be moved to the others first."""
+    per = hidden_dim // groups
+    stored = np.arange(hidden_dim)
+    return (stored % per) * groups + stored // per
+
+
+def narrow(x: jax.Array, axis: int, width: int, groups: int = 1) -> jax.Array:
+    """The stored positions of the first `width` hidden channels along `axis` of x (see
+    `channel_ranks`): the first width / G positions of each of the G groups, in stored order."""
+    axis %= x.ndim
+    size = x.shape[axis]
+    if width == size:
+        return x
+    if groups == 1:
+        return jax.lax.slice_in_dim(x, 0, width, axis=axis)
+    grouped = x.reshape(x.shape[:axis] + (groups, size // groups) + x.shape[axis + 1 :])
+    kept = jax.lax.slice_in_dim(grouped, 0, width // groups, axis=axis + 1)
+    return kept.reshape(x.shape[:axis] + (width,) + x.shape[axis + 1 :])
+
+
 def weight(module: nn.Module, name: str, init, axes: tuple[str, ...], shape: tuple[int, ...],
            collection: str = "params") -> jax.Array:
     """A kernel or bias of `module` with logical `axes`, in the runtime's param dtype (the router
@@ -53,10 +79,11 @@ class Linear(nn.Module):
     """y = x @ kernel + bias, kernel [in, out] (PyTorch's Linear weight transposed).
 
     `axes` are the logical names of the kernel's (in, out) axes. An input narrower than
-    `in_features` meets only the kernel's first rows, and `out_size` keeps only its first columns:
-    static slices, so a narrow call really does fewer FLOPs (the elastic MLP width buckets).
-    `collection` puts the params in another variable collection (the E-DiT routers live in
-    "routers", apart from the base "params").
+    `in_features` meets only the kernel's rows of its channels, and `out_size` keeps only the
+    columns of the first `out_size` channels: static slices, so a narrow call really does fewer
+    FLOPs (the elastic MLP width buckets). The channels are stored in `groups` groups (`narrow`,
+    `channel_ranks`; 1: in order). `collection` puts the params in another variable collection (the
+    E-DiT routers live in "routers", apart from the base "params").
     """
 
     features: int
@@ -64,6 +91,7 @@ class Linear(nn.Module):
     runtime: RuntimeConfig
     use_bias: bool = True
     in_features: int | None = None  # needed only when called with fewer input features
+    groups: int = 1
     collection: str = "params"
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
@@ -76,13 +104,13 @@ class Linear(nn.Module):
         kernel = gathered(self._weight("kernel", self.kernel_init, self.axes, (self.in_features or x.shape[-1], self.features)),
                           self.axes)
         if out_size is not None:
-            kernel = kernel[:, :out_size]
+            kernel = narrow(kernel, 1, out_size, self.groups)
         dtype = dtype_of(self.runtime.dtype)
-        y = jnp.dot(x.astype(dtype), kernel[: x.shape[-1]].astype(dtype))
+        y = jnp.dot(x.astype(dtype), narrow(kernel, 0, x.shape[-1], self.groups).astype(dtype))
         if self.use_bias:
             bias = gathered(self._weight("bias", self.bias_init, self.axes[1:], (self.features,)), self.axes[1:])
             if out_size is not None:
-                bias = bias[:out_size]
+                bias = narrow(bias, 0, out_size, self.groups)
             y = y + bias.astype(dtype)
         return y
 
@@ -94,8 +122,8 @@ class JointLinear(nn.Module):
     summed, so the concatenation is never written, and each kernel is sharded by its own input
     axis (FLUX single blocks' proj_out: attention rows like an output projection's, MLP rows like
     fc2's; as one param split over `tensor` in two halves, each device would need rows held by the
-    other). A part narrower than its rows meets only the first of them (elastic width), and
-    `out_size` keeps the first output columns. Initialised as one Linear over the whole input: one
+    other). A part narrower than its rows meets only the rows of its first channels (elastic width;
+    stored in `groups` groups, see `narrow`). Initialised as one Linear over the whole input: one
     [sum(rows), features] kernel drawn, then split, so the values do not depend on the split.
     """
 
@@ -103,6 +131,7 @@ class JointLinear(nn.Module):
     parts: tuple[tuple[str, str, int], ...]
     out_axis: str
     runtime: RuntimeConfig
+    groups: int = 1
     use_bias: bool = True
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
@@ -124,19 +153,15 @@ class JointLinear(nn.Module):
         return kernels
 
     @nn.compact
-    def __call__(self, x: Sequence[jax.Array], out_size: int | None = None):
+    def __call__(self, x: Sequence[jax.Array]):
         if len(x) != len(self.parts):
             raise ValueError(f"{self.name}: {len(x)} input parts for {len(self.parts)} kernels")
         dtype, y = dtype_of(self.runtime.dtype), 0
         for part, kernel, (_, axis, _) in zip(x, self._kernels(), self.parts):
-            kernel = gathered(kernel, (axis, self.out_axis))
-            if out_size is not None:
-                kernel = kernel[:, :out_size]
-            y = y + jnp.dot(part.astype(dtype), kernel[: part.shape[-1]].astype(dtype))
+            kernel = narrow(gathered(kernel, (axis, self.out_axis)), 0, part.shape[-1], self.groups)
+            y = y + jnp.dot(part.astype(dtype), kernel.astype(dtype))
         if self.use_bias:
             bias = gathered(weight(self, "bias", self.bias_init, (self.out_axis,), (self.features,)), (self.out_axis,))
-            if out_size is not None:
-                bias = bias[:out_size]
             y = y + bias.astype(dtype)
         return y
 
@@ -283,24 +308,26 @@ def sow_hidden_magnitude(module: nn.Module, hidden: jax.Array) -> None:
 class MLP(nn.Module):
     """fc2(act(fc1(x))): x [B, L, D] -> [B, L, D] through M hidden channels.
 
-    `width` (static) keeps only the first `width` hidden channels: fc1 columns and fc2 rows.
-    `hidden_mask` [B, M or width] multiplies the hidden activations (per-sample widths, and the
-    straight-through width mask in training).
+    `width` (static) keeps only the first `width` hidden channels: fc1 columns and fc2 rows, of
+    channels stored in `groups` groups (`narrow`). `hidden_mask` [B, M or width] multiplies the
+    hidden activations, in stored order (per-sample widths, and the straight-through width mask in
+    training).
     """
 
     hidden_dim: int
     activation: str
     runtime: RuntimeConfig
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x, width: int | None = None, hidden_mask: jax.Array | None = None):
         dim = x.shape[-1]
-        h = Linear(self.hidden_dim, ("embed", "mlp"), self.runtime, name="fc1")(x, out_size=width)
+        h = Linear(self.hidden_dim, ("embed", "mlp"), self.runtime, groups=self.groups, name="fc1")(x, out_size=width)
         h = constrain(activation_fn(self.activation)(h), HIDDEN)
         sow_hidden_magnitude(self, h)
         if hidden_mask is not None:
             h = h * hidden_mask[:, None, :].astype(h.dtype)
-        fc2 = Linear(dim, ("mlp", "embed"), self.runtime, in_features=self.hidden_dim, name="fc2")
+        fc2 = Linear(dim, ("mlp", "embed"), self.runtime, in_features=self.hidden_dim, groups=self.groups, name="fc2")
         return fc2(h)
 
 

@@ -165,6 +165,7 @@ class QwenImageTransformer(nn.Module):
             cfg.router_hidden,
             cfg.width_buckets,
             elastic,
+            width_groups=cfg.width_groups,
             name="transformer_blocks",
         )
         caches = None if cache is None else (cache["transformer_blocks"],)

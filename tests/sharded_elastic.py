@@ -3,8 +3,8 @@ and forced, whose block weights stay stacked through the scan) with params shard
 tensor 2) equal the unsharded ones, and so does E-DiT sampling (its modulations computed ahead for
 every step; on FLUX); under a set mesh the models constrain their activations (the batch over data x
 fsdp) and still give the same result, on a mesh with every axis > 1 (dense, forced, infer, and
-with tokamax's attention run per shard); and under tensor parallelism FLUX's single blocks move no
-weights between devices."""
+with tokamax's attention run per shard); and under tensor parallelism no block moves weights
+between devices, dense or at narrow widths."""
 
 import os
 
@@ -47,8 +47,7 @@ def main():
             check_sampling(config, model, variables, sharded)
         check_activation_constraints(config, model, variables, sharded)
         check_modulation_kernels_stay_split(config, model, variables)
-        if preset == "flux-tiny":
-            check_single_blocks_move_no_weights(config, model, variables)
+        check_blocks_move_no_weights(config, model, variables)
 
 
 def check_sampling(config, model, variables, sharded):
@@ -116,22 +115,31 @@ def check_modulation_kernels_stay_split(config, model, variables):
     print(config.family, "modulation kernels stay split")
 
 
-def check_single_blocks_move_no_weights(config, model, variables):
-    """Under tensor parallelism a FLUX single block's proj_out finds the rows of its attention
-    heads and of its MLP channels on the devices that hold those heads and channels: the block
-    runs no collective-permute (the [attention; MLP] rows stored as one kernel split in halves
-    moved half of them between devices every step)."""
+def check_blocks_move_no_weights(config, model, variables):
+    """Under tensor parallelism no block moves weights between devices, dense or at narrow widths:
+    a FLUX single block's proj_out finds the rows of its attention heads and of its MLP channels
+    where those heads and channels are (as one kernel split in halves, half its rows moved every
+    step), and a width bucket's channels are an equal share of every shard's (`width_groups`; as a
+    prefix of the MLP axis, they sat on the first shard and were moved to the others)."""
     import re
 
     arrays, static = split_static(example_inputs(config, 4, 4, 4, 8))
     mesh = make_mesh({"data": 4, "tensor": 2})
     params = jax.device_put(variables["params"], param_shardings(config, mesh))
-    with jax.set_mesh(mesh):
-        hlo = jax.jit(lambda p, x: model.apply({"params": p}, **x, **static)).lower(params, arrays).compile().as_text()
-    moved = [line.strip()[:200] for line in hlo.splitlines()
-             if re.search(r" collective-permute(-start)?\(", line) and "single_transformer_blocks" in line]
-    assert not moved, moved
-    print(config.family, "single blocks move no weights")
+    num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    narrow = {"run": jnp.ones(num_blocks, bool), "bucket": jnp.arange(num_blocks, dtype=jnp.int32) % 3}
+    forwards = {
+        "dense": lambda p, x: model.apply({"params": p}, **x, **static),
+        "forced narrow": lambda p, x: model.apply({"params": p}, **x, **static, elastic=ElasticConfig(mode="forced"),
+                                                  decisions=narrow),
+    }
+    for name, forward in forwards.items():
+        with jax.set_mesh(mesh):
+            hlo = jax.jit(forward).lower(params, arrays).compile().as_text()
+        moved = [line.strip()[:200] for line in hlo.splitlines()
+                 if re.search(r" collective-permute(-start)?\(", line) and "transformer_blocks" in line]
+        assert not moved, (config.family, name, moved)
+        print(config.family, name, "blocks move no weights")
 
 
 if __name__ == "__main__":

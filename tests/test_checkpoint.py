@@ -232,6 +232,20 @@ def test_a_checkpoint_of_an_unknown_format_version_is_one_clear_error(tiny, form
     import json
 
     meta = json.loads((format_1 / "config.json").read_text())
-    (format_1 / "config.json").write_text(json.dumps({**meta, "version": 3}))
-    with pytest.raises(CheckpointError, match=r"format version 3 is not one this edit-jax reads \(1, 2\)"):
+    (format_1 / "config.json").write_text(json.dumps({**meta, "version": 4}))
+    with pytest.raises(CheckpointError, match=r"format version 4 is not one this edit-jax reads \(1, 2, 3\)"):
         edit_jax.load(format_1)
+
+
+def test_a_checkpoint_from_before_width_groups_reads_its_channels_in_order(tiny, tmp_path):
+    import json
+
+    from edit_jax.checkpoint import load_config
+
+    config, variables = tiny
+    path = save(tmp_path / "v2", config, variables["params"])
+    meta = json.loads((path / "config.json").read_text())
+    del meta["config"]["width_groups"]
+    (path / "config.json").write_text(json.dumps({**meta, "version": 2}))
+
+    assert config.width_groups > 1 and load_config(path).width_groups == 1

@@ -34,6 +34,19 @@ def test_convert_of_a_missing_source_is_one_clear_error(tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
 
 
+def test_convert_stores_the_width_groups_asked_for_and_refuses_one_that_does_not_divide_the_widths(
+        save_diffusers, tmp_path, capsys):
+    src = save_diffusers(make_diffusers_flux())  # M = 128: widths 32, 64, 96, 128
+    assert main(["convert", "flux", str(src), str(tmp_path / "ckpt"), "--width-groups", "2"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ckpt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["width_groups"] == 2
+
+    assert main(["convert", "flux", str(src), str(tmp_path / "bad"), "--width-groups", "3"]) == 2
+    assert "width_groups=3 must be a positive int dividing every width bucket" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unknown_config_value_is_a_clear_error(save_diffusers, tmp_path, capsys):
     src = save_diffusers(make_diffusers_flux())
     assert main(["convert", "flux", str(src), str(tmp_path / "ckpt"), "--config", "flux-huge"]) == 2

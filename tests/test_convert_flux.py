@@ -303,3 +303,37 @@ def test_a_truncated_file_is_one_clear_error_naming_it(tmp_path):
 
     with pytest.raises(SourceError, match=r"model.safetensors is truncated"):
         open_source(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("bucket, width_groups", [(0, None), (1, None), (2, None), (1, 1)])
+def test_a_width_bucket_of_a_converted_model_keeps_pytorchs_first_hidden_channels(save_diffusers, tmp_path, bucket,
+                                                                                    width_groups):
+    """Stored in groups (width_groups > 1), the channels a bucket keeps are still the first m of
+    the PyTorch weights: the model with channels m.. zeroed there, run dense, gives the same."""
+    from edit_jax.elastic import ElasticConfig
+    from edit_jax.models import example_inputs, init_routers, split_static
+
+    torch_model = make_diffusers_flux()
+    full = convert_flux(save_diffusers(torch_model, "full"), tmp_path / "full", width_groups=width_groups)
+    d, m = torch_model.inner_dim, 4 * torch_model.inner_dim * (bucket + 1) // 4
+    with torch.no_grad():
+        for block in torch_model.transformer_blocks:
+            block.ff.net[0].proj.weight[m:] = 0
+            block.ff.net[0].proj.bias[m:] = 0
+            block.ff.net[2].weight[:, m:] = 0
+        for block in torch_model.single_transformer_blocks:
+            block.proj_mlp.weight[m:] = 0
+            block.proj_mlp.bias[m:] = 0
+            block.proj_out.weight[:, d + m :] = 0
+    truncated = convert_flux(save_diffusers(torch_model, "truncated"), tmp_path / "truncated")
+    model, params = edit_jax.load(full)
+    assert model.config.width_groups == (width_groups or 8)
+    arrays, static = split_static(example_inputs(model.config, 2, 4, 4, 8))
+    blocks = model.config.num_layers + model.config.num_single_layers
+    decisions = {"run": np.ones(blocks, bool), "bucket": np.full(blocks, bucket, np.int32)}
+
+    narrow = model.apply({"params": params, "routers": init_routers(model.config)}, **arrays, **static,
+                         elastic=ElasticConfig(mode="forced"), decisions=decisions)[0]
+    dense = model.apply({"params": edit_jax.load(truncated)[1]}, **arrays, **static)
+
+    assert relative_error(np.asarray(narrow), np.asarray(dense)) <= 1e-5

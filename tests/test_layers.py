@@ -139,6 +139,15 @@ def test_a_narrow_joint_linear_part_meets_the_first_rows_of_its_kernel():
                                whole.apply({"params": truncated}, jnp.concatenate([x[0], x[1][:, :2]], -1)), rtol=1e-6)
 
 
+def test_width_groups_deal_channels_round_robin_and_a_width_keeps_the_first_channels_of_every_group():
+    ranks = layers.channel_ranks(16, 4)  # stored position -> channel
+    x = jnp.asarray(ranks, jnp.float32)[None, :]
+
+    assert ranks.tolist() == [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15]
+    assert layers.narrow(x, 1, 8, 4).tolist() == [[0, 4, 1, 5, 2, 6, 3, 7]]  # channels 0..7, two per group
+    assert layers.narrow(x, 1, 8, 1).tolist() == [ranks[:8].tolist()]
+
+
 def test_every_param_has_one_logical_name_per_axis_and_a_layer_axis_when_stacked():
     config = edit_jax.preset("flux-tiny")
     shapes, specs = flatten(abstract_params(config)), flatten(logical_axes(config))

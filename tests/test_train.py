@@ -316,6 +316,17 @@ def test_a_run_that_does_not_fit_with_unchanged_settings_is_blamed_on_another_pa
         train(tiny_run(tmp_path, steps=2), progress=False)
 
 
+def test_a_run_whose_model_stored_its_channels_otherwise_is_not_resumed(tmp_path, monkeypatch):
+    from train import loop
+
+    train(tiny_run(tmp_path, steps=2), progress=False)
+    before = loop.model_config_of
+    monkeypatch.setattr(loop, "model_config_of", lambda c: before(c).replace(width_groups=1))
+
+    with pytest.raises(ConfigError, match="stored its MLP channels with width_groups=8, and this config's model has 1"):
+        train(tiny_run(tmp_path, steps=2), progress=False)
+
+
 def test_a_resumed_run_names_its_changed_settings_and_refuses_a_config_its_checkpoint_does_not_fit(tmp_path, capsys):
     train(tiny_run(tmp_path, steps=2), progress=False)
     with pytest.raises(ConfigError, match="settings changed since that run: trainable 'routers' -> 'routers\\+base'"):

@@ -194,6 +194,12 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
                    "single-block proj_out was one kernel before checkpoint format 2). Resume it with that edit-jax")
             raise ConfigError(f"{run_dir} holds a run whose checkpoint (step {start}) does not fit this config{why}, "
                               "or choose another run_dir") from e
+        stored_groups = restored["meta"].get("width_groups", 1)  # runs before it was recorded: channels in order
+        if stored_groups != model_config.width_groups:
+            raise ConfigError(f"{run_dir} holds a run whose model stored its MLP channels with width_groups="
+                              f"{stored_groups}, and this config's model has {model_config.width_groups} (an edit-jax "
+                              "before checkpoint format 3 started it from a preset): resume it with that edit-jax, or "
+                              "choose another run_dir")
         trainable, opt_state = restored["trainable"], restored["opt_state"]
         if is_main:
             print(f"resumed from step {start} ({run_dir / 'checkpoints'})"
@@ -204,7 +210,8 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
 
     def save_checkpoint(step):
         args = {"trainable": ocp.args.StandardSave(trainable), "opt_state": ocp.args.StandardSave(opt_state),
-                "meta": ocp.args.JsonSave({"step": step, "data": config.data, "config": config.to_dict()})}
+                "meta": ocp.args.JsonSave({"step": step, "data": config.data, "config": config.to_dict(),
+                                           "width_groups": model_config.width_groups})}
         if data.iterator is not None:
             import grain
 
