@@ -140,7 +140,8 @@ def at_least(low: float, kind=int, strict: bool = False):
 
 
 def read_arrays(path: str, flag: str) -> dict:
-    """The named arrays of an .npz or .safetensors file; a ValueError naming the flag otherwise."""
+    """The named arrays of an .npz or .safetensors file; a ValueError naming the flag otherwise,
+    or naming the array that holds NaN or infinite values (they would give NaN samples)."""
     import numpy as np
 
     existing_file(path, flag)
@@ -148,11 +149,16 @@ def read_arrays(path: str, flag: str) -> dict:
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
 
-            return load_file(path)
-        with np.load(path) as data:
-            return dict(data)
+            data = load_file(path)
+        else:
+            with np.load(path) as file:
+                data = dict(file)
     except Exception as e:  # numpy and safetensors raise many types for a file that is not theirs
         raise ValueError(f"{flag} {path} is not a readable .npz or .safetensors file: {e}") from e
+    for key, value in data.items():
+        if value.dtype.kind not in "biu" and not np.isfinite(value.astype(np.float32)).all():
+            raise ValueError(f"{flag} {path}: {key!r} holds NaN or infinite values")
+    return data
 
 
 def existing_file(path: str, flag: str) -> str:
@@ -248,6 +254,24 @@ def check_output_folder(out: str, command: str) -> Path:
     return path
 
 
+def earlier_outputs(out: Path, command: str) -> dict[str, tuple[int, int]]:
+    """The files an earlier `command` run left in `out`: name -> (inode, mtime in ns)."""
+    import re
+
+    files = [p for p in out.iterdir() if p.is_file() and re.fullmatch(OUTPUTS[command], p.name)] if out.is_dir() else []
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+
+
+def remove_stale_outputs(out: Path, earlier: dict[str, tuple[int, int]]) -> list[str]:
+    """After a successful run: removes the `earlier_outputs` that this run did not rewrite (e.g.
+    the records of an E-DiT sample beside a later dense one's latents); returns their names."""
+    stale = [name for name, stamp in earlier.items()
+             if (out / name).is_file() and ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stamp]
+    for name in stale:
+        (out / name).unlink()
+    return stale
+
+
 def cmd_sample(args) -> int:
     import jax
     import numpy as np
@@ -261,6 +285,7 @@ def cmd_sample(args) -> int:
     from edit_jax.sampler import SamplerConfig, sample
 
     out = check_output_folder(args.out, "sample")
+    earlier = earlier_outputs(out, "sample")
     rows, cols = packed_grid(args.height, args.width)
     elastic, routers = None, None
     if args.elastic == "dense" and (args.cache or args.fresh_routers):
@@ -314,6 +339,7 @@ def cmd_sample(args) -> int:
                   f"tau {args.tau}{', cache from step %d' % args.cache_start if args.cache else ''}",
             block_groups=block_groups(config)))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    remove_stale_outputs(out, earlier)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -386,13 +412,15 @@ def cmd_generate(args) -> int:
     from pipelines.generate import generate
 
     prompts = read_prompts(args)
-    check_output_folder(args.out, "generate")
+    out = check_output_folder(args.out, "generate")
+    earlier = earlier_outputs(out, "generate")
     result = generate(args.model, prompts, args.out, steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg,
                       negative_prompt=args.negative_prompt, height=args.height, width=args.width, seed=args.seed,
                       max_sequence_length=args.max_sequence_length, elastic=args.elastic, cache=args.cache,
                       cache_start=args.cache_start, tile_size=args.tile_size,
                       embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
                       progress=not args.quiet)
+    remove_stale_outputs(out, earlier)
     print(json.dumps(result["summary"], indent=2))
     return 0
 
@@ -414,12 +442,14 @@ def cmd_eval(args) -> int:
     from eval.sampling_eval import evaluate_checkpoint
 
     out = check_output_folder(args.out, "eval")
+    earlier = earlier_outputs(out, "eval")
     existing_file(args.embeddings, "--embeddings")
     elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision,
                             cache_start=args.steps // 3 if args.cache_start is None else args.cache_start,
                             delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     summary = evaluate_checkpoint(args.ckpt, args.embeddings, out, args.height, args.width, args.steps, args.seed,
                                   elastic, args.guidance, args.repeats, args.vae, args.tile_size)
+    remove_stale_outputs(out, earlier)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -202,7 +202,7 @@ def check_sampling_inputs(config, noise, cond: dict, negative: dict | None, samp
     """Raises ValueError naming the first input that does not fit the model or the sampler."""
     if noise.ndim != 3 or noise.shape[-1] != config.in_channels:
         raise ValueError(f"latents have shape {tuple(noise.shape)}, expected packed [B, N, {config.in_channels}]")
-    num_img = noise.shape[1]
+    batch, num_img = noise.shape[:2]
     if isinstance(config, FluxConfig) and cond["img_ids"].shape[0] != num_img:
         raise ValueError(f"latents hold {num_img} tokens but img_ids has {cond['img_ids'].shape[0]} (wrong resolution?)")
     if isinstance(config, QwenImageConfig):
@@ -210,12 +210,28 @@ def check_sampling_inputs(config, noise, cond: dict, negative: dict | None, samp
         if int(np.prod(shape)) != num_img:
             raise ValueError(f"latents hold {num_img} tokens but img_shapes {shape} has {int(np.prod(shape))} (wrong resolution?)")
     for name, c in (("prompt", cond), ("negative prompt", negative)):
-        if c is not None and c["encoder_hidden_states"].shape[-1] != config.joint_attention_dim:
-            raise ValueError(
-                f"{name} embeddings have width {c['encoder_hidden_states'].shape[-1]}, the model expects {config.joint_attention_dim}"
-            )
+        if c is not None:
+            _check_condition(config, name, c, batch)
     if sampler.true_cfg_scale > 1 and negative is None:
         raise ValueError(f"true_cfg_scale {sampler.true_cfg_scale} > 1 needs negative prompt embeddings")
+
+
+def _check_condition(config, name: str, cond: dict, batch: int) -> None:
+    """One prompt's embeddings against the model's widths and the latents' batch of `batch` rows."""
+    embeds = cond["encoder_hidden_states"]
+    if embeds.ndim != 3:
+        raise ValueError(f"{name} embeddings have shape {tuple(embeds.shape)}, expected [B, T, {config.joint_attention_dim}]")
+    if embeds.shape[-1] != config.joint_attention_dim:
+        raise ValueError(f"{name} embeddings have width {embeds.shape[-1]}, the model expects {config.joint_attention_dim}")
+    if embeds.shape[0] != batch:
+        raise ValueError(f"{name} embeddings hold {embeds.shape[0]} prompts but the latents {batch} samples")
+    rows = embeds.shape[:2]
+    extra = {"pooled_projections": (batch, config.pooled_projection_dim)} if isinstance(config, FluxConfig) else {
+        "encoder_hidden_states_mask": rows}
+    for key, expected in extra.items():
+        if tuple(cond[key].shape) != tuple(expected):
+            raise ValueError(f"{name} {key} has shape {tuple(cond[key].shape)}, expected {list(expected)} "
+                             f"(beside embeddings of shape {tuple(embeds.shape)})")
 
 
 def sample(

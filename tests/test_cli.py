@@ -200,9 +200,16 @@ def sample_args(ckpt, emb, out, *extra):
     (["--embeddings", "{tmp}/nope.npz"], "nope.npz: no such file"),
     (["--out", "{tmp}/emb.npz"], "is an existing file"),
     (["--elastic", "infer"], "has no routers"),
-], ids=["size", "embeddings", "out-is-a-file", "no-routers"])
+    (["--embeddings", "{tmp}/nan.npz"], "'prompt_embeds' holds NaN or infinite values"),
+    (["--embeddings", "{tmp}/rows.npz"], "pooled_projections has shape (2, 32), expected [1, 32]"),
+], ids=["size", "embeddings", "out-is-a-file", "no-routers", "nan", "rows"])
 def test_bad_sample_input_is_one_clear_error_before_any_work(flux_small_ckpt, tmp_path, capsys, extra, message):
+    import numpy as np
+
     ckpt, emb = flux_small_ckpt
+    good = dict(np.load(emb))
+    np.savez(tmp_path / "nan.npz", **good | {"prompt_embeds": np.full_like(good["prompt_embeds"], np.nan)})
+    np.savez(tmp_path / "rows.npz", **good | {"pooled_prompt_embeds": np.ones((2, 32), np.float32)})
     extra = [x.format(tmp=tmp_path) for x in extra]
     assert main(sample_args(ckpt, emb, tmp_path / "out", *extra)) == 2
     err = capsys.readouterr().err
@@ -219,6 +226,13 @@ def test_sample_with_fresh_routers_runs_e_dit_on_a_checkpoint_without_routers(fl
 
 def test_dense_sample_writes_no_records(flux_small_ckpt, tmp_path):
     ckpt, emb = flux_small_ckpt
+    assert main(sample_args(ckpt, emb, tmp_path / "out")) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["latents.npy", "summary.json"]
+
+
+def test_a_rerun_into_an_earlier_output_leaves_none_of_its_stale_files(flux_small_ckpt, tmp_path):
+    ckpt, emb = flux_small_ckpt
+    assert main(sample_args(ckpt, emb, tmp_path / "out", "--elastic", "infer", "--fresh-routers")) == 0
     assert main(sample_args(ckpt, emb, tmp_path / "out")) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["latents.npy", "summary.json"]
 

@@ -163,6 +163,29 @@ def test_bad_sampling_inputs_are_clear_errors(save_diffusers, tmp_path):
         sample(model, params, jnp.zeros((2, 12, 8)), cond, SamplerConfig(num_steps=2))
 
 
+@pytest.mark.parametrize("preset", ["flux-tiny", "qwen-image-tiny"])
+def test_every_prompt_array_must_hold_one_row_per_sample(preset):
+    from edit_jax.sampler import make_conditions
+
+    config = edit_jax.preset(preset)
+    model, params = edit_jax.build_model(config), edit_jax.models.init_params(config)
+    noise = jnp.zeros((2, 16, config.in_channels))
+    flux = preset.startswith("flux")
+
+    def cond(prompts, side_rows=None):
+        side = np.ones((side_rows or prompts, config.pooled_projection_dim if flux else 5), np.float32)
+        return make_conditions(config, np.ones((prompts, 5, config.joint_attention_dim), np.float32), 64, 64,
+                               side if flux else None, None if flux else side)
+
+    with pytest.raises(ValueError, match="prompt embeddings hold 3 prompts but the latents 2 samples"):
+        sample(model, params, noise, cond(3), SamplerConfig(num_steps=2))
+    with pytest.raises(ValueError, match="negative prompt embeddings hold 1 prompts but the latents 2 samples"):
+        sample(model, params, noise, cond(2), SamplerConfig(num_steps=2, true_cfg_scale=4.0), negative_cond=cond(1))
+    side = "pooled_projections" if flux else "encoder_hidden_states_mask"
+    with pytest.raises(ValueError, match=rf"prompt {side} has shape \(3, \d+\), expected \[2, \d+\]"):
+        sample(model, params, noise, cond(2, side_rows=3), SamplerConfig(num_steps=2))
+
+
 def test_flux_true_cfg_matches_the_diffusers_pipeline(save_diffusers, tmp_path):
     torch_model = make_diffusers_flux(guidance_embeds=False, in_channels=16)
     model, params = load_converted("flux", torch_model, save_diffusers, tmp_path)
