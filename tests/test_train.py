@@ -338,6 +338,18 @@ def test_a_resumed_run_names_its_changed_settings_and_refuses_a_config_its_check
     assert resumed and resumed[0].endswith("with changed settings: rho_g 0.6 -> 0.5, steps 2 -> 3")
 
 
+def test_a_run_past_the_steps_asked_for_is_refused_and_a_complete_one_says_so(tmp_path, capsys):
+    train(tiny_run(tmp_path, steps=2), progress=False)
+    config_before = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ConfigError, match="holds a run already at step 2, past steps=1: give steps >= 2"):
+        train(tiny_run(tmp_path, steps=1), progress=False)
+    assert (tmp_path / "run" / "config.json").read_text() == config_before
+
+    capsys.readouterr()
+    train(tiny_run(tmp_path, steps=2), progress=False)
+    assert "is complete (step 2 of 2): nothing to train" in capsys.readouterr().err
+
+
 def test_a_checkpoint_interrupted_mid_save_is_never_resumed_from(tmp_path):
     train(tiny_run(tmp_path, steps=4), progress=False)
     partial = tmp_path / "run" / "checkpoints" / "6.orbax-checkpoint-tmp-1795980000000000"

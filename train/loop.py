@@ -180,6 +180,9 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
         import grain
 
         start = manager.latest_step()
+        if start > config.steps:
+            raise ConfigError(f"{run_dir} holds a run already at step {start}, past steps={config.steps}: give "
+                              f"steps >= {start} to continue it, or choose another run_dir")
         args = {"trainable": ocp.args.StandardRestore(abstract_like(trainable)),
                 "opt_state": ocp.args.StandardRestore(abstract_like(opt_state)), "meta": ocp.args.JsonRestore()}
         if data.iterator is not None:
@@ -241,6 +244,9 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
         print(f"eval: no eval_data, so every {config.eval_every} steps the run scores its own training examples "
               "(fixed batches and noise): a training loss, not a held-out one; eval.jsonl says held_out: false. "
               "Give eval_data=DATASET (edit-jax prepare-data) for held-out scores", file=sys.stderr)
+    if start == config.steps and is_main:
+        print(f"the run in {run_dir} is complete (step {start} of {config.steps}): nothing to train; give a larger "
+              f"steps= to continue it", file=sys.stderr)
     pending = data.next(start) if start < end else None
     if pending is not None:
         step_for(*pending)  # compiled ahead of the loop
