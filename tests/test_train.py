@@ -53,9 +53,10 @@ def test_config_reads_a_file_and_applies_overrides(tmp_path):
     (["height=0"], "height=0 must be >= 1"),
     (["run_dir="], "run_dir is empty"),
     (["eval_data=held_out"], "eval_every=0"),
+    (["steps=4", "profile_start=3", "profile_steps=2"], "trace past the last step"),
 ], ids=["unknown-field", "unknown-trainable", "teacher-with-base", "accumulation", "pruning-routers", "negative-block",
         "skip-blocks-not-a-list", "not-an-integer", "mesh-not-an-integer", "mesh-zero", "negative-learning-rate",
-        "non-finite", "b2", "empty-grid", "empty-run-dir", "eval-data-never-read"])
+        "non-finite", "b2", "empty-grid", "empty-run-dir", "eval-data-never-read", "profile-past-the-end"])
 def test_bad_configs_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
@@ -348,6 +349,21 @@ def test_a_run_past_the_steps_asked_for_is_refused_and_a_complete_one_says_so(tm
     capsys.readouterr()
     train(tiny_run(tmp_path, steps=2), progress=False)
     assert "is complete (step 2 of 2): nothing to train" in capsys.readouterr().err
+
+
+def test_a_run_writes_a_profiler_trace_of_the_steps_asked_for(tmp_path, capsys):
+    train(tiny_run(tmp_path, steps=4, profile_start=1, profile_steps=2), progress=False)
+    assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert f"profile of steps 1 to 2: {tmp_path / 'run' / 'profile'}" in capsys.readouterr().err
+
+
+def test_a_field_newer_than_the_resumed_run_is_a_change_only_off_its_default(tmp_path):
+    from train.run_dir import changed_settings
+
+    stored = json.loads(json.dumps(tiny_run(tmp_path).to_dict()))
+    del stored["profile_steps"]
+    assert changed_settings(stored, tiny_run(tmp_path)) == {}
+    assert changed_settings(stored, tiny_run(tmp_path, profile_steps=1)) == {"profile_steps": (None, 1)}
 
 
 def test_a_checkpoint_interrupted_mid_save_is_never_resumed_from(tmp_path):

@@ -76,6 +76,8 @@ class TrainConfig:
     # training dataset's own examples (a training loss: eval.jsonl says held_out: false)
     save_every: int = 500
     keep: int = 3  # checkpoints kept
+    profile_start: int = 1  # the first step of the profiler trace (0-based; step 0 is the first of the run)
+    profile_steps: int = 0  # steps traced by jax.profiler into RUN_DIR/profile (process 0); 0: no trace
     run_dir: str = "runs/edit"
     seed: int = 0
     # data: a dataset folder (train/dataset.py: ArrayRecord + manifest), or "synthetic"
@@ -125,7 +127,11 @@ class TrainConfig:
                      "num_txt", "num_classes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("warmup_steps", "seed", "weight_decay", "grad_clip", "lambda_g", "lambda_w"):
+        if self.profile_steps and self.profile_start + self.profile_steps > self.steps:
+            raise ConfigError(f"profile_start={self.profile_start} and profile_steps={self.profile_steps} trace past "
+                              f"the last step (steps={self.steps})")
+        for name in ("warmup_steps", "seed", "weight_decay", "grad_clip", "lambda_g", "lambda_w", "profile_start",
+                     "profile_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("learning_rate", "logit_std", "shift"):

@@ -18,6 +18,7 @@ import math
 import signal
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -260,17 +261,20 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
 
         writer = SummaryWriter(str(run_dir / "tb"))
     metrics = {}
+    tracing = ProfileWindow(config, run_dir, enabled=is_main)
     try:
         from tqdm.auto import tqdm
 
         bar = tqdm(range(start, end), initial=start, total=config.steps, desc="train", unit="step",
                    disable=not (progress and is_main))
         for step in bar:
+            tracing.before(step)
             t0 = time.perf_counter()
             batch, grid = pending if pending is not None else data.next(step)
             pending = None
             trainable, opt_state, metrics = step_for(batch, grid)(trainable, opt_state, frozen, batch, jnp.int32(step))
             done = step + 1
+            tracing.after(done, trainable)
             if done % config.log_every == 0 or done == end:
                 metrics = jax.device_get(metrics)
                 loss = float(metrics["loss"])
@@ -305,12 +309,38 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
                 raise SystemExit(128 + stop["signal"])
         manager.wait_until_finished()
     finally:
+        tracing.stop()
         signal.signal(signal.SIGTERM, previous)
         if writer is not None:
             writer.close()
     if end == config.steps:
         export_final(run_dir / "edit-jax", model_config, config, trainable, frozen)
     return jax.device_get(metrics)
+
+
+class ProfileWindow:
+    """The steps [profile_start, profile_start + profile_steps) traced by jax.profiler into
+    RUN_DIR/profile (TensorBoard's profile plugin or Perfetto read it); on process 0 only."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, enabled: bool):
+        self.first, self.end = config.profile_start, config.profile_start + config.profile_steps
+        self.enabled, self.path, self.active = enabled and config.profile_steps > 0, run_dir / "profile", False
+
+    def before(self, step: int) -> None:
+        if self.enabled and step == self.first:
+            jax.profiler.start_trace(str(self.path))
+            self.active = True
+
+    def after(self, done: int, state) -> None:
+        if self.active and done == self.end:
+            jax.block_until_ready(state)  # the traced steps' work, not only their dispatch
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+            print(f"profile of steps {self.first} to {self.end - 1}: {self.path}", file=sys.stderr)
 
 
 def export_final(path, model_config, config: TrainConfig, trainable: dict, frozen: dict) -> None:

@@ -16,7 +16,7 @@ from edit_jax.config import ConfigError
 from train.config import TrainConfig
 
 CONFIG_FILE = "config.json"
-RUN_FILES = frozenset({CONFIG_FILE, "checkpoints", "tb", "metrics.jsonl", "eval.jsonl", "edit-jax"})
+RUN_FILES = frozenset({CONFIG_FILE, "checkpoints", "tb", "metrics.jsonl", "eval.jsonl", "edit-jax", "profile"})
 FINAL_SCRATCH = ".edit-jax."  # the hidden folders of the final checkpoint's write (edit_jax.checkpoint)
 
 
@@ -52,11 +52,13 @@ def check_run_dir(config: TrainConfig) -> Path:
 
 def changed_settings(stored: dict | None, config: TrainConfig) -> dict[str, tuple]:
     """{field: (the earlier run's value, this config's)} for every field but run_dir that differs
-    (JSON values, so a tuple and its list are equal); empty without a stored config."""
+    (JSON values, so a tuple and its list are equal); empty without a stored config. A field the
+    earlier run's edit-jax did not have yet counts as changed only when it is not at its default."""
     if stored is None:
         return {}
-    now = json.loads(json.dumps(config.to_dict()))
-    return {k: (stored.get(k), v) for k, v in now.items() if k != "run_dir" and stored.get(k) != v}
+    now, default = (json.loads(json.dumps(c.to_dict())) for c in (config, TrainConfig()))
+    return {k: (stored.get(k), v) for k, v in now.items()
+            if k != "run_dir" and stored.get(k, default[k]) != v}
 
 
 def describe_changes(changes: dict[str, tuple]) -> str:
