@@ -24,20 +24,23 @@ __all__ = [
 ]
 
 
-def load(path, shardings=None, activation=None, **runtime):
+def load(path, shardings=None, activation=None, mesh=None, **runtime):
     """Loads an edit-jax checkpoint: returns (model, params).
 
     shardings: None (first device), one jax.sharding.Sharding for all params, or a pytree of
-    them matching the params. activation: overrides the MLP activation ("gelu_tanh",
-    "sigmoid_gelu"). runtime: RuntimeConfig overrides, e.g. dtype="bfloat16", attention="cudnn",
+    them matching the params. mesh: instead of shardings, a (data, fsdp, tensor) mesh
+    (`edit_jax.sharding.make_mesh`) on which every param is placed as the logical-axis rules
+    table says. activation: overrides the MLP activation ("gelu_tanh", "sigmoid_gelu").
+    runtime: RuntimeConfig overrides, e.g. dtype="bfloat16", attention="cudnn",
     param_dtype="float32" (params are cast on restore).
     """
     from edit_jax.checkpoint import load_config, load_params
+    from edit_jax.sharding import mesh_shardings
 
     config = load_config(path)
     if activation is not None:
         config = config.replace(activation=activation)
     if runtime:
         config = config.with_runtime(**runtime)
-    params = load_params(path, abstract_params(config), shardings)
+    params = load_params(path, abstract_params(config), mesh_shardings(config, mesh, shardings))
     return build_model(config), params

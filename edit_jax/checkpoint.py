@@ -479,10 +479,15 @@ def _check_layout(where: Path, stored: dict, abstract: dict) -> None:
         raise CheckpointError(f"{where} does not fit the model config:\n  {listed}")
 
 
-def load_routers(path: str | Path, shardings=None) -> dict | None:
-    """The router subtree of a checkpoint (None when it has none), as stored."""
+def load_routers(path: str | Path, shardings=None, mesh=None) -> dict | None:
+    """The router subtree of a checkpoint (None when it has none), as stored; placed by
+    `shardings` (as `edit_jax.load`), or on `mesh` as the logical-axis rules say."""
     if ROUTERS_DIR not in tree_names(path):
         return None
+    if mesh is not None:
+        from edit_jax.sharding import mesh_shardings
+
+        shardings = mesh_shardings(load_config(path), mesh, shardings, "routers")
     meta = params_metadata(path, ROUTERS_DIR)  # checked; restored as stored
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(*m), meta, is_leaf=lambda x: isinstance(x, tuple))
     return _restore(resolve(path), ROUTERS_DIR, abstract, _leaf_shardings(shardings, abstract))

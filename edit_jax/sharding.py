@@ -78,10 +78,21 @@ def use_rules(overrides: dict | None):
 
 
 def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
-    """A Mesh over (data, fsdp, tensor) with Auto axis types; default: every device on fsdp."""
+    """A Mesh over (data, fsdp, tensor) with Auto axis types; default: every device on fsdp. One
+    axis may be -1: the devices the others leave, e.g. {"data": -1, "tensor": 2}."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     shape = shape or {"fsdp": devices.size}
-    sizes = tuple(shape.get(a, 1) for a in MESH_AXES)
+    if set(shape) - set(MESH_AXES):
+        raise ValueError(f"mesh {shape}: the axes are {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes):
+        raise ValueError(f"mesh {shape}: sizes are >= 1, and at most one of them -1 (the rest of the devices)")
+    if -1 in sizes:
+        rest = int(np.prod([s for s in sizes if s != -1]))
+        if devices.size % rest:
+            raise ValueError(f"mesh {shape}: the other axes ({rest} devices) do not divide the {devices.size} devices")
+        sizes[sizes.index(-1)] = devices.size // rest
+    sizes = tuple(sizes)
     if int(np.prod(sizes)) != devices.size:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {devices.size}")
     return Mesh(devices.reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -172,6 +183,16 @@ def param_shardings(config, mesh: Mesh, rules=None, collection: str = "params") 
         logical_axes(config, collection),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+
+
+def mesh_shardings(config, mesh: Mesh | None, shardings=None, collection: str = "params"):
+    """`shardings` as given, or with a mesh those of `param_shardings` (a loader takes one or the other)."""
+    if mesh is None:
+        return shardings
+    if shardings is not None:
+        raise ValueError("give shardings or mesh, not both: a mesh places every array as the rules table says")
+    check_auto_axes(mesh)
+    return param_shardings(config, mesh, collection=collection)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -45,9 +45,34 @@ def main():
             print(preset, name, f"relative error {error:.1e}")
         if preset == "flux-tiny":  # the sampler's sharding is the same for both families
             check_sampling(config, model, variables, sharded)
+            check_load_on_a_mesh(config, model, variables, arrays)
         check_activation_constraints(config, model, variables, sharded)
         check_modulation_kernels_stay_split(config, model, variables)
         check_blocks_move_no_weights(config, model, variables)
+
+
+def check_load_on_a_mesh(config, model, variables, arrays):
+    """edit_jax.load and load_routers with a mesh place every array by the rules table, and the
+    forward under that mesh equals the unsharded one."""
+    import tempfile
+
+    from edit_jax.checkpoint import save
+
+    mesh = make_mesh({"data": -1, "tensor": 2})
+    with tempfile.TemporaryDirectory() as tmp:
+        save(f"{tmp}/ckpt", config, variables["params"], variables["routers"])
+        model, params = edit_jax.load(f"{tmp}/ckpt", mesh=mesh)
+        routers = edit_jax.load_routers(f"{tmp}/ckpt", mesh=mesh)
+    for tree, collection in ((params, "params"), (routers, "routers")):
+        expected = param_shardings(config, mesh, collection=collection)
+        assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), tree, expected))
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, **x))
+    expected = np.asarray(forward(variables["params"], arrays))
+    with jax.set_mesh(mesh):
+        got = np.asarray(forward(params, arrays))
+    error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    assert error <= 1e-5, error
+    print(config.family, "loaded on a mesh", f"relative error {error:.1e}")
 
 
 def check_sampling(config, model, variables, sharded):

@@ -20,6 +20,7 @@ SUBSTITUTIONS = (
     ("512", "8"),  # text tokens
     ("28", "2"),  # denoising steps
     ("cache_start=20", "cache_start=1"),
+    ('"tensor": 2', '"tensor": 1'),  # mesh axes: one CPU device
 )
 
 

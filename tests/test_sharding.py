@@ -12,8 +12,37 @@ def test_elastic_forwards_with_sharded_params_equal_unsharded():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("relative error") == 13
+    assert done.stdout.count("relative error") == 14
     assert done.stdout.count("modulation kernels stay split") == 2
+
+
+def test_a_mesh_axis_of_minus_one_takes_the_devices_the_others_leave():
+    import pytest
+
+    from edit_jax.sharding import make_mesh
+
+    assert dict(make_mesh({"data": -1, "tensor": 1}).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    with pytest.raises(ValueError, match="do not divide the 1 devices"):
+        make_mesh({"data": -1, "tensor": 2})
+    with pytest.raises(ValueError, match="at most one of them -1"):
+        make_mesh({"data": -1, "fsdp": -1})
+    with pytest.raises(ValueError, match="the axes are"):
+        make_mesh({"model": 1})
+
+
+def test_load_takes_shardings_or_a_mesh_not_both(tmp_path):
+    import jax
+    import pytest
+    from jax.sharding import SingleDeviceSharding
+
+    import edit_jax
+    from edit_jax.checkpoint import save
+    from edit_jax.sharding import make_mesh
+
+    config = edit_jax.preset("flux-tiny")
+    save(tmp_path / "ckpt", config, edit_jax.init_params(config))
+    with pytest.raises(ValueError, match="give shardings or mesh, not both"):
+        edit_jax.load(tmp_path / "ckpt", shardings=SingleDeviceSharding(jax.devices()[0]), mesh=make_mesh())
 
 
 def test_a_mesh_with_explicit_axes_is_rejected_with_a_clear_message():
