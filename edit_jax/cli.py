@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -137,6 +138,19 @@ def at_least(low: float, kind=int, strict: bool = False):
         return value
 
     return parse
+
+
+def mesh_shape(text: str) -> dict[str, int]:
+    """--mesh AXIS=N[,AXIS=N...] (axes data, fsdp, tensor; one N may be -1: the rest of the devices)."""
+    from edit_jax.sharding import MESH_AXES
+
+    shape = {}
+    for part in text.split(","):
+        axis, _, size = part.partition("=")
+        if axis.strip() not in MESH_AXES or not size.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r}: give AXIS=N pairs, e.g. data=-1,tensor=2 (axes: {', '.join(MESH_AXES)})")
+        shape[axis.strip()] = int(size)
+    return shape
 
 
 def read_arrays(path: str, flag: str) -> dict:
@@ -293,15 +307,20 @@ def cmd_sample(args) -> int:
     if args.elastic != "dense":  # its flags checked before any weights are read
         elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision, cache=args.cache,
                                 cache_start=args.cache_start, delta_margin=args.delta_margin, max_reuse=args.max_reuse)
+    mesh = None
+    if args.mesh:
+        from edit_jax.sharding import make_mesh
+
+        mesh = make_mesh(args.mesh)
     data = read_embeddings(args.embeddings)
-    model, params = load(args.ckpt)
+    model, params = load(args.ckpt, mesh=mesh)
     config = model.config
     check_embeddings(config, data, args.embeddings)
     cond = conditions(config, data, args.height, args.width)
     negative = conditions(config, data, args.height, args.width, "negative_")
     batch = cond["encoder_hidden_states"].shape[0]
     if elastic is not None:
-        routers = load_routers(args.ckpt)
+        routers = load_routers(args.ckpt, mesh=mesh)
         if routers is None and args.fresh_routers:
             print("sample: no routers in the checkpoint: fresh full-capacity routers (every block runs at full "
                   "width; this measures the routers' cost, not their savings)", file=sys.stderr)
@@ -316,7 +335,7 @@ def cmd_sample(args) -> int:
     noise = initial_noise(jax.random.key(args.seed), batch, channels, args.height, args.width)
     print(f"sampling {batch} x {args.height}x{args.width} ({rows * cols} tokens), {args.steps} steps, "
           f"elastic {args.elastic}{' + cache' if args.cache else ''}", file=sys.stderr)
-    with tqdm(total=args.steps, desc="sample", unit="step") as bar:
+    with tqdm(total=args.steps, desc="sample", unit="step") as bar, jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
         latents, records = sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic,
                                   negative_cond=negative, progress=lambda i: bar.update(1))
         latents = jax.block_until_ready(latents)
@@ -614,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --elastic infer on a checkpoint without routers: fresh full-capacity routers")
     smp.add_argument("--cache", action="store_true", help="router-guided block cache: reuse a block's last residual when p is borderline")
     add_elastic_arguments(smp, cache_start=15)
+    smp.add_argument("--mesh", type=mesh_shape, default=None,
+                     help="run on a device mesh, e.g. data=-1 (the batch over every device) or data=-1,tensor=2 "
+                          "(params placed by the logical-axis rules); default: one device")
     smp.set_defaults(run=cmd_sample)
 
     order = command("order-channels", "sort elastic MLP channels by importance (before router training)", CALIBRATION_HELP)

@@ -252,7 +252,8 @@ def sample(
     With true CFG batched, records cover 2B rows ([conditional; unconditional]); sequential
     records stack the two calls' rows the same way. decisions: forced decisions for mode
     "forced" (see `make_velocity_fn`). `progress(step)` is called from the device after every
-    step (e.g. a tqdm update). What reads only the time embedding is computed for all steps
+    step (e.g. a tqdm update); in step order on one device, and without that guarantee when the
+    params are sharded over several or a mesh is set. What reads only the time embedding is computed for all steps
     ahead of the loop, so that its kernels are read once per run: the blocks' AdaLN modulations
     (`edit_jax.models.block_modulations`) and, where routers run, theirs (`router_modulations`).
     They are held for the whole run: at full size in bfloat16 about 2 MB per step and row for
@@ -280,14 +281,21 @@ def sample(
     arrays = [_split_static(c)[0] for c in conditions]
     statics = [_split_static(c)[1] for c in conditions]
 
+    ordered = len(_devices(params)) <= 1 and jax.sharding.get_abstract_mesh().empty
     run = _runner(model, sampler, elastic, tuple(tuple(st.items()) for st in statics), batch, rescale, batched_cfg,
-                  cfg, decisions if callable(decisions) else None, progress)
+                  cfg, decisions if callable(decisions) else None, progress, ordered)
     forced = None if callable(decisions) else decisions
     return run(params, routers, noise, arrays, states, jnp.asarray(sigmas), t_model, forced)
 
 
+def _devices(tree) -> set:
+    """The devices a pytree's concrete arrays live on."""
+    return {d for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+            for d in x.sharding.device_set}
+
+
 @functools.lru_cache(maxsize=32)
-def _runner(model, sampler, elastic, statics, batch, rescale, batched_cfg, cfg, decisions_fn, progress):
+def _runner(model, sampler, elastic, statics, batch, rescale, batched_cfg, cfg, decisions_fn, progress, ordered):
     """The jitted sampling loop for one static setup (compiled once, reused across calls)."""
 
     def guided(v_cond, v_uncond):
@@ -334,7 +342,7 @@ def _runner(model, sampler, elastic, statics, batch, rescale, batched_cfg, cfg, 
                 aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b]) if jnp.ndim(a) else a + b, aux_c, aux_u)
             x = (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(x.dtype)
             if progress is not None:
-                jax.debug.callback(progress, i, ordered=True)
+                jax.debug.callback(progress, i, ordered=ordered)  # JAX orders callbacks on one device only
             record = {k: aux[k] for k in ("p", "executed", "cache_hit", "bucket") if k in aux}
             if "flops" in aux:
                 record["flops_total"] = aux["flops"]["total"]

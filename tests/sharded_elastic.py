@@ -46,6 +46,7 @@ def main():
         if preset == "flux-tiny":  # the sampler's sharding is the same for both families
             check_sampling(config, model, variables, sharded)
             check_load_on_a_mesh(config, model, variables, arrays)
+            check_the_sample_command_on_a_mesh(config, variables)
         check_activation_constraints(config, model, variables, sharded)
         check_modulation_kernels_stay_split(config, model, variables)
         check_blocks_move_no_weights(config, model, variables)
@@ -73,6 +74,32 @@ def check_load_on_a_mesh(config, model, variables, arrays):
     error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
     assert error <= 1e-5, error
     print(config.family, "loaded on a mesh", f"relative error {error:.1e}")
+
+
+def check_the_sample_command_on_a_mesh(config, variables):
+    """`edit-jax sample --mesh data=-1,tensor=2` with E-DiT and the cache gives the one-device latents."""
+    import contextlib
+    import io
+    import tempfile
+
+    from edit_jax.checkpoint import save
+    from edit_jax.cli import main
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(f"{tmp}/ckpt", config, variables["params"], variables["routers"])
+        np.savez(f"{tmp}/emb.npz", prompt_embeds=rng.standard_normal((4, 8, config.joint_attention_dim)).astype(np.float32),
+                 pooled_prompt_embeds=rng.standard_normal((4, config.pooled_projection_dim)).astype(np.float32))
+        latents = {}
+        for name, extra in (("one device", []), ("mesh", ["--mesh", "data=-1,tensor=2"])):
+            args = ["sample", f"{tmp}/ckpt", "--embeddings", f"{tmp}/emb.npz", "--out", f"{tmp}/{name}", "--height", "64",
+                    "--width", "64", "--steps", "3", "--elastic", "infer", "--cache", "--cache-start", "1", *extra]
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                assert main(args) == 0, name
+            latents[name] = np.load(f"{tmp}/{name}/latents.npy")
+    error = np.linalg.norm(latents["mesh"] - latents["one device"]) / np.linalg.norm(latents["one device"])
+    assert error <= 1e-5, error
+    print(config.family, "sample --mesh", f"relative error {error:.1e}")
 
 
 def check_sampling(config, model, variables, sharded):

@@ -65,7 +65,8 @@ def test_bad_flag_is_rejected_by_the_parser(capsys):
     (["eval", "c", "--embeddings", "e.npz", "--repeats", "0"], "argument --repeats: 0 must be >= 1"),
     (["export", "c", "o", "--shard-gb", "nan"], "argument --shard-gb: nan must be > 0"),
     (["generate", "--model", "m", "--prompt", "p", "--height", "ten"], "argument --height: 'ten' is not an integer"),
-], ids=["no-steps", "no-repeats", "nan-shard-size", "height-not-a-number"])
+    (["sample", "c", "--embeddings", "e.npz", "--out", "o", "--mesh", "data"], "argument --mesh: 'data': give AXIS=N pairs"),
+], ids=["no-steps", "no-repeats", "nan-shard-size", "height-not-a-number", "mesh-unreadable"])
 def test_a_count_or_size_out_of_range_is_rejected_by_the_parser(capsys, args, message):
     with pytest.raises(SystemExit) as e:
         main(args)
@@ -202,7 +203,8 @@ def sample_args(ckpt, emb, out, *extra):
     (["--elastic", "infer"], "has no routers"),
     (["--embeddings", "{tmp}/nan.npz"], "'prompt_embeds' holds NaN or infinite values"),
     (["--embeddings", "{tmp}/rows.npz"], "pooled_projections has shape (2, 32), expected [1, 32]"),
-], ids=["size", "embeddings", "out-is-a-file", "no-routers", "nan", "rows"])
+    (["--mesh", "data=2"], "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} needs 2 devices, have 1"),
+], ids=["size", "embeddings", "out-is-a-file", "no-routers", "nan", "rows", "mesh-too-large"])
 def test_bad_sample_input_is_one_clear_error_before_any_work(flux_small_ckpt, tmp_path, capsys, extra, message):
     import numpy as np
 
@@ -222,6 +224,16 @@ def test_sample_with_fresh_routers_runs_e_dit_on_a_checkpoint_without_routers(fl
     assert main(sample_args(ckpt, emb, tmp_path / "out", "--elastic", "infer", "--fresh-routers")) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["executed_fraction_per_step"] == [1.0, 1.0]  # full-capacity routers keep every block
+
+
+def test_sample_on_a_mesh_of_every_device_gives_the_one_device_latents(flux_small_ckpt, tmp_path):
+    import numpy as np
+
+    ckpt, emb = flux_small_ckpt
+    assert main(sample_args(ckpt, emb, tmp_path / "one")) == 0
+    assert main(sample_args(ckpt, emb, tmp_path / "mesh", "--mesh", "data=-1")) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "mesh" / "latents.npy"), np.load(tmp_path / "one" / "latents.npy"),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_dense_sample_writes_no_records(flux_small_ckpt, tmp_path):

@@ -126,3 +126,18 @@ def make_photos(folder):
     for i, size in enumerate(((80, 80), (120, 70), (70, 120))):
         Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8)).save(folder / f"photo-{i}.png")
         (folder / f"photo-{i}.txt").write_text(f"photo number {i}")
+
+
+def test_every_flag_of_the_readme_synopsis_is_one_its_command_takes():
+    from edit_jax.cli import build_parser
+
+    block = README.read_text().split("\n## CLI\n", 1)[1].split("```\n")[1]  # the section's first fenced block
+    commands = build_parser()._subparsers._group_actions[0].choices
+    named, command = [], None
+    for line in block.splitlines():
+        if line.startswith("edit-jax "):
+            command = line.split()[1]
+        for flag in re.findall(r"--[a-z][a-z-]*", line.split("#")[0]):
+            named.append((command, flag))
+    unknown = [(c, f) for c, f in named if f not in commands[c]._option_string_actions]
+    assert len(named) > 40 and not unknown
