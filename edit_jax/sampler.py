@@ -252,9 +252,9 @@ def sample(
     With true CFG batched, records cover 2B rows ([conditional; unconditional]); sequential
     records stack the two calls' rows the same way. decisions: forced decisions for mode
     "forced" (see `make_velocity_fn`). `progress(step)` is called from the device after every
-    step (e.g. a tqdm update); in step order on one device, and without that guarantee when the
-    params are sharded over several or a mesh is set. What reads only the time embedding is computed for all steps
-    ahead of the loop, so that its kernels are read once per run: the blocks' AdaLN modulations
+    step (e.g. a tqdm update); in step order on one device, without that guarantee when the params
+    are sharded over several or a mesh is set. What reads only the time embedding is computed for
+    all steps ahead of the loop, so that its kernels are read once per run: the blocks' AdaLN modulations
     (`edit_jax.models.block_modulations`) and, where routers run, theirs (`router_modulations`).
     They are held for the whole run: at full size in bfloat16 about 2 MB per step and row for
     FLUX.1-dev (59 MB for 28 steps), 4.4 MB for Qwen-Image (124 MB), routers' not counted."""
