@@ -153,6 +153,19 @@ def mesh_shape(text: str) -> dict[str, int]:
     return shape
 
 
+def add_mesh_argument(parser) -> None:
+    parser.add_argument("--mesh", type=mesh_shape, default=None,
+                        help="run on a device mesh, e.g. data=-1 (the batch over every device) or data=-1,tensor=2 "
+                             "(params placed by the logical-axis rules); default: one device")
+
+
+def mesh_of(args):
+    """The device mesh --mesh asks for (checked against the devices there are), or None."""
+    from edit_jax.sharding import make_mesh
+
+    return make_mesh(args.mesh) if args.mesh else None
+
+
 def read_arrays(path: str, flag: str) -> dict:
     """The named arrays of an .npz or .safetensors file; a ValueError naming the flag otherwise,
     or naming the array that holds NaN or infinite values (they would give NaN samples)."""
@@ -307,11 +320,7 @@ def cmd_sample(args) -> int:
     if args.elastic != "dense":  # its flags checked before any weights are read
         elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision, cache=args.cache,
                                 cache_start=args.cache_start, delta_margin=args.delta_margin, max_reuse=args.max_reuse)
-    mesh = None
-    if args.mesh:
-        from edit_jax.sharding import make_mesh
-
-        mesh = make_mesh(args.mesh)
+    mesh = mesh_of(args)
     data = read_embeddings(args.embeddings)
     model, params = load(args.ckpt, mesh=mesh)
     config = model.config
@@ -467,7 +476,7 @@ def cmd_eval(args) -> int:
                             cache_start=args.steps // 3 if args.cache_start is None else args.cache_start,
                             delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     summary = evaluate_checkpoint(args.ckpt, args.embeddings, out, args.height, args.width, args.steps, args.seed,
-                                  elastic, args.guidance, args.repeats, args.vae, args.tile_size)
+                                  elastic, args.guidance, args.repeats, args.vae, args.tile_size, mesh_of(args))
     remove_stale_outputs(out, earlier)
     print(json.dumps(summary, indent=2))
     return 0
@@ -588,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--vae", help="a FLUX VAE folder (diffusers vae/): decode every method's latents, compare the "
                                   "images with dense's and write them as PNGs")
     ev.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels")
+    add_mesh_argument(ev)
     ev.set_defaults(run=cmd_eval)
 
     convert = command("convert", "PyTorch weights -> edit-jax orbax checkpoint")
@@ -633,9 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --elastic infer on a checkpoint without routers: fresh full-capacity routers")
     smp.add_argument("--cache", action="store_true", help="router-guided block cache: reuse a block's last residual when p is borderline")
     add_elastic_arguments(smp, cache_start=15)
-    smp.add_argument("--mesh", type=mesh_shape, default=None,
-                     help="run on a device mesh, e.g. data=-1 (the batch over every device) or data=-1,tensor=2 "
-                          "(params placed by the logical-axis rules); default: one device")
+    add_mesh_argument(smp)
     smp.set_defaults(run=cmd_sample)
 
     order = command("order-channels", "sort elastic MLP channels by importance (before router training)", CALIBRATION_HELP)

@@ -90,9 +90,11 @@ def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:
 
 def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: int, steps: int, seed: int = 0,
                         elastic: ElasticConfig | None = None, guidance: float = 3.5, repeats: int = 3,
-                        vae: str | None = None, tile_size: int = 1024) -> dict:
+                        vae: str | None = None, tile_size: int = 1024, mesh=None) -> dict:
     """Dense vs E-DiT vs E-DiT + cache on a checkpoint with routers, from the same noise; with a
-    FLUX VAE folder (`vae`), the decoded images are compared too and written as PNGs."""
+    FLUX VAE folder (`vae`), the decoded images are compared too and written as PNGs. mesh: the
+    transformer's params and routers placed on it by the rules table, and sampled under it."""
+    import contextlib
     import dataclasses
 
     from edit_jax import load
@@ -102,10 +104,10 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map
 
     data = read_embeddings(embeddings)
-    model, params = load(ckpt)
+    model, params = load(ckpt, mesh=mesh)
     config = model.config
     check_embeddings(config, data, embeddings)
-    routers = load_routers(ckpt)
+    routers = load_routers(ckpt, mesh=mesh)
     if routers is None:
         raise CheckpointError(f"{ckpt} has no routers to evaluate: train them (`edit-jax train`) or convert an E-DiT release")
     cond = conditions(config, data, height, width)
@@ -124,7 +126,9 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     results, latents, images, edit_records = {}, {}, {}, None
     for name, kwargs in methods.items():
         print(f"eval: {name}", flush=True)
-        x, stats, records = run_method(model, params, noise, cond, sampler, timing_rows=batch, repeats=repeats, **kwargs)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            x, stats, records = run_method(model, params, noise, cond, sampler, timing_rows=batch, repeats=repeats,
+                                           **kwargs)
         latents[name] = np.asarray(unpack_latents(x, height, width))
         results[name] = {**stats, **fidelity(latents["dense"], latents[name])}
         if decoder is not None:
@@ -156,7 +160,7 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
                "steps": steps, "seed": seed, "prompts": batch, "tau": elastic.tau, "decision": elastic.decision,
                "cache": {"cache_start": elastic.cache_start, "delta_margin": elastic.delta_margin,
                          "max_reuse": elastic.max_reuse},
-               "backend": jax.default_backend(), "methods": results,
+               "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape), "methods": results,
                "pictures": [str(out / "router_map.png"), str(out / "fidelity_vs_flops.png")]}
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -77,14 +77,16 @@ def tiny_routed_ckpt(tmp_path):
     return tmp_path / "ckpt", tmp_path / "emb.npz"
 
 
-def test_eval_compares_edit_and_the_cache_with_dense_from_the_same_noise(tiny_routed_ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("mesh", [None, "data=-1"], ids=["one-device", "on-a-mesh"])
+def test_eval_compares_edit_and_the_cache_with_dense_from_the_same_noise(tiny_routed_ckpt, tmp_path, capsys, mesh):
     ckpt, emb = tiny_routed_ckpt
     # fresh routers open every block at p = 0.7: a margin of 0.3 makes every block borderline for the cache
     args = ["eval", str(ckpt), "--embeddings", str(emb), "--out", str(tmp_path / "out"), "--height", "32",
             "--width", "32", "--steps", "4", "--cache-start", "1", "--delta-margin", "0.3", "--repeats", "1"]
-    assert main(args) == 0
+    assert main(args + (["--mesh", mesh] if mesh else [])) == 0
 
     summary = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert summary["mesh"] == (None if mesh is None else {"data": 1, "fsdp": 1, "tensor": 1})
     methods = summary["methods"]
     assert set(methods) == {"dense", "E-DiT", "E-DiT + cache"}
     assert all(COST_FIELDS | {"psnr_db", "ssim"} <= set(m) for m in methods.values())
