@@ -282,18 +282,23 @@ def check_output_folder(out: str, command: str) -> Path:
 
 
 def earlier_outputs(out: Path, command: str) -> dict[str, tuple[int, int]]:
-    """The files an earlier `command` run left in `out`: name -> (inode, mtime in ns)."""
+    """The files an earlier `command` run left in `out`: name -> their `_stamp`."""
     import re
 
     files = [p for p in out.iterdir() if p.is_file() and re.fullmatch(OUTPUTS[command], p.name)] if out.is_dir() else []
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    return {p.name: _stamp(p) for p in files}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(inode, mtime in ns): changed by any rewrite of the file."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def remove_stale_outputs(out: Path, earlier: dict[str, tuple[int, int]]) -> list[str]:
     """After a successful run: removes the `earlier_outputs` that this run did not rewrite (e.g.
     the records of an E-DiT sample beside a later dense one's latents); returns their names."""
-    stale = [name for name, stamp in earlier.items()
-             if (out / name).is_file() and ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stamp]
+    stale = [name for name, stamp in earlier.items() if (out / name).is_file() and _stamp(out / name) == stamp]
     for name in stale:
         (out / name).unlink()
     return stale

@@ -77,25 +77,31 @@ def use_rules(overrides: dict | None):
         _ACTIVE_RULES.reset(token)
 
 
+def mesh_sizes(shape: dict[str, int], num_devices: int) -> dict[str, int]:
+    """{axis: size} over (data, fsdp, tensor) for `num_devices`, an axis of -1 given the devices the
+    others leave; a ValueError naming the problem when the sizes cannot make such a mesh."""
+    if set(shape) - set(MESH_AXES):
+        raise ValueError(f"mesh {shape}: the axes are {MESH_AXES}")
+    sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+    if list(sizes.values()).count(-1) > 1 or any(s < 1 and s != -1 for s in sizes.values()):
+        raise ValueError(f"mesh {shape}: sizes are >= 1, and at most one of them -1 (the rest of the devices)")
+    rest = int(np.prod([s for s in sizes.values() if s != -1]))
+    if -1 in sizes.values():
+        if num_devices % rest:
+            raise ValueError(f"mesh {shape} does not divide the {num_devices} devices (its other axes span {rest}, "
+                             f"which do not divide the {num_devices} devices)")
+        sizes = {a: num_devices // rest if s == -1 else s for a, s in sizes.items()}
+    if int(np.prod(list(sizes.values()))) != num_devices:
+        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, have {num_devices}")
+    return sizes
+
+
 def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
     """A Mesh over (data, fsdp, tensor) with Auto axis types; default: every device on fsdp. One
     axis may be -1: the devices the others leave, e.g. {"data": -1, "tensor": 2}."""
     devices = np.asarray(jax.devices() if devices is None else devices)
-    shape = shape or {"fsdp": devices.size}
-    if set(shape) - set(MESH_AXES):
-        raise ValueError(f"mesh {shape}: the axes are {MESH_AXES}")
-    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
-    if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes):
-        raise ValueError(f"mesh {shape}: sizes are >= 1, and at most one of them -1 (the rest of the devices)")
-    if -1 in sizes:
-        rest = int(np.prod([s for s in sizes if s != -1]))
-        if devices.size % rest:
-            raise ValueError(f"mesh {shape}: the other axes ({rest} devices) do not divide the {devices.size} devices")
-        sizes[sizes.index(-1)] = devices.size // rest
-    sizes = tuple(sizes)
-    if int(np.prod(sizes)) != devices.size:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {devices.size}")
-    return Mesh(devices.reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    sizes = mesh_sizes(shape or {"fsdp": devices.size}, devices.size)
+    return Mesh(devices.reshape(tuple(sizes.values())), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def check_auto_axes(mesh: Mesh) -> None:

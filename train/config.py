@@ -176,17 +176,12 @@ class TrainConfig:
 
     def mesh_shape(self, num_devices: int) -> dict[str, int]:
         """The mesh sizes over `num_devices`, -1 filled in; a ConfigError when they do not divide."""
-        sizes = {a: int(self.mesh.get(a, 1)) for a in MESH_AXES}
-        fixed = 1
-        for size in sizes.values():
-            fixed *= size if size != -1 else 1
-        if any(s == -1 for s in sizes.values()):
-            if num_devices % fixed:
-                raise ConfigError(f"mesh {self.mesh} does not divide the {num_devices} devices")
-            sizes = {a: num_devices // fixed if s == -1 else s for a, s in sizes.items()}
-        if sizes["data"] * sizes["fsdp"] * sizes["tensor"] != num_devices:
-            raise ConfigError(f"mesh {sizes} needs {sizes['data'] * sizes['fsdp'] * sizes['tensor']} devices, "
-                              f"there are {num_devices}")
+        from edit_jax.sharding import mesh_sizes
+
+        try:
+            sizes = mesh_sizes(self.mesh, num_devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         if (self.batch_size // self.grad_accum) % (sizes["data"] * sizes["fsdp"]):
             raise ConfigError(f"the micro-batch of {self.batch_size // self.grad_accum} is not divisible by the "
                               f"data-parallel size data x fsdp = {sizes['data'] * sizes['fsdp']}")
