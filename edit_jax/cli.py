@@ -452,7 +452,7 @@ def cmd_generate(args) -> int:
                       max_sequence_length=args.max_sequence_length, elastic=args.elastic, cache=args.cache,
                       cache_start=args.cache_start, tile_size=args.tile_size,
                       embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
-                      progress=not args.quiet)
+                      progress=not args.quiet, mesh=mesh_of(args))
     remove_stale_outputs(out, earlier)
     print(json.dumps(result["summary"], indent=2))
     return 0
@@ -569,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels (larger images decode in tiles)")
     gen.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
                      help="folder of cached prompt embeddings ('none': no cache)")
+    add_mesh_argument(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(run=cmd_generate)
 

@@ -50,25 +50,30 @@ def pipeline_family(folder: Path, role: str = "--model", unused: tuple[str, ...]
     return pipelines[name].family
 
 
-def load_transformer(folder: Path, family: str):
-    """(model, params, routers or None) from an edit-jax checkpoint or diffusers weights (converted in memory)."""
+def load_transformer(folder: Path, family: str, mesh=None):
+    """(model, params, routers or None) from an edit-jax checkpoint or diffusers weights (converted in
+    memory); with a device `mesh`, every array placed on it as the logical-axis rules table says."""
     import edit_jax
     from checkpoints_convert.convert import FAMILIES
     from checkpoints_convert.engine import build_params
     from checkpoints_convert.sources import open_source
     from edit_jax.checkpoint import load_routers
     from edit_jax.models import abstract_params, abstract_routers
+    from edit_jax.sharding import mesh_shardings
 
     if is_checkpoint(folder):
-        model, params = edit_jax.load(folder)
+        model, params = edit_jax.load(folder, mesh=mesh)
         if model.config.family != family:
             raise ValueError(f"{folder} is a {model.config.family} checkpoint in a {family} pipeline folder")
-        return model, params, load_routers(folder)
+        return model, params, load_routers(folder, mesh=mesh)
     source = open_source(folder)
     config, table, _, router_table = FAMILIES[family].prepare(source)
     config = config.with_runtime(param_dtype="float32")
     params = build_params(table, source, abstract_params(config))
     routers = build_params(router_table, source, abstract_routers(config)) if router_table is not None else None
+    if mesh is not None:
+        params = jax.device_put(params, mesh_shardings(config, mesh))
+        routers = None if routers is None else jax.device_put(routers, mesh_shardings(config, mesh, collection="routers"))
     return edit_jax.build_model(config), params, routers
 
 
@@ -108,12 +113,15 @@ def conditions(config, embeds: dict, height: int, width: int) -> dict:
 def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: float = 3.5, true_cfg: float = 1.0,
              negative_prompt: str | None = None, height: int = 1024, width: int = 1024, seed: int = 0,
              elastic: str = "dense", cache: bool = False, cache_start: int | None = None, tile_size: int = 1024,
-             max_sequence_length: int = 512, embeddings_cache=None, noise=None, progress: bool = True) -> dict:
+             max_sequence_length: int = 512, embeddings_cache=None, noise=None, progress: bool = True, mesh=None) -> dict:
     """Runs the three stages and writes OUT/image-N.png and OUT/generate.json; returns
     {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. guidance: FLUX.1-dev's embedded
     guidance (ignored by models without one); true_cfg > 1 with a negative prompt: true
     classifier-free guidance (Qwen-Image's usual 4.0). noise: packed initial latents (None: drawn
-    from the seed)."""
+    from the seed). mesh: a device mesh (`edit_jax.make_mesh`) for the transformer's params, routers
+    and denoising (the text encoders and the VAE run as without one)."""
+    import contextlib
+
     from tqdm.auto import tqdm
 
     from checkpoints_convert.vae import load_vae
@@ -145,7 +153,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     negative = encoder([negative_prompt] * len(prompts), store) if negative_prompt is not None else None
     timings["encode_s"] = time.perf_counter() - t0
 
-    model, params, routers = load_transformer(folder / "transformer", family)
+    model, params, routers = load_transformer(folder / "transformer", family, mesh)
     config = model.config
     vae_config, vae_params = load_vae(folder / "vae")
     if 4 * vae_config.latent_channels != config.in_channels or vae_config.downscale != 8:
@@ -165,7 +173,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
         settings = ElasticConfig(mode="infer", cache=cache, cache_start=steps // 3 if cache_start is None else cache_start)
 
     t0 = time.perf_counter()
-    with tqdm(total=steps, desc="denoise", unit="step", disable=not progress) as bar:
+    with (tqdm(total=steps, desc="denoise", unit="step", disable=not progress) as bar,
+          jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         latents, records = sample(model, params, noise, cond, sampler, routers=routers if settings else None,
                                   elastic=settings, negative_cond=negative_cond,
                                   progress=(lambda i: bar.update(1)) if progress else None)
@@ -188,7 +197,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
                "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,
                "seed": seed, "elastic": elastic, "cache": cache,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}, "images": [str(p) for p in paths],
-               "backend": jax.default_backend()}
+               "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape)}
     from eval.sampling_eval import routing_stats
 
     records = jax.tree.map(np.asarray, records)

@@ -1,10 +1,10 @@
 """Run in a subprocess by test_sharding.py with 8 simulated CPU devices: the elastic forwards (infer
 and forced, whose block weights stay stacked through the scan) with params sharded over (fsdp 4,
 tensor 2) equal the unsharded ones, and so does E-DiT sampling (its modulations computed ahead for
-every step; on FLUX); under a set mesh the models constrain their activations (the batch over data x
-fsdp) and still give the same result, on a mesh with every axis > 1 (dense, forced, infer, and
-with tokamax's attention run per shard); and under tensor parallelism no block moves weights
-between devices, dense or at narrow widths."""
+every step; on FLUX), through the sample and generate commands too; under a set mesh the models
+constrain their activations (the batch over data x fsdp) and still give the same result, on a mesh
+with every axis > 1 (dense, forced, infer, and with tokamax's attention run per shard); and under
+tensor parallelism no block moves weights between devices, dense or at narrow widths."""
 
 import os
 
@@ -47,6 +47,7 @@ def main():
             check_sampling(config, model, variables, sharded)
             check_load_on_a_mesh(config, model, variables, arrays)
             check_the_sample_command_on_a_mesh(config, variables)
+            check_the_generate_command_on_a_mesh()
         check_activation_constraints(config, model, variables, sharded)
         check_modulation_kernels_stay_split(config, model, variables)
         check_blocks_move_no_weights(config, model, variables)
@@ -100,6 +101,37 @@ def check_the_sample_command_on_a_mesh(config, variables):
     error = np.linalg.norm(latents["mesh"] - latents["one device"]) / np.linalg.norm(latents["one device"])
     assert error <= 1e-5, error
     print(config.family, "sample --mesh", f"relative error {error:.1e}")
+
+
+def check_the_generate_command_on_a_mesh():
+    """`edit-jax generate --mesh data=-1,tensor=2` on a diffusers FLUX pipeline folder (its
+    transformer converted in memory, then placed on the mesh) gives the one-device images."""
+    import contextlib
+    import io
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from edit_jax.cli import main
+    from tiny_pipeline import make_tiny_flux_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tiny_flux_pipeline(Path(tmp) / "FLUX.1-tiny")
+        images = {}
+        for name, extra in (("one device", []), ("mesh", ["--mesh", "data=-1,tensor=2"])):
+            args = ["generate", "--model", f"{tmp}/FLUX.1-tiny", "--prompt", "a red fox", "--prompt", "two cats",
+                    "--height", "64", "--width", "48", "--steps", "3", "--embeddings-cache", f"{tmp}/cache",
+                    "--out", f"{tmp}/{name}", "--quiet", *extra]
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                assert main(args) == 0, name
+            images[name] = np.stack([np.asarray(Image.open(f"{tmp}/{name}/image-{i}.png"), np.float32) for i in range(2)])
+        mesh = json.loads(Path(f"{tmp}/mesh/generate.json").read_text())["mesh"]
+    assert mesh == {"data": 4, "fsdp": 1, "tensor": 2}, mesh
+    assert np.abs(images["mesh"] - images["one device"]).max() <= 1, "a pixel moved by more than rounding"
+    error = np.linalg.norm(images["mesh"] - images["one device"]) / np.linalg.norm(images["one device"])
+    print("flux generate --mesh", f"relative error {error:.1e}")
 
 
 def check_sampling(config, model, variables, sharded):

@@ -149,7 +149,8 @@ def test_true_cfg_without_a_negative_prompt_is_one_clear_error(tiny_qwen_pipelin
     (["--cache"], "--cache and --cache-start act on E-DiT's routers: add --elastic infer"),
     (["--height", "1000"], "height 1000 is not a multiple of 16 pixels"),
     (["--max-sequence-length", "513"], "max_sequence_length 513: FLUX's T5 reads 1 to 512 tokens"),
-], ids=["cache-without-routers", "size", "longer-than-t5"])
+    (["--mesh", "tensor=64"], "needs 64 devices, have 1"),
+], ids=["cache-without-routers", "size", "longer-than-t5", "mesh-larger-than-the-devices"])
 def test_flags_that_cannot_work_are_one_clear_error_before_any_prompt_is_encoded(tiny_pipeline, tmp_path, capsys,
                                                                                   monkeypatch, flags, message):
     from pipelines import text_encoders
