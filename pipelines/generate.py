@@ -147,7 +147,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     timings = {}
 
     t0 = time.perf_counter()
-    encoder = TEXT_ENCODERS[family](folder, max_sequence_length)
+    encoder = TEXT_ENCODERS[family](folder, max_sequence_length, progress=progress)
     store = EmbeddingCache(embeddings_cache) if embeddings_cache else None
     embeds = encoder(prompts, store)
     negative = encoder([negative_prompt] * len(prompts), store) if negative_prompt is not None else None

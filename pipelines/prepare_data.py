@@ -122,7 +122,7 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
 
     vae_config, vae_params = load_vae(model_dir / "vae")
     encode = jax.jit(lambda p, x: vae_config.module().apply({"params": p}, x, method="encode")[0])
-    encoder = TEXT_ENCODERS[family](model_dir, max_sequence_length)
+    encoder = TEXT_ENCODERS[family](model_dir, max_sequence_length, progress=progress)
     chunks = [files[i : i + chunk] for i in range(0, len(files), chunk)]
     with tqdm(total=len(files), desc="prepare-data", unit="image", disable=not progress) as bar:
         for index, group in enumerate(chunks):

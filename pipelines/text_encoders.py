@@ -14,6 +14,7 @@ encoded once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -21,6 +22,23 @@ from pathlib import Path
 import numpy as np
 
 from edit_jax.checkpoint import resolve
+
+@contextlib.contextmanager
+def loading_bars(shown: bool):
+    """diffusers' and transformers' loading progress bars shown or not inside (as they were after)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    modules = (diffusers_logging, transformers_logging)
+    before = [m.is_progress_bar_enabled() for m in modules]
+    for m in modules:
+        m.enable_progress_bar() if shown else m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, enabled in zip(modules, before):
+            m.enable_progress_bar() if enabled else m.disable_progress_bar()
+
 
 def missing_components(folder: Path, names) -> list[str]:
     return [name for name in names if not (folder / name).is_dir()]
@@ -71,9 +89,10 @@ class TextEncoder:
     pipeline_class: str
     components: tuple[str, ...]
 
-    def __init__(self, folder: str | Path, max_sequence_length: int, device: str | None = None):
+    def __init__(self, folder: str | Path, max_sequence_length: int, device: str | None = None, progress: bool = True):
         import diffusers
         import torch
+        from diffusers.utils import is_accelerate_available
 
         self.folder = resolve(folder)
         missing = missing_components(self.folder, self.components)
@@ -83,8 +102,10 @@ class TextEncoder:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.max_sequence_length = max_sequence_length
         pipeline = getattr(diffusers, self.pipeline_class)
-        self.pipe = pipeline.from_pretrained(self.folder, transformer=None, vae=None, scheduler=None,
-                                             dtype=torch.float32, local_files_only=True).to(self.device)
+        with loading_bars(progress):  # accelerate only saves memory: no warning without it
+            self.pipe = pipeline.from_pretrained(self.folder, transformer=None, vae=None, scheduler=None,
+                                                 dtype=torch.float32, local_files_only=True,
+                                                 low_cpu_mem_usage=is_accelerate_available()).to(self.device)
         self.identity = fingerprint(self.folder, self.components)
 
     def key(self, prompt: str) -> str:
@@ -126,10 +147,11 @@ class FluxTextEncoder(TextEncoder):
     family, pipeline_class = "flux", "FluxPipeline"
     components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
-    def __init__(self, folder: str | Path, max_sequence_length: int = 512, device: str | None = None):
+    def __init__(self, folder: str | Path, max_sequence_length: int = 512, device: str | None = None,
+                 progress: bool = True):
         if not 1 <= max_sequence_length <= 512:  # as FluxPipeline checks it
             raise ValueError(f"max_sequence_length {max_sequence_length}: FLUX's T5 reads 1 to 512 tokens")
-        super().__init__(folder, max_sequence_length, device)
+        super().__init__(folder, max_sequence_length, device, progress)
 
     def encode(self, prompts: list[str]) -> dict:
         import torch
@@ -149,10 +171,11 @@ class QwenImageTextEncoder(TextEncoder):
     family, pipeline_class = "qwen-image", "QwenImagePipeline"
     components = ("text_encoder", "tokenizer")
 
-    def __init__(self, folder: str | Path, max_sequence_length: int = 512, device: str | None = None):
+    def __init__(self, folder: str | Path, max_sequence_length: int = 512, device: str | None = None,
+                 progress: bool = True):
         if not 1 <= max_sequence_length <= 1024:
             raise ValueError(f"max_sequence_length {max_sequence_length}: Qwen-Image reads 1 to 1024 tokens")
-        super().__init__(folder, max_sequence_length, device)
+        super().__init__(folder, max_sequence_length, device, progress)
 
     def encode(self, prompts: list[str]) -> dict:
         import torch

@@ -48,6 +48,17 @@ def test_the_embedding_cache_encodes_a_prompt_once(tiny_pipeline, tmp_path, monk
     assert other.key(PROMPTS[0]) != encoder.key(PROMPTS[0])  # the settings are part of the key
 
 
+def test_a_quiet_encoder_loads_without_progress_bars_and_leaves_them_as_they_were(tiny_pipeline, capsys):
+    from diffusers.utils import logging as diffusers_logging
+
+    from pipelines.text_encoders import FluxTextEncoder
+
+    _, folder = tiny_pipeline
+    FluxTextEncoder(folder, max_sequence_length=16, device="cpu", progress=False)
+    assert "Loading" not in capsys.readouterr().err
+    assert diffusers_logging.is_progress_bar_enabled()
+
+
 def test_generate_equals_the_diffusers_flux_pipeline(tiny_pipeline, tmp_path):
     from pipelines.generate import generate
 
