@@ -311,3 +311,10 @@ def test_help_shows_defaults_and_explains_the_embeddings(capsys):
         main(["sample", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # help wraps at the terminal's width
     assert "(default: 0.015)" in text and "pooled_prompt_embeds [B, 768]" in text and "--cache-start" in text
+
+
+def test_help_that_names_its_default_does_not_repeat_it(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: as stored)" in text and "(default: None)" not in text
