@@ -8,9 +8,10 @@ tables backward (each transform's inverse), never through a second hand-written 
                   released E-DiT layout, SPEC section 6; FLUX numbers its double blocks first, then
                   its single blocks)
 
-Arrays are read one source tensor at a time and written in shards of about `shard_bytes`: peak
-memory is about one shard plus the stacked params of one source tensor. The output folder appears
-only when complete.
+Arrays are read one source tensor at a time and, for diffusers, written in shards of about
+`shard_bytes` as each fills: peak memory is about one shard plus the stacked params of one source
+tensor (edit-release, one file, holds the whole model once). The output folder appears only when
+complete.
 """
 
 from __future__ import annotations
@@ -75,6 +76,46 @@ def _is_export(folder: Path) -> bool:
         return sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
 
 
+def _write_diffusers(folder: Path, tensors, shard_bytes: int) -> None:
+    """Writes the (key, tensor) pairs in shards of about `shard_bytes`, each as soon as it fills."""
+    weight_map, total, shard, size = {}, 0, {}, 0
+    for key, tensor in tensors:
+        shard[key] = tensor
+        size += tensor.nbytes
+        if size >= shard_bytes:
+            _write_shard(folder, shard, weight_map)
+            total, shard, size = total + size, {}, 0
+    if shard or not weight_map:
+        _write_shard(folder, shard, weight_map)
+        total += size
+    _name_shards(folder, weight_map, total)
+
+
+def _write_shard(folder: Path, tensors: dict, weight_map: dict) -> None:
+    """Writes `tensors` as the next shard under a provisional name (the count is known at the end)."""
+    from safetensors.numpy import save_file
+
+    name = f"shard-{len(set(weight_map.values())):05d}.safetensors"
+    save_file(tensors, folder / name, metadata={"format": "pt"})
+    weight_map.update({k: name for k in tensors})
+
+
+def _name_shards(folder: Path, weight_map: dict, total_bytes: int) -> None:
+    """Renames the shards to diffusers' names (one: diffusion_pytorch_model.safetensors; more:
+    -0000i-of-0000N and an index of `total_bytes`)."""
+    provisional = sorted(set(weight_map.values()))
+    if len(provisional) == 1:
+        names = {provisional[0]: f"{WEIGHTS}.safetensors"}
+    else:
+        names = {p: f"{WEIGHTS}-{i + 1:05d}-of-{len(provisional):05d}.safetensors" for i, p in enumerate(provisional)}
+    for old, new in names.items():
+        (folder / old).rename(folder / new)
+    if len(provisional) > 1:
+        index = {"metadata": {"total_size": int(total_bytes)},
+                 "weight_map": {k: names[v] for k, v in sorted(weight_map.items())}}
+        (folder / f"{WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def diffusers_config(config) -> dict:
     d = {k: v for k, v in config.architecture().items() if k not in OURS_ONLY}
     d["axes_dims_rope"] = list(d["axes_dims_rope"])
@@ -98,28 +139,11 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
         raise CheckpointError(f"{out} already exists" + (" and is not an earlier export (a diffusers config.json or "
                                                           "model.safetensors)" if overwrite else " (--overwrite replaces an earlier export)"))
     np_dtype = None if dtype is None else np.dtype(__import__("ml_dtypes").bfloat16 if dtype == "bfloat16" else dtype)
+    tensors = tqdm(_tensors(ckpt, tables, np_dtype), desc="export", unit="tensor", disable=not progress)
     with atomic_folder(out) as tmp:
-        shards, shard, size = [], {}, 0
-        for key, tensor in tqdm(_tensors(ckpt, tables, np_dtype), desc="export", unit="tensor", disable=not progress):
-            shard[key] = tensor
-            size += tensor.nbytes
-            if fmt == "diffusers" and size >= shard_bytes:
-                shards.append(shard)
-                shard, size = {}, 0
-        shards.append(shard)
-        if fmt == "edit-release":
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        if fmt == "edit-release":  # one file: the release layout is the whole model in one safetensors
+            save_file(dict(tensors), tmp / "model.safetensors", metadata={"format": "pt"})
         else:
-            names = [f"{WEIGHTS}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-            if len(shards) == 1:
-                names = [f"{WEIGHTS}.safetensors"]
-            weight_map = {}
-            for name, part in zip(names, shards):
-                save_file(part, tmp / name, metadata={"format": "pt"})
-                weight_map.update({k: name for k in part})
-            if len(shards) > 1:
-                index = {"metadata": {"total_size": int(sum(t.nbytes for s in shards for t in s.values()))},
-                         "weight_map": dict(sorted(weight_map.items()))}
-                (tmp / f"{WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            _write_diffusers(tmp, tensors, shard_bytes)
             (tmp / "config.json").write_text(json.dumps(diffusers_config(config), indent=2) + "\n")
     return out

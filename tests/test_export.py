@@ -34,6 +34,22 @@ def test_a_converted_model_exported_to_diffusers_loads_back_with_identical_outpu
     np.testing.assert_array_equal(run_diffusers(back, inputs), run_diffusers(torch_model, inputs))
 
 
+def test_a_diffusers_export_writes_each_shard_as_it_fills(save_diffusers, tmp_path, monkeypatch):
+    import checkpoints_convert.export as export
+
+    convert_checkpoint("flux", save_diffusers(make_diffusers_flux()), tmp_path / "ckpt", dtype="float32", progress=False)
+    read, read_at_write = [], []
+    tensors, write = export._tensors, export._write_shard
+    monkeypatch.setattr(export, "_tensors", lambda *a: (read.append(key) or (key, t) for key, t in tensors(*a)))
+    monkeypatch.setattr(export, "_write_shard", lambda *a: (read_at_write.append(len(read)), write(*a)))
+
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "exported", shard_bytes=20_000, progress=False)
+
+    assert len(read_at_write) > 2 and read_at_write == sorted(set(read_at_write))
+    assert read_at_write[0] < len(read) // 2  # the first shard left memory long before the last tensor was read
+    assert not list((tmp_path / "exported").glob("shard-*"))  # the provisional names are gone
+
+
 def test_qwen_release_routers_survive_export_and_import_unchanged(tmp_path):
     from test_qwen_image import fake_release
 
