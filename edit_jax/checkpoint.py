@@ -277,6 +277,22 @@ def atomic_folder(path: Path):
         _move_into_place(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yields a hidden temporary sibling path (with `path`'s suffix) to write one file to; when the
+    block ends it replaces `path`, and on an error, SIGINT or SIGTERM it is removed."""
+    path = resolve(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.incomplete-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"
+    with _sigterm_raises():
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
 def _move_into_place(tmp: Path, path: Path) -> None:
     """Renames the finished `tmp` to `path`, replacing what is there; no signal lands between
     the two renames, so `path` is always either the old or the new checkpoint."""

@@ -3,6 +3,7 @@
     edit-jax demo [--full] [--out DIR]              the fidelity demo on real digits
     edit-jax eval CKPT --embeddings FILE            dense vs E-DiT vs the cache on a real checkpoint
     edit-jax generate --model DIR --prompt TEXT     prompts to PNGs (FLUX.1 / Qwen-Image pipeline folder)
+    edit-jax encode-prompts --model DIR --prompts FILE --out FILE.npz   prompts to sample's and eval's embeddings
     edit-jax prepare-data IMAGES OUT --model DIR    captioned images to a training dataset
     edit-jax convert | export | inspect | order-channels | sample | train | smoke
 """
@@ -168,7 +169,8 @@ def mesh_of(args):
 
 def read_arrays(path: str, flag: str) -> dict:
     """The named arrays of an .npz or .safetensors file; a ValueError naming the flag otherwise,
-    or naming the array that holds NaN or infinite values (they would give NaN samples)."""
+    or naming the array that holds NaN or infinite values (they would give NaN samples). Arrays
+    of text (an embeddings file's prompts) are read as they are."""
     import numpy as np
 
     existing_file(path, flag)
@@ -183,7 +185,7 @@ def read_arrays(path: str, flag: str) -> dict:
     except Exception as e:  # numpy and safetensors raise many types for a file that is not theirs
         raise ValueError(f"{flag} {path} is not a readable .npz or .safetensors file: {e}") from e
     for key, value in data.items():
-        if value.dtype.kind not in "biu" and not np.isfinite(value.astype(np.float32)).all():
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
             raise ValueError(f"{flag} {path}: {key!r} holds NaN or infinite values")
     return data
 
@@ -458,6 +460,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_encode_prompts(args) -> int:
+    from pipelines.encode_prompts import encode_prompts
+
+    summary = encode_prompts(args.model, read_prompts(args), args.out, negative_prompt=args.negative_prompt,
+                             max_sequence_length=args.max_sequence_length, batch_size=args.batch_size,
+                             embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
+                             overwrite=args.overwrite, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_prepare_data(args) -> int:
     from pipelines.prepare_data import prepare_data
 
@@ -576,6 +589,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_argument(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(run=cmd_generate)
+
+    enc = command("encode-prompts", "prompts -> an embeddings .npz for `sample` and `eval` (the text encoders of a "
+                                    "FLUX.1 or Qwen-Image pipeline folder)")
+    enc.add_argument("--model", required=True, help="diffusers pipeline folder: model_index.json, the text encoders and "
+                                                      "their tokenizers (transformer/ and vae/ are not read)")
+    enc.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    enc.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a \"prompt\" field")
+    enc.add_argument("--negative-prompt", help="also store negative_* embeddings of this prompt, for true CFG")
+    enc.add_argument("--out", required=True, help="the .npz to write")
+    enc.add_argument("--max-sequence-length", type=at_least(1), default=512, help="text tokens (FLUX: T5's; Qwen-Image: at most)")
+    enc.add_argument("--batch-size", type=at_least(1), default=8, help="prompts encoded at once")
+    enc.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
+                     help="folder of cached prompt embeddings ('none': no cache)")
+    enc.add_argument("--overwrite", action="store_true", help="replace an earlier embeddings file at --out")
+    enc.add_argument("--quiet", action="store_true", help="no progress bars")
+    enc.set_defaults(run=cmd_encode_prompts)
 
     prep = command("prepare-data", "a folder of captioned images -> a training dataset (VAE latents and text "
                                     "embeddings in ArrayRecord files with a manifest)")

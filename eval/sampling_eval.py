@@ -162,6 +162,8 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
                          "max_reuse": elastic.max_reuse},
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape), "methods": results,
                "pictures": [str(out / "router_map.png"), str(out / "fidelity_vs_flops.png")]}
+    if "prompts" in data:  # the texts, in an `edit-jax encode-prompts` file
+        summary["prompt_texts"] = [str(t) for t in data["prompts"]]
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from edit_jax.cli import main
@@ -318,3 +319,10 @@ def test_help_that_names_its_default_does_not_repeat_it(capsys):
         main(["export", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: as stored)" in text and "(default: None)" not in text
+
+
+def test_an_embeddings_file_may_hold_its_prompts_as_text(tmp_path):
+    from edit_jax.cli import read_embeddings
+
+    np.savez(tmp_path / "emb.npz", prompt_embeds=np.zeros((1, 4, 8), np.float32), prompts=np.array(["a cat"]))
+    assert list(read_embeddings(str(tmp_path / "emb.npz"))["prompts"]) == ["a cat"]

@@ -59,6 +59,40 @@ def test_a_quiet_encoder_loads_without_progress_bars_and_leaves_them_as_they_wer
     assert diffusers_logging.is_progress_bar_enabled()
 
 
+def test_encode_prompts_writes_the_pipelines_embeddings_for_sample_and_eval(tiny_pipeline, tmp_path):
+    from edit_jax.cli import read_embeddings
+
+    pipe, folder = tiny_pipeline
+    assert main(["encode-prompts", "--model", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                 "--negative-prompt", "blurry", "--batch-size", "1", "--max-sequence-length", "16",
+                 "--embeddings-cache", "none", "--out", str(tmp_path / "emb.npz"), "--quiet"]) == 0
+    data = read_embeddings(str(tmp_path / "emb.npz"))
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(PROMPTS, prompt_2=None, device="cpu", max_sequence_length=16)
+        negative, negative_pooled, _ = pipe.encode_prompt(["blurry"] * 2, prompt_2=None, device="cpu",
+                                                          max_sequence_length=16)
+    np.testing.assert_allclose(data["prompt_embeds"], embeds.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(data["pooled_prompt_embeds"], pooled.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(data["negative_prompt_embeds"], negative.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(data["negative_pooled_prompt_embeds"], negative_pooled.numpy(), rtol=1e-5, atol=1e-6)
+    assert list(data["prompts"]) == PROMPTS
+    assert not [f.name for f in tmp_path.iterdir() if f.name != "emb.npz"]  # no scratch file left
+
+
+def test_encode_prompts_replaces_only_an_earlier_embeddings_file(tiny_pipeline, tmp_path, capsys):
+    _, folder = tiny_pipeline
+    args = ["encode-prompts", "--model", str(folder), "--prompt", "a cat", "--max-sequence-length", "8",
+            "--embeddings-cache", "none", "--quiet", "--out"]
+    (tmp_path / "notes.npz").write_text("mine")
+    assert main(args + [str(tmp_path / "notes.npz"), "--overwrite"]) == 2
+    assert "is not an embeddings file" in capsys.readouterr().err
+    assert (tmp_path / "notes.npz").read_text() == "mine"
+    assert main(args + [str(tmp_path / "emb.npz")]) == 0
+    assert main(args + [str(tmp_path / "emb.npz")]) == 2
+    assert "already exists (--overwrite replaces" in capsys.readouterr().err
+    assert main(args + [str(tmp_path / "emb.npz"), "--overwrite"]) == 0
+
+
 def test_generate_equals_the_diffusers_flux_pipeline(tiny_pipeline, tmp_path):
     from pipelines.generate import generate
 
@@ -130,6 +164,20 @@ def test_cached_qwen_prompts_are_padded_to_the_batchs_longest(tiny_qwen_pipeline
     np.testing.assert_array_equal(again["prompt_embeds_mask"], together["prompt_embeds_mask"])
     np.testing.assert_allclose(again["prompt_embeds"], together["prompt_embeds"], rtol=1e-5, atol=1e-6)
     assert apart[1]["prompt_embeds"].shape[1] == apart[1]["prompt_embeds_mask"].sum()  # alone: no padding
+
+
+def test_encoded_qwen_prompts_in_several_batches_are_padded_to_the_longest(tiny_qwen_pipeline, tmp_path):
+    from pipelines.encode_prompts import encode_prompts
+
+    pipe, folder = tiny_qwen_pipeline
+    summary = encode_prompts(folder, PROMPTS[::-1], tmp_path / "emb.npz", batch_size=1, progress=False)
+    with np.load(tmp_path / "emb.npz") as data:
+        ours = dict(data)
+    with torch.no_grad():
+        embeds, mask = pipe.encode_prompt(PROMPTS[::-1], device="cpu")
+    np.testing.assert_array_equal(ours["prompt_embeds_mask"], mask.numpy())
+    np.testing.assert_allclose(ours["prompt_embeds"], embeds.numpy(), rtol=1e-5, atol=1e-6)
+    assert summary["family"] == "qwen-image" and summary["arrays"]["prompt_embeds_mask"] == list(mask.shape)
 
 
 def test_generate_equals_the_diffusers_qwen_image_pipeline_with_true_cfg(tiny_qwen_pipeline, tmp_path):
