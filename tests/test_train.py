@@ -223,6 +223,37 @@ def test_sigterm_during_training_saves_a_checkpoint_and_exits(tmp_path):
     assert saved and max(saved) >= 2
 
 
+def test_sigterm_to_one_process_of_two_stops_both_at_one_saved_step(tmp_path):
+    """A preemption notice that reaches one process of a multi-process run: both save the same
+    step (JAX's preemption service agrees on it) and exit, instead of a collective mismatch."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [run_cli(tmp_path / "run", 2, "mesh.data=2", "mesh.fsdp=2", "steps=100000", "save_every=100000",
+                     wait=False, env_extra={"EDIT_JAX_COORDINATOR": f"localhost:{port}", "EDIT_JAX_NUM_PROCESSES": "2",
+                                            "EDIT_JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, "the run did not reach step 2"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, errs[0][-3000:] + errs[1][-3000:]
+    assert "checkpoint saved" in errs[0]
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 2
+
+
 def test_the_cli_trains_from_overrides_alone(tmp_path, capsys):
     from edit_jax.cli import main
 

@@ -9,6 +9,7 @@ EDIT_JAX_PROCESS_ID. Call before anything touches a device.
 from __future__ import annotations
 
 import os
+import signal
 
 from edit_jax.config import ConfigError
 
@@ -47,3 +48,35 @@ def _int_env(name: str) -> int | None:
         return int(value)
     except ValueError as e:
         raise ConfigError(f"{name}={value!r} is not an integer") from e
+
+
+class Preemption:
+    """A preemption notice (SIGTERM) as one decision of every process: `reached(step)` is True at
+    the step where all of them save and stop. One process: a SIGTERM handler inside the `with`
+    block, and the step after it. Several: JAX's preemption service, which catches SIGTERM itself
+    (so no Python handler replaces its own), tells every process and picks the step after the
+    furthest one; `reached` must then be called by every process at every step."""
+
+    def __init__(self):
+        import jax
+
+        self.shared = jax.process_count() > 1
+        self.signal = None
+        self._previous = None
+
+    def __enter__(self):
+        if not self.shared:
+            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "signal", signum))
+        return self
+
+    def __exit__(self, *exc):
+        if not self.shared:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step: int) -> bool:
+        if self.shared:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal = signal.SIGTERM
+        return self.signal is not None

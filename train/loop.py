@@ -6,16 +6,16 @@ Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl (and eval.jsonl), TensorBoard 
 checkpoints in RUN_DIR/checkpoints (trainable params, optimizer state, step, the data iterator;
 the last `keep`), and at the end RUN_DIR/edit-jax, an edit-jax checkpoint with the trained routers
 that `edit-jax sample` reads. A rerun with the same RUN_DIR resumes from the latest complete
-checkpoint and continues exactly (same batches, same noise), on any mesh; a SIGTERM (preemption)
-saves before exiting. In a multi-process run (train/distributed.py) only process 0 writes logs
-and metadata; every process takes part in the checkpoints.
+checkpoint and continues exactly (same batches, same noise), on any mesh; a SIGTERM (preemption),
+to any of a run's processes, saves before exiting (train/distributed.py: Preemption). In a
+multi-process run only process 0 writes logs and metadata; every process takes part in the
+checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +32,7 @@ from edit_jax.models import abstract_params, build_model, init_variables
 from edit_jax.sharding import batch_sharding, describe, make_mesh, param_shardings, replicated, use_rules
 from train.config import TrainConfig
 from train.data import DataSource, shared_inputs
+from train.distributed import Preemption
 from train.run_dir import changed_settings, check_run_dir, describe_changes, run_config
 from train.step import make_loss_fn, make_optimizer, make_train_step
 
@@ -253,8 +254,6 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
         step_for(*pending)  # compiled ahead of the loop
 
     # ---- Loop ---------------------------------------------------------------------------------
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     writer = None
     if is_main:
         from tensorboardX import SummaryWriter
@@ -262,57 +261,61 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
         writer = SummaryWriter(str(run_dir / "tb"))
     metrics = {}
     tracing = ProfileWindow(config, run_dir, enabled=is_main)
-    try:
-        from tqdm.auto import tqdm
+    with Preemption() as preemption:
+        try:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(range(start, end), initial=start, total=config.steps, desc="train", unit="step",
-                   disable=not (progress and is_main))
-        for step in bar:
-            tracing.before(step)
-            t0 = time.perf_counter()
-            batch, grid = pending if pending is not None else data.next(step)
-            pending = None
-            trainable, opt_state, metrics = step_for(batch, grid)(trainable, opt_state, frozen, batch, jnp.int32(step))
-            done = step + 1
-            tracing.after(done, trainable)
-            if done % config.log_every == 0 or done == end:
-                metrics = jax.device_get(metrics)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise TrainingError(f"the loss is {loss} at step {done}: stopping (lower learning_rate, or check "
-                                        "the data); the last good checkpoint is kept")
-                seconds = time.perf_counter() - t0  # the step and its metrics' transfer
-                record = {"step": done, "step_time_s": seconds,
-                          "model_tflops_per_s": step_flops(model_config, batch, grid, config) / seconds / 1e12,
-                          **{k: np.asarray(v).tolist() for k, v in metrics.items()}}
-                if writer is not None:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    for k, v in record.items():
-                        if np.ndim(v) == 0 and k != "step":
-                            writer.add_scalar(k, v, done)
-                bar.set_postfix(loss=f"{loss:.4f}", open=f"{float(metrics['open_rate']):.2f}")
-            if evaluate is not None and (done % config.eval_every == 0 or done == config.steps):
-                scores = evaluate(trainable, frozen)
-                if writer is not None:
-                    with open(run_dir / "eval.jsonl", "a") as f:
-                        f.write(json.dumps({"step": done, "held_out": held_out_eval(config),
-                                            **{k: v.tolist() for k, v in scores.items()}}) + "\n")
-                    for k, v in scores.items():
-                        if np.ndim(v) == 0:
-                            writer.add_scalar(k, v, done)
-            if done % config.save_every == 0 or done == end or stop["signal"] is not None:
-                save_checkpoint(done)
-            if stop["signal"] is not None:
-                manager.wait_until_finished()
-                print(f"stopped by signal {stop['signal']} after step {done}; checkpoint saved", file=sys.stderr)
-                raise SystemExit(128 + stop["signal"])
-        manager.wait_until_finished()
-    finally:
-        tracing.stop()
-        signal.signal(signal.SIGTERM, previous)
-        if writer is not None:
-            writer.close()
+            bar = tqdm(range(start, end), initial=start, total=config.steps, desc="train", unit="step",
+                       disable=not (progress and is_main))
+            for step in bar:
+                tracing.before(step)
+                t0 = time.perf_counter()
+                batch, grid = pending if pending is not None else data.next(step)
+                pending = None
+                trainable, opt_state, metrics = step_for(batch, grid)(trainable, opt_state, frozen, batch,
+                                                                      jnp.int32(step))
+                done = step + 1
+                tracing.after(done, trainable)
+                if done % config.log_every == 0 or done == end:
+                    metrics = jax.device_get(metrics)
+                    loss = float(metrics["loss"])
+                    if not math.isfinite(loss):
+                        raise TrainingError(f"the loss is {loss} at step {done}: stopping (lower learning_rate, or "
+                                            "check the data); the last good checkpoint is kept")
+                    seconds = time.perf_counter() - t0  # the step and its metrics' transfer
+                    record = {"step": done, "step_time_s": seconds,
+                              "model_tflops_per_s": step_flops(model_config, batch, grid, config) / seconds / 1e12,
+                              **{k: np.asarray(v).tolist() for k, v in metrics.items()}}
+                    if writer is not None:
+                        with open(run_dir / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        for k, v in record.items():
+                            if np.ndim(v) == 0 and k != "step":
+                                writer.add_scalar(k, v, done)
+                    bar.set_postfix(loss=f"{loss:.4f}", open=f"{float(metrics['open_rate']):.2f}")
+                if evaluate is not None and (done % config.eval_every == 0 or done == config.steps):
+                    scores = evaluate(trainable, frozen)
+                    if writer is not None:
+                        with open(run_dir / "eval.jsonl", "a") as f:
+                            f.write(json.dumps({"step": done, "held_out": held_out_eval(config),
+                                                **{k: v.tolist() for k, v in scores.items()}}) + "\n")
+                        for k, v in scores.items():
+                            if np.ndim(v) == 0:
+                                writer.add_scalar(k, v, done)
+                preempted = preemption.reached(done)
+                if done % config.save_every == 0 or done == end or preempted:
+                    save_checkpoint(done)
+                if preempted:
+                    manager.wait_until_finished()
+                    if is_main:
+                        print(f"stopped by signal {preemption.signal} (preemption) after step {done}; checkpoint saved",
+                              file=sys.stderr)
+                    raise SystemExit(128 + preemption.signal)
+            manager.wait_until_finished()
+        finally:
+            tracing.stop()
+            if writer is not None:
+                writer.close()
     if end == config.steps:
         export_final(run_dir / "edit-jax", model_config, config, trainable, frozen)
     return jax.device_get(metrics)
