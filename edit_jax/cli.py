@@ -429,13 +429,20 @@ def read_prompts(args) -> list[str]:
     """--prompt TEXT (repeatable) and --prompts FILE (one per line, or JSONL with a "prompt" field)."""
     prompts = list(args.prompt or [])
     if args.prompts:
-        for line in Path(existing_file(args.prompts, "--prompts")).read_text().splitlines():
+        try:
+            lines = Path(existing_file(args.prompts, "--prompts")).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts {args.prompts} is not UTF-8 text: {e}") from e
+        for line in lines:
             line = line.strip()
             if line.startswith("{"):
                 try:
-                    line = json.loads(line)["prompt"]
+                    prompt = json.loads(line)["prompt"]
                 except (ValueError, KeyError) as e:
                     raise ValueError(f"--prompts {args.prompts}: a JSON line without a \"prompt\" field: {line[:80]}") from e
+                if not isinstance(prompt, str):
+                    raise ValueError(f"--prompts {args.prompts}: a \"prompt\" that is not text: {line[:80]}")
+                line = prompt
             if line:
                 prompts.append(line)
     if not prompts:

@@ -57,14 +57,19 @@ def fit(image, bucket: tuple[int, int]):
     return image.crop((left, top, left + w, top + h))
 
 
-def read_captions(images: Path, captions: str | None) -> dict[str, str]:
-    """File name -> caption, from --captions (JSONL) or the sidecar .txt files."""
+def read_captions(images: Path, captions: str | None) -> dict[str, str | None]:
+    """File name -> caption, from --captions (JSONL) or the sidecar .txt files (None: a sidecar
+    that is not UTF-8 text, so that its image is skipped with that reason)."""
     out = {}
     if captions is not None:
         path = resolve(captions)
         if not path.is_file():
             raise ValueError(f"--captions {captions}: no such file")
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--captions {path} is not UTF-8 text: {e}") from e
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -74,9 +79,12 @@ def read_captions(images: Path, captions: str | None) -> dict[str, str]:
                 raise ValueError(f"{path} line {number}: expected {{\"file\": ..., \"caption\": ...}}, got {line[:80]}") from e
         return out
     for txt in images.glob("*.txt"):
+        try:
+            caption = txt.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            caption = None
         for suffix in IMAGE_SUFFIXES:
-            out[txt.stem + suffix] = txt.read_text().strip()
-            out[txt.stem + suffix.upper()] = out[txt.stem + suffix]
+            out[txt.stem + suffix] = out[txt.stem + suffix.upper()] = caption
     return out
 
 
@@ -132,10 +140,11 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
                 continue
             rows, skipped = [], []
             for path in group:
-                caption = texts.get(path.name)
-                if caption is None:
-                    skipped.append({"file": path.name, "reason": "no caption"})
+                if path.name not in texts or texts[path.name] is None:
+                    reason = "no caption" if path.name not in texts else f"its caption {path.stem}.txt is not UTF-8 text"
+                    skipped.append({"file": path.name, "reason": reason})
                     continue
+                caption = texts[path.name]
                 try:
                     with Image.open(path) as opened:
                         image = opened.convert("RGB")

@@ -222,6 +222,19 @@ def test_flags_that_cannot_work_are_one_clear_error_before_any_prompt_is_encoded
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe a cat", "is not UTF-8 text"),
+    (b'{"prompt": 5}', '"prompt" that is not text'),
+    (b'{"text": "a cat"}', 'without a "prompt" field'),
+], ids=["not-utf8", "not-text", "no-field"])
+def test_a_prompts_file_that_cannot_be_read_is_one_error_naming_it(tmp_path, capsys, content, message):
+    (tmp_path / "prompts.txt").write_bytes(content)
+    assert main(["encode-prompts", "--model", str(tmp_path), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--out", str(tmp_path / "emb.npz")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "prompts.txt" in err
+
+
 def test_a_folder_of_another_pipeline_is_one_error_naming_it(tmp_path, capsys):
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))

@@ -24,10 +24,10 @@ def photos(tmp_path_factory):
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name, size in (("square", (80, 80)), ("wide", (120, 70)), ("tall", (60, 100)), ("tiny", (20, 20)),
-                       ("uncaptioned", (80, 80))):
+                       ("uncaptioned", (80, 80)), ("latin1", (80, 80))):
         Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8)).save(folder / f"{name}.png")
         if name != "uncaptioned":
-            (folder / f"{name}.txt").write_text(f"a {name} photo")
+            (folder / f"{name}.txt").write_bytes(f"a {name} photo, caf\xe9".encode("latin-1" if name == "latin1" else "utf-8"))
     (folder / "broken.png").write_bytes(b"not an image")
     (folder / "broken.txt").write_text("a broken photo")
     return folder
@@ -57,6 +57,7 @@ def test_prepare_data_writes_bucketed_latents_and_reports_what_it_skipped(prepar
     skipped = {r["file"]: r["reason"] for r in json.loads((out / "skipped.json").read_text())}
     assert skipped["uncaptioned.png"] == "no caption" and skipped["broken.png"].startswith("unreadable")
     assert skipped["tiny.png"].startswith("too small")
+    assert skipped["latin1.png"] == "its caption latin1.txt is not UTF-8 text"
     assert "skipped tiny.png: too small" in err
     assert not out.with_name("data.partial").exists()
 
