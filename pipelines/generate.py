@@ -118,7 +118,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. guidance: FLUX.1-dev's embedded
     guidance (ignored by models without one); true_cfg > 1 with a negative prompt: true
     classifier-free guidance (Qwen-Image's usual 4.0). noise: packed initial latents (None: drawn
-    from the seed). mesh: a device mesh (`edit_jax.make_mesh`) for the transformer's params, routers
+    from the seed). mesh: a device mesh (`edit_jax.sharding.make_mesh`) for the transformer's params, routers
     and denoising (the text encoders and the VAE run as without one)."""
     import contextlib
 
