@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from edit_jax.config import DTYPES, PRESETS, ConfigError, from_diffusers_config, preset
+from edit_jax.config import DTYPES, PRESETS, ConfigError, from_diffusers_config, preset, resolve_dtype
 
 
 def resolve_config(value: str | None, family: str):
@@ -158,6 +158,12 @@ def add_mesh_argument(parser) -> None:
     parser.add_argument("--mesh", type=mesh_shape, default=None,
                         help="run on a device mesh, e.g. data=-1 (the batch over every device) or data=-1,tensor=2 "
                              "(params placed by the logical-axis rules); default: one device")
+
+
+def add_dtype_argument(parser) -> None:
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="the transformer's params and compute (routers keep their stored dtype; latents are "
+                             "updated in float32): auto is bfloat16 on a GPU or TPU, float32 on CPU")
 
 
 def mesh_of(args):
@@ -329,7 +335,8 @@ def cmd_sample(args) -> int:
                                 cache_start=args.cache_start, delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     mesh = mesh_of(args)
     data = read_embeddings(args.embeddings)
-    model, params = load(args.ckpt, mesh=mesh)
+    dtype = resolve_dtype(args.dtype)
+    model, params = load(args.ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype)
     config = model.config
     check_embeddings(config, data, args.embeddings)
     cond = conditions(config, data, args.height, args.width)
@@ -358,7 +365,8 @@ def cmd_sample(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     unpacked = np.asarray(unpack_latents(latents, args.height, args.width))
     np.save(out / "latents.npy", unpacked)
-    summary = {"latents": str(out / "latents.npy"), "shape": list(unpacked.shape), "steps": args.steps, "elastic": args.elastic}
+    summary = {"latents": str(out / "latents.npy"), "shape": list(unpacked.shape), "steps": args.steps, "elastic": args.elastic,
+               "dtype": dtype}
     records = jax.tree.map(np.asarray, records)
     if records:  # dense sampling makes no routing decisions, so it has no records
         np.savez(out / "records.npz", **records)
@@ -461,7 +469,7 @@ def cmd_generate(args) -> int:
                       max_sequence_length=args.max_sequence_length, elastic=args.elastic, cache=args.cache,
                       cache_start=args.cache_start, tile_size=args.tile_size,
                       embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
-                      progress=not args.quiet, mesh=mesh_of(args))
+                      progress=not args.quiet, mesh=mesh_of(args), dtype=args.dtype)
     remove_stale_outputs(out, earlier)
     print(json.dumps(result["summary"], indent=2))
     return 0
@@ -501,7 +509,8 @@ def cmd_eval(args) -> int:
                             cache_start=args.steps // 3 if args.cache_start is None else args.cache_start,
                             delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     summary = evaluate_checkpoint(args.ckpt, args.embeddings, out, args.height, args.width, args.steps, args.seed,
-                                  elastic, args.guidance, args.repeats, args.vae, args.tile_size, mesh_of(args))
+                                  elastic, args.guidance, args.repeats, args.vae, args.tile_size, mesh_of(args),
+                                  resolve_dtype(args.dtype))
     remove_stale_outputs(out, earlier)
     print(json.dumps(summary, indent=2))
     return 0
@@ -594,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
                      help="folder of cached prompt embeddings ('none': no cache)")
     add_mesh_argument(gen)
+    add_dtype_argument(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(run=cmd_generate)
 
@@ -644,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "images with dense's and write them as PNGs")
     ev.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels")
     add_mesh_argument(ev)
+    add_dtype_argument(ev)
     ev.set_defaults(run=cmd_eval)
 
     convert = command("convert", "PyTorch weights -> edit-jax orbax checkpoint")
@@ -690,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--cache", action="store_true", help="router-guided block cache: reuse a block's last residual when p is borderline")
     add_elastic_arguments(smp, cache_start=15)
     add_mesh_argument(smp)
+    add_dtype_argument(smp)
     smp.set_defaults(run=cmd_sample)
 
     order = command("order-channels", "sort elastic MLP channels by importance (before router training)", CALIBRATION_HELP)

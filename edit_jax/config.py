@@ -56,6 +56,17 @@ class RuntimeConfig:
         _check_choice("remat", self.remat, REMAT_POLICIES)
 
 
+def resolve_dtype(dtype: str) -> str:
+    """A run's dtype: "auto" is bfloat16 where JAX runs on a GPU or TPU and float32 on CPU (the dtype
+    of the diffusers parity tests); any of DTYPES stays as it is."""
+    import jax
+
+    if dtype == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    _check_choice("dtype", dtype, DTYPES)
+    return dtype
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not one of {choices}")

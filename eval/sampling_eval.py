@@ -90,10 +90,11 @@ def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:
 
 def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: int, steps: int, seed: int = 0,
                         elastic: ElasticConfig | None = None, guidance: float = 3.5, repeats: int = 3,
-                        vae: str | None = None, tile_size: int = 1024, mesh=None) -> dict:
+                        vae: str | None = None, tile_size: int = 1024, mesh=None, dtype: str = "float32") -> dict:
     """Dense vs E-DiT vs E-DiT + cache on a checkpoint with routers, from the same noise; with a
     FLUX VAE folder (`vae`), the decoded images are compared too and written as PNGs. mesh: the
-    transformer's params and routers placed on it by the rules table, and sampled under it."""
+    transformer's params and routers placed on it by the rules table, and sampled under it. dtype:
+    the transformer's params and compute."""
     import contextlib
     import dataclasses
 
@@ -104,7 +105,7 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map
 
     data = read_embeddings(embeddings)
-    model, params = load(ckpt, mesh=mesh)
+    model, params = load(ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype)
     config = model.config
     check_embeddings(config, data, embeddings)
     routers = load_routers(ckpt, mesh=mesh)
@@ -160,7 +161,8 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
                "steps": steps, "seed": seed, "prompts": batch, "tau": elastic.tau, "decision": elastic.decision,
                "cache": {"cache_start": elastic.cache_start, "delta_margin": elastic.delta_margin,
                          "max_reuse": elastic.max_reuse},
-               "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape), "methods": results,
+               "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape), "dtype": dtype,
+               "methods": results,
                "pictures": [str(out / "router_map.png"), str(out / "fidelity_vs_flops.png")]}
     if "prompts" in data:  # the texts, in an `edit-jax encode-prompts` file
         summary["prompt_texts"] = [str(t) for t in data["prompts"]]

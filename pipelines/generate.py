@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from edit_jax.checkpoint import is_checkpoint, resolve
-from edit_jax.config import read_json_object
+from edit_jax.config import read_json_object, resolve_dtype
 
 MODEL_COMPONENTS = ("transformer", "vae", "scheduler")  # beside each family's text encoders and tokenizers
 
@@ -50,9 +50,10 @@ def pipeline_family(folder: Path, role: str = "--model", unused: tuple[str, ...]
     return pipelines[name].family
 
 
-def load_transformer(folder: Path, family: str, mesh=None):
+def load_transformer(folder: Path, family: str, mesh=None, dtype: str = "float32"):
     """(model, params, routers or None) from an edit-jax checkpoint or diffusers weights (converted in
-    memory); with a device `mesh`, every array placed on it as the logical-axis rules table says."""
+    memory), params and compute in `dtype` (routers as stored, converted ones float32); with a
+    device `mesh`, every array placed on it as the logical-axis rules table says."""
     import edit_jax
     from checkpoints_convert.convert import FAMILIES
     from checkpoints_convert.engine import build_params
@@ -62,13 +63,13 @@ def load_transformer(folder: Path, family: str, mesh=None):
     from edit_jax.sharding import mesh_shardings
 
     if is_checkpoint(folder):
-        model, params = edit_jax.load(folder, mesh=mesh)
+        model, params = edit_jax.load(folder, mesh=mesh, param_dtype=dtype, dtype=dtype)
         if model.config.family != family:
             raise ValueError(f"{folder} is a {model.config.family} checkpoint in a {family} pipeline folder")
         return model, params, load_routers(folder, mesh=mesh)
     source = open_source(folder)
     config, table, _, router_table = FAMILIES[family].prepare(source)
-    config = config.with_runtime(param_dtype="float32")
+    config = config.with_runtime(param_dtype=dtype, dtype=dtype, router_dtype="float32")
     params = build_params(table, source, abstract_params(config))
     routers = build_params(router_table, source, abstract_routers(config)) if router_table is not None else None
     if mesh is not None:
@@ -113,13 +114,16 @@ def conditions(config, embeds: dict, height: int, width: int) -> dict:
 def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: float = 3.5, true_cfg: float = 1.0,
              negative_prompt: str | None = None, height: int = 1024, width: int = 1024, seed: int = 0,
              elastic: str = "dense", cache: bool = False, cache_start: int | None = None, tile_size: int = 1024,
-             max_sequence_length: int = 512, embeddings_cache=None, noise=None, progress: bool = True, mesh=None) -> dict:
+             max_sequence_length: int = 512, embeddings_cache=None, noise=None, progress: bool = True, mesh=None,
+             dtype: str = "auto") -> dict:
     """Runs the three stages and writes OUT/image-N.png and OUT/generate.json; returns
     {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. guidance: FLUX.1-dev's embedded
     guidance (ignored by models without one); true_cfg > 1 with a negative prompt: true
     classifier-free guidance (Qwen-Image's usual 4.0). noise: packed initial latents (None: drawn
     from the seed). mesh: a device mesh (`edit_jax.sharding.make_mesh`) for the transformer's params, routers
-    and denoising (the text encoders and the VAE run as without one)."""
+    and denoising (the text encoders and the VAE run as without one). dtype: the transformer's params
+    and compute, and on a CUDA device the text encoders' ("auto": bfloat16 on a GPU or TPU, float32
+    on CPU); the VAE decodes in float32."""
     import contextlib
 
     from tqdm.auto import tqdm
@@ -147,13 +151,15 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     timings = {}
 
     t0 = time.perf_counter()
-    encoder = TEXT_ENCODERS[family](folder, max_sequence_length, progress=progress)
+    encoder = TEXT_ENCODERS[family](folder, max_sequence_length, progress=progress, dtype=dtype)
     store = EmbeddingCache(embeddings_cache) if embeddings_cache else None
     embeds = encoder(prompts, store)
     negative = encoder([negative_prompt] * len(prompts), store) if negative_prompt is not None else None
+    encoder.release()  # the accelerator's memory goes to the transformer
     timings["encode_s"] = time.perf_counter() - t0
 
-    model, params, routers = load_transformer(folder / "transformer", family, mesh)
+    dtype = resolve_dtype(dtype)
+    model, params, routers = load_transformer(folder / "transformer", family, mesh, dtype)
     config = model.config
     vae_config, vae_params = load_vae(folder / "vae")
     if 4 * vae_config.latent_channels != config.in_channels or vae_config.downscale != 8:
@@ -195,7 +201,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
         Image.fromarray(image).save(paths[-1])
     summary = {"model": str(folder), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
                "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,
-               "seed": seed, "elastic": elastic, "cache": cache,
+               "seed": seed, "elastic": elastic, "cache": cache, "dtype": dtype,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}, "images": [str(p) for p in paths],
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape)}
     from eval.sampling_eval import routing_stats

@@ -89,7 +89,9 @@ class TextEncoder:
     pipeline_class: str
     components: tuple[str, ...]
 
-    def __init__(self, folder: str | Path, max_sequence_length: int, device: str | None = None, progress: bool = True):
+    def __init__(self, folder: str | Path, max_sequence_length: int, device: str | None = None, progress: bool = True,
+                 dtype: str = "float32"):
+        """dtype: the encoders' torch dtype on a CUDA device ("auto": bfloat16); elsewhere float32."""
         import diffusers
         import torch
         from diffusers.utils import is_accelerate_available
@@ -100,18 +102,30 @@ class TextEncoder:
             raise ValueError(f"{self.folder} is not a {self.family} pipeline folder with text encoders: "
                              f"no {', '.join(missing)}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        cuda = self.device.startswith("cuda")
+        self.dtype = dtype = ("bfloat16" if dtype == "auto" else dtype) if cuda else "float32"
         self.max_sequence_length = max_sequence_length
         pipeline = getattr(diffusers, self.pipeline_class)
         with loading_bars(progress):  # accelerate only saves memory: no warning without it
             self.pipe = pipeline.from_pretrained(self.folder, transformer=None, vae=None, scheduler=None,
-                                                 dtype=torch.float32, local_files_only=True,
+                                                 dtype=getattr(torch, dtype), local_files_only=True,
                                                  low_cpu_mem_usage=is_accelerate_available()).to(self.device)
         self.identity = fingerprint(self.folder, self.components)
 
     def key(self, prompt: str) -> str:
         settings = {"prompt": prompt, "encoders": self.identity, "max_sequence_length": self.max_sequence_length,
                     "family": self.family}
+        if self.dtype != "float32":  # float32 keys stay those of caches written before encoders had a dtype
+            settings["dtype"] = self.dtype
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+    def release(self) -> None:
+        """Frees the encoders and the device memory they held (the cache stays usable)."""
+        import torch
+
+        self.pipe = None
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def encode(self, prompts: list[str]) -> dict:
         raise NotImplementedError
@@ -147,11 +161,10 @@ class FluxTextEncoder(TextEncoder):
     family, pipeline_class = "flux", "FluxPipeline"
     components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
-    def __init__(self, folder: str | Path, max_sequence_length: int = 512, device: str | None = None,
-                 progress: bool = True):
+    def __init__(self, folder: str | Path, max_sequence_length: int = 512, **kwargs):
         if not 1 <= max_sequence_length <= 512:  # as FluxPipeline checks it
             raise ValueError(f"max_sequence_length {max_sequence_length}: FLUX's T5 reads 1 to 512 tokens")
-        super().__init__(folder, max_sequence_length, device, progress)
+        super().__init__(folder, max_sequence_length, **kwargs)
 
     def encode(self, prompts: list[str]) -> dict:
         import torch
@@ -171,11 +184,10 @@ class QwenImageTextEncoder(TextEncoder):
     family, pipeline_class = "qwen-image", "QwenImagePipeline"
     components = ("text_encoder", "tokenizer")
 
-    def __init__(self, folder: str | Path, max_sequence_length: int = 512, device: str | None = None,
-                 progress: bool = True):
+    def __init__(self, folder: str | Path, max_sequence_length: int = 512, **kwargs):
         if not 1 <= max_sequence_length <= 1024:
             raise ValueError(f"max_sequence_length {max_sequence_length}: Qwen-Image reads 1 to 1024 tokens")
-        super().__init__(folder, max_sequence_length, device, progress)
+        super().__init__(folder, max_sequence_length, **kwargs)
 
     def encode(self, prompts: list[str]) -> dict:
         import torch

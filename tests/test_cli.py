@@ -237,6 +237,26 @@ def test_sample_on_a_mesh_of_every_device_gives_the_one_device_latents(flux_smal
                                rtol=1e-5, atol=1e-6)
 
 
+def test_sample_in_bfloat16_runs_the_transformer_in_it_and_stays_near_float32(flux_small_ckpt, tmp_path):
+    ckpt, emb = flux_small_ckpt
+    assert main(sample_args(ckpt, emb, tmp_path / "f32")) == 0  # auto: float32 on CPU
+    assert main(sample_args(ckpt, emb, tmp_path / "bf16", "--dtype", "bfloat16")) == 0
+    f32, bf16 = (np.load(tmp_path / name / "latents.npy") for name in ("f32", "bf16"))
+    assert [json.loads((tmp_path / n / "summary.json").read_text())["dtype"] for n in ("f32", "bf16")] == [
+        "float32", "bfloat16"]
+    error = np.linalg.norm(bf16 - f32) / np.linalg.norm(f32)
+    assert 1e-4 < error < 5e-2  # bfloat16's rounding, not another computation
+    assert bf16.dtype == np.float32  # the latents are updated in float32
+
+
+def test_auto_dtype_is_float32_on_cpu_and_a_dtype_name_is_checked():
+    from edit_jax.config import ConfigError, resolve_dtype
+
+    assert resolve_dtype("auto") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+    with pytest.raises(ConfigError, match="dtype='fp8'"):
+        resolve_dtype("fp8")
+
+
 def test_dense_sample_writes_no_records(flux_small_ckpt, tmp_path):
     ckpt, emb = flux_small_ckpt
     assert main(sample_args(ckpt, emb, tmp_path / "out")) == 0

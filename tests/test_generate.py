@@ -93,6 +93,25 @@ def test_encode_prompts_replaces_only_an_earlier_embeddings_file(tiny_pipeline, 
     assert main(args + [str(tmp_path / "emb.npz"), "--overwrite"]) == 0
 
 
+def test_diffusers_weights_load_in_the_dtype_asked_for(tiny_pipeline):
+    import jax
+
+    from pipelines.generate import load_transformer
+
+    _, folder = tiny_pipeline
+    model, params, routers = load_transformer(folder / "transformer", "flux", dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("bfloat16")}
+    assert model.config.runtime.dtype == "bfloat16" and routers is None
+
+
+def test_text_encoders_run_in_float32_off_cuda_whatever_the_dtype(tiny_pipeline):
+    from pipelines.text_encoders import FluxTextEncoder
+
+    _, folder = tiny_pipeline
+    encoders = [FluxTextEncoder(folder, max_sequence_length=8, device="cpu", dtype=d) for d in ("float32", "auto", "bfloat16")]
+    assert {e.dtype for e in encoders} == {"float32"} and len({e.key("a cat") for e in encoders}) == 1
+
+
 def test_generate_equals_the_diffusers_flux_pipeline(tiny_pipeline, tmp_path):
     from pipelines.generate import generate
 
