@@ -469,7 +469,7 @@ def cmd_generate(args) -> int:
                       max_sequence_length=args.max_sequence_length, elastic=args.elastic, cache=args.cache,
                       cache_start=args.cache_start, tile_size=args.tile_size,
                       embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
-                      progress=not args.quiet, mesh=mesh_of(args), dtype=args.dtype)
+                      progress=not args.quiet, mesh=mesh_of(args), dtype=args.dtype, batch_size=args.batch_size)
     remove_stale_outputs(out, earlier)
     print(json.dumps(result["summary"], indent=2))
     return 0
@@ -600,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache", action="store_true", help="router-guided block cache (with --elastic infer)")
     gen.add_argument("--cache-start", type=at_least(0), help="first step of the cache (default: a third of --steps)")
     gen.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels (larger images decode in tiles)")
+    gen.add_argument("--batch-size", type=at_least(1), default=4,
+                     help="prompts encoded, denoised and decoded together (the images do not depend on it)")
     gen.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
                      help="folder of cached prompt embeddings ('none': no cache)")
     add_mesh_argument(gen)

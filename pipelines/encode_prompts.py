@@ -44,8 +44,6 @@ def encode_prompts(model_dir, prompts: list[str], out, *, negative_prompt: str |
                    overwrite: bool = False, progress: bool = True) -> dict:
     """Writes the embeddings of `prompts` (and of `negative_prompt`) to the .npz `out`; returns a
     summary: the file, the family and each array's shape."""
-    from tqdm.auto import tqdm
-
     from pipelines.generate import MODEL_COMPONENTS, pipeline_family
     from pipelines.text_encoders import TEXT_ENCODERS, EmbeddingCache
 
@@ -58,13 +56,7 @@ def encode_prompts(model_dir, prompts: list[str], out, *, negative_prompt: str |
         raise ValueError(f"batch_size {batch_size}: give at least 1")
     encoder = TEXT_ENCODERS[family](folder, max_sequence_length, progress=progress)
     store = EmbeddingCache(embeddings_cache) if embeddings_cache else None
-    rows = []
-    with tqdm(total=len(prompts), desc="encode", unit="prompt", disable=not progress) as bar:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            rows += encoder.rows(encoder(batch, store))
-            bar.update(len(batch))
-    arrays = encoder.stack(rows)
+    arrays = encoder.stack(encoder.encode_rows(prompts, store, batch_size, progress))
     if negative_prompt is not None:
         negative = encoder([negative_prompt], store)
         arrays |= {f"negative_{k}": np.repeat(v, len(prompts), axis=0) for k, v in negative.items()}

@@ -115,7 +115,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
              negative_prompt: str | None = None, height: int = 1024, width: int = 1024, seed: int = 0,
              elastic: str = "dense", cache: bool = False, cache_start: int | None = None, tile_size: int = 1024,
              max_sequence_length: int = 512, embeddings_cache=None, noise=None, progress: bool = True, mesh=None,
-             dtype: str = "auto") -> dict:
+             dtype: str = "auto", batch_size: int = 4) -> dict:
     """Runs the three stages and writes OUT/image-N.png and OUT/generate.json; returns
     {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. guidance: FLUX.1-dev's embedded
     guidance (ignored by models without one); true_cfg > 1 with a negative prompt: true
@@ -123,7 +123,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     from the seed). mesh: a device mesh (`edit_jax.sharding.make_mesh`) for the transformer's params, routers
     and denoising (the text encoders and the VAE run as without one). dtype: the transformer's params
     and compute, and on a CUDA device the text encoders' ("auto": bfloat16 on a GPU or TPU, float32
-    on CPU); the VAE decodes in float32."""
+    on CPU); the VAE decodes in float32. batch_size: prompts encoded, denoised and decoded together
+    (each batch's images are written as it finishes)."""
     import contextlib
 
     from tqdm.auto import tqdm
@@ -148,13 +149,15 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
         raise ValueError("--cache and --cache-start act on E-DiT's routers: add --elastic infer")
     if cache_start is not None and not cache:
         raise ValueError("--cache-start needs --cache")
-    timings = {}
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: give at least 1")
+    timings = {"encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
 
     t0 = time.perf_counter()
     encoder = TEXT_ENCODERS[family](folder, max_sequence_length, progress=progress, dtype=dtype)
     store = EmbeddingCache(embeddings_cache) if embeddings_cache else None
-    embeds = encoder(prompts, store)
-    negative = encoder([negative_prompt] * len(prompts), store) if negative_prompt is not None else None
+    rows = encoder.encode_rows(prompts, store, batch_size, progress)
+    negative_row = encoder.encode_rows([negative_prompt], store)[0] if negative_prompt is not None else None
     encoder.release()  # the accelerator's memory goes to the transformer
     timings["encode_s"] = time.perf_counter() - t0
 
@@ -167,10 +170,10 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
                          f"the transformer ({config.in_channels} packed channels, a 8x VAE)")
     sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg,
                             scheduler=load_scheduler(folder / "scheduler"))
-    cond = conditions(config, embeds, height, width)
-    negative_cond = conditions(config, negative, height, width) if negative is not None else None
-    if noise is None:
+    if noise is None:  # every prompt's noise drawn up front: the images do not depend on batch_size
         noise = initial_noise(jax.random.key(seed), len(prompts), vae_config.latent_channels, height, width)
+    if noise.shape[0] != len(prompts):
+        raise ValueError(f"noise has {noise.shape[0]} rows for {len(prompts)} prompts")
     settings = None
     if elastic != "dense":
         if routers is None:
@@ -178,41 +181,52 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
                              "`edit-jax train`, then point transformer/ at the run's edit-jax checkpoint)")
         settings = ElasticConfig(mode="infer", cache=cache, cache_start=steps // 3 if cache_start is None else cache_start)
 
-    t0 = time.perf_counter()
-    with (tqdm(total=steps, desc="denoise", unit="step", disable=not progress) as bar,
-          jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-        latents, records = sample(model, params, noise, cond, sampler, routers=routers if settings else None,
-                                  elastic=settings, negative_cond=negative_cond,
-                                  progress=(lambda i: bar.update(1)) if progress else None)
-        latents = jax.block_until_ready(latents)
-    timings["denoise_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    z = vae_config.from_model_latents(np.asarray(unpack_latents(latents, height, width)))
-    images = decode_tiled(vae_config, vae_params, z, tile_size)
-    timings["decode_s"] = time.perf_counter() - t0
-
-    out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
-    paths = []
-    for i, image in enumerate(to_uint8(images)):
-        paths.append(out / f"image-{i}.png")
-        Image.fromarray(image).save(paths[-1])
-    summary = {"model": str(folder), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
-               "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,
-               "seed": seed, "elastic": elastic, "cache": cache, "dtype": dtype,
-               "timings_s": {k: round(v, 3) for k, v in timings.items()}, "images": [str(p) for p in paths],
-               "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape)}
     from eval.sampling_eval import routing_stats
 
-    records = jax.tree.map(np.asarray, records)
-    summary["routing"] = routing_stats(config, records, noise.shape[1], cond["encoder_hidden_states"].shape[1], steps)
-    if records:
+    out.mkdir(parents=True, exist_ok=True)
+    images, paths, routing, first_records = [], [], [], None
+    starts = range(0, len(prompts), batch_size)
+    with tqdm(total=steps * len(starts), desc="denoise", unit="step", disable=not progress) as bar:
+        for start in starts:
+            part = rows[start : start + batch_size]
+            cond = conditions(config, encoder.stack(part), height, width)
+            negative_cond = (conditions(config, encoder.stack([negative_row] * len(part)), height, width)
+                             if negative_row is not None else None)
+            t0 = time.perf_counter()
+            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+                latents, records = sample(model, params, noise[start : start + len(part)], cond, sampler,
+                                          routers=routers if settings else None, elastic=settings,
+                                          negative_cond=negative_cond,
+                                          progress=(lambda i: bar.update(1)) if progress else None)
+                latents = jax.block_until_ready(latents)
+            timings["denoise_s"] += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            z = vae_config.from_model_latents(np.asarray(unpack_latents(latents, height, width)))
+            images.append(decode_tiled(vae_config, vae_params, z, tile_size))
+            timings["decode_s"] += time.perf_counter() - t0
+            for i, image in enumerate(to_uint8(images[-1]), start):
+                paths.append(out / f"image-{i}.png")
+                Image.fromarray(image).save(paths[-1])
+            records = jax.tree.map(np.asarray, records)
+            first_records = records if first_records is None else first_records
+            routing.append((len(part), routing_stats(config, records, noise.shape[1],
+                                                     cond["encoder_hidden_states"].shape[1], steps)))
+
+    summary = {"model": str(folder), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
+               "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,
+               "seed": seed, "elastic": elastic, "cache": cache, "dtype": dtype, "batch_size": batch_size,
+               "timings_s": {k: round(v, 3) for k, v in timings.items()}, "images": [str(p) for p in paths],
+               "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape),
+               "routing": {k: sum(n * stats[k] for n, stats in routing) / len(prompts) for k in routing[0][1]}}
+    if first_records:
         from eval.pictures import block_groups, plot_router_map
 
         summary["router_map"] = str(plot_router_map(
-            out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0], records["cache_hit"][:, 0],
-            title=f"E-DiT routing of prompt 0, {height}x{width}, {steps} steps", block_groups=block_groups(config)))
+            out / "router_map.png", first_records["executed"][:, 0], first_records["bucket"][:, 0],
+            first_records["cache_hit"][:, 0], title=f"E-DiT routing of prompt 0, {height}x{width}, {steps} steps",
+            block_groups=block_groups(config)))
     (out / "generate.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return {"images": images, "summary": summary}
+    return {"images": np.concatenate(images), "summary": summary}

@@ -137,6 +137,20 @@ class TextEncoder:
     def stack(self, rows: list[dict], pad_to: int | None = None) -> dict:
         return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
+    def encode_rows(self, prompts: list[str], cache: EmbeddingCache | None = None, batch_size: int = 8,
+                    progress: bool = False) -> list[dict]:
+        """Each prompt's embeddings (`rows`), encoded `batch_size` prompts at a time (each once
+        with a cache)."""
+        from tqdm.auto import tqdm
+
+        rows = []
+        with tqdm(total=len(prompts), desc="encode", unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
+                rows += self.rows(self(batch, cache))
+                bar.update(len(batch))
+        return rows
+
     def __call__(self, prompts: list[str], cache: EmbeddingCache | None = None, pad_to: int | None = None) -> dict:
         """The batch of embeddings (float32 NumPy), each prompt encoded once with a cache."""
         rows: dict[int, dict] = {}

@@ -121,11 +121,11 @@ def test_generate_equals_the_diffusers_flux_pipeline(tiny_pipeline, tmp_path):
         ref = pipe(PROMPTS, latents=torch.from_numpy(noise), height=64, width=48, num_inference_steps=4,
                    guidance_scale=3.5, max_sequence_length=512, output_type="np").images
     result = generate(folder, PROMPTS, tmp_path / "out", steps=4, guidance=3.5, height=64, width=48, noise=noise,
-                      progress=False)
+                      progress=False, batch_size=1)  # one prompt at a time: the same images as diffusers' batch
     ours = np.clip(result["images"] / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
     assert relative_error(ours, ref) <= 1e-4
     summary = json.loads((tmp_path / "out" / "generate.json").read_text())
-    assert set(summary["timings_s"]) == {"encode_s", "denoise_s", "decode_s"}
+    assert set(summary["timings_s"]) == {"encode_s", "denoise_s", "decode_s"} and summary["batch_size"] == 1
     assert all((tmp_path / "out" / f"image-{i}.png").is_file() for i in range(2))
 
 
