@@ -104,6 +104,25 @@ def check_guidance(true_cfg: float, negative_prompt: str | None) -> None:
         raise ValueError(f"--negative-prompt is only used with --true-cfg > 1 (got {true_cfg})")
 
 
+def check_request(out: Path, prompts: list[str], true_cfg: float, negative_prompt: str | None, height: int,
+                  width: int, elastic: str, cache: bool, cache_start: int | None, batch_size: int) -> None:
+    """Every flag that cannot work, found before the text encoders run."""
+    from edit_jax.latents import packed_grid
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder")
+    if not prompts:
+        raise ValueError("no prompts: give --prompt TEXT or --prompts FILE")
+    check_guidance(true_cfg, negative_prompt)
+    packed_grid(height, width)
+    if elastic == "dense" and (cache or cache_start is not None):
+        raise ValueError("--cache and --cache-start act on E-DiT's routers: add --elastic infer")
+    if cache_start is not None and not cache:
+        raise ValueError("--cache-start needs --cache")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: give at least 1")
+
+
 def conditions(config, embeds: dict, height: int, width: int) -> dict:
     from edit_jax.sampler import make_conditions
 
@@ -131,26 +150,14 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
     from checkpoints_convert.vae import load_vae
     from edit_jax.elastic import ElasticConfig
-    from edit_jax.latents import initial_noise, packed_grid, unpack_latents
+    from edit_jax.latents import initial_noise, unpack_latents
     from edit_jax.sampler import SamplerConfig, sample
     from edit_jax.vae import decode_tiled
     from pipelines.text_encoders import TEXT_ENCODERS, EmbeddingCache
 
-    folder = resolve(model_dir)
+    folder, out = resolve(model_dir), resolve(out)
     family = pipeline_family(folder)
-    out = resolve(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is an existing file, not a folder")
-    if not prompts:
-        raise ValueError("no prompts: give --prompt TEXT or --prompts FILE")
-    check_guidance(true_cfg, negative_prompt)
-    packed_grid(height, width)  # the size is checked before the text encoders run
-    if elastic == "dense" and (cache or cache_start is not None):
-        raise ValueError("--cache and --cache-start act on E-DiT's routers: add --elastic infer")
-    if cache_start is not None and not cache:
-        raise ValueError("--cache-start needs --cache")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: give at least 1")
+    check_request(out, prompts, true_cfg, negative_prompt, height, width, elastic, cache, cache_start, batch_size)
     timings = {"encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
 
     t0 = time.perf_counter()
