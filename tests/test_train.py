@@ -486,3 +486,13 @@ def test_static_pruning_training_never_runs_nor_updates_a_skipped_block(tmp_path
 def test_skip_blocks_past_the_last_block_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="the model has blocks 0..1"):
         train(tiny_run(tmp_path, trainable="base", skip_blocks=(2,)), progress=False)
+
+
+def test_training_in_a_thread_other_than_the_main_one_runs(tmp_path):
+    import threading
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(train(tiny_run(tmp_path, steps=1), progress=False)))
+    thread.start()
+    thread.join()
+    assert "loss" in result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 from edit_jax.config import ConfigError
 
@@ -53,7 +54,7 @@ def _int_env(name: str) -> int | None:
 class Preemption:
     """A preemption notice (SIGTERM) as one decision of every process: `reached(step)` is True at
     the step where all of them save and stop. One process: a SIGTERM handler inside the `with`
-    block, and the step after it. Several: JAX's preemption service, which catches SIGTERM itself
+    block (in the main thread; elsewhere none), and the step after it. Several: JAX's preemption service, which catches SIGTERM itself
     (so no Python handler replaces its own), tells every process and picks the step after the
     furthest one; `reached` must then be called by every process at every step."""
 
@@ -62,15 +63,16 @@ class Preemption:
 
         self.shared = jax.process_count() > 1
         self.signal = None
+        self._handled = not self.shared and threading.current_thread() is threading.main_thread()  # where handlers live
         self._previous = None
 
     def __enter__(self):
-        if not self.shared:
+        if self._handled:
             self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "signal", signum))
         return self
 
     def __exit__(self, *exc):
-        if not self.shared:
+        if self._handled:
             signal.signal(signal.SIGTERM, self._previous)
 
     def reached(self, step: int) -> bool:
