@@ -5,7 +5,7 @@ import pytest
 
 import edit_jax
 from edit_jax.config import ConfigError
-from train.dataset import check_fits, make_pipeline, read_manifest, write_dataset
+from train.dataset import batch_iterator, check_fits, make_pipeline, read_manifest, write_dataset
 
 
 def flux_examples(count, height=4, width=4, seed=0, txt=4, width_txt=32):
@@ -53,6 +53,21 @@ def test_process_slices_are_disjoint_and_cover_the_data(tmp_path):
         seen.append({tuple(row.ravel()[:3]) for b in got for row in b["latents"]})
     assert all(len(s) == 4 for s in seen)
     assert len(set.union(*seen)) == 12
+
+
+def test_the_iterator_reads_only_prefetch_batches_ahead(tmp_path, monkeypatch):
+    import time
+
+    import train.dataset
+
+    path = write_dataset(tmp_path / "ds", "flux", flux_examples(12))
+    read = []
+    fields = train.dataset._training_fields
+    monkeypatch.setattr(train.dataset, "_training_fields", lambda record: read.append(1) or fields(record))
+    it = batch_iterator(make_pipeline(path, batch_size=2, seed=0), prefetch=3)
+    next(it)
+    time.sleep(0.5)  # time for the threads to fill what they may
+    assert 2 <= len(read) <= (1 + 3) * 2  # the batch taken and 3 ahead (grain's default: hundreds)
 
 
 def test_the_iterator_state_round_trips(two_buckets):

@@ -83,6 +83,7 @@ class TrainConfig:
     # data: a dataset folder (train/dataset.py: ArrayRecord + manifest), or "synthetic"
     # (class-conditional toy latents for smoke runs and benchmarks, of the size below)
     data: str = "synthetic"
+    prefetch: int = 4  # batches each process reads ahead of the step, on as many threads (0: none)
     guidance: float = 3.5  # FLUX.1-dev's embedded guidance during training
     height: int = 4  # packed token grid of the synthetic source
     width: int = 4
@@ -131,7 +132,7 @@ class TrainConfig:
             raise ConfigError(f"profile_start={self.profile_start} and profile_steps={self.profile_steps} trace past "
                               f"the last step (steps={self.steps})")
         for name in ("warmup_steps", "seed", "weight_decay", "grad_clip", "lambda_g", "lambda_w", "profile_start",
-                     "profile_steps"):
+                     "profile_steps", "prefetch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("learning_rate", "logit_std", "shift"):

@@ -64,7 +64,7 @@ class DataSource:
         if config.data == "synthetic":
             self._synthetic = jax.jit(lambda step: synthetic_batch(model_config, config, step), out_shardings=sharding)
             return
-        from train.dataset import check_fits, make_pipeline, read_manifest
+        from train.dataset import batch_iterator, check_fits, make_pipeline, read_manifest
 
         check_fits(read_manifest(config.data), model_config, config.data)
         processes = jax.process_count()
@@ -73,7 +73,7 @@ class DataSource:
 
             raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {processes} processes")
         pipeline = make_pipeline(config.data, config.batch_size // processes, config.seed, jax.process_index(), processes)
-        self.iterator = iter(pipeline.to_iter_dataset())
+        self.iterator = batch_iterator(pipeline, config.prefetch)
 
     def next(self, step: int) -> tuple[dict, tuple[int, int]]:
         if self.iterator is None:
