@@ -469,7 +469,8 @@ def cmd_generate(args) -> int:
                       max_sequence_length=args.max_sequence_length, elastic=args.elastic, cache=args.cache,
                       cache_start=args.cache_start, tile_size=args.tile_size,
                       embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
-                      progress=not args.quiet, mesh=mesh_of(args), dtype=args.dtype, batch_size=args.batch_size)
+                      progress=not args.quiet, mesh=mesh_of(args), dtype=args.dtype, batch_size=args.batch_size,
+                      transformer=args.transformer)
     remove_stale_outputs(out, earlier)
     print(json.dumps(result["summary"], indent=2))
     return 0
@@ -588,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="diffusers pipeline folder: model_index.json, transformer/ "
                                                       "(diffusers weights or an edit-jax checkpoint), vae/, scheduler/, "
                                                       "text encoders and tokenizers")
+    gen.add_argument("--transformer", help="weights to use instead of the folder's transformer/: an edit-jax checkpoint "
+                                            "(a training run's RUN_DIR/edit-jax for --elastic infer), or diffusers, "
+                                            "BFL or E-DiT release weights")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a \"prompt\" field")
     gen.add_argument("--negative-prompt", help="the negative prompt of true CFG (with --true-cfg > 1)")

@@ -50,6 +50,26 @@ def pipeline_family(folder: Path, role: str = "--model", unused: tuple[str, ...]
     return pipelines[name].family
 
 
+def check_transformer(path: Path, family: str, elastic: str) -> None:
+    """The transformer's weights are there, of `family`, and with routers when `elastic` needs them
+    (read from headers and metadata only, before the text encoders run)."""
+    from checkpoints_convert.convert import FAMILIES
+    from checkpoints_convert.sources import open_source
+    from edit_jax.checkpoint import ROUTERS_DIR, load_config, tree_names
+
+    if not path.exists():
+        raise ValueError(f"--transformer {path}: no such file or folder")
+    if is_checkpoint(path):
+        if load_config(path).family != family:
+            raise ValueError(f"{path} is a {load_config(path).family} checkpoint for a {family} pipeline")
+        routers = ROUTERS_DIR in tree_names(path)
+    else:
+        routers = FAMILIES[family].prepare(open_source(path))[3] is not None
+    if elastic != "dense" and not routers:
+        raise ValueError(f"--elastic {elastic}: {path} has no routers (train them with `edit-jax train`, then give "
+                         "--transformer RUN_DIR/edit-jax)")
+
+
 def load_transformer(folder: Path, family: str, mesh=None, dtype: str = "float32"):
     """(model, params, routers or None) from an edit-jax checkpoint or diffusers weights (converted in
     memory), params and compute in `dtype` (routers as stored, converted ones float32); with a
@@ -134,7 +154,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
              negative_prompt: str | None = None, height: int = 1024, width: int = 1024, seed: int = 0,
              elastic: str = "dense", cache: bool = False, cache_start: int | None = None, tile_size: int = 1024,
              max_sequence_length: int = 512, embeddings_cache=None, noise=None, progress: bool = True, mesh=None,
-             dtype: str = "auto", batch_size: int = 4) -> dict:
+             dtype: str = "auto", batch_size: int = 4, transformer=None) -> dict:
     """Runs the three stages and writes OUT/image-N.png and OUT/generate.json; returns
     {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. guidance: FLUX.1-dev's embedded
     guidance (ignored by models without one); true_cfg > 1 with a negative prompt: true
@@ -143,7 +163,9 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     and denoising (the text encoders and the VAE run as without one). dtype: the transformer's params
     and compute, and on a CUDA device the text encoders' ("auto": bfloat16 on a GPU or TPU, float32
     on CPU); the VAE decodes in float32. batch_size: prompts encoded, denoised and decoded together
-    (each batch's images are written as it finishes)."""
+    (each batch's images are written as it finishes). transformer: weights to use instead of the
+    folder's transformer/ (an edit-jax checkpoint such as a training run's RUN_DIR/edit-jax, or
+    diffusers, BFL or E-DiT release weights)."""
     import contextlib
 
     from tqdm.auto import tqdm
@@ -156,8 +178,10 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     from pipelines.text_encoders import TEXT_ENCODERS, EmbeddingCache
 
     folder, out = resolve(model_dir), resolve(out)
-    family = pipeline_family(folder)
+    family = pipeline_family(folder, unused=("transformer",) if transformer is not None else ())
     check_request(out, prompts, true_cfg, negative_prompt, height, width, elastic, cache, cache_start, batch_size)
+    transformer = folder / "transformer" if transformer is None else resolve(transformer)
+    check_transformer(transformer, family, elastic)
     timings = {"encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
 
     t0 = time.perf_counter()
@@ -169,7 +193,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     timings["encode_s"] = time.perf_counter() - t0
 
     dtype = resolve_dtype(dtype)
-    model, params, routers = load_transformer(folder / "transformer", family, mesh, dtype)
+    model, params, routers = load_transformer(transformer, family, mesh, dtype)
     config = model.config
     vae_config, vae_params = load_vae(folder / "vae")
     if 4 * vae_config.latent_channels != config.in_channels or vae_config.downscale != 8:
@@ -183,9 +207,6 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
         raise ValueError(f"noise has {noise.shape[0]} rows for {len(prompts)} prompts")
     settings = None
     if elastic != "dense":
-        if routers is None:
-            raise ValueError(f"--elastic {elastic}: {folder / 'transformer'} has no routers (train them with "
-                             "`edit-jax train`, then point transformer/ at the run's edit-jax checkpoint)")
         settings = ElasticConfig(mode="infer", cache=cache, cache_start=steps // 3 if cache_start is None else cache_start)
 
     from PIL import Image
@@ -222,7 +243,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
             routing.append((len(part), routing_stats(config, records, noise.shape[1],
                                                      cond["encoder_hidden_states"].shape[1], steps)))
 
-    summary = {"model": str(folder), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
+    summary = {"model": str(folder), "transformer": str(transformer), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
                "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,
                "seed": seed, "elastic": elastic, "cache": cache, "dtype": dtype, "batch_size": batch_size,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}, "images": [str(p) for p in paths],

@@ -228,7 +228,10 @@ def test_true_cfg_without_a_negative_prompt_is_one_clear_error(tiny_qwen_pipelin
     (["--height", "1000"], "height 1000 is not a multiple of 16 pixels"),
     (["--max-sequence-length", "513"], "max_sequence_length 513: FLUX's T5 reads 1 to 512 tokens"),
     (["--mesh", "tensor=64"], "needs 64 devices, have 1"),
-], ids=["cache-without-routers", "size", "longer-than-t5", "mesh-larger-than-the-devices"])
+    (["--elastic", "infer"], "transformer has no routers (train them with `edit-jax train`, then give --transformer"),
+    (["--transformer", "no-such-weights"], "no-such-weights: no such file or folder"),
+], ids=["cache-without-routers", "size", "longer-than-t5", "mesh-larger-than-the-devices", "e-dit-without-routers",
+        "missing-transformer"])
 def test_flags_that_cannot_work_are_one_clear_error_before_any_prompt_is_encoded(tiny_pipeline, tmp_path, capsys,
                                                                                   monkeypatch, flags, message):
     from pipelines import text_encoders

@@ -89,7 +89,6 @@ def test_readme_conversion_commands_run_as_written_on_tiny_sources(tmp_path, mon
     from safetensors.torch import save_file
 
     from edit_jax.cli import main
-    from edit_jax.config import from_diffusers_config
     from tiny_pipeline import make_tiny_flux_pipeline, make_tiny_qwen_pipeline
     from test_convert_flux import diffusers_to_bfl
     from test_qwen_image import fake_release
@@ -101,24 +100,24 @@ def test_readme_conversion_commands_run_as_written_on_tiny_sources(tmp_path, mon
     qwen = make_tiny_qwen_pipeline(models / "Qwen-Image").transformer
     (models / "Elastic-DiT").mkdir()
     fake_release(qwen, models / "Elastic-DiT" / "model.safetensors")
-    config = from_diffusers_config(models / "FLUX.1-dev" / "transformer")  # the eval line's checkpoint, with routers
-    variables = init_variables(config)
-    save(tmp_path / "ckpt" / "flux-edit", config, variables["params"], variables["routers"])
     (tmp_path / "prompts.txt").write_text("a red fox in the snow\ntwo cats\n")
     substitutions = (("/models/", f"{models}/"),  # a BFL file carries no config: the tiny one's, given
                      ("--format bfl", f"--format bfl --config {models}/FLUX.1-dev/transformer/config.json"),
-                     ("1024", "64"), ("--steps 28", "--steps 2"))
+                     ("1024", "64"), ("--steps 28", "--steps 2"), ("steps=2000", "steps=2"),
+                     ("batch_size=16", "batch_size=1"))  # make_photos' buckets hold one photo each
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))  # the embedding cache's default folder
     commands = readme_commands(converting=True)
-    assert sum(c.startswith("edit-jax convert") for c in commands) == 3
-    assert sum(c.startswith("edit-jax generate") for c in commands) == 2
+    assert sum(c.startswith("edit-jax convert") for c in commands) == 4
+    assert sum(c.startswith("edit-jax generate") for c in commands) == 3
+    assert sum(c.startswith(("edit-jax order-channels", "edit-jax train")) for c in commands) == 2
     assert sum("prepare-data" in c for c in commands) == 2
     assert sum(c.startswith(("edit-jax encode-prompts", "edit-jax eval")) for c in commands) == 2
     for command in commands:
         for old, new in substitutions:
             command = command.replace(old, new)
-        quiet = ["--quiet"] if command.startswith(("edit-jax generate", "edit-jax prepare-data", "edit-jax encode")) else []
+        quiet = ["--quiet"] if command.startswith(("edit-jax generate", "edit-jax prepare-data", "edit-jax encode",
+                                                   "edit-jax train")) else []
         assert main(shlex.split(command, comments=True)[1:] + quiet) == 0, command
 
 
