@@ -1,7 +1,7 @@
 """`edit-jax encode-prompts`: prompts to the embeddings file that `sample` and `eval` read.
 
     edit-jax encode-prompts --model /models/FLUX.1-dev --prompts prompts.txt --out prompts.npz
-    edit-jax eval ckpt/flux-edit --embeddings prompts.npz --steps 28 --out eval-flux
+    edit-jax eval runs/flux-edit/edit-jax --embeddings prompts.npz --steps 28 --out eval-flux
 
 The pipeline folder's own text encoders (pipelines/text_encoders.py: exactly the pipeline's
 encode_prompt) run in batches, through the per-prompt cache. The .npz holds prompt_embeds

@@ -23,6 +23,7 @@ import numpy as np
 
 from edit_jax.checkpoint import resolve
 
+
 @contextlib.contextmanager
 def loading_bars(shown: bool):
     """diffusers' and transformers' loading progress bars shown or not inside (as they were after)."""

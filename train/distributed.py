@@ -54,16 +54,17 @@ def _int_env(name: str) -> int | None:
 class Preemption:
     """A preemption notice (SIGTERM) as one decision of every process: `reached(step)` is True at
     the step where all of them save and stop. One process: a SIGTERM handler inside the `with`
-    block (in the main thread; elsewhere none), and the step after it. Several: JAX's preemption service, which catches SIGTERM itself
-    (so no Python handler replaces its own), tells every process and picks the step after the
-    furthest one; `reached` must then be called by every process at every step."""
+    block (in the main thread; elsewhere none), and the step after it. Several: JAX's preemption
+    service, which catches SIGTERM itself (so no Python handler replaces its own), tells every
+    process and picks the step after the furthest one; `reached` must then be called by every
+    process at every step."""
 
     def __init__(self):
         import jax
 
         self.shared = jax.process_count() > 1
         self.signal = None
-        self._handled = not self.shared and threading.current_thread() is threading.main_thread()  # where handlers live
+        self._handled = not self.shared and threading.current_thread() is threading.main_thread()
         self._previous = None
 
     def __enter__(self):
