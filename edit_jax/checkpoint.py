@@ -326,6 +326,17 @@ def save(path: str | Path, config, params: dict, routers: dict | None = None, *,
     return write_checkpoint(path, config, trees, overwrite=overwrite, protect=protect)
 
 
+def run_dir_hint(path: Path) -> str:
+    """Where a training run's folder, given in place of a checkpoint, keeps its trained one ("" for
+    other folders)."""
+    if is_checkpoint(path / "edit-jax"):
+        return f": it is a training run's folder, whose trained checkpoint is {path / 'edit-jax'}"
+    if (path / "checkpoints").is_dir() and (path / CONFIG_FILE).is_file():
+        return (": it looks like a training run's folder whose run has not finished; its trained checkpoint "
+                f"will be {path / 'edit-jax'} (rerun the training command to finish it)")
+    return ""
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The checkpoint's config.json, after checking the folder is an edit-jax checkpoint."""
     path = resolve(path)
@@ -333,7 +344,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"no such checkpoint: {path}")
     if not meta_file.is_file() or not (path / PARAMS_DIR).is_dir():
-        raise CheckpointError(f"{path} is not an edit-jax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+        raise CheckpointError(f"{path} is not an edit-jax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/)"
+                              + run_dir_hint(path))
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:

@@ -55,7 +55,7 @@ def check_transformer(path: Path, family: str, elastic: str) -> None:
     (read from headers and metadata only, before the text encoders run)."""
     from checkpoints_convert.convert import FAMILIES
     from checkpoints_convert.sources import open_source
-    from edit_jax.checkpoint import ROUTERS_DIR, load_config, tree_names
+    from edit_jax.checkpoint import ROUTERS_DIR, load_config, run_dir_hint, tree_names
 
     if not path.exists():
         raise ValueError(f"--transformer {path}: no such file or folder")
@@ -63,6 +63,8 @@ def check_transformer(path: Path, family: str, elastic: str) -> None:
         if load_config(path).family != family:
             raise ValueError(f"{path} is a {load_config(path).family} checkpoint for a {family} pipeline")
         routers = ROUTERS_DIR in tree_names(path)
+    elif run_dir_hint(path):
+        raise ValueError(f"--transformer {path}" + run_dir_hint(path))
     else:
         routers = FAMILIES[family].prepare(open_source(path))[3] is not None
     if elastic != "dense" and not routers:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import edit_jax
-from edit_jax.checkpoint import load_routers, save
+from edit_jax.checkpoint import CheckpointError, load_routers, save
 from edit_jax.config import ConfigError
 from edit_jax.models import init_variables
 from train.config import TrainConfig, load_config
@@ -496,3 +496,9 @@ def test_training_in_a_thread_other_than_the_main_one_runs(tmp_path):
     thread.start()
     thread.join()
     assert "loss" in result
+
+
+def test_a_run_folder_given_as_a_checkpoint_is_an_error_naming_the_trained_one(tmp_path):
+    train(tiny_run(tmp_path, steps=1), progress=False)
+    with pytest.raises(CheckpointError, match="training run's folder, whose trained checkpoint is .*run/edit-jax"):
+        edit_jax.load(tmp_path / "run")
