@@ -189,7 +189,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     t0 = time.perf_counter()
     encoder = TEXT_ENCODERS[family](folder, max_sequence_length, progress=progress, dtype=dtype)
     store = EmbeddingCache(embeddings_cache) if embeddings_cache else None
-    rows = encoder.encode_rows(prompts, store, batch_size, progress)
+    rows = encoder.encode_rows(prompts, store, batch_size, progress, keep=store is None)  # cached: read per batch
     negative_row = encoder.encode_rows([negative_prompt], store)[0] if negative_prompt is not None else None
     encoder.release()  # the accelerator's memory goes to the transformer
     timings["encode_s"] = time.perf_counter() - t0
@@ -220,7 +220,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     starts = range(0, len(prompts), batch_size)
     with tqdm(total=steps * len(starts), desc="denoise", unit="step", disable=not progress) as bar:
         for start in starts:
-            part = rows[start : start + batch_size]
+            part = (rows[start : start + batch_size] if store is None
+                    else encoder.cached_rows(prompts[start : start + batch_size], store))
             cond = conditions(config, encoder.stack(part), height, width)
             negative_cond = (conditions(config, encoder.stack([negative_row] * len(part)), height, width)
                              if negative_row is not None else None)

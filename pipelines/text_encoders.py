@@ -139,17 +139,30 @@ class TextEncoder:
         return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
     def encode_rows(self, prompts: list[str], cache: EmbeddingCache | None = None, batch_size: int = 8,
-                    progress: bool = False) -> list[dict]:
+                    progress: bool = False, keep: bool = True) -> list[dict]:
         """Each prompt's embeddings (`rows`), encoded `batch_size` prompts at a time (each once
-        with a cache)."""
+        with a cache). keep=False, with a cache: only fills it and returns [] (`cached_rows` reads
+        them back a batch at a time, so a long list of prompts never sits in memory)."""
         from tqdm.auto import tqdm
 
         rows = []
         with tqdm(total=len(prompts), desc="encode", unit="prompt", disable=not progress) as bar:
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start : start + batch_size]
-                rows += self.rows(self(batch, cache))
+                if keep or cache is None:
+                    rows += self.rows(self(batch, cache))
+                elif not all(cache.path(self.key(p)).is_file() for p in batch):
+                    self(batch, cache)
                 bar.update(len(batch))
+        return rows
+
+    def cached_rows(self, prompts: list[str], cache: EmbeddingCache) -> list[dict]:
+        """The rows of prompts that `encode_rows` put in `cache`."""
+        rows = [cache.get(self.key(p)) for p in prompts]
+        for prompt, row in zip(prompts, rows):
+            if row is None:
+                raise ValueError(f"the embedding cache {cache.folder} lost the embeddings of {prompt!r} during this run "
+                                 "(was it cleared meanwhile?)")
         return rows
 
     def __call__(self, prompts: list[str], cache: EmbeddingCache | None = None, pad_to: int | None = None) -> dict:

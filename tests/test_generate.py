@@ -140,6 +140,17 @@ def test_the_cli_generates_pngs_and_a_run_json(tiny_pipeline, tmp_path):
     assert len(list((tmp_path / "c").glob("*.npz"))) == 1
 
 
+def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory(tiny_pipeline, tmp_path):
+    from pipelines.generate import generate
+
+    _, folder = tiny_pipeline
+    prompts, settings = PROMPTS + ["a third prompt"], dict(steps=2, height=32, width=32, progress=False)
+    whole = generate(folder, prompts, tmp_path / "whole", batch_size=3, **settings)["images"]
+    batched = generate(folder, prompts, tmp_path / "batched", batch_size=2, embeddings_cache=tmp_path / "c", **settings)
+    np.testing.assert_allclose(batched["images"], whole, rtol=1e-5, atol=1e-5)
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 3
+
+
 def test_a_folder_without_a_component_is_one_error_naming_it(tiny_pipeline, tmp_path, capsys):
     import shutil
 
