@@ -511,7 +511,7 @@ def cmd_eval(args) -> int:
                             delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     summary = evaluate_checkpoint(args.ckpt, args.embeddings, out, args.height, args.width, args.steps, args.seed,
                                   elastic, args.guidance, args.repeats, args.vae, args.tile_size, mesh_of(args),
-                                  resolve_dtype(args.dtype))
+                                  resolve_dtype(args.dtype), args.true_cfg)
     remove_stale_outputs(out, earlier)
     print(json.dumps(summary, indent=2))
     return 0
@@ -655,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="edit-jax-eval", help="folder for eval.json, router_map.png, fidelity_vs_flops.png")
     add_sampling_arguments(ev, seed_help="seed of the initial noise (the same for every method)")
     add_elastic_arguments(ev, cache_start=None)
+    ev.add_argument("--true-cfg", type=float, default=1.0,
+                    help="> 1: true CFG with the file's negative_* embeddings (Qwen-Image: typically 4)")
     ev.add_argument("--repeats", type=at_least(1), default=3, help="timed repeats per method (warm; the median is reported)")
     ev.add_argument("--vae", help="a FLUX VAE folder (diffusers vae/): decode every method's latents, compare the "
                                   "images with dense's and write them as PNGs")

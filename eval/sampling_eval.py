@@ -58,18 +58,21 @@ def routing_stats(config, records: dict, num_img: int, num_txt: int, steps: int)
 
 def run_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, routers: dict | None = None,
                elastic: ElasticConfig | None = None, decisions=None, timing_rows: int = 1,
-               repeats: int = 3) -> tuple[np.ndarray, dict, dict]:
+               repeats: int = 3, negative_cond: dict | None = None) -> tuple[np.ndarray, dict, dict]:
     """Samples the whole batch once, then times `timing_rows` rows `repeats` times (warm);
-    returns (latents [B, N, C], stats, records)."""
-    latents, records = sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic, decisions=decisions)
+    returns (latents [B, N, C], stats, records). negative_cond: true CFG's negative prompt."""
+    latents, records = sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic, decisions=decisions,
+                              negative_cond=negative_cond)
     latents, records = jax.device_get((latents, records))
     stats = routing_stats(model.config, records, noise.shape[1], num_txt_of(cond), sampler.num_steps)
     if timing_rows:  # the whole batch reuses the program compiled above
-        small_noise, small_cond = (noise, cond) if timing_rows >= noise.shape[0] else (noise[:timing_rows], rows_of(cond, timing_rows))
+        whole = timing_rows >= noise.shape[0]
+        small_noise, small_cond = (noise, cond) if whole else (noise[:timing_rows], rows_of(cond, timing_rows))
+        small_negative = negative_cond if whole or negative_cond is None else rows_of(negative_cond, timing_rows)
 
         def once():
             return jax.block_until_ready(sample(model, params, small_noise, small_cond, sampler, routers=routers,
-                                                elastic=elastic, decisions=decisions)[0])
+                                                elastic=elastic, decisions=decisions, negative_cond=small_negative)[0])
 
         if timing_rows < noise.shape[0]:  # the whole batch was compiled and run above
             once()
@@ -90,11 +93,13 @@ def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:
 
 def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: int, steps: int, seed: int = 0,
                         elastic: ElasticConfig | None = None, guidance: float = 3.5, repeats: int = 3,
-                        vae: str | None = None, tile_size: int = 1024, mesh=None, dtype: str = "float32") -> dict:
+                        vae: str | None = None, tile_size: int = 1024, mesh=None, dtype: str = "float32",
+                        true_cfg: float = 1.0) -> dict:
     """Dense vs E-DiT vs E-DiT + cache on a checkpoint with routers, from the same noise; with a
     FLUX VAE folder (`vae`), the decoded images are compared too and written as PNGs. mesh: the
     transformer's params and routers placed on it by the rules table, and sampled under it. dtype:
-    the transformer's params and compute."""
+    the transformer's params and compute. true_cfg > 1: true classifier-free guidance with the
+    file's negative_* embeddings."""
     import contextlib
     import dataclasses
 
@@ -105,6 +110,9 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map
 
     data = read_embeddings(embeddings)
+    if true_cfg > 1 and "negative_prompt_embeds" not in data:
+        raise ValueError(f"--true-cfg {true_cfg} needs negative_prompt_embeds in {embeddings} (edit-jax encode-prompts "
+                         "--negative-prompt TEXT writes them)")
     model, params = load(ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype)
     config = model.config
     check_embeddings(config, data, embeddings)
@@ -112,9 +120,10 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     if routers is None:
         raise CheckpointError(f"{ckpt} has no routers to evaluate: train them (`edit-jax train`) or convert an E-DiT release")
     cond = conditions(config, data, height, width)
+    negative = conditions(config, data, height, width, "negative_") if true_cfg > 1 else None
     batch = cond["encoder_hidden_states"].shape[0]
     noise = initial_noise(jax.random.key(seed), batch, config.in_channels // 4, height, width)
-    sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance)
+    sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg)
     elastic = elastic or ElasticConfig(mode="infer", cache_start=steps // 3)
     methods = {"dense": dict(elastic=None),
                "E-DiT": dict(elastic=dataclasses.replace(elastic, cache=False), routers=routers),
@@ -129,7 +138,7 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
         print(f"eval: {name}", flush=True)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             x, stats, records = run_method(model, params, noise, cond, sampler, timing_rows=batch, repeats=repeats,
-                                           **kwargs)
+                                           negative_cond=negative, **kwargs)
         latents[name] = np.asarray(unpack_latents(x, height, width))
         results[name] = {**stats, **fidelity(latents["dense"], latents[name])}
         if decoder is not None:
@@ -158,7 +167,8 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
                           ylabel="PSNR of the final latents vs dense (dB)",
                           title=f"Fidelity to dense sampling from the same noise ({batch} prompts, {steps} steps)")
     summary = {"checkpoint": str(ckpt), "embeddings": str(embeddings), "height": height, "width": width,
-               "steps": steps, "seed": seed, "prompts": batch, "tau": elastic.tau, "decision": elastic.decision,
+               "steps": steps, "seed": seed, "true_cfg": true_cfg, "forward_passes_per_step": 2 if true_cfg > 1 else 1,
+               "prompts": batch, "tau": elastic.tau, "decision": elastic.decision,
                "cache": {"cache_start": elastic.cache_start, "delta_margin": elastic.delta_margin,
                          "max_reuse": elastic.max_reuse},
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape), "dtype": dtype,

@@ -249,6 +249,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     summary = {"model": str(folder), "transformer": str(transformer), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
                "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,
                "seed": seed, "elastic": elastic, "cache": cache, "dtype": dtype, "batch_size": batch_size,
+               "forward_passes_per_step": 2 if true_cfg > 1 else 1,
                "timings_s": {k: round(v, 3) for k, v in timings.items()}, "images": [str(p) for p in paths],
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape),
                "routing": {k: sum(n * stats[k] for n, stats in routing) / len(prompts) for k in routing[0][1]}}

@@ -97,6 +97,19 @@ def test_eval_compares_edit_and_the_cache_with_dense_from_the_same_noise(tiny_ro
     assert all((tmp_path / "out" / p).stat().st_size > 10_000 for p in ("router_map.png", "fidelity_vs_flops.png"))
 
 
+def test_eval_with_true_cfg_guides_with_the_files_negative_embeddings(tiny_routed_ckpt, tmp_path, capsys):
+    ckpt, emb = tiny_routed_ckpt
+    args = ["eval", str(ckpt), "--out", str(tmp_path / "out"), "--height", "32", "--width", "32", "--steps", "2",
+            "--repeats", "1", "--true-cfg", "4", "--embeddings"]
+    assert main(args + [str(emb)]) == 2
+    assert "--true-cfg 4.0 needs negative_prompt_embeds in" in capsys.readouterr().err
+    data = dict(np.load(emb))
+    np.savez(tmp_path / "cfg.npz", **data, **{f"negative_{k}": np.zeros_like(v) for k, v in data.items()})
+    assert main(args + [str(tmp_path / "cfg.npz")]) == 0  # the sampler refuses CFG without them: they reached it
+    summary = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert (summary["true_cfg"], summary["forward_passes_per_step"]) == (4.0, 2)
+
+
 def test_eval_of_a_checkpoint_without_routers_is_one_clear_error(tmp_path, capsys):
     import edit_jax
     from edit_jax.checkpoint import save
