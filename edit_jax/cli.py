@@ -744,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OPTIONAL_PACKAGES = {"torch": ("torch", "diffusers", "transformers"), "diffrax": ("diffrax",), "tokamax": ("tokamax",)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from checkpoints_convert.engine import ConversionError
     from checkpoints_convert.sources import SourceError
@@ -756,6 +759,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ConversionError, SourceError, CheckpointError, ValueError, MemoryError, RuntimeError,
             OSError) as e:
         print(f"edit-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = next((extra for extra, names in OPTIONAL_PACKAGES.items() if (e.name or "").split(".")[0] in names), None)
+        if extra is None:
+            raise
+        print(f"edit-jax {args.command}: error: this needs {e.name.split('.')[0]}, an optional dependency: "
+              f"pip install -e '.[{extra}]' in the edit-jax checkout (README: the CPU build of torch)", file=sys.stderr)
         return 2
 
 

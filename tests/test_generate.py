@@ -268,6 +268,15 @@ def test_a_prompts_file_that_cannot_be_read_is_one_error_naming_it(tmp_path, cap
     assert message in err and "prompts.txt" in err
 
 
+def test_a_missing_optional_dependency_is_one_error_naming_the_extra(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    import sys
+
+    _, folder = tiny_pipeline
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    assert main(["encode-prompts", "--model", str(folder), "--prompt", "a cat", "--out", str(tmp_path / "e.npz")]) == 2
+    assert "this needs diffusers, an optional dependency: pip install -e '.[torch]'" in capsys.readouterr().err
+
+
 def test_a_folder_of_another_pipeline_is_one_error_naming_it(tmp_path, capsys):
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
