@@ -658,8 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--true-cfg", type=float, default=1.0,
                     help="> 1: true CFG with the file's negative_* embeddings (Qwen-Image: typically 4)")
     ev.add_argument("--repeats", type=at_least(1), default=3, help="timed repeats per method (warm; the median is reported)")
-    ev.add_argument("--vae", help="a FLUX VAE folder (diffusers vae/): decode every method's latents, compare the "
-                                  "images with dense's and write them as PNGs")
+    ev.add_argument("--vae", help="the pipeline's VAE folder (diffusers vae/, FLUX.1 or Qwen-Image): decode every "
+                                  "method's latents, compare the images with dense's and write them as PNGs")
     ev.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels")
     add_mesh_argument(ev)
     add_dtype_argument(ev)

@@ -6,9 +6,9 @@
 measures it: analytic FLOPs per step and in total per sample (routers counted where they run),
 blocks executed, mean MLP width of executed blocks, cache hit rate, and the warm wall-clock
 (median of repeats). `fidelity` compares its latents with dense ones from the same noise (PSNR,
-SSIM), and with a FLUX VAE (`--vae`) the decoded images too. `evaluate_checkpoint` runs dense, E-DiT and E-DiT + cache on a checkpoint with routers and
-the user's prompt embeddings and writes OUT/eval.json, OUT/router_map.png and
-OUT/fidelity_vs_flops.png.
+SSIM), and with the pipeline's VAE (`--vae`) the decoded images too. `evaluate_checkpoint` runs
+dense, E-DiT and E-DiT + cache on a checkpoint with routers and the user's prompt embeddings and
+writes OUT/eval.json, OUT/router_map.png and OUT/fidelity_vs_flops.png.
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
                         vae: str | None = None, tile_size: int = 1024, mesh=None, dtype: str = "float32",
                         true_cfg: float = 1.0) -> dict:
     """Dense vs E-DiT vs E-DiT + cache on a checkpoint with routers, from the same noise; with a
-    FLUX VAE folder (`vae`), the decoded images are compared too and written as PNGs. mesh: the
-    transformer's params and routers placed on it by the rules table, and sampled under it. dtype:
-    the transformer's params and compute. true_cfg > 1: true classifier-free guidance with the
-    file's negative_* embeddings."""
+    VAE folder (`vae`: FLUX.1's or Qwen-Image's), the decoded images are compared too and written
+    as PNGs. mesh: the transformer's params and routers placed on it by the rules table, and
+    sampled under it. dtype: the transformer's params and compute. true_cfg > 1: true
+    classifier-free guidance with the file's negative_* embeddings."""
     import contextlib
     import dataclasses
 
@@ -132,7 +132,10 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     if vae is not None:
         from checkpoints_convert.vae import load_vae
 
+        from pipelines.generate import check_vae_fits
+
         decoder = load_vae(vae)
+        check_vae_fits(decoder[0], config, vae)
     results, latents, images, edit_records = {}, {}, {}, None
     for name, kwargs in methods.items():
         print(f"eval: {name}", flush=True)

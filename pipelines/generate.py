@@ -112,6 +112,13 @@ def load_scheduler(folder: Path):
     return SchedulerConfig(**{k: v for k, v in values.items() if k in names})
 
 
+def check_vae_fits(vae_config, config, path) -> None:
+    """The VAE at `path` decodes what the transformer of `config` denoises (2x2-packed latents of an 8x VAE)."""
+    if 4 * vae_config.latent_channels != config.in_channels or vae_config.downscale != 8:
+        raise ValueError(f"the VAE {path} ({vae_config.latent_channels} latent channels, {vae_config.downscale}x) does "
+                         f"not fit the transformer ({config.in_channels} packed channels, a 8x VAE)")
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, as diffusers' image processor."""
     x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
@@ -198,9 +205,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     model, params, routers = load_transformer(transformer, family, mesh, dtype)
     config = model.config
     vae_config, vae_params = load_vae(folder / "vae")
-    if 4 * vae_config.latent_channels != config.in_channels or vae_config.downscale != 8:
-        raise ValueError(f"the VAE ({vae_config.latent_channels} latent channels, {vae_config.downscale}x) does not fit "
-                         f"the transformer ({config.in_channels} packed channels, a 8x VAE)")
+    check_vae_fits(vae_config, config, folder / "vae")
     sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg,
                             scheduler=load_scheduler(folder / "scheduler"))
     if noise is None:  # every prompt's noise drawn up front: the images do not depend on batch_size

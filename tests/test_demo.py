@@ -140,3 +140,18 @@ def test_eval_with_a_vae_compares_the_decoded_images_too(tiny_routed_ckpt, tmp_p
     methods = json.loads((tmp_path / "out" / "eval.json").read_text())["methods"]
     assert methods["dense"]["images"]["psnr_db"] == "inf" and 0 < methods["E-DiT + cache"]["images"]["ssim"] <= 1
     assert (tmp_path / "out" / "e-dit-cache-1.png").is_file()
+
+
+def test_eval_with_a_vae_that_does_not_fit_the_model_is_one_error_before_sampling(tiny_routed_ckpt, tmp_path, capsys):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from tiny_pipeline import VAE_TINY
+
+    ckpt, emb = tiny_routed_ckpt
+    torch.manual_seed(0)
+    AutoencoderKL(**{**VAE_TINY, "latent_channels": 2}).save_pretrained(tmp_path / "vae")
+    args = ["eval", str(ckpt), "--embeddings", str(emb), "--out", str(tmp_path / "out"), "--height", "32",
+            "--width", "32", "--steps", "2", "--vae", str(tmp_path / "vae")]
+    assert main(args) == 2
+    assert "(2 latent channels, 8x) does not fit the transformer (4 packed channels" in capsys.readouterr().err
