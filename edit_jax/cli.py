@@ -467,7 +467,8 @@ def cmd_generate(args) -> int:
     result = generate(args.model, prompts, args.out, steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg,
                       negative_prompt=args.negative_prompt, height=args.height, width=args.width, seed=args.seed,
                       max_sequence_length=args.max_sequence_length, elastic=args.elastic, cache=args.cache,
-                      cache_start=args.cache_start, tile_size=args.tile_size,
+                      cache_start=args.cache_start, tile_size=args.tile_size, decision=args.decision, tau=args.tau,
+                      delta_margin=args.delta_margin, max_reuse=args.max_reuse,
                       embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
                       progress=not args.quiet, mesh=mesh_of(args), dtype=args.dtype, batch_size=args.batch_size,
                       transformer=args.transformer)
@@ -551,9 +552,9 @@ def add_sampling_arguments(parser, seed_help: str = "seed of the initial noise")
     parser.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev embedded guidance (ignored by other models)")
 
 
-def add_elastic_arguments(parser, cache_start: int | None) -> None:
+def add_elastic_arguments(parser, cache_start: int | None, decision: str = "batch") -> None:
     """E-DiT's decision flags: tau, one decision per batch or per sample, and the cache's settings."""
-    parser.add_argument("--decision", default="batch", choices=["batch", "sample"],
+    parser.add_argument("--decision", default=decision, choices=["batch", "sample"],
                         help="one skip/width decision per block for the batch (as the release) or one per sample")
     parser.add_argument("--tau", type=float, default=0.5, help="gate threshold: a block runs when its router's p >= tau")
     parser.add_argument("--cache-start", type=at_least(0), default=cache_start,
@@ -602,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(gen)
     gen.add_argument("--elastic", default="dense", choices=["dense", "infer"], help="infer: E-DiT with the routers in transformer/")
     gen.add_argument("--cache", action="store_true", help="router-guided block cache (with --elastic infer)")
-    gen.add_argument("--cache-start", type=at_least(0), help="first step of the cache (default: a third of --steps)")
+    add_elastic_arguments(gen, cache_start=None, decision="sample")  # an image depends on its prompt alone
     gen.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels (larger images decode in tiles)")
     gen.add_argument("--batch-size", type=at_least(1), default=4,
                      help="prompts encoded, denoised and decoded together (the images do not depend on it)")

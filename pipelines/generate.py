@@ -163,7 +163,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
              negative_prompt: str | None = None, height: int = 1024, width: int = 1024, seed: int = 0,
              elastic: str = "dense", cache: bool = False, cache_start: int | None = None, tile_size: int = 1024,
              max_sequence_length: int = 512, embeddings_cache=None, noise=None, progress: bool = True, mesh=None,
-             dtype: str = "auto", batch_size: int = 4, transformer=None) -> dict:
+             dtype: str = "auto", batch_size: int = 4, transformer=None, decision: str = "sample", tau: float = 0.5,
+             delta_margin: float = 0.015, max_reuse: int = 10) -> dict:
     """Runs the three stages and writes OUT/image-N.png and OUT/generate.json; returns
     {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. guidance: FLUX.1-dev's embedded
     guidance (ignored by models without one); true_cfg > 1 with a negative prompt: true
@@ -172,7 +173,9 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     and denoising (the text encoders and the VAE run as without one). dtype: the transformer's params
     and compute, and on a CUDA device the text encoders' ("auto": bfloat16 on a GPU or TPU, float32
     on CPU); the VAE decodes in float32. batch_size: prompts encoded, denoised and decoded together
-    (each batch's images are written as it finishes). transformer: weights to use instead of the
+    (each batch's images are written as it finishes; an image does not depend on it, unless E-DiT
+    takes one decision for the whole batch, decision="batch"). decision, tau, delta_margin,
+    max_reuse: E-DiT's (`ElasticConfig`); by default each image's own decisions. transformer: weights to use instead of the
     folder's transformer/ (an edit-jax checkpoint such as a training run's RUN_DIR/edit-jax, or
     diffusers, BFL or E-DiT release weights)."""
     import contextlib
@@ -214,7 +217,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
         raise ValueError(f"noise has {noise.shape[0]} rows for {len(prompts)} prompts")
     settings = None
     if elastic != "dense":
-        settings = ElasticConfig(mode="infer", cache=cache, cache_start=steps // 3 if cache_start is None else cache_start)
+        settings = ElasticConfig(mode="infer", tau=tau, decision=decision, cache=cache, delta_margin=delta_margin,
+                                 max_reuse=max_reuse, cache_start=steps // 3 if cache_start is None else cache_start)
 
     from PIL import Image
 
@@ -255,6 +259,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
                "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,
                "seed": seed, "elastic": elastic, "cache": cache, "dtype": dtype, "batch_size": batch_size,
                "forward_passes_per_step": 2 if true_cfg > 1 else 1,
+               "e_dit": None if settings is None else {"decision": decision, "tau": tau, "cache_start": settings.cache_start,
+                                                       "delta_margin": delta_margin, "max_reuse": max_reuse},
                "timings_s": {k: round(v, 3) for k, v in timings.items()}, "images": [str(p) for p in paths],
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape),
                "routing": {k: sum(n * stats[k] for n, stats in routing) / len(prompts) for k in routing[0][1]}}

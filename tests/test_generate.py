@@ -151,6 +151,23 @@ def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory
     assert len(list((tmp_path / "c").glob("*.npz"))) == 3
 
 
+def test_e_dit_images_with_the_cache_do_not_depend_on_the_batch_size(tiny_pipeline, tmp_path):
+    import edit_jax
+    from edit_jax.checkpoint import save
+    from pipelines.generate import generate
+
+    _, folder = tiny_pipeline
+    config = edit_jax.from_diffusers_config(folder / "transformer")
+    variables = edit_jax.models.init_variables(config)  # fresh routers: every block at p = 0.7
+    save(tmp_path / "edit", config, variables["params"], variables["routers"])
+    settings = dict(steps=3, height=32, width=32, progress=False, transformer=tmp_path / "edit", elastic="infer",
+                    cache=True, cache_start=1, delta_margin=0.3)  # every block borderline: the cache reuses
+    one = generate(folder, PROMPTS, tmp_path / "one", batch_size=1, **settings)
+    two = generate(folder, PROMPTS, tmp_path / "two", batch_size=2, **settings)
+    np.testing.assert_allclose(two["images"], one["images"], rtol=1e-5, atol=1e-5)
+    assert one["summary"]["routing"]["cache_hit_rate"] > 0 and one["summary"]["e_dit"]["decision"] == "sample"
+
+
 def test_a_folder_without_a_component_is_one_error_naming_it(tiny_pipeline, tmp_path, capsys):
     import shutil
 
