@@ -119,6 +119,28 @@ def check_vae_fits(vae_config, config, path) -> None:
                          f"not fit the transformer ({config.in_channels} packed channels, a 8x VAE)")
 
 
+TEXT_MULTIPLE = 64  # text lengths rounded up to a multiple: a prompts file compiles a few shapes, not one per batch
+
+
+def text_length(rows: list[dict]) -> int:
+    """The text length a batch of embedding rows is padded to (masked: the result is the same)."""
+    longest = max(len(row["prompt_embeds"]) for row in rows)
+    return -(-longest // TEXT_MULTIPLE) * TEXT_MULTIPLE
+
+
+def first_rows(records: dict, count: int, rows: int) -> dict:
+    """The sampler's records [steps, rows (x 2 with true CFG: conditional then unconditional), ...]
+    of the first `count` prompts of a batch of `rows`."""
+    def take(x):
+        if x.ndim < 2:
+            return x
+        if x.shape[1] == rows:
+            return x[:, :count]
+        return np.concatenate([x[:, :count], x[:, rows : rows + count]], axis=1)
+
+    return {k: take(v) for k, v in records.items()}
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, as diffusers' image processor."""
     x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
@@ -227,16 +249,20 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     out.mkdir(parents=True, exist_ok=True)
     images, paths, routing, first_records = [], [], [], None
     starts = range(0, len(prompts), batch_size)
+    exact = settings is None or decision == "sample"  # an image does not depend on the other rows
     with tqdm(total=steps * len(starts), desc="denoise", unit="step", disable=not progress) as bar:
         for start in starts:
-            part = (rows[start : start + batch_size] if store is None
-                    else encoder.cached_rows(prompts[start : start + batch_size], store))
-            cond = conditions(config, encoder.stack(part), height, width)
-            negative_cond = (conditions(config, encoder.stack([negative_row] * len(part)), height, width)
-                             if negative_row is not None else None)
+            ids = list(range(start, min(start + batch_size, len(prompts))))
+            count = len(ids)
+            if exact and len(starts) > 1:  # the last batch padded to the compiled size, its extra rows dropped
+                ids += [ids[-1]] * (batch_size - count)
+            part = [rows[i] for i in ids] if store is None else encoder.cached_rows([prompts[i] for i in ids], store)
+            cond = conditions(config, encoder.stack(part, text_length(part)), height, width)
+            negative_cond = (conditions(config, encoder.stack([negative_row] * len(ids), text_length([negative_row])),
+                                        height, width) if negative_row is not None else None)
             t0 = time.perf_counter()
             with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-                latents, records = sample(model, params, noise[start : start + len(part)], cond, sampler,
+                latents, records = sample(model, params, noise[np.asarray(ids)], cond, sampler,
                                           routers=routers if settings else None, elastic=settings,
                                           negative_cond=negative_cond,
                                           progress=(lambda i: bar.update(1)) if progress else None)
@@ -245,15 +271,15 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
             t0 = time.perf_counter()
             z = vae_config.from_model_latents(np.asarray(unpack_latents(latents, height, width)))
-            images.append(decode_tiled(vae_config, vae_params, z, tile_size))
+            images.append(decode_tiled(vae_config, vae_params, z, tile_size)[:count])
             timings["decode_s"] += time.perf_counter() - t0
             for i, image in enumerate(to_uint8(images[-1]), start):
                 paths.append(out / f"image-{i}.png")
                 Image.fromarray(image).save(paths[-1])
-            records = jax.tree.map(np.asarray, records)
+            records = first_rows(jax.tree.map(np.asarray, records), count, len(ids))
             first_records = records if first_records is None else first_records
-            routing.append((len(part), routing_stats(config, records, noise.shape[1],
-                                                     cond["encoder_hidden_states"].shape[1], steps)))
+            routing.append((count, routing_stats(config, records, noise.shape[1],
+                                                 cond["encoder_hidden_states"].shape[1], steps)))
 
     summary = {"model": str(folder), "transformer": str(transformer), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
                "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,

@@ -140,15 +140,20 @@ def test_the_cli_generates_pngs_and_a_run_json(tiny_pipeline, tmp_path):
     assert len(list((tmp_path / "c").glob("*.npz"))) == 1
 
 
-def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory(tiny_pipeline, tmp_path):
+def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory(tiny_pipeline, tmp_path, monkeypatch):
+    import edit_jax.sampler
     from pipelines.generate import generate
 
     _, folder = tiny_pipeline
     prompts, settings = PROMPTS + ["a third prompt"], dict(steps=2, height=32, width=32, progress=False)
     whole = generate(folder, prompts, tmp_path / "whole", batch_size=3, **settings)["images"]
+    rows, sample = [], edit_jax.sampler.sample
+    monkeypatch.setattr(edit_jax.sampler, "sample", lambda model, params, noise, *a, **k: (
+        rows.append(noise.shape[0]), sample(model, params, noise, *a, **k))[1])
     batched = generate(folder, prompts, tmp_path / "batched", batch_size=2, embeddings_cache=tmp_path / "c", **settings)
     np.testing.assert_allclose(batched["images"], whole, rtol=1e-5, atol=1e-5)
     assert len(list((tmp_path / "c").glob("*.npz"))) == 3
+    assert rows == [2, 2] and len(batched["images"]) == 3  # the last batch padded to the compiled size
 
 
 def test_e_dit_images_with_the_cache_do_not_depend_on_the_batch_size(tiny_pipeline, tmp_path):
