@@ -191,15 +191,16 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. guidance: FLUX.1-dev's embedded
     guidance (ignored by models without one); true_cfg > 1 with a negative prompt: true
     classifier-free guidance (Qwen-Image's usual 4.0). noise: packed initial latents (None: drawn
-    from the seed). mesh: a device mesh (`edit_jax.sharding.make_mesh`) for the transformer's params, routers
-    and denoising (the text encoders and the VAE run as without one). dtype: the transformer's params
-    and compute, and on a CUDA device the text encoders' ("auto": bfloat16 on a GPU or TPU, float32
-    on CPU); the VAE decodes in float32. batch_size: prompts encoded, denoised and decoded together
-    (each batch's images are written as it finishes; an image does not depend on it, unless E-DiT
-    takes one decision for the whole batch, decision="batch"). decision, tau, delta_margin,
-    max_reuse: E-DiT's (`ElasticConfig`); by default each image's own decisions. transformer: weights to use instead of the
-    folder's transformer/ (an edit-jax checkpoint such as a training run's RUN_DIR/edit-jax, or
-    diffusers, BFL or E-DiT release weights)."""
+    from the seed). mesh: a device mesh (`edit_jax.sharding.make_mesh`) for the transformer's
+    params, routers and denoising (the text encoders and the VAE run as without one). dtype: the
+    transformer's params and compute, and on a CUDA device the text encoders' ("auto": bfloat16 on
+    a GPU or TPU, float32 on CPU); the VAE decodes in float32. batch_size: prompts encoded,
+    denoised and decoded together (each batch's images are written as it finishes; an image does
+    not depend on it, unless E-DiT takes one decision for the whole batch, decision="batch").
+    decision, tau, delta_margin, max_reuse: E-DiT's (`ElasticConfig`); by default each image's own
+    decisions. transformer: weights to use instead of the folder's transformer/ (an edit-jax
+    checkpoint such as a training run's RUN_DIR/edit-jax, or diffusers, BFL or E-DiT release
+    weights)."""
     import contextlib
 
     from tqdm.auto import tqdm
@@ -214,6 +215,9 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     folder, out = resolve(model_dir), resolve(out)
     family = pipeline_family(folder, unused=("transformer",) if transformer is not None else ())
     check_request(out, prompts, true_cfg, negative_prompt, height, width, elastic, cache, cache_start, batch_size)
+    settings = None if elastic == "dense" else ElasticConfig(  # its values checked here, before any work
+        mode="infer", tau=tau, decision=decision, cache=cache, delta_margin=delta_margin, max_reuse=max_reuse,
+        cache_start=steps // 3 if cache_start is None else cache_start)
     transformer = folder / "transformer" if transformer is None else resolve(transformer)
     check_transformer(transformer, family, elastic)
     timings = {"encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
@@ -237,10 +241,6 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
         noise = initial_noise(jax.random.key(seed), len(prompts), vae_config.latent_channels, height, width)
     if noise.shape[0] != len(prompts):
         raise ValueError(f"noise has {noise.shape[0]} rows for {len(prompts)} prompts")
-    settings = None
-    if elastic != "dense":
-        settings = ElasticConfig(mode="infer", tau=tau, decision=decision, cache=cache, delta_margin=delta_margin,
-                                 max_reuse=max_reuse, cache_start=steps // 3 if cache_start is None else cache_start)
 
     from PIL import Image
 

@@ -263,8 +263,9 @@ def test_true_cfg_without_a_negative_prompt_is_one_clear_error(tiny_qwen_pipelin
     (["--mesh", "tensor=64"], "needs 64 devices, have 1"),
     (["--elastic", "infer"], "transformer has no routers (train them with `edit-jax train`, then give --transformer"),
     (["--transformer", "no-such-weights"], "no-such-weights: no such file or folder"),
+    (["--elastic", "infer", "--tau", "2"], "elastic tau 2.0 must be in [0, 1]"),
 ], ids=["cache-without-routers", "size", "longer-than-t5", "mesh-larger-than-the-devices", "e-dit-without-routers",
-        "missing-transformer"])
+        "missing-transformer", "tau-out-of-range"])
 def test_flags_that_cannot_work_are_one_clear_error_before_any_prompt_is_encoded(tiny_pipeline, tmp_path, capsys,
                                                                                   monkeypatch, flags, message):
     from pipelines import text_encoders
