@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -745,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SHARE_THE_GPU_WITH_TORCH = ("generate", "encode-prompts", "prepare-data")  # the text encoders run in PyTorch
 OPTIONAL_PACKAGES = {"torch": ("torch", "diffusers", "transformers"), "diffrax": ("diffrax",), "tokamax": ("tokamax",)}
 
 
@@ -755,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in SHARE_THE_GPU_WITH_TORCH:  # JAX takes GPU memory as it needs it, not 75% up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
         return args.run(args)
     except (ConfigError, ConversionError, SourceError, CheckpointError, ValueError, MemoryError, RuntimeError,

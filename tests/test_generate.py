@@ -305,3 +305,12 @@ def test_a_folder_of_another_pipeline_is_one_error_naming_it(tmp_path, capsys):
     (tmp_path / "sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     assert main(["generate", "--model", str(tmp_path / "sd"), "--prompt", "a cat", "--out", str(tmp_path / "o")]) == 2
     assert "holds a StableDiffusionPipeline; supported: FluxPipeline, QwenImagePipeline" in capsys.readouterr().err
+
+
+def test_commands_that_run_torch_encoders_leave_it_gpu_memory(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
+    main(["encode-prompts", "--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "e.npz")])
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"  # read by JAX when it first touches the GPU
