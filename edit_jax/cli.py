@@ -602,12 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-sequence-length", type=at_least(1), default=512, help="text tokens (FLUX: T5's; Qwen-Image: at most)")
     gen.add_argument("--out", default="edit-jax-images", help="folder for image-N.png, generate.json, router_map.png")
     add_sampling_arguments(gen)
-    gen.add_argument("--elastic", default="dense", choices=["dense", "infer"], help="infer: E-DiT with the routers in transformer/")
+    gen.add_argument("--elastic", default="dense", choices=["dense", "infer"],
+                     help="infer: E-DiT with the routers of transformer/ (or of --transformer)")
     gen.add_argument("--cache", action="store_true", help="router-guided block cache (with --elastic infer)")
     add_elastic_arguments(gen, cache_start=None, decision="sample")  # an image depends on its prompt alone
     gen.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels (larger images decode in tiles)")
     gen.add_argument("--batch-size", type=at_least(1), default=4,
-                     help="prompts encoded, denoised and decoded together (the images do not depend on it)")
+                     help="prompts encoded, denoised and decoded together (with per-image decisions, the images "
+                          "do not depend on it)")
     gen.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
                      help="folder of cached prompt embeddings ('none': no cache)")
     add_mesh_argument(gen)
