@@ -502,3 +502,12 @@ def test_a_run_folder_given_as_a_checkpoint_is_an_error_naming_the_trained_one(t
     train(tiny_run(tmp_path, steps=1), progress=False)
     with pytest.raises(CheckpointError, match="training run's folder, whose trained checkpoint is .*run/edit-jax"):
         edit_jax.load(tmp_path / "run")
+
+
+def test_a_dataset_run_saved_by_other_processes_is_resumed_only_by_as_many(tmp_path, tiny_dataset):
+    train(tiny_run(tmp_path, steps=2, data=str(tiny_dataset)), progress=False, max_steps=1)
+    saved = tmp_path / "run" / "checkpoints" / "1" / "data"
+    (saved / "process_0-of-1.json").rename(saved / "process_0-of-2.json")  # as two processes save it
+    (saved / "process_1-of-2.json").write_text((saved / "process_0-of-2.json").read_text())
+    with pytest.raises(ConfigError, match="a dataset run saved by 2 processes, and this is 1: resume it with 2"):
+        train(tiny_run(tmp_path, steps=2, data=str(tiny_dataset)), progress=False)

@@ -105,6 +105,18 @@ def held_out_eval(config: TrainConfig) -> bool:
     return config.eval_data is not None or config.data == "synthetic"
 
 
+def check_data_processes(saved: Path, run_dir: Path) -> None:
+    """A dataset run resumes with as many processes as saved its data iterators (grain's state is
+    one file per process, and each process reads its own slice of the data)."""
+    import re
+
+    counts = {int(m[1]) for f in saved.glob("process_*-of-*.json") if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name))}
+    if counts and counts != {jax.process_count()}:
+        raise ConfigError(f"{run_dir} holds a dataset run saved by {max(counts)} processes, and this is {jax.process_count()}: "
+                          f"resume it with {max(counts)} processes (each reads its own slice of the dataset, and the "
+                          "data order is saved per process), or choose another run_dir")
+
+
 def split_trainable(config: TrainConfig, variables: dict) -> tuple[dict, dict]:
     """(trainable, frozen) collections of {"params", "routers"}: the base is frozen (and gets no
     optimizer state) when only the routers train."""
@@ -188,6 +200,7 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
         args = {"trainable": ocp.args.StandardRestore(abstract_like(trainable)),
                 "opt_state": ocp.args.StandardRestore(abstract_like(opt_state)), "meta": ocp.args.JsonRestore()}
         if data.iterator is not None:
+            check_data_processes(run_dir / "checkpoints" / str(start) / "data", run_dir)
             args["data"] = grain.checkpoint.CheckpointRestore(data.iterator)
         changes = changed_settings(run_config(run_dir), config)
         try:
