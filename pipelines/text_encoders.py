@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edit_jax.checkpoint import resolve
+from edit_jax.checkpoint import atomic_file, resolve
 
 
 @contextlib.contextmanager
@@ -73,12 +73,8 @@ class EmbeddingCache:
             return None
 
     def put(self, key: str, arrays: dict) -> None:
-        import os
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{key}.{os.getpid()}.npz"
-        np.savez(tmp, **arrays)
-        tmp.replace(self.path(key))
+        with atomic_file(self.path(key)) as tmp:
+            np.savez(tmp, **arrays)
 
 
 class TextEncoder:
