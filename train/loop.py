@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -108,13 +109,12 @@ def held_out_eval(config: TrainConfig) -> bool:
 def check_data_processes(saved: Path, run_dir: Path) -> None:
     """A dataset run resumes with as many processes as saved its data iterators (grain's state is
     one file per process, and each process reads its own slice of the data)."""
-    import re
-
-    counts = {int(m[1]) for f in saved.glob("process_*-of-*.json") if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name))}
+    names = (re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name) for f in saved.glob("process_*-of-*.json"))
+    counts = {int(m[1]) for m in names if m}
     if counts and counts != {jax.process_count()}:
-        raise ConfigError(f"{run_dir} holds a dataset run saved by {max(counts)} processes, and this is {jax.process_count()}: "
-                          f"resume it with {max(counts)} processes (each reads its own slice of the dataset, and the "
-                          "data order is saved per process), or choose another run_dir")
+        raise ConfigError(f"{run_dir} holds a dataset run saved by {max(counts)} processes, and this is "
+                          f"{jax.process_count()}: resume it with {max(counts)} processes (each reads its own slice of "
+                          "the dataset, and the data order is saved per process), or choose another run_dir")
 
 
 def split_trainable(config: TrainConfig, variables: dict) -> tuple[dict, dict]:
