@@ -218,6 +218,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     settings = None if elastic == "dense" else ElasticConfig(  # its values checked here, before any work
         mode="infer", tau=tau, decision=decision, cache=cache, delta_margin=delta_margin, max_reuse=max_reuse,
         cache_start=steps // 3 if cache_start is None else cache_start)
+    if dtype != "auto":  # "auto" asks JAX for its backend: only once the text encoders are done
+        resolve_dtype(dtype)
     transformer = folder / "transformer" if transformer is None else resolve(transformer)
     check_transformer(transformer, family, elastic)
     timings = {"encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
