@@ -167,6 +167,11 @@ def add_dtype_argument(parser) -> None:
                              "updated in float32): auto is bfloat16 on a GPU or TPU, float32 on CPU")
 
 
+def add_encoders_dtype_argument(parser) -> None:
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="the text encoders' torch dtype on a CUDA device (auto: bfloat16); elsewhere float32")
+
+
 def mesh_of(args):
     """The device mesh --mesh asks for (checked against the devices there are), or None."""
     from edit_jax.sharding import make_mesh
@@ -484,7 +489,7 @@ def cmd_encode_prompts(args) -> int:
     summary = encode_prompts(args.model, read_prompts(args), args.out, negative_prompt=args.negative_prompt,
                              max_sequence_length=args.max_sequence_length, batch_size=args.batch_size,
                              embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
-                             overwrite=args.overwrite, progress=not args.quiet)
+                             overwrite=args.overwrite, progress=not args.quiet, dtype=args.dtype)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -494,7 +499,7 @@ def cmd_prepare_data(args) -> int:
 
     report = prepare_data(args.images, args.out, args.model, captions=args.captions, resolution=args.resolution,
                           max_sequence_length=args.max_sequence_length, overwrite=args.overwrite,
-                          progress=not args.quiet)
+                          progress=not args.quiet, dtype=args.dtype)
     for row in report["skipped"]:
         print(f"skipped {row['file']}: {row['reason']}", file=sys.stderr)
     print(json.dumps({k: v for k, v in report.items() if k != "skipped"} | {"skipped": len(report["skipped"])}, indent=2))
@@ -630,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
                      help="folder of cached prompt embeddings ('none': no cache)")
     enc.add_argument("--overwrite", action="store_true", help="replace an earlier embeddings file at --out")
+    add_encoders_dtype_argument(enc)
     enc.add_argument("--quiet", action="store_true", help="no progress bars")
     enc.set_defaults(run=cmd_encode_prompts)
 
@@ -643,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="bucket size: about RESOLUTION^2 pixels at aspect ratios 1:1, 4:3, 3:2, 16:9 and their inverses")
     prep.add_argument("--max-sequence-length", type=at_least(1), default=512, help="text tokens per caption (FLUX: T5; Qwen-Image: at most, padded with a mask)")
     prep.add_argument("--overwrite", action="store_true", help="replace OUT if it is an edit-jax dataset")
+    add_encoders_dtype_argument(prep)
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(run=cmd_prepare_data)
 

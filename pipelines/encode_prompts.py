@@ -41,9 +41,10 @@ def check_embeddings_destination(out: Path, overwrite: bool) -> None:
 
 def encode_prompts(model_dir, prompts: list[str], out, *, negative_prompt: str | None = None,
                    max_sequence_length: int = 512, batch_size: int = 8, embeddings_cache=None,
-                   overwrite: bool = False, progress: bool = True) -> dict:
+                   overwrite: bool = False, progress: bool = True, dtype: str = "auto") -> dict:
     """Writes the embeddings of `prompts` (and of `negative_prompt`) to the .npz `out`; returns a
-    summary: the file, the family and each array's shape."""
+    summary: the file, the family, the encoders' dtype and each array's shape. dtype: the text
+    encoders' on a CUDA device ("auto": bfloat16; float32 elsewhere)."""
     from pipelines.generate import MODEL_COMPONENTS, pipeline_family
     from pipelines.text_encoders import TEXT_ENCODERS, EmbeddingCache
 
@@ -54,7 +55,7 @@ def encode_prompts(model_dir, prompts: list[str], out, *, negative_prompt: str |
         raise ValueError("no prompts: give --prompt TEXT or --prompts FILE")
     if batch_size < 1:
         raise ValueError(f"batch_size {batch_size}: give at least 1")
-    encoder = TEXT_ENCODERS[family](folder, max_sequence_length, progress=progress)
+    encoder = TEXT_ENCODERS[family](folder, max_sequence_length, progress=progress, dtype=dtype)
     store = EmbeddingCache(embeddings_cache) if embeddings_cache else None
     arrays = encoder.stack(encoder.encode_rows(prompts, store, batch_size, progress))
     if negative_prompt is not None:
@@ -63,5 +64,5 @@ def encode_prompts(model_dir, prompts: list[str], out, *, negative_prompt: str |
     arrays["prompts"] = np.array(prompts)
     with atomic_file(out) as tmp:
         np.savez(tmp, **arrays)
-    return {"embeddings": str(out), "family": family, "prompts": len(prompts),
+    return {"embeddings": str(out), "family": family, "prompts": len(prompts), "encoders_dtype": encoder.dtype,
             "negative_prompt": negative_prompt, "arrays": {k: list(v.shape) for k, v in arrays.items()}}

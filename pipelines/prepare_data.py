@@ -89,8 +89,10 @@ def read_captions(images: Path, captions: str | None) -> dict[str, str | None]:
 
 
 def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, resolution: int = 1024,
-                 max_sequence_length: int = 512, chunk: int = 16, overwrite: bool = False, progress: bool = True) -> dict:
-    """Writes the dataset; returns the report {"written", "skipped": [{"file", "reason"}], "buckets"}."""
+                 max_sequence_length: int = 512, chunk: int = 16, overwrite: bool = False, progress: bool = True,
+                 dtype: str = "auto") -> dict:
+    """Writes the dataset; returns the report {"written", "skipped": [{"file", "reason"}], "buckets"}.
+    dtype: the text encoders' on a CUDA device ("auto": bfloat16; float32 elsewhere)."""
     import shutil
 
     import jax
@@ -99,7 +101,7 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
 
     from checkpoints_convert.vae import load_vae
     from pipelines.generate import pipeline_family
-    from pipelines.text_encoders import TEXT_ENCODERS
+    from pipelines.text_encoders import TEXT_ENCODERS, device_and_dtype
     from train.dataset import MANIFEST, TEXT_FIELDS, write_dataset
 
     images_dir, out, model_dir = resolve(images_dir), resolve(out), resolve(model_dir)
@@ -120,6 +122,9 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
     staging.mkdir(parents=True, exist_ok=True)
     settings = {"images": str(images_dir), "model": str(model_dir), "resolution": resolution,
                 "max_sequence_length": max_sequence_length, "chunk": chunk, "captions": captions}
+    text_dtype = device_and_dtype(None, dtype)[1]
+    if text_dtype != "float32":  # float32 settings stay those of runs interrupted before encoders had a dtype
+        settings["text_dtype"] = text_dtype
     stamp = staging / "settings.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != settings:
         raise ValueError(f"{staging} holds an interrupted run of other settings; remove it or use the same ones")
@@ -130,7 +135,7 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
 
     vae_config, vae_params = load_vae(model_dir / "vae")
     encode = jax.jit(lambda p, x: vae_config.module().apply({"params": p}, x, method="encode")[0])
-    encoder = TEXT_ENCODERS[family](model_dir, max_sequence_length, progress=progress)
+    encoder = TEXT_ENCODERS[family](model_dir, max_sequence_length, progress=progress, dtype=dtype)
     chunks = [files[i : i + chunk] for i in range(0, len(files), chunk)]
     with tqdm(total=len(files), desc="prepare-data", unit="image", disable=not progress) as bar:
         for index, group in enumerate(chunks):

@@ -41,6 +41,15 @@ def loading_bars(shown: bool):
             m.enable_progress_bar() if enabled else m.disable_progress_bar()
 
 
+def device_and_dtype(device: str | None = None, dtype: str = "float32") -> tuple[str, str]:
+    """Where the text encoders run (CUDA when torch sees it, unless `device` says) and their torch
+    dtype there: "auto" is bfloat16 on CUDA; off CUDA they always run in float32."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, (("bfloat16" if dtype == "auto" else dtype) if device.startswith("cuda") else "float32")
+
+
 def missing_components(folder: Path, names) -> list[str]:
     return [name for name in names if not (folder / name).is_dir()]
 
@@ -88,7 +97,7 @@ class TextEncoder:
 
     def __init__(self, folder: str | Path, max_sequence_length: int, device: str | None = None, progress: bool = True,
                  dtype: str = "float32"):
-        """dtype: the encoders' torch dtype on a CUDA device ("auto": bfloat16); elsewhere float32."""
+        """device and dtype: as `device_and_dtype` resolves them."""
         import diffusers
         import torch
         from diffusers.utils import is_accelerate_available
@@ -98,9 +107,7 @@ class TextEncoder:
         if missing:
             raise ValueError(f"{self.folder} is not a {self.family} pipeline folder with text encoders: "
                              f"no {', '.join(missing)}")
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        cuda = self.device.startswith("cuda")
-        self.dtype = dtype = ("bfloat16" if dtype == "auto" else dtype) if cuda else "float32"
+        self.device, self.dtype = device, dtype = device_and_dtype(device, dtype)
         self.max_sequence_length = max_sequence_length
         pipeline = getattr(diffusers, self.pipeline_class)
         with loading_bars(progress):  # accelerate only saves memory: no warning without it

@@ -104,6 +104,14 @@ def test_diffusers_weights_load_in_the_dtype_asked_for(tiny_pipeline):
     assert model.config.runtime.dtype == "bfloat16" and routers is None
 
 
+def test_text_encoders_run_in_bfloat16_on_cuda_under_auto_and_in_float32_off_it():
+    from pipelines.text_encoders import device_and_dtype
+
+    assert device_and_dtype("cuda", "auto") == ("cuda", "bfloat16")
+    assert device_and_dtype("cuda:1", "float16") == ("cuda:1", "float16")
+    assert device_and_dtype("cpu", "auto") == device_and_dtype("cpu", "bfloat16") == ("cpu", "float32")
+
+
 def test_text_encoders_run_in_float32_off_cuda_whatever_the_dtype(tiny_pipeline):
     from pipelines.text_encoders import FluxTextEncoder
 
