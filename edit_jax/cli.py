@@ -60,12 +60,37 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def describe_run(args) -> bool:
+    """Prints where a training run stands when `args.ckpt` is a run's folder; whether it was one."""
+    from edit_jax.checkpoint import resolve
+    from train.run_dir import run_status
+
+    status = run_status(resolve(args.ckpt))
+    if status is None:
+        return False
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return True
+    last = status["last_metrics"]
+    saved = status["saved_steps"]
+    print(f"{status['run_dir']}: a training run ({status['trainable']} from {status['checkpoint'] or 'a preset'}, "
+          f"data {status['data']})")
+    print(f"  saved at step {saved[-1] if saved else 0} of {status['steps']}"
+          + (f" (checkpoints: {', '.join(map(str, saved))})" if saved else ""))
+    if last:
+        print("  last logged: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
+    print(f"  trained checkpoint: {status['trained_checkpoint'] or 'not yet (written at the last step)'}")
+    return True
+
+
 def cmd_inspect(args) -> int:
     import numpy as np
 
     from edit_jax.checkpoint import (CheckpointError, flatten, missing_array_files, params_metadata, read_metadata,
                                      tree_names, verify_arrays)
 
+    if describe_run(args):
+        return 0
     meta = read_metadata(args.ckpt)
     problems = missing_array_files(args.ckpt)
     if not problems and args.verify:
@@ -747,8 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("--process-id", type=at_least(0), help="this process's id, 0-based (or EDIT_JAX_PROCESS_ID)")
     trn.set_defaults(run=cmd_train)
 
-    inspect = command("inspect", "print a checkpoint's config and arrays, after checking every array's data file is there")
-    inspect.add_argument("ckpt", help="edit-jax checkpoint folder")
+    inspect = command("inspect", "print a checkpoint's config and arrays, after checking every array's data file is "
+                                 "there; or where a training run stands")
+    inspect.add_argument("ckpt", help="edit-jax checkpoint folder, or a training run's RUN_DIR (its saved steps, last "
+                                      "metrics and trained checkpoint)")
     inspect.add_argument("--verify", action="store_true", help="also read every array and check it is finite")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=cmd_inspect)

@@ -511,3 +511,17 @@ def test_a_dataset_run_saved_by_other_processes_is_resumed_only_by_as_many(tmp_p
     (saved / "process_1-of-2.json").write_text((saved / "process_0-of-2.json").read_text())
     with pytest.raises(ConfigError, match="a dataset run saved by 2 processes, and this is 1: resume it with 2"):
         train(tiny_run(tmp_path, steps=2, data=str(tiny_dataset)), progress=False)
+
+
+def test_inspect_of_a_run_folder_says_where_the_run_stands(tmp_path, capsys):
+    from edit_jax.cli import main
+
+    train(tiny_run(tmp_path, steps=2), progress=False, max_steps=1)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "run"), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["saved_steps"], status["steps"], status["trained_checkpoint"]) == ([1], 2, None)
+    assert status["last_metrics"]["step"] == 1 and "loss" in status["last_metrics"]
+    train(tiny_run(tmp_path, steps=2), progress=False)
+    assert main(["inspect", str(tmp_path / "run")]) == 0
+    assert f"trained checkpoint: {tmp_path / 'run' / 'edit-jax'}" in capsys.readouterr().out

@@ -30,6 +30,22 @@ def run_config(run_dir: Path) -> dict | None:
     return stored if isinstance(stored, dict) and {"run_dir", "trainable", "steps"} <= stored.keys() else None
 
 
+def run_status(run_dir: Path) -> dict | None:
+    """Where the run in `run_dir` stands, or None when the folder holds no training run: the steps
+    saved and asked for, the last logged metrics and the trained checkpoint (once written)."""
+    stored = run_config(run_dir)
+    if stored is None:
+        return None
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit())
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    final = run_dir / "edit-jax"
+    return {"run_dir": str(run_dir), "checkpoint": stored.get("checkpoint"), "data": stored.get("data"),
+            "trainable": stored["trainable"], "steps": stored["steps"], "saved_steps": saved,
+            "last_metrics": {k: last[k] for k in ("step", "loss", "flow_loss", "open_rate") if k in last},
+            "trained_checkpoint": str(final) if (final / CONFIG_FILE).is_file() else None}
+
+
 def check_run_dir(config: TrainConfig) -> Path:
     """The resolved run folder; a ConfigError, before anything is written, unless the run may
     write there (see the module docstring)."""
