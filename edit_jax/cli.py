@@ -543,7 +543,7 @@ def cmd_eval(args) -> int:
                             delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     summary = evaluate_checkpoint(args.ckpt, args.embeddings, out, args.height, args.width, args.steps, args.seed,
                                   elastic, args.guidance, args.repeats, args.vae, args.tile_size, mesh_of(args),
-                                  resolve_dtype(args.dtype), args.true_cfg)
+                                  resolve_dtype(args.dtype), args.true_cfg, args.batch_size)
     remove_stale_outputs(out, earlier)
     print(json.dumps(summary, indent=2))
     return 0
@@ -694,6 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--true-cfg", type=float, default=1.0,
                     help="> 1: true CFG with the file's negative_* embeddings (Qwen-Image: typically 4)")
     ev.add_argument("--repeats", type=at_least(1), default=3, help="timed repeats per method (warm; the median is reported)")
+    ev.add_argument("--batch-size", type=at_least(1), default=4,
+                    help="prompts sampled together (E-DiT's batch decisions are per batch; the wall-clock is one batch's)")
     ev.add_argument("--vae", help="the pipeline's VAE folder (diffusers vae/, FLUX.1 or Qwen-Image): decode every "
                                   "method's latents, compare the images with dense's and write them as PNGs")
     ev.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels")

@@ -28,13 +28,16 @@ from eval.metrics import json_number, psnr, ssim
 SHARED_CONDITIONS = ("img_ids", "txt_ids", "img_shapes")
 
 
-def rows_of(cond: dict, rows: int) -> dict:
-    """The first `rows` samples of a sampler cond (shared inputs such as RoPE ids kept whole)."""
-    return {k: v if k in SHARED_CONDITIONS else v[:rows] for k, v in cond.items()}
+def rows_of(cond: dict, rows: int, start: int = 0) -> dict:
+    """`rows` samples of a sampler cond from `start` (shared inputs such as RoPE ids kept whole)."""
+    return {k: v if k in SHARED_CONDITIONS else v[start : start + rows] for k, v in cond.items()}
 
 
 def num_txt_of(cond: dict) -> int:
     return int(cond["encoder_hidden_states"].shape[1])
+
+
+ROUTING_KEYS = ("flops_per_step", "flops_total", "flops_vs_dense", "blocks_executed", "mean_width", "cache_hit_rate")
 
 
 def routing_stats(config, records: dict, num_img: int, num_txt: int, steps: int) -> dict:
@@ -86,6 +89,24 @@ def run_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, r
     return np.asarray(latents), stats, records
 
 
+def run_in_batches(model, params: dict, noise, cond: dict, sampler: SamplerConfig, batch_size: int,
+                   negative_cond: dict | None = None, repeats: int = 3, **method) -> tuple[np.ndarray, dict, dict]:
+    """`run_method` over the rows `batch_size` at a time: (latents [B, N, C], stats, records of the
+    first batch). The routing stats are averaged over every row; the wall-clock is the first
+    batch's."""
+    parts = []
+    for start in range(0, noise.shape[0], batch_size):
+        rows = min(batch_size, noise.shape[0] - start)
+        negative = None if negative_cond is None else rows_of(negative_cond, rows, start)
+        parts.append(run_method(model, params, noise[start : start + rows], rows_of(cond, rows, start), sampler,
+                                timing_rows=rows if start == 0 else 0, repeats=repeats, negative_cond=negative,
+                                **method))
+    stats = dict(parts[0][1])
+    for key in ROUTING_KEYS:
+        stats[key] = sum(len(x) * s[key] for x, s, _ in parts) / noise.shape[0]
+    return np.concatenate([x for x, _, _ in parts]), stats, parts[0][2]
+
+
 def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:
     """PSNR (dB) and SSIM of a set against the reference set, both [N, C, H, W]."""
     return {"psnr_db": json_number(psnr(reference, test)), "ssim": ssim(reference, test)}
@@ -94,12 +115,13 @@ def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:
 def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: int, steps: int, seed: int = 0,
                         elastic: ElasticConfig | None = None, guidance: float = 3.5, repeats: int = 3,
                         vae: str | None = None, tile_size: int = 1024, mesh=None, dtype: str = "float32",
-                        true_cfg: float = 1.0) -> dict:
+                        true_cfg: float = 1.0, batch_size: int | None = None) -> dict:
     """Dense vs E-DiT vs E-DiT + cache on a checkpoint with routers, from the same noise; with a
     VAE folder (`vae`: FLUX.1's or Qwen-Image's), the decoded images are compared too and written
     as PNGs. mesh: the transformer's params and routers placed on it by the rules table, and
     sampled under it. dtype: the transformer's params and compute. true_cfg > 1: true
-    classifier-free guidance with the file's negative_* embeddings."""
+    classifier-free guidance with the file's negative_* embeddings. batch_size: prompts sampled
+    together (None: all; E-DiT's batch decisions are per batch, and the wall-clock is one batch's)."""
     import contextlib
     import dataclasses
 
@@ -140,8 +162,8 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     for name, kwargs in methods.items():
         print(f"eval: {name}", flush=True)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-            x, stats, records = run_method(model, params, noise, cond, sampler, timing_rows=batch, repeats=repeats,
-                                           negative_cond=negative, **kwargs)
+            x, stats, records = run_in_batches(model, params, noise, cond, sampler, batch_size or batch,
+                                               negative_cond=negative, repeats=repeats, **kwargs)
         latents[name] = np.asarray(unpack_latents(x, height, width))
         results[name] = {**stats, **fidelity(latents["dense"], latents[name])}
         if decoder is not None:
@@ -171,7 +193,7 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
                           title=f"Fidelity to dense sampling from the same noise ({batch} prompts, {steps} steps)")
     summary = {"checkpoint": str(ckpt), "embeddings": str(embeddings), "height": height, "width": width,
                "steps": steps, "seed": seed, "true_cfg": true_cfg, "forward_passes_per_step": 2 if true_cfg > 1 else 1,
-               "prompts": batch, "tau": elastic.tau, "decision": elastic.decision,
+               "prompts": batch, "batch_size": min(batch_size or batch, batch), "tau": elastic.tau, "decision": elastic.decision,
                "cache": {"cache_start": elastic.cache_start, "delta_margin": elastic.delta_margin,
                          "max_reuse": elastic.max_reuse},
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape), "dtype": dtype,

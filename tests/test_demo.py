@@ -87,6 +87,7 @@ def test_eval_compares_edit_and_the_cache_with_dense_from_the_same_noise(tiny_ro
 
     summary = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert summary["mesh"] == (None if mesh is None else {"data": 1, "fsdp": 1, "tensor": 1})
+    assert summary["batch_size"] == 2  # the file's two prompts in one batch of at most 4
     methods = summary["methods"]
     assert set(methods) == {"dense", "E-DiT", "E-DiT + cache"}
     assert all(COST_FIELDS | {"psnr_db", "ssim"} <= set(m) for m in methods.values())
@@ -108,6 +109,30 @@ def test_eval_with_true_cfg_guides_with_the_files_negative_embeddings(tiny_route
     assert main(args + [str(tmp_path / "cfg.npz")]) == 0  # the sampler refuses CFG without them: they reached it
     summary = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert (summary["true_cfg"], summary["forward_passes_per_step"]) == (4.0, 2)
+
+
+def test_eval_in_batches_gives_the_latents_and_routing_of_one_batch(tiny_routed_ckpt):
+    import jax
+
+    import edit_jax
+    from edit_jax.cli import conditions, read_embeddings
+    from edit_jax.elastic import ElasticConfig
+    from edit_jax.latents import initial_noise
+    from edit_jax.sampler import SamplerConfig
+    from eval.sampling_eval import ROUTING_KEYS, run_in_batches
+
+    ckpt, emb = tiny_routed_ckpt
+    model, params = edit_jax.load(ckpt)
+    cond = conditions(model.config, read_embeddings(str(emb)), 32, 32)
+    noise = initial_noise(jax.random.key(0), 2, 1, 32, 32)
+    method = dict(routers=edit_jax.load_routers(ckpt), repeats=1,  # per-row decisions: a row's result is its own
+                  elastic=ElasticConfig(mode="infer", decision="sample", cache=True, cache_start=1, delta_margin=0.3))
+    apart = run_in_batches(model, params, noise, cond, SamplerConfig(num_steps=3), 1, **method)
+    together = run_in_batches(model, params, noise, cond, SamplerConfig(num_steps=3), 2, **method)
+    np.testing.assert_allclose(apart[0], together[0], rtol=1e-5, atol=1e-6)
+    for key in ROUTING_KEYS:
+        assert apart[1][key] == pytest.approx(together[1][key], rel=1e-6), key
+    assert (apart[1]["timing_rows"], together[1]["timing_rows"]) == (1, 2)
 
 
 def test_eval_of_a_checkpoint_without_routers_is_one_clear_error(tmp_path, capsys):
