@@ -353,7 +353,8 @@ def cmd_sample(args) -> int:
     from edit_jax.elastic import ElasticConfig
     from edit_jax.latents import initial_noise, packed_grid, unpack_latents
     from edit_jax.models import init_routers
-    from edit_jax.sampler import SamplerConfig, sample
+    from edit_jax.sampler import SamplerConfig, concat_records, sample
+    from eval.sampling_eval import rows_of
 
     out = check_output_folder(args.out, "sample")
     earlier = earlier_outputs(out, "sample")
@@ -389,16 +390,23 @@ def cmd_sample(args) -> int:
     noise = initial_noise(jax.random.key(args.seed), batch, channels, args.height, args.width)
     print(f"sampling {batch} x {args.height}x{args.width} ({rows * cols} tokens), {args.steps} steps, "
           f"elastic {args.elastic}{' + cache' if args.cache else ''}", file=sys.stderr)
-    with tqdm(total=args.steps, desc="sample", unit="step") as bar, jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
-        latents, records = sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic,
-                                  negative_cond=negative, progress=lambda i: bar.update(1))
-        latents = jax.block_until_ready(latents)
+    size = args.batch_size or batch
+    starts = range(0, batch, size)
+    parts = []
+    with (tqdm(total=args.steps * len(starts), desc="sample", unit="step") as bar,
+          jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
+        for start in starts:
+            rows = min(size, batch - start)
+            latents, records = sample(model, params, noise[start : start + rows], rows_of(cond, rows, start), sampler,
+                                      routers=routers, elastic=elastic, progress=lambda i: bar.update(1),
+                                      negative_cond=None if negative is None else rows_of(negative, rows, start))
+            parts.append((np.asarray(unpack_latents(latents, args.height, args.width)), jax.device_get(records), rows))
     out.mkdir(parents=True, exist_ok=True)
-    unpacked = np.asarray(unpack_latents(latents, args.height, args.width))
+    unpacked = np.concatenate([latents for latents, _, _ in parts])
     np.save(out / "latents.npy", unpacked)
     summary = {"latents": str(out / "latents.npy"), "shape": list(unpacked.shape), "steps": args.steps, "elastic": args.elastic,
-               "dtype": dtype}
-    records = jax.tree.map(np.asarray, records)
+               "dtype": dtype, "batch_size": min(size, batch)}
+    records = concat_records([(records, rows) for _, records, rows in parts])
     if records:  # dense sampling makes no routing decisions, so it has no records
         np.savez(out / "records.npz", **records)
         summary["records"] = str(out / "records.npz")
@@ -746,6 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --elastic infer on a checkpoint without routers: fresh full-capacity routers")
     smp.add_argument("--cache", action="store_true", help="router-guided block cache: reuse a block's last residual when p is borderline")
     add_elastic_arguments(smp, cache_start=15)
+    smp.add_argument("--batch-size", type=at_least(1), help="prompts sampled together (default: the whole file; E-DiT's "
+                                                           "batch decisions are per batch)")
     add_mesh_argument(smp)
     add_dtype_argument(smp)
     smp.set_defaults(run=cmd_sample)

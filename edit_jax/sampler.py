@@ -288,6 +288,20 @@ def sample(
     return run(params, routers, noise, arrays, states, jnp.asarray(sigmas), t_model, forced)
 
 
+def concat_records(parts: list[tuple[dict, int]]) -> dict:
+    """The records of batches sampled one after another, given as (records, rows), as one run's:
+    per-row arrays [steps, rows, ...] joined (with true CFG all conditional rows, then all
+    unconditional ones, as `sample` lays them out), per-step totals [steps] added."""
+    def join(key):
+        arrays = [(np.asarray(records[key]), rows) for records, rows in parts]
+        if arrays[0][0].ndim < 2:
+            return sum(a for a, _ in arrays)
+        halves = arrays[0][0].shape[1] // arrays[0][1]
+        return np.concatenate([a[:, h * n : (h + 1) * n] for h in range(halves) for a, n in arrays], axis=1)
+
+    return {key: join(key) for key in parts[0][0]} if parts and parts[0][0] else {}
+
+
 def _devices(tree) -> set:
     """The devices a pytree's concrete arrays live on."""
     return {d for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)

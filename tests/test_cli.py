@@ -257,6 +257,24 @@ def test_auto_dtype_is_float32_on_cpu_and_a_dtype_name_is_checked():
         resolve_dtype("fp8")
 
 
+def test_sample_in_batches_writes_the_latents_and_records_of_one_batch(flux_small_ckpt, tmp_path):
+    ckpt, _ = flux_small_ckpt
+    rng = np.random.default_rng(1)
+    arrays = {"prompt_embeds": rng.standard_normal((3, 8, 64)), "pooled_prompt_embeds": rng.standard_normal((3, 32))}
+    np.savez(tmp_path / "cfg.npz", **{k: v.astype(np.float32) for k, v in arrays.items()},
+             **{f"negative_{k}": np.zeros_like(v, np.float32) for k, v in arrays.items()})
+    e_dit = ["--elastic", "infer", "--fresh-routers", "--decision", "sample", "--cache", "--cache-start", "1",
+             "--delta-margin", "0.3", "--true-cfg", "3", "--steps", "3"]  # per-row decisions; true CFG stacks rows
+    assert main(sample_args(ckpt, tmp_path / "cfg.npz", tmp_path / "whole", *e_dit)) == 0
+    assert main(sample_args(ckpt, tmp_path / "cfg.npz", tmp_path / "apart", *e_dit, "--batch-size", "2")) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "apart" / "latents.npy"), np.load(tmp_path / "whole" / "latents.npy"),
+                               rtol=1e-4, atol=1e-5)  # float32 sums blocked by batch size
+    whole, apart = (dict(np.load(tmp_path / name / "records.npz")) for name in ("whole", "apart"))
+    assert whole["executed"].shape[1] == 6 and whole["cache_hit"].any()
+    for key in whole:
+        np.testing.assert_allclose(apart[key], whole[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
 def test_dense_sample_writes_no_records(flux_small_ckpt, tmp_path):
     ckpt, emb = flux_small_ckpt
     assert main(sample_args(ckpt, emb, tmp_path / "out")) == 0
