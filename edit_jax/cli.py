@@ -396,17 +396,17 @@ def cmd_sample(args) -> int:
     with (tqdm(total=args.steps * len(starts), desc="sample", unit="step") as bar,
           jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
         for start in starts:
-            rows = min(size, batch - start)
-            latents, records = sample(model, params, noise[start : start + rows], rows_of(cond, rows, start), sampler,
+            count = min(size, batch - start)
+            latents, records = sample(model, params, noise[start : start + count], rows_of(cond, count, start), sampler,
                                       routers=routers, elastic=elastic, progress=lambda i: bar.update(1),
-                                      negative_cond=None if negative is None else rows_of(negative, rows, start))
-            parts.append((np.asarray(unpack_latents(latents, args.height, args.width)), jax.device_get(records), rows))
+                                      negative_cond=None if negative is None else rows_of(negative, count, start))
+            parts.append((np.asarray(unpack_latents(latents, args.height, args.width)), jax.device_get(records), count))
     out.mkdir(parents=True, exist_ok=True)
     unpacked = np.concatenate([latents for latents, _, _ in parts])
     np.save(out / "latents.npy", unpacked)
     summary = {"latents": str(out / "latents.npy"), "shape": list(unpacked.shape), "steps": args.steps, "elastic": args.elastic,
                "dtype": dtype, "batch_size": min(size, batch)}
-    records = concat_records([(records, rows) for _, records, rows in parts])
+    records = concat_records([(records, count) for _, records, count in parts])
     if records:  # dense sampling makes no routing decisions, so it has no records
         np.savez(out / "records.npz", **records)
         summary["records"] = str(out / "records.npz")
