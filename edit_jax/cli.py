@@ -353,7 +353,7 @@ def cmd_sample(args) -> int:
     from edit_jax.elastic import ElasticConfig
     from edit_jax.latents import initial_noise, packed_grid, unpack_latents
     from edit_jax.models import init_routers
-    from edit_jax.sampler import SamplerConfig, concat_records, sample
+    from edit_jax.sampler import SamplerConfig, check_sampling_inputs, concat_records, sample
     from eval.sampling_eval import rows_of
 
     out = check_output_folder(args.out, "sample")
@@ -390,6 +390,7 @@ def cmd_sample(args) -> int:
     noise = initial_noise(jax.random.key(args.seed), batch, channels, args.height, args.width)
     print(f"sampling {batch} x {args.height}x{args.width} ({rows * cols} tokens), {args.steps} steps, "
           f"elastic {args.elastic}{' + cache' if args.cache else ''}", file=sys.stderr)
+    check_sampling_inputs(config, noise, cond, negative, sampler)  # the whole file, before it is cut into batches
     size = args.batch_size or batch
     starts = range(0, batch, size)
     parts = []

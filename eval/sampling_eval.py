@@ -22,7 +22,7 @@ import numpy as np
 
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
-from edit_jax.sampler import SamplerConfig, sample
+from edit_jax.sampler import SamplerConfig, check_sampling_inputs, sample
 from eval.metrics import json_number, psnr, ssim
 
 SHARED_CONDITIONS = ("img_ids", "txt_ids", "img_shapes")
@@ -146,6 +146,7 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     batch = cond["encoder_hidden_states"].shape[0]
     noise = initial_noise(jax.random.key(seed), batch, config.in_channels // 4, height, width)
     sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg)
+    check_sampling_inputs(config, noise, cond, negative, sampler)  # every prompt, before they are cut into batches
     elastic = elastic or ElasticConfig(mode="infer", cache_start=steps // 3)
     methods = {"dense": dict(elastic=None),
                "E-DiT": dict(elastic=dataclasses.replace(elastic, cache=False), routers=routers),

@@ -135,6 +135,15 @@ def test_eval_in_batches_gives_the_latents_and_routing_of_one_batch(tiny_routed_
     assert (apart[1]["timing_rows"], together[1]["timing_rows"]) == (1, 2)
 
 
+def test_eval_checks_every_prompt_before_cutting_them_into_batches(tiny_routed_ckpt, tmp_path, capsys):
+    ckpt, emb = tiny_routed_ckpt
+    np.savez(tmp_path / "rows.npz", **dict(np.load(emb)) | {"pooled_prompt_embeds": np.ones((3, 32), np.float32)})
+    args = ["eval", str(ckpt), "--embeddings", str(tmp_path / "rows.npz"), "--out", str(tmp_path / "out"),
+            "--height", "32", "--width", "32", "--steps", "2", "--batch-size", "1"]
+    assert main(args) == 2
+    assert "pooled_projections has shape (3, 32), expected [2, 32]" in capsys.readouterr().err
+
+
 def test_eval_of_a_checkpoint_without_routers_is_one_clear_error(tmp_path, capsys):
     import edit_jax
     from edit_jax.checkpoint import save
