@@ -288,6 +288,18 @@ def sample(
     return run(params, routers, noise, arrays, states, jnp.asarray(sigmas), t_model, forced)
 
 
+def first_rows(records: dict, count: int, rows: int) -> dict:
+    """The records of the first `count` prompts of a batch of `rows` (with true CFG, of both
+    halves: conditional rows, then unconditional ones); per-step totals [steps] as they are."""
+    def take(x):
+        x = np.asarray(x)
+        if x.ndim < 2:
+            return x
+        return np.concatenate([x[:, h * rows : h * rows + count] for h in range(x.shape[1] // rows)], axis=1)
+
+    return {key: take(x) for key, x in records.items()}
+
+
 def concat_records(parts: list[tuple[dict, int]]) -> dict:
     """The records of batches sampled one after another, given as (records, rows), as one run's:
     per-row arrays [steps, rows, ...] joined (with true CFG all conditional rows, then all

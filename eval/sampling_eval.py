@@ -101,10 +101,14 @@ def run_in_batches(model, params: dict, noise, cond: dict, sampler: SamplerConfi
         parts.append(run_method(model, params, noise[start : start + rows], rows_of(cond, rows, start), sampler,
                                 timing_rows=rows if start == 0 else 0, repeats=repeats, negative_cond=negative,
                                 **method))
-    stats = dict(parts[0][1])
-    for key in ROUTING_KEYS:
-        stats[key] = sum(len(x) * s[key] for x, s, _ in parts) / noise.shape[0]
+    stats = {**parts[0][1], **mean_routing([(len(x), s) for x, s, _ in parts])}
     return np.concatenate([x for x, _, _ in parts]), stats, parts[0][2]
+
+
+def mean_routing(parts: list[tuple[int, dict]]) -> dict:
+    """The routing stats of batches, given as (rows, stats), averaged over every row."""
+    rows = sum(n for n, _ in parts)
+    return {key: sum(n * stats[key] for n, stats in parts) / rows for key in ROUTING_KEYS}
 
 
 def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:

@@ -128,19 +128,6 @@ def text_length(rows: list[dict]) -> int:
     return -(-longest // TEXT_MULTIPLE) * TEXT_MULTIPLE
 
 
-def first_rows(records: dict, count: int, rows: int) -> dict:
-    """The sampler's records [steps, rows (x 2 with true CFG: conditional then unconditional), ...]
-    of the first `count` prompts of a batch of `rows`."""
-    def take(x):
-        if x.ndim < 2:
-            return x
-        if x.shape[1] == rows:
-            return x[:, :count]
-        return np.concatenate([x[:, :count], x[:, rows : rows + count]], axis=1)
-
-    return {k: take(v) for k, v in records.items()}
-
-
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, as diffusers' image processor."""
     x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
@@ -208,7 +195,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     from checkpoints_convert.vae import load_vae
     from edit_jax.elastic import ElasticConfig
     from edit_jax.latents import initial_noise, unpack_latents
-    from edit_jax.sampler import SamplerConfig, sample
+    from edit_jax.sampler import SamplerConfig, first_rows, sample
     from edit_jax.vae import decode_tiled
     from pipelines.text_encoders import TEXT_ENCODERS, EmbeddingCache
 
@@ -246,7 +233,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
     from PIL import Image
 
-    from eval.sampling_eval import routing_stats
+    from eval.sampling_eval import mean_routing, routing_stats
 
     out.mkdir(parents=True, exist_ok=True)
     images, paths, routing, first_records = [], [], [], None
@@ -278,7 +265,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
             for i, image in enumerate(to_uint8(images[-1]), start):
                 paths.append(out / f"image-{i}.png")
                 Image.fromarray(image).save(paths[-1])
-            records = first_rows(jax.tree.map(np.asarray, records), count, len(ids))
+            records = first_rows(jax.device_get(records), count, len(ids))
             first_records = records if first_records is None else first_records
             routing.append((count, routing_stats(config, records, noise.shape[1],
                                                  cond["encoder_hidden_states"].shape[1], steps)))
@@ -291,7 +278,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
                                                        "delta_margin": delta_margin, "max_reuse": max_reuse},
                "timings_s": {k: round(v, 3) for k, v in timings.items()}, "images": [str(p) for p in paths],
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape),
-               "routing": {k: sum(n * stats[k] for n, stats in routing) / len(prompts) for k in routing[0][1]}}
+               "routing": mean_routing(routing)}
     if first_records:
         from eval.pictures import block_groups, plot_router_map
 

@@ -154,8 +154,8 @@ class TextEncoder:
                 batch = prompts[start : start + batch_size]
                 if keep or cache is None:
                     rows += self.rows(self(batch, cache))
-                elif not all(cache.path(self.key(p)).is_file() for p in batch):
-                    self(batch, cache)
+                elif missing := [p for p in batch if not cache.path(self.key(p)).is_file()]:
+                    self(missing, cache)
                 bar.update(len(batch))
         return rows
 

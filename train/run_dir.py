@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edit_jax.checkpoint import overlaps, resolve
+from edit_jax.checkpoint import is_checkpoint, overlaps, resolve
 from edit_jax.config import ConfigError
 from train.config import TrainConfig
 
@@ -43,7 +43,7 @@ def run_status(run_dir: Path) -> dict | None:
     return {"run_dir": str(run_dir), "checkpoint": stored.get("checkpoint"), "data": stored.get("data"),
             "trainable": stored["trainable"], "steps": stored["steps"], "saved_steps": saved,
             "last_metrics": {k: last[k] for k in ("step", "loss", "flow_loss", "open_rate") if k in last},
-            "trained_checkpoint": str(final) if (final / CONFIG_FILE).is_file() else None}
+            "trained_checkpoint": str(final) if is_checkpoint(final) else None}
 
 
 def check_run_dir(config: TrainConfig) -> Path:
