@@ -6,7 +6,7 @@
 # run first checks the installed JAX/Flax and the cuDNN path in seconds; if it fails and a Flax
 # wheel was carried in .whl_flax/, that Flax is used instead. Wheels in .whl/ (diffusers and what
 # it needs; for the tokamax stage tokamax, einshape, qwix, immutabledict, typeguard==2.13.3 and
-# jaxtyping) are installed first. Everything is logged to $OUT/suite.log; each benchmark's JSON is
+# jaxtyping; `bash eval/gpu_wheels.sh` fetches them all) are installed first. Everything is logged to $OUT/suite.log; each benchmark's JSON is
 # appended, as it ends, to $OUT/results.jsonl ({"name", "result"} a line). The benchmarks share one
 # time budget so that the suite ends before its caller's limit.
 # Usage: [STAGES="elastic profile flags forward"] bash eval/gpu_suite.sh [total seconds, default 520]
