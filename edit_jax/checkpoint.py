@@ -12,7 +12,9 @@ next write to the same CKPT. Overwriting replaces only an edit-jax checkpoint, n
 other files nor one that holds (or lies inside) a protected path such as the conversion source,
 and the old checkpoint goes only after the new one is complete. Params can be written group by
 group (`write_checkpoint` takes an iterator of sub-trees), so a converter never holds the whole
-model in memory. Every path is resolved first: relative paths work everywhere (orbax needs
+model in memory. A tree that another checkpoint already stores as it would be written (the frozen
+base a training run read) is hard-linked from there rather than written again (`save`'s
+`params_from`). Every path is resolved first: relative paths work everywhere (orbax needs
 absolute ones).
 
 Earlier formats still load. Format 1 stored each FLUX single block's proj_out kernel whole,
@@ -193,11 +195,15 @@ def write_checkpoint(
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
     protect: Iterable[str | Path] = (),
+    linked: dict[str, Path] | None = None,
 ) -> Path:
     """Writes a checkpoint atomically. `trees` maps a tree name ("params", "routers") to an
     iterable of disjoint nested sub-trees whose union is that tree; each sub-tree is written as
     soon as it arrives. `protect`: paths the checkpoint must neither be, hold nor lie inside
-    (a conversion's source). A SIGINT or SIGTERM during the write removes the partial folder."""
+    (a conversion's source). `linked`: {tree name: a stored tree folder holding that very tree}
+    whose files are hard-linked instead (no second copy on disk); the tree is written from
+    `trees` where the filesystem cannot link. A SIGINT or SIGTERM during the write removes the
+    partial folder."""
     path = resolve(path)
     lead = jax.process_index() == 0  # in a multi-process run every process writes its shards
     if lead:
@@ -213,6 +219,8 @@ def write_checkpoint(
         try:
             with _streaming_context():
                 for name, groups in trees.items():
+                    if name in (linked or {}) and _hard_linked(linked[name], tmp / name, lead):
+                        continue
                     for group in groups:
                         ocp.partial.save(tmp / name, group)
                         del group  # let the arrays go before the next group is built
@@ -236,6 +244,32 @@ def write_checkpoint(
             _move_into_place(tmp, path)
         _barrier(f"edit-jax checkpoint {path}: in place")
     return path
+
+
+def _hard_linked(source: Path, dest: Path, lead: bool) -> bool:
+    """Hard-links every file under `source` into the new folder `dest` (process 0; the others
+    learn the outcome); False, with nothing left at `dest`, where the filesystem cannot link."""
+    done = True
+    if lead:
+        try:
+            for root, _, files in os.walk(source):
+                into = dest / Path(root).relative_to(source)
+                into.mkdir(parents=True, exist_ok=True)
+                for name in files:
+                    os.link(Path(root) / name, into / name)
+        except OSError:  # another filesystem (EXDEV), or one without hard links
+            shutil.rmtree(dest, ignore_errors=True)
+            done = False
+    return agreed(done)
+
+
+def agreed(decision: bool) -> bool:
+    """Process 0's decision, in every process of a multi-process run."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        decision = bool(multihost_utils.broadcast_one_to_all(np.int32(decision)))
+    return decision
 
 
 def _shared_token() -> str:
@@ -317,13 +351,43 @@ def _host_or_global(x):
 
 
 def save(path: str | Path, config, params: dict, routers: dict | None = None, *, overwrite: bool = False,
-         protect: Iterable[str | Path] = ()) -> Path:
+         protect: Iterable[str | Path] = (), params_from: str | Path | None = None) -> Path:
     """Saves in-memory params (plain pytrees) with their config (see `write_checkpoint`). In a
-    multi-process run every process calls it with the same global arrays."""
+    multi-process run every process calls it with the same global arrays.
+
+    params_from: a checkpoint the caller read `params` from unchanged (a frozen base). Where it
+    stores them as this save would (the current format, the same MLP channel layout, the same
+    shapes and dtypes), its params/ files are hard-linked rather than written again."""
     trees = {PARAMS_DIR: [jax.tree.map(_host_or_global, params)]}
     if routers is not None:
         trees[ROUTERS_DIR] = [jax.tree.map(_host_or_global, routers)]
-    return write_checkpoint(path, config, trees, overwrite=overwrite, protect=protect)
+    link = params_from is not None and agreed(stores_as(params_from, config, params))
+    linked = {PARAMS_DIR: resolve(params_from) / PARAMS_DIR} if link else None
+    return write_checkpoint(path, config, trees, overwrite=overwrite, protect=protect, linked=linked)
+
+
+def stores_as(path: str | Path, config, params: dict) -> bool:
+    """Whether the checkpoint at `path` stores `params` (a tree of arrays of `config`'s model) as
+    `save` would write them: format version, width_groups, and every array's shape and dtype."""
+    try:
+        meta = read_metadata(path)
+        if meta["version"] != FORMAT_VERSION or _model_config(meta).width_groups != config.width_groups:
+            return False
+        stored = flatten(_stored_metadata(resolve(path), PARAMS_DIR))
+    except CheckpointError:  # gone or damaged since it was read
+        return False
+    wanted = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(params).items()}
+    return stored == wanted
+
+
+def stored_identity(path: str | Path) -> tuple | None:
+    """Names the params/ tree now at checkpoint `path`: a checkpoint written over it (a rename into
+    place) has another, so a long run can tell that the base it read is still there."""
+    try:
+        status = (resolve(path) / PARAMS_DIR).stat()
+    except OSError:  # gone
+        return None
+    return status.st_dev, status.st_ino, status.st_ctime_ns  # the time too: a deleted folder's inode is reused
 
 
 def run_dir_hint(path: Path) -> str:

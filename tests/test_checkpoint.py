@@ -249,3 +249,67 @@ def test_a_checkpoint_from_before_width_groups_reads_its_channels_in_order(tiny,
     (path / "config.json").write_text(json.dumps({**meta, "version": 2}))
 
     assert config.width_groups > 1 and load_config(path).width_groups == 1
+
+
+def files_of(path: Path) -> dict[Path, os.stat_result]:
+    return {f.relative_to(path): f.stat() for f in path.rglob("*") if f.is_file()}
+
+
+def test_params_saved_from_a_checkpoint_that_stores_them_so_are_hard_links_to_its_files(tiny, tmp_path):
+    config, variables = tiny
+    base = save(tmp_path / "base", config, variables["params"])
+    trained = save(tmp_path / "trained", config, variables["params"], variables["routers"], params_from=base)
+
+    ours, theirs = files_of(trained / "params"), files_of(base / "params")
+    assert ours.keys() == theirs.keys() and all(ours[f].st_ino == theirs[f].st_ino for f in ours)
+    model, params = edit_jax.load(trained)
+    jax.tree.map(np.testing.assert_array_equal, params, variables["params"])
+    assert load_routers(trained) is not None and verify_arrays(trained) == []
+
+
+def test_a_base_linked_into_a_checkpoint_outlives_the_base(tiny, tmp_path):
+    import shutil
+
+    config, variables = tiny
+    base = save(tmp_path / "base", config, variables["params"])
+    trained = save(tmp_path / "trained", config, variables["params"], params_from=base)
+    shutil.rmtree(base)
+
+    jax.tree.map(np.testing.assert_array_equal, edit_jax.load(trained)[1], variables["params"])
+
+
+def test_params_a_checkpoint_stores_in_another_dtype_are_written_not_linked(tiny, tmp_path):
+    config, variables = tiny
+    half = jax.tree.map(lambda x: x.astype("bfloat16"), variables["params"])
+    base = save(tmp_path / "base", config.with_runtime(param_dtype="bfloat16"), half)
+    trained = save(tmp_path / "trained", config, variables["params"], params_from=base)
+
+    assert not {s.st_ino for s in files_of(trained).values()} & {s.st_ino for s in files_of(base).values()}
+    jax.tree.map(np.testing.assert_array_equal, edit_jax.load(trained)[1], variables["params"])
+
+
+def test_params_from_a_checkpoint_on_a_filesystem_that_cannot_link_are_written(tiny, tmp_path, monkeypatch):
+    import errno
+
+    config, variables = tiny
+    base = save(tmp_path / "base", config, variables["params"])
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+
+    monkeypatch.setattr(os, "link", cross_device)
+    trained = save(tmp_path / "trained", config, variables["params"], params_from=base)
+
+    jax.tree.map(np.testing.assert_array_equal, edit_jax.load(trained)[1], variables["params"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "trained"]
+
+
+def test_a_checkpoint_written_over_has_another_stored_identity(tiny, tmp_path):
+    from edit_jax.checkpoint import stored_identity
+
+    config, variables = tiny
+    base = save(tmp_path / "base", config, variables["params"])
+    before = stored_identity(base)
+    save(base, config, variables["params"], overwrite=True)
+
+    assert stored_identity(base) != before and stored_identity(tmp_path / "gone") is None

@@ -37,11 +37,11 @@ def test_the_train_step_of_a_tiny_config_compiles_for_a_tpu_slice(attention):
                                      f"attention={attention}", "mesh.data=2", "mesh.fsdp=2")
     assert code == 0, err[-3000:]
     assert (report["chips"], report["device_kind"], report["fits"]) == (4, "TPU v5 lite", True)
+    assert (report["param_dtype"], report["dtype"]) == ("bfloat16", "bfloat16")  # auto, for a TPU
 
 
 def test_full_size_flux_dev_router_training_at_batch_16_fits_a_v5e_4x4_slice():
     code, report, err = compile_only("preset=flux-dev", "batch_size=16", "height=64", "width=64", "num_txt=512",
-                                     "remat=full", "param_dtype=bfloat16", "dtype=bfloat16", "router_dtype=float32",
-                                     topology="v5e:4x4")
+                                     "remat=full", topology="v5e:4x4")
     assert code == 0, err[-3000:]
     assert report["fits"] and report["per_chip_gib"] <= 16

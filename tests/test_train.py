@@ -353,7 +353,7 @@ def test_a_run_whose_model_stored_its_channels_otherwise_is_not_resumed(tmp_path
 
     train(tiny_run(tmp_path, steps=2), progress=False)
     before = loop.model_config_of
-    monkeypatch.setattr(loop, "model_config_of", lambda c: before(c).replace(width_groups=1))
+    monkeypatch.setattr(loop, "model_config_of", lambda c, p: before(c, p).replace(width_groups=1))
 
     with pytest.raises(ConfigError, match="stored its MLP channels with width_groups=8, and this config's model has 1"):
         train(tiny_run(tmp_path, steps=2), progress=False)
@@ -525,3 +525,69 @@ def test_inspect_of_a_run_folder_says_where_the_run_stands(tmp_path, capsys):
     train(tiny_run(tmp_path, steps=2), progress=False)
     assert main(["inspect", str(tmp_path / "run")]) == 0
     assert f"trained checkpoint: {tmp_path / 'run' / 'edit-jax'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("platform, trainable, want", [
+    ("gpu", "routers", ("bfloat16", "bfloat16")), ("tpu", "routers", ("bfloat16", "bfloat16")),
+    ("gpu", "routers+base", ("float32", "bfloat16")), ("cpu", "routers", ("float32", "float32"))])
+def test_auto_dtypes_are_bfloat16_on_an_accelerator_with_float32_for_a_base_that_trains(platform, trainable, want):
+    assert TrainConfig(trainable=trainable).dtypes(platform) == want
+
+
+def test_dtypes_given_are_kept_on_every_platform():
+    assert TrainConfig(param_dtype="float32", dtype="float16").dtypes("gpu") == ("float32", "float16")
+
+
+def base_files(path) -> dict:
+    return {f.relative_to(path): f.stat().st_ino for f in (path / "params").rglob("*") if f.is_file()}
+
+
+def test_the_trained_checkpoint_hard_links_a_frozen_base_stored_as_it_trained(tmp_path):
+    config = edit_jax.preset("flux-tiny")
+    save(tmp_path / "ckpt", config, init_variables(config, seed=7)["params"])
+    train(tiny_run(tmp_path, checkpoint=str(tmp_path / "ckpt"), steps=2), progress=False)
+
+    assert base_files(tmp_path / "run" / "edit-jax") == base_files(tmp_path / "ckpt")
+    assert load_routers(tmp_path / "run" / "edit-jax") is not None
+
+
+def test_a_base_written_over_during_the_run_is_not_linked_into_its_trained_checkpoint(tmp_path, monkeypatch):
+    from train import loop
+
+    config = edit_jax.preset("flux-tiny")
+    base = init_variables(config, seed=7)["params"]
+    save(tmp_path / "ckpt", config, base)
+    export_final = loop.export_final
+
+    def after_a_new_conversion(*args, **kwargs):
+        save(tmp_path / "ckpt", config, init_variables(config, seed=8)["params"], overwrite=True)
+        export_final(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "export_final", after_a_new_conversion)
+    train(tiny_run(tmp_path, checkpoint=str(tmp_path / "ckpt"), steps=2), progress=False)
+
+    jax.tree.map(np.testing.assert_array_equal, edit_jax.load(tmp_path / "run" / "edit-jax")[1],
+                 jax.tree.map(np.asarray, base))
+
+
+def test_a_two_process_run_links_its_frozen_base_into_its_trained_checkpoint(tmp_path):
+    import socket
+
+    config = edit_jax.preset("flux-tiny")
+    save(tmp_path / "ckpt", config, init_variables(config, seed=7)["params"])
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [run_cli(tmp_path / "run", 2, "mesh.data=2", "mesh.fsdp=2", f"checkpoint={tmp_path / 'ckpt'}", wait=False,
+                     env_extra={"EDIT_JAX_COORDINATOR": f"localhost:{port}", "EDIT_JAX_NUM_PROCESSES": "2",
+                                "EDIT_JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+    finally:
+        for proc in procs:
+            proc.kill()
+
+    assert base_files(tmp_path / "run" / "edit-jax") == base_files(tmp_path / "ckpt")
+    assert load_routers(tmp_path / "run" / "edit-jax") is not None

@@ -56,7 +56,7 @@ def compile_only(config: TrainConfig, topology: str) -> dict:
 def _compile_only(config: TrainConfig, topology: str) -> dict:
     devices = topology_devices(topology)
     mesh = make_mesh(config.mesh_shape(len(devices)), devices=devices)
-    model_config = model_config_of(config)
+    model_config = model_config_of(config, devices[0].platform)
     model = build_model(model_config)
     shardings = {"params": param_shardings(model_config, mesh),
                  "routers": param_shardings(model_config, mesh, collection="routers")}
@@ -77,7 +77,7 @@ def _compile_only(config: TrainConfig, topology: str) -> dict:
     report = {"topology": topology, "chips": len(devices), "device_kind": kind, "mesh": dict(mesh.shape),
               "model": model_config.family, "trainable": config.trainable, "global_batch": config.batch_size,
               "tokens": [config.height * config.width, config.num_txt], "remat": config.remat,
-              "hbm_gib": HBM_GIB.get(kind)}
+              "param_dtype": model_config.runtime.param_dtype, "dtype": model_config.runtime.dtype, "hbm_gib": HBM_GIB.get(kind)}
     t0 = time.perf_counter()
     try:
         with jax.set_mesh(mesh):

@@ -95,17 +95,16 @@ class TrainConfig:
     axis_rules: dict = dataclasses.field(default_factory=dict)
     remat: str = "none"
     attention: str = "xla"  # "xla", "cudnn" (GPU), "splash" (TPU flash kernel) or "tokamax"
-    param_dtype: str = "float32"  # base params
+    param_dtype: str = "auto"  # base params; auto: bfloat16 on a GPU or TPU while the base is frozen, else float32
     router_dtype: str = "float32"  # routers and their optimizer state
-    dtype: str = "float32"  # compute
+    dtype: str = "auto"  # compute; auto: bfloat16 on a GPU or TPU, float32 on CPU
 
     def __post_init__(self):
         self._check_types()
         choices = {"routers": ("checkpoint", "fresh"), "trainable": TRAINABLE, "target": TARGETS,
                    "gate_budget": GATE_BUDGETS, "rho_schedule": RHO_SCHEDULES, "noise_sampler": NOISE_SAMPLERS,
                    "lr_schedule": LR_SCHEDULES, "remat": REMAT_POLICIES, "attention": ATTENTION_IMPLEMENTATIONS,
-                   "param_dtype": DTYPES,
-                   "router_dtype": DTYPES, "dtype": DTYPES}
+                   "param_dtype": ("auto", *DTYPES), "router_dtype": DTYPES, "dtype": ("auto", *DTYPES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -187,6 +186,17 @@ class TrainConfig:
             raise ConfigError(f"the micro-batch of {self.batch_size // self.grad_accum} is not divisible by the "
                               f"data-parallel size data x fsdp = {sizes['data'] * sizes['fsdp']}")
         return sizes
+
+    def dtypes(self, platform: str) -> tuple[str, str]:
+        """(param_dtype, dtype) of a run on `platform` ("cpu", "gpu", "tpu"), "auto" resolved: bfloat16
+        on an accelerator (a frozen base stays bfloat16, as converted; a base that trains keeps float32
+        master weights), float32 on CPU (the dtype of the parity tests)."""
+        accelerator = platform != "cpu"
+        param_dtype = self.param_dtype
+        if param_dtype == "auto":
+            param_dtype = "bfloat16" if accelerator and self.trainable == "routers" else "float32"
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if accelerator else "float32")
+        return param_dtype, dtype
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import edit_jax
-from edit_jax.checkpoint import load_params, load_routers, save
+from edit_jax.checkpoint import agreed, load_params, load_routers, save, stored_identity
 from edit_jax.config import ConfigError, preset
 from edit_jax.models import abstract_params, build_model, init_variables
 from edit_jax.sharding import batch_sharding, describe, make_mesh, param_shardings, replicated, use_rules
@@ -127,13 +127,15 @@ def split_trainable(config: TrainConfig, variables: dict) -> tuple[dict, dict]:
     return dict(variables), {}
 
 
-def model_config_of(config: TrainConfig):
+def model_config_of(config: TrainConfig, platform: str):
+    """The model a run trains, with the run's settings (dtypes resolved for `platform`)."""
     if config.checkpoint is not None:
         model_config = edit_jax.checkpoint.load_config(config.checkpoint)
     else:
         model_config = preset(config.preset)
-    return model_config.with_runtime(param_dtype=config.param_dtype, router_dtype=config.router_dtype,
-                                     dtype=config.dtype, remat=config.remat, attention=config.attention)
+    param_dtype, dtype = config.dtypes(platform)
+    return model_config.with_runtime(param_dtype=param_dtype, router_dtype=config.router_dtype,
+                                     dtype=dtype, remat=config.remat, attention=config.attention)
 
 
 def abstract_like(tree):
@@ -155,7 +157,7 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
 
     # ---- Mesh, model, data: everything checked before any compute ----------------------------
     mesh = make_mesh(config.mesh_shape(jax.device_count()))
-    model_config = model_config_of(config)
+    model_config = model_config_of(config, mesh.devices.flat[0].platform)
     model = build_model(model_config)
     data_sharding = batch_sharding(mesh)
     data = DataSource(config, model_config, data_sharding)
@@ -163,13 +165,18 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
                  "routers": param_shardings(model_config, mesh, collection="routers")}
     if is_main and describe_setup:
         print(f"config: {json.dumps(config.to_dict())}", file=sys.stderr)
+        runtime = model_config.runtime
+        print(f"dtypes: base params {runtime.param_dtype}, routers {runtime.router_dtype}, compute {runtime.dtype}",
+              file=sys.stderr)
         print(f"{jax.process_count()} process(es), {jax.device_count()} devices; {describe(model_config, mesh)}",
               file=sys.stderr)
 
     # ---- Params: created or restored straight into their shardings ---------------------------
+    base_identity = None
     if config.checkpoint is None:
         variables = init_variables(model_config, config.seed, shardings)  # random base, fresh routers
     else:
+        base_identity = stored_identity(config.checkpoint)  # before the read: a base written over later has another
         stored = load_routers(config.checkpoint, shardings["routers"]) if config.routers == "checkpoint" else None
         variables = {"params": load_params(config.checkpoint, abstract_params(model_config), shardings["params"]),
                      "routers": init_variables(model_config, config.seed, shardings, ("routers",))["routers"]
@@ -330,7 +337,8 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
             if writer is not None:
                 writer.close()
     if end == config.steps:
-        export_final(run_dir / "edit-jax", model_config, config, trainable, frozen)
+        export_final(run_dir / "edit-jax", model_config, trainable, frozen, config.checkpoint,
+                     base_identity)
     return jax.device_get(metrics)
 
 
@@ -359,9 +367,14 @@ class ProfileWindow:
             print(f"profile of steps {self.first} to {self.end - 1}: {self.path}", file=sys.stderr)
 
 
-def export_final(path, model_config, config: TrainConfig, trainable: dict, frozen: dict) -> None:
+def export_final(path, model_config, trainable: dict, frozen: dict, base: str | None = None,
+                 base_identity: tuple | None = None) -> None:
     """The trained model as an edit-jax checkpoint (base params and routers); in a multi-process
-    run every process writes its own shards."""
+    run every process writes its own shards. base: the checkpoint the run read its base from, and
+    `stored_identity` of it then. A frozen base whose checkpoint is still the one read and stores
+    it as the export would is hard-linked from there (no second copy of FLUX.1-dev's 24 GB per
+    run), not written again."""
     params = trainable.get("params", frozen.get("params"))
     routers = trainable.get("routers", frozen.get("routers"))
-    save(path, model_config.with_runtime(param_dtype=config.param_dtype), params, routers, overwrite=True)
+    same_base = base is not None and "params" in frozen and agreed(stored_identity(base) == base_identity)
+    save(path, model_config, params, routers, overwrite=True, params_from=base if same_base else None)
