@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash", "tokamax")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "tokamax")
 REMAT_POLICIES = ("none", "full", "dots")
 ACTIVATIONS = ("gelu_tanh", "sigmoid_gelu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -31,7 +31,8 @@ class RuntimeConfig:
 
     param_dtype: dtype the params are stored in; router_dtype: the routers' (e.g. float32 routers
     training beside a bfloat16 frozen base), param_dtype when None. dtype: compute dtype of matmuls and the residual
-    stream; norms, RoPE and softmax always run in float32. attention: "xla" (default, any backend)
+    stream; norms, RoPE and softmax always run in float32. attention: "auto" (default: "cudnn" on an
+    NVIDIA GPU in bfloat16/float16, the kernel measured there, else "xla"), "xla" (any backend),
     "cudnn" (GPU, bfloat16/float16 only), "splash" (TPU: Pallas splash attention, a flash kernel
     that never materialises the [L, L] scores) or "tokamax" (the `tokamax` package's attention, which
     picks its fastest kernel for the device: Pallas Mosaic flash attention on Hopper/Blackwell GPUs
@@ -41,7 +42,7 @@ class RuntimeConfig:
 
     param_dtype: str = "float32"
     dtype: str = "float32"
-    attention: str = "xla"
+    attention: str = "auto"
     remat: str = "none"
     router_dtype: str | None = None  # the routers' param dtype; None: param_dtype
 
@@ -65,6 +66,20 @@ def resolve_dtype(dtype: str) -> str:
         return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     _check_choice("dtype", dtype, DTYPES)
     return dtype
+
+
+def resolve_attention(attention: str, dtype) -> str:
+    """The attention implementation a model of compute `dtype` runs: "auto" is "cudnn" on an NVIDIA
+    GPU in bfloat16 or float16 (cuDNN's flash kernels, the ones this project times there) and "xla"
+    elsewhere; any other choice stays as it is."""
+    import jax
+    import numpy as np
+
+    if attention != "auto":
+        return attention
+    device = jax.devices()[0]
+    nvidia = device.platform == "gpu" and "nvidia" in device.device_kind.lower()
+    return "cudnn" if nvidia and np.dtype(dtype) in (np.dtype("bfloat16"), np.dtype("float16")) else "xla"
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from edit_jax.config import RuntimeConfig
+from edit_jax.config import RuntimeConfig, resolve_attention
 from edit_jax.sharding import constrain, gathered, logical_to_mesh
 
 TOKENS = ("activation_batch", "activation_length", "activation_embed")  # [B, L, D]
@@ -402,10 +402,12 @@ def attention(
 ) -> jax.Array:
     """Softmax attention over q, k, v [B, L, H, K] -> [B, L, H*K].
 
-    key_mask [B, L] (True = attend) hides padded keys. implementation: "xla", "cudnn" (GPU only,
+    key_mask [B, L] (True = attend) hides padded keys. implementation: "auto"
+    (`edit_jax.config.resolve_attention` for q's dtype), "xla", "cudnn" (GPU only,
     bfloat16/float16; where it cannot run it falls back to "xla" with a warning), "splash" (TPU,
     `splash_attention`) or "tokamax" (`tokamax_attention`).
     """
+    implementation = resolve_attention(implementation, q.dtype)
     if implementation == "splash":
         return splash_attention(q, k, v, key_mask)
     if implementation == "tokamax":

@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from edit_jax.config import resolve_attention
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
 from edit_jax.sampler import SamplerConfig, check_sampling_inputs, sample
@@ -119,11 +120,12 @@ def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:
 def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: int, steps: int, seed: int = 0,
                         elastic: ElasticConfig | None = None, guidance: float = 3.5, repeats: int = 3,
                         vae: str | None = None, tile_size: int = 1024, mesh=None, dtype: str = "float32",
-                        true_cfg: float = 1.0, batch_size: int | None = None) -> dict:
+                        true_cfg: float = 1.0, batch_size: int | None = None, attention: str = "auto") -> dict:
     """Dense vs E-DiT vs E-DiT + cache on a checkpoint with routers, from the same noise; with a
     VAE folder (`vae`: FLUX.1's or Qwen-Image's), the decoded images are compared too and written
     as PNGs. mesh: the transformer's params and routers placed on it by the rules table, and
-    sampled under it. dtype: the transformer's params and compute. true_cfg > 1: true
+    sampled under it. dtype: the transformer's params and compute; attention: its softmax
+    attention (`edit_jax.config.resolve_attention`). true_cfg > 1: true
     classifier-free guidance with the file's negative_* embeddings. batch_size: prompts sampled
     together (None: all; E-DiT's batch decisions are per batch, and the wall-clock is one batch's)."""
     import contextlib
@@ -139,7 +141,7 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     if true_cfg > 1 and "negative_prompt_embeds" not in data:
         raise ValueError(f"--true-cfg {true_cfg} needs negative_prompt_embeds in {embeddings} (edit-jax encode-prompts "
                          "--negative-prompt TEXT writes them)")
-    model, params = load(ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype)
+    model, params = load(ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=attention)
     config = model.config
     check_embeddings(config, data, embeddings)
     routers = load_routers(ckpt, mesh=mesh)
@@ -202,7 +204,7 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
                "cache": {"cache_start": elastic.cache_start, "delta_margin": elastic.delta_margin,
                          "max_reuse": elastic.max_reuse},
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape), "dtype": dtype,
-               "methods": results,
+               "attention": resolve_attention(attention, dtype), "methods": results,
                "pictures": [str(out / "router_map.png"), str(out / "fidelity_vs_flops.png")]}
     if "prompts" in data:  # the texts, in an `edit-jax encode-prompts` file
         summary["prompt_texts"] = [str(t) for t in data["prompts"]]

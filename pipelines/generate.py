@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from edit_jax.checkpoint import is_checkpoint, resolve
-from edit_jax.config import read_json_object, resolve_dtype
+from edit_jax.config import read_json_object, resolve_attention, resolve_dtype
 
 MODEL_COMPONENTS = ("transformer", "vae", "scheduler")  # beside each family's text encoders and tokenizers
 
@@ -72,10 +72,11 @@ def check_transformer(path: Path, family: str, elastic: str) -> None:
                          "--transformer RUN_DIR/edit-jax)")
 
 
-def load_transformer(folder: Path, family: str, mesh=None, dtype: str = "float32"):
+def load_transformer(folder: Path, family: str, mesh=None, dtype: str = "float32", attention: str = "auto"):
     """(model, params, routers or None) from an edit-jax checkpoint or diffusers weights (converted in
-    memory), params and compute in `dtype` (routers as stored, converted ones float32); with a
-    device `mesh`, every array placed on it as the logical-axis rules table says."""
+    memory), params and compute in `dtype` (routers as stored, converted ones float32), softmax
+    attention by `attention`; with a device `mesh`, every array placed on it as the logical-axis
+    rules table says."""
     import edit_jax
     from checkpoints_convert.convert import FAMILIES
     from checkpoints_convert.engine import build_params
@@ -85,13 +86,13 @@ def load_transformer(folder: Path, family: str, mesh=None, dtype: str = "float32
     from edit_jax.sharding import mesh_shardings
 
     if is_checkpoint(folder):
-        model, params = edit_jax.load(folder, mesh=mesh, param_dtype=dtype, dtype=dtype)
+        model, params = edit_jax.load(folder, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=attention)
         if model.config.family != family:
             raise ValueError(f"{folder} is a {model.config.family} checkpoint in a {family} pipeline folder")
         return model, params, load_routers(folder, mesh=mesh)
     source = open_source(folder)
     config, table, _, router_table = FAMILIES[family].prepare(source)
-    config = config.with_runtime(param_dtype=dtype, dtype=dtype, router_dtype="float32")
+    config = config.with_runtime(param_dtype=dtype, dtype=dtype, router_dtype="float32", attention=attention)
     params = build_params(table, source, abstract_params(config))
     routers = build_params(router_table, source, abstract_routers(config)) if router_table is not None else None
     if mesh is not None:
@@ -173,7 +174,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
              elastic: str = "dense", cache: bool = False, cache_start: int | None = None, tile_size: int = 1024,
              max_sequence_length: int = 512, embeddings_cache=None, noise=None, progress: bool = True, mesh=None,
              dtype: str = "auto", batch_size: int = 4, transformer=None, decision: str = "sample", tau: float = 0.5,
-             delta_margin: float = 0.015, max_reuse: int = 10) -> dict:
+             delta_margin: float = 0.015, max_reuse: int = 10, attention: str = "auto") -> dict:
     """Runs the three stages and writes OUT/image-N.png and OUT/generate.json; returns
     {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. guidance: FLUX.1-dev's embedded
     guidance (ignored by models without one); true_cfg > 1 with a negative prompt: true
@@ -187,7 +188,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     decision, tau, delta_margin, max_reuse: E-DiT's (`ElasticConfig`); by default each image's own
     decisions. transformer: weights to use instead of the folder's transformer/ (an edit-jax
     checkpoint such as a training run's RUN_DIR/edit-jax, or diffusers, BFL or E-DiT release
-    weights)."""
+    weights). attention: the transformer's (`edit_jax.config.resolve_attention`)."""
     import contextlib
 
     from tqdm.auto import tqdm
@@ -220,7 +221,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     timings["encode_s"] = time.perf_counter() - t0
 
     dtype = resolve_dtype(dtype)
-    model, params, routers = load_transformer(transformer, family, mesh, dtype)
+    model, params, routers = load_transformer(transformer, family, mesh, dtype, attention)
     config = model.config
     vae_config, vae_params = load_vae(folder / "vae")
     check_vae_fits(vae_config, config, folder / "vae")
@@ -272,7 +273,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
     summary = {"model": str(folder), "transformer": str(transformer), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
                "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,
-               "seed": seed, "elastic": elastic, "cache": cache, "dtype": dtype, "batch_size": batch_size,
+               "seed": seed, "elastic": elastic, "cache": cache, "dtype": dtype,
+               "attention": resolve_attention(attention, dtype), "batch_size": batch_size,
                "forward_passes_per_step": 2 if true_cfg > 1 else 1,
                "e_dit": None if settings is None else {"decision": decision, "tau": tau, "cache_start": settings.cache_start,
                                                        "delta_margin": delta_margin, "max_reuse": max_reuse},

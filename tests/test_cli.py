@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -255,6 +256,31 @@ def test_auto_dtype_is_float32_on_cpu_and_a_dtype_name_is_checked():
     assert resolve_dtype("auto") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
     with pytest.raises(ConfigError, match="dtype='fp8'"):
         resolve_dtype("fp8")
+
+
+class FakeDevice:
+    def __init__(self, platform, device_kind):
+        self.platform, self.device_kind = platform, device_kind
+
+
+@pytest.mark.parametrize("device, dtype, want", [
+    (FakeDevice("gpu", "NVIDIA H100 80GB HBM3"), "bfloat16", "cudnn"),
+    (FakeDevice("gpu", "NVIDIA H200"), "float16", "cudnn"),
+    (FakeDevice("gpu", "NVIDIA H200"), "float32", "xla"),  # cuDNN's flash kernels take 16-bit inputs
+    (FakeDevice("gpu", "AMD Instinct MI300X"), "bfloat16", "xla"),
+    (FakeDevice("tpu", "TPU v5 lite"), "bfloat16", "xla"),
+    (FakeDevice("cpu", "cpu"), "bfloat16", "xla")])
+def test_auto_attention_is_cudnn_on_an_nvidia_gpu_in_16_bits_and_xla_elsewhere(monkeypatch, device, dtype, want):
+    from edit_jax.config import resolve_attention
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    assert resolve_attention("auto", dtype) == want and resolve_attention("splash", dtype) == "splash"
+
+
+def test_sample_records_the_attention_it_ran(flux_small_ckpt, tmp_path):
+    ckpt, emb = flux_small_ckpt
+    assert main(sample_args(ckpt, emb, tmp_path / "auto")) == 0
+    assert json.loads((tmp_path / "auto" / "summary.json").read_text())["attention"] == "xla"  # auto, on CPU
 
 
 def test_sample_in_batches_writes_the_latents_and_records_of_one_batch(flux_small_ckpt, tmp_path):
