@@ -17,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from edit_jax.config import DTYPES, PRESETS, ConfigError, from_diffusers_config, preset, resolve_dtype
+from edit_jax.config import (ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, ConfigError, from_diffusers_config, preset,
+                             resolve_attention, resolve_dtype)
 
 
 def resolve_config(value: str | None, family: str):
@@ -190,6 +191,12 @@ def add_dtype_argument(parser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="the transformer's params and compute (routers keep their stored dtype; latents are "
                              "updated in float32): auto is bfloat16 on a GPU or TPU, float32 on CPU")
+
+
+def add_attention_argument(parser) -> None:
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS,
+                        help="the transformer's softmax attention: auto is cuDNN's kernels on an NVIDIA GPU in "
+                             "bfloat16/float16, XLA's elsewhere; splash (TPU) and tokamax on request")
 
 
 def add_encoders_dtype_argument(parser) -> None:
@@ -368,7 +375,7 @@ def cmd_sample(args) -> int:
     mesh = mesh_of(args)
     data = read_embeddings(args.embeddings)
     dtype = resolve_dtype(args.dtype)
-    model, params = load(args.ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype)
+    model, params = load(args.ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=args.attention)
     config = model.config
     check_embeddings(config, data, args.embeddings)
     cond = conditions(config, data, args.height, args.width)
@@ -406,7 +413,7 @@ def cmd_sample(args) -> int:
     unpacked = np.concatenate([latents for latents, _, _ in parts])
     np.save(out / "latents.npy", unpacked)
     summary = {"latents": str(out / "latents.npy"), "shape": list(unpacked.shape), "steps": args.steps, "elastic": args.elastic,
-               "dtype": dtype, "batch_size": min(size, batch)}
+               "dtype": dtype, "attention": resolve_attention(args.attention, dtype), "batch_size": min(size, batch)}
     records = concat_records([(records, count) for _, records, count in parts])
     if records:  # dense sampling makes no routing decisions, so it has no records
         np.savez(out / "records.npz", **records)
@@ -443,7 +450,7 @@ def cmd_train(args) -> int:
             raise ValueError("--compile-only needs --topology (e.g. v5e:4x4, v5p:2x2x2, v6e:2x4)")
         return 0 if compile_only(config, args.topology)["fits"] is not False else 1
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
-    metrics = train(config, progress=not args.quiet)
+    metrics = train(config, progress=not args.quiet, max_steps=args.max_steps)
     print(json.dumps({k: float(v) for k, v in metrics.items() if getattr(v, "ndim", 1) == 0}, indent=2))
     return 0
 
@@ -511,7 +518,7 @@ def cmd_generate(args) -> int:
                       delta_margin=args.delta_margin, max_reuse=args.max_reuse,
                       embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
                       progress=not args.quiet, mesh=mesh_of(args), dtype=args.dtype, batch_size=args.batch_size,
-                      transformer=args.transformer)
+                      transformer=args.transformer, attention=args.attention)
     remove_stale_outputs(out, earlier)
     print(json.dumps(result["summary"], indent=2))
     return 0
@@ -552,7 +559,7 @@ def cmd_eval(args) -> int:
                             delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     summary = evaluate_checkpoint(args.ckpt, args.embeddings, out, args.height, args.width, args.steps, args.seed,
                                   elastic, args.guidance, args.repeats, args.vae, args.tile_size, mesh_of(args),
-                                  resolve_dtype(args.dtype), args.true_cfg, args.batch_size)
+                                  resolve_dtype(args.dtype), args.true_cfg, args.batch_size, args.attention)
     remove_stale_outputs(out, earlier)
     print(json.dumps(summary, indent=2))
     return 0
@@ -653,6 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder of cached prompt embeddings ('none': no cache)")
     add_mesh_argument(gen)
     add_dtype_argument(gen)
+    add_attention_argument(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(run=cmd_generate)
 
@@ -710,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels")
     add_mesh_argument(ev)
     add_dtype_argument(ev)
+    add_attention_argument(ev)
     ev.set_defaults(run=cmd_eval)
 
     convert = command("convert", "PyTorch weights -> edit-jax orbax checkpoint")
@@ -759,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "batch decisions are per batch)")
     add_mesh_argument(smp)
     add_dtype_argument(smp)
+    add_attention_argument(smp)
     smp.set_defaults(run=cmd_sample)
 
     order = command("order-channels", "sort elastic MLP channels by importance (before router training)", CALIBRATION_HELP)
@@ -775,6 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     trn.add_argument("config", nargs="?", help="YAML or JSON file of TrainConfig fields (default: all defaults)")
     trn.add_argument("overrides", nargs="*", help="key=value field overrides, mesh.AXIS=N for one mesh axis")
     trn.add_argument("--quiet", action="store_true", help="no progress bar")
+    trn.add_argument("--max-steps", type=at_least(1),
+                     help="stop after this many steps of this call, with a checkpoint saved there (a job with a "
+                          "wall-clock limit; rerunning the same command continues the run)")
     trn.add_argument("--compile-only", action="store_true",
                      help="compile the real step for --topology on this host (libtpu) and report per-chip memory")
     trn.add_argument("--topology", help="TPU topology for --compile-only, e.g. v5e:4x4, v5p:2x2x2, v6e:2x4")

@@ -1,7 +1,10 @@
 """Router training step time and per-device memory: the same run on one device and sharded over
-simulated devices (each a fresh process: the device count is fixed when JAX starts).
+simulated devices (each a fresh process: the device count is fixed when JAX starts); with
+--on-devices, one run on this machine's own devices (a GPU: stage `train` of eval/gpu_suite.sh).
 
     python -m eval.bench_train --preset flux-small --steps 30 --out bench_train.json
+    python -m eval.bench_train --on-devices --preset flux-dev --height 64 --width 64 --txt 512 --batch 2 \
+        --steps 8 --skip 3 --set remat=full attention=cudnn
 
 Step times are the median over the steps after the first few (compile excluded); the memory is
 the compiled step's per-device arguments and temporaries as the trainer prints them.
@@ -23,23 +26,30 @@ import numpy as np
 from eval.report import emit, environment, run_script
 
 MEMORY = re.compile(r"per device: arguments ([\d.]+) MiB, temporaries ([\d.]+) MiB")
+DTYPES_LINE = re.compile(r"dtypes: (.*)")
 
 
-def run(devices: int, mesh: dict, args) -> dict:
+def run(devices: int | None, mesh: dict, args) -> dict:
+    """One training run in a fresh process: on `devices` simulated CPU devices, or on the machine's
+    own (None). It stops after args.steps (--max-steps), before the trained checkpoint is written."""
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [f"run_dir={tmp}/run", f"preset={args.preset}", f"steps={args.steps}", f"batch_size={args.batch}",
+        overrides = [f"run_dir={tmp}/run", f"preset={args.preset}", f"steps={args.steps + 1}", f"batch_size={args.batch}",
                      f"height={args.height}", f"width={args.width}", f"num_txt={args.txt}", "log_every=1",
-                     f"save_every={args.steps}", *[f"mesh.{k}={v}" for k, v in mesh.items()]]
-        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-        done = subprocess.run([sys.executable, "-m", "edit_jax.cli", "train", *overrides, "--quiet"], env=env,
-                              capture_output=True, text=True)
+                     f"save_every={args.steps + 1}", *[f"mesh.{k}={v}" for k, v in mesh.items()], *args.set]
+        env = dict(os.environ)
+        if devices is not None:
+            flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+            env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+        done = subprocess.run([sys.executable, "-m", "edit_jax.cli", "train", *overrides, "--max-steps", str(args.steps),
+                               "--quiet"], env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(done.stderr[-3000:])
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time_s"] for r in rows[args.skip:]]
     memory = MEMORY.search(done.stderr)
-    return {"devices": devices, "mesh": mesh, "median_step_ms": round(1000 * float(np.median(times)), 2),
+    dtypes = DTYPES_LINE.search(done.stderr)
+    return {"devices": devices or "this machine's", "mesh": mesh, "dtypes": dtypes[1] if dtypes else None,
+            "median_step_ms": round(1000 * float(np.median(times)), 2),
             "model_tflops_per_s": round(float(np.median([r["model_tflops_per_s"] for r in rows[args.skip:]])), 4),
             "arguments_mib": float(memory[1]), "temporaries_mib": float(memory[2]),
             "final_loss": rows[-1]["loss"]}
@@ -54,8 +64,15 @@ def main(argv=None) -> dict:
     p.add_argument("--height", type=int, default=16, help="packed tokens")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--txt", type=int, default=32)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more TrainConfig fields for every run")
+    p.add_argument("--on-devices", action="store_true",
+                   help="one run on this machine's devices (all on fsdp) instead of the CPU comparison")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    if args.on_devices:
+        result = {**environment(), "preset": args.preset, "batch": args.batch,
+                  "tokens": [args.height * args.width, args.txt], "settings": args.set, "run": run(None, {}, args)}
+        return emit(result, args.out)
     one = run(1, {"data": 1, "fsdp": 1}, args)
     sharded = run(8, {"data": 2, "fsdp": 4}, args)
     result = {**environment(), "preset": args.preset, "batch": args.batch, "tokens": [args.height * args.width, args.txt],

@@ -29,10 +29,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then install_wheels .whl /tmp/site || echo "wh
 
 if [ -n "${GPU_SUITE_DRY:-}" ]; then
     size="--height 4 --width 4 --dtype bfloat16" runs="--runs 2" pixels="--height 32 --width 32 --dtype bfloat16" steps=2
+    train_size="--height 4 --width 4 --batch 2 --steps 4 --skip 1"
     flux_name=flux_tiny qwen_name=qwen_image_tiny
     flux="flux-tiny --txt 8" qwen="qwen-image-tiny --txt 8" attention=xla compile=""  # torch.compile: a minute on CPU
 else
     size="--height 64 --width 64 --dtype bfloat16" runs="--runs 10" pixels="--height 1024 --width 1024 --dtype bfloat16" steps=28
+    train_size="--height 64 --width 64 --batch 2 --steps 8 --skip 3"
     flux_name=flux_dev qwen_name=qwen_image
     flux="flux-dev --txt 512" qwen="qwen-image --txt 256" attention=cudnn compile="--compile regional"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -120,10 +122,14 @@ for stage in ${STAGES:-elastic profile flags forward}; do
         tiny=${GPU_SUITE_DRY:+--tokens 64 --layers 2}
         bench qk_norm_rope 60 eval.bench_qk_norm_rope $tiny ${GPU_SUITE_DRY:+--heads 2}
         bench router_pool 60 eval.bench_router_pool $tiny ${GPU_SUITE_DRY:+--dim 64 --hidden 16} ;;
+    train)  # router training on the GPU, never run on one before (not in the default stages): FLUX.1-dev with random
+        # weights, the base bfloat16 (auto), full remat, the attention kernel's backward pass; step time and memory
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench train_$flux_name 300 eval.bench_train --on-devices --preset $flux \
+            $train_size --set remat=full attention=$attention ;;
     ours)  # our dense forwards alone, no diffusers (a minute each: no weight conversion)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench forward_${flux_name}_ours 90 eval.bench_forward --preset $flux $size --attention $attention $runs --no-torch
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench forward_${qwen_name}_ours 90 eval.bench_forward --preset $qwen $size --attention $attention $runs --no-torch ;;
-    *) echo "unknown stage $stage (elastic, profile, flags, ours, kernels, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax)"; exit 2 ;;
+    *) echo "unknown stage $stage (elastic, profile, flags, ours, kernels, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax, train)"; exit 2 ;;
     esac
 done
 echo "suite done in $SECONDS s"

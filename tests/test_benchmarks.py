@@ -134,7 +134,7 @@ def test_gpu_suite_dry_run_writes_one_results_file_outside_the_repository_naming
 
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    env.update(GPU_SUITE_DRY="1", STAGES="sample", TMPDIR=str(tmp_path))
+    env.update(GPU_SUITE_DRY="1", STAGES="sample train", TMPDIR=str(tmp_path))
     done = subprocess.run(["bash", "eval/gpu_suite.sh", "300"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -142,8 +142,8 @@ def test_gpu_suite_dry_run_writes_one_results_file_outside_the_repository_naming
     (results,) = [p for p in tmp_path.iterdir() if p.name.startswith("gpu_suite.")]
     assert sorted(p.name for p in results.iterdir()) == ["results.jsonl", "suite.log"]
     lines = [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
-    assert [line["name"] for line in lines] == ["check_tiny", "sample_flux_tiny"]
-    assert lines[1]["result"]["steps"] == 2
+    assert [line["name"] for line in lines] == ["check_tiny", "sample_flux_tiny", "train_flux_tiny"]
+    assert lines[1]["result"]["steps"] == 2 and lines[2]["result"]["run"]["median_step_ms"] > 0
 
 
 def test_train_benchmark_reports_one_device_beside_eight(tmp_path):

@@ -591,3 +591,16 @@ def test_a_two_process_run_links_its_frozen_base_into_its_trained_checkpoint(tmp
 
     assert base_files(tmp_path / "run" / "edit-jax") == base_files(tmp_path / "ckpt")
     assert load_routers(tmp_path / "run" / "edit-jax") is not None
+
+
+def test_max_steps_stops_a_cli_run_with_a_checkpoint_that_the_same_command_continues(tmp_path, capsys):
+    from edit_jax.cli import main
+
+    args = ["train", f"run_dir={tmp_path / 'run'}", "steps=4", "save_every=10", "batch_size=2", "num_txt=4", "--quiet"]
+    assert main(args + ["--max-steps", "2"]) == 0
+    assert "stopped after step 2 of 4" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert not (tmp_path / "run" / "edit-jax").exists()
+
+    assert main(args) == 0
+    assert "resumed from step 2" in capsys.readouterr().err and (tmp_path / "run" / "edit-jax").is_dir()

@@ -94,7 +94,8 @@ class TrainConfig:
     # changes to the logical-axis rules (edit_jax/sharding.py), e.g. {"embed": null, "mlp": "tensor"}
     axis_rules: dict = dataclasses.field(default_factory=dict)
     remat: str = "none"
-    attention: str = "xla"  # "xla", "cudnn" (GPU), "splash" (TPU flash kernel) or "tokamax"
+    attention: str = "xla"  # "xla", "cudnn" (GPU), "splash" (TPU flash kernel), "tokamax" or "auto" (cudnn on an
+    # NVIDIA GPU in 16 bits, else xla); xla by default: the kernels' backward passes are not yet run on a GPU here
     param_dtype: str = "auto"  # base params; auto: bfloat16 on a GPU or TPU while the base is frozen, else float32
     router_dtype: str = "float32"  # routers and their optimizer state
     dtype: str = "auto"  # compute; auto: bfloat16 on a GPU or TPU, float32 on CPU

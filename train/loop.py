@@ -145,7 +145,7 @@ def abstract_like(tree):
 
 def train(config: TrainConfig, progress: bool = True, max_steps: int | None = None, describe_setup: bool = True) -> dict:
     """Runs (or resumes) the training run; returns the last logged metrics. max_steps: stop after
-    this many steps of this call (tests of resumption), saving a checkpoint there. describe_setup:
+    this many steps of this call (a job with a wall-clock limit), saving a checkpoint there. describe_setup:
     print the config, the mesh and every param's sharding first."""
     with use_rules(config.axis_rules):
         return _train(config, progress, max_steps, describe_setup)
@@ -336,6 +336,9 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
             tracing.stop()
             if writer is not None:
                 writer.close()
+    if end < config.steps and is_main:
+        print(f"stopped after step {end} of {config.steps} (max_steps {max_steps}), its checkpoint saved in "
+              f"{run_dir / 'checkpoints'}: rerun to continue", file=sys.stderr)
     if end == config.steps:
         export_final(run_dir / "edit-jax", model_config, trainable, frozen, config.checkpoint,
                      base_identity)
