@@ -227,15 +227,9 @@ def test_sigterm_to_one_process_of_two_stops_both_at_one_saved_step(tmp_path):
     """A preemption notice that reaches one process of a multi-process run: both save the same
     step (JAX's preemption service agrees on it) and exit, instead of a collective mismatch."""
     import signal
-    import socket
     import time
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = [run_cli(tmp_path / "run", 2, "mesh.data=2", "mesh.fsdp=2", "steps=100000", "save_every=100000",
-                     wait=False, env_extra={"EDIT_JAX_COORDINATOR": f"localhost:{port}", "EDIT_JAX_NUM_PROCESSES": "2",
-                                            "EDIT_JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    procs = two_processes(tmp_path / "run", "steps=100000", "save_every=100000", wait=False)
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         deadline = time.time() + 300
@@ -274,6 +268,31 @@ def run_cli(run_dir, devices, *overrides, env_extra=None, wait=True):
     assert proc.returncode == 0, err[-3000:]
 
 
+def two_processes(run_dir, *overrides, env_extra=None, wait=True):
+    """The CLI run as two real processes (jax.distributed on localhost) of 2 CPU devices each: their
+    stderr once both have exited 0, or the processes themselves (wait=False)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [run_cli(run_dir, 2, "mesh.data=2", "mesh.fsdp=2", *overrides, wait=False, env_extra={
+        "EDIT_JAX_COORDINATOR": f"localhost:{port}", "EDIT_JAX_NUM_PROCESSES": "2", "EDIT_JAX_PROCESS_ID": str(i),
+        **(env_extra or {})}) for i in range(2)]
+    if not wait:
+        return procs
+    errs = []
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+            errs.append(err)
+    finally:
+        for proc in procs:
+            proc.kill()
+    return errs
+
+
 def assert_same_run(a, b):
     for x, y in zip(jax.tree.leaves(load_routers(a / "edit-jax")), jax.tree.leaves(load_routers(b / "edit-jax"))):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
@@ -285,22 +304,8 @@ def test_a_two_process_run_resumed_on_another_mesh_equals_one_device(tmp_path):
     """Three steps on one device; the same as two real processes (jax.distributed on localhost, CPU
     collectives) of 2 devices each, data 2 x fsdp 2, for two steps, then restored from their
     checkpoint by one process onto 8 simulated devices as fsdp 8 for the third."""
-    import socket
-
     run_cli(tmp_path / "single", 1, "mesh.data=1", "mesh.fsdp=1", "steps=3")
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = [run_cli(tmp_path / "sharded", 2, "mesh.data=2", "mesh.fsdp=2", wait=False, env_extra={
-        "EDIT_JAX_COORDINATOR": f"localhost:{port}", "EDIT_JAX_NUM_PROCESSES": "2", "EDIT_JAX_PROCESS_ID": str(i)})
-        for i in range(2)]
-    try:
-        for proc in procs:
-            _, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err[-3000:]
-    finally:
-        for proc in procs:
-            proc.kill()
+    two_processes(tmp_path / "sharded")
     run_cli(tmp_path / "sharded", 8, "mesh.data=1", "mesh.fsdp=8", "steps=3")  # resumes at 2 on another mesh
     assert_same_run(tmp_path / "single", tmp_path / "sharded")
 
@@ -571,23 +576,9 @@ def test_a_base_written_over_during_the_run_is_not_linked_into_its_trained_check
 
 
 def test_a_two_process_run_links_its_frozen_base_into_its_trained_checkpoint(tmp_path):
-    import socket
-
     config = edit_jax.preset("flux-tiny")
     save(tmp_path / "ckpt", config, init_variables(config, seed=7)["params"])
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = [run_cli(tmp_path / "run", 2, "mesh.data=2", "mesh.fsdp=2", f"checkpoint={tmp_path / 'ckpt'}", wait=False,
-                     env_extra={"EDIT_JAX_COORDINATOR": f"localhost:{port}", "EDIT_JAX_NUM_PROCESSES": "2",
-                                "EDIT_JAX_PROCESS_ID": str(i)}) for i in range(2)]
-    try:
-        for proc in procs:
-            _, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, err[-3000:]
-    finally:
-        for proc in procs:
-            proc.kill()
+    two_processes(tmp_path / "run", f"checkpoint={tmp_path / 'ckpt'}")
 
     assert base_files(tmp_path / "run" / "edit-jax") == base_files(tmp_path / "ckpt")
     assert load_routers(tmp_path / "run" / "edit-jax") is not None
@@ -604,3 +595,9 @@ def test_max_steps_stops_a_cli_run_with_a_checkpoint_that_the_same_command_conti
 
     assert main(args) == 0
     assert "resumed from step 2" in capsys.readouterr().err and (tmp_path / "run" / "edit-jax").is_dir()
+
+
+def test_a_two_process_run_without_jax_preemption_service_trains_and_says_a_sigterm_saves_nothing(tmp_path):
+    errs = two_processes(tmp_path / "run", env_extra={"JAX_ENABLE_PREEMPTION_SERVICE": "false"})
+
+    assert "preemption service is off" in errs[0] and (tmp_path / "run" / "edit-jax").is_dir()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 from edit_jax.config import ConfigError
@@ -57,15 +58,21 @@ class Preemption:
     block (in the main thread; elsewhere none), and the step after it. Several: JAX's preemption
     service, which catches SIGTERM itself (so no Python handler replaces its own), tells every
     process and picks the step after the furthest one; `reached` must then be called by every
-    process at every step."""
+    process at every step. Where that service is off (`jax_enable_preemption_service`), a
+    multi-process run keeps SIGTERM's default: it stops without a checkpoint, and says so first."""
 
     def __init__(self):
         import jax
 
-        self.shared = jax.process_count() > 1
+        several = jax.process_count() > 1
+        self.shared = several and jax.config.jax_enable_preemption_service
         self.signal = None
-        self._handled = not self.shared and threading.current_thread() is threading.main_thread()
+        self._handled = not several and threading.current_thread() is threading.main_thread()
         self._previous = None
+        if several and not self.shared and jax.process_index() == 0:
+            print("preemption: JAX's preemption service is off (jax_enable_preemption_service), so a SIGTERM stops "
+                  "this multi-process run without a checkpoint; a rerun resumes from the last one saved (save_every)",
+                  file=sys.stderr)
 
     def __enter__(self):
         if self._handled:
