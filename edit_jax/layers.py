@@ -403,11 +403,20 @@ def attention(
     """Softmax attention over q, k, v [B, L, H, K] -> [B, L, H*K].
 
     key_mask [B, L] (True = attend) hides padded keys. implementation: "auto"
-    (`edit_jax.config.resolve_attention` for q's dtype), "xla", "cudnn" (GPU only,
+    (`edit_jax.config.resolve_attention` for q's dtype; "xla", with a warning, where the chosen
+    kernel's own checks refuse these inputs), "xla", "cudnn" (GPU only,
     bfloat16/float16; where it cannot run it falls back to "xla" with a warning), "splash" (TPU,
     `splash_attention`) or "tokamax" (`tokamax_attention`).
     """
-    implementation = resolve_attention(implementation, q.dtype)
+    if implementation == "auto":
+        chosen = resolve_attention(implementation, q.dtype)
+        if chosen == "xla":
+            return attention(q, k, v, key_mask, "xla")
+        try:  # the checks of cuDNN's kernels (version, shapes, layout) run as it is traced
+            return attention(q, k, v, key_mask, chosen)
+        except (NotImplementedError, ValueError, RuntimeError) as e:
+            warnings.warn(f"attention='auto': {chosen} cannot run here ({str(e).strip()[:200]}): using 'xla'", stacklevel=2)
+            return attention(q, k, v, key_mask, "xla")
     if implementation == "splash":
         return splash_attention(q, k, v, key_mask)
     if implementation == "tokamax":

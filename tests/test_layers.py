@@ -100,6 +100,18 @@ def test_a_key_mask_given_as_lengths_of_reordered_keys_attends_to_the_same_keys(
     assert relative_error(by_lengths, layers.attention(q, k, v, jnp.asarray(mask))) <= 1e-6
 
 
+def test_auto_attention_whose_kernel_refuses_the_inputs_warns_and_runs_xla(monkeypatch):
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 6, 2, 8)), jnp.bfloat16) for _ in range(3))
+    mask = jnp.asarray(np.arange(6)[None, :] < np.array([[6], [4]]))
+    monkeypatch.setattr(layers, "resolve_attention", lambda implementation, dtype: "cudnn")  # as on an NVIDIA GPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # so that cuDNN's own checks run, and refuse a CPU
+
+    with pytest.warns(UserWarning, match="attention='auto': cudnn cannot run here"):
+        out = layers.attention(q, k, v, mask, "auto")
+    np.testing.assert_array_equal(out, layers.attention(q, k, v, mask, "xla"))
+
+
 def test_mlp_width_uses_the_first_hidden_channels_only():
     mlp = layers.MLP(16, "gelu_tanh", RT)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 8)), jnp.float32)
