@@ -219,7 +219,7 @@ def write_checkpoint(
         try:
             with _streaming_context():
                 for name, groups in trees.items():
-                    if name in (linked or {}) and _hard_linked(linked[name], tmp / name, lead):
+                    if name in (linked or {}) and _hard_linked(linked[name], tmp / name, lead, path / name):
                         continue
                     for group in groups:
                         ocp.partial.save(tmp / name, group)
@@ -246,9 +246,10 @@ def write_checkpoint(
     return path
 
 
-def _hard_linked(source: Path, dest: Path, lead: bool) -> bool:
+def _hard_linked(source: Path, dest: Path, lead: bool, final: Path) -> bool:
     """Hard-links every file under `source` into the new folder `dest` (process 0; the others
-    learn the outcome); False, with nothing left at `dest`, where the filesystem cannot link."""
+    learn the outcome), saying so for `final`, the folder it becomes; False, with nothing left at
+    `dest`, where the filesystem cannot link."""
     done = True
     if lead:
         try:
@@ -257,9 +258,13 @@ def _hard_linked(source: Path, dest: Path, lead: bool) -> bool:
                 into.mkdir(parents=True, exist_ok=True)
                 for name in files:
                     os.link(Path(root) / name, into / name)
-        except OSError:  # another filesystem (EXDEV), or one without hard links
+        except OSError as e:  # another filesystem (EXDEV), one without hard links, or not allowed (EPERM)
             shutil.rmtree(dest, ignore_errors=True)
             done = False
+            print(f"{final}: cannot hard-link the files of {source} ({e.strerror or e}): written instead",
+                  file=sys.stderr)
+        else:
+            print(f"{final}: hard links to the files of {source} (no second copy on disk)", file=sys.stderr)
     return agreed(done)
 
 
@@ -361,23 +366,37 @@ def save(path: str | Path, config, params: dict, routers: dict | None = None, *,
     trees = {PARAMS_DIR: [jax.tree.map(_host_or_global, params)]}
     if routers is not None:
         trees[ROUTERS_DIR] = [jax.tree.map(_host_or_global, routers)]
-    link = params_from is not None and agreed(stores_as(params_from, config, params))
-    linked = {PARAMS_DIR: resolve(params_from) / PARAMS_DIR} if link else None
+    linked = None
+    if params_from is not None:
+        mismatch = storage_mismatch(params_from, config, params)
+        if agreed(mismatch is None):
+            linked = {PARAMS_DIR: resolve(params_from) / PARAMS_DIR}
+        elif jax.process_index() == 0:
+            print(f"{resolve(path)}: its params are written, not hard-linked from {resolve(params_from)}: {mismatch}",
+                  file=sys.stderr)
     return write_checkpoint(path, config, trees, overwrite=overwrite, protect=protect, linked=linked)
 
 
-def stores_as(path: str | Path, config, params: dict) -> bool:
-    """Whether the checkpoint at `path` stores `params` (a tree of arrays of `config`'s model) as
-    `save` would write them: format version, width_groups, and every array's shape and dtype."""
+def storage_mismatch(path: str | Path, config, params: dict) -> str | None:
+    """None where the checkpoint at `path` stores `params` (a tree of arrays of `config`'s model)
+    as `save` would write them (format version, width_groups, every array's shape and dtype);
+    otherwise what differs."""
     try:
         meta = read_metadata(path)
-        if meta["version"] != FORMAT_VERSION or _model_config(meta).width_groups != config.width_groups:
-            return False
         stored = flatten(_stored_metadata(resolve(path), PARAMS_DIR))
-    except CheckpointError:  # gone or damaged since it was read
-        return False
+    except CheckpointError as e:  # gone or damaged since it was read
+        return str(e)
+    if meta["version"] != FORMAT_VERSION:
+        return f"it is checkpoint format {meta['version']}, and this one is {FORMAT_VERSION}"
+    if _model_config(meta).width_groups != config.width_groups:
+        return f"it stores MLP channels with width_groups={_model_config(meta).width_groups}, this one {config.width_groups}"
     wanted = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(params).items()}
-    return stored == wanted
+    if stored != wanted:
+        dtypes = lambda tree: sorted({str(d) for _, d in tree.values()})  # noqa: E731
+        if stored.keys() == wanted.keys() and dtypes(stored) != dtypes(wanted):
+            return f"it stores them in {', '.join(dtypes(stored))}, and these are {', '.join(dtypes(wanted))}"
+        return "its arrays differ in names or shapes"
+    return None
 
 
 def stored_identity(path: str | Path) -> tuple | None:

@@ -255,10 +255,11 @@ def files_of(path: Path) -> dict[Path, os.stat_result]:
     return {f.relative_to(path): f.stat() for f in path.rglob("*") if f.is_file()}
 
 
-def test_params_saved_from_a_checkpoint_that_stores_them_so_are_hard_links_to_its_files(tiny, tmp_path):
+def test_params_saved_from_a_checkpoint_that_stores_them_so_are_hard_links_to_its_files(tiny, tmp_path, capsys):
     config, variables = tiny
     base = save(tmp_path / "base", config, variables["params"])
     trained = save(tmp_path / "trained", config, variables["params"], variables["routers"], params_from=base)
+    assert "trained/params: hard links to the files of" in capsys.readouterr().err
 
     ours, theirs = files_of(trained / "params"), files_of(base / "params")
     assert ours.keys() == theirs.keys() and all(ours[f].st_ino == theirs[f].st_ino for f in ours)
@@ -278,17 +279,19 @@ def test_a_base_linked_into_a_checkpoint_outlives_the_base(tiny, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, edit_jax.load(trained)[1], variables["params"])
 
 
-def test_params_a_checkpoint_stores_in_another_dtype_are_written_not_linked(tiny, tmp_path):
+def test_params_a_checkpoint_stores_in_another_dtype_are_written_not_linked(tiny, tmp_path, capsys):
     config, variables = tiny
     half = jax.tree.map(lambda x: x.astype("bfloat16"), variables["params"])
     base = save(tmp_path / "base", config.with_runtime(param_dtype="bfloat16"), half)
     trained = save(tmp_path / "trained", config, variables["params"], params_from=base)
 
+    assert "it stores them in bfloat16, and these are float32" in capsys.readouterr().err
+
     assert not {s.st_ino for s in files_of(trained).values()} & {s.st_ino for s in files_of(base).values()}
     jax.tree.map(np.testing.assert_array_equal, edit_jax.load(trained)[1], variables["params"])
 
 
-def test_params_from_a_checkpoint_on_a_filesystem_that_cannot_link_are_written(tiny, tmp_path, monkeypatch):
+def test_params_from_a_checkpoint_on_a_filesystem_that_cannot_link_are_written(tiny, tmp_path, monkeypatch, capsys):
     import errno
 
     config, variables = tiny
@@ -299,6 +302,9 @@ def test_params_from_a_checkpoint_on_a_filesystem_that_cannot_link_are_written(t
 
     monkeypatch.setattr(os, "link", cross_device)
     trained = save(tmp_path / "trained", config, variables["params"], params_from=base)
+
+    err = capsys.readouterr().err
+    assert "trained/params: cannot hard-link the files of" in err and "Invalid cross-device link" in err
 
     jax.tree.map(np.testing.assert_array_equal, edit_jax.load(trained)[1], variables["params"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "trained"]

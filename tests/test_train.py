@@ -556,7 +556,7 @@ def test_the_trained_checkpoint_hard_links_a_frozen_base_stored_as_it_trained(tm
     assert load_routers(tmp_path / "run" / "edit-jax") is not None
 
 
-def test_a_base_written_over_during_the_run_is_not_linked_into_its_trained_checkpoint(tmp_path, monkeypatch):
+def test_a_base_written_over_during_the_run_is_not_linked_into_its_trained_checkpoint(tmp_path, monkeypatch, capsys):
     from train import loop
 
     config = edit_jax.preset("flux-tiny")
@@ -570,6 +570,8 @@ def test_a_base_written_over_during_the_run_is_not_linked_into_its_trained_check
 
     monkeypatch.setattr(loop, "export_final", after_a_new_conversion)
     train(tiny_run(tmp_path, checkpoint=str(tmp_path / "ckpt"), steps=2), progress=False)
+
+    assert "is no longer the checkpoint the run read it from" in capsys.readouterr().err
 
     jax.tree.map(np.testing.assert_array_equal, edit_jax.load(tmp_path / "run" / "edit-jax")[1],
                  jax.tree.map(np.asarray, base))

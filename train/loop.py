@@ -380,4 +380,7 @@ def export_final(path, model_config, trainable: dict, frozen: dict, base: str | 
     params = trainable.get("params", frozen.get("params"))
     routers = trainable.get("routers", frozen.get("routers"))
     same_base = base is not None and "params" in frozen and agreed(stored_identity(base) == base_identity)
+    if base is not None and "params" in frozen and not same_base and jax.process_index() == 0:
+        print(f"{path}: its frozen base is written, not hard-linked: {base} is no longer the checkpoint the run "
+              "read it from", file=sys.stderr)
     save(path, model_config, params, routers, overwrite=True, params_from=base if same_base else None)
