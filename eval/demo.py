@@ -218,7 +218,7 @@ class Demo:
         s = self.s
         config = TrainConfig(data=str(self.train_data), batch_size=s.batch_size, seed=s.seed, log_every=25,
                              warmup_steps=20, noise_sampler="pipeline", mesh={"data": 1, "fsdp": -1, "tensor": 1},
-                             **fields)
+                             param_dtype="float32", dtype="float32", **fields)  # the figures of RESULTS.md, anywhere
         name = f"{name}-{digest({k: v for k, v in config.to_dict().items() if k != 'run_dir'})}"
         config = dataclasses.replace(config, save_every=config.steps, keep=1, run_dir=str(self.out / "runs" / name))
         final = Path(config.run_dir) / "edit-jax"
