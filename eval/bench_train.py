@@ -51,7 +51,7 @@ def run(devices: int | None, mesh: dict, args) -> dict:
     return {"devices": devices or "this machine's", "mesh": mesh, "dtypes": dtypes[1] if dtypes else None,
             "median_step_ms": round(1000 * float(np.median(times)), 2),
             "model_tflops_per_s": round(float(np.median([r["model_tflops_per_s"] for r in rows[args.skip:]])), 4),
-            "arguments_mib": float(memory[1]), "temporaries_mib": float(memory[2]),
+            "arguments_mib": float(memory[1]) if memory else None, "temporaries_mib": float(memory[2]) if memory else None,
             "final_loss": rows[-1]["loss"]}
 
 
