@@ -566,11 +566,13 @@ def cmd_eval(args) -> int:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default (once: a help text that names its default keeps its own) and keeps
-    the epilogs' line breaks."""
+    """--help shows every default that says something (once: a help text that names its default
+    keeps its own; an unset flag's None or False is left out) and keeps the epilogs' line breaks."""
 
     def _get_help_string(self, action):
-        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 DEMO_HELP = """writes OUT/results.md and results.json (one row per method: blocks run, FLOPs vs dense,

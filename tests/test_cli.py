@@ -385,6 +385,13 @@ def test_help_that_names_its_default_does_not_repeat_it(capsys):
     assert "(default: as stored)" in text and "(default: None)" not in text
 
 
+def test_help_leaves_out_the_default_of_a_flag_that_is_unset_by_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--distributed" in text and "(default: None)" not in text and "(default: False)" not in text
+
+
 def test_an_embeddings_file_may_hold_its_prompts_as_text(tmp_path):
     from edit_jax.cli import read_embeddings
 
