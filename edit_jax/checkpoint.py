@@ -355,6 +355,12 @@ def _host_or_global(x):
     return x if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x)
 
 
+def _on_host(tree: dict) -> Iterable[dict]:
+    """`tree` as the one group of a tree to write, fetched to the host only if it is written (a
+    hard-linked tree is never copied off its devices)."""
+    yield jax.tree.map(_host_or_global, tree)
+
+
 def save(path: str | Path, config, params: dict, routers: dict | None = None, *, overwrite: bool = False,
          protect: Iterable[str | Path] = (), params_from: str | Path | None = None) -> Path:
     """Saves in-memory params (plain pytrees) with their config (see `write_checkpoint`). In a
@@ -363,9 +369,9 @@ def save(path: str | Path, config, params: dict, routers: dict | None = None, *,
     params_from: a checkpoint the caller read `params` from unchanged (a frozen base). Where it
     stores them as this save would (the current format, the same MLP channel layout, the same
     shapes and dtypes), its params/ files are hard-linked rather than written again."""
-    trees = {PARAMS_DIR: [jax.tree.map(_host_or_global, params)]}
+    trees = {PARAMS_DIR: _on_host(params)}
     if routers is not None:
-        trees[ROUTERS_DIR] = [jax.tree.map(_host_or_global, routers)]
+        trees[ROUTERS_DIR] = _on_host(routers)
     linked = None
     if params_from is not None:
         mismatch = storage_mismatch(params_from, config, params)

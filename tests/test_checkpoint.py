@@ -319,3 +319,21 @@ def test_a_checkpoint_written_over_has_another_stored_identity(tiny, tmp_path):
     save(base, config, variables["params"], overwrite=True)
 
     assert stored_identity(base) != before and stored_identity(tmp_path / "gone") is None
+
+
+class NotOnHost:
+    """An array's shape and dtype, which cannot be read to the host."""
+
+    def __init__(self, array):
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("read to the host")
+
+
+def test_params_that_are_hard_linked_are_never_read_to_the_host(tiny, tmp_path):
+    config, variables = tiny
+    base = save(tmp_path / "base", config, variables["params"])
+    trained = save(tmp_path / "trained", config, jax.tree.map(NotOnHost, variables["params"]), params_from=base)
+
+    jax.tree.map(np.testing.assert_array_equal, edit_jax.load(trained)[1], variables["params"])
