@@ -603,3 +603,12 @@ def test_a_two_process_run_without_jax_preemption_service_trains_and_says_a_sigt
     errs = two_processes(tmp_path / "run", env_extra={"JAX_ENABLE_PREEMPTION_SERVICE": "false"})
 
     assert "preemption service is off" in errs[0] and (tmp_path / "run" / "edit-jax").is_dir()
+
+
+def test_the_trained_checkpoint_runs_by_default_as_a_fresh_one_not_with_training_remat_and_attention(tmp_path):
+    from edit_jax.checkpoint import load_config
+
+    train(tiny_run(tmp_path, steps=1, remat="full", attention="xla", param_dtype="bfloat16"), progress=False)
+
+    runtime = load_config(tmp_path / "run" / "edit-jax").runtime
+    assert (runtime.remat, runtime.attention, runtime.param_dtype) == ("none", "auto", "bfloat16")

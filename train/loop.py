@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 import edit_jax
 from edit_jax.checkpoint import agreed, load_params, load_routers, save, stored_identity
-from edit_jax.config import ConfigError, preset
+from edit_jax.config import ConfigError, RuntimeConfig, preset
 from edit_jax.models import abstract_params, build_model, init_variables
 from edit_jax.sharding import batch_sharding, describe, make_mesh, param_shardings, replicated, use_rules
 from train.config import TrainConfig
@@ -379,6 +379,8 @@ def export_final(path, model_config, trainable: dict, frozen: dict, base: str | 
     run), not written again."""
     params = trainable.get("params", frozen.get("params"))
     routers = trainable.get("routers", frozen.get("routers"))
+    fresh = RuntimeConfig()  # how a loader runs it by default: training's remat and attention are training's own
+    model_config = model_config.with_runtime(attention=fresh.attention, remat=fresh.remat)
     same_base = base is not None and "params" in frozen and agreed(stored_identity(base) == base_identity)
     if base is not None and "params" in frozen and not same_base and jax.process_index() == 0:
         print(f"{path}: its frozen base is written, not hard-linked: {base} is no longer the checkpoint the run "
