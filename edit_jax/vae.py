@@ -244,6 +244,13 @@ def _blend(a: np.ndarray, b: np.ndarray, extent: int, axis: int) -> None:
     b[tuple(head)] = a[tuple(tail)] * (1 - w) + b[tuple(head)] * w
 
 
+def check_vae_fits(vae_config, config, path) -> None:
+    """The VAE at `path` decodes what the transformer of `config` denoises (2x2-packed latents of an 8x VAE)."""
+    if 4 * vae_config.latent_channels != config.in_channels or vae_config.downscale != 8:
+        raise ValueError(f"the VAE {path} ({vae_config.latent_channels} latent channels, {vae_config.downscale}x) does "
+                         f"not fit the transformer ({config.in_channels} packed channels, a 8x VAE)")
+
+
 def decode_tiled(config, params: dict, z, tile_size: int = 1024, overlap: float = 0.25,
                  progress=None) -> np.ndarray:
     """decode() of either VAE in overlapping tiles of tile_size x tile_size image pixels, blended

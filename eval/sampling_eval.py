@@ -160,8 +160,7 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     decoder = None
     if vae is not None:
         from checkpoints_convert.vae import load_vae
-
-        from pipelines.generate import check_vae_fits
+        from edit_jax.vae import check_vae_fits
 
         decoder = load_vae(vae)
         check_vae_fits(decoder[0], config, vae)

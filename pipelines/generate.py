@@ -113,13 +113,6 @@ def load_scheduler(folder: Path):
     return SchedulerConfig(**{k: v for k, v in values.items() if k in names})
 
 
-def check_vae_fits(vae_config, config, path) -> None:
-    """The VAE at `path` decodes what the transformer of `config` denoises (2x2-packed latents of an 8x VAE)."""
-    if 4 * vae_config.latent_channels != config.in_channels or vae_config.downscale != 8:
-        raise ValueError(f"the VAE {path} ({vae_config.latent_channels} latent channels, {vae_config.downscale}x) does "
-                         f"not fit the transformer ({config.in_channels} packed channels, a 8x VAE)")
-
-
 TEXT_MULTIPLE = 64  # text lengths rounded up to a multiple: a prompts file compiles a few shapes, not one per batch
 
 
@@ -197,7 +190,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     from edit_jax.elastic import ElasticConfig
     from edit_jax.latents import initial_noise, unpack_latents
     from edit_jax.sampler import SamplerConfig, first_rows, sample
-    from edit_jax.vae import decode_tiled
+    from edit_jax.vae import check_vae_fits, decode_tiled
     from pipelines.text_encoders import TEXT_ENCODERS, EmbeddingCache
 
     folder, out = resolve(model_dir), resolve(out)
