@@ -3,15 +3,17 @@
     edit-jax prepare-data photos/ data/photos --model /models/FLUX.1-dev --resolution 1024
     edit-jax prepare-data photos/ data/photos-qwen --model /models/Qwen-Image
 
-Captions come from a sidecar `NAME.txt` beside each image, or from one JSONL file of
-{"file": NAME, "caption": TEXT} lines (--captions). Each image goes to the resolution bucket (a
+Captions come from one JSONL file (--captions, or IMAGES/metadata.jsonl as in Hugging Face's
+`imagefolder` layout) of {"file": PATH, "caption": TEXT} lines (or "file_name" and "text", that
+layout's names), PATH relative to IMAGES and possibly in a subfolder; or else from a sidecar
+`NAME.txt` beside each image in IMAGES. Each image goes to the resolution bucket (a
 multiple of 16 px on each side, about resolution^2 pixels) nearest its aspect ratio, is resized to
 cover it and center-cropped, encoded by the pipeline folder's Flax VAE (the latent mean, normalised
 as the pipeline does: FLUX shift and scale, Qwen-Image per-channel mean and std) and its caption
 by the text encoders (Qwen-Image's embeddings padded to --max-sequence-length, with the mask).
 Work is staged in chunks under `OUT.partial/`, so an interrupted run resumes where it stopped; the dataset is written at the end,
 atomically, and the staging folder removed. Images that cannot be used are reported with the
-reason (unreadable, too small, no caption) in OUT/skipped.json.
+reason (unreadable, too small, no caption, listed but missing) in OUT/skipped.json.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import numpy as np
 from edit_jax.checkpoint import resolve
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA = "metadata.jsonl"  # the captions file of Hugging Face's imagefolder layout
+FILE_KEYS, CAPTION_KEYS = ("file", "file_name"), ("caption", "text")
 ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 
 
@@ -57,26 +61,40 @@ def fit(image, bucket: tuple[int, int]):
     return image.crop((left, top, left + w, top + h))
 
 
-def read_captions(images: Path, captions: str | None) -> dict[str, str | None]:
-    """File name -> caption, from --captions (JSONL) or the sidecar .txt files (None: a sidecar
-    that is not UTF-8 text, so that its image is skipped with that reason)."""
+def captions_file(images: Path, captions: str | None) -> Path | None:
+    """The JSONL captions file: --captions, else IMAGES/metadata.jsonl where there is one, else
+    None (sidecar .txt files)."""
+    if captions is None:
+        return images / METADATA if (images / METADATA).is_file() else None
+    path = resolve(captions)
+    if not path.is_file():
+        raise ValueError(f"--captions {captions}: no such file")
+    return path
+
+
+def read_captions(images: Path, captions: Path | None) -> dict[str, str | None]:
+    """Image path relative to IMAGES (POSIX) -> caption, from the JSONL `captions` or, without
+    it, the sidecar .txt files (None: a sidecar that is not UTF-8 text, so that its image is
+    skipped with that reason)."""
     out = {}
     if captions is not None:
-        path = resolve(captions)
-        if not path.is_file():
-            raise ValueError(f"--captions {captions}: no such file")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = captions.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:
-            raise ValueError(f"--captions {path} is not UTF-8 text: {e}") from e
+            raise ValueError(f"captions file {captions} is not UTF-8 text: {e}") from e
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                out[str(row["file"])] = str(row["caption"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path} line {number}: expected {{\"file\": ..., \"caption\": ...}}, got {line[:80]}") from e
+                file = next((row[k] for k in FILE_KEYS if k in row), None)
+                caption = next((row[k] for k in CAPTION_KEYS if k in row), None)
+            except (ValueError, TypeError):
+                file = caption = None
+            if not isinstance(file, str) or not isinstance(caption, str):
+                raise ValueError(f"{captions} line {number}: expected {{\"file\": PATH, \"caption\": TEXT}} (or "
+                                 f"\"file_name\" and \"text\"), got {line[:80]}")
+            out[Path(file).as_posix()] = caption
         return out
     for txt in images.glob("*.txt"):
         try:
@@ -114,14 +132,19 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
     if out.exists() and not (out / MANIFEST).is_file():  # known before hours of encoding, not after
         raise ValueError(f"{out} exists and is not an edit-jax dataset (no {MANIFEST}): --overwrite replaces only datasets")
     family = pipeline_family(model_dir, unused=("transformer", "scheduler"))
-    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    captions_path = captions_file(images_dir, captions)
+    texts = read_captions(images_dir, captions_path)
+    names = {p.name for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    if captions_path is not None:
+        names |= set(texts)  # what the captions file lists, in subfolders too
+    files = sorted(names)
     if not files:
         raise ValueError(f"IMAGES {images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    texts = read_captions(images_dir, captions)
     staging = out.with_name(out.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
     settings = {"images": str(images_dir), "model": str(model_dir), "resolution": resolution,
-                "max_sequence_length": max_sequence_length, "chunk": chunk, "captions": captions}
+                "max_sequence_length": max_sequence_length, "chunk": chunk,
+                "captions": None if captions_path is None else str(captions_path)}
     text_dtype = device_and_dtype(None, dtype)[1]
     if text_dtype != "float32":  # float32 settings stay those of runs interrupted before encoders had a dtype
         settings["text_dtype"] = text_dtype
@@ -144,27 +167,34 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
                 bar.update(len(group))
                 continue
             rows, skipped = [], []
-            for path in group:
-                if path.name not in texts or texts[path.name] is None:
-                    reason = "no caption" if path.name not in texts else f"its caption {path.stem}.txt is not UTF-8 text"
-                    skipped.append({"file": path.name, "reason": reason})
+            for name in group:
+                path = images_dir / name
+                reason = None
+                if name not in texts:
+                    reason = "no caption"
+                elif not path.is_file():
+                    reason = f"listed in {captions_path.name}, no such file"
+                elif texts[name] is None:
+                    reason = f"its caption {path.stem}.txt is not UTF-8 text"
+                if reason is not None:
+                    skipped.append({"file": name, "reason": reason})
                     continue
-                caption = texts[path.name]
+                caption = texts[name]
                 try:
                     with Image.open(path) as opened:
                         image = opened.convert("RGB")
                 except (UnidentifiedImageError, OSError) as e:
-                    skipped.append({"file": path.name, "reason": f"unreadable ({e.__class__.__name__})"})
+                    skipped.append({"file": name, "reason": f"unreadable ({e.__class__.__name__})"})
                     continue
                 bucket = nearest_bucket(image.height, image.width, resolution)
                 fitted = fit(image, bucket)
                 if fitted is None:
-                    skipped.append({"file": path.name, "reason": f"too small ({image.width}x{image.height} for the "
+                    skipped.append({"file": name, "reason": f"too small ({image.width}x{image.height} for the "
                                                                 f"{bucket[1]}x{bucket[0]} bucket)"})
                     continue
                 pixels = np.asarray(fitted, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
                 latents = np.asarray(vae_config.to_model_latents(encode(vae_params, pixels)))[0]
-                rows.append((path.name, caption, latents))
+                rows.append((name, caption, latents))
             arrays = {"skipped": np.frombuffer(json.dumps(skipped).encode(), np.uint8)}
             if rows:
                 text = encoder([caption for _, caption, _ in rows], pad_to=max_sequence_length)

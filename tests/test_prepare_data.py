@@ -62,6 +62,56 @@ def test_prepare_data_writes_bucketed_latents_and_reports_what_it_skipped(prepar
     assert not out.with_name("data.partial").exists()
 
 
+def _write_photo(path, size=(80, 80), seed=0):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(path)
+
+
+def test_an_imagefolder_metadata_jsonl_captions_images_in_subfolders(tiny_pipeline, tmp_path):
+    folder = tmp_path / "photos"
+    _write_photo(folder / "top.png")
+    _write_photo(folder / "train" / "nested.png", seed=1)
+    _write_photo(folder / "unlisted.png", seed=2)
+    rows = [{"file_name": "top.png", "text": "a photo"}, {"file_name": "train/nested.png", "text": "a nested photo"},
+            {"file_name": "train/gone.png", "text": "a lost photo"}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "data"
+    assert main(["prepare-data", str(folder), str(out), "--model", str(tiny_pipeline), "--resolution", "64",
+                 "--max-sequence-length", "16", "--quiet"]) == 0
+    skipped = {r["file"]: r["reason"] for r in json.loads((out / "skipped.json").read_text())}
+    assert skipped == {"train/gone.png": "listed in metadata.jsonl, no such file", "unlisted.png": "no caption"}
+    from train.dataset import read_manifest
+
+    assert read_manifest(out)["count"] == 2
+
+
+def test_a_captions_file_is_read_from_a_relative_path_with_file_and_caption_keys(tiny_pipeline, tmp_path, monkeypatch):
+    folder = tmp_path / "photos"
+    _write_photo(folder / "a.png")
+    (folder / "a.txt").write_text("the sidecar, not read when a captions file is given")
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "a.png", "caption": "from the captions file"}) + "\n\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare-data", "photos", "data", "--model", str(tiny_pipeline), "--captions", "captions.jsonl",
+                 "--resolution", "64", "--max-sequence-length", "16", "--quiet"]) == 0
+    from train.dataset import read_manifest
+
+    assert read_manifest(tmp_path / "data")["count"] == 1
+
+
+@pytest.mark.parametrize("line", ['{"file": "a.png"}', '{"file_name": "a.png", "text": null}', "not json", "[1, 2]"],
+                         ids=["no-caption-key", "caption-not-text", "not-json", "not-an-object"])
+def test_a_malformed_captions_line_is_one_clear_error_naming_it(tiny_pipeline, tmp_path, capsys, line):
+    folder = tmp_path / "photos"
+    _write_photo(folder / "a.png")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "fine"}) + "\n" + line + "\n")
+    assert main(["prepare-data", str(folder), str(tmp_path / "data"), "--model", str(tiny_pipeline), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "metadata.jsonl line 2: expected" in err and "Traceback" not in err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "data.partial").exists()
+
+
 def test_the_trainer_reads_a_prepared_dataset(tiny_pipeline, prepared, tmp_path):
     from checkpoints_convert import convert_checkpoint
     from train.config import TrainConfig
