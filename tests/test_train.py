@@ -191,7 +191,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one_exactly(tmp_path, tiny_datase
     whole, parts = (load_routers(tmp_path / n / "edit-jax") for n in ("whole", "parts"))
     jax.tree.map(np.testing.assert_array_equal, whole, parts)
     lines = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("whole", "parts")}
-    timing = ("step_time_s", "model_tflops_per_s")
+    timing = ("time", "step_time_s", "model_tflops_per_s")
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(lines["whole"]) == strip(lines["parts"])
 
@@ -424,6 +424,18 @@ def test_a_non_finite_loss_stops_the_run_with_a_message(tmp_path):
     data = write_dataset(tmp_path / "nan", "flux", examples)
     with pytest.raises(TrainingError, match="the loss is nan at step 1"):
         train(tiny_run(tmp_path, data=str(data)), progress=False)
+
+
+def test_a_records_step_times_add_up_to_the_wall_time_since_the_record_before(tmp_path):
+    """Steps are dispatched ahead of the device: a step's time is the wall time between two
+    records over the steps between them, not the time of the one step whose metrics were read."""
+    train(tiny_run(tmp_path, steps=12, log_every=4, save_every=100, preset="flux-small", num_txt=8, height=8, width=8),
+          progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for before, record in zip(records, records[1:]):
+        steps = record["step"] - before["step"]
+        assert record["step_time_s"] * steps == pytest.approx(record["time"] - before["time"], rel=0.05, abs=5e-3)
 
 
 def test_metrics_record_step_time_and_model_tflops(tmp_path):

@@ -281,6 +281,9 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
         writer = SummaryWriter(str(run_dir / "tb"))
     metrics = {}
     tracing = ProfileWindow(config, run_dir, enabled=is_main)
+    # Steps are dispatched ahead of the device, so a step's time is only known where the host waits
+    # for the device: the wall time since the last such point, over the steps run since.
+    synced_at, synced_step = time.perf_counter(), start
     with Preemption() as preemption:
         try:
             from tqdm.auto import tqdm
@@ -289,7 +292,6 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
                        disable=not (progress and is_main))
             for step in bar:
                 tracing.before(step)
-                t0 = time.perf_counter()
                 batch, grid = pending if pending is not None else data.next(step)
                 pending = None
                 trainable, opt_state, metrics = step_for(batch, grid)(trainable, opt_state, frozen, batch,
@@ -302,15 +304,17 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
                     if not math.isfinite(loss):
                         raise TrainingError(f"the loss is {loss} at step {done}: stopping (lower learning_rate, or "
                                             "check the data); the last good checkpoint is kept")
-                    seconds = time.perf_counter() - t0  # the step and its metrics' transfer
-                    record = {"step": done, "step_time_s": seconds,
+                    now = time.perf_counter()
+                    seconds = (now - synced_at) / (done - synced_step)
+                    synced_at, synced_step = now, done
+                    record = {"step": done, "time": time.time(), "step_time_s": seconds,
                               "model_tflops_per_s": step_flops(model_config, batch, grid, config) / seconds / 1e12,
                               **{k: np.asarray(v).tolist() for k, v in metrics.items()}}
                     if writer is not None:
                         with open(run_dir / "metrics.jsonl", "a") as f:
                             f.write(json.dumps(record) + "\n")
                         for k, v in record.items():
-                            if np.ndim(v) == 0 and k != "step":
+                            if np.ndim(v) == 0 and k not in ("step", "time"):
                                 writer.add_scalar(k, v, done)
                     bar.set_postfix(loss=f"{loss:.4f}", open=f"{float(metrics['open_rate']):.2f}")
                 if evaluate is not None and (done % config.eval_every == 0 or done == config.steps):
@@ -322,9 +326,11 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
                         for k, v in scores.items():
                             if np.ndim(v) == 0:
                                 writer.add_scalar(k, v, done)
+                    synced_at, synced_step = time.perf_counter(), done  # an evaluation's time is not step time
                 preempted = preemption.reached(done)
                 if done % config.save_every == 0 or done == end or preempted:
                     save_checkpoint(done)
+                    synced_at, synced_step = time.perf_counter(), done  # nor is a save's
                 if preempted:
                     manager.wait_until_finished()
                     if is_main:
