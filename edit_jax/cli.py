@@ -79,7 +79,8 @@ def describe_run(args) -> bool:
     print(f"  saved at step {saved[-1] if saved else 0} of {status['steps']}"
           + (f" (checkpoints: {', '.join(map(str, saved))})" if saved else ""))
     if last:
-        print("  last logged: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
+        print("  last logged: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items())
+              + (f" (at {status['last_logged_at']})" if status["last_logged_at"] else ""))
     print(f"  trained checkpoint: {status['trained_checkpoint'] or 'not yet (written at the last step)'}")
     return True
 

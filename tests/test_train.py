@@ -538,10 +538,13 @@ def test_inspect_of_a_run_folder_says_where_the_run_stands(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "run"), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert (status["saved_steps"], status["steps"], status["trained_checkpoint"]) == ([1], 2, None)
-    assert status["last_metrics"]["step"] == 1 and "loss" in status["last_metrics"]
+    assert status["last_metrics"]["step"] == 1 and {"loss", "step_time_s"} <= status["last_metrics"].keys()
+    assert status["last_logged_at"].endswith(" UTC")
     train(tiny_run(tmp_path, steps=2), progress=False)
     assert main(["inspect", str(tmp_path / "run")]) == 0
-    assert f"trained checkpoint: {tmp_path / 'run' / 'edit-jax'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"trained checkpoint: {tmp_path / 'run' / 'edit-jax'}" in out
+    assert "last logged: step 2, loss" in out and "step_time_s" in out and " UTC)" in out
 
 
 @pytest.mark.parametrize("platform, trainable, want", [

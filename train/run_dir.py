@@ -32,7 +32,8 @@ def run_config(run_dir: Path) -> dict | None:
 
 def run_status(run_dir: Path) -> dict | None:
     """Where the run in `run_dir` stands, or None when the folder holds no training run: the steps
-    saved and asked for, the last logged metrics and the trained checkpoint (once written)."""
+    saved and asked for, the last logged metrics (with the step time) and when they were logged
+    (UTC), and the trained checkpoint (once written)."""
     stored = run_config(run_dir)
     if stored is None:
         return None
@@ -42,8 +43,16 @@ def run_status(run_dir: Path) -> dict | None:
     final = run_dir / "edit-jax"
     return {"run_dir": str(run_dir), "checkpoint": stored.get("checkpoint"), "data": stored.get("data"),
             "trainable": stored["trainable"], "steps": stored["steps"], "saved_steps": saved,
-            "last_metrics": {k: last[k] for k in ("step", "loss", "flow_loss", "open_rate") if k in last},
+            "last_metrics": {k: last[k] for k in ("step", "loss", "flow_loss", "open_rate", "step_time_s") if k in last},
+            "last_logged_at": logged_at(last["time"]) if "time" in last else None,
             "trained_checkpoint": str(final) if is_checkpoint(final) else None}
+
+
+def logged_at(seconds: float) -> str:
+    """A record's wall-clock `time` (seconds since the epoch) as UTC, to the second."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def check_run_dir(config: TrainConfig) -> Path:
