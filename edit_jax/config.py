@@ -285,6 +285,10 @@ def config_from_dict(family: str, d: dict[str, Any]):
 
 
 DIFFUSERS_CLASSES = {"FluxTransformer2DModel": "flux", "QwenImageTransformer2DModel": "qwen-image"}
+# Keys of released config.json files that diffusers' model class takes no argument for and drops:
+# Qwen/Qwen-Image's transformer config was written by a diffusers whose QwenImageTransformer2DModel
+# still had an unused pooled_projection_dim (768). Nothing reads it, so neither do we.
+INERT_DIFFUSERS_KEYS = {"qwen-image": ("pooled_projection_dim",)}
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:
@@ -322,4 +326,5 @@ def from_diffusers_config(source: str | Path | dict[str, Any], family: str | Non
     elif class_name is not None and DIFFUSERS_CLASSES.get(class_name, family) != family:
         raise ConfigError(f"config is for {class_name}, not a {family} model")
     # keys starting with "_" are diffusers' own bookkeeping (class name, version, defaults used)
-    return config_from_dict(family, {k: v for k, v in d.items() if not k.startswith("_")})
+    inert = INERT_DIFFUSERS_KEYS.get(family, ())
+    return config_from_dict(family, {k: v for k, v in d.items() if not k.startswith("_") and k not in inert})

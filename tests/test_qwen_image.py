@@ -133,6 +133,19 @@ def test_preset_matches_published_config():
     assert edit_jax.preset("qwen-image") == QwenImageConfig(num_layers=60, joint_attention_dim=3584)
 
 
+def test_the_released_config_json_with_its_unused_pooled_projection_dim_reads_as_the_preset(tmp_path):
+    """Qwen/Qwen-Image's transformer/config.json, written by diffusers 0.34.0.dev0, holds a
+    pooled_projection_dim that diffusers' model class has no argument for and drops."""
+    import json
+
+    released = {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.34.0.dev0",
+                "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_embeds": False, "in_channels": 64,
+                "joint_attention_dim": 3584, "num_attention_heads": 24, "num_layers": 60, "out_channels": 16,
+                "patch_size": 2, "pooled_projection_dim": 768}
+    (tmp_path / "config.json").write_text(json.dumps(released))
+    assert from_diffusers_config(tmp_path) == edit_jax.preset("qwen-image")
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"timestep": 1000 * np.full((1,), 0.5, np.float32)}, "timestep must be sigma in"),
     ({"encoder_hidden_states_mask": np.zeros((1, 4), np.int32)}, "at least one text token"),
