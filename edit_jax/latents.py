@@ -51,11 +51,12 @@ def unpack_latents(packed: jax.Array, height: int, width: int) -> jax.Array:
     return x.reshape(b, ch // 4, h, w)
 
 
-def flux_img_ids(height: int, width: int) -> np.ndarray:
-    """FLUX RoPE positions [N, 3] of the packed image tokens: (0, row, column)."""
+def flux_img_ids(height: int, width: int, index: int = 0) -> np.ndarray:
+    """FLUX RoPE positions [N, 3] of the packed image tokens: (index, row, column). index 1 marks
+    a reference image's tokens (FLUX.1 Kontext: its ids follow the generated image's)."""
     rows, cols = packed_grid(height, width)
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    return np.stack([np.zeros(rows * cols), r.ravel(), c.ravel()], axis=-1).astype(np.float32)
+    return np.stack([np.full(rows * cols, index), r.ravel(), c.ravel()], axis=-1).astype(np.float32)
 
 
 def flux_txt_ids(num_txt: int) -> np.ndarray:

@@ -47,35 +47,57 @@ from edit_jax.layers import (
 QWEN_BLOCK_NAMES = ("img_mod", "txt_mod", "img_mlp", "txt_mlp")  # diffusers' names
 
 
-def qwen_rope_positions(img_shape: tuple[int, int, int], num_txt: int) -> tuple[np.ndarray, np.ndarray]:
-    """Qwen's centred RoPE positions: (text [T, 3], image [F*H*W, 3]) as float32 constants.
+def qwen_rope_positions(segments: tuple[tuple[int, int, int], ...], num_txt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen's centred RoPE positions: (text [T, 3], image [sum of F*H*W, 3]) as float32 constants.
 
-    Image rows/columns are centred: the top/left half gets negative positions
-    (-(h - h//2) .. h//2 - 1). Text positions start after the largest half-size and repeat the
-    same index on all three axes.
+    segments: the images of a sample in token order, (frames, height, width) each (see
+    `normalize_img_shapes`). Image rows/columns are centred: the top/left half gets negative
+    positions (-(h - h//2) .. h//2 - 1); segment i's frames start at position i. Text positions
+    start after the largest half-size of any segment and repeat the same index on all three axes.
     """
-    frames, height, width = img_shape
-    f, h, w = np.meshgrid(
-        np.arange(frames), np.arange(height) - (height - height // 2), np.arange(width) - (width - width // 2),
-        indexing="ij",
-    )
-    img = np.stack([f.ravel(), h.ravel(), w.ravel()], axis=-1)
-    start = max(height // 2, width // 2)
-    txt = np.repeat(np.arange(start, start + num_txt)[:, None], 3, axis=1)
-    return txt.astype(np.float32), img.astype(np.float32)
-
-
-def normalize_img_shapes(img_shapes, batch: int) -> tuple[int, int, int]:
-    """img_shapes: one (frames, height, width) for the batch, or diffusers' per-sample list
-    [[(f, h, w)], ...]; every sample must have the same single image shape."""
-    if len(img_shapes) == 3 and all(isinstance(x, (int, np.integer)) for x in img_shapes):
-        return tuple(int(x) for x in img_shapes)
-    shapes = [tuple(s[0]) if len(s) == 1 and len(s[0]) == 3 else tuple(s) for s in img_shapes]
-    if len(shapes) != batch or any(len(s) != 3 for s in shapes) or len(set(shapes)) != 1:
-        raise ValueError(
-            f"img_shapes {img_shapes!r}: give one (frames, height, width), or one per sample, all equal"
+    parts = []
+    for index, (frames, height, width) in enumerate(segments):
+        f, h, w = np.meshgrid(
+            np.arange(frames) + index, np.arange(height) - (height - height // 2), np.arange(width) - (width - width // 2),
+            indexing="ij",
         )
-    return tuple(int(x) for x in shapes[0])
+        parts.append(np.stack([f.ravel(), h.ravel(), w.ravel()], axis=-1))
+    start = max(max(height // 2, width // 2) for _, height, width in segments)
+    txt = np.repeat(np.arange(start, start + num_txt)[:, None], 3, axis=1)
+    return txt.astype(np.float32), np.concatenate(parts).astype(np.float32)
+
+
+def _triple(x) -> bool:
+    return isinstance(x, (list, tuple, np.ndarray)) and len(x) == 3 and all(isinstance(v, (int, np.integer)) for v in x)
+
+
+def _segments(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(_triple(s) for s in x)
+
+
+def normalize_img_shapes(img_shapes, batch: int) -> tuple[tuple[int, int, int], ...]:
+    """The images every sample's tokens hold, in order: ((frames, height, width), ...) in packed
+    units. img_shapes: one (f, h, w); the images of every sample [(f, h, w), ...] (Qwen-Image-Edit:
+    the image generated, then the reference images); or diffusers' per-sample list
+    [[(f, h, w), ...], ...] of B equal entries."""
+    def ints(segments):
+        return tuple(tuple(int(v) for v in s) for s in segments)
+
+    if _triple(img_shapes):
+        return ints([img_shapes])
+    if _segments(img_shapes):
+        return ints(img_shapes)
+    if isinstance(img_shapes, (list, tuple)) and len(img_shapes) == batch and all(_segments(s) for s in img_shapes):
+        per_sample = {ints(s) for s in img_shapes}
+        if len(per_sample) == 1:
+            return per_sample.pop()
+    raise ValueError(f"img_shapes {img_shapes!r}: give one (frames, height, width), the images of every sample "
+                     f"[(f, h, w), ...], or diffusers' per-sample list of {batch} equal [(f, h, w), ...]")
+
+
+def image_tokens(segments) -> int:
+    """The image tokens of `normalize_img_shapes`'s segments."""
+    return sum(int(np.prod(s)) for s in segments)
 
 
 class QwenTimestepEmbedding(nn.Module):
@@ -107,7 +129,9 @@ class QwenImageTransformer(nn.Module):
       encoder_hidden_states: [B, T, joint_attention_dim] text encoder states.
       encoder_hidden_states_mask: [B, T], 1 for valid tokens (any pattern), or None (all valid).
       timestep: [B] in [0, 1].
-      img_shapes: static (frames, height, width) in packed units (or diffusers' per-sample list).
+      img_shapes: static (frames, height, width) in packed units; for several images in one sequence
+        (Qwen-Image-Edit: the image generated, then the references) a list of them, or diffusers'
+        per-sample list (`normalize_img_shapes`).
     Returns the velocity [B, N, patch_size**2 * out_channels].
     """
 
@@ -137,7 +161,7 @@ class QwenImageTransformer(nn.Module):
         blocks' AdaLN modulations for these inputs, computed ahead (`edit_jax.models.block_modulations`);
         None computes them here."""
         cfg, rt = self.config, self.config.runtime
-        img_shape = check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes)
+        segments = check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes)
         dtype = dtype_of(rt.dtype)
         batch, num_img = hidden_states.shape[:2]
         num_txt = encoder_hidden_states.shape[1]
@@ -146,7 +170,7 @@ class QwenImageTransformer(nn.Module):
         txt = RMSNorm("text_embed", rt, name="txt_norm")(encoder_hidden_states.astype(dtype))
         txt = Linear(cfg.inner_dim, ("text_embed", "embed"), rt, name="txt_in")(txt)
         temb = QwenTimestepEmbedding(cfg, name="time_text_embed")(timestep)
-        txt_pos, img_pos = qwen_rope_positions(img_shape, num_txt)
+        txt_pos, img_pos = qwen_rope_positions(segments, num_txt)
         cos, sin = rope_frequencies(jnp.asarray(np.concatenate([txt_pos, img_pos])), cfg.axes_dims_rope)
         key_mask = None
         if encoder_hidden_states_mask is not None:
@@ -194,14 +218,15 @@ def init_cache(config: QwenImageConfig, batch: int, num_img: int, num_txt: int) 
     return {"transformer_blocks": empty_cache(config.num_layers, ((batch, num_txt, d), (batch, num_img, d)), batch)}
 
 
-def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep, img_shapes) -> tuple[int, int, int]:
-    """Raises ValueError naming the first input that does not fit; returns the image shape."""
+def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep, img_shapes) -> tuple[tuple[int, int, int], ...]:
+    """Raises ValueError naming the first input that does not fit; returns the image segments."""
     if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
         raise ValueError(f"hidden_states has shape {tuple(hidden_states.shape)}, expected [B, N, {cfg.in_channels}]")
     batch, num_img = hidden_states.shape[:2]
-    img_shape = normalize_img_shapes(img_shapes, batch)
-    if int(np.prod(img_shape)) != num_img:
-        raise ValueError(f"img_shapes {img_shape} hold {int(np.prod(img_shape))} tokens but hidden_states has {num_img}")
+    segments = normalize_img_shapes(img_shapes, batch)
+    if image_tokens(segments) != num_img:
+        shown = segments[0] if len(segments) == 1 else list(segments)
+        raise ValueError(f"img_shapes {shown} hold {image_tokens(segments)} tokens but hidden_states has {num_img}")
     if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch or (
         encoder_hidden_states.shape[-1] != cfg.joint_attention_dim
     ):
@@ -218,4 +243,4 @@ def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep,
     check_timestep(timestep)
     check_values("encoder_hidden_states_mask", mask, lambda m: np.all(m.sum(axis=-1) > 0),
                  "1 for at least one text token in every row (a row of zeros hides the whole prompt)")
-    return img_shape
+    return segments

@@ -14,6 +14,11 @@ cond holds the conditioning inputs by the model's own names: FLUX `encoder_hidde
 `encoder_hidden_states`, `encoder_hidden_states_mask` and `img_shapes`, a `Static` value (part of
 the pytree's structure, not a leaf), so jit, vmap and grad pass cond through whole.
 
+Editing models (Qwen-Image-Edit, FLUX.1 Kontext) read reference images as more tokens after the
+latents: cond["reference_latents"] [B, M, C] (packed, as the pipeline's VAE encodes them) is
+appended to x in every call and the velocity of x's own N tokens returned, as their pipelines do;
+the positions (`img_shapes` with one entry per image, or `img_ids` of N + M rows) cover both.
+
 The state carries the step counter and, with the cache on, the stored block residuals: a caller
 must thread the returned state into the next call. A solver that cannot carry state (diffrax's
 vector fields are pure) would hand the same state to every call, and the cache would never fill:
@@ -104,9 +109,16 @@ def static_value(x):
     return x.value if isinstance(x, Static) else x
 
 
+def _hashable(value):
+    """Lists (diffusers' img_shapes) as tuples, all the way down, so jit can key on them."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(_hashable(v) for v in value)
+    return int(value) if isinstance(value, np.integer) else value
+
+
 def _split_static(cond: dict) -> tuple[dict, dict]:
-    """(array conditions, static settings as plain values) of a cond dict."""
-    static = {k: static_value(v) for k, v in cond.items() if k == "img_shapes"}
+    """(array conditions, static settings as plain hashable values) of a cond dict."""
+    static = {k: _hashable(static_value(v)) for k, v in cond.items() if k == "img_shapes"}
     return {k: v for k, v in cond.items() if k not in static}, static
 
 
@@ -139,26 +151,29 @@ def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = 
 
     def f(params, routers, x, t, cond, state, step=None, router_modulations=None, block_modulations=None):
         arrays, static = _split_static(cond)
+        reference = arrays.pop("reference_latents", None)
+        tokens = x if reference is None else jnp.concatenate([x, reference.astype(x.dtype)], axis=1)
+        own = (lambda v: v) if reference is None else (lambda v: v[:, : x.shape[1]])  # x's tokens' velocity
         if not elastic_on:
             if router_modulations is not None:
                 raise ValueError("router_modulations were given, but this velocity function runs no router (dense)")
-            v = model.apply({"params": params}, hidden_states=x, timestep=t, **arrays, **static,
+            v = model.apply({"params": params}, hidden_states=tokens, timestep=t, **arrays, **static,
                             block_modulations=block_modulations)
-            return (v, state, {}) if return_aux else (v, state)
+            return (own(v), state, {}) if return_aux else (own(v), state)
         if routers is None and elastic.mode != "forced":
             raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
         step = state["step"] if step is None else jnp.asarray(step, jnp.int32)
         forced = decisions(step) if callable(decisions) else decisions
         variables = {"params": params} if routers is None else {"params": params, "routers": routers}
         v, aux = model.apply(
-            variables, hidden_states=x, timestep=t, **arrays, **static,
+            variables, hidden_states=tokens, timestep=t, **arrays, **static,
             elastic=elastic, decisions=forced, cache=state.get("cache"), step=step, router_modulations=router_modulations,
             block_modulations=block_modulations,
         )
         new_state = {"step": step + 1}
         if "cache" in state:
             new_state["cache"] = aux.pop("cache")
-        return (v, new_state, aux) if return_aux else (v, new_state)
+        return (own(v), new_state, aux) if return_aux else (own(v), new_state)
 
     return f
 
@@ -203,12 +218,22 @@ def check_sampling_inputs(config, noise, cond: dict, negative: dict | None, samp
     if noise.ndim != 3 or noise.shape[-1] != config.in_channels:
         raise ValueError(f"latents have shape {tuple(noise.shape)}, expected packed [B, N, {config.in_channels}]")
     batch, num_img = noise.shape[:2]
+    held = "latents hold"
+    if "reference_latents" in cond:
+        reference = cond["reference_latents"]
+        if reference.ndim != 3 or reference.shape[0] != batch or reference.shape[-1] != config.in_channels:
+            raise ValueError(f"reference_latents have shape {tuple(reference.shape)}, expected packed "
+                             f"[{batch}, M, {config.in_channels}] (as many rows as the latents)")
+        num_img, held = num_img + reference.shape[1], "latents and reference_latents hold"
     if isinstance(config, FluxConfig) and cond["img_ids"].shape[0] != num_img:
-        raise ValueError(f"latents hold {num_img} tokens but img_ids has {cond['img_ids'].shape[0]} (wrong resolution?)")
+        raise ValueError(f"{held} {num_img} tokens but img_ids has {cond['img_ids'].shape[0]} (wrong resolution?)")
     if isinstance(config, QwenImageConfig):
+        from edit_jax.qwen_image import image_tokens, normalize_img_shapes
+
         shape = static_value(cond["img_shapes"])
-        if int(np.prod(shape)) != num_img:
-            raise ValueError(f"latents hold {num_img} tokens but img_shapes {shape} has {int(np.prod(shape))} (wrong resolution?)")
+        tokens = image_tokens(normalize_img_shapes(shape, batch))
+        if tokens != num_img:
+            raise ValueError(f"{held} {num_img} tokens but img_shapes {shape} has {tokens} (wrong resolution?)")
     for name, c in (("prompt", cond), ("negative prompt", negative)):
         if c is not None:
             _check_condition(config, name, c, batch)
@@ -248,6 +273,8 @@ def sample(
 ) -> tuple[jax.Array, dict]:
     """Euler flow-matching sampling from packed noise [B, N, C]: returns (latents [B, N, C],
     per-step records [num_steps, ...]: p, executed, cache_hit, bucket [rows, L], flops).
+    cond["reference_latents"]: the reference images of an editing model (see the module
+    docstring); a negative prompt without its own edits the same ones.
 
     With true CFG batched, records cover 2B rows ([conditional; unconditional]); sequential
     records stack the two calls' rows the same way. decisions: forced decisions for mode
@@ -259,8 +286,11 @@ def sample(
     They are held for the whole run: at full size in bfloat16 about 2 MB per step and row for
     FLUX.1-dev (59 MB for 28 steps), 4.4 MB for Qwen-Image (124 MB), routers' not counted."""
     config = model.config
+    if "reference_latents" in cond and negative_cond is not None:  # the negative prompt edits the same images
+        negative_cond = {"reference_latents": cond["reference_latents"], **negative_cond}
     check_sampling_inputs(config, noise, cond, negative_cond, sampler)
     batch, num_img = noise.shape[:2]
+    num_tokens = num_img + (cond["reference_latents"].shape[1] if "reference_latents" in cond else 0)
     sigmas, timesteps = flow_match_schedule(sampler.scheduler or default_scheduler(config), sampler.num_steps, num_img)
     t_model = jnp.asarray(timesteps / np.float32(1000.0))
     cfg = sampler.true_cfg_scale > 1
@@ -277,7 +307,7 @@ def sample(
     batched_cfg = cfg and sampler.cfg_mode == "batched"
     conditions = [_concat_conditions(cond, negative_cond)] if batched_cfg else [cond] + ([negative_cond] if cfg else [])
     rows = 2 * batch if batched_cfg else batch
-    states = tuple(init_state(config, elastic, rows, num_img, c["encoder_hidden_states"].shape[1]) for c in conditions)
+    states = tuple(init_state(config, elastic, rows, num_tokens, c["encoder_hidden_states"].shape[1]) for c in conditions)
     arrays = [_split_static(c)[0] for c in conditions]
     statics = [_split_static(c)[1] for c in conditions]
 

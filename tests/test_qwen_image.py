@@ -44,6 +44,28 @@ def test_deeper_config_with_ragged_and_holed_text_masks_and_nonsquare_image_matc
     assert relative_error(out, run_diffusers_qwen(torch_model, inputs)) <= TOLERANCE
 
 
+def test_several_images_in_one_sequence_match_diffusers_as_qwen_image_edit_passes_them(save_diffusers, tmp_path):
+    """Qwen-Image-Edit's layout: the image generated, then a reference image of another size, each
+    with its own RoPE frame index, in one token sequence."""
+    torch_model = make_diffusers_qwen(seed=2)
+    model, params = edit_jax.load(convert_qwen(save_diffusers(torch_model), tmp_path / "ckpt"))
+    segments = [(1, 3, 4), (1, 2, 3)]
+    inputs = qwen_inputs(QWEN_TINY, batch=2, height=1, width=18, num_txt=5, seed=2)
+    kwargs = {k: torch.from_numpy(v) for k, v in inputs.items() if k != "img_shapes"}
+    with torch.no_grad():
+        want = torch_model(**kwargs, img_shapes=[segments] * 2, return_dict=False)[0].numpy()
+
+    for img_shapes in (segments, [segments] * 2):  # every sample's images, or diffusers' per-sample list
+        assert relative_error(apply(model, params, {**inputs, "img_shapes": img_shapes}), want) <= TOLERANCE
+
+
+def test_img_shapes_that_differ_between_samples_are_an_error():
+    from edit_jax.qwen_image import normalize_img_shapes
+
+    with pytest.raises(ValueError, match="per-sample list of 2 equal"):
+        normalize_img_shapes([[(1, 2, 2)], [(1, 2, 2), (1, 1, 1)]], batch=2)
+
+
 def test_sigmoid_activation_matches_diffusers_with_its_mlp_activation_replaced(save_diffusers, tmp_path):
     torch_model = make_diffusers_qwen()
     src = save_diffusers(torch_model)

@@ -93,6 +93,105 @@ def test_qwen_sampler_with_true_cfg_matches_the_diffusers_pipeline(save_diffuser
         assert relative_error(latents, ref) <= 1e-4, mode
 
 
+def recording_reference_tokens(transformer, num_img: int) -> dict:
+    """Wraps a diffusers transformer so that its first call keeps what the pipeline appended after
+    its own num_img latent tokens (the encoded reference image) and the positions it passed."""
+    seen, forward = {}, transformer.forward
+
+    def recording(*args, hidden_states, **kwargs):
+        if not seen:
+            seen.update(reference=hidden_states[:, num_img:].numpy().copy(), img_shapes=kwargs.get("img_shapes"),
+                        img_ids=kwargs.get("img_ids"))
+        return forward(*args, hidden_states=hidden_states, **kwargs)
+
+    transformer.forward = recording
+    return seen
+
+
+def test_qwen_image_edit_sampling_with_a_reference_image_matches_the_diffusers_pipeline(save_diffusers, tmp_path,
+                                                                                        monkeypatch):
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
+    from PIL import Image
+
+    # the pipeline resizes the reference to about 1024^2 pixels; 48^2 keeps the test quick
+    resize = pipeline_qwenimage_edit.calculate_dimensions
+    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda area, ratio: resize(48 * 48, ratio))
+
+    from reference import randomize_
+    from tiny_pipeline import QWEN_VAE_TINY
+
+    torch_model, model, params, prompt, prompt_mask, negative, noise = qwen_setup(save_diffusers, tmp_path)
+    scheduler = FlowMatchEulerDiscreteScheduler(**dataclasses.asdict(SCHEDULERS["qwen-image"]))
+    vae = randomize_(AutoencoderKLQwenImage(**QWEN_VAE_TINY).eval(), scale=0.05)
+    pipe = QwenImageEditPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, processor=None,
+                                 transformer=torch_model)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 64, 3), np.uint8))
+    seen = recording_reference_tokens(torch_model, noise.shape[1])
+    with torch.no_grad():
+        ref = pipe(
+            image=image, prompt_embeds=torch.from_numpy(prompt), prompt_embeds_mask=torch.from_numpy(prompt_mask),
+            negative_prompt_embeds=torch.from_numpy(negative), negative_prompt_embeds_mask=torch.ones(1, 4, dtype=torch.int64),
+            true_cfg_scale=4.0, latents=torch.from_numpy(noise), height=HEIGHT, width=WIDTH,
+            num_inference_steps=3, output_type="latent", return_dict=False,
+        )[0].numpy()
+    segments = [qwen_img_shapes(HEIGHT, WIDTH), seen["img_shapes"][0][1]]  # the image generated, then the reference
+    cond = {"encoder_hidden_states": jnp.asarray(prompt), "encoder_hidden_states_mask": jnp.asarray(prompt_mask),
+            "img_shapes": segments, "reference_latents": jnp.asarray(seen["reference"])}
+    neg = {"encoder_hidden_states": jnp.asarray(negative), "encoder_hidden_states_mask": jnp.ones((1, 4), jnp.int32),
+           "img_shapes": segments}
+
+    latents, _ = sample(model, params, jnp.asarray(noise), cond, SamplerConfig(num_steps=3, true_cfg_scale=4.0),
+                        negative_cond=neg)
+    assert latents.shape == noise.shape and seen["reference"].shape[1] > 0
+    assert relative_error(latents, ref) <= 1e-4
+
+
+def test_flux_kontext_sampling_with_a_reference_image_matches_the_diffusers_pipeline(save_diffusers, tmp_path):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+    from PIL import Image
+
+    from reference import randomize_
+    from tiny_pipeline import VAE_TINY
+
+    torch_model = make_diffusers_flux(guidance_embeds=True, in_channels=16)
+    model, params = load_converted("flux", torch_model, save_diffusers, tmp_path)
+    rng = np.random.default_rng(4)
+    prompt = rng.standard_normal((1, 6, 32)).astype(np.float32)
+    pooled = rng.standard_normal((1, 32)).astype(np.float32)
+    noise = rng.standard_normal((1, 12, 16)).astype(np.float32)
+    scheduler = FlowMatchEulerDiscreteScheduler(**dataclasses.asdict(SCHEDULERS["flux-dev"]))
+    pipe = FluxKontextPipeline(scheduler=scheduler, vae=randomize_(AutoencoderKL(**VAE_TINY).eval(), scale=0.05),
+                               text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                               transformer=torch_model)
+    image = Image.fromarray(rng.integers(0, 255, (32, 80, 3), np.uint8))  # 32 x 80 pixels: 2 x 5 packed tokens
+    seen = recording_reference_tokens(torch_model, noise.shape[1])
+    with torch.no_grad():
+        ref = pipe(image=image, prompt_embeds=torch.from_numpy(prompt), pooled_prompt_embeds=torch.from_numpy(pooled),
+                   latents=torch.from_numpy(noise), height=HEIGHT, width=WIDTH, num_inference_steps=4, guidance_scale=2.5,
+                   max_area=HEIGHT * WIDTH, _auto_resize=False, output_type="latent", return_dict=False)[0].numpy()
+    img_ids = np.concatenate([flux_img_ids(HEIGHT, WIDTH), flux_img_ids(32, 80, index=1)])
+    cond = {"encoder_hidden_states": jnp.asarray(prompt), "pooled_projections": jnp.asarray(pooled),
+            "img_ids": jnp.asarray(img_ids), "txt_ids": jnp.asarray(flux_txt_ids(6)),
+            "reference_latents": jnp.asarray(seen["reference"])}
+
+    latents, _ = sample(model, params, jnp.asarray(noise), cond, SamplerConfig(num_steps=4, guidance_scale=2.5))
+    np.testing.assert_array_equal(img_ids, seen["img_ids"].numpy())
+    assert relative_error(latents, ref) <= 1e-4
+
+
+def test_reference_latents_of_another_batch_or_width_are_one_clear_error(save_diffusers, tmp_path):
+    torch_model, model, params, prompt, prompt_mask, negative, noise = qwen_setup(save_diffusers, tmp_path)
+    segments = [qwen_img_shapes(HEIGHT, WIDTH), (1, 2, 2)]
+    cond = {"encoder_hidden_states": jnp.asarray(prompt), "encoder_hidden_states_mask": jnp.asarray(prompt_mask),
+            "img_shapes": segments}
+    for reference, message in ((np.zeros((2, 4, 16)), r"reference_latents have shape \(2, 4, 16\), expected packed \[1, M, 16\]"),
+                               (np.zeros((1, 5, 16)), "latents and reference_latents hold 17 tokens but img_shapes")):
+        with pytest.raises(ValueError, match=message):
+            sample(model, params, jnp.asarray(noise), {**cond, "reference_latents": jnp.asarray(reference, jnp.float32)},
+                   SamplerConfig(num_steps=1))
+
+
 def small_flux(save_diffusers, tmp_path):
     torch_model = make_diffusers_flux(guidance_embeds=True, in_channels=16, num_layers=2, num_single_layers=2)
     model, params = load_converted("flux", torch_model, save_diffusers, tmp_path)
