@@ -101,14 +101,28 @@ def load_transformer(folder: Path, family: str, mesh=None, dtype: str = "float32
     return edit_jax.build_model(config), params, routers
 
 
+SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
+# its settings that change the sigmas or the step, which edit_jax.schedules does not reproduce
+UNSUPPORTED_SCHEDULER_SETTINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                                  "stochastic_sampling")
+
+
 def load_scheduler(folder: Path):
-    """The flow-matching fields of scheduler/scheduler_config.json."""
+    """The flow-matching fields of scheduler/scheduler_config.json; a ValueError for another
+    scheduler class or a setting `sample` does not reproduce (never a silently different schedule)."""
     from edit_jax.schedules import SchedulerConfig
 
     path = folder / "scheduler_config.json"
     if not path.is_file():
         raise ValueError(f"{folder} has no scheduler_config.json")
     values = read_json_object(path)
+    if values.get("_class_name", SCHEDULER_CLASS) != SCHEDULER_CLASS:
+        raise ValueError(f"{path}: the scheduler is {values['_class_name']}, and edit-jax samples as {SCHEDULER_CLASS} "
+                         "only")
+    unsupported = [k for k in UNSUPPORTED_SCHEDULER_SETTINGS if values.get(k)]
+    if unsupported:
+        raise ValueError(f"{path} turns on {', '.join(unsupported)}: edit-jax samples as {SCHEDULER_CLASS} without "
+                         "them, so its images would not be this pipeline's")
     names = {f.name for f in dataclasses.fields(SchedulerConfig)}
     return SchedulerConfig(**{k: v for k, v in values.items() if k in names})
 
@@ -203,6 +217,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
         resolve_dtype(dtype)
     transformer = folder / "transformer" if transformer is None else resolve(transformer)
     check_transformer(transformer, family, elastic)
+    scheduler = load_scheduler(folder / "scheduler")
     timings = {"encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
 
     t0 = time.perf_counter()
@@ -219,7 +234,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     vae_config, vae_params = load_vae(folder / "vae")
     check_vae_fits(vae_config, config, folder / "vae")
     sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg,
-                            scheduler=load_scheduler(folder / "scheduler"))
+                            scheduler=scheduler)
     if noise is None:  # every prompt's noise drawn up front: the images do not depend on batch_size
         noise = initial_noise(jax.random.key(seed), len(prompts), vae_config.latent_channels, height, width)
     if noise.shape[0] != len(prompts):

@@ -193,6 +193,28 @@ def test_a_folder_without_a_component_is_one_error_naming_it(tiny_pipeline, tmp_
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"use_karras_sigmas": True}, "turns on use_karras_sigmas"),
+    ({"_class_name": "FlowMatchHeunDiscreteScheduler"}, "the scheduler is FlowMatchHeunDiscreteScheduler"),
+], ids=["karras-sigmas", "heun"])
+def test_a_scheduler_sample_does_not_reproduce_is_one_error_before_any_prompt_is_encoded(tiny_pipeline, tmp_path, capsys,
+                                                                                         monkeypatch, setting, message):
+    import json
+    import shutil
+
+    from pipelines import text_encoders
+
+    _, folder = tiny_pipeline
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    config = changed / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **setting}))
+    monkeypatch.setattr(text_encoders.FluxTextEncoder, "__init__", lambda *a, **k: pytest.fail("the encoders were loaded"))
+    assert main(["generate", "--model", str(changed), "--prompt", "a cat", "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_qwen_pipeline(tmp_path_factory):
     from tiny_pipeline import make_tiny_qwen_pipeline
