@@ -86,7 +86,9 @@ def plot_quality_vs_flops(path: str | Path, curves: dict[str, list[tuple[float, 
     markers = "osD^v<>pP*"
     for i, (name, points) in enumerate(curves.items()):
         points = sorted(points)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], label=name)
+        # hollow, each method smaller than the one before: points that coincide still show as nested marks
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], label=name,
+                markersize=max(11 - 2 * i, 4), markerfacecolor="none", markeredgewidth=1.5)
     if dense is not None:
         ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
         ax.plot([1.0], [dense], marker="*", color="black", markersize=10)
