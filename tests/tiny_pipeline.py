@@ -113,4 +113,7 @@ def make_tiny_qwen_pipeline(folder: Path):
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=make_diffusers_qwen())
     pipe.save_pretrained(folder)
+    # as Qwen/Qwen-Image's own transformer/config.json: a key today's diffusers writes no more and drops
+    config = folder / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "pooled_projection_dim": 768}, indent=2))
     return pipe
