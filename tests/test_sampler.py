@@ -34,15 +34,21 @@ def load_converted(family, torch_model, save_diffusers, tmp_path):
     return edit_jax.load(ckpt)
 
 
-@pytest.mark.parametrize("variant", ["dev", "schnell"])
-def test_flux_sampler_matches_the_diffusers_pipeline(variant, save_diffusers, tmp_path):
-    dev = variant == "dev"
-    torch_model = make_diffusers_flux(guidance_embeds=dev, in_channels=16)
+def flux_setup(save_diffusers, tmp_path, guidance_embeds: bool = True, seed: int = 0):
+    """A tiny diffusers FLUX, converted, and its inputs: one prompt of 6 tokens and packed noise of 4 x 3 tokens."""
+    torch_model = make_diffusers_flux(guidance_embeds=guidance_embeds, in_channels=16)
     model, params = load_converted("flux", torch_model, save_diffusers, tmp_path)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     prompt = rng.standard_normal((1, 6, 32)).astype(np.float32)
     pooled = rng.standard_normal((1, 32)).astype(np.float32)
     noise = rng.standard_normal((1, 12, 16)).astype(np.float32)
+    return torch_model, model, params, prompt, pooled, noise
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_flux_sampler_matches_the_diffusers_pipeline(variant, save_diffusers, tmp_path):
+    dev = variant == "dev"
+    torch_model, model, params, prompt, pooled, noise = flux_setup(save_diffusers, tmp_path, guidance_embeds=dev)
     steps = 6 if dev else 4
 
     with torch.no_grad():
@@ -154,17 +160,12 @@ def test_flux_kontext_sampling_with_a_reference_image_matches_the_diffusers_pipe
     from reference import randomize_
     from tiny_pipeline import VAE_TINY
 
-    torch_model = make_diffusers_flux(guidance_embeds=True, in_channels=16)
-    model, params = load_converted("flux", torch_model, save_diffusers, tmp_path)
-    rng = np.random.default_rng(4)
-    prompt = rng.standard_normal((1, 6, 32)).astype(np.float32)
-    pooled = rng.standard_normal((1, 32)).astype(np.float32)
-    noise = rng.standard_normal((1, 12, 16)).astype(np.float32)
+    torch_model, model, params, prompt, pooled, noise = flux_setup(save_diffusers, tmp_path, seed=4)
     scheduler = FlowMatchEulerDiscreteScheduler(**dataclasses.asdict(SCHEDULERS["flux-dev"]))
     pipe = FluxKontextPipeline(scheduler=scheduler, vae=randomize_(AutoencoderKL(**VAE_TINY).eval(), scale=0.05),
                                text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                transformer=torch_model)
-    image = Image.fromarray(rng.integers(0, 255, (32, 80, 3), np.uint8))  # 32 x 80 pixels: 2 x 5 packed tokens
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (32, 80, 3), np.uint8))  # 2 x 5 packed tokens
     seen = recording_reference_tokens(torch_model, noise.shape[1])
     with torch.no_grad():
         ref = pipe(image=image, prompt_embeds=torch.from_numpy(prompt), pooled_prompt_embeds=torch.from_numpy(pooled),
