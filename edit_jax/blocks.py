@@ -8,10 +8,13 @@ its temb; the elastic MLP is the image one.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
+
 from edit_jax.config import WIDTH_BUCKETS, RuntimeConfig
 from edit_jax.elastic import ElasticConfig, elastic_step
 from edit_jax.router import Router
-from edit_jax.layers import MLP, TOKENS, JointAttention, Modulation, constrain, layer_norm, modulate, modulation_chunks
+from edit_jax.layers import (MLP, TOKENS, JointAttention, Modulation, constrain, layer_norm, modulate, modulation_chunks,
+                             per_token, split_modulation)
 
 
 class DualStreamBlock(nn.Module):
@@ -21,7 +24,9 @@ class DualStreamBlock(nn.Module):
     `modulations_ahead`); step: the denoising step index.
 
     `names` gives the submodules their family's diffusers names: (image modulation, text
-    modulation, image MLP, text MLP).
+    modulation, image MLP, text MLP). reference_from: the first image token of the reference
+    images (Qwen-Image-Edit-2511's zero_cond_t), modulated from temb at t = 0 (the modulation
+    "<image modulation>_reference" computed ahead) instead of the block's own temb.
     """
 
     num_heads: int
@@ -34,6 +39,7 @@ class DualStreamBlock(nn.Module):
     width_buckets: tuple[float, ...] = WIDTH_BUCKETS
     elastic: ElasticConfig | None = None
     width_groups: int = 1  # how the image MLP's hidden channels are stored (`layers.channel_ranks`)
+    reference_from: int | None = None
 
     def setup(self):
         rt = self.runtime
@@ -50,16 +56,21 @@ class DualStreamBlock(nn.Module):
         img_mod, txt_mod, img_mlp, txt_mlp = (getattr(self, n) for n in self.names)
         given = modulations or {}
         txt, img = (constrain(x, TOKENS) for x in carry)
-        shift1, scale1, gate1, shift2, scale2, gate2 = modulation_chunks(img_mod, temb, given.get(self.names[0]), 6)
+        img_chunks = modulation_chunks(img_mod, temb, given.get(self.names[0]), 6)
+        reference = given.get(self.names[0] + "_reference")
+        if self.reference_from is not None and reference is not None:
+            img_chunks = [split_modulation(own, ref, self.reference_from, img.shape[1])
+                          for own, ref in zip(img_chunks, jnp.split(reference, 6, axis=-1))]
+        shift1, scale1, gate1, shift2, scale2, gate2 = img_chunks
         c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = modulation_chunks(
             txt_mod, temb, given.get(self.names[1]), 6)
 
         img_attn, txt_attn = self.attn(
             modulate(layer_norm(img), shift1, scale1), modulate(layer_norm(txt), c_shift1, c_scale1), cos, sin, key_mask
         )
-        img = img + gate1[:, None] * img_attn
+        img = img + per_token(gate1) * img_attn
         img_ff = img_mlp(modulate(layer_norm(img), shift2, scale2), width, hidden_mask)
-        img = img + gate2[:, None] * img_ff
+        img = img + per_token(gate2) * img_ff
 
         txt = txt + c_gate1[:, None] * txt_attn
         txt_ff = txt_mlp(modulate(layer_norm(txt), c_shift2, c_scale2))

@@ -180,8 +180,10 @@ class QwenImageConfig(TransformerConfig):
     """Qwen-Image transformer (diffusers `QwenImageTransformer2DModel`).
 
     activation: "gelu_tanh" as diffusers, or "sigmoid_gelu" (x * sigmoid(1.702 x)) as the released
-    E-DiT checkpoint was trained with. Diffusers features we do not implement (zero_cond_t,
-    use_additional_t_cond, use_layer3d_rope, guidance_embeds) are rejected, never ignored.
+    E-DiT checkpoint was trained with. zero_cond_t (Qwen-Image-Edit-2511): the reference images'
+    tokens (every image after the first in `img_shapes`) are modulated from the time embedding
+    at t = 0. Diffusers features we do not implement (use_additional_t_cond, use_layer3d_rope,
+    guidance_embeds) are rejected, never ignored.
     """
 
     family: ClassVar[str] = "qwen-image"
@@ -207,7 +209,7 @@ class QwenImageConfig(TransformerConfig):
 
     def __post_init__(self):
         self._check_common(("num_layers",))
-        unsupported = [f for f in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope", "guidance_embeds")
+        unsupported = [f for f in ("use_additional_t_cond", "use_layer3d_rope", "guidance_embeds")
                        if getattr(self, f)]
         if unsupported:
             raise ConfigError(f"Qwen-Image config features not implemented in edit-jax: {unsupported}")

@@ -277,9 +277,21 @@ def modulation_chunks(module: nn.Module, temb: jax.Array, given: jax.Array | Non
     return module(temb) if given is None else jnp.split(given, num_chunks, axis=-1)
 
 
+def per_token(v: jax.Array) -> jax.Array:
+    """A modulation vector [B, D] as [B, 1, D]; per-token ones [B, L, D] as they are."""
+    return v[:, None, :] if v.ndim == 2 else v
+
+
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """x [B, L, D] * (1 + scale [B, D]) + shift [B, D]."""
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+    """x [B, L, D] * (1 + scale) + shift, shift and scale [B, D] or per token [B, L, D]."""
+    return x * (1 + per_token(scale)) + per_token(shift)
+
+
+def split_modulation(own: jax.Array, other: jax.Array, start: int, num_tokens: int) -> jax.Array:
+    """Per token [B, L, D]: `own` [B, D] for tokens before `start`, `other` [B, D] from there on
+    (elementwise, so XLA fuses the choice into the op that reads it instead of writing it)."""
+    later = (jnp.arange(num_tokens) >= start)[None, :, None]
+    return jnp.where(later, other[:, None, :], own[:, None, :])
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

@@ -41,6 +41,7 @@ from edit_jax.layers import (
     modulations_ahead,
     rope_frequencies,
     scan_blocks,
+    stacked_modulation,
     timestep_embedding,
 )
 
@@ -169,7 +170,10 @@ class QwenImageTransformer(nn.Module):
         img = Linear(cfg.inner_dim, ("channels", "embed"), rt, name="img_in")(hidden_states.astype(dtype))
         txt = RMSNorm("text_embed", rt, name="txt_norm")(encoder_hidden_states.astype(dtype))
         txt = Linear(cfg.inner_dim, ("text_embed", "embed"), rt, name="txt_in")(txt)
-        temb = QwenTimestepEmbedding(cfg, name="time_text_embed")(timestep)
+        embed_time = QwenTimestepEmbedding(cfg, name="time_text_embed")
+        temb = embed_time(timestep)
+        # zero_cond_t: the reference images (every image after the first) are modulated as at t = 0
+        reference_from = int(np.prod(segments[0])) if cfg.zero_cond_t and len(segments) > 1 else None
         txt_pos, img_pos = qwen_rope_positions(segments, num_txt)
         cos, sin = rope_frequencies(jnp.asarray(np.concatenate([txt_pos, img_pos])), cfg.axes_dims_rope)
         key_mask = None
@@ -190,11 +194,16 @@ class QwenImageTransformer(nn.Module):
             cfg.width_buckets,
             elastic,
             width_groups=cfg.width_groups,
+            reference_from=reference_from,
             name="transformer_blocks",
         )
         caches = None if cache is None else (cache["transformer_blocks"],)
         preludes = router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations)
         modulations = modulations_ahead(self, BLOCK_MODULATIONS, temb, dtype, block_modulations)
+        if reference_from is not None and modulations is not None:
+            at_zero = embed_time(jnp.zeros_like(timestep))
+            reference = stacked_modulation(self.variables["params"]["transformer_blocks"]["img_mod"], at_zero, dtype)
+            modulations = [{**modulations[0], "img_mod_reference": reference}]
         check_decisions(elastic, decisions, len(cfg.width_buckets), self.is_initializing())
         (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy, preludes, modulations)
         step = jnp.asarray(0 if step is None else step, jnp.int32)

@@ -1,6 +1,7 @@
 """Qwen-Image: diffusers parity through our converter, the released E-DiT checkpoint import, and
 the MLP activation field."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -57,6 +58,37 @@ def test_several_images_in_one_sequence_match_diffusers_as_qwen_image_edit_passe
 
     for img_shapes in (segments, [segments] * 2):  # every sample's images, or diffusers' per-sample list
         assert relative_error(apply(model, params, {**inputs, "img_shapes": img_shapes}), want) <= TOLERANCE
+
+
+def test_zero_cond_t_modulates_the_reference_images_as_at_t_0_as_diffusers_does(save_diffusers, tmp_path):
+    """Qwen-Image-Edit-2511: every image after the first in img_shapes is modulated from the time
+    embedding at t = 0; the generated image, the text and the output norm from the call's t."""
+    torch_model = make_diffusers_qwen(seed=3, zero_cond_t=True)
+    model, params = edit_jax.load(convert_qwen(save_diffusers(torch_model), tmp_path / "ckpt"))
+    segments = [(1, 3, 4), (1, 2, 3)]
+    inputs = {**qwen_inputs(QWEN_TINY, batch=2, height=1, width=18, num_txt=5, seed=3), "img_shapes": segments}
+    kwargs = {k: torch.from_numpy(v) for k, v in inputs.items() if k != "img_shapes"}
+    with torch.no_grad():
+        want = torch_model(**kwargs, img_shapes=[segments] * 2, return_dict=False)[0].numpy()
+
+    assert model.config.zero_cond_t
+    assert relative_error(apply(model, params, inputs), want) <= TOLERANCE
+    without = edit_jax.build_model(model.config.replace(zero_cond_t=False))
+    assert relative_error(apply(without, params, inputs), want) > 1e-3  # the test sees the feature
+
+
+def test_zero_cond_t_with_block_modulations_computed_ahead_gives_the_call_it_would_compute():
+    """As `sample` runs it: the blocks' modulations for the call's t come from outside, the
+    reference images' (t = 0) the model adds itself."""
+    from edit_jax.models import block_modulations
+
+    config = edit_jax.preset("qwen-image-tiny").replace(zero_cond_t=True)
+    model, params = edit_jax.build_model(config), edit_jax.init_params(config)
+    inputs = {**qwen_inputs(QWEN_TINY, batch=1, height=1, width=18, num_txt=5, seed=4), "img_shapes": [(1, 3, 4), (1, 2, 3)]}
+    mods = block_modulations(config, params, jnp.asarray(inputs["timestep"]), {})
+
+    own, ahead = apply(model, params, inputs), apply(model, params, {**inputs, "block_modulations": mods})
+    assert relative_error(ahead, own) <= TOLERANCE
 
 
 def test_img_shapes_that_differ_between_samples_are_an_error():
@@ -136,7 +168,7 @@ def test_bad_router_keys_are_named(tmp_path, drop, extra, message):
     assert not (tmp_path / "ckpt").exists()
 
 
-@pytest.mark.parametrize("feature", ["zero_cond_t", "use_additional_t_cond", "use_layer3d_rope"])
+@pytest.mark.parametrize("feature", ["use_additional_t_cond", "use_layer3d_rope"])
 def test_unimplemented_config_features_are_rejected(feature):
     with pytest.raises(ConfigError, match=feature):
         from_diffusers_config({"_class_name": "QwenImageTransformer2DModel", **QWEN_TINY, feature: True})
