@@ -289,7 +289,7 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 def split_modulation(own: jax.Array, other: jax.Array, start: int, num_tokens: int) -> jax.Array:
     """Per token [B, L, D]: `own` [B, D] for tokens before `start`, `other` [B, D] from there on
-    (elementwise, so XLA fuses the choice into the op that reads it instead of writing it)."""
+    (an elementwise choice, which XLA can fuse into the op that reads it)."""
     later = (jnp.arange(num_tokens) >= start)[None, :, None]
     return jnp.where(later, other[:, None, :], own[:, None, :])
 
