@@ -627,3 +627,25 @@ def test_the_trained_checkpoint_runs_by_default_as_a_fresh_one_not_with_training
 
     runtime = load_config(tmp_path / "run" / "edit-jax").runtime
     assert (runtime.remat, runtime.attention, runtime.param_dtype) == ("none", "auto", "bfloat16")
+
+
+def test_distributed_outside_a_cluster_jax_detects_is_one_error_saying_what_to_give(tmp_path):
+    """A fresh process, as on a cluster: JAX joins one only before anything has used a device."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMPI_MCA_orte_hnp_uri", "SLURM_JOB_ID", "KUBERNETES_SERVICE_HOST")}
+    done = subprocess.run([sys.executable, "-m", "edit_jax.cli", "train", "steps=1", f"run_dir={tmp_path / 'run'}",
+                           "--distributed", "--quiet"], capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO)},
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--distributed: JAX found no cluster to join" in done.stderr
+    assert "--coordinator, --num-processes and --process-id" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_coordinator_without_the_process_count_and_id_is_one_error_naming_all_three(tmp_path, capsys, monkeypatch):
+    from edit_jax.cli import main
+
+    for variable in ("EDIT_JAX_NUM_PROCESSES", "EDIT_JAX_PROCESS_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    assert main(["train", "steps=1", f"run_dir={tmp_path / 'run'}", "--coordinator", "localhost:1234", "--quiet"]) == 2
+    assert "needs all three of the coordinator address, the number of processes and this process's id" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

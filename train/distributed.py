@@ -37,7 +37,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(coordinator, num_processes, process_id)
         return True
     if auto:
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except ValueError as e:  # JAX's own words name its argument, not the situation
+            raise ConfigError(f"--distributed: JAX found no cluster to join ({e}): it detects TPU pod slices, SLURM, "
+                              "Open MPI and Kubernetes jobs; elsewhere give every process --coordinator, "
+                              "--num-processes and --process-id, or leave --distributed out for one process") from e
         return jax.process_count() > 1
     return False
 
