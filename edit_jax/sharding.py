@@ -91,8 +91,10 @@ def mesh_sizes(shape: dict[str, int], num_devices: int) -> dict[str, int]:
             raise ValueError(f"mesh {shape} does not divide the {num_devices} devices (its other axes span {rest}, "
                              f"which do not divide the {num_devices} devices)")
         sizes = {a: num_devices // rest if s == -1 else s for a, s in sizes.items()}
-    if int(np.prod(list(sizes.values()))) != num_devices:
-        raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, have {num_devices}")
+    spans = int(np.prod(list(sizes.values())))
+    if spans != num_devices:
+        why = "" if spans > num_devices else " (a mesh spans every device: set one axis to -1 for the rest)"
+        raise ValueError(f"mesh {sizes} needs {spans} devices, have {num_devices}{why}")
     return sizes
 
 

@@ -70,3 +70,13 @@ def test_axis_rule_changes_apply_inside_use_rules_only():
     with use_rules({"embed": None, "mlp": ["fsdp", "tensor"]}):
         assert logical_to_mesh(spec, mesh) == PartitionSpec(None, None, ("fsdp", "tensor"))
     assert logical_to_mesh(PartitionSpec("activation_batch", "activation_length"), mesh) == PartitionSpec(("data", "fsdp"), None)
+
+
+def test_a_mesh_over_fewer_devices_than_there_are_says_to_span_them_all():
+    import pytest
+
+    from edit_jax.sharding import mesh_sizes
+
+    assert mesh_sizes({"data": 2, "fsdp": 2}, 4) == {"data": 2, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ValueError, match=r"needs 2 devices, have 4 \(a mesh spans every device: set one axis to -1"):
+        mesh_sizes({"data": 2}, 4)
