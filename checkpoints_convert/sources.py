@@ -14,7 +14,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from edit_jax.config import read_json_object
+from edit_jax.config import DIFFUSERS_CLASSES, ConfigError, read_json_object
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -182,6 +182,18 @@ def _open_file(path: Path):
     raise SourceError(f"{path}: unknown weight file type (expected .safetensors, .bin, .pt or .pth)")
 
 
+def _model_config_folder(folder: Path) -> Path | None:
+    """The folder of a single weight file when its config.json may be the model's: a diffusers
+    config of a model we convert, or one that cannot be read (the conversion then says why);
+    None when there is none or it is another's (a BFL or release file beside other things)."""
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        return folder if read_json_object(folder / "config.json").get("_class_name") in DIFFUSERS_CLASSES else None
+    except ConfigError:
+        return folder
+
+
 def open_source(path: str | Path) -> Source:
     """Opens a weight file, or a folder holding one (or a sharded set with its index.json).
 
@@ -191,7 +203,7 @@ def open_source(path: str | Path) -> Source:
     if not path.exists():
         raise SourceError(f"no such file or folder: {path}")
     if path.is_file():
-        return Source([_open_file(path)], str(path))
+        return Source([_open_file(path)], str(path), _model_config_folder(path.parent))
     if (path / "transformer").is_dir() and not any(path.glob("*.safetensors*")):
         path = path / "transformer"
     indexes = sorted(path.glob("*.safetensors.index.json"))

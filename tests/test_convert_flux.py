@@ -158,6 +158,18 @@ def test_config_with_fewer_layers_than_checkpoint_reports_the_extra_layers(save_
     assert_nothing_written(tmp_path)
 
 
+def test_a_single_weight_file_reads_the_diffusers_config_json_beside_it(save_diffusers, tmp_path):
+    src = save_diffusers(make_diffusers_flux())
+    from_folder = convert_flux(src, tmp_path / "folder")
+    from_file = convert_flux(src / "diffusion_pytorch_model.safetensors", tmp_path / "file")
+
+    assert load_config(from_file) == load_config(from_folder)
+    file_params, folder_params = (flatten(edit_jax.load(c)[1]) for c in (from_file, from_folder))
+    assert file_params.keys() == folder_params.keys()
+    for name in file_params:
+        np.testing.assert_array_equal(file_params[name], folder_params[name])
+
+
 def test_given_config_that_disagrees_with_source_config_is_an_error(save_diffusers, tmp_path):
     src = save_diffusers(make_diffusers_flux())
     config = from_diffusers_config(src).replace(num_single_layers=3)
