@@ -687,11 +687,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep = command("prepare-data", "a folder of captioned images -> a training dataset (VAE latents and text "
                                     "embeddings in ArrayRecord files with a manifest)")
     prep.add_argument("images", help="folder of images (.png .jpg .jpeg .webp .bmp), captions in NAME.txt beside each "
-                                     "or in its metadata.jsonl (Hugging Face's imagefolder layout)")
+                                     "or in its metadata.jsonl or metadata.csv (Hugging Face's imagefolder layout)")
     prep.add_argument("out", help="dataset folder to create")
     prep.add_argument("--model", required=True, help="FLUX.1 or Qwen-Image pipeline folder (its vae/ and text encoders are used)")
-    prep.add_argument("--captions", help="JSONL of {\"file\": PATH, \"caption\": TEXT} (or \"file_name\", \"text\"), "
-                                         "PATH relative to IMAGES: instead of IMAGES/metadata.jsonl or sidecar .txt files")
+    prep.add_argument("--captions", help="JSONL of {\"file\": PATH, \"caption\": TEXT} (or \"file_name\", \"text\"), or a "
+                                         "CSV with those columns, PATH relative to IMAGES: instead of IMAGES/metadata.jsonl "
+                                         "or .csv or sidecar .txt files")
     prep.add_argument("--resolution", type=at_least(1), default=1024,
                       help="bucket size: about RESOLUTION^2 pixels at aspect ratios 1:1, 4:3, 3:2, 16:9 and their inverses")
     prep.add_argument("--max-sequence-length", type=at_least(1), default=512, help="text tokens per caption (FLUX: T5; Qwen-Image: at most, padded with a mask)")

@@ -3,10 +3,10 @@
     edit-jax prepare-data photos/ data/photos --model /models/FLUX.1-dev --resolution 1024
     edit-jax prepare-data photos/ data/photos-qwen --model /models/Qwen-Image
 
-Captions come from one JSONL file (--captions, or IMAGES/metadata.jsonl as in Hugging Face's
-`imagefolder` layout) of {"file": PATH, "caption": TEXT} lines (or "file_name" and "text", that
-layout's names), PATH relative to IMAGES and possibly in a subfolder; or else from a sidecar
-`NAME.txt` beside each image in IMAGES. Each image goes to the resolution bucket (a
+Captions come from one captions file (--captions, or IMAGES/metadata.jsonl or metadata.csv as in
+Hugging Face's `imagefolder` layout): JSONL lines {"file": PATH, "caption": TEXT} (or "file_name"
+and "text", that layout's names), or a CSV with those columns, PATH relative to IMAGES and possibly
+in a subfolder; or else from a sidecar `NAME.txt` beside each image in IMAGES. Each image goes to the resolution bucket (a
 multiple of 16 px on each side, about resolution^2 pixels) nearest its aspect ratio, is resized to
 cover it and center-cropped, encoded by the pipeline folder's Flax VAE (the latent mean, normalised
 as the pipeline does: FLUX shift and scale, Qwen-Image per-channel mean and std) and its caption
@@ -27,7 +27,7 @@ import numpy as np
 from edit_jax.checkpoint import resolve
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-METADATA = "metadata.jsonl"  # the captions file of Hugging Face's imagefolder layout
+METADATA = ("metadata.jsonl", "metadata.csv")  # the captions files of Hugging Face's imagefolder layout
 FILE_KEYS, CAPTION_KEYS = ("file", "file_name"), ("caption", "text")
 ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 
@@ -62,38 +62,50 @@ def fit(image, bucket: tuple[int, int]):
 
 
 def captions_file(images: Path, captions: str | None) -> Path | None:
-    """The JSONL captions file: --captions, else IMAGES/metadata.jsonl where there is one, else
-    None (sidecar .txt files)."""
+    """The captions file (JSONL, or CSV with a header): --captions, else IMAGES/metadata.jsonl or
+    metadata.csv where there is one, else None (sidecar .txt files)."""
     if captions is None:
-        return images / METADATA if (images / METADATA).is_file() else None
+        return next((images / name for name in METADATA if (images / name).is_file()), None)
     path = resolve(captions)
     if not path.is_file():
         raise ValueError(f"--captions {captions}: no such file")
     return path
 
 
-def read_captions(images: Path, captions: Path | None) -> dict[str, str | None]:
-    """Image path relative to IMAGES (POSIX) -> caption, from the JSONL `captions` or, without
-    it, the sidecar .txt files (None: a sidecar that is not UTF-8 text, so that its image is
-    skipped with that reason)."""
-    out = {}
-    if captions is not None:
-        try:
-            lines = captions.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"captions file {captions} is not UTF-8 text: {e}") from e
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+def _caption_rows(captions: Path):
+    """(line number, row dict or None where the line is not one, the line) of a JSONL or CSV file."""
+    import csv
+
+    try:
+        text = captions.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"captions file {captions} is not UTF-8 text: {e}") from e
+    if captions.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        for row in reader:
+            yield reader.line_num, row, str(row)
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
             try:
                 row = json.loads(line)
-                file = next((row[k] for k in FILE_KEYS if k in row), None)
-                caption = next((row[k] for k in CAPTION_KEYS if k in row), None)
-            except (ValueError, TypeError):
-                file = caption = None
-            if not isinstance(file, str) or not isinstance(caption, str):
-                raise ValueError(f"{captions} line {number}: expected {{\"file\": PATH, \"caption\": TEXT}} (or "
-                                 f"\"file_name\" and \"text\"), got {line[:80]}")
+            except ValueError:
+                row = None
+            yield number, row if isinstance(row, dict) else None, line
+
+
+def read_captions(images: Path, captions: Path | None) -> dict[str, str | None]:
+    """Image path relative to IMAGES (POSIX) -> caption, from the captions file or, without it,
+    the sidecar .txt files (None: a sidecar that is not UTF-8 text, so that its image is skipped
+    with that reason)."""
+    out = {}
+    if captions is not None:
+        for number, row, line in _caption_rows(captions):
+            file = next((row[k] for k in FILE_KEYS if k in row), None) if row is not None else None
+            caption = next((row[k] for k in CAPTION_KEYS if k in row), None) if row is not None else None
+            if not isinstance(file, str) or not file or not isinstance(caption, str):
+                raise ValueError(f"{captions} line {number}: expected a file (\"file\" or \"file_name\") and a caption "
+                                 f"(\"caption\" or \"text\"), got {line[:80]}")
             out[Path(file).as_posix()] = caption
         return out
     for txt in images.glob("*.txt"):

@@ -87,6 +87,32 @@ def test_an_imagefolder_metadata_jsonl_captions_images_in_subfolders(tiny_pipeli
     assert read_manifest(out)["count"] == 2
 
 
+def test_an_imagefolder_metadata_csv_captions_its_images(tiny_pipeline, tmp_path):
+    folder = tmp_path / "photos"
+    _write_photo(folder / "a.png")
+    _write_photo(folder / "b.png", seed=1)
+    (folder / "metadata.csv").write_text('file_name,text\na.png,"a photo, with a comma"\nb.png,another photo\n')
+    out = tmp_path / "data"
+    assert main(["prepare-data", str(folder), str(out), "--model", str(tiny_pipeline), "--resolution", "64",
+                 "--max-sequence-length", "16", "--quiet"]) == 0
+    assert stored_captions(out) == ["a photo, with a comma", "another photo"]
+
+
+def stored_captions(dataset) -> list[str]:
+    """Every caption a dataset's records hold, sorted."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from train.dataset import _deserialize, read_manifest
+
+    captions = []
+    for bucket in read_manifest(dataset)["buckets"]:
+        for name in bucket["files"]:
+            reader = ArrayRecordReader(str(dataset / name))
+            captions += [_deserialize(record)["caption"].tobytes().decode() for record in reader.read_all()]
+            reader.close()
+    return sorted(captions)
+
+
 def test_a_captions_file_is_read_from_a_relative_path_with_file_and_caption_keys(tiny_pipeline, tmp_path, monkeypatch):
     folder = tmp_path / "photos"
     _write_photo(folder / "a.png")
@@ -95,9 +121,7 @@ def test_a_captions_file_is_read_from_a_relative_path_with_file_and_caption_keys
     monkeypatch.chdir(tmp_path)
     assert main(["prepare-data", "photos", "data", "--model", str(tiny_pipeline), "--captions", "captions.jsonl",
                  "--resolution", "64", "--max-sequence-length", "16", "--quiet"]) == 0
-    from train.dataset import read_manifest
-
-    assert read_manifest(tmp_path / "data")["count"] == 1
+    assert stored_captions(tmp_path / "data") == ["from the captions file"]
 
 
 @pytest.mark.parametrize("line", ['{"file": "a.png"}', '{"file_name": "a.png", "text": null}', "not json", "[1, 2]"],
