@@ -13,7 +13,9 @@ as the pipeline does: FLUX shift and scale, Qwen-Image per-channel mean and std)
 by the text encoders (Qwen-Image's embeddings padded to --max-sequence-length, with the mask).
 Work is staged in chunks under `OUT.partial/`, so an interrupted run resumes where it stopped; the dataset is written at the end,
 atomically, and the staging folder removed. Images that cannot be used are reported with the
-reason (unreadable, too small, no caption, listed but missing) in OUT/skipped.json.
+reason (unreadable, unusable pixels, too small, no caption, listed but missing) in OUT/skipped.json.
+Every mode Pillow opens is read as a viewer shows it (`to_rgb`): EXIF orientation, 16-bit
+grayscale scaled to 8 bits, palette and alpha over white, CMYK converted.
 """
 
 from __future__ import annotations
@@ -59,6 +61,41 @@ def fit(image, bucket: tuple[int, int]):
     image = image.resize(size, Image.LANCZOS)
     left, top = (image.width - w) // 2, (image.height - h) // 2
     return image.crop((left, top, left + w, top + h))
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # a 16-bit PNG opens as one of these
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
+
+
+class UnusableImage(ValueError):
+    """An image that opens but whose pixels cannot be read as RGB; the message is the reason."""
+
+
+def to_rgb(image):
+    """The PIL image as 8-bit RGB, as a viewer shows it: EXIF orientation applied, 16-bit
+    grayscale scaled to 8 bits (not saturated, as Pillow's own convert does), palette and
+    alpha images composited over white, CMYK and other colour modes converted. Raises
+    UnusableImage for pixels that are not colours (float or 32-bit integer data)."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image)
+        if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+            raise UnusableImage(f"{image.mode} pixels outside the 16-bit range")
+        image = Image.fromarray(np.round(values.astype(np.float32) / 257.0).astype(np.uint8), "L")
+    if image.mode == "F":
+        raise UnusableImage("floating-point pixels (mode F)")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        return Image.alpha_composite(Image.new("RGBA", image.size, BACKGROUND + (255,)), image).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as e:  # a mode Pillow cannot turn into RGB (LAB, HSV)
+        raise UnusableImage(f"colour mode {image.mode} cannot be read as RGB") from e
 
 
 def captions_file(images: Path, captions: str | None) -> Path | None:
@@ -153,7 +190,6 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
     if not files:
         raise ValueError(f"IMAGES {images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     staging = out.with_name(out.name + ".partial")
-    staging.mkdir(parents=True, exist_ok=True)
     settings = {"images": str(images_dir), "model": str(model_dir), "resolution": resolution,
                 "max_sequence_length": max_sequence_length, "chunk": chunk,
                 "captions": None if captions_path is None else str(captions_path)}
@@ -163,14 +199,15 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
     stamp = staging / "settings.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != settings:
         raise ValueError(f"{staging} holds an interrupted run of other settings; remove it or use the same ones")
-    if not stamp.is_file() and any(staging.iterdir()):  # removed when done, so it must be ours
+    if not stamp.is_file() and staging.exists() and (not staging.is_dir() or any(staging.iterdir())):
         raise ValueError(f"{staging} holds other files, not an interrupted prepare-data run (no settings.json): "
                          "move it away or choose another OUT")
-    stamp.write_text(json.dumps(settings))
 
     vae_config, vae_params = load_vae(model_dir / "vae")
     encode = jax.jit(lambda p, x: vae_config.module().apply({"params": p}, x, method="encode")[0])
     encoder = TEXT_ENCODERS[family](model_dir, max_sequence_length, progress=progress, dtype=dtype)
+    staging.mkdir(parents=True, exist_ok=True)  # only now: a refusal above leaves nothing behind
+    stamp.write_text(json.dumps(settings))
     chunks = [files[i : i + chunk] for i in range(0, len(files), chunk)]
     with tqdm(total=len(files), desc="prepare-data", unit="image", disable=not progress) as bar:
         for index, group in enumerate(chunks):
@@ -194,9 +231,12 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
                 caption = texts[name]
                 try:
                     with Image.open(path) as opened:
-                        image = opened.convert("RGB")
+                        image = to_rgb(opened)
                 except (UnidentifiedImageError, OSError) as e:
                     skipped.append({"file": name, "reason": f"unreadable ({e.__class__.__name__})"})
+                    continue
+                except UnusableImage as e:
+                    skipped.append({"file": name, "reason": f"unusable: {e}"})
                     continue
                 bucket = nearest_bucket(image.height, image.width, resolution)
                 fitted = fit(image, bucket)

@@ -215,3 +215,120 @@ def test_a_qwen_image_dataset_holds_padded_embeddings_and_masks_the_trainer_read
     batch = next(iter(make_pipeline(out, batch_size=1, seed=0).to_iter_dataset()))
     mask = batch["encoder_hidden_states_mask"][0]
     assert 0 < mask.sum() < 256 and not batch["encoder_hidden_states"][0][mask == 0].any()  # zero padding, masked
+
+
+def _photo_pixels(seed=0, size=(24, 16)):
+    return np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
+
+
+def _saved(image, path, **kwargs):
+    image.save(path, **kwargs)
+    from PIL import Image
+
+    return Image.open(path)
+
+
+def test_a_16_bit_grayscale_png_reads_as_its_8_bit_copy_not_saturated(tmp_path):
+    from PIL import Image
+
+    from pipelines.prepare_data import to_rgb
+
+    gray8 = _photo_pixels()[..., 0]
+    with _saved(Image.fromarray(gray8.astype(np.uint16) * 257), tmp_path / "g16.png") as opened:
+        assert opened.mode.startswith("I")
+        rgb = np.asarray(to_rgb(opened))
+    assert rgb.shape == (*gray8.shape, 3) and (rgb == gray8[..., None]).all()
+
+
+def test_a_palette_png_reads_as_its_colours(tmp_path):
+    from PIL import Image
+
+    from pipelines.prepare_data import to_rgb
+
+    rgb = Image.fromarray(_photo_pixels()).quantize(16)
+    with _saved(rgb, tmp_path / "p.png") as opened:
+        assert opened.mode == "P"
+        assert (np.asarray(to_rgb(opened)) == np.asarray(rgb.convert("RGB"))).all()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparent_pixels_read_as_white_and_opaque_ones_as_they_are(tmp_path, mode):
+    from PIL import Image
+
+    from pipelines.prepare_data import to_rgb
+
+    pixels = _photo_pixels()
+    alpha = np.zeros(pixels.shape[:2], np.uint8)
+    alpha[:, :8] = 255
+    color = pixels if mode == "RGBA" else pixels[..., :1]
+    with _saved(Image.fromarray(np.concatenate([color, alpha[..., None]], -1), mode), tmp_path / "a.png") as opened:
+        rgb = np.asarray(to_rgb(opened))
+    assert (rgb[:, 8:] == 255).all()
+    assert (rgb[:, :8] == np.broadcast_to(color, pixels.shape)[:, :8]).all()
+
+
+def test_a_cmyk_jpeg_reads_as_rgb(tmp_path):
+    from PIL import Image
+
+    from pipelines.prepare_data import to_rgb
+
+    with _saved(Image.new("CMYK", (16, 8), (0, 255, 255, 0)), tmp_path / "c.jpg", quality=100) as opened:
+        assert opened.mode == "CMYK"
+        rgb = np.asarray(to_rgb(opened)).astype(int)
+    assert (abs(rgb - [255, 0, 0]) <= 2).all()
+
+
+def test_an_exif_rotated_jpeg_reads_upright(tmp_path):
+    from PIL import Image
+
+    from pipelines.prepare_data import to_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera held upright: shown rotated 90 degrees clockwise
+    with _saved(Image.fromarray(_photo_pixels(size=(24, 16))), tmp_path / "r.jpg", exif=exif) as opened:
+        assert to_rgb(opened).size == (16, 24)
+
+
+@pytest.mark.parametrize("image", ["F", "I"], ids=["float", "32-bit"])
+def test_pixels_that_are_not_colours_are_unusable_naming_why(image):
+    from PIL import Image
+
+    from pipelines.prepare_data import UnusableImage, to_rgb
+
+    pixels = np.full((8, 8), 0.5, np.float32) if image == "F" else np.full((8, 8), 1 << 20, np.int32)
+    with pytest.raises(UnusableImage, match="mode F" if image == "F" else "outside the 16-bit range"):
+        to_rgb(Image.fromarray(pixels, image))
+
+
+def test_a_16_bit_png_gives_the_latents_of_its_8_bit_copy(tiny_pipeline, tmp_path):
+    from PIL import Image
+
+    from train.dataset import _deserialize, read_manifest
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    gray8 = np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)
+    Image.fromarray(gray8).save(folder / "a8.png")
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(folder / "b16.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "the same photo"}) + "\n"
+                                                   for n in ("a8.png", "b16.png")))
+    out = tmp_path / "data"
+    assert main(["prepare-data", str(folder), str(out), "--model", str(tiny_pipeline), "--resolution", "64",
+                 "--max-sequence-length", "16", "--quiet"]) == 0
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    (bucket,) = read_manifest(out)["buckets"]
+    reader = ArrayRecordReader(str(out / bucket["files"][0]))
+    first, second = (_deserialize(r)["latents"] for r in reader.read_all())
+    reader.close()
+    np.testing.assert_array_equal(first, second)
+
+
+def test_a_refusal_before_any_image_is_encoded_leaves_no_staging_folder(tiny_pipeline, photos, tmp_path, monkeypatch,
+                                                                       capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed
+    assert main(["prepare-data", str(photos), str(tmp_path / "d"), "--model", str(tiny_pipeline), "--quiet"]) == 2
+    assert "pip install" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
