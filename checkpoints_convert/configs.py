@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 
-from edit_jax.config import ConfigError, from_diffusers_config, read_json_object
+import dataclasses
+
+from edit_jax.config import ACTIVATIONS, ConfigError, from_diffusers_config, read_json_object
 
 
 def reconcile_config(source, config, family: str):
@@ -27,3 +29,15 @@ def reconcile_config(source, config, family: str):
     if diffs:
         raise ConfigError(f"the given config disagrees with {source.folder / 'config.json'}: " + "; ".join(diffs))
     return config
+
+
+def with_recorded_activation(config, source, default: str | None = None):
+    """`config` with the MLP activation the source's files record (`edit-jax export` writes it in
+    their metadata), else `default` (a format's own: the Qwen-Image release's), else as it is."""
+    activation = source.metadata.get("activation", default)
+    if activation is None:
+        return config
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"{source.description} records the MLP activation {activation!r}; edit-jax knows "
+                          f"{', '.join(ACTIVATIONS)}")
+    return dataclasses.replace(config, activation=activation)

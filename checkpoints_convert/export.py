@@ -4,9 +4,17 @@ tables backward (each transform's inverse), never through a second hand-written 
     diffusers     the DiT in diffusers' layout: sharded safetensors
                   (diffusion_pytorch_model-0000i-of-0000N.safetensors), their index and config.json,
                   loadable with FluxTransformer2DModel / QwenImageTransformer2DModel.from_pretrained
+                  and, for a checkpoint with routers, routers.safetensors beside them: the routers
+                  as gate_mlps.{i}.* (diffusers' model has none; `edit-jax convert` reads the folder
+                  back with them, and the release's code loads them as it loads its own file)
     edit-release  one model.safetensors: the DiT keys plus the routers as gate_mlps.{i}.* (the
                   released E-DiT layout, SPEC section 6; FLUX numbers its double blocks first, then
                   its single blocks)
+
+Every file records the MLP activation in its safetensors metadata ("activation"), which
+`edit-jax convert` reads back. A format's own code runs one activation (`NATIVE_ACTIVATION`:
+diffusers' tanh GELU; the Qwen-Image release's x * sigmoid(1.702 x)); a checkpoint of another is
+refused unless `allow_activation_change`, since that code would run it as a slightly other model.
 
 Arrays are read one source tensor at a time and, for diffusers, written in shards of about
 `shard_bytes` as each fills: peak memory is about one shard plus the stacked params of one source
@@ -17,6 +25,7 @@ complete.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +33,7 @@ from tqdm.auto import tqdm
 
 from checkpoints_convert import flux, qwen_image
 from checkpoints_convert.engine import ConversionError
+from checkpoints_convert.sources import ROUTERS_FILE
 from checkpoints_convert.tables import join
 from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, atomic_folder, flatten, load_config, overlaps,
                                  params_metadata, read_array, resolve, tree_names)
@@ -32,14 +42,31 @@ FAMILIES = {"flux": flux, "qwen-image": qwen_image}
 DIFFUSERS_CLASSES = {"flux": "FluxTransformer2DModel", "qwen-image": "QwenImageTransformer2DModel"}
 OURS_ONLY = ("mlp_ratio", "activation", "router_hidden", "width_buckets", "width_groups")  # fields diffusers does not know
 WEIGHTS = "diffusion_pytorch_model"
+ACTIVATION_NAMES = {"gelu_tanh": "the tanh GELU", "sigmoid_gelu": "x * sigmoid(1.702 x)"}
+
+
+def native_activation(family: str, fmt: str) -> str:
+    """The MLP activation the code that reads `fmt` runs (diffusers' classes; the E-DiT release's)."""
+    return "sigmoid_gelu" if (family, fmt) == ("qwen-image", "edit-release") else "gelu_tanh"
+
+
+def check_activation(config, fmt: str, allow_change: bool) -> None:
+    """Raises ConversionError when `fmt`'s own code would run the model with another activation."""
+    native = native_activation(config.family, fmt)
+    if config.activation != native and not allow_change:
+        raise ConversionError(
+            f"this checkpoint's MLPs use {ACTIVATION_NAMES[config.activation]} ({config.activation}), and the code "
+            f"that reads --format {fmt} runs {ACTIVATION_NAMES[native]} ({native}): it would compute a slightly "
+            "different model. --allow-activation-change exports anyway (the files record the activation, so "
+            "`edit-jax convert` reads them back as they were)")
 
 
 def _tables(config, fmt: str, has_routers: bool) -> dict[str, dict]:
     module = FAMILIES[config.family]
     tables = {"params": module.TABLES["diffusers"](config)}
-    if fmt == "edit-release":
-        if not has_routers:
-            raise ConversionError("--format edit-release writes the routers, and this checkpoint has none")
+    if fmt == "edit-release" and not has_routers:
+        raise ConversionError("--format edit-release writes the routers, and this checkpoint has none")
+    if has_routers:
         tables[ROUTERS_DIR] = module.router_table(config)
     return tables
 
@@ -48,23 +75,28 @@ def _tensors(path: Path, tables: dict[str, dict], dtype):
     """Yields (source key, tensor) for every source tensor, one stacked source tensor at a time
     (the params cut from one fused tensor are read together and joined)."""
     for tree, table in tables.items():
-        stored = flatten(params_metadata(path, tree))
-        if set(stored) != set(table):
-            raise ConversionError(f"{path}/{tree} holds {sorted(set(stored) ^ set(table))[:5]} that the table does not map")
-        readers: dict[tuple[str, int], list[str]] = {}
-        for name in sorted(table):
-            readers.setdefault((table[name].key, table[name].offset), []).append(name)
-        for names in readers.values():
-            srcs = [table[name] for name in names]
-            for name, src in zip(names, srcs):
-                if not src.invertible:
-                    raise ConversionError(f"{name} <- {src.key} cannot be read backward")
-            values = [read_array(path, tree, name) for name in names]
-            values = [v.astype(dtype) for v in values] if dtype is not None else values
-            keys = srcs[0].keys(values[0].shape[0] if srcs[0].stacked else None)
-            for i, key in enumerate(keys):
-                layers = [v[i] if srcs[0].stacked else v for v in values]
-                yield key, np.ascontiguousarray(join([(src, src.unapply(layer)) for src, layer in zip(srcs, layers)]))
+        yield from _tree_tensors(path, tree, table, dtype)
+
+
+def _tree_tensors(path: Path, tree: str, table: dict, dtype):
+    """`_tensors` of one tree (params or routers)."""
+    stored = flatten(params_metadata(path, tree))
+    if set(stored) != set(table):
+        raise ConversionError(f"{path}/{tree} holds {sorted(set(stored) ^ set(table))[:5]} that the table does not map")
+    readers: dict[tuple[str, int], list[str]] = {}
+    for name in sorted(table):
+        readers.setdefault((table[name].key, table[name].offset), []).append(name)
+    for names in readers.values():
+        srcs = [table[name] for name in names]
+        for name, src in zip(names, srcs):
+            if not src.invertible:
+                raise ConversionError(f"{name} <- {src.key} cannot be read backward")
+        values = [read_array(path, tree, name) for name in names]
+        values = [v.astype(dtype) for v in values] if dtype is not None else values
+        keys = srcs[0].keys(values[0].shape[0] if srcs[0].stacked else None)
+        for i, key in enumerate(keys):
+            layers = [v[i] if srcs[0].stacked else v for v in values]
+            yield key, np.ascontiguousarray(join([(src, src.unapply(layer)) for src, layer in zip(srcs, layers)]))
 
 
 def _is_export(folder: Path) -> bool:
@@ -76,27 +108,27 @@ def _is_export(folder: Path) -> bool:
         return sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]
 
 
-def _write_diffusers(folder: Path, tensors, shard_bytes: int) -> None:
+def _write_diffusers(folder: Path, tensors, shard_bytes: int, metadata: dict) -> None:
     """Writes the (key, tensor) pairs in shards of about `shard_bytes`, each as soon as it fills."""
     weight_map, total, shard, size = {}, 0, {}, 0
     for key, tensor in tensors:
         shard[key] = tensor
         size += tensor.nbytes
         if size >= shard_bytes:
-            _write_shard(folder, shard, weight_map)
+            _write_shard(folder, shard, weight_map, metadata)
             total, shard, size = total + size, {}, 0
     if shard or not weight_map:
-        _write_shard(folder, shard, weight_map)
+        _write_shard(folder, shard, weight_map, metadata)
         total += size
     _name_shards(folder, weight_map, total)
 
 
-def _write_shard(folder: Path, tensors: dict, weight_map: dict) -> None:
+def _write_shard(folder: Path, tensors: dict, weight_map: dict, metadata: dict) -> None:
     """Writes `tensors` as the next shard under a provisional name (the count is known at the end)."""
     from safetensors.numpy import save_file
 
     name = f"shard-{len(set(weight_map.values())):05d}.safetensors"
-    save_file(tensors, folder / name, metadata={"format": "pt"})
+    save_file(tensors, folder / name, metadata=metadata)
     weight_map.update({k: name for k in tensors})
 
 
@@ -123,9 +155,16 @@ def diffusers_config(config) -> dict:
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers", *, dtype: str | None = None,
-                      shard_bytes: int = 5 << 30, overwrite: bool = False, progress: bool = True) -> Path:
-    """Writes the checkpoint `ckpt` as `fmt` into the folder `out`; returns `out`. dtype: the
-    tensors' dtype (default: as stored)."""
+                      shard_bytes: int = 5 << 30, overwrite: bool = False, progress: bool = True,
+                      allow_activation_change: bool = False) -> Path:
+    """Writes the checkpoint `ckpt` as `fmt` into the folder `out`; returns `out`.
+
+    Args:
+      dtype: the tensors' dtype (default: as stored).
+      shard_bytes: diffusers' shard size.
+      allow_activation_change: export a model whose MLP activation is not the one `fmt`'s own code
+        runs (`check_activation`), saying so, instead of refusing.
+    """
     from safetensors.numpy import save_file
 
     if fmt not in ("diffusers", "edit-release"):
@@ -133,17 +172,31 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
     ckpt, out = resolve(ckpt), resolve(out)
     config = load_config(ckpt)
     tables = _tables(config, fmt, ROUTERS_DIR in tree_names(ckpt))
+    check_activation(config, fmt, allow_activation_change)
     if overlaps(out, ckpt):
         raise CheckpointError(f"refusing to export into {out}: it is, holds or lies inside the checkpoint {ckpt}")
     if out.exists() and not (overwrite and _is_export(out)):
         raise CheckpointError(f"{out} already exists" + (" and is not an earlier export (a diffusers config.json or "
                                                           "model.safetensors)" if overwrite else " (--overwrite replaces an earlier export)"))
+    if config.activation != native_activation(config.family, fmt):
+        print(f"export: {fmt}'s own code runs {ACTIVATION_NAMES[native_activation(config.family, fmt)]}, this model "
+              f"{ACTIVATION_NAMES[config.activation]}; the files record {config.activation} for edit-jax convert",
+              file=sys.stderr)
+    metadata = {"format": "pt", "activation": config.activation}
     np_dtype = None if dtype is None else np.dtype(__import__("ml_dtypes").bfloat16 if dtype == "bfloat16" else dtype)
     tensors = tqdm(_tensors(ckpt, tables, np_dtype), desc="export", unit="tensor", disable=not progress)
     with atomic_folder(out) as tmp:
         if fmt == "edit-release":  # one file: the release layout is the whole model in one safetensors
-            save_file(dict(tensors), tmp / "model.safetensors", metadata={"format": "pt"})
+            save_file(dict(tensors), tmp / "model.safetensors", metadata=metadata)
         else:
-            _write_diffusers(tmp, tensors, shard_bytes)
+            _write_diffusers(tmp, tqdm(_tree_tensors(ckpt, "params", tables["params"], np_dtype), desc="export",
+                                       unit="tensor", disable=not progress), shard_bytes, metadata)
+            if ROUTERS_DIR in tables:
+                save_file(dict(_tree_tensors(ckpt, ROUTERS_DIR, tables[ROUTERS_DIR], np_dtype)), tmp / ROUTERS_FILE,
+                          metadata=metadata)
             (tmp / "config.json").write_text(json.dumps(diffusers_config(config), indent=2) + "\n")
+    if fmt == "diffusers" and ROUTERS_DIR in tables:
+        print(f"export: diffusers' {DIFFUSERS_CLASSES[config.family]} has no routers: they are in "
+              f"{out / ROUTERS_FILE} (gate_mlps.{{i}}.*, the E-DiT release's names); `edit-jax convert` reads the "
+              "folder back with them", file=sys.stderr)
     return out

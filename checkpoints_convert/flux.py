@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edit_jax.config import FluxConfig, preset
 from edit_jax.flux import proj_out_parts
-from checkpoints_convert.configs import reconcile_config
+from checkpoints_convert.configs import reconcile_config, with_recorded_activation
 from checkpoints_convert import tables
 from checkpoints_convert.tables import Src, input_linear, joint_linear, linear, rows, scale, stored_order, swap_halves
 
@@ -151,5 +151,5 @@ def prepare(source, fmt: str = "auto", config: FluxConfig | None = None):
         if config is None:
             config = preset("flux-dev" if "guidance_in.in_layer.weight" in source else "flux-schnell")
     else:
-        config = reconcile_config(source, config, "flux")
+        config = with_recorded_activation(reconcile_config(source, config, "flux"), source)
     return config, TABLES[fmt](config), fmt, router_table(config) if fmt == "edit-release" else None

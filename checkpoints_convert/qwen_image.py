@@ -12,10 +12,8 @@ like the blocks they sit in:
 
 from __future__ import annotations
 
-import dataclasses
-
 from edit_jax.config import QwenImageConfig
-from checkpoints_convert.configs import reconcile_config
+from checkpoints_convert.configs import reconcile_config, with_recorded_activation
 from checkpoints_convert import tables
 from checkpoints_convert.tables import Src, input_linear, linear, scale, stored_order
 
@@ -73,12 +71,14 @@ def detect_format(keys) -> str:
 def prepare(source, fmt: str = "auto", config: QwenImageConfig | None = None):
     """(config, base table, format, router table or None) for a Qwen-Image source.
 
-    The release was trained with the x * sigmoid(1.702 x) MLP activation: its config records it."""
+    The release was trained with the x * sigmoid(1.702 x) MLP activation: its config records it,
+    unless the file's metadata records another (`edit-jax export` writes it)."""
     if fmt == "auto":
         fmt = detect_format(source.keys())
     if fmt not in TABLES:
         raise ValueError(f"unknown Qwen-Image format {fmt!r}; choose auto, {', '.join(TABLES)}")
     config = reconcile_config(source, config, "qwen-image")
     if fmt == "edit-release":
-        return dataclasses.replace(config, activation="sigmoid_gelu"), TABLES[fmt](config), fmt, router_table()
-    return config, TABLES[fmt](config), fmt, None
+        config = with_recorded_activation(config, source, default="sigmoid_gelu")
+        return config, TABLES[fmt](config), fmt, router_table()
+    return with_recorded_activation(config, source), TABLES[fmt](config), fmt, None

@@ -30,6 +30,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+ROUTERS_FILE = "routers.safetensors"  # beside a diffusers export's weights: what diffusers' model has no place for
+
+
 class SourceError(ValueError):
     """A weight source that cannot be read: missing files, bad headers, unknown dtypes."""
 
@@ -133,6 +136,17 @@ class Source:
                     raise SourceError(f"tensor {key!r} appears in both {self._where[key][0].path} and {f.path}")
                 self._where[key] = (f, key)
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata of its files, merged; a SourceError where two files disagree."""
+        merged: dict[str, str] = {}
+        for f, _ in self._where.values():
+            for k, v in getattr(f, "metadata", {}).items():
+                if merged.setdefault(k, v) != v:
+                    raise SourceError(f"{self.description}: its files disagree on the metadata {k!r} ({merged[k]!r} "
+                                      f"and {v!r} in {f.path})")
+        return merged
+
     def strip_prefix(self, prefix: str) -> None:
         """Drops `prefix` from every key that has it (BFL's `model.diffusion_model.`)."""
         self._where = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in self._where.items()}
@@ -195,7 +209,8 @@ def _model_config_folder(folder: Path) -> Path | None:
 
 
 def open_source(path: str | Path) -> Source:
-    """Opens a weight file, or a folder holding one (or a sharded set with its index.json).
+    """Opens a weight file, or a folder holding one (or a sharded set with its index.json, and the
+    routers.safetensors an edit-jax export writes beside it).
 
     A diffusers model folder may be given as the pipeline root: its `transformer/` is used.
     """
@@ -215,6 +230,8 @@ def open_source(path: str | Path) -> Source:
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise SourceError(f"{indexes[0]} lists shards that are not in {path}: {missing}")
+        if (path / ROUTERS_FILE).is_file() and ROUTERS_FILE not in shards:  # an edit-jax export's routers
+            shards.append(ROUTERS_FILE)
         return Source([SafetensorsFile(path / s) for s in shards], str(path), path)
     files = sorted(path.glob("*.safetensors")) or sorted(
         p for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext)

@@ -39,7 +39,7 @@ def cmd_export(args) -> int:
     from checkpoints_convert.export import export_checkpoint
 
     path = export_checkpoint(args.ckpt, args.out, args.format, dtype=args.dtype, overwrite=args.overwrite,
-                             shard_bytes=int(args.shard_gb * 2**30))
+                             shard_bytes=int(args.shard_gb * 2**30), allow_activation_change=args.allow_activation_change)
     print(f"wrote {path}")
     return 0
 
@@ -749,11 +749,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("ckpt", help="edit-jax checkpoint folder")
     exp.add_argument("out", help="folder to create")
     exp.add_argument("--format", default="diffusers", choices=["diffusers", "edit-release"],
-                     help="diffusers: the DiT as sharded safetensors + index + config.json; edit-release: one "
-                          "model.safetensors with the DiT and the routers as gate_mlps.{i}.*")
+                     help="diffusers: the DiT as sharded safetensors + index + config.json (and its routers as "
+                          "routers.safetensors); edit-release: one model.safetensors with the DiT and the routers as "
+                          "gate_mlps.{i}.*")
     exp.add_argument("--dtype", choices=list(DTYPES), help="tensor dtype (default: as stored)")
     exp.add_argument("--shard-gb", type=at_least(0, float, strict=True), default=5.0, help="diffusers shard size, GiB")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier export")
+    exp.add_argument("--allow-activation-change", action="store_true",
+                     help="export a model whose MLP activation is not the one the format's own code runs (diffusers: "
+                          "tanh GELU; the Qwen-Image release: x * sigmoid(1.702 x)); the files record the true one")
     exp.set_defaults(run=cmd_export)
 
     smp = command("sample", "sample latents from prompt embeddings (Euler flow matching, E-DiT optional)", EMBEDDINGS_HELP)
