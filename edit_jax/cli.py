@@ -837,6 +837,9 @@ def main(argv: list[str] | None = None) -> int:
             OSError) as e:
         print(f"edit-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nedit-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as e:
         extra = next((extra for extra, names in OPTIONAL_PACKAGES.items() if (e.name or "").split(".")[0] in names), None)
         if extra is None:

@@ -57,14 +57,18 @@ def _int_env(name: str) -> int | None:
         raise ConfigError(f"{name}={value!r} is not an integer") from e
 
 
+STOP_SIGNALS = {signal.SIGTERM: "SIGTERM (preemption)", signal.SIGINT: "SIGINT (Ctrl-C)"}
+
+
 class Preemption:
-    """A preemption notice (SIGTERM) as one decision of every process: `reached(step)` is True at
-    the step where all of them save and stop. One process: a SIGTERM handler inside the `with`
-    block (in the main thread; elsewhere none), and the step after it. Several: JAX's preemption
-    service, which catches SIGTERM itself (so no Python handler replaces its own), tells every
-    process and picks the step after the furthest one; `reached` must then be called by every
+    """A stop request (SIGTERM, a preemption notice; or SIGINT, Ctrl-C) as one decision of every
+    process: `reached(step)` is True at the step where all of them save and stop. One process:
+    handlers inside the `with` block (in the main thread; elsewhere none), and the step after the
+    signal. Several: JAX's preemption service, which catches SIGTERM itself (so no Python handler
+    replaces its own), tells every process and picks the step after the furthest one; a SIGINT is
+    passed on to it as a SIGTERM to the same process; `reached` must then be called by every
     process at every step. Where that service is off (`jax_enable_preemption_service`), a
-    multi-process run keeps SIGTERM's default: it stops without a checkpoint, and says so first."""
+    multi-process run keeps the signals' defaults: it stops without a checkpoint, and says so first."""
 
     def __init__(self):
         import jax
@@ -72,26 +76,41 @@ class Preemption:
         several = jax.process_count() > 1
         self.shared = several and jax.config.jax_enable_preemption_service
         self.signal = None
-        self._handled = not several and threading.current_thread() is threading.main_thread()
-        self._previous = None
+        self._received = None
+        main_thread = threading.current_thread() is threading.main_thread()
+        self._handled = {}
+        if main_thread and not several:
+            self._handled = {signal.SIGTERM: self._record, signal.SIGINT: self._record}
+        elif main_thread and self.shared:
+            self._handled = {signal.SIGINT: self._pass_on}
+        self._previous = {}
         if several and not self.shared and jax.process_index() == 0:
-            print("preemption: JAX's preemption service is off (jax_enable_preemption_service), so a SIGTERM stops "
-                  "this multi-process run without a checkpoint; a rerun resumes from the last one saved (save_every)",
-                  file=sys.stderr)
+            print("preemption: JAX's preemption service is off (jax_enable_preemption_service), so a SIGTERM or "
+                  "Ctrl-C stops this multi-process run without a checkpoint; a rerun resumes from the last one saved "
+                  "(save_every)", file=sys.stderr)
+
+    def _record(self, signum, frame):
+        self.signal = self.signal or signum
+
+    def _pass_on(self, signum, frame):  # the service decides the step; the signal is remembered for the exit
+        self._received = self._received or signum
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def __enter__(self):
-        if self._handled:
-            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "signal", signum))
+        self._previous = {signum: signal.signal(signum, handler) for signum, handler in self._handled.items()}
         return self
 
     def __exit__(self, *exc):
-        if self._handled:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def reached(self, step: int) -> bool:
         if self.shared:
             from jax.experimental import multihost_utils
 
             if multihost_utils.reached_preemption_sync_point(step):
-                self.signal = signal.SIGTERM
+                self.signal = self._received or signal.SIGTERM
         return self.signal is not None
+
+    def describe(self) -> str:
+        return STOP_SIGNALS.get(self.signal, f"signal {self.signal}")

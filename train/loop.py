@@ -6,8 +6,9 @@ Writes RUN_DIR/config.json, RUN_DIR/metrics.jsonl (and eval.jsonl), TensorBoard 
 checkpoints in RUN_DIR/checkpoints (trainable params, optimizer state, step, the data iterator;
 the last `keep`), and at the end RUN_DIR/edit-jax, an edit-jax checkpoint with the trained routers
 that `edit-jax sample` reads. A rerun with the same RUN_DIR resumes from the latest complete
-checkpoint and continues exactly (same batches, same noise), on any mesh; a SIGTERM (preemption),
-to any of a run's processes, saves before exiting (train/distributed.py: Preemption). In a
+checkpoint and continues exactly (same batches, same noise), on any mesh, its logs cut back to the
+restored step; a SIGTERM (preemption) or SIGINT (Ctrl-C), to any of a run's processes, saves
+before exiting with 128 + the signal (train/distributed.py: Preemption). In a
 multi-process run only process 0 writes logs and metadata; every process takes part in the
 checkpoints.
 """
@@ -34,7 +35,7 @@ from edit_jax.sharding import batch_sharding, describe, make_mesh, param_shardin
 from train.config import TrainConfig
 from train.data import DataSource, shared_inputs
 from train.distributed import Preemption
-from train.run_dir import changed_settings, check_run_dir, describe_changes, run_config
+from train.run_dir import LOGS, changed_settings, check_run_dir, describe_changes, drop_records_after, run_config
 from train.step import make_loss_fn, make_optimizer, make_train_step
 
 
@@ -193,7 +194,8 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
     # ---- Checkpoints: resume from the latest complete one, onto this run's shardings ---------
     items = ("trainable", "opt_state", "meta") + (("data",) if data.iterator is not None else ())
     manager = ocp.CheckpointManager(
-        run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True),
+        run_dir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True, cleanup_tmp_directories=True),
         item_names=items,
     )
     start = 0
@@ -232,6 +234,8 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        for log in LOGS:  # the steps after the restored one run again, and are logged again
+            drop_records_after(run_dir / log, start)
 
     def save_checkpoint(step):
         args = {"trainable": ocp.args.StandardSave(trainable), "opt_state": ocp.args.StandardSave(opt_state),
@@ -278,7 +282,7 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
     if is_main:
         from tensorboardX import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tb"))
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
     metrics = {}
     tracing = ProfileWindow(config, run_dir, enabled=is_main)
     # Steps are dispatched ahead of the device, so a step's time is only known where the host waits
@@ -334,8 +338,8 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
                 if preempted:
                     manager.wait_until_finished()
                     if is_main:
-                        print(f"stopped by signal {preemption.signal} (preemption) after step {done}; checkpoint saved",
-                              file=sys.stderr)
+                        print(f"stopped by {preemption.describe()} after step {done}; checkpoint saved in "
+                              f"{run_dir / 'checkpoints'}: rerun the same command to continue", file=sys.stderr)
                     raise SystemExit(128 + preemption.signal)
             manager.wait_until_finished()
         finally:

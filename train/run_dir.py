@@ -16,8 +16,33 @@ from edit_jax.config import ConfigError
 from train.config import TrainConfig
 
 CONFIG_FILE = "config.json"
-RUN_FILES = frozenset({CONFIG_FILE, "checkpoints", "tb", "metrics.jsonl", "eval.jsonl", "edit-jax", "profile"})
+RUN_FILES = frozenset({CONFIG_FILE, "checkpoints", "tb", "metrics.jsonl", "eval.jsonl", "edit-jax", "profile",
+                       "metrics.jsonl.tmp", "eval.jsonl.tmp", "sharding.txt"})
 FINAL_SCRATCH = ".edit-jax."  # the hidden folders of the final checkpoint's write (edit_jax.checkpoint)
+
+
+LOGS = ("metrics.jsonl", "eval.jsonl")  # a record per logged step, {"step": N, ...}
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrites the JSON-lines log `path` without its records after `step` (a resumed run logs
+    those steps again), atomically; a missing log is left missing."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut by a kill: never a whole record
+        return float("inf")
 
 
 def run_config(run_dir: Path) -> dict | None:
