@@ -212,27 +212,43 @@ def mesh_of(args):
     return make_mesh(args.mesh) if args.mesh else None
 
 
-def read_arrays(path: str, flag: str) -> dict:
-    """The named arrays of an .npz or .safetensors file; a ValueError naming the flag otherwise,
-    or naming the array that holds NaN or infinite values (they would give NaN samples). Arrays
-    of text (an embeddings file's prompts) are read as they are."""
+def read_arrays(path: str, flag: str, make_one: str = "") -> dict:
+    """The named arrays of an .npz or .safetensors file; a ValueError naming the flag otherwise
+    (`make_one`: how to make the right file, said then), or naming the array that holds NaN or
+    infinite values (they would give NaN samples). Arrays of text (an embeddings file's prompts)
+    are read as they are; pickled objects never."""
     import numpy as np
 
     existing_file(path, flag)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    is_text = b"\0" not in head and _decodes(head)
+    if not path.endswith(".safetensors") and not head.startswith(b"PK"):  # an .npz is a zip archive
+        kind = "a text file" if is_text else "an .npy array" if head.startswith(b"\x93NUMPY") else "not one"
+        raise ValueError(f"{flag} {path} is not an .npz or .safetensors file of named arrays ({kind}){make_one}")
     try:
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
 
             data = load_file(path)
         else:
-            with np.load(path) as file:
+            with np.load(path, allow_pickle=False) as file:
                 data = dict(file)
     except Exception as e:  # numpy and safetensors raise many types for a file that is not theirs
-        raise ValueError(f"{flag} {path} is not a readable .npz or .safetensors file: {e}") from e
+        reason = "it holds pickled objects, which edit-jax never loads" if "pickle" in str(e) else str(e)
+        raise ValueError(f"{flag} {path} is not a readable .npz or .safetensors file: {reason}{make_one}") from e
     for key, value in data.items():
         if value.dtype.kind in "fc" and not np.isfinite(value).all():
             raise ValueError(f"{flag} {path}: {key!r} holds NaN or infinite values")
     return data
+
+
+def _decodes(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start > len(head) - 4  # a character cut at the end of the bytes read
+    return True
 
 
 def existing_file(path: str, flag: str) -> str:
@@ -269,13 +285,17 @@ def cmd_order_channels(args) -> int:
     return 0
 
 
+MAKE_EMBEDDINGS = ("; make one from a prompts file with `edit-jax encode-prompts --model PIPELINE_DIR --prompts "
+                   "prompts.txt --out prompts.npz`")
+
+
 def read_embeddings(path: str) -> dict:
     """Prompt embeddings from .npz or .safetensors: prompt_embeds [B, T, D] and, as the model
     needs, pooled_prompt_embeds [B, P] (FLUX), prompt_embeds_mask [B, T] (Qwen-Image) and the
     negative_* counterparts for true CFG."""
-    data = read_arrays(path, "--embeddings")
+    data = read_arrays(path, "--embeddings", MAKE_EMBEDDINGS)
     if "prompt_embeds" not in data:
-        raise ValueError(f"{path} has no 'prompt_embeds' (found: {sorted(data)})")
+        raise ValueError(f"{path} has no 'prompt_embeds' (found: {sorted(data)}){MAKE_EMBEDDINGS}")
     return data
 
 
@@ -552,9 +572,12 @@ def cmd_eval(args) -> int:
     from edit_jax.elastic import ElasticConfig
     from eval.sampling_eval import evaluate_checkpoint
 
+    from edit_jax.vae import check_tile_size
+
     out = check_output_folder(args.out, "eval")
     earlier = earlier_outputs(out, "eval")
     existing_file(args.embeddings, "--embeddings")
+    check_tile_size(args.tile_size)
     elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision,
                             cache_start=args.steps // 3 if args.cache_start is None else args.cache_start,
                             delta_margin=args.delta_margin, max_reuse=args.max_reuse)

@@ -251,7 +251,21 @@ def check_vae_fits(vae_config, config, path) -> None:
                          f"not fit the transformer ({config.in_channels} packed channels, a 8x VAE)")
 
 
-def decode_tiled(config, params: dict, z, tile_size: int = 1024, overlap: float = 0.25,
+TILE_OVERLAP = 0.25  # of a tile, on each side that meets another (diffusers' tiled decoders)
+
+
+def check_tile_size(tile_size: int, downscale: int = 8) -> None:
+    """Raises ValueError unless tiles of `tile_size` pixels step and overlap by whole latents: a
+    positive multiple of 4 x the VAE's scale (32 px for FLUX.1's and Qwen-Image's 8x VAEs)."""
+    unit = round(downscale / TILE_OVERLAP)
+    if tile_size < unit or tile_size % unit:
+        below, above = max(unit, tile_size // unit * unit), (tile_size // unit + 1) * unit
+        raise ValueError(f"--tile-size {tile_size}: give a multiple of {unit} px (4 x the VAE's {downscale}x scale, so "
+                         f"that tiles overlap by whole latents), e.g. {below if below != tile_size else above}; "
+                         f"1024 is the pipelines' own")
+
+
+def decode_tiled(config, params: dict, z, tile_size: int = 1024, overlap: float = TILE_OVERLAP,
                  progress=None) -> np.ndarray:
     """decode() of either VAE in overlapping tiles of tile_size x tile_size image pixels, blended
     linearly across the overlaps, as diffusers' tiled_decode (AutoencoderKL's tile_sample_min_size,
@@ -259,9 +273,8 @@ def decode_tiled(config, params: dict, z, tile_size: int = 1024, overlap: float 
     of 3/4 tile): memory is bounded by one tile whatever the image size. Latents no larger than a
     tile are decoded whole. A VAE that clamps its output is clamped after blending.
     progress(n): called after each tile."""
+    check_tile_size(tile_size, config.downscale)
     latent_tile = tile_size // config.downscale
-    if latent_tile < 1 or tile_size % config.downscale:
-        raise ValueError(f"tile size {tile_size} px is not a positive multiple of the VAE's {config.downscale}x scale")
     z = np.asarray(z, np.float32)
     if z.shape[-2] <= latent_tile and z.shape[-1] <= latent_tile:
         return np.asarray(_tile_decoder(config, clamp=True)(params, z))

@@ -151,9 +151,11 @@ def check_guidance(true_cfg: float, negative_prompt: str | None) -> None:
 
 
 def check_request(out: Path, prompts: list[str], true_cfg: float, negative_prompt: str | None, height: int,
-                  width: int, elastic: str, cache: bool, cache_start: int | None, batch_size: int) -> None:
+                  width: int, elastic: str, cache: bool, cache_start: int | None, batch_size: int,
+                  tile_size: int = 1024) -> None:
     """Every flag that cannot work, found before the text encoders run."""
     from edit_jax.latents import packed_grid
+    from edit_jax.vae import check_tile_size
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder")
@@ -167,6 +169,7 @@ def check_request(out: Path, prompts: list[str], true_cfg: float, negative_promp
         raise ValueError("--cache-start needs --cache")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: give at least 1")
+    check_tile_size(tile_size)
 
 
 def conditions(config, embeds: dict, height: int, width: int) -> dict:
@@ -209,7 +212,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
     folder, out = resolve(model_dir), resolve(out)
     family = pipeline_family(folder, unused=("transformer",) if transformer is not None else ())
-    check_request(out, prompts, true_cfg, negative_prompt, height, width, elastic, cache, cache_start, batch_size)
+    check_request(out, prompts, true_cfg, negative_prompt, height, width, elastic, cache, cache_start, batch_size,
+                  tile_size)
     settings = None if elastic == "dense" else ElasticConfig(  # its values checked here, before any work
         mode="infer", tau=tau, decision=decision, cache=cache, delta_margin=delta_margin, max_reuse=max_reuse,
         cache_start=steps // 3 if cache_start is None else cache_start)
@@ -294,7 +298,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
         summary["router_map"] = str(plot_router_map(
             out / "router_map.png", first_records["executed"][:, 0], first_records["bucket"][:, 0],
-            first_records["cache_hit"][:, 0], title=f"E-DiT routing of prompt 0, {height}x{width}, {steps} steps",
+            first_records["cache_hit"][:, 0],
+            title=f"E-DiT{' + cache' if cache else ''} routing of prompt 0, {height}x{width}, {steps} steps",
             block_groups=block_groups(config)))
     (out / "generate.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {"images": np.concatenate(images), "summary": summary}

@@ -351,7 +351,31 @@ def test_a_calibration_file_that_is_not_arrays_is_an_error_naming_the_flag(flux_
     ckpt, _ = flux_small_ckpt
     (tmp_path / "notes.npz").write_text("not arrays")
     assert main(["order-channels", str(ckpt), str(tmp_path / "o"), "--calibration", str(tmp_path / "notes.npz")]) == 2
-    assert f"--calibration {tmp_path / 'notes.npz'} is not a readable .npz or .safetensors file" in capsys.readouterr().err
+    assert f"--calibration {tmp_path / 'notes.npz'} is not an .npz or .safetensors file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("prompts.txt", "a cat\na dog\n", "is not an .npz or .safetensors file of named arrays (a text file)"),
+    ("one.npy", None, "(an .npy array)"),
+    ("objects.npz", {"prompt_embeds": [{"a": 1}]}, "it holds pickled objects, which edit-jax never loads"),
+], ids=["prompts-text", "npy", "pickled"])
+def test_eval_of_a_file_that_is_not_embeddings_says_how_to_make_them_and_never_suggests_pickles(
+        flux_small_ckpt, tmp_path, capsys, name, content, message):
+    import numpy as np
+
+    ckpt, _ = flux_small_ckpt
+    path = tmp_path / name
+    if isinstance(content, str):
+        path.write_text(content)
+    elif content is None:
+        np.save(path, np.zeros(3))
+    else:
+        np.savez(path, prompt_embeds=np.array(content["prompt_embeds"], dtype=object))
+    assert main(["eval", str(ckpt), "--embeddings", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "edit-jax encode-prompts --model" in err
+    assert "allow_pickle" not in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_order_channels_reports_the_importance_kept_by_the_order_it_wrote(flux_small_ckpt, tmp_path, capsys):

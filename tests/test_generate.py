@@ -294,8 +294,10 @@ def test_true_cfg_without_a_negative_prompt_is_one_clear_error(tiny_qwen_pipelin
     (["--elastic", "infer"], "transformer has no routers (train them with `edit-jax train`, then give --transformer"),
     (["--transformer", "no-such-weights"], "no-such-weights: no such file or folder"),
     (["--elastic", "infer", "--tau", "2"], "elastic tau 2.0 must be in [0, 1]"),
+    (["--tile-size", "1001"], "--tile-size 1001: give a multiple of 32 px"),
+    (["--tile-size", "8"], "--tile-size 8: give a multiple of 32 px"),
 ], ids=["cache-without-routers", "size", "longer-than-t5", "mesh-larger-than-the-devices", "e-dit-without-routers",
-        "missing-transformer", "tau-out-of-range"])
+        "missing-transformer", "tau-out-of-range", "tile-off-the-scale", "tile-below-one-step"])
 def test_flags_that_cannot_work_are_one_clear_error_before_any_prompt_is_encoded(tiny_pipeline, tmp_path, capsys,
                                                                                   monkeypatch, flags, message):
     from pipelines import text_encoders

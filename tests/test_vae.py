@@ -124,5 +124,6 @@ def test_a_tile_size_off_the_vae_scale_is_one_clear_error(ours):
     from edit_jax.vae import decode_tiled
 
     config, params = ours
-    with pytest.raises(ValueError, match="multiple of the VAE's 4x scale"):
-        decode_tiled(config, params, np.zeros((1, 4, 8, 8), np.float32), tile_size=30)
+    for tile_size in (30, 8, 40):  # 40: a whole number of latents, but tiles would not step by whole latents
+        with pytest.raises(ValueError, match="multiple of 16 px .4 x the VAE's 4x scale"):
+            decode_tiled(config, params, np.zeros((1, 4, 8, 8), np.float32), tile_size=tile_size)
