@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from orbax.checkpoint.experimental import v1 as ocp
 
-from edit_jax.config import config_from_dict, config_to_dict
+from edit_jax.config import DIFFUSERS_CLASSES, config_from_dict, config_to_dict
 
 FORMAT_NAME = "edit-jax"
 FORMAT_VERSION = 3
@@ -416,14 +416,32 @@ def stored_identity(path: str | Path) -> tuple | None:
 
 
 def run_dir_hint(path: Path) -> str:
-    """Where a training run's folder, given in place of a checkpoint, keeps its trained one ("" for
-    other folders)."""
+    """What a folder given in place of a checkpoint is, and what to do with it ("" for other
+    folders): a training run's (where it keeps its trained checkpoint), or diffusers weights (the
+    `convert` command that makes one)."""
+    family = _diffusers_family(path)
+    if family is not None:
+        return (f": it is a diffusers {family} model folder, not yet converted; make a checkpoint with "
+                f"`edit-jax convert {family} {path} ckpt/{path.parent.name if path.name == 'transformer' else path.name}`")
     if is_checkpoint(path / "edit-jax"):
         return f": it is a training run's folder, whose trained checkpoint is {path / 'edit-jax'}"
     if (path / "checkpoints").is_dir() and (path / CONFIG_FILE).is_file():
         return (": it looks like a training run's folder whose run has not finished; its trained checkpoint "
                 f"will be {path / 'edit-jax'} (rerun the training command to finish it)")
     return ""
+
+
+def _diffusers_family(path: Path) -> str | None:
+    """The family of a diffusers transformer folder, or of the pipeline folder holding one; None
+    for other folders."""
+    for folder in (path, path / "transformer"):
+        try:
+            name = json.loads((folder / CONFIG_FILE).read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name in DIFFUSERS_CLASSES:
+            return DIFFUSERS_CLASSES[name]
+    return None
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -433,7 +451,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"no such checkpoint: {path}")
     if not meta_file.is_file() or not (path / PARAMS_DIR).is_dir():
-        raise CheckpointError(f"{path} is not an edit-jax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/)"
+        raise CheckpointError(f"{path} is not an edit-jax checkpoint (no {PARAMS_DIR}/ beside an edit-jax {CONFIG_FILE})"
                               + run_dir_hint(path))
     try:
         meta = json.loads(meta_file.read_text())

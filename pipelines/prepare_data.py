@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from edit_jax.checkpoint import resolve
+from train.dataset import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA = ("metadata.jsonl", "metadata.csv")  # the captions files of Hugging Face's imagefolder layout
 FILE_KEYS, CAPTION_KEYS = ("file", "file_name"), ("caption", "text")
 ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
@@ -254,6 +254,7 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
                     arrays[f"{n}/latents"] = latents
                     arrays.update({f"{n}/{field}": text[field][n] for field in TEXT_FIELDS[family]})
                     arrays[f"{n}/caption"] = np.frombuffer(caption.encode(), np.uint8)
+                    arrays[f"{n}/source"] = np.frombuffer(name.encode(), np.uint8)
             tmp = staging / f".chunk-{index:05d}.npz"
             np.savez(tmp, **arrays)
             tmp.replace(done)
@@ -271,7 +272,8 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
                     key = "x".join(map(str, latents.shape))
                     shapes[key] = shapes.get(key, 0) + 1
                     yield {"latents": latents, **{field: data[f"{n}/{field}"] for field in TEXT_FIELDS[family]},
-                           "caption": data[f"{n}/caption"].tobytes().decode()}
+                           "caption": data[f"{n}/caption"].tobytes().decode(),
+                           **({"source": data[f"{n}/source"].tobytes().decode()} if f"{n}/source" in data else {})}
 
     try:
         write_dataset(out, family, examples(), overwrite=overwrite)

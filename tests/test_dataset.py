@@ -109,3 +109,34 @@ def test_a_damaged_dataset_is_one_error_naming_it(two_buckets, damage, message):
         (two_buckets / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=message):
         make_pipeline(two_buckets, batch_size=4, seed=0)
+
+
+def _with_sources(examples, prefix):
+    return [{**e, "source": f"{prefix}-{i}.png"} for i, e in enumerate(examples)]
+
+
+def test_buckets_smaller_than_a_global_batch_are_left_out_with_a_warning_naming_them(tmp_path, capsys):
+    path = write_dataset(tmp_path / "ds", "flux", _with_sources(flux_examples(8), "square")
+                         + _with_sources(flux_examples(2, height=2, seed=1), "wide"))
+
+    _, got = batches(path, 6, batch_size=4, seed=0)
+
+    assert all(b["latents"].shape[1] == 4 for b in got)  # only the 4x4-latent bucket
+    err = capsys.readouterr().err
+    assert "training on 8 of 10 examples" in err and "32x16 px: 2 (wide-0.png, wide-1.png)" in err
+
+
+def test_a_dataset_with_no_bucket_of_one_global_batch_is_one_error_saying_what_to_do(tmp_path):
+    path = write_dataset(tmp_path / "ds", "flux", flux_examples(3) + flux_examples(2, height=2, seed=1))
+    with pytest.raises(ConfigError, match="no aspect bucket holds one global batch of 4 .* lower batch_size to at most 3"):
+        make_pipeline(path, batch_size=2, seed=0, process_count=2)
+
+
+def test_a_folder_of_images_given_as_the_dataset_says_to_run_prepare_data(tmp_path):
+    from train.dataset import read_manifest
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"is a folder of images \(1, e.g. cat.jpg\), not a dataset: .*"
+                                          r"`edit-jax prepare-data .*photos data/photos --model PIPELINE_DIR`"):
+        read_manifest(tmp_path / "photos")

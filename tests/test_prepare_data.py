@@ -332,3 +332,10 @@ def test_a_refusal_before_any_image_is_encoded_leaves_no_staging_folder(tiny_pip
     assert main(["prepare-data", str(photos), str(tmp_path / "d"), "--model", str(tiny_pipeline), "--quiet"]) == 2
     assert "pip install" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_manifest_names_the_source_images_of_each_bucket(prepared):
+    from train.dataset import read_manifest
+
+    sources = {tuple(b["latent_shape"]): b["sources"] for b in read_manifest(prepared[0])["buckets"]}
+    assert sources == {(4, 8, 8): ["square.png"], (4, 6, 10): ["wide.png"], (4, 10, 6): ["tall.png"]}

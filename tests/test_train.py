@@ -693,3 +693,13 @@ def test_a_coordinator_without_the_process_count_and_id_is_one_error_naming_all_
     assert main(["train", "steps=1", f"run_dir={tmp_path / 'run'}", "--coordinator", "localhost:1234", "--quiet"]) == 2
     assert "needs all three of the coordinator address, the number of processes and this process's id" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diffusers_folder_given_as_the_checkpoint_says_to_convert_it(tmp_path):
+    folder = tmp_path / "FLUX.1-dev" / "transformer"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    for given in (folder, folder.parent):  # the transformer folder, or the pipeline folder holding it
+        with pytest.raises(CheckpointError, match=r"a diffusers flux model folder, not yet converted; make a checkpoint "
+                                                  r"with `edit-jax convert flux .* ckpt/FLUX.1-dev`"):
+            train(tiny_run(tmp_path, checkpoint=str(given)), progress=False)

@@ -4,7 +4,8 @@ grain pipeline whose iterator state goes into the training checkpoint.
     DATASET/
       manifest.json        {"format": "edit-jax-dataset", "version": 1, "family": "flux",
                             "count": N, "fields": {name: {"shape", "dtype"}}, "captions": bool,
-                            "buckets": [{"latent_shape": [C, H, W], "count": n, "files": [...]}]}
+                            "buckets": [{"latent_shape": [C, H, W], "count": n, "files": [...],
+                                         "sources": [the first few source images, when known]}]}
       bucket-CxHxW-00000.array_record ...
 
 One record is one example, msgpack-serialised (flax.serialization) as a dict of arrays:
@@ -32,6 +33,8 @@ from edit_jax.config import ConfigError
 FORMAT = "edit-jax-dataset"
 VERSION = 1
 MANIFEST = "manifest.json"
+MAX_SOURCES = 5  # source images named per bucket in the manifest (for messages about the bucket)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # what `edit-jax prepare-data` reads
 TEXT_FIELDS = {"flux": ("prompt_embeds", "pooled_prompt_embeds"), "qwen-image": ("prompt_embeds", "prompt_embeds_mask")}
 
 
@@ -49,8 +52,9 @@ def _deserialize(record: bytes) -> dict:
 
 def write_dataset(out: str | Path, family: str, examples: Iterable[dict], records_per_file: int = 4096,
                   overwrite: bool = False) -> Path:
-    """Writes examples (dicts of the fields above, NumPy arrays) as a dataset folder, atomically:
-    into a hidden sibling folder renamed into place when complete. Returns the folder."""
+    """Writes examples (dicts of the fields above, NumPy arrays, and optionally "source": the
+    image's name, kept in the manifest for the first few of each bucket) as a dataset folder,
+    atomically: into a hidden sibling folder renamed into place when complete. Returns the folder."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     if family not in TEXT_FIELDS:
@@ -63,7 +67,7 @@ def write_dataset(out: str | Path, family: str, examples: Iterable[dict], record
     writers: dict[tuple, tuple] = {}
     with atomic_folder(out) as tmp:
         for index, example in enumerate(examples):
-            arrays = {k: np.asarray(v) for k, v in example.items() if k != "caption"}
+            arrays = {k: np.asarray(v) for k, v in example.items() if k not in ("caption", "source")}
             expected = {"latents", *TEXT_FIELDS[family]}
             if set(arrays) != expected:
                 raise ConfigError(f"example {index} has fields {sorted(arrays)}; a {family} dataset needs {sorted(expected)}")
@@ -89,6 +93,8 @@ def write_dataset(out: str | Path, family: str, examples: Iterable[dict], record
             writers[key][0].write(_serialize(record))
             writers[key] = (writers[key][0], writers[key][1] + 1)
             bucket["count"] += 1
+            if "source" in example and len(bucket.setdefault("sources", [])) < MAX_SOURCES:
+                bucket["sources"].append(str(example["source"]))
         for writer, _ in writers.values():
             writer.close()
         if fields is None:
@@ -105,7 +111,16 @@ def read_manifest(path: str | Path) -> dict:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not an edit-jax dataset (no readable {MANIFEST}: {e})") from e
+        if not path.exists():
+            raise ConfigError(f"dataset {path}: no such folder") from e
+        images = sorted(p.name for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+        if images:
+            raise ConfigError(
+                f"{path} is a folder of images ({len(images)}, e.g. {images[0]}), not a dataset: encode them first with "
+                f"`edit-jax prepare-data {path} data/{path.name} --model PIPELINE_DIR` (captions in NAME.txt beside each "
+                f"image or a metadata.jsonl), then train with data=data/{path.name}") from e
+        raise ConfigError(f"{path} is not an edit-jax dataset (no readable {MANIFEST}: {e}); `edit-jax prepare-data` "
+                          "makes one from captioned images") from e
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ConfigError(f"{path / MANIFEST} is not an edit-jax dataset manifest of version {VERSION}")
     return manifest
@@ -162,21 +177,44 @@ def batch_iterator(pipeline, prefetch: int):
     return iter(pipeline.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)))
 
 
+def describe_buckets(buckets: list[dict], shown: int = 3) -> str:
+    """Each bucket's image size (latents x 8 px), its count and a few of its source images."""
+    parts = []
+    for b in buckets:
+        _, h, w = b["latent_shape"]
+        sources = b.get("sources", [])
+        parts.append(f"{w * 8}x{h * 8} px: {b['count']}" + (f" ({', '.join(sources[:shown])}"
+                                                           f"{', ...' if b['count'] > shown else ''})" if sources else ""))
+    return "; ".join(parts)
+
+
 def make_pipeline(path: str | Path, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
     """The grain dataset of this process's batches, forever: per bucket a seeded global shuffle,
     this process's slice (disjoint from the others', together covering the data), repeated with a
     new order each epoch, batched; buckets mixed in proportion to their sizes. batch_size is the
-    per-process batch. `batch_iterator` gives the checkpointable iterator."""
+    per-process batch. Buckets smaller than one global batch are left out, with a warning naming
+    them; none large enough is an error. `batch_iterator` gives the checkpointable iterator."""
     import grain
 
     path = resolve(path)
     manifest = read_manifest(path)
     family = manifest["family"]
+    global_batch = batch_size * process_count
+    full = [b for b in manifest["buckets"] if b["count"] >= global_batch]
+    small = [b for b in manifest["buckets"] if b["count"] < global_batch]
+    if not full:
+        raise ConfigError(f"dataset {path}: no aspect bucket holds one global batch of {global_batch} examples "
+                          f"({describe_buckets(small)}): lower batch_size to at most "
+                          f"{max(b['count'] for b in small)}, or add images (prepare-data puts each in the bucket "
+                          "nearest its aspect ratio)")
+    if small and process_index == 0:
+        import sys
+
+        print(f"dataset {path}: training on {sum(b['count'] for b in full)} of {manifest['count']} examples; "
+              f"{len(small)} aspect bucket(s) hold fewer than one global batch of {global_batch} and are left out: "
+              f"{describe_buckets(small)}", file=sys.stderr)
     datasets, weights = [], []
-    for bucket in manifest["buckets"]:
-        if bucket["count"] < batch_size * process_count:
-            raise ConfigError(f"dataset bucket {bucket['latent_shape']} holds {bucket['count']} examples, fewer than "
-                              f"one global batch of {batch_size * process_count}")
+    for bucket in full:
         files = [str(path / f) for f in bucket["files"]]
         try:
             source = grain.sources.ArrayRecordDataSource(files)
