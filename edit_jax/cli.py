@@ -463,12 +463,16 @@ def cmd_train(args) -> int:
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path and not Path(path).exists():  # no file given: only overrides
         path, overrides = None, [path] + overrides
+    if args.topology and not args.compile_only:
+        raise ValueError(f"--topology {args.topology} only acts with --compile-only (a run trains on the devices this "
+                         "host has): add --compile-only, or leave --topology out")
     config = load_config(path, overrides)
     if args.compile_only:
         from train.compile_only import compile_only
 
         if not args.topology:
-            raise ValueError("--compile-only needs --topology (e.g. v5e:4x4, v5p:2x2x2, v6e:2x4)")
+            raise ValueError("--compile-only needs --topology (e.g. v5e:4x4 or v5litepod-16, v5p:2x2x2 or v5p-16, "
+                             "v6e:2x4 or v6e-8)")
         return 0 if compile_only(config, args.topology)["fits"] is not False else 1
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     metrics = train(config, progress=not args.quiet, max_steps=args.max_steps)
@@ -823,7 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "wall-clock limit; rerunning the same command continues the run)")
     trn.add_argument("--compile-only", action="store_true",
                      help="compile the real step for --topology on this host (libtpu) and report per-chip memory")
-    trn.add_argument("--topology", help="TPU topology for --compile-only, e.g. v5e:4x4, v5p:2x2x2, v6e:2x4")
+    trn.add_argument("--topology", help="TPU slice for --compile-only: libtpu's name (v5e:4x4, v5p:2x2x2, v6e:2x4) or "
+                                        "the cloud's (v5litepod-16, v5p-16, v6e-8)")
     trn.add_argument("--distributed", action="store_true",
                      help="join a multi-process run JAX detects itself (TPU pod slices, SLURM, Open MPI, Kubernetes)")
     trn.add_argument("--coordinator", help="HOST:PORT of process 0, for processes started by hand (or EDIT_JAX_COORDINATOR)")
@@ -851,7 +856,11 @@ def main(argv: list[str] | None = None) -> int:
     from edit_jax.checkpoint import CheckpointError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras and args.command == "train" and all("=" in x and not x.startswith("-") for x in extras):
+        args.overrides = [*args.overrides, *extras]  # key=value overrides after a flag
+    elif extras:
+        parser.parse_args(argv)  # argparse's own error for what it does not know, exit 2
     if args.command in SHARE_THE_GPU_WITH_TORCH:  # JAX takes GPU memory as it needs it, not 75% up front
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec  # noqa: E402
 import edit_jax  # noqa: E402
 from edit_jax.checkpoint import flatten  # noqa: E402
 from edit_jax.models import init_variables, logical_axes  # noqa: E402
-from edit_jax.sharding import batch_sharding, logical_to_mesh, make_mesh, param_shardings  # noqa: E402
+from edit_jax.sharding import batch_sharding, logical_to_mesh, make_mesh, param_shardings, summarize  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import shared_inputs, synthetic_batch  # noqa: E402
 from train.loop import jitted_train_step, opt_state_shardings, split_trainable  # noqa: E402
@@ -53,6 +53,11 @@ def main():
     assert set(trainable) == {"routers"} and "params" not in str(jax.tree.structure(opt_state))
     kernel = variables["params"]["transformer_blocks"]["attn"]["to_q"]["kernel"]  # [L, D, D], D over fsdp
     assert kernel.addressable_shards[0].data.shape == (kernel.shape[0], kernel.shape[1] // 4, kernel.shape[2])
+    summary = summarize(model_config, mesh)  # the start-up's plan by rule agrees with the arrays placed
+    split = sum(1 for leaf in jax.tree.leaves(variables) if any(leaf.sharding.spec))
+    assert f"embed -> fsdp: {split} arrays" in summary, summary
+    per_device = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(variables))
+    assert f"{per_device / 2**20:.3g} MiB per device" in summary, (summary, per_device)
     print(f"checked {checked} leaves")
     for preset, trainable in (("flux-tiny", "routers+base"), ("qwen-image-tiny", "routers")):
         check_step_on_three_axes(preset, trainable)

@@ -38,6 +38,16 @@ def test_the_train_step_of_a_tiny_config_compiles_for_a_tpu_slice(attention):
     assert code == 0, err[-3000:]
     assert (report["chips"], report["device_kind"], report["fits"]) == (4, "TPU v5 lite", True)
     assert (report["param_dtype"], report["dtype"]) == ("bfloat16", "bfloat16")  # auto, for a TPU
+    assert (report["attention"], report["router_dtype"]) == (attention, "float32")
+    assert list(report)[0] == "chip" and report["chip"] == "v5e (TPU v5 lite), 15.75 GiB HBM per chip"
+    assert "start-up lines on stderr" in err and "harmless" in err
+
+
+def test_a_cloud_slice_name_compiles_for_its_topology():
+    code, report, err = compile_only("preset=flux-tiny", "batch_size=4", "height=4", "width=4", "num_txt=8",
+                                     "mesh.data=4", topology="v5litepod-4")
+    assert code == 0, err[-3000:]
+    assert (report["chips"], report["device_kind"], report["topology"]) == (4, "TPU v5 lite", "v5litepod-4")
 
 
 def test_full_size_flux_dev_router_training_at_batch_16_fits_a_v5e_4x4_slice():

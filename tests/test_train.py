@@ -263,6 +263,54 @@ def test_the_cli_trains_from_overrides_alone(tmp_path, capsys):
     assert (tmp_path / "cli" / "config.json").is_file() and list((tmp_path / "cli" / "tb").iterdir())
 
 
+def test_overrides_after_a_flag_are_read_as_overrides(tmp_path, capsys):
+    from edit_jax.cli import main
+
+    assert main(["train", "--quiet", "--max-steps", "1", f"run_dir={tmp_path / 'cli'}", "steps=2", "batch_size=2",
+                 "num_txt=4"]) == 0
+    assert json.loads((tmp_path / "cli" / "config.json").read_text())["num_txt"] == 4
+
+
+def test_a_stray_argument_after_a_flag_is_still_argparses_error(capsys):
+    from edit_jax.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--quiet", "--no-such-flag"])
+    assert exit.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_a_topology_without_compile_only_is_refused_before_any_run(tmp_path, capsys):
+    from edit_jax.cli import main
+
+    assert main(["train", f"run_dir={tmp_path / 'r'}", "--topology", "v5e:4x4"]) == 2
+    assert "--topology v5e:4x4 only acts with --compile-only" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name, libtpu", [("v5litepod-16", "v5e:4x4"), ("v5e-8", "v5e:2x4"), ("v6e-8", "v6e:2x4"),
+                                          ("v5p-32", "v5p:2x2x4"), ("v4-8", "v4:2x2x1"), ("v5e:4x4", "v5e:4x4")])
+def test_a_cloud_slice_name_reads_as_libtpus_topology(name, libtpu):
+    from train.compile_only import libtpu_topology
+
+    assert libtpu_topology(name) == (libtpu, None)
+
+
+def test_v5_for_a_slice_is_named_as_the_95_gib_v5p_with_the_v5e_spelling_beside_it():
+    from train.compile_only import describe_chip, libtpu_topology
+
+    name, note = libtpu_topology("v5:4x4")
+    assert name == "v5:4x4" and "v5p (95 GiB HBM per chip)" in note and "v5e:4x4" in note
+    assert describe_chip("TPU v5") == "v5p (TPU v5), 95 GiB HBM per chip"
+    assert describe_chip("TPU v5 lite") == "v5e (TPU v5 lite), 15.75 GiB HBM per chip"
+
+
+def test_a_cloud_slice_of_no_real_size_is_one_error_listing_the_sizes():
+    from train.compile_only import libtpu_topology
+
+    with pytest.raises(ConfigError, match="not a v5e slice size .*v5litepod-16"):
+        libtpu_topology("v5litepod-12")
+
+
 def run_cli(run_dir, devices, *overrides, env_extra=None, wait=True):
     args = [sys.executable, "-m", "edit_jax.cli", "train", f"run_dir={run_dir}", "steps=2", "batch_size=8", "num_txt=4",
             "learning_rate=1e-2", "warmup_steps=1", "lr_schedule=constant", "log_every=1", *overrides, "--quiet"]
@@ -703,3 +751,15 @@ def test_a_diffusers_folder_given_as_the_checkpoint_says_to_convert_it(tmp_path)
         with pytest.raises(CheckpointError, match=r"a diffusers flux model folder, not yet converted; make a checkpoint "
                                                   r"with `edit-jax convert flux .* ckpt/FLUX.1-dev`"):
             train(tiny_run(tmp_path, checkpoint=str(given)), progress=False)
+
+
+def test_the_start_up_prints_changed_settings_and_the_sharding_by_rule_and_writes_every_placement(tmp_path, capsys):
+    train(tiny_run(tmp_path, steps=1, mesh={"data": 1, "fsdp": 1, "tensor": 1}), progress=False)
+    err = capsys.readouterr().err
+    settings = err[err.index("settings"):err.index("dtypes")].splitlines()[1:]
+    assert "  steps         = 1" in settings and all(" = " in line for line in settings)
+    assert "kept whole on every device: 79 arrays" in err and "sharding.txt" in err
+    assert len(err.splitlines()) < 30  # the whole start-up, not one line per array
+    plan = (tmp_path / "run" / "sharding.txt").read_text().splitlines()
+    assert len(plan) == 1 + 79 and plan[1].startswith("  context_embedder/bias: (32,) ('embed',) -> (None,)")
+

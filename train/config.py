@@ -203,6 +203,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def describe_config(config: TrainConfig) -> str:
+    """The settings as `key = value` lines, those off their defaults (the rest: RUN_DIR/config.json)."""
+    default = TrainConfig().to_dict()
+    changed = {k: v for k, v in config.to_dict().items() if v != default[k]}
+    width = max(map(len, changed), default=0)
+    return "\n".join(["settings (the others at their defaults; all of them in RUN_DIR/config.json):",
+                      *(f"  {k:<{width}} = {v}" for k, v in changed.items())])
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

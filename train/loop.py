@@ -31,11 +31,12 @@ import edit_jax
 from edit_jax.checkpoint import agreed, load_params, load_routers, save, stored_identity
 from edit_jax.config import ConfigError, RuntimeConfig, preset
 from edit_jax.models import abstract_params, build_model, init_variables
-from edit_jax.sharding import batch_sharding, describe, make_mesh, param_shardings, replicated, use_rules
-from train.config import TrainConfig
+from edit_jax.sharding import (batch_sharding, describe, make_mesh, param_shardings, replicated, summarize,
+                               use_rules)
+from train.config import TrainConfig, describe_config
 from train.data import DataSource, shared_inputs
 from train.distributed import Preemption
-from train.run_dir import LOGS, changed_settings, check_run_dir, describe_changes, drop_records_after, run_config
+from train.run_dir import LOGS, SHARDING_FILE, changed_settings, check_run_dir, describe_changes, drop_records_after, run_config
 from train.step import make_loss_fn, make_optimizer, make_train_step
 
 
@@ -147,7 +148,8 @@ def abstract_like(tree):
 def train(config: TrainConfig, progress: bool = True, max_steps: int | None = None, describe_setup: bool = True) -> dict:
     """Runs (or resumes) the training run; returns the last logged metrics. max_steps: stop after
     this many steps of this call (a job with a wall-clock limit), saving a checkpoint there. describe_setup:
-    print the config, the mesh and every param's sharding first."""
+    print the settings, the dtypes and the sharding plan by rule first (every array's placement goes
+    into RUN_DIR/sharding.txt)."""
     with use_rules(config.axis_rules):
         return _train(config, progress, max_steps, describe_setup)
 
@@ -165,12 +167,12 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
     shardings = {"params": param_shardings(model_config, mesh),
                  "routers": param_shardings(model_config, mesh, collection="routers")}
     if is_main and describe_setup:
-        print(f"config: {json.dumps(config.to_dict())}", file=sys.stderr)
+        print(describe_config(config), file=sys.stderr)
         runtime = model_config.runtime
         print(f"dtypes: base params {runtime.param_dtype}, routers {runtime.router_dtype}, compute {runtime.dtype}",
               file=sys.stderr)
-        print(f"{jax.process_count()} process(es), {jax.device_count()} devices; {describe(model_config, mesh)}",
-              file=sys.stderr)
+        print(f"{jax.process_count()} process(es); {summarize(model_config, mesh)}\n  every array's placement: "
+              f"{run_dir / SHARDING_FILE}", file=sys.stderr)
 
     # ---- Params: created or restored straight into their shardings ---------------------------
     base_identity = None
@@ -234,6 +236,7 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (run_dir / SHARDING_FILE).write_text(describe(model_config, mesh) + "\n")
         for log in LOGS:  # the steps after the restored one run again, and are logged again
             drop_records_after(run_dir / log, start)
 

@@ -16,8 +16,9 @@ from edit_jax.config import ConfigError
 from train.config import TrainConfig
 
 CONFIG_FILE = "config.json"
+SHARDING_FILE = "sharding.txt"  # every param's shape, logical axes and mesh axes
 RUN_FILES = frozenset({CONFIG_FILE, "checkpoints", "tb", "metrics.jsonl", "eval.jsonl", "edit-jax", "profile",
-                       "metrics.jsonl.tmp", "eval.jsonl.tmp", "sharding.txt"})
+                       "metrics.jsonl.tmp", "eval.jsonl.tmp", SHARDING_FILE})
 FINAL_SCRATCH = ".edit-jax."  # the hidden folders of the final checkpoint's write (edit_jax.checkpoint)
 
 
