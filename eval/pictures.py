@@ -1,4 +1,5 @@
-"""Pictures a newcomer can read: the router map of a sampling run (matplotlib, PNG)."""
+"""Pictures a newcomer can read (matplotlib, PNG): the router map of a sampling run, quality
+against FLOPs, sample grids."""
 
 from __future__ import annotations
 
@@ -20,17 +21,35 @@ def routing_categories(executed: np.ndarray, bucket: np.ndarray | None, cache_hi
     return codes
 
 
-def plot_router_map(path: str | Path, executed, bucket=None, cache_hit=None, *, title: str = "",
-                    block_groups: list[tuple[str, int]] | None = None) -> Path:
-    """Draws one sample's routing as a grid, denoising steps down, blocks across ([S, L] inputs):
-    grey skipped, blues computed (darker = wider MLP), green reused from the cache.
-
-    block_groups: [(name, count)] of the block stacks in order (FLUX: double, single), drawn as
-    separated, labelled spans of the x axis."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def plot_router_map(path: str | Path, executed, bucket=None, cache_hit=None, *, title: str = "",
+                    block_groups: list[tuple[str, int]] | None = None) -> Path:
+    """`router_map_figure` as a PNG at `path`."""
+    return _save(router_map_figure(executed, bucket, cache_hit, title=title, block_groups=block_groups), path)
+
+
+def router_map_figure(executed, bucket=None, cache_hit=None, *, title: str = "",
+                      block_groups: list[tuple[str, int]] | None = None):
+    """One sample's routing as a grid, denoising steps down, blocks across ([S, L] inputs):
+    grey skipped, blues computed (darker = wider MLP), green reused from the cache.
+
+    block_groups: [(name, count)] of the block stacks in order (FLUX: double, single), drawn as
+    separated spans of the x axis, named above it."""
+    plt = _pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -48,22 +67,22 @@ def plot_router_map(path: str | Path, executed, bucket=None, cache_hit=None, *, 
     ax.set_yticks(np.arange(-0.5, steps), minor=True)
     ax.grid(which="minor", color="white", linewidth=0.6)
     ax.tick_params(which="minor", length=0)
-    start = 0
-    for name, count in block_groups or []:
-        if start:
+    if block_groups:  # the stacks' names on an axis of their own above the grid: the title sits above it
+        starts = np.cumsum([0] + [count for _, count in block_groups])
+        for start in starts[1:-1]:
             ax.axvline(start - 0.5, color="black", linewidth=1.5)
-        ax.text(start + count / 2 - 0.5, -0.8, name, ha="center", va="bottom", fontsize=8)
-        start += count
+        groups = ax.secondary_xaxis("top")
+        groups.set_xticks([start + count / 2 - 0.5 for start, (_, count) in zip(starts, block_groups)],
+                          [name for name, _ in block_groups], fontsize=8)
+        groups.tick_params(length=0)
     computed = codes > 0
     ax.set_title(f"{title}\nblocks computed {computed.mean():.0%}, reused {np.mean(codes == REUSED):.0%}, "
-                 f"skipped {np.mean(codes == SKIPPED):.0%}", fontsize=10, pad=18 if block_groups else 6)
+                 f"skipped {np.mean(codes == SKIPPED):.0%}", fontsize=10)
     legend = [Patch(color=colors[1], label="skipped"), Patch(color=colors[0], label="reused (cache)")]
     legend += [Patch(color=colors[2 + k], label=f"computed, MLP width {w}") for k, w in enumerate(WIDTH_LABELS)]
     ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def block_groups(config) -> list[tuple[str, int]]:
@@ -73,43 +92,44 @@ def block_groups(config) -> list[tuple[str, int]]:
     return [("blocks", config.num_layers)]
 
 
-def plot_quality_vs_flops(path: str | Path, curves: dict[str, list[tuple[float, float]]], *, ylabel: str, title: str,
-                          dense: float | None = None, lower_is_better: bool = False) -> Path:
+def plot_quality_vs_flops(path: str | Path, curves: dict[str, list[tuple[float, float]]], **kwargs) -> Path:
+    """`quality_vs_flops_figure` as a PNG at `path`."""
+    return _save(quality_vs_flops_figure(curves, **kwargs), path)
+
+
+def quality_vs_flops_figure(curves: dict[str, list[tuple[float, float]]], *, ylabel: str, title: str,
+                            dense: float | None = None, lower_is_better: bool = False,
+                            notes: dict[str, str] | None = None):
     """One line per method through its (FLOPs relative to dense, quality) points, sorted by FLOPs;
-    `dense` as a dashed horizontal reference at FLOPs 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    dense's FLOPs (1.0) always in range, as a dotted vertical line, and `dense` quality as a dashed
+    horizontal one. notes: {method: text} written beside that method's points."""
+    fig, ax = _pyplot().subplots(figsize=(7.5, 4.8), dpi=120)
     markers = "osD^v<>pP*"
     for i, (name, points) in enumerate(curves.items()):
         points = sorted(points)
         # hollow, each method smaller than the one before: points that coincide still show as nested marks
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=markers[i % len(markers)], label=name,
                 markersize=max(11 - 2 * i, 4), markerfacecolor="none", markeredgewidth=1.5)
+        for x, y in points if name in (notes or {}) else []:
+            ax.annotate(notes[name], (x, y), xytext=(-8, -14), textcoords="offset points", ha="right", fontsize=7)
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1, label="dense's FLOPs")
     if dense is not None:
         ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
         ax.plot([1.0], [dense], marker="*", color="black", markersize=10)
+    xs = [x for points in curves.values() for x, _ in points] + [1.0]
+    ax.set_xlim(0.0, max(xs) * 1.08)
     ax.set_xlabel("FLOPs per sample relative to dense (routers counted)")
     ax.set_ylabel(ylabel + (" (lower is better)" if lower_is_better else ""))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def plot_sample_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, *, title: str, columns: int = 10) -> Path:
     """Images [M, H, W] in [0, 1] in a grid, each titled with the label it was conditioned on."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = -(-len(images) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.25 * rows + 0.6), dpi=100, squeeze=False)
     for ax in axes.ravel():
@@ -119,6 +139,4 @@ def plot_sample_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, *
         ax.set_title(f"label {label}", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
