@@ -416,19 +416,25 @@ def stored_identity(path: str | Path) -> tuple | None:
 
 
 def run_dir_hint(path: Path) -> str:
-    """What a folder given in place of a checkpoint is, and what to do with it ("" for other
-    folders): a training run's (where it keeps its trained checkpoint), or diffusers weights (the
-    `convert` command that makes one)."""
-    family = _diffusers_family(path)
-    if family is not None:
-        return (f": it is a diffusers {family} model folder, not yet converted; make a checkpoint with "
-                f"`edit-jax convert {family} {path} ckpt/{path.parent.name if path.name == 'transformer' else path.name}`")
+    """Where a training run's folder, given in place of a checkpoint, keeps its trained one ("" for
+    other folders)."""
     if is_checkpoint(path / "edit-jax"):
         return f": it is a training run's folder, whose trained checkpoint is {path / 'edit-jax'}"
     if (path / "checkpoints").is_dir() and (path / CONFIG_FILE).is_file():
         return (": it looks like a training run's folder whose run has not finished; its trained checkpoint "
                 f"will be {path / 'edit-jax'} (rerun the training command to finish it)")
     return ""
+
+
+def diffusers_hint(path: Path) -> str:
+    """The `convert` command that makes a checkpoint of a diffusers folder given in place of one
+    ("" for other folders)."""
+    family = _diffusers_family(path)
+    if family is None:
+        return ""
+    name = path.parent.name if path.name == "transformer" else path.name
+    return (f": it is a diffusers {family} model folder, not yet converted; make a checkpoint with "
+            f"`edit-jax convert {family} {path} ckpt/{name}`")
 
 
 def _diffusers_family(path: Path) -> str | None:
@@ -452,7 +458,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"no such checkpoint: {path}")
     if not meta_file.is_file() or not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{path} is not an edit-jax checkpoint (no {PARAMS_DIR}/ beside an edit-jax {CONFIG_FILE})"
-                              + run_dir_hint(path))
+                              + (run_dir_hint(path) or diffusers_hint(path)))
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:

@@ -128,16 +128,21 @@ def cmd_inspect(args) -> int:
 
 
 def load_calibration(path: str | None, config, batches: int, seed: int) -> list[dict]:
-    """Calibration inputs: an .npz of model inputs named as the model's arguments (Qwen-Image:
-    img_shapes as 3 ints), or random example inputs when no file is given."""
+    """Calibration inputs: a prepared training dataset (`prepare-data`: its latents noised, its
+    text embeddings), an .npz of model inputs named as the model's arguments (Qwen-Image:
+    img_shapes as 3 ints), or random example inputs when none is given."""
     import jax.numpy as jnp
 
     from edit_jax.models import example_inputs
 
     if path is None:
-        print("order-channels: no --calibration given, using random inputs; real latents and "
-              "prompt embeddings rank channels better", file=sys.stderr)
+        print("order-channels: no --calibration given, using random inputs; real latents and prompt embeddings rank "
+              "channels better: give the dataset `edit-jax prepare-data` wrote (--calibration DATA)", file=sys.stderr)
         return [example_inputs(config, batch=2, height=8, width=8, num_txt=16, seed=seed + i) for i in range(batches)]
+    if Path(path).is_dir():
+        from train.calibration import dataset_calibration
+
+        return dataset_calibration(path, config, batches, seed=seed)
     data = read_arrays(path, "--calibration")
     expected = set(example_inputs(config))
     optional = {"encoder_hidden_states_mask"}
@@ -614,7 +619,8 @@ EMBEDDINGS_HELP = """embeddings file (.npz or .safetensors), by model family:
   negative_prompt_embeds_mask). Widths are those of the real models; a checkpoint of another size
   needs its own joint_attention_dim / pooled_projection_dim."""
 
-CALIBRATION_HELP = """calibration file (.npz): the model's own inputs, one batch:
+CALIBRATION_HELP = """--calibration DATA: a training dataset (edit-jax prepare-data), the best choice; or an .npz of
+the model's own inputs, one batch:
   flux        hidden_states [B, N, 64], encoder_hidden_states [B, T, 4096], pooled_projections [B, 768],
               timestep [B] in [0, 1], img_ids [N, 3], txt_ids [T, 3] (+ guidance [B] for dev)
   qwen-image  hidden_states [B, N, 64], encoder_hidden_states [B, T, 3584], encoder_hidden_states_mask
@@ -811,8 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     order = command("order-channels", "sort elastic MLP channels by importance (before router training)", CALIBRATION_HELP)
     order.add_argument("ckpt", help="a converted base checkpoint (without routers)")
     order.add_argument("out", help="checkpoint folder to create")
-    order.add_argument("--calibration", help=".npz of model inputs (layout below; default: random inputs)")
-    order.add_argument("--batches", type=at_least(1), default=4, help="random calibration batches (without --calibration)")
+    order.add_argument("--calibration", help="a dataset `edit-jax prepare-data` wrote (its latents noised, its captions' "
+                                              "embeddings), or an .npz of model inputs (layout below); default: random inputs")
+    order.add_argument("--batches", type=at_least(1), default=4, help="calibration batches (random, or of the dataset)")
     order.add_argument("--seed", type=at_least(0), default=0, help="seed of the random calibration inputs")
     order.add_argument("--overwrite", action="store_true", help="replace OUT if it is an edit-jax checkpoint")
     order.set_defaults(run=cmd_order_channels)

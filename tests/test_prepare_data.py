@@ -339,3 +339,23 @@ def test_the_manifest_names_the_source_images_of_each_bucket(prepared):
 
     sources = {tuple(b["latent_shape"]): b["sources"] for b in read_manifest(prepared[0])["buckets"]}
     assert sources == {(4, 8, 8): ["square.png"], (4, 6, 10): ["wide.png"], (4, 10, 6): ["tall.png"]}
+
+
+def test_order_channels_ranks_on_a_prepared_dataset(tiny_pipeline, prepared, tmp_path, capsys):
+    from checkpoints_convert import convert_checkpoint
+    from edit_jax.channel_order import order_mlp_channels
+    from train.calibration import dataset_calibration
+
+    ckpt = convert_checkpoint("flux", tiny_pipeline / "transformer", tmp_path / "ckpt", dtype="float32", progress=False)
+    assert main(["order-channels", str(ckpt), str(tmp_path / "ordered"), "--calibration", str(prepared[0]),
+                 "--batches", "2"]) == 0
+    assert "random inputs" not in capsys.readouterr().err
+    import edit_jax
+
+    model, params = edit_jax.load(ckpt)
+    calibration = dataset_calibration(prepared[0], model.config, batches=2)
+    assert {tuple(c["hidden_states"].shape[1:]) for c in calibration} <= {(16, 16), (15, 16)}  # the buckets' grids
+    random_order = order_mlp_channels(model.config, params, [dict(c, hidden_states=c["hidden_states"] * 0 + 1)
+                                                            for c in calibration])[1]
+    data_order = order_mlp_channels(model.config, params, calibration)[1]
+    assert any((a != b).any() for a, b in zip(random_order, data_order))  # the data, not only its shapes, ranks
