@@ -164,10 +164,14 @@ def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory
     assert rows == [2, 2] and len(batched["images"]) == 3  # the last batch padded to the compiled size
 
 
-def test_e_dit_images_with_the_cache_do_not_depend_on_the_batch_size(tiny_pipeline, tmp_path):
+def test_e_dit_images_with_the_cache_do_not_depend_on_the_batch_size(tiny_pipeline, tmp_path, monkeypatch):
     import edit_jax
     from edit_jax.checkpoint import save
+    from eval import pictures
     from pipelines.generate import generate
+
+    titles, plot = [], pictures.plot_router_map
+    monkeypatch.setattr(pictures, "plot_router_map", lambda *a, **k: titles.append(k["title"]) or plot(*a, **k))
 
     _, folder = tiny_pipeline
     config = edit_jax.from_diffusers_config(folder / "transformer")
@@ -179,6 +183,7 @@ def test_e_dit_images_with_the_cache_do_not_depend_on_the_batch_size(tiny_pipeli
     two = generate(folder, PROMPTS, tmp_path / "two", batch_size=2, **settings)
     np.testing.assert_allclose(two["images"], one["images"], rtol=1e-5, atol=1e-5)
     assert one["summary"]["routing"]["cache_hit_rate"] > 0 and one["summary"]["e_dit"]["decision"] == "sample"
+    assert titles[0].startswith("E-DiT + cache routing of prompt 0")  # the router map says the cache ran too
 
 
 def test_a_folder_without_a_component_is_one_error_naming_it(tiny_pipeline, tmp_path, capsys):
