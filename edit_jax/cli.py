@@ -227,9 +227,9 @@ def read_arrays(path: str, flag: str, make_one: str = "") -> dict:
     existing_file(path, flag)
     with open(path, "rb") as f:
         head = f.read(4096)
-    is_text = b"\0" not in head and _decodes(head)
     if not path.endswith(".safetensors") and not head.startswith(b"PK"):  # an .npz is a zip archive
-        kind = "a text file" if is_text else "an .npy array" if head.startswith(b"\x93NUMPY") else "not one"
+        kind = ("an .npy array" if head.startswith(b"\x93NUMPY") else
+                "a text file" if b"\0" not in head and _decodes(head) else "not one")
         raise ValueError(f"{flag} {path} is not an .npz or .safetensors file of named arrays ({kind}){make_one}")
     try:
         if path.endswith(".safetensors"):
@@ -579,9 +579,8 @@ def cmd_prepare_data(args) -> int:
 
 def cmd_eval(args) -> int:
     from edit_jax.elastic import ElasticConfig
-    from eval.sampling_eval import evaluate_checkpoint
-
     from edit_jax.vae import check_tile_size
+    from eval.sampling_eval import evaluate_checkpoint
 
     out = check_output_folder(args.out, "eval")
     earlier = earlier_outputs(out, "eval")

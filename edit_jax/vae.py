@@ -254,13 +254,13 @@ def check_vae_fits(vae_config, config, path) -> None:
 TILE_OVERLAP = 0.25  # of a tile, on each side that meets another (diffusers' tiled decoders)
 
 
-def check_tile_size(tile_size: int, downscale: int = 8) -> None:
+def check_tile_size(tile_size: int, downscale: int = 8, flag: str = "--tile-size") -> None:
     """Raises ValueError unless tiles of `tile_size` pixels step and overlap by whole latents: a
     positive multiple of 4 x the VAE's scale (32 px for FLUX.1's and Qwen-Image's 8x VAEs)."""
     unit = round(downscale / TILE_OVERLAP)
     if tile_size < unit or tile_size % unit:
         below, above = max(unit, tile_size // unit * unit), (tile_size // unit + 1) * unit
-        raise ValueError(f"--tile-size {tile_size}: give a multiple of {unit} px (4 x the VAE's {downscale}x scale, so "
+        raise ValueError(f"{flag} {tile_size}: give a multiple of {unit} px (4 x the VAE's {downscale}x scale, so "
                          f"that tiles overlap by whole latents), e.g. {below if below != tile_size else above}; "
                          f"1024 is the pipelines' own")
 

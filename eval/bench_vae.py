@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+from edit_jax.vae import check_tile_size
 from eval.report import run_script
 
 
@@ -130,10 +131,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--side", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # one side, in a child
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    for name in ("size", "tile"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 8):
-            raise ValueError(f"--{name} {value}: must be a positive multiple of 8 pixels (the VAE's scale)")
+    if args.size <= 0 or args.size % 8:
+        raise ValueError(f"--size {args.size}: must be a positive multiple of 8 pixels (the VAE's scale)")
+    if args.tile is not None:
+        check_tile_size(args.tile, flag="--tile")
     if args.side:
         print(json.dumps(run_side(args.side, args.vae, args.size, args.runs, args.tile, args.channels)))
         return {}

@@ -156,12 +156,13 @@ def test_train_benchmark_reports_one_device_beside_eight(tmp_path):
     assert json.loads((tmp_path / "train.json").read_text())["preset"] == "flux-tiny"
 
 
-@pytest.mark.parametrize("vae", [["--channels", "8,8,16,16"], ["--vae", "qwen-image", "--channels", "4", "--tile", "16"]],
+@pytest.mark.parametrize("vae", [["--size", "32", "--channels", "8,8,16,16"],
+                                 ["--size", "64", "--vae", "qwen-image", "--channels", "4", "--tile", "32"]],
                          ids=["flux", "qwen-image-tiled"])
 def test_vae_benchmark_reports_both_sides_time_and_peak_memory(vae, tmp_path):
     from eval.bench_vae import main
 
-    result = main(["--size", "32", "--runs", "1", *vae, "--out", str(tmp_path / "vae.json")])
+    result = main(["--runs", "1", *vae, "--out", str(tmp_path / "vae.json")])
     for side in ("ours", "diffusers"):
         assert result[side]["decode_s"] > 0 and result[side]["peak_rss_gib"] > 0
     assert result["ours_vs_diffusers_time"] > 0 and (tmp_path / "vae.json").is_file()
@@ -198,3 +199,5 @@ def test_a_vae_benchmark_size_off_the_vae_scale_is_refused_before_any_work():
 
     with pytest.raises(ValueError, match="--size 33: must be a positive multiple of 8 pixels"):
         main(["--size", "33"])
+    with pytest.raises(ValueError, match="--tile 16: give a multiple of 32 px"):
+        main(["--size", "64", "--tile", "16"])

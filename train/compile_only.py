@@ -11,6 +11,7 @@ The batch is the synthetic source's shape (`height`, `width` in packed tokens, `
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -44,8 +45,6 @@ def libtpu_topology(name: str) -> tuple[str, str | None]:
     """(libtpu's topology string, a note or None) for a topology given as libtpu writes it
     ("v5e:4x4", "v5p:2x2x2") or as the cloud names a slice ("v5litepod-16", "v5p-32", "v6e-8",
     "v4-32"). The note warns of "v5", libtpu's name for the 95 GiB v5p, easily typed for a v5e."""
-    import re
-
     cloud = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name)
     if cloud:
         generation = CLOUD_NAMES[cloud[1]]
