@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from edit_jax.config import FluxConfig, preset
-from edit_jax.flux import proj_out_parts
+from edit_jax.config import FluxConfig, preset, proj_out_parts
 from checkpoints_convert.configs import reconcile_config, with_recorded_activation
 from checkpoints_convert import tables
 from checkpoints_convert.tables import Src, input_linear, joint_linear, linear, rows, scale, stored_order, swap_halves
@@ -116,7 +115,7 @@ def bfl_table(cfg: FluxConfig) -> dict[str, Src]:
 def router_table(cfg: FluxConfig) -> dict[str, Src]:
     """Our routers <- gate_mlps.{i}.* numbered over the double blocks, then the single blocks
     (the layout `edit-jax export --format edit-release` writes for FLUX)."""
-    return tables.router_table((("transformer_blocks", 0), ("single_transformer_blocks", cfg.num_layers)))
+    return tables.stacked_router_table((("transformer_blocks", 0), ("single_transformer_blocks", cfg.num_layers)))
 
 
 TABLES = {"diffusers": diffusers_table, "bfl": bfl_table, "edit-release": diffusers_table}

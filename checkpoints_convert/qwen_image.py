@@ -54,7 +54,7 @@ def diffusers_table(cfg: QwenImageConfig) -> dict[str, Src]:
 def router_table(cfg: QwenImageConfig | None = None) -> dict[str, Src]:
     """Our router tree <- the release's gate_mlps.{i}.*, stacked over {i} (one stack: the config
     does not change the table; taken for the same signature as FLUX's)."""
-    return tables.router_table((("transformer_blocks", 0),))
+    return tables.stacked_router_table((("transformer_blocks", 0),))
 
 
 TABLES = {"diffusers": diffusers_table, "edit-release": diffusers_table}

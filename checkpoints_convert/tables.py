@@ -173,7 +173,7 @@ def scale(ours: str, theirs_key: str) -> dict[str, Src]:
     return {f"{ours}/scale": Src(theirs_key)}
 
 
-def router_table(stacks: tuple[tuple[str, int], ...]) -> dict[str, Src]:
+def stacked_router_table(stacks: tuple[tuple[str, int], ...]) -> dict[str, Src]:
     """Our router tree <- the E-DiT release's gate_mlps.{i}.* (SPEC section 6), for block stacks
     given as (our stack name, the release index of its first block): one numbering over all
     blocks in scan order (FLUX: the double blocks, then the single ones)."""

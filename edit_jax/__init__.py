@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from edit_jax.checkpoint import load_routers
+from edit_jax import checkpoint
+from edit_jax.checkpoint import load_config, load_params
 from edit_jax.config import FluxConfig, QwenImageConfig, RuntimeConfig, from_diffusers_config, preset
 from edit_jax.elastic import ElasticConfig
 from edit_jax.models import abstract_params, build_model, init_params, init_routers, logical_axes
+from edit_jax.placement import mesh_shardings
 
 __all__ = [
     "ElasticConfig",
@@ -34,9 +36,6 @@ def load(path, shardings=None, activation=None, mesh=None, **runtime):
     runtime: RuntimeConfig overrides, e.g. dtype="bfloat16", attention="cudnn",
     param_dtype="float32" (params are cast on restore).
     """
-    from edit_jax.checkpoint import load_config, load_params
-    from edit_jax.sharding import mesh_shardings
-
     config = load_config(path)
     if activation is not None:
         config = config.replace(activation=activation)
@@ -44,3 +43,11 @@ def load(path, shardings=None, activation=None, mesh=None, **runtime):
         config = config.with_runtime(**runtime)
     params = load_params(path, abstract_params(config), mesh_shardings(config, mesh, shardings))
     return build_model(config), params
+
+
+def load_routers(path, shardings=None, mesh=None) -> dict | None:
+    """The routers of an edit-jax checkpoint as stored (None when it has none), placed by
+    `shardings` (as `load`), or on `mesh` as the logical-axis rules table says."""
+    if mesh is not None:
+        shardings = mesh_shardings(load_config(path), mesh, shardings, "routers")
+    return checkpoint.load_routers(path, shardings)

@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from orbax.checkpoint.experimental import v1 as ocp
 
-from edit_jax.config import DIFFUSERS_CLASSES, config_from_dict, config_to_dict
+from edit_jax.config import DIFFUSERS_CLASSES, config_from_dict, config_to_dict, proj_out_parts
 
 FORMAT_NAME = "edit-jax"
 FORMAT_VERSION = 3
@@ -523,8 +523,6 @@ def format_1_joined(config) -> dict[str, list[tuple[str, int]]]:
     """{format-1 kernel: [(format-2 kernel, rows), ...] in row order} for a model config."""
     if config.family != "flux" or not config.num_single_layers:
         return {}
-    from edit_jax.flux import proj_out_parts
-
     stem = "single_transformer_blocks/proj_out"
     return {f"{stem}/kernel": [(f"{stem}/{name}", rows) for name, _, rows in proj_out_parts(config)]}
 
@@ -620,15 +618,11 @@ def _check_layout(where: Path, stored: dict, abstract: dict) -> None:
         raise CheckpointError(f"{where} does not fit the model config:\n  {listed}")
 
 
-def load_routers(path: str | Path, shardings=None, mesh=None) -> dict | None:
+def load_routers(path: str | Path, shardings=None) -> dict | None:
     """The router subtree of a checkpoint (None when it has none), as stored; placed by
-    `shardings` (as `edit_jax.load`), or on `mesh` as the logical-axis rules say."""
+    `shardings` (as `edit_jax.load`; `edit_jax.load_routers` also takes a mesh)."""
     if ROUTERS_DIR not in tree_names(path):
         return None
-    if mesh is not None:
-        from edit_jax.sharding import mesh_shardings
-
-        shardings = mesh_shardings(load_config(path), mesh, shardings, "routers")
     meta = params_metadata(path, ROUTERS_DIR)  # checked; restored as stored
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(*m), meta, is_leaf=lambda x: isinstance(x, tuple))
     return _restore(resolve(path), ROUTERS_DIR, abstract, _leaf_shardings(shardings, abstract))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edit_jax.config import (ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, ConfigError, from_diffusers_config, preset,
                              resolve_attention, resolve_dtype)
+from edit_jax.embeddings import check_embeddings, embedding_conditions, existing_file, read_arrays, read_embeddings
 
 
 def resolve_config(value: str | None, family: str):
@@ -217,52 +218,6 @@ def mesh_of(args):
     return make_mesh(args.mesh) if args.mesh else None
 
 
-def read_arrays(path: str, flag: str, make_one: str = "") -> dict:
-    """The named arrays of an .npz or .safetensors file; a ValueError naming the flag otherwise
-    (`make_one`: how to make the right file, said then), or naming the array that holds NaN or
-    infinite values (they would give NaN samples). Arrays of text (an embeddings file's prompts)
-    are read as they are; pickled objects never."""
-    import numpy as np
-
-    existing_file(path, flag)
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if not path.endswith(".safetensors") and not head.startswith(b"PK"):  # an .npz is a zip archive
-        kind = ("an .npy array" if head.startswith(b"\x93NUMPY") else
-                "a text file" if b"\0" not in head and _decodes(head) else "not one")
-        raise ValueError(f"{flag} {path} is not an .npz or .safetensors file of named arrays ({kind}){make_one}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.numpy import load_file
-
-            data = load_file(path)
-        else:
-            with np.load(path, allow_pickle=False) as file:
-                data = dict(file)
-    except Exception as e:  # numpy and safetensors raise many types for a file that is not theirs
-        reason = "it holds pickled objects, which edit-jax never loads" if "pickle" in str(e) else str(e)
-        raise ValueError(f"{flag} {path} is not a readable .npz or .safetensors file: {reason}{make_one}") from e
-    for key, value in data.items():
-        if value.dtype.kind in "fc" and not np.isfinite(value).all():
-            raise ValueError(f"{flag} {path}: {key!r} holds NaN or infinite values")
-    return data
-
-
-def _decodes(head: bytes) -> bool:
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return e.start > len(head) - 4  # a character cut at the end of the bytes read
-    return True
-
-
-def existing_file(path: str, flag: str) -> str:
-    """`path` when it is a file; otherwise a ValueError naming the flag."""
-    if not Path(path).is_file():
-        raise ValueError(f"{flag} {path}: no such file")
-    return path
-
-
 def cmd_order_channels(args) -> int:
     import numpy as np
 
@@ -288,44 +243,6 @@ def cmd_order_channels(args) -> int:
     print(json.dumps({"checkpoint": str(path), "importance_kept_at_half_width": kept(written),
                       "importance_kept_at_half_width_before": kept(scores)}, indent=2))
     return 0
-
-
-MAKE_EMBEDDINGS = ("; make one from a prompts file with `edit-jax encode-prompts --model PIPELINE_DIR --prompts "
-                   "prompts.txt --out prompts.npz`")
-
-
-def read_embeddings(path: str) -> dict:
-    """Prompt embeddings from .npz or .safetensors: prompt_embeds [B, T, D] and, as the model
-    needs, pooled_prompt_embeds [B, P] (FLUX), prompt_embeds_mask [B, T] (Qwen-Image) and the
-    negative_* counterparts for true CFG."""
-    data = read_arrays(path, "--embeddings", MAKE_EMBEDDINGS)
-    if "prompt_embeds" not in data:
-        raise ValueError(f"{path} has no 'prompt_embeds' (found: {sorted(data)}){MAKE_EMBEDDINGS}")
-    return data
-
-
-EMBEDDING_KEYS = {
-    "flux": "prompt_embeds [B, T, 4096] (T5) and pooled_prompt_embeds [B, 768] (CLIP)",
-    "qwen-image": "prompt_embeds [B, T, 3584] and prompt_embeds_mask [B, T] (1 = valid token)",
-}
-
-
-def check_embeddings(config, data: dict, path: str) -> None:
-    """Raises ValueError when the file lacks what the model family needs, naming it."""
-    need = {"flux": "pooled_prompt_embeds", "qwen-image": None}[config.family]
-    if need is not None and need not in data:
-        raise ValueError(f"{path} has no {need!r}: a {config.family} model needs {EMBEDDING_KEYS[config.family]}")
-
-
-def conditions(config, data: dict, height: int, width: int, prefix: str = "") -> dict | None:
-    """The sampler's cond from an embeddings file ("negative_" prefix: the CFG negative); None
-    when the file has no such prompt."""
-    from edit_jax.sampler import make_conditions
-
-    if f"{prefix}prompt_embeds" not in data:
-        return None
-    return make_conditions(config, data[f"{prefix}prompt_embeds"], height, width,
-                           data.get(f"{prefix}pooled_prompt_embeds"), data.get(f"{prefix}prompt_embeds_mask"))
 
 
 OUTPUTS = {  # what each command writes into its --out folder (a full-match pattern of names)
@@ -382,7 +299,8 @@ def cmd_sample(args) -> int:
     from tqdm.auto import tqdm
 
     from edit_jax import load
-    from edit_jax.checkpoint import CheckpointError, load_routers
+    from edit_jax import load_routers
+    from edit_jax.checkpoint import CheckpointError
     from edit_jax.elastic import ElasticConfig
     from edit_jax.latents import initial_noise, packed_grid, unpack_latents
     from edit_jax.models import init_routers
@@ -404,8 +322,8 @@ def cmd_sample(args) -> int:
     model, params = load(args.ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=args.attention)
     config = model.config
     check_embeddings(config, data, args.embeddings)
-    cond = conditions(config, data, args.height, args.width)
-    negative = conditions(config, data, args.height, args.width, "negative_")
+    cond = embedding_conditions(config, data, args.height, args.width)
+    negative = embedding_conditions(config, data, args.height, args.width, "negative_")
     batch = cond["encoder_hidden_states"].shape[0]
     if elastic is not None:
         routers = load_routers(args.ckpt, mesh=mesh)
@@ -461,7 +379,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from train.config import load_config
+    from train.config import load_train_config
     from train.distributed import initialize
     from train.loop import train
 
@@ -471,7 +389,7 @@ def cmd_train(args) -> int:
     if args.topology and not args.compile_only:
         raise ValueError(f"--topology {args.topology} only acts with --compile-only (a run trains on the devices this "
                          "host has): add --compile-only, or leave --topology out")
-    config = load_config(path, overrides)
+    config = load_train_config(path, overrides)
     if args.compile_only:
         from train.compile_only import compile_only
 

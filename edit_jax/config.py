@@ -117,6 +117,11 @@ class TransformerConfig:
                               f"channel count {widths} (1 always does)")
 
     @property
+    def num_blocks(self) -> int:
+        """Every routed block, in scan order (FLUX: double-stream, then single-stream)."""
+        return self.num_layers + getattr(self, "num_single_layers", 0)
+
+    @property
     def inner_dim(self) -> int:
         """D, the width of the residual stream."""
         return self.num_attention_heads * self.attention_head_dim
@@ -173,6 +178,13 @@ class FluxConfig(TransformerConfig):
 
     def __post_init__(self):
         self._check_common(("num_layers", "num_single_layers"))
+
+
+def proj_out_parts(cfg: FluxConfig) -> tuple[tuple[str, str, int], ...]:
+    """The FLUX single blocks' proj_out input [attention D; MLP M] as `JointLinear.parts`: two
+    kernels (name, logical axis of their rows, rows), sharded like an attention output
+    projection's and like fc2's. The checkpoint format and the converters read it too."""
+    return ("kernel_attn", "heads", cfg.inner_dim), ("kernel_mlp", "mlp", cfg.mlp_hidden_dim)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Analytic FLOPs of a denoising step for any E-DiT decision pattern (2 FLOPs per multiply-add).
+"""Analytic FLOPs of a denoising step for any E-DiT decision pattern (2 FLOPs per multiply-add),
+and a sampling run's cost and routing from the sampler's records (`routing_stats`).
 
 Counted: every matmul (linears, attention scores and values, modulation, embedders, routers).
 Not counted: elementwise work (norms, activations, softmax), a few percent at real sizes.
@@ -80,3 +81,31 @@ def step_flops(config, num_img: int, num_txt: int, aux: dict, with_routers: bool
     per_sample = fixed + jnp.sum(jnp.where(executed, table[layers, 1 + bucket], 0.0), axis=1)
     total = batch * (fixed + jnp.sum(table[layers, aux["branch"]]))
     return {"per_sample": per_sample, "total": total, "dense_per_sample": float(dense_flops(config, num_img, num_txt))}
+
+
+ROUTING_KEYS = ("flops_per_step", "flops_total", "flops_vs_dense", "blocks_executed", "mean_width", "cache_hit_rate")
+
+
+def routing_stats(config, records: dict, num_img: int, num_txt: int, steps: int) -> dict:
+    """Cost and routing of a run from the sampler's records (dense: records empty)."""
+    dense = float(dense_flops(config, num_img, num_txt))
+    if not records:
+        return {"flops_per_step": dense, "flops_total": dense * steps, "flops_vs_dense": 1.0,
+                "blocks_executed": 1.0, "mean_width": 1.0, "cache_hit_rate": 0.0}
+    per_sample = np.asarray(records["flops_per_sample"], np.float64)  # [S, B]
+    executed = np.asarray(records["executed"], bool)  # [S, B, L]
+    widths = np.asarray(config.width_buckets, np.float64)[np.asarray(records["bucket"])]
+    return {
+        "flops_per_step": float(per_sample.mean()),
+        "flops_total": float(per_sample.sum(axis=0).mean()),
+        "flops_vs_dense": float(per_sample.mean() / dense),
+        "blocks_executed": float(executed.mean()),
+        "mean_width": float(widths[executed].mean()) if executed.any() else 0.0,
+        "cache_hit_rate": float(np.asarray(records["cache_hit"]).mean()),
+    }
+
+
+def mean_routing(parts: list[tuple[int, dict]]) -> dict:
+    """The routing stats of batches, given as (rows, stats), averaged over every row."""
+    rows = sum(n for n, _ in parts)
+    return {key: sum(n * stats[key] for n, stats in parts) / rows for key in ROUTING_KEYS}

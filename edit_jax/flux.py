@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from edit_jax.blocks import DualStreamBlock
-from edit_jax.config import FluxConfig
+from edit_jax.config import FluxConfig, proj_out_parts
 from edit_jax.elastic import (
     ElasticConfig,
     check_decisions,
@@ -76,12 +76,6 @@ class FluxSingleAttention(nn.Module):
         q = RMSNorm("head_dim", rt, name="norm_q")(q)
         k = RMSNorm("head_dim", rt, name="norm_k")(k)
         return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, None, rt.attention)
-
-
-def proj_out_parts(cfg: FluxConfig) -> tuple[tuple[str, str, int], ...]:
-    """The single blocks' proj_out input [attention D; MLP M] as `JointLinear.parts`: two kernels,
-    sharded like an attention output projection's and like fc2's."""
-    return ("kernel_attn", "heads", cfg.inner_dim), ("kernel_mlp", "mlp", cfg.mlp_hidden_dim)
 
 
 class FluxSingleBlock(nn.Module):

@@ -10,18 +10,18 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from edit_jax import flux, qwen_image
 from edit_jax.config import FluxConfig, QwenImageConfig
+from edit_jax.elastic import ElasticConfig
+from edit_jax.layers import stack_modulations
+from edit_jax.router import router_modulation
 
 
 def build_model(config) -> nn.Module:
     if isinstance(config, FluxConfig):
-        from edit_jax.flux import FluxTransformer
-
-        return FluxTransformer(config)
+        return flux.FluxTransformer(config)
     if isinstance(config, QwenImageConfig):
-        from edit_jax.qwen_image import QwenImageTransformer
-
-        return QwenImageTransformer(config)
+        return qwen_image.QwenImageTransformer(config)
     raise TypeError(f"no model for config type {type(config).__name__}")
 
 
@@ -33,8 +33,6 @@ def router_modulations(config, params: dict, routers: dict, timestep: jax.Array,
     embedding, so a sampler computes them for all its steps in one matmul (`jax.vmap` over the
     steps' timesteps), reading each router's [D, 3D] kernel once per run instead of once per step.
     Pass them only with the same timestep and cond as the call's."""
-    from edit_jax.router import router_modulation
-
     family = _family_module(config)
     temb = family.time_embedding(config, params, timestep, **cond)
     dtype = jnp.dtype(config.runtime.dtype)
@@ -50,8 +48,6 @@ def block_modulations(config, params: dict, timestep: jax.Array, cond: dict) -> 
     size these [D, 6D] and [D, 3D] kernels are about a quarter of the model's weights, read
     once per run instead of once per step. Pass them only with the same timestep and cond as
     the call's."""
-    from edit_jax.layers import stack_modulations
-
     family = _family_module(config)
     temb = family.time_embedding(config, params, timestep, **cond)
     return stack_modulations(params, family.BLOCK_MODULATIONS, temb, jnp.dtype(config.runtime.dtype))
@@ -59,12 +55,8 @@ def block_modulations(config, params: dict, timestep: jax.Array, cond: dict) -> 
 
 def _family_module(config):
     if isinstance(config, FluxConfig):
-        from edit_jax import flux
-
         return flux
     if isinstance(config, QwenImageConfig):
-        from edit_jax import qwen_image
-
         return qwen_image
     raise TypeError(f"no model for config type {type(config).__name__}")
 
@@ -112,8 +104,6 @@ def jit_forward(model: nn.Module, inputs: dict):
 
 def _init_fn(config):
     """init(key) -> all variables ({"params", "routers"}), boxed with logical axis names."""
-    from edit_jax.elastic import ElasticConfig
-
     model = build_model(config.with_runtime(attention="xla"))  # the params do not depend on it; a kernel may not tile 6 tokens
     arrays, static = split_static(example_inputs(config, height=2, width=2, num_txt=2))
     return lambda key: model.init(key, **arrays, **static, elastic=ElasticConfig(mode="train"))

@@ -44,6 +44,19 @@ def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, bas
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
+def time_shift(scheduler: SchedulerConfig, image_seq_len: int, sigmas):
+    """The scheduler's shift of `sigmas` (NumPy or JAX arrays in (0, 1]) towards noise: dynamic
+    (mu linear in the image's token count; exponential or linear in mu) or a fixed `shift`, as
+    FlowMatchEulerDiscreteScheduler.set_timesteps applies it."""
+    if scheduler.use_dynamic_shifting:
+        mu = calculate_shift(image_seq_len, scheduler.base_image_seq_len, scheduler.max_image_seq_len,
+                             scheduler.base_shift, scheduler.max_shift)
+        if scheduler.time_shift_type == "exponential":  # diffusers' (1 / t - 1) ** sigma, with sigma 1
+            return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+        return mu / (mu + (1 / sigmas - 1))
+    return scheduler.shift * sigmas / (1 + (scheduler.shift - 1) * sigmas)
+
+
 def flow_match_schedule(scheduler: SchedulerConfig, num_steps: int, image_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(sigmas [num_steps + 1] ending in 0, timesteps [num_steps] = 1000 sigma), float32."""
     if num_steps < 1:
@@ -51,17 +64,7 @@ def flow_match_schedule(scheduler: SchedulerConfig, num_steps: int, image_seq_le
     if scheduler.shift_terminal and num_steps < 2:
         raise ValueError("a schedule stretched to shift_terminal (Qwen-Image) needs num_steps >= 2 "
                          "(with one step diffusers divides 0 by 0)")
-    sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
-    if scheduler.use_dynamic_shifting:
-        mu = calculate_shift(image_seq_len, scheduler.base_image_seq_len, scheduler.max_image_seq_len,
-                             scheduler.base_shift, scheduler.max_shift)
-        if scheduler.time_shift_type == "exponential":
-            sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
-        else:
-            sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
-    else:
-        shift = scheduler.shift
-        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    sigmas = time_shift(scheduler, image_seq_len, np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32))
     if scheduler.shift_terminal:
         one_minus = 1 - sigmas
         sigmas = 1 - one_minus / (one_minus[-1] / (1 - scheduler.shift_terminal))

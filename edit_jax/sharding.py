@@ -181,28 +181,6 @@ def _entry_of(axes) -> str | tuple[str, ...] | None:
     return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def param_shardings(config, mesh: Mesh, rules=None, collection: str = "params") -> dict:
-    """NamedShardings for every param of `config`'s model (pass to `edit_jax.load`), or of its
-    routers with collection="routers"."""
-    from edit_jax.models import logical_axes
-
-    return jax.tree.map(
-        lambda spec: NamedSharding(mesh, logical_to_mesh(spec, mesh, rules)),
-        logical_axes(config, collection),
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
-
-
-def mesh_shardings(config, mesh: Mesh | None, shardings=None, collection: str = "params"):
-    """`shardings` as given, or with a mesh those of `param_shardings` (a loader takes one or the other)."""
-    if mesh is None:
-        return shardings
-    if shardings is not None:
-        raise ValueError("give shardings or mesh, not both: a mesh places every array as the rules table says")
-    check_auto_axes(mesh)
-    return param_shardings(config, mesh, collection=collection)
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis over data x fsdp, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
@@ -210,57 +188,3 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def sharding_plan(config, mesh: Mesh) -> list[tuple[str, tuple, PartitionSpec, PartitionSpec, int]]:
-    """(name, shape, logical spec, mesh spec, bytes) of every param and router array."""
-    from edit_jax.checkpoint import flatten
-    from edit_jax.models import abstract_params, logical_axes
-
-    rows = []
-    for collection in ("params", "routers"):
-        shapes = flatten(abstract_params(config, collection))
-        specs = flatten(jax.tree.map(lambda s: s, logical_axes(config, collection), is_leaf=lambda x: isinstance(x, PartitionSpec)))
-        for path in sorted(shapes):
-            shape = tuple(shapes[path].shape)
-            rows.append((path if collection == "params" else f"routers/{path}", shape, specs[path],
-                         logical_to_mesh(specs[path], mesh, shape=shape),
-                         int(np.prod(shape)) * np.dtype(shapes[path].dtype).itemsize))
-    return rows
-
-
-def describe(config, mesh: Mesh) -> str:
-    """The sharding plan as text, one line per param and router array (written into a run's folder)."""
-    lines = [f"mesh {dict(mesh.shape)}"]
-    for name, shape, logical, placed, _ in sharding_plan(config, mesh):
-        lines.append(f"  {name}: {shape} {tuple(logical)} -> {tuple(placed)}")
-    return "\n".join(lines)
-
-
-def summarize(config, mesh: Mesh) -> str:
-    """The sharding plan in a few lines (printed at start-up): per rule that splits some array, how
-    many arrays it splits; the arrays kept whole; the bytes held in all and per device."""
-    plan = sharding_plan(config, mesh)
-    split: dict[str, int] = {}
-    per_device = 0.0
-    for _, _, logical, placed, size in plan:
-        devices = 1
-        for name, axes in zip(logical, placed):
-            if axes:
-                rule = f"{name} -> {'+'.join(axes) if isinstance(axes, tuple) else axes}"
-                split[rule] = split.get(rule, 0) + 1
-                devices *= int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
-        per_device += size / devices
-    whole = sum(1 for *_, placed, _ in plan if not any(placed))
-    lines = [f"mesh {', '.join(f'{a}={n}' for a, n in mesh.shape.items())} ({mesh.devices.size} devices); "
-             f"{len(plan)} param and router arrays, {_bytes(sum(r[-1] for r in plan))} in all, {_bytes(per_device)} per device"]
-    lines += [f"  {rule}: {count} arrays" for rule, count in split.items()]
-    lines.append(f"  kept whole on every device: {whole} arrays" + (" (every mesh axis has size 1)" if not split else ""))
-    return "\n".join(lines)
-
-
-def _bytes(count: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if count >= size:
-            return f"{count / size:.3g} {unit}"
-    return f"{count:.0f} B"

@@ -304,3 +304,9 @@ def decode_tiled(config, params: dict, z, tile_size: int = 1024, overlap: float 
 def _tile_decoder(config, clamp: bool):
     kwargs = {"clamp": clamp} if config.clamps_output else {}
     return jax.jit(lambda params, z: config.module().apply({"params": params}, z, method="decode", **kwargs))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, as diffusers' image processor."""
+    x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return (x * 255).round().astype(np.uint8)

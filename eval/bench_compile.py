@@ -31,12 +31,12 @@ def programs(config, batch: int, height: int, width: int, txt: int) -> dict:
     from train.config import TrainConfig
     from train.data import shared_inputs, synthetic_batch
     from train.loop import split_trainable
-    from train.step import make_optimizer, make_train_step, num_blocks
+    from train.step import make_optimizer, make_train_step
 
     model = edit_jax.build_model(config)
     variables = {c: abstract_params(config, c) for c in ("params", "routers")}
     arrays, static = split_static(example_inputs(config, batch, height, width, txt))  # inputs are small: concrete
-    blocks = num_blocks(config)
+    blocks = config.num_blocks
     decisions = {"run": jax.ShapeDtypeStruct((blocks,), jnp.bool_), "bucket": jax.ShapeDtypeStruct((blocks,), jnp.int32)}
     jitted = forwards(model, static)
 

@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     config, model, variables, arrays, static = build(args)
-    num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    num_blocks = config.num_blocks
     pattern = forced_pattern(num_blocks)
 
     skip_only = {**all_open(num_blocks), "run": pattern["run"]}

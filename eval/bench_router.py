@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     for f in fns.values():  # compiles
         f()
     times = time_runs(fns, args.runs)
-    num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    num_blocks = config.num_blocks
     flops = num_blocks * router_flops(config, n, t) / dense_flops(config, n, t)
     return emit({
         **environment(),

@@ -30,7 +30,7 @@ from eval.bench_elastic import forced_pattern
 from eval.bench_forward import preset_with_overrides
 
 
-def conditions(config, batch: int, num_txt: int, height: int, width: int) -> dict:
+def random_conditions(config, batch: int, num_txt: int, height: int, width: int) -> dict:
     """The sampler's cond from random prompt embeddings."""
     rng = np.random.default_rng(0)
     pooled = rng.standard_normal((batch, config.pooled_projection_dim)) if isinstance(config, FluxConfig) else None
@@ -64,9 +64,9 @@ def main(argv=None) -> dict:
         param_dtype=args.dtype, dtype=args.dtype, attention=args.attention)
     model = edit_jax.build_model(config)
     variables = init_variables(config)
-    cond = conditions(config, 1, args.txt, args.height, args.width)
+    cond = random_conditions(config, 1, args.txt, args.height, args.width)
     noise = initial_noise(jax.random.key(0), 1, config.in_channels // 4, args.height, args.width)
-    blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    blocks = config.num_blocks
     sampler = SamplerConfig(num_steps=args.steps)
     cache_cfg = ElasticConfig(mode="forced", cache=True, cache_start=args.steps // 2, delta_margin=0.015, max_reuse=10)
     variants = {

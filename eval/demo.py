@@ -282,7 +282,7 @@ class Demo:
                                     decisions={"run": run, "bucket": jnp.full(run.shape, full, jnp.int32)})
             return jnp.mean(jnp.square(v - target))
 
-        blocks = self.config.num_layers + self.config.num_single_layers
+        blocks = self.config.num_blocks
         return baselines.greedy_prune_order(lambda run: float(loss(jnp.asarray(run))), blocks)
 
     # ---- 6. sampling and judging ---------------------------------------------------------------

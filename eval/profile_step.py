@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     config, model, variables, arrays, static = build(args)
-    num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    num_blocks = config.num_blocks
     fn, extra = forward(args.mode, model, static, num_blocks)
     hlo = fn.lower(variables, arrays, *extra).compile().as_text()
     (names, containers), shapes = op_names(hlo), op_shapes(hlo)

@@ -22,8 +22,9 @@ import numpy as np
 
 from edit_jax.config import resolve_attention
 from edit_jax.elastic import ElasticConfig
-from edit_jax.flops import dense_flops
+from edit_jax.flops import mean_routing, routing_stats
 from edit_jax.sampler import SamplerConfig, check_sampling_inputs, sample
+from edit_jax.vae import decode_tiled, to_uint8
 from eval.metrics import json_number, psnr, ssim
 
 SHARED_CONDITIONS = ("img_ids", "txt_ids", "img_shapes")
@@ -36,28 +37,6 @@ def rows_of(cond: dict, rows: int, start: int = 0) -> dict:
 
 def num_txt_of(cond: dict) -> int:
     return int(cond["encoder_hidden_states"].shape[1])
-
-
-ROUTING_KEYS = ("flops_per_step", "flops_total", "flops_vs_dense", "blocks_executed", "mean_width", "cache_hit_rate")
-
-
-def routing_stats(config, records: dict, num_img: int, num_txt: int, steps: int) -> dict:
-    """Cost and routing of a run from the sampler's records (dense: records empty)."""
-    dense = float(dense_flops(config, num_img, num_txt))
-    if not records:
-        return {"flops_per_step": dense, "flops_total": dense * steps, "flops_vs_dense": 1.0,
-                "blocks_executed": 1.0, "mean_width": 1.0, "cache_hit_rate": 0.0}
-    per_sample = np.asarray(records["flops_per_sample"], np.float64)  # [S, B]
-    executed = np.asarray(records["executed"], bool)  # [S, B, L]
-    widths = np.asarray(config.width_buckets, np.float64)[np.asarray(records["bucket"])]
-    return {
-        "flops_per_step": float(per_sample.mean()),
-        "flops_total": float(per_sample.sum(axis=0).mean()),
-        "flops_vs_dense": float(per_sample.mean() / dense),
-        "blocks_executed": float(executed.mean()),
-        "mean_width": float(widths[executed].mean()) if executed.any() else 0.0,
-        "cache_hit_rate": float(np.asarray(records["cache_hit"]).mean()),
-    }
 
 
 def run_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, routers: dict | None = None,
@@ -106,12 +85,6 @@ def run_in_batches(model, params: dict, noise, cond: dict, sampler: SamplerConfi
     return np.concatenate([x for x, _, _ in parts]), stats, parts[0][2]
 
 
-def mean_routing(parts: list[tuple[int, dict]]) -> dict:
-    """The routing stats of batches, given as (rows, stats), averaged over every row."""
-    rows = sum(n for n, _ in parts)
-    return {key: sum(n * stats[key] for n, stats in parts) / rows for key in ROUTING_KEYS}
-
-
 def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:
     """PSNR (dB) and SSIM of a set against the reference set, both [N, C, H, W]."""
     return {"psnr_db": json_number(psnr(reference, test)), "ssim": ssim(reference, test)}
@@ -132,8 +105,9 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     import dataclasses
 
     from edit_jax import load
-    from edit_jax.checkpoint import CheckpointError, load_routers
-    from edit_jax.cli import check_embeddings, conditions, read_embeddings
+    from edit_jax import load_routers
+    from edit_jax.checkpoint import CheckpointError
+    from edit_jax.embeddings import check_embeddings, embedding_conditions, read_embeddings
     from edit_jax.latents import initial_noise, unpack_latents
     from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map
 
@@ -147,8 +121,8 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     routers = load_routers(ckpt, mesh=mesh)
     if routers is None:
         raise CheckpointError(f"{ckpt} has no routers to evaluate: train them (`edit-jax train`) or convert an E-DiT release")
-    cond = conditions(config, data, height, width)
-    negative = conditions(config, data, height, width, "negative_") if true_cfg > 1 else None
+    cond = embedding_conditions(config, data, height, width)
+    negative = embedding_conditions(config, data, height, width, "negative_") if true_cfg > 1 else None
     batch = cond["encoder_hidden_states"].shape[0]
     noise = initial_noise(jax.random.key(seed), batch, config.in_channels // 4, height, width)
     sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg)
@@ -173,8 +147,6 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
         latents[name] = np.asarray(unpack_latents(x, height, width))
         results[name] = {**stats, **fidelity(latents["dense"], latents[name])}
         if decoder is not None:
-            from edit_jax.vae import decode_tiled
-
             images[name] = np.clip(decode_tiled(decoder[0], decoder[1], decoder[0].from_model_latents(latents[name]),
                                                 tile_size), -1.0, 1.0)
             results[name]["images"] = {f"{k}": v for k, v in fidelity(images["dense"], images[name]).items()}
@@ -183,8 +155,6 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     out.mkdir(parents=True, exist_ok=True)
     if images:
         from PIL import Image
-
-        from pipelines.generate import to_uint8
 
         for name, batch_images in images.items():
             slug = name.replace(" + ", "-").replace(" ", "-").lower()

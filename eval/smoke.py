@@ -95,16 +95,16 @@ def sample_smoke(model, params, config, out: Path, seed: int, steps: int = 12) -
     from edit_jax.latents import packed_grid
     from edit_jax.models import init_routers
     from edit_jax.sampler import SamplerConfig, sample
-    from eval.bench_sample import conditions
+    from eval.bench_sample import random_conditions
     from eval.pictures import block_groups, plot_router_map
 
-    blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    blocks = config.num_blocks
     rng = np.random.default_rng(seed)
     p = rng.choice([0.3, 0.505, 0.9], size=(steps, blocks), p=[0.3, 0.4, 0.3]).astype(np.float32)
     p[:, 0] = p[:, -1] = 0.95
     scripted = jnp.asarray(p)
     decisions = lambda step: {"p": scripted[jnp.minimum(step, steps - 1)], "bucket": jnp.full((blocks,), 3, jnp.int32)}  # noqa: E731
-    cond = conditions(config, 1, 16, 128, 128)
+    cond = random_conditions(config, 1, 16, 128, 128)
     noise = jax.random.normal(jax.random.key(seed), (1, int(np.prod(packed_grid(128, 128))), config.in_channels))
     sampler = SamplerConfig(num_steps=steps)
     elastic = ElasticConfig(mode="forced", cache=True, cache_start=steps // 3, delta_margin=0.015, max_reuse=3)

@@ -23,6 +23,7 @@ import numpy as np
 
 from edit_jax.checkpoint import is_checkpoint, resolve
 from edit_jax.config import read_json_object, resolve_attention, resolve_dtype
+from edit_jax.embeddings import embedding_conditions
 
 MODEL_COMPONENTS = ("transformer", "vae", "scheduler")  # beside each family's text encoders and tokenizers
 
@@ -81,15 +82,14 @@ def load_transformer(folder: Path, family: str, mesh=None, dtype: str = "float32
     from checkpoints_convert.convert import FAMILIES
     from checkpoints_convert.engine import build_params
     from checkpoints_convert.sources import open_source
-    from edit_jax.checkpoint import load_routers
     from edit_jax.models import abstract_params, abstract_routers
-    from edit_jax.sharding import mesh_shardings
+    from edit_jax.placement import mesh_shardings
 
     if is_checkpoint(folder):
         model, params = edit_jax.load(folder, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=attention)
         if model.config.family != family:
             raise ValueError(f"{folder} is a {model.config.family} checkpoint in a {family} pipeline folder")
-        return model, params, load_routers(folder, mesh=mesh)
+        return model, params, edit_jax.load_routers(folder, mesh=mesh)
     source = open_source(folder)
     config, table, _, router_table = FAMILIES[family].prepare(source)
     config = config.with_runtime(param_dtype=dtype, dtype=dtype, router_dtype="float32", attention=attention)
@@ -136,12 +136,6 @@ def text_length(rows: list[dict]) -> int:
     return -(-longest // TEXT_MULTIPLE) * TEXT_MULTIPLE
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, as diffusers' image processor."""
-    x = np.clip(images / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-    return (x * 255).round().astype(np.uint8)
-
-
 def check_guidance(true_cfg: float, negative_prompt: str | None) -> None:
     """diffusers' pipelines silently skip true CFG without a negative prompt; here it is an error."""
     if true_cfg > 1 and negative_prompt is None:
@@ -172,13 +166,6 @@ def check_request(out: Path, prompts: list[str], true_cfg: float, negative_promp
     check_tile_size(tile_size)
 
 
-def conditions(config, embeds: dict, height: int, width: int) -> dict:
-    from edit_jax.sampler import make_conditions
-
-    return make_conditions(config, embeds["prompt_embeds"], height, width, embeds.get("pooled_prompt_embeds"),
-                           embeds.get("prompt_embeds_mask"))
-
-
 def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: float = 3.5, true_cfg: float = 1.0,
              negative_prompt: str | None = None, height: int = 1024, width: int = 1024, seed: int = 0,
              elastic: str = "dense", cache: bool = False, cache_start: int | None = None, tile_size: int = 1024,
@@ -207,7 +194,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     from edit_jax.elastic import ElasticConfig
     from edit_jax.latents import initial_noise, unpack_latents
     from edit_jax.sampler import SamplerConfig, first_rows, sample
-    from edit_jax.vae import check_vae_fits, decode_tiled
+    from edit_jax.vae import check_vae_fits, decode_tiled, to_uint8
     from pipelines.text_encoders import TEXT_ENCODERS, EmbeddingCache
 
     folder, out = resolve(model_dir), resolve(out)
@@ -246,7 +233,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
     from PIL import Image
 
-    from eval.sampling_eval import mean_routing, routing_stats
+    from edit_jax.flops import mean_routing, routing_stats
 
     out.mkdir(parents=True, exist_ok=True)
     images, paths, routing, first_records = [], [], [], None
@@ -259,8 +246,8 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
             if exact and len(starts) > 1:  # the last batch padded to the compiled size, its extra rows dropped
                 ids += [ids[-1]] * (batch_size - count)
             part = [rows[i] for i in ids] if store is None else encoder.cached_rows([prompts[i] for i in ids], store)
-            cond = conditions(config, encoder.stack(part, text_length(part)), height, width)
-            negative_cond = (conditions(config, encoder.stack([negative_row] * len(ids), text_length([negative_row])),
+            cond = embedding_conditions(config, encoder.stack(part, text_length(part)), height, width)
+            negative_cond = (embedding_conditions(config, encoder.stack([negative_row] * len(ids), text_length([negative_row])),
                                         height, width) if negative_row is not None else None)
             t0 = time.perf_counter()
             with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():

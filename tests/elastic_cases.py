@@ -48,7 +48,7 @@ class Case:
         self.arrays, self.static = split_static(example_inputs(self.config, batch, height=3, width=4, num_txt=5, seed=seed))
         if "encoder_hidden_states_mask" in self.arrays:  # ragged text: sample 0 has 3 valid tokens
             self.arrays["encoder_hidden_states_mask"] = self.arrays["encoder_hidden_states_mask"].at[0, 3:].set(0)
-        self.num_blocks = self.config.num_layers + getattr(self.config, "num_single_layers", 0)
+        self.num_blocks = self.config.num_blocks
         self.hidden = self.config.mlp_hidden_dim
 
     def dense(self, params=None, arrays=None, config=None):

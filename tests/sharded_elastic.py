@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 import edit_jax  # noqa: E402
 from edit_jax.elastic import ElasticConfig  # noqa: E402
 from edit_jax.models import example_inputs, init_variables, split_static  # noqa: E402
-from edit_jax.sharding import make_mesh, param_shardings  # noqa: E402
+from edit_jax.placement import param_shardings  # noqa: E402
+from edit_jax.sharding import make_mesh  # noqa: E402
 
 
 def main():
@@ -31,7 +32,7 @@ def main():
         mesh = make_mesh({"fsdp": 4, "tensor": 2})
         sharded = {"params": jax.device_put(variables["params"], param_shardings(config, mesh)),
                    "routers": jax.device_put(variables["routers"], NamedSharding(mesh, PartitionSpec()))}
-        num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+        num_blocks = config.num_blocks
         pattern = {"run": jnp.arange(num_blocks) % 2 == 0, "bucket": jnp.arange(num_blocks, dtype=jnp.int32) % 4}
         cases = {
             "forced": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=pattern)[0],
@@ -160,7 +161,7 @@ def check_activation_constraints(config, model, variables, sharded):
     arrays, static = split_static(example_inputs(config, 4, 4, 4, 8))
     if "encoder_hidden_states_mask" in arrays:
         arrays["encoder_hidden_states_mask"] = arrays["encoder_hidden_states_mask"].at[1, 5:].set(0)
-    num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    num_blocks = config.num_blocks
     pattern = {"run": jnp.arange(num_blocks) % 2 == 0, "bucket": jnp.arange(num_blocks, dtype=jnp.int32) % 4}
     tokamax = edit_jax.build_model(config.with_runtime(attention="tokamax"))
     cases = {
@@ -210,7 +211,7 @@ def check_blocks_move_no_weights(config, model, variables):
     arrays, static = split_static(example_inputs(config, 4, 4, 4, 8))
     mesh = make_mesh({"data": 4, "tensor": 2})
     params = jax.device_put(variables["params"], param_shardings(config, mesh))
-    num_blocks = config.num_layers + getattr(config, "num_single_layers", 0)
+    num_blocks = config.num_blocks
     narrow = {"run": jnp.ones(num_blocks, bool), "bucket": jnp.arange(num_blocks, dtype=jnp.int32) % 3}
     forwards = {
         "dense": lambda p, x: model.apply({"params": p}, **x, **static),

@@ -341,7 +341,7 @@ def test_a_width_bucket_of_a_converted_model_keeps_pytorchs_first_hidden_channel
     model, params = edit_jax.load(full)
     assert model.config.width_groups == (width_groups or 8)
     arrays, static = split_static(example_inputs(model.config, 2, 4, 4, 8))
-    blocks = model.config.num_layers + model.config.num_single_layers
+    blocks = model.config.num_blocks
     decisions = {"run": np.ones(blocks, bool), "bucket": np.full(blocks, bucket, np.int32)}
 
     narrow = model.apply({"params": params, "routers": init_routers(model.config)}, **arrays, **static,

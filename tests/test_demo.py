@@ -116,15 +116,16 @@ def test_eval_in_batches_gives_the_latents_and_routing_of_one_batch(tiny_routed_
     import jax
 
     import edit_jax
-    from edit_jax.cli import conditions, read_embeddings
+    from edit_jax.embeddings import embedding_conditions, read_embeddings
     from edit_jax.elastic import ElasticConfig
     from edit_jax.latents import initial_noise
     from edit_jax.sampler import SamplerConfig
-    from eval.sampling_eval import ROUTING_KEYS, run_in_batches
+    from edit_jax.flops import ROUTING_KEYS
+    from eval.sampling_eval import run_in_batches
 
     ckpt, emb = tiny_routed_ckpt
     model, params = edit_jax.load(ckpt)
-    cond = conditions(model.config, read_embeddings(str(emb)), 32, 32)
+    cond = embedding_conditions(model.config, read_embeddings(str(emb)), 32, 32)
     noise = initial_noise(jax.random.key(0), 2, 1, 32, 32)
     method = dict(routers=edit_jax.load_routers(ckpt), repeats=1,  # per-row decisions: a row's result is its own
                   elastic=ElasticConfig(mode="infer", decision="sample", cache=True, cache_start=1, delta_margin=0.3))

@@ -60,7 +60,7 @@ def test_a_quiet_encoder_loads_without_progress_bars_and_leaves_them_as_they_wer
 
 
 def test_encode_prompts_writes_the_pipelines_embeddings_for_sample_and_eval(tiny_pipeline, tmp_path):
-    from edit_jax.cli import read_embeddings
+    from edit_jax.embeddings import read_embeddings
 
     pipe, folder = tiny_pipeline
     assert main(["encode-prompts", "--model", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],

@@ -13,7 +13,8 @@ from edit_jax import layers
 from edit_jax.config import RuntimeConfig
 from edit_jax.models import abstract_params, example_inputs, logical_axes
 from edit_jax.checkpoint import flatten
-from edit_jax.sharding import make_mesh, param_shardings
+from edit_jax.placement import param_shardings
+from edit_jax.sharding import make_mesh
 from reference import relative_error
 
 RT = RuntimeConfig()

@@ -51,7 +51,8 @@ def test_a_mesh_with_explicit_axes_is_rejected_with_a_clear_message():
     from jax.sharding import AxisType
 
     import edit_jax
-    from edit_jax.sharding import MESH_AXES, param_shardings
+    from edit_jax.placement import param_shardings
+    from edit_jax.sharding import MESH_AXES
 
     mesh = jax.make_mesh((1, 1, 1), MESH_AXES, axis_types=(AxisType.Explicit,) * 3)
     with pytest.raises(ValueError, match="not Auto"):

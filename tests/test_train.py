@@ -15,7 +15,7 @@ import edit_jax
 from edit_jax.checkpoint import CheckpointError, load_routers, save
 from edit_jax.config import ConfigError
 from edit_jax.models import init_variables
-from train.config import TrainConfig, load_config
+from train.config import TrainConfig, load_train_config
 from train.data import shared_inputs, synthetic_batch
 from train.loop import train
 from train.step import make_loss_fn
@@ -31,7 +31,7 @@ def tiny_run(tmp_path, name="run", **overrides) -> TrainConfig:
 
 def test_config_reads_a_file_and_applies_overrides(tmp_path):
     (tmp_path / "run.yaml").write_text("steps: 50\nrho_g: 0.5\nmesh: {data: 2}\n")
-    config = load_config(tmp_path / "run.yaml", ["steps=7", "mesh.fsdp=4", "gate_budget=soft", "checkpoint=ckpt/flux"])
+    config = load_train_config(tmp_path / "run.yaml", ["steps=7", "mesh.fsdp=4", "gate_budget=soft", "checkpoint=ckpt/flux"])
     assert (config.steps, config.rho_g, config.gate_budget, config.checkpoint) == (7, 0.5, "soft", "ckpt/flux")
     assert config.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
 
@@ -59,7 +59,7 @@ def test_config_reads_a_file_and_applies_overrides(tmp_path):
         "non-finite", "b2", "empty-grid", "empty-run-dir", "eval-data-never-read", "profile-past-the-end"])
 def test_bad_configs_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, overrides)
+        load_train_config(None, overrides)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -70,12 +70,12 @@ def test_bad_configs_are_one_clear_error(overrides, message):
 def test_a_config_file_with_a_value_of_the_wrong_type_is_one_clear_error(tmp_path, text, message):
     (tmp_path / "run.yaml").write_text(text)
     with pytest.raises(ConfigError, match=message):
-        load_config(tmp_path / "run.yaml")
+        load_train_config(tmp_path / "run.yaml")
 
 
 def test_a_float_that_yaml_reads_as_text_is_read_as_the_number_it_spells(tmp_path):
     (tmp_path / "run.yaml").write_text("learning_rate: 3e-5\n")  # YAML 1.1: no dot, so a string
-    assert load_config(tmp_path / "run.yaml").learning_rate == 3e-5
+    assert load_train_config(tmp_path / "run.yaml").learning_rate == 3e-5
 
 
 @pytest.mark.parametrize("mesh, devices, message", [

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from edit_jax.config import ConfigError
 from edit_jax.models import abstract_params, build_model
-from edit_jax.sharding import batch_sharding, make_mesh, param_shardings, use_rules
+from edit_jax.placement import param_shardings
+from edit_jax.sharding import batch_sharding, make_mesh, use_rules
 from train.config import TrainConfig
 from train.data import shared_inputs, synthetic_batch
 from train.loop import jitted_train_step, model_config_of, opt_state_shardings, split_trainable

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, REMAT_POLICIES, ConfigError
+from edit_jax.sharding import MESH_AXES, mesh_sizes, rules_with
 
 TRAINABLE = ("routers", "routers+base", "base")
 TARGETS = ("data", "teacher")
@@ -26,7 +27,6 @@ GATE_BUDGETS = ("soft", "hard")
 RHO_SCHEDULES = ("constant", "linear")
 NOISE_SAMPLERS = ("uniform", "logit_normal", "shift", "pipeline")
 LR_SCHEDULES = ("constant", "cosine")
-MESH_AXES = ("data", "fsdp", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +146,6 @@ class TrainConfig:
         for name in ("rho_g", "rho_high", "rho_low", "rho_w", "tau"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        from edit_jax.sharding import rules_with
-
         try:
             rules_with(self.axis_rules)
         except ValueError as e:
@@ -177,8 +175,6 @@ class TrainConfig:
 
     def mesh_shape(self, num_devices: int) -> dict[str, int]:
         """The mesh sizes over `num_devices`, -1 filled in; a ConfigError when they do not divide."""
-        from edit_jax.sharding import mesh_sizes
-
         try:
             sizes = mesh_sizes(self.mesh, num_devices)
         except ValueError as e:
@@ -240,7 +236,7 @@ def _numbers_read_as_text(values: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Reads a YAML or JSON file of fields (or none), then applies `key=value` overrides
     (`mesh.fsdp=8` sets one mesh axis). Unknown fields are an error that names them."""
     values: dict[str, Any] = {}

@@ -31,8 +31,8 @@ import edit_jax
 from edit_jax.checkpoint import agreed, load_params, load_routers, save, stored_identity
 from edit_jax.config import ConfigError, RuntimeConfig, preset
 from edit_jax.models import abstract_params, build_model, init_variables
-from edit_jax.sharding import (batch_sharding, describe, make_mesh, param_shardings, replicated, summarize,
-                               use_rules)
+from edit_jax.placement import describe, param_shardings, summarize
+from edit_jax.sharding import batch_sharding, make_mesh, replicated, use_rules
 from train.config import TrainConfig, describe_config
 from train.data import DataSource, shared_inputs
 from train.distributed import Preemption
@@ -62,7 +62,7 @@ def jitted_train_step(config: TrainConfig, model, optimizer, shared: dict, train
                    out_shardings=(trainable_shardings, opt_shardings, None), donate_argnums=(0, 1))
 
 
-def step_flops(model_config, batch: dict, grid, config: TrainConfig) -> float:
+def train_step_flops(model_config, batch: dict, grid, config: TrainConfig) -> float:
     """Model FLOPs of one train step (edit_jax.flops): forward and backward (3x the dense forward,
     recomputation under remat not counted), plus the teacher's forward."""
     from edit_jax.flops import dense_flops
@@ -315,7 +315,7 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
                     seconds = (now - synced_at) / (done - synced_step)
                     synced_at, synced_step = now, done
                     record = {"step": done, "time": time.time(), "step_time_s": seconds,
-                              "model_tflops_per_s": step_flops(model_config, batch, grid, config) / seconds / 1e12,
+                              "model_tflops_per_s": train_step_flops(model_config, batch, grid, config) / seconds / 1e12,
                               **{k: np.asarray(v).tolist() for k, v in metrics.items()}}
                     if writer is not None:
                         with open(run_dir / "metrics.jsonl", "a") as f:

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from edit_jax.elastic import ElasticConfig
+from edit_jax.sampler import default_scheduler
+from edit_jax.schedules import time_shift
 from train.config import TrainConfig
 
 EPS = 1e-6
@@ -42,19 +44,7 @@ def noise_levels(config: TrainConfig, key: jax.Array, batch: int, model_config=N
 
 def pipeline_shift(model_config, num_img: int, s: jax.Array) -> jax.Array:
     """The time shift the model family's pipeline applies to its sigmas (edit_jax.schedules)."""
-    import math
-
-    from edit_jax.sampler import default_scheduler
-    from edit_jax.schedules import calculate_shift
-
-    scheduler = default_scheduler(model_config)
-    if not scheduler.use_dynamic_shifting:
-        return scheduler.shift * s / (1 + (scheduler.shift - 1) * s)
-    mu = calculate_shift(num_img, scheduler.base_image_seq_len, scheduler.max_image_seq_len,
-                         scheduler.base_shift, scheduler.max_shift)
-    if scheduler.time_shift_type == "exponential":
-        return math.exp(mu) / (math.exp(mu) + (1 / jnp.maximum(s, 1e-6) - 1))
-    return mu / (mu + (1 / jnp.maximum(s, 1e-6) - 1))
+    return time_shift(default_scheduler(model_config), num_img, jnp.maximum(s, 1e-6))
 
 
 def gate_budget(config: TrainConfig, s: jax.Array) -> jax.Array:
@@ -129,17 +119,13 @@ def make_loss_fn(config: TrainConfig, model) -> Callable:
     return loss_fn
 
 
-def num_blocks(model_config) -> int:
-    return model_config.num_layers + getattr(model_config, "num_single_layers", 0)
-
-
 def static_decisions(model_config, skip_blocks) -> dict:
     """Forced decisions [L] of a statically pruned model: `skip_blocks` never run, the rest at full width."""
     import numpy as np
 
     from edit_jax.config import ConfigError
 
-    total = num_blocks(model_config)
+    total = model_config.num_blocks
     if any(not 0 <= i < total for i in skip_blocks):
         raise ConfigError(f"skip_blocks={list(skip_blocks)}: the model has blocks 0..{total - 1}")
     run = np.ones((total,), bool)
@@ -153,7 +139,7 @@ def _base_loss_fn(config: TrainConfig, model) -> Callable:
     terms zero, open_rate the fraction of blocks that run."""
     model_config = model.config
     forced = static_decisions(model_config, config.skip_blocks) if config.skip_blocks else None
-    open_rate = 1.0 - len(set(config.skip_blocks)) / num_blocks(model_config)
+    open_rate = 1.0 - len(set(config.skip_blocks)) / model_config.num_blocks
 
     def loss_fn(trainable, frozen, batch, key):
         x0, noise, s, x_t, arrays, static = noisy_batch(config, model_config, batch, key)
