@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Callable
 
 import numpy as np
+from edit_jax.layers import channel_ranks
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -116,7 +117,6 @@ def stored_order(hidden_dim: int, groups: int, axis: int) -> tuple[Transform, ..
     transform when G is 1. Read backward, the inverse permutation."""
     if groups == 1:
         return ()
-    from edit_jax.layers import channel_ranks
 
     ranks = channel_ranks(hidden_dim, groups)
     back = np.argsort(ranks)

@@ -13,9 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from checkpoints_convert.engine import build_params
+from checkpoints_convert.sources import SourceError, open_source
 from checkpoints_convert.tables import Src, transpose
-from edit_jax.checkpoint import flatten
+from edit_jax.checkpoint import flatten, resolve
 from edit_jax.config import read_json_object
+from edit_jax.qwen_image_vae import AutoencoderKLQwenImageConfig
+from edit_jax.vae import AutoencoderKLConfig, abstract_vae
 
 
 def conv_kernel(w: np.ndarray) -> np.ndarray:
@@ -71,9 +75,6 @@ def vae_table(abstract: dict) -> dict[str, Src]:
 
 def vae_config(config: dict):
     """Our config from a diffusers vae/config.json dict, by its `_class_name`."""
-    from edit_jax.qwen_image_vae import AutoencoderKLQwenImageConfig
-    from edit_jax.vae import AutoencoderKLConfig
-
     kinds = {"AutoencoderKL": AutoencoderKLConfig, "AutoencoderKLQwenImage": AutoencoderKLQwenImageConfig}
     name = config.get("_class_name", "AutoencoderKL")
     if name not in kinds:
@@ -85,11 +86,6 @@ def load_vae(folder: str | Path, dtype: str = "float32"):
     """(config, params) from a diffusers VAE folder (config.json + weights), checked against the
     config first: every missing, unexpected or mis-shaped tensor is named in one error."""
     import jax
-
-    from checkpoints_convert.engine import build_params
-    from checkpoints_convert.sources import SourceError, open_source
-    from edit_jax.checkpoint import resolve
-    from edit_jax.vae import abstract_vae
 
     folder = resolve(folder)
     if not (folder / "config.json").is_file():

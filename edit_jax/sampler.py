@@ -38,9 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edit_jax import flux, qwen_image
 from edit_jax.config import FluxConfig, QwenImageConfig
 from edit_jax.elastic import ElasticConfig
+from edit_jax.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
 from edit_jax.models import block_modulations, router_modulations
+from edit_jax.qwen_image import image_tokens, normalize_img_shapes
 from edit_jax.schedules import SCHEDULERS, SchedulerConfig, flow_match_schedule
 
 CFG_MODES = ("batched", "sequential")
@@ -83,8 +86,6 @@ def make_conditions(config, prompt_embeds, height: int, width: int, pooled_proje
     """The cond dict for an image of height x width pixels from prompt embeddings [B, T, D]:
     FLUX adds the pooled embedding [B, P] and RoPE ids; Qwen-Image the text mask [B, T] (all
     valid when None) and img_shapes."""
-    from edit_jax.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
-
     embeds = jnp.asarray(prompt_embeds, jnp.float32)
     if isinstance(config, FluxConfig):
         if pooled_projections is None:
@@ -126,11 +127,8 @@ def init_state(config, elastic: ElasticConfig | None, batch: int, num_img: int, 
     """The E-DiT sampling state: the step counter and, with the cache on, an empty block cache."""
     state = {"step": jnp.zeros((), jnp.int32)}
     if elastic is not None and elastic.cache:
-        if isinstance(config, FluxConfig):
-            from edit_jax.flux import init_cache
-        else:
-            from edit_jax.qwen_image import init_cache
-        state["cache"] = init_cache(config, batch, num_img, num_txt)
+        family = flux if isinstance(config, FluxConfig) else qwen_image
+        state["cache"] = family.init_cache(config, batch, num_img, num_txt)
     return state
 
 
@@ -228,8 +226,6 @@ def check_sampling_inputs(config, noise, cond: dict, negative: dict | None, samp
     if isinstance(config, FluxConfig) and cond["img_ids"].shape[0] != num_img:
         raise ValueError(f"{held} {num_img} tokens but img_ids has {cond['img_ids'].shape[0]} (wrong resolution?)")
     if isinstance(config, QwenImageConfig):
-        from edit_jax.qwen_image import image_tokens, normalize_img_shapes
-
         shape = static_value(cond["img_shapes"])
         tokens = image_tokens(normalize_img_shapes(shape, batch))
         if tokens != num_img:

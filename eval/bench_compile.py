@@ -21,6 +21,10 @@ from edit_jax.models import abstract_params, example_inputs, split_static
 from eval.bench_elastic import forwards
 from eval.bench_forward import config_from, model_arguments
 from eval.report import emit, environment, run_script
+from train.config import TrainConfig
+from train.data import shared_inputs, synthetic_batch
+from train.loop import split_trainable
+from train.step import make_optimizer, make_train_step
 
 MODES = ("dense", "forced", "infer", "train_step")
 
@@ -28,11 +32,6 @@ MODES = ("dense", "forced", "infer", "train_step")
 def programs(config, batch: int, height: int, width: int, txt: int) -> dict:
     """{mode: (jitted function, its arguments: abstract params, routers and optimizer state)} of
     the model `config` at this input size: the forwards the eval scripts time, and the train step."""
-    from train.config import TrainConfig
-    from train.data import shared_inputs, synthetic_batch
-    from train.loop import split_trainable
-    from train.step import make_optimizer, make_train_step
-
     model = edit_jax.build_model(config)
     variables = {c: abstract_params(config, c) for c in ("params", "routers")}
     arrays, static = split_static(example_inputs(config, batch, height, width, txt))  # inputs are small: concrete

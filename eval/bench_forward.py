@@ -30,10 +30,13 @@ import jax
 import numpy as np
 
 import edit_jax
+from checkpoints_convert.engine import build_params
+from checkpoints_convert.export import FAMILIES, diffusers_config
+from checkpoints_convert.sources import from_state_dict
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS, ConfigError
+from edit_jax.models import abstract_params, example_inputs, split_static
 from eval.report import emit, environment, run_script
 from eval.timing import time_alternating
-from edit_jax.models import abstract_params, example_inputs, split_static
 
 
 def log(message: str) -> None:
@@ -81,8 +84,6 @@ def diffusers_model(config, torch_dtype, device):
     """diffusers' transformer of `config`'s family and architecture, random weights, in eval mode."""
     import diffusers
     import torch
-
-    from checkpoints_convert.export import diffusers_config
 
     kwargs = diffusers_config(config)
     model_class = getattr(diffusers, kwargs.pop("_class_name"))
@@ -141,9 +142,6 @@ def main(argv=None) -> dict:
         if args.no_torch:
             raise ImportError("--no-torch")
         import torch
-        from checkpoints_convert.engine import build_params
-        from checkpoints_convert.export import FAMILIES
-        from checkpoints_convert.sources import from_state_dict
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, args.dtype)

@@ -1,6 +1,8 @@
 """Decode time and peak memory of our Flax VAEs against diffusers' (AutoencoderKL for FLUX.1,
 AutoencoderKLQwenImage for Qwen-Image), same random weights (through the conversion table), same
-latents; each side in its own process so that its peak resident memory (VmHWM) is its own.
+latents; each side in its own process so that its peak resident memory (VmHWM) is its own (so
+the project's modules are imported inside the functions of the side that needs them: the
+diffusers side never loads JAX).
 
     python -m eval.bench_vae --size 1024 --runs 3                      # FLUX.1's VAE, 1024x1024
     python -m eval.bench_vae --vae qwen-image --size 1024              # Qwen-Image's VAE
@@ -18,7 +20,6 @@ import subprocess
 import sys
 import time
 
-from edit_jax.vae import check_tile_size
 from eval.report import run_script
 
 
@@ -133,11 +134,13 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.size <= 0 or args.size % 8:
         raise ValueError(f"--size {args.size}: must be a positive multiple of 8 pixels (the VAE's scale)")
-    if args.tile is not None:
-        check_tile_size(args.tile, flag="--tile")
-    if args.side:
+    if args.side:  # a child measuring one side, started below once the flags were checked
         print(json.dumps(run_side(args.side, args.vae, args.size, args.runs, args.tile, args.channels)))
         return {}
+    if args.tile is not None:
+        from edit_jax.vae import check_tile_size  # here, not above: the diffusers side's child must not load JAX
+
+        check_tile_size(args.tile, flag="--tile")
     result = {"benchmark": "vae_decode", **environment(), "vae": args.vae, "size": args.size, "tile": args.tile,
               "channels": args.channels or ("96" if args.vae == "qwen-image" else "128,256,512,512")}
     for side in ("ours", "diffusers"):

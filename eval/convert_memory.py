@@ -5,7 +5,8 @@ sizes (D 3072, M 12288, bfloat16) and a few layers (a few GB).
 
 Writes the source once (a separate process), then converts it in a fresh process and reports
 that process's peak RSS beside the largest stacked tensor and the baseline RSS of an idle
-process that imported the same libraries.
+process that imported the same libraries. The project's modules are imported inside the measured
+functions, so that each process loads only what its part needs.
 """
 
 from __future__ import annotations

@@ -31,16 +31,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import edit_jax
+from edit_jax.channel_order import order_mlp_channels
 from edit_jax.checkpoint import is_checkpoint, load_routers, resolve, save
-from edit_jax.config import FluxConfig
+from edit_jax.config import FluxConfig, config_to_dict
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import base_flops, layer_flops
+from edit_jax.latents import unpack_latents
 from edit_jax.models import build_model
 from edit_jax.sampler import SamplerConfig
 from eval import baselines, real_data
 from eval.judge import Judge
 from eval.metrics import json_number, psnr, ssim
+from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map, plot_sample_grid
 from eval.sampling_eval import run_method
+from train.config import GATE_BUDGETS, RHO_SCHEDULES, TARGETS, TrainConfig
+from train.data import shared_inputs
+from train.dataset import pack
+from train.loop import train
 
 
 class DemoError(ValueError):
@@ -80,8 +88,6 @@ class DemoSettings:
 
     def __post_init__(self):
         """Checked before anything runs: a bad --set fails now, not after minutes of training."""
-        from train.config import GATE_BUDGETS, RHO_SCHEDULES, TARGETS
-
         choices = {"dataset": real_data.DATASETS, "gate_budget": GATE_BUDGETS, "rho_schedule": RHO_SCHEDULES,
                    "router_target": TARGETS, "timing_rows": (0, 1)}
         for name, allowed in choices.items():
@@ -212,9 +218,6 @@ class Demo:
 
     # ---- 3-5. training, each run reused when its config is unchanged -------------------------
     def train_run(self, name: str, **fields) -> Path:
-        from train.config import TrainConfig
-        from train.loop import train
-
         s = self.s
         config = TrainConfig(data=str(self.train_data), batch_size=s.batch_size, seed=s.seed, log_every=25,
                              warmup_steps=20, noise_sampler="pipeline", mesh={"data": 1, "fsdp": -1, "tensor": 1},
@@ -230,10 +233,6 @@ class Demo:
         return final
 
     def train_dense(self) -> Path:
-        import edit_jax
-
-        from edit_jax.config import config_to_dict
-
         init = self.out / "runs" / f"init-{digest([config_to_dict(self.config), self.s.seed])}"
         if not is_checkpoint(init):
             save(init, self.config, edit_jax.init_params(self.config, seed=self.s.seed), overwrite=True)
@@ -241,8 +240,6 @@ class Demo:
                                learning_rate=self.s.dense_learning_rate)
         ordered = dense.parent.with_name(dense.parent.name.replace("dense", "dense-ordered"))
         if not is_checkpoint(ordered):
-            from edit_jax.channel_order import order_mlp_channels
-
             params = edit_jax.load(dense)[1]
             params, _ = order_mlp_channels(self.config, params, [self.model_inputs(self.train, 64, i, noisy=False) for i in range(4)])
             save(ordered, self.config, params, overwrite=True)
@@ -252,11 +249,8 @@ class Demo:
 
     def model_inputs(self, split, count: int, seed: int, noisy: bool = True) -> dict:
         """Model inputs of `count` images of a split at random noise levels (calibration, validation)."""
-        from train.data import shared_inputs
-
         rng = np.random.default_rng(self.s.seed + 100 + seed)
         pick = rng.choice(len(split[1]), size=min(count, len(split[1])), replace=False)
-        from train.dataset import pack
 
         x0 = pack(real_data.to_latents(split[0][pick], self.s.patch))
         s = rng.uniform(0.02, 0.98, size=len(pick)).astype(np.float32)
@@ -287,8 +281,6 @@ class Demo:
 
     # ---- 6. sampling and judging ---------------------------------------------------------------
     def conditions(self) -> tuple[jax.Array, dict]:
-        from train.data import shared_inputs
-
         labels = self.test[1]
         cond = real_data.label_conditions(labels, 16, 16)
         noise = jax.random.normal(jax.random.key(self.s.seed + 7),
@@ -298,8 +290,6 @@ class Demo:
                        **shared_inputs(self.config, *self.grid, 1)}
 
     def images(self, packed: np.ndarray) -> np.ndarray:
-        from edit_jax.latents import unpack_latents
-
         rows, cols = self.grid
         latents = np.asarray(unpack_latents(jnp.asarray(packed), 16 * rows, 16 * cols))
         return real_data.to_images(latents, self.s.patch, self.image_size)
@@ -321,8 +311,6 @@ class Demo:
 
 def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
     """Runs (or resumes) the whole demo; returns the summary also written to OUT/results.json."""
-    import edit_jax
-
     start = time.perf_counter()
     demo = Demo(settings, out, progress)
     demo.out.mkdir(parents=True, exist_ok=True)
@@ -454,8 +442,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_results(demo: Demo, rows: list[dict], judge: dict, order: list[int], router_map, seconds: float) -> dict:
-    from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map, plot_sample_grid
-
     out, s = demo.out, demo.s
     dense = rows[0]
     curves_acc, curves_fd = {}, {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from train.dataset import write_dataset
 
 DATASETS = ("digits", "mnist")
 NUM_CLASSES = 10
@@ -86,8 +87,6 @@ def label_conditions(labels: np.ndarray, text_dim: int, pooled_dim: int) -> dict
 def write_training_set(out: str | Path, images: np.ndarray, labels: np.ndarray, patch: int, text_dim: int,
                        pooled_dim: int, overwrite: bool = False) -> Path:
     """The images and labels as an edit-jax training dataset (train/dataset.py), captioned with the label."""
-    from train.dataset import write_dataset
-
     latents = to_latents(images, patch)
     cond = label_conditions(labels, text_dim, pooled_dim)
     examples = ({"latents": latents[i], "prompt_embeds": cond["prompt_embeds"][i],

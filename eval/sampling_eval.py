@@ -20,12 +20,18 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from checkpoints_convert.vae import load_vae
+from edit_jax import load, load_routers
+from edit_jax.checkpoint import CheckpointError
 from edit_jax.config import resolve_attention
 from edit_jax.elastic import ElasticConfig
+from edit_jax.embeddings import check_embeddings, embedding_conditions, read_embeddings
 from edit_jax.flops import mean_routing, routing_stats
+from edit_jax.latents import initial_noise, unpack_latents
 from edit_jax.sampler import SamplerConfig, check_sampling_inputs, sample
-from edit_jax.vae import decode_tiled, to_uint8
+from edit_jax.vae import check_vae_fits, decode_tiled, to_uint8
 from eval.metrics import json_number, psnr, ssim
+from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map
 
 SHARED_CONDITIONS = ("img_ids", "txt_ids", "img_shapes")
 
@@ -104,13 +110,6 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     import contextlib
     import dataclasses
 
-    from edit_jax import load
-    from edit_jax import load_routers
-    from edit_jax.checkpoint import CheckpointError
-    from edit_jax.embeddings import check_embeddings, embedding_conditions, read_embeddings
-    from edit_jax.latents import initial_noise, unpack_latents
-    from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map
-
     data = read_embeddings(embeddings)
     if true_cfg > 1 and "negative_prompt_embeds" not in data:
         raise ValueError(f"--true-cfg {true_cfg} needs negative_prompt_embeds in {embeddings} (edit-jax encode-prompts "
@@ -133,9 +132,6 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
                "E-DiT + cache": dict(elastic=dataclasses.replace(elastic, cache=True), routers=routers)}
     decoder = None
     if vae is not None:
-        from checkpoints_convert.vae import load_vae
-        from edit_jax.vae import check_vae_fits
-
         decoder = load_vae(vae)
         check_vae_fits(decoder[0], config, vae)
     results, latents, images, edit_records = {}, {}, {}, None

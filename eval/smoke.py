@@ -18,7 +18,13 @@ import numpy as np
 
 import edit_jax
 from edit_jax.checkpoint import save
-from edit_jax.models import example_inputs, jit_forward
+from edit_jax.elastic import ElasticConfig
+from edit_jax.flops import dense_flops
+from edit_jax.latents import packed_grid
+from edit_jax.models import example_inputs, init_routers, jit_forward
+from edit_jax.sampler import SamplerConfig, sample
+from eval.bench_sample import random_conditions
+from eval.pictures import block_groups, plot_router_map
 
 
 def available_memory_bytes() -> int | None:
@@ -89,14 +95,6 @@ def sample_smoke(model, params, config, out: Path, seed: int, steps: int = 12) -
     """Dense vs E-DiT sampling on random prompt embeddings; E-DiT decisions are scripted the way
     released routers behave (outer blocks always on, inner blocks borderline or off)."""
     import jax.numpy as jnp
-
-    from edit_jax.elastic import ElasticConfig
-    from edit_jax.flops import dense_flops
-    from edit_jax.latents import packed_grid
-    from edit_jax.models import init_routers
-    from edit_jax.sampler import SamplerConfig, sample
-    from eval.bench_sample import random_conditions
-    from eval.pictures import block_groups, plot_router_map
 
     blocks = config.num_blocks
     rng = np.random.default_rng(seed)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from edit_jax.checkpoint import atomic_file, resolve
+from pipelines.generate import MODEL_COMPONENTS, pipeline_family
+from pipelines.text_encoders import EmbeddingCache, TEXT_ENCODERS
 
 
 def check_embeddings_destination(out: Path, overwrite: bool) -> None:
@@ -45,9 +47,6 @@ def encode_prompts(model_dir, prompts: list[str], out, *, negative_prompt: str |
     """Writes the embeddings of `prompts` (and of `negative_prompt`) to the .npz `out`; returns a
     summary: the file, the family, the encoders' dtype and each array's shape. dtype: the text
     encoders' on a CUDA device ("auto": bfloat16; float32 elsewhere)."""
-    from pipelines.generate import MODEL_COMPONENTS, pipeline_family
-    from pipelines.text_encoders import TEXT_ENCODERS, EmbeddingCache
-
     folder, out = resolve(model_dir), resolve(out)
     family = pipeline_family(folder, unused=MODEL_COMPONENTS)
     check_embeddings_destination(out, overwrite)

@@ -21,9 +21,24 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from edit_jax.checkpoint import is_checkpoint, resolve
+import edit_jax
+from checkpoints_convert.convert import FAMILIES
+from checkpoints_convert.engine import build_params
+from checkpoints_convert.sources import open_source
+from checkpoints_convert.vae import load_vae
+from edit_jax.checkpoint import ROUTERS_DIR, is_checkpoint, load_config, resolve, run_dir_hint, tree_names
 from edit_jax.config import read_json_object, resolve_attention, resolve_dtype
+from edit_jax.elastic import ElasticConfig
 from edit_jax.embeddings import embedding_conditions
+from edit_jax.flops import mean_routing, routing_stats
+from edit_jax.latents import initial_noise, packed_grid, unpack_latents
+from edit_jax.models import abstract_params, abstract_routers
+from edit_jax.placement import mesh_shardings
+from edit_jax.sampler import SamplerConfig, first_rows, sample
+from edit_jax.schedules import SchedulerConfig
+from edit_jax.vae import check_tile_size, check_vae_fits, decode_tiled, to_uint8
+from eval.pictures import block_groups, plot_router_map
+from pipelines.text_encoders import EmbeddingCache, TEXT_ENCODERS, missing_components
 
 MODEL_COMPONENTS = ("transformer", "vae", "scheduler")  # beside each family's text encoders and tokenizers
 
@@ -31,8 +46,6 @@ MODEL_COMPONENTS = ("transformer", "vae", "scheduler")  # beside each family's t
 def pipeline_family(folder: Path, role: str = "--model", unused: tuple[str, ...] = ()) -> str:
     """The model family of a diffusers pipeline folder, from its model_index.json; every missing
     component (but the `unused` ones) named in one error."""
-    from pipelines.text_encoders import TEXT_ENCODERS, missing_components
-
     pipelines = {encoder.pipeline_class: encoder for encoder in TEXT_ENCODERS.values()}
     if not folder.is_dir():
         raise ValueError(f"{role} {folder}: no such folder")
@@ -54,10 +67,6 @@ def pipeline_family(folder: Path, role: str = "--model", unused: tuple[str, ...]
 def check_transformer(path: Path, family: str, elastic: str) -> None:
     """The transformer's weights are there, of `family`, and with routers when `elastic` needs them
     (read from headers and metadata only, before the text encoders run)."""
-    from checkpoints_convert.convert import FAMILIES
-    from checkpoints_convert.sources import open_source
-    from edit_jax.checkpoint import ROUTERS_DIR, load_config, run_dir_hint, tree_names
-
     if not path.exists():
         raise ValueError(f"--transformer {path}: no such file or folder")
     if is_checkpoint(path):
@@ -78,13 +87,6 @@ def load_transformer(folder: Path, family: str, mesh=None, dtype: str = "float32
     memory), params and compute in `dtype` (routers as stored, converted ones float32), softmax
     attention by `attention`; with a device `mesh`, every array placed on it as the logical-axis
     rules table says."""
-    import edit_jax
-    from checkpoints_convert.convert import FAMILIES
-    from checkpoints_convert.engine import build_params
-    from checkpoints_convert.sources import open_source
-    from edit_jax.models import abstract_params, abstract_routers
-    from edit_jax.placement import mesh_shardings
-
     if is_checkpoint(folder):
         model, params = edit_jax.load(folder, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=attention)
         if model.config.family != family:
@@ -110,8 +112,6 @@ UNSUPPORTED_SCHEDULER_SETTINGS = ("use_karras_sigmas", "use_exponential_sigmas",
 def load_scheduler(folder: Path):
     """The flow-matching fields of scheduler/scheduler_config.json; a ValueError for another
     scheduler class or a setting `sample` does not reproduce (never a silently different schedule)."""
-    from edit_jax.schedules import SchedulerConfig
-
     path = folder / "scheduler_config.json"
     if not path.is_file():
         raise ValueError(f"{folder} has no scheduler_config.json")
@@ -148,9 +148,6 @@ def check_request(out: Path, prompts: list[str], true_cfg: float, negative_promp
                   width: int, elastic: str, cache: bool, cache_start: int | None, batch_size: int,
                   tile_size: int = 1024) -> None:
     """Every flag that cannot work, found before the text encoders run."""
-    from edit_jax.latents import packed_grid
-    from edit_jax.vae import check_tile_size
-
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder")
     if not prompts:
@@ -190,13 +187,6 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
     from tqdm.auto import tqdm
 
-    from checkpoints_convert.vae import load_vae
-    from edit_jax.elastic import ElasticConfig
-    from edit_jax.latents import initial_noise, unpack_latents
-    from edit_jax.sampler import SamplerConfig, first_rows, sample
-    from edit_jax.vae import check_vae_fits, decode_tiled, to_uint8
-    from pipelines.text_encoders import TEXT_ENCODERS, EmbeddingCache
-
     folder, out = resolve(model_dir), resolve(out)
     family = pipeline_family(folder, unused=("transformer",) if transformer is not None else ())
     check_request(out, prompts, true_cfg, negative_prompt, height, width, elastic, cache, cache_start, batch_size,
@@ -232,8 +222,6 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
         raise ValueError(f"noise has {noise.shape[0]} rows for {len(prompts)} prompts")
 
     from PIL import Image
-
-    from edit_jax.flops import mean_routing, routing_stats
 
     out.mkdir(parents=True, exist_ok=True)
     images, paths, routing, first_records = [], [], [], None
@@ -281,8 +269,6 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape),
                "routing": mean_routing(routing)}
     if first_records:
-        from eval.pictures import block_groups, plot_router_map
-
         summary["router_map"] = str(plot_router_map(
             out / "router_map.png", first_records["executed"][:, 0], first_records["bucket"][:, 0],
             first_records["cache_hit"][:, 0],

@@ -26,8 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from checkpoints_convert.vae import load_vae
 from edit_jax.checkpoint import resolve
-from train.dataset import IMAGE_SUFFIXES
+from pipelines.generate import pipeline_family
+from pipelines.text_encoders import TEXT_ENCODERS, device_and_dtype
+from train.dataset import IMAGE_SUFFIXES, MANIFEST, TEXT_FIELDS, write_dataset
 
 METADATA = ("metadata.jsonl", "metadata.csv")  # the captions files of Hugging Face's imagefolder layout
 FILE_KEYS, CAPTION_KEYS = ("file", "file_name"), ("caption", "text")
@@ -165,11 +168,6 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
     import jax
     from PIL import Image, UnidentifiedImageError
     from tqdm.auto import tqdm
-
-    from checkpoints_convert.vae import load_vae
-    from pipelines.generate import pipeline_family
-    from pipelines.text_encoders import TEXT_ENCODERS, device_and_dtype
-    from train.dataset import MANIFEST, TEXT_FIELDS, write_dataset
 
     images_dir, out, model_dir = resolve(images_dir), resolve(out), resolve(model_dir)
     if not images_dir.is_dir():

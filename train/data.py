@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.config import FluxConfig
+from edit_jax.config import ConfigError, FluxConfig
 from train.config import TrainConfig
+from train.dataset import batch_iterator, check_fits, make_pipeline, read_manifest
 
 
 def shared_inputs(model_config, rows: int, cols: int, num_txt: int) -> dict:
@@ -64,13 +65,10 @@ class DataSource:
         if config.data == "synthetic":
             self._synthetic = jax.jit(lambda step: synthetic_batch(model_config, config, step), out_shardings=sharding)
             return
-        from train.dataset import batch_iterator, check_fits, make_pipeline, read_manifest
 
         check_fits(read_manifest(config.data), model_config, config.data)
         processes = jax.process_count()
         if config.batch_size % processes:
-            from edit_jax.config import ConfigError
-
             raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {processes} processes")
         pipeline = make_pipeline(config.data, config.batch_size // processes, config.seed, jax.process_index(), processes)
         self.iterator = batch_iterator(pipeline, config.prefetch)

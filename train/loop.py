@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 import edit_jax
 from edit_jax.checkpoint import agreed, load_params, load_routers, save, stored_identity
 from edit_jax.config import ConfigError, RuntimeConfig, preset
+from edit_jax.flops import dense_flops
 from edit_jax.models import abstract_params, build_model, init_variables
 from edit_jax.placement import describe, param_shardings, summarize
 from edit_jax.sharding import batch_sharding, make_mesh, replicated, use_rules
@@ -65,8 +66,6 @@ def jitted_train_step(config: TrainConfig, model, optimizer, shared: dict, train
 def train_step_flops(model_config, batch: dict, grid, config: TrainConfig) -> float:
     """Model FLOPs of one train step (edit_jax.flops): forward and backward (3x the dense forward,
     recomputation under remat not counted), plus the teacher's forward."""
-    from edit_jax.flops import dense_flops
-
     per_sample = dense_flops(model_config, grid[0] * grid[1], batch["encoder_hidden_states"].shape[1])
     return (3 + (config.target == "teacher")) * per_sample * batch["latents"].shape[0]
 

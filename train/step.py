@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from edit_jax.config import ConfigError
 from edit_jax.elastic import ElasticConfig
 from edit_jax.sampler import default_scheduler
 from edit_jax.schedules import time_shift
@@ -122,8 +123,6 @@ def make_loss_fn(config: TrainConfig, model) -> Callable:
 def static_decisions(model_config, skip_blocks) -> dict:
     """Forced decisions [L] of a statically pruned model: `skip_blocks` never run, the rest at full width."""
     import numpy as np
-
-    from edit_jax.config import ConfigError
 
     total = model_config.num_blocks
     if any(not 0 <= i < total for i in skip_blocks):
