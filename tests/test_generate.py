@@ -149,14 +149,14 @@ def test_the_cli_generates_pngs_and_a_run_json(tiny_pipeline, tmp_path):
 
 
 def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory(tiny_pipeline, tmp_path, monkeypatch):
-    import edit_jax.sampler
+    from pipelines import generate as module
     from pipelines.generate import generate
 
     _, folder = tiny_pipeline
     prompts, settings = PROMPTS + ["a third prompt"], dict(steps=2, height=32, width=32, progress=False)
     whole = generate(folder, prompts, tmp_path / "whole", batch_size=3, **settings)["images"]
-    rows, sample = [], edit_jax.sampler.sample
-    monkeypatch.setattr(edit_jax.sampler, "sample", lambda model, params, noise, *a, **k: (
+    rows, sample = [], module.sample
+    monkeypatch.setattr(module, "sample", lambda model, params, noise, *a, **k: (
         rows.append(noise.shape[0]), sample(model, params, noise, *a, **k))[1])
     batched = generate(folder, prompts, tmp_path / "batched", batch_size=2, embeddings_cache=tmp_path / "c", **settings)
     np.testing.assert_allclose(batched["images"], whole, rtol=1e-5, atol=1e-5)
@@ -167,11 +167,11 @@ def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory
 def test_e_dit_images_with_the_cache_do_not_depend_on_the_batch_size(tiny_pipeline, tmp_path, monkeypatch):
     import edit_jax
     from edit_jax.checkpoint import save
-    from eval import pictures
+    from pipelines import generate as module
     from pipelines.generate import generate
 
-    titles, plot = [], pictures.plot_router_map
-    monkeypatch.setattr(pictures, "plot_router_map", lambda *a, **k: titles.append(k["title"]) or plot(*a, **k))
+    titles, plot = [], module.plot_router_map
+    monkeypatch.setattr(module, "plot_router_map", lambda *a, **k: titles.append(k["title"]) or plot(*a, **k))
 
     _, folder = tiny_pipeline
     config = edit_jax.from_diffusers_config(folder / "transformer")
