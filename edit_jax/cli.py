@@ -17,9 +17,19 @@ import os
 import sys
 from pathlib import Path
 
+from edit_jax import load, load_routers
+from edit_jax.channel_order import order_mlp_channels
+from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, check_destination, flatten, load_config, missing_array_files,
+                                 params_metadata, read_metadata, resolve, save, tree_names, verify_arrays)
 from edit_jax.config import (ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, ConfigError, from_diffusers_config, preset,
                              resolve_attention, resolve_dtype)
+from edit_jax.elastic import ElasticConfig
 from edit_jax.embeddings import check_embeddings, embedding_conditions, existing_file, read_arrays, read_embeddings
+from edit_jax.latents import initial_noise, packed_grid, unpack_latents
+from edit_jax.models import example_inputs, init_routers
+from edit_jax.sampler import SamplerConfig, check_sampling_inputs, concat_records, sample
+from edit_jax.sharding import MESH_AXES, make_mesh
+from edit_jax.vae import check_tile_size
 
 
 def resolve_config(value: str | None, family: str):
@@ -64,7 +74,6 @@ def cmd_convert(args) -> int:
 
 def describe_run(args) -> bool:
     """Prints where a training run stands when `args.ckpt` is a run's folder; whether it was one."""
-    from edit_jax.checkpoint import resolve
     from train.run_dir import run_status
 
     status = run_status(resolve(args.ckpt))
@@ -88,9 +97,6 @@ def describe_run(args) -> bool:
 
 def cmd_inspect(args) -> int:
     import numpy as np
-
-    from edit_jax.checkpoint import (CheckpointError, flatten, missing_array_files, params_metadata, read_metadata,
-                                     tree_names, verify_arrays)
 
     if describe_run(args):
         return 0
@@ -134,8 +140,6 @@ def load_calibration(path: str | None, config, batches: int, seed: int) -> list[
     img_shapes as 3 ints), or random example inputs when none is given."""
     import jax.numpy as jnp
 
-    from edit_jax.models import example_inputs
-
     if path is None:
         print("order-channels: no --calibration given, using random inputs; real latents and prompt embeddings rank "
               "channels better: give the dataset `edit-jax prepare-data` wrote (--calibration DATA)", file=sys.stderr)
@@ -177,8 +181,6 @@ def at_least(low: float, kind=int, strict: bool = False):
 
 def mesh_shape(text: str) -> dict[str, int]:
     """--mesh AXIS=N[,AXIS=N...] (axes data, fsdp, tensor; one N may be -1: the rest of the devices)."""
-    from edit_jax.sharding import MESH_AXES
-
     shape = {}
     for part in text.split(","):
         axis, _, size = part.partition("=")
@@ -213,17 +215,11 @@ def add_encoders_dtype_argument(parser) -> None:
 
 def mesh_of(args):
     """The device mesh --mesh asks for (checked against the devices there are), or None."""
-    from edit_jax.sharding import make_mesh
-
     return make_mesh(args.mesh) if args.mesh else None
 
 
 def cmd_order_channels(args) -> int:
     import numpy as np
-
-    from edit_jax import load
-    from edit_jax.channel_order import order_mlp_channels
-    from edit_jax.checkpoint import CheckpointError, ROUTERS_DIR, check_destination, load_config, resolve, save, tree_names
 
     if ROUTERS_DIR in tree_names(args.ckpt):
         raise CheckpointError(
@@ -298,13 +294,6 @@ def cmd_sample(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from edit_jax import load
-    from edit_jax import load_routers
-    from edit_jax.checkpoint import CheckpointError
-    from edit_jax.elastic import ElasticConfig
-    from edit_jax.latents import initial_noise, packed_grid, unpack_latents
-    from edit_jax.models import init_routers
-    from edit_jax.sampler import SamplerConfig, check_sampling_inputs, concat_records, sample
     from eval.sampling_eval import rows_of
 
     out = check_output_folder(args.out, "sample")
@@ -496,8 +485,6 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from edit_jax.elastic import ElasticConfig
-    from edit_jax.vae import check_tile_size
     from eval.sampling_eval import evaluate_checkpoint
 
     out = check_output_folder(args.out, "eval")
@@ -777,7 +764,6 @@ OPTIONAL_PACKAGES = {"torch": ("torch", "diffusers", "transformers"), "diffrax":
 def main(argv: list[str] | None = None) -> int:
     from checkpoints_convert.engine import ConversionError
     from checkpoints_convert.sources import SourceError
-    from edit_jax.checkpoint import CheckpointError
 
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)

@@ -43,7 +43,7 @@ def sharding_plan(config, mesh: Mesh) -> list[tuple[str, tuple, PartitionSpec, P
         for path in sorted(shapes):
             shape = tuple(shapes[path].shape)
             rows.append((path if collection == "params" else f"routers/{path}", shape, specs[path],
-                         logical_to_mesh(specs[path], mesh, shape=shape),
+                         logical_to_mesh(specs[path], mesh),  # as param_shardings places it
                          int(np.prod(shape)) * np.dtype(shapes[path].dtype).itemsize))
     return rows
 
@@ -64,11 +64,12 @@ def summarize(config, mesh: Mesh) -> str:
     per_device = 0.0
     for _, _, logical, placed, size in plan:
         devices = 1
-        for name, axes in zip(logical, placed):
+        for name, entry in zip(logical, placed):
+            axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
             if axes:
-                rule = f"{name} -> {'+'.join(axes) if isinstance(axes, tuple) else axes}"
+                rule = f"{name} -> {'+'.join(axes)}"
                 split[rule] = split.get(rule, 0) + 1
-                devices *= int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+                devices *= int(np.prod([mesh.shape[a] for a in axes]))
         per_device += size / devices
     whole = sum(1 for *_, placed, _ in plan if not any(placed))
     lines = [f"mesh {', '.join(f'{a}={n}' for a, n in mesh.shape.items())} ({mesh.devices.size} devices); "
