@@ -14,21 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.config import FluxConfig
+from edit_jax.family import ElasticMLP
 from edit_jax.layers import channel_ranks
-from edit_jax.models import build_model, split_static
+from edit_jax.models import build_model, family_of, split_static
 
 
-def elastic_mlps(config) -> list[dict]:
-    """Where each block stack's elastic MLP lives: the paths under the stack of fc1 (kernel
-    columns + bias) and of fc2 (its kernel's rows; `fc2_kernel` names that kernel), and where its
-    hidden magnitudes are sown."""
-    if isinstance(config, FluxConfig):
-        return [
-            dict(stack="transformer_blocks", fc1=("ff", "fc1"), fc2=("ff", "fc2"), fc2_kernel="kernel", sown=("ff",)),
-            dict(stack="single_transformer_blocks", fc1=("proj_mlp",), fc2=("proj_out",), fc2_kernel="kernel_mlp", sown=()),
-        ]
-    return [dict(stack="transformer_blocks", fc1=("img_mlp", "fc1"), fc2=("img_mlp", "fc2"), fc2_kernel="kernel", sown=("img_mlp",))]
+def elastic_mlps(config) -> tuple[ElasticMLP, ...]:
+    """Where each block stack's elastic MLP lives (`edit_jax.family.ElasticMLP`)."""
+    return family_of(config).elastic_mlps
 
 
 def _node(tree: dict, path) -> dict:
@@ -48,12 +41,12 @@ def channel_importance(config, params: dict, calibration: list[dict]) -> list[np
         if batch_static != static:
             raise ValueError(f"calibration batches must share their static inputs: {batch_static} vs {static}")
         state = record(params, arrays)
-        sown = [np.asarray(_node(state["intermediates"][m["stack"]], m["sown"])["hidden_magnitude"][0])
+        sown = [np.asarray(_node(state["intermediates"][m.stack], m.sown)["hidden_magnitude"][0])
                 for m in elastic_mlps(config)]
         totals = sown if totals is None else [t + s for t, s in zip(totals, sown)]
     scores = []
     for magnitude, m in zip(totals, elastic_mlps(config)):
-        fc2 = np.asarray(_node(params[m["stack"]], m["fc2"])[m["fc2_kernel"]], np.float32)
+        fc2 = np.asarray(_node(params[m.stack], m.fc2)[m.fc2_kernel], np.float32)
         scores.append(magnitude / len(calibration) * np.linalg.norm(fc2, axis=-1))
     return scores
 
@@ -62,12 +55,12 @@ def permute_mlp_channels(config, params: dict, orders: list[np.ndarray]) -> dict
     """Reorders each elastic MLP's hidden channels; orders: [L_i, M] permutation per stack."""
     params = jax.tree.map(lambda x: x, params)  # fresh dicts, shared arrays
     for order, m in zip(orders, elastic_mlps(config)):
-        stack = params[m["stack"]]
-        fc1, fc2 = _node(stack, m["fc1"]), _node(stack, m["fc2"])
+        stack = params[m.stack]
+        fc1, fc2 = _node(stack, m.fc1), _node(stack, m.fc2)
         idx = jnp.asarray(order)
         fc1["kernel"] = jnp.take_along_axis(fc1["kernel"], idx[:, None, :], axis=2)
         fc1["bias"] = jnp.take_along_axis(fc1["bias"], idx, axis=1)
-        fc2[m["fc2_kernel"]] = jnp.take_along_axis(fc2[m["fc2_kernel"]], idx[:, :, None], axis=1)
+        fc2[m.fc2_kernel] = jnp.take_along_axis(fc2[m.fc2_kernel], idx[:, :, None], axis=1)
     return params
 
 

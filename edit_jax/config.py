@@ -117,9 +117,15 @@ class TransformerConfig:
                               f"channel count {widths} (1 always does)")
 
     @property
+    def block_stacks(self) -> tuple[tuple[str, int, str], ...]:
+        """(params name, layers, block kind) of each scanned block stack, in scan order; the kind
+        is "dual" (a dual-stream MMDiT block) or "single" (a FLUX single-stream block)."""
+        raise NotImplementedError
+
+    @property
     def num_blocks(self) -> int:
         """Every routed block, in scan order (FLUX: double-stream, then single-stream)."""
-        return self.num_layers + getattr(self, "num_single_layers", 0)
+        return sum(layers for _, layers, _ in self.block_stacks)
 
     @property
     def inner_dim(self) -> int:
@@ -179,6 +185,11 @@ class FluxConfig(TransformerConfig):
     def __post_init__(self):
         self._check_common(("num_layers", "num_single_layers"))
 
+    @property
+    def block_stacks(self) -> tuple[tuple[str, int, str], ...]:
+        return (("transformer_blocks", self.num_layers, "dual"),
+                ("single_transformer_blocks", self.num_single_layers, "single"))
+
 
 def proj_out_parts(cfg: FluxConfig) -> tuple[tuple[str, str, int], ...]:
     """The FLUX single blocks' proj_out input [attention D; MLP M] as `JointLinear.parts`: two
@@ -227,6 +238,10 @@ class QwenImageConfig(TransformerConfig):
             raise ConfigError(f"Qwen-Image config features not implemented in edit-jax: {unsupported}")
         if len(self.axes_dims_rope) != 3:
             raise ConfigError(f"axes_dims_rope {self.axes_dims_rope} must have 3 sizes (frame, row, column)")
+
+    @property
+    def block_stacks(self) -> tuple[tuple[str, int, str], ...]:
+        return (("transformer_blocks", self.num_layers, "dual"),)
 
 
 MODEL_CONFIGS = {"flux": FluxConfig, "qwen-image": QwenImageConfig}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.config import FluxConfig, QwenImageConfig
 from edit_jax.elastic import bucket_widths
 
 
@@ -34,16 +33,22 @@ def router_flops(config, num_img: int, num_txt: int) -> int:
 
 
 def base_flops(config, num_img: int, num_txt: int) -> int:
-    """FLOPs per sample outside the blocks: embedders, final norm and projection."""
+    """FLOPs per sample outside the blocks: embedders, final norm and projection. FLUX adds a
+    guidance embedder (dev) and the pooled text embedder (pooled_projection_dim -> D -> D)."""
     d = config.inner_dim
     time = 256 * d + d * d
     out = 2 * d * d + d * config.output_channels * num_img
-    if isinstance(config, FluxConfig):
-        macs = config.in_channels * d * num_img + config.joint_attention_dim * d * num_txt + time
-        macs += time * config.guidance_embeds + config.pooled_projection_dim * d + d * d + out
-    else:
-        macs = config.in_channels * d * num_img + config.joint_attention_dim * d * num_txt + time + out
+    macs = config.in_channels * d * num_img + config.joint_attention_dim * d * num_txt + time + out
+    macs += time * config.guidance_embeds
+    pooled = getattr(config, "pooled_projection_dim", 0)
+    macs += pooled * d + d * d if pooled else 0
     return 2 * macs
+
+
+BLOCK_MACS = {
+    "dual": lambda d, w, m, n, t: _dual_block(d, w, m, n, t),
+    "single": lambda d, w, m, n, t: _single_block(d, w, n + t),
+}
 
 
 def layer_flops(config, num_img: int, num_txt: int) -> np.ndarray:
@@ -51,13 +56,9 @@ def layer_flops(config, num_img: int, num_txt: int) -> np.ndarray:
     blocks): column 0 a skipped block (0), column 1 + k the block at width bucket k."""
     d, m = config.inner_dim, config.mlp_hidden_dim
     widths = bucket_widths(m, config.width_buckets)
-    dual = [0] + [2 * _dual_block(d, w, m, num_img, num_txt) for w in widths]
-    rows = [dual] * config.num_layers
-    if isinstance(config, FluxConfig):
-        single = [0] + [2 * _single_block(d, w, num_img + num_txt) for w in widths]
-        rows += [single] * config.num_single_layers
-    elif not isinstance(config, QwenImageConfig):
-        raise TypeError(f"no FLOPs model for {type(config).__name__}")
+    rows = []
+    for _, layers, kind in config.block_stacks:
+        rows += [[0] + [2 * BLOCK_MACS[kind](d, w, m, num_img, num_txt) for w in widths]] * layers
     return np.asarray(rows, np.int64)
 
 

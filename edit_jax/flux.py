@@ -15,20 +15,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import FluxConfig, proj_out_parts
-from edit_jax.elastic import (
-    ElasticConfig,
-    check_decisions,
-    elastic_step,
-    empty_cache,
-    gather_aux,
-    lazy_weights,
-    per_layer_inputs,
-    router_preludes,
-)
-from edit_jax.flops import step_flops
+from edit_jax.elastic import ElasticConfig, elastic_step
+from edit_jax.elastic_stacks import stack_inputs, step_aux
+from edit_jax.family import ElasticMLP, ModelFamily
 from edit_jax.layers import (
     HEADS,
     HIDDEN,
@@ -47,13 +40,13 @@ from edit_jax.layers import (
     layer_norm,
     modulate,
     modulation_chunks,
-    modulations_ahead,
     rope_frequencies,
     scan_blocks,
     sow_hidden_magnitude,
     split_heads,
     timestep_embedding,
 )
+from edit_jax.latents import grid_img_ids
 from edit_jax.router import Router
 
 
@@ -191,7 +184,7 @@ class FluxTransformer(nn.Module):
         """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
         aux) with p, q, executed, cache_hit, bucket over all 19 + 38 blocks and the step's FLOPs.
         decisions: {"run" or "p", "bucket"} [L] or [B, L] for mode "forced". cache: the block
-        cache (`init_cache`), returned updated as aux["cache"]; step: the denoising step index.
+        cache (`edit_jax.models.init_cache`), returned updated as aux["cache"]; step: the denoising step index.
         router_modulations: the routers' temb-only modulation for these inputs, computed ahead
         (`edit_jax.models.router_modulations`); None computes it here. block_modulations: the
         blocks' AdaLN modulations for these inputs, computed ahead (`edit_jax.models.block_modulations`);
@@ -202,17 +195,13 @@ class FluxTransformer(nn.Module):
         batch, num_img = hidden_states.shape[:2]
         num_txt = encoder_hidden_states.shape[1]
         step = jnp.asarray(0 if step is None else step, jnp.int32)
-        caches = None if cache is None else (cache["transformer_blocks"], cache["single_transformer_blocks"])
         img = Linear(cfg.inner_dim, ("channels", "embed"), rt, name="x_embedder")(hidden_states.astype(dtype))
         temb = FluxTimeTextEmbedding(cfg, name="time_text_embed")(
             timestep, pooled_projections.astype(dtype), guidance
         )
-        lazy = lazy_weights(elastic, self.is_initializing())
-        check_decisions(elastic, decisions, len(cfg.width_buckets), self.is_initializing())
-        per_double, per_single = per_layer_inputs(
-            decisions, caches, (cfg.num_layers, cfg.num_single_layers), batch, lazy,
-            router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations),
-            modulations_ahead(self, BLOCK_MODULATIONS, temb, dtype, block_modulations),
+        lazy, (per_double, per_single) = stack_inputs(
+            self, BLOCK_STACKS, BLOCK_MODULATIONS, elastic, decisions, cache, temb, batch, router_modulations,
+            block_modulations,
         )
         txt = Linear(cfg.inner_dim, ("text_embed", "embed"), rt, name="context_embedder")(
             encoder_hidden_states.astype(dtype)
@@ -244,21 +233,7 @@ class FluxTransformer(nn.Module):
         velocity = Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
         if double_out is None:
             return velocity
-        aux = gather_aux([double_out, single_out])
-        aux["flops"] = step_flops(cfg, num_img, num_txt, aux, with_routers=elastic.mode != "forced")
-        if cache is not None:
-            aux["cache"] = {"transformer_blocks": double_out["cache"], "single_transformer_blocks": single_out["cache"]}
-        return velocity, aux
-
-
-def init_cache(config: FluxConfig, batch: int, num_img: int, num_txt: int) -> dict:
-    """An empty block cache for FLUX: per double block (txt, img) residuals, per single block the
-    joint residual, float32."""
-    d = config.inner_dim
-    return {
-        "transformer_blocks": empty_cache(config.num_layers, ((batch, num_txt, d), (batch, num_img, d)), batch),
-        "single_transformer_blocks": empty_cache(config.num_single_layers, (batch, num_txt + num_img, d), batch),
-    }
+        return velocity, step_aux(cfg, BLOCK_STACKS, elastic, [double_out, single_out], cache, num_img, num_txt)
 
 
 def _shape_error(name: str, got, expected: str) -> ValueError:
@@ -292,3 +267,65 @@ def check_flux_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projecti
             raise _shape_error("guidance", guidance.shape, f"[{batch}]")
     elif guidance is not None:
         raise ValueError("this FLUX config has no guidance embeddings (schnell): guidance must be None")
+
+
+def example_inputs(config: FluxConfig, rng: np.random.Generator, batch: int, height: int, width: int,
+                   num_txt: int) -> dict:
+    """Random model inputs (float32) for an image of height x width packed tokens."""
+    inputs = dict(
+        hidden_states=rng.standard_normal((batch, height * width, config.in_channels)),
+        encoder_hidden_states=rng.standard_normal((batch, num_txt, config.joint_attention_dim)),
+        pooled_projections=rng.standard_normal((batch, config.pooled_projection_dim)),
+        timestep=rng.uniform(0.05, 0.95, (batch,)),
+        **positions(config, height, width, num_txt),
+    )
+    if config.guidance_embeds:
+        inputs["guidance"] = rng.uniform(1.0, 5.0, (batch,))
+    return {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
+
+
+def positions(config: FluxConfig, rows: int, cols: int, num_txt: int) -> dict:
+    """RoPE ids: img_ids [rows * cols, 3] (0, row, column) and txt_ids [T, 3] (zeros)."""
+    return {"img_ids": jnp.asarray(grid_img_ids(rows, cols)), "txt_ids": jnp.zeros((num_txt, 3), jnp.float32)}
+
+
+def prompt_extras(config: FluxConfig, batch: int, num_txt: int) -> dict:
+    return {"pooled_projections": ((batch, config.pooled_projection_dim), np.float32)}
+
+
+def guidance(config: FluxConfig, scale: float, batch: int) -> dict:
+    """FLUX.1-dev embeds the guidance scale [B]; schnell takes none."""
+    return {"guidance": np.full((batch,), scale, np.float32)} if config.guidance_embeds else {}
+
+
+def check_positions(config: FluxConfig, cond: dict, num_tokens: int, batch: int) -> str | None:
+    rows = cond["img_ids"].shape[0]
+    return None if rows == num_tokens else f"img_ids has {rows}"
+
+
+def cache_carries(config: FluxConfig, batch: int, num_img: int, num_txt: int) -> dict:
+    """A double block's carry (txt, img) and a single block's joint sequence."""
+    d = config.inner_dim
+    return {"transformer_blocks": ((batch, num_txt, d), (batch, num_img, d)),
+            "single_transformer_blocks": (batch, num_txt + num_img, d)}
+
+
+FAMILY = ModelFamily(
+    name="flux",
+    transformer=FluxTransformer,
+    block_stacks=BLOCK_STACKS,
+    block_modulations=BLOCK_MODULATIONS,
+    time_embedding=time_embedding,
+    example_inputs=example_inputs,
+    positions=positions,
+    prompt_extras=prompt_extras,
+    guidance=guidance,
+    check_positions=check_positions,
+    scheduler=lambda config: "flux-dev" if config.guidance_embeds else "flux-schnell",
+    cfg_norm_rescale=False,
+    cache_carries=cache_carries,
+    elastic_mlps=(
+        ElasticMLP("transformer_blocks", fc1=("ff", "fc1"), fc2=("ff", "fc2"), fc2_kernel="kernel", sown=("ff",)),
+        ElasticMLP("single_transformer_blocks", fc1=("proj_mlp",), fc2=("proj_out",), fc2_kernel="kernel_mlp", sown=()),
+    ),
+)

@@ -54,7 +54,11 @@ def unpack_latents(packed: jax.Array, height: int, width: int) -> jax.Array:
 def flux_img_ids(height: int, width: int, index: int = 0) -> np.ndarray:
     """FLUX RoPE positions [N, 3] of the packed image tokens: (index, row, column). index 1 marks
     a reference image's tokens (FLUX.1 Kontext: its ids follow the generated image's)."""
-    rows, cols = packed_grid(height, width)
+    return grid_img_ids(*packed_grid(height, width), index)
+
+
+def grid_img_ids(rows: int, cols: int, index: int = 0) -> np.ndarray:
+    """FLUX RoPE positions [rows * cols, 3] of a rows x cols grid of packed tokens (float32)."""
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     return np.stack([np.full(rows * cols, index), r.ravel(), c.ravel()], axis=-1).astype(np.float32)
 

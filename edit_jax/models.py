@@ -11,18 +11,25 @@ import flax.linen as nn
 import numpy as np
 
 from edit_jax import flux, qwen_image
-from edit_jax.config import FluxConfig, QwenImageConfig
-from edit_jax.elastic import ElasticConfig
+from edit_jax.elastic import ElasticConfig, empty_cache
+from edit_jax.family import ModelFamily
 from edit_jax.layers import stack_modulations
 from edit_jax.router import router_modulation
 
 
+FAMILIES = {family.name: family for family in (flux.FAMILY, qwen_image.FAMILY)}
+
+
+def family_of(config) -> ModelFamily:
+    """The record of a config's model family (`edit_jax.family.ModelFamily`)."""
+    family = FAMILIES.get(getattr(config, "family", None))
+    if family is None:
+        raise TypeError(f"no model family for config type {type(config).__name__}; known: {', '.join(FAMILIES)}")
+    return family
+
+
 def build_model(config) -> nn.Module:
-    if isinstance(config, FluxConfig):
-        return flux.FluxTransformer(config)
-    if isinstance(config, QwenImageConfig):
-        return qwen_image.QwenImageTransformer(config)
-    raise TypeError(f"no model for config type {type(config).__name__}")
+    return family_of(config).transformer(config)
 
 
 def router_modulations(config, params: dict, routers: dict, timestep: jax.Array, cond: dict) -> list[jax.Array]:
@@ -33,10 +40,10 @@ def router_modulations(config, params: dict, routers: dict, timestep: jax.Array,
     embedding, so a sampler computes them for all its steps in one matmul (`jax.vmap` over the
     steps' timesteps), reading each router's [D, 3D] kernel once per run instead of once per step.
     Pass them only with the same timestep and cond as the call's."""
-    family = _family_module(config)
+    family = family_of(config)
     temb = family.time_embedding(config, params, timestep, **cond)
     dtype = jnp.dtype(config.runtime.dtype)
-    return [router_modulation(routers[name]["router"], temb, dtype) for name in family.BLOCK_STACKS]
+    return [router_modulation(routers[name]["router"], temb, dtype) for name in family.block_stacks]
 
 
 def block_modulations(config, params: dict, timestep: jax.Array, cond: dict) -> list[dict]:
@@ -48,46 +55,21 @@ def block_modulations(config, params: dict, timestep: jax.Array, cond: dict) -> 
     size these [D, 6D] and [D, 3D] kernels are about a quarter of the model's weights, read
     once per run instead of once per step. Pass them only with the same timestep and cond as
     the call's."""
-    family = _family_module(config)
+    family = family_of(config)
     temb = family.time_embedding(config, params, timestep, **cond)
-    return stack_modulations(params, family.BLOCK_MODULATIONS, temb, jnp.dtype(config.runtime.dtype))
+    return stack_modulations(params, family.block_modulations, temb, jnp.dtype(config.runtime.dtype))
 
 
-def _family_module(config):
-    if isinstance(config, FluxConfig):
-        return flux
-    if isinstance(config, QwenImageConfig):
-        return qwen_image
-    raise TypeError(f"no model for config type {type(config).__name__}")
+def init_cache(config, batch: int, num_img: int, num_txt: int) -> dict:
+    """An empty block cache: per block stack the residuals of each block's carry (float32), a
+    stored flag and a reuse count per layer and row (`edit_jax.elastic.empty_cache`)."""
+    carries = family_of(config).cache_carries(config, batch, num_img, num_txt)
+    return {name: empty_cache(layers, carries[name], batch) for name, layers, _ in config.block_stacks}
 
 
 def example_inputs(config, batch: int = 1, height: int = 4, width: int = 4, num_txt: int = 8, seed: int = 0) -> dict:
     """Random model inputs (as keyword arguments) for an image of height x width latent tokens."""
-    rng = np.random.default_rng(seed)
-    if isinstance(config, FluxConfig):
-        num_img = height * width
-        rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-        img_ids = np.stack([np.zeros(num_img), rows.ravel(), cols.ravel()], axis=-1)
-        inputs = dict(
-            hidden_states=rng.standard_normal((batch, num_img, config.in_channels)),
-            encoder_hidden_states=rng.standard_normal((batch, num_txt, config.joint_attention_dim)),
-            pooled_projections=rng.standard_normal((batch, config.pooled_projection_dim)),
-            timestep=rng.uniform(0.05, 0.95, (batch,)),
-            img_ids=img_ids,
-            txt_ids=np.zeros((num_txt, 3)),
-        )
-        if config.guidance_embeds:
-            inputs["guidance"] = rng.uniform(1.0, 5.0, (batch,))
-        return {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
-    if isinstance(config, QwenImageConfig):
-        return dict(
-            hidden_states=jnp.asarray(rng.standard_normal((batch, height * width, config.in_channels)), jnp.float32),
-            encoder_hidden_states=jnp.asarray(rng.standard_normal((batch, num_txt, config.joint_attention_dim)), jnp.float32),
-            encoder_hidden_states_mask=jnp.ones((batch, num_txt), jnp.int32),
-            timestep=jnp.asarray(rng.uniform(0.05, 0.95, (batch,)), jnp.float32),
-            img_shapes=(1, height, width),
-        )
-    raise TypeError(f"no example inputs for config type {type(config).__name__}")
+    return family_of(config).example_inputs(config, np.random.default_rng(seed), batch, height, width, num_txt)
 
 
 def split_static(inputs: dict) -> tuple[dict, dict]:

@@ -18,16 +18,9 @@ import numpy as np
 
 from edit_jax.blocks import DualStreamBlock
 from edit_jax.config import QwenImageConfig
-from edit_jax.elastic import (
-    ElasticConfig,
-    check_decisions,
-    empty_cache,
-    gather_aux,
-    lazy_weights,
-    per_layer_inputs,
-    router_preludes,
-)
-from edit_jax.flops import step_flops
+from edit_jax.elastic import ElasticConfig
+from edit_jax.elastic_stacks import stack_inputs, step_aux
+from edit_jax.family import ElasticMLP, ModelFamily
 from edit_jax.layers import (
     Linear,
     Modulation,
@@ -38,7 +31,6 @@ from edit_jax.layers import (
     dtype_of,
     layer_norm,
     modulate,
-    modulations_ahead,
     rope_frequencies,
     scan_blocks,
     stacked_modulation,
@@ -156,7 +148,7 @@ class QwenImageTransformer(nn.Module):
         """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
         aux) with p, q, executed, cache_hit, bucket over the blocks and the step's FLOPs.
         decisions: {"run" or "p", "bucket"} [L] or [B, L] for mode "forced". cache: the block
-        cache (`init_cache`), returned updated as aux["cache"]; step: the denoising step index.
+        cache (`edit_jax.models.init_cache`), returned updated as aux["cache"]; step: the denoising step index.
         router_modulations: the routers' temb-only modulation for these inputs, computed ahead
         (`edit_jax.models.router_modulations`); None computes it here. block_modulations: the
         blocks' AdaLN modulations for these inputs, computed ahead (`edit_jax.models.block_modulations`);
@@ -182,7 +174,16 @@ class QwenImageTransformer(nn.Module):
                 [encoder_hidden_states_mask.astype(bool), jnp.ones((batch, num_img), bool)], axis=1
             )
 
-        lazy = lazy_weights(elastic, self.is_initializing())
+        def reference_modulation(modulations):  # zero_cond_t: the reference images' modulation at t = 0
+            at_zero = embed_time(jnp.zeros_like(timestep))
+            reference = stacked_modulation(self.variables["params"]["transformer_blocks"]["img_mod"], at_zero, dtype)
+            return [{**modulations[0], "img_mod_reference": reference}]
+
+        lazy, (per_layer,) = stack_inputs(
+            self, BLOCK_STACKS, BLOCK_MODULATIONS, elastic, decisions, cache, temb, batch, router_modulations,
+            block_modulations, reference_modulation if reference_from is not None else None,
+        )
+
         blocks = scan_blocks(DualStreamBlock, cfg.num_layers, rt, 5, lazy)(
             cfg.num_attention_heads,
             cfg.attention_head_dim,
@@ -197,15 +198,6 @@ class QwenImageTransformer(nn.Module):
             reference_from=reference_from,
             name="transformer_blocks",
         )
-        caches = None if cache is None else (cache["transformer_blocks"],)
-        preludes = router_preludes(self, elastic, BLOCK_STACKS, temb, dtype, router_modulations)
-        modulations = modulations_ahead(self, BLOCK_MODULATIONS, temb, dtype, block_modulations)
-        if reference_from is not None and modulations is not None:
-            at_zero = embed_time(jnp.zeros_like(timestep))
-            reference = stacked_modulation(self.variables["params"]["transformer_blocks"]["img_mod"], at_zero, dtype)
-            modulations = [{**modulations[0], "img_mod_reference": reference}]
-        check_decisions(elastic, decisions, len(cfg.width_buckets), self.is_initializing())
-        (per_layer,) = per_layer_inputs(decisions, caches, (cfg.num_layers,), batch, lazy, preludes, modulations)
         step = jnp.asarray(0 if step is None else step, jnp.int32)
         (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)
 
@@ -214,17 +206,7 @@ class QwenImageTransformer(nn.Module):
         velocity = Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
         if block_out is None:
             return velocity
-        aux = gather_aux([block_out])
-        aux["flops"] = step_flops(cfg, num_img, num_txt, aux, with_routers=elastic.mode != "forced")
-        if cache is not None:
-            aux["cache"] = {"transformer_blocks": block_out["cache"]}
-        return velocity, aux
-
-
-def init_cache(config: QwenImageConfig, batch: int, num_img: int, num_txt: int) -> dict:
-    """An empty block cache for Qwen-Image: per block the (txt, img) residuals, float32."""
-    d = config.inner_dim
-    return {"transformer_blocks": empty_cache(config.num_layers, ((batch, num_txt, d), (batch, num_img, d)), batch)}
+        return velocity, step_aux(cfg, BLOCK_STACKS, elastic, [block_out], cache, num_img, num_txt)
 
 
 def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep, img_shapes) -> tuple[tuple[int, int, int], ...]:
@@ -253,3 +235,55 @@ def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep,
     check_values("encoder_hidden_states_mask", mask, lambda m: np.all(m.sum(axis=-1) > 0),
                  "1 for at least one text token in every row (a row of zeros hides the whole prompt)")
     return segments
+
+
+def example_inputs(config: QwenImageConfig, rng: np.random.Generator, batch: int, height: int, width: int,
+                   num_txt: int) -> dict:
+    """Random model inputs (float32; the text mask all valid) for height x width packed tokens."""
+    return dict(
+        hidden_states=jnp.asarray(rng.standard_normal((batch, height * width, config.in_channels)), jnp.float32),
+        encoder_hidden_states=jnp.asarray(rng.standard_normal((batch, num_txt, config.joint_attention_dim)), jnp.float32),
+        encoder_hidden_states_mask=jnp.ones((batch, num_txt), jnp.int32),
+        timestep=jnp.asarray(rng.uniform(0.05, 0.95, (batch,)), jnp.float32),
+        **positions(config, height, width, num_txt),
+    )
+
+
+def positions(config: QwenImageConfig, rows: int, cols: int, num_txt: int) -> dict:
+    """The static img_shapes (1, rows, cols); the text positions follow from them."""
+    return {"img_shapes": (1, int(rows), int(cols))}
+
+
+def prompt_extras(config: QwenImageConfig, batch: int, num_txt: int) -> dict:
+    return {"encoder_hidden_states_mask": ((batch, num_txt), np.int32)}
+
+
+def check_positions(config: QwenImageConfig, cond: dict, num_tokens: int, batch: int) -> str | None:
+    shape = getattr(cond["img_shapes"], "value", cond["img_shapes"])  # a sampler's `Static` or the value
+    tokens = image_tokens(normalize_img_shapes(shape, batch))
+    return None if tokens == num_tokens else f"img_shapes {shape} has {tokens}"
+
+
+def cache_carries(config: QwenImageConfig, batch: int, num_img: int, num_txt: int) -> dict:
+    """A block's carry (txt, img)."""
+    d = config.inner_dim
+    return {"transformer_blocks": ((batch, num_txt, d), (batch, num_img, d))}
+
+
+FAMILY = ModelFamily(
+    name="qwen-image",
+    transformer=QwenImageTransformer,
+    block_stacks=BLOCK_STACKS,
+    block_modulations=BLOCK_MODULATIONS,
+    time_embedding=time_embedding,
+    example_inputs=example_inputs,
+    positions=positions,
+    prompt_extras=prompt_extras,
+    guidance=lambda config, scale, batch: {},
+    check_positions=check_positions,
+    scheduler=lambda config: "qwen-image",
+    cfg_norm_rescale=True,
+    cache_carries=cache_carries,
+    elastic_mlps=(ElasticMLP("transformer_blocks", fc1=("img_mlp", "fc1"), fc2=("img_mlp", "fc2"), fc2_kernel="kernel",
+                             sown=("img_mlp",)),),
+)

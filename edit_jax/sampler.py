@@ -38,12 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax import flux, qwen_image
-from edit_jax.config import FluxConfig, QwenImageConfig
 from edit_jax.elastic import ElasticConfig
-from edit_jax.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
-from edit_jax.models import block_modulations, router_modulations
-from edit_jax.qwen_image import image_tokens, normalize_img_shapes
+from edit_jax.latents import packed_grid
+from edit_jax.models import block_modulations, family_of, init_cache, router_modulations
 from edit_jax.schedules import SCHEDULERS, SchedulerConfig, flow_match_schedule
 
 CFG_MODES = ("batched", "sequential")
@@ -77,24 +74,26 @@ class SamplerConfig:
 
 
 def default_scheduler(config) -> SchedulerConfig:
-    if isinstance(config, FluxConfig):
-        return SCHEDULERS["flux-dev" if config.guidance_embeds else "flux-schnell"]
-    return SCHEDULERS["qwen-image"]
+    """The scheduler of the family's published pipeline (FLUX.1-dev and schnell differ)."""
+    return SCHEDULERS[family_of(config).scheduler(config)]
 
 
 def make_conditions(config, prompt_embeds, height: int, width: int, pooled_projections=None, mask=None) -> dict:
     """The cond dict for an image of height x width pixels from prompt embeddings [B, T, D]:
     FLUX adds the pooled embedding [B, P] and RoPE ids; Qwen-Image the text mask [B, T] (all
     valid when None) and img_shapes."""
+    family = family_of(config)
     embeds = jnp.asarray(prompt_embeds, jnp.float32)
-    if isinstance(config, FluxConfig):
-        if pooled_projections is None:
-            raise ValueError("FLUX needs pooled prompt embeddings beside the prompt embeddings")
-        return {"encoder_hidden_states": embeds, "pooled_projections": jnp.asarray(pooled_projections, jnp.float32),
-                "img_ids": jnp.asarray(flux_img_ids(height, width)), "txt_ids": jnp.asarray(flux_txt_ids(embeds.shape[1]))}
-    mask = jnp.ones(embeds.shape[:2], jnp.int32) if mask is None else jnp.asarray(mask, jnp.int32)
-    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask,
-            "img_shapes": Static(qwen_img_shapes(height, width))}
+    given = {"pooled_projections": pooled_projections, "encoder_hidden_states_mask": mask}
+    cond = {"encoder_hidden_states": embeds}
+    for key, (shape, dtype) in family.prompt_extras(config, *embeds.shape[:2]).items():
+        value = given.get(key)
+        if value is None and not np.issubdtype(dtype, np.integer):  # a mask defaults to all valid
+            raise ValueError(f"{family.name} needs {key} beside the prompt embeddings")
+        cond[key] = jnp.ones(shape, dtype) if value is None else jnp.asarray(value, dtype)
+    for key, value in family.positions(config, *packed_grid(height, width), embeds.shape[1]).items():
+        cond[key] = value if isinstance(value, (jax.Array, np.ndarray)) else Static(value)
+    return cond
 
 
 @jax.tree_util.register_static
@@ -127,8 +126,7 @@ def init_state(config, elastic: ElasticConfig | None, batch: int, num_img: int, 
     """The E-DiT sampling state: the step counter and, with the cache on, an empty block cache."""
     state = {"step": jnp.zeros((), jnp.int32)}
     if elastic is not None and elastic.cache:
-        family = flux if isinstance(config, FluxConfig) else qwen_image
-        state["cache"] = family.init_cache(config, batch, num_img, num_txt)
+        state["cache"] = init_cache(config, batch, num_img, num_txt)
     return state
 
 
@@ -223,13 +221,9 @@ def check_sampling_inputs(config, noise, cond: dict, negative: dict | None, samp
             raise ValueError(f"reference_latents have shape {tuple(reference.shape)}, expected packed "
                              f"[{batch}, M, {config.in_channels}] (as many rows as the latents)")
         num_img, held = num_img + reference.shape[1], "latents and reference_latents hold"
-    if isinstance(config, FluxConfig) and cond["img_ids"].shape[0] != num_img:
-        raise ValueError(f"{held} {num_img} tokens but img_ids has {cond['img_ids'].shape[0]} (wrong resolution?)")
-    if isinstance(config, QwenImageConfig):
-        shape = static_value(cond["img_shapes"])
-        tokens = image_tokens(normalize_img_shapes(shape, batch))
-        if tokens != num_img:
-            raise ValueError(f"{held} {num_img} tokens but img_shapes {shape} has {tokens} (wrong resolution?)")
+    problem = family_of(config).check_positions(config, cond, num_img, batch)
+    if problem is not None:
+        raise ValueError(f"{held} {num_img} tokens but {problem} (wrong resolution?)")
     for name, c in (("prompt", cond), ("negative prompt", negative)):
         if c is not None:
             _check_condition(config, name, c, batch)
@@ -246,10 +240,7 @@ def _check_condition(config, name: str, cond: dict, batch: int) -> None:
         raise ValueError(f"{name} embeddings have width {embeds.shape[-1]}, the model expects {config.joint_attention_dim}")
     if embeds.shape[0] != batch:
         raise ValueError(f"{name} embeddings hold {embeds.shape[0]} prompts but the latents {batch} samples")
-    rows = embeds.shape[:2]
-    extra = {"pooled_projections": (batch, config.pooled_projection_dim)} if isinstance(config, FluxConfig) else {
-        "encoder_hidden_states_mask": rows}
-    for key, expected in extra.items():
+    for key, (expected, _) in family_of(config).prompt_extras(config, batch, embeds.shape[1]).items():
         if tuple(cond[key].shape) != tuple(expected):
             raise ValueError(f"{name} {key} has shape {tuple(cond[key].shape)}, expected {list(expected)} "
                              f"(beside embeddings of shape {tuple(embeds.shape)})")
@@ -290,12 +281,11 @@ def sample(
     sigmas, timesteps = flow_match_schedule(sampler.scheduler or default_scheduler(config), sampler.num_steps, num_img)
     t_model = jnp.asarray(timesteps / np.float32(1000.0))
     cfg = sampler.true_cfg_scale > 1
-    rescale = sampler.cfg_norm_rescale if sampler.cfg_norm_rescale is not None else isinstance(config, QwenImageConfig)
+    family = family_of(config)
+    rescale = sampler.cfg_norm_rescale if sampler.cfg_norm_rescale is not None else family.cfg_norm_rescale
 
     def with_guidance(c):
-        if isinstance(config, FluxConfig) and config.guidance_embeds:
-            return {**c, "guidance": jnp.full((batch,), sampler.guidance_scale, jnp.float32)}
-        return c
+        return {**c, **{k: jnp.asarray(v) for k, v in family.guidance(config, sampler.guidance_scale, batch).items()}}
 
     cond = with_guidance(cond)
     if cfg:

@@ -20,11 +20,11 @@ import numpy as np
 import edit_jax
 from eval.report import emit, environment, run_script
 from eval.timing import paired_ratio, time_runs
-from edit_jax.config import ATTENTION_IMPLEMENTATIONS, FluxConfig
+from edit_jax.config import ATTENTION_IMPLEMENTATIONS
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
 from edit_jax.latents import initial_noise, packed_grid
-from edit_jax.models import init_variables
+from edit_jax.models import family_of, init_variables
 from edit_jax.sampler import SamplerConfig, init_state, make_conditions, sample
 from eval.bench_elastic import forced_pattern
 from eval.bench_forward import preset_with_overrides
@@ -33,7 +33,8 @@ from eval.bench_forward import preset_with_overrides
 def random_conditions(config, batch: int, num_txt: int, height: int, width: int) -> dict:
     """The sampler's cond from random prompt embeddings."""
     rng = np.random.default_rng(0)
-    pooled = rng.standard_normal((batch, config.pooled_projection_dim)) if isinstance(config, FluxConfig) else None
+    extras = family_of(config).prompt_extras(config, batch, num_txt)
+    pooled = rng.standard_normal(extras["pooled_projections"][0]) if "pooled_projections" in extras else None
     return make_conditions(config, rng.standard_normal((batch, num_txt, config.joint_attention_dim)), height, width, pooled)
 
 

@@ -15,11 +15,11 @@ def heterogeneous(case):
     params = jax.tree.map(lambda x: x, case.params)
     rng = np.random.default_rng(1)
     for m in elastic_mlps(case.config):
-        node = params[m["stack"]]
-        for key in m["fc2"]:
+        node = params[m.stack]
+        for key in m.fc2:
             node = node[key]
         scale = np.logspace(-1, 1, case.hidden)[rng.permutation(case.hidden)]
-        node[m["fc2_kernel"]] = node[m["fc2_kernel"]] * scale[None, :, None]
+        node[m.fc2_kernel] = node[m.fc2_kernel] * scale[None, :, None]
     return params
 
 

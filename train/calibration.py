@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.config import FluxConfig
+from edit_jax.models import family_of
 from train.data import shared_inputs
 from train.dataset import check_fits, make_pipeline, read_manifest
 
@@ -29,12 +29,9 @@ def dataset_calibration(path, model_config, batches: int = 4, batch_size: int = 
         s = rng.uniform(0.05, 0.95, (x0.shape[0],)).astype(np.float32)
         inputs = {"hidden_states": (1 - s)[:, None, None] * x0 + s[:, None, None] * rng.standard_normal(x0.shape),
                   "timestep": s, "encoder_hidden_states": batch["encoder_hidden_states"]}
-        if isinstance(model_config, FluxConfig):
-            inputs["pooled_projections"] = batch["pooled_projections"]
-            if model_config.guidance_embeds:
-                inputs["guidance"] = np.full(x0.shape[:1], GUIDANCE, np.float32)
-        else:
-            inputs["encoder_hidden_states_mask"] = batch["encoder_hidden_states_mask"]
+        family = family_of(model_config)
+        inputs.update({key: batch[key] for key in family.prompt_extras(model_config, *batch["encoder_hidden_states"].shape[:2])})
+        inputs.update(family.guidance(model_config, GUIDANCE, x0.shape[0]))
         inputs = {k: jnp.asarray(v, jnp.int32 if k.endswith("mask") else jnp.float32) for k, v in inputs.items()}
         out.append({**inputs, **shared_inputs(model_config, rows, cols, inputs["encoder_hidden_states"].shape[1])})
     return out

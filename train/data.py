@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.config import ConfigError, FluxConfig
+from edit_jax.config import ConfigError
+from edit_jax.models import family_of
 from train.config import TrainConfig
 from train.dataset import batch_iterator, check_fits, make_pipeline, read_manifest
 
@@ -20,11 +21,7 @@ from train.dataset import batch_iterator, check_fits, make_pipeline, read_manife
 def shared_inputs(model_config, rows: int, cols: int, num_txt: int) -> dict:
     """What every sample of a batch on a rows x cols grid of packed tokens with num_txt text
     tokens shares: FLUX RoPE ids [N, 3], [T, 3]; Qwen-Image the static img_shapes."""
-    if isinstance(model_config, FluxConfig):
-        r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-        img_ids = np.stack([np.zeros(r.size), r.ravel(), c.ravel()], axis=-1).astype(np.float32)
-        return {"img_ids": jnp.asarray(img_ids), "txt_ids": jnp.zeros((num_txt, 3), jnp.float32)}
-    return {"img_shapes": (1, int(rows), int(cols))}
+    return family_of(model_config).positions(model_config, rows, cols, num_txt)
 
 
 def synthetic_batch(model_config, config: TrainConfig, step) -> dict:
@@ -42,14 +39,13 @@ def synthetic_batch(model_config, config: TrainConfig, step) -> dict:
         "encoder_hidden_states": texts[label],
         "label": label,
     }
-    if isinstance(model_config, FluxConfig):
-        pooled = jax.random.normal(tables[2], (config.num_classes, model_config.pooled_projection_dim))
-        batch["pooled_projections"] = pooled[label]
-        if model_config.guidance_embeds:
-            batch["guidance"] = jnp.full((config.batch_size,), config.guidance)
-    else:
-        batch["encoder_hidden_states_mask"] = jnp.ones((config.batch_size, config.num_txt), jnp.int32)
-    return batch
+    family = family_of(model_config)
+    for key, (shape, dtype) in family.prompt_extras(model_config, config.batch_size, config.num_txt).items():
+        if np.issubdtype(dtype, np.integer):  # a text mask: every token valid
+            batch[key] = jnp.ones(shape, dtype)
+        else:  # one random embedding per class, as the prompt embeddings
+            batch[key] = jax.random.normal(tables[2], (config.num_classes, *shape[1:]))[label]
+    return {**batch, **family.guidance(model_config, config.guidance, config.batch_size)}
 
 
 class DataSource:
@@ -80,7 +76,6 @@ class DataSource:
             return batch, (self.config.height, self.config.width)
         local = next(self.iterator)
         grid = tuple(int(x) for x in local.pop("grid"))
-        if isinstance(self.model_config, FluxConfig) and self.model_config.guidance_embeds:
-            local["guidance"] = np.full((local["latents"].shape[0],), self.config.guidance, np.float32)
+        local.update(family_of(self.model_config).guidance(self.model_config, self.config.guidance, local["latents"].shape[0]))
         batch = {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in local.items()}
         return batch, grid
