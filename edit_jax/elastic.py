@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from edit_jax.block_cache import BlockCacheMethod, RouterGuidedCache
 from edit_jax.layers import channel_ranks, check_values, narrow
 from edit_jax.router import router_modulation, router_prelude
 
@@ -49,6 +50,9 @@ class ElasticConfig:
 
     tau: gate threshold on p = P(run). decision: "batch" (one decision for the whole batch from
     the batch means of p and q, as the released code) or "sample" (per-row decisions, exact).
+    cache: E-DiT's router-guided block cache (`edit_jax.block_cache.RouterGuidedCache`) with
+    cache_start, delta_margin and max_reuse; block_cache: another per-block cache method instead
+    (`edit_jax.block_cache.BlockCacheMethod`). `cache_method` is the one that runs.
     """
 
     mode: str = "infer"
@@ -58,6 +62,7 @@ class ElasticConfig:
     cache_start: int = 15
     delta_margin: float = 0.015
     max_reuse: int = 10
+    block_cache: BlockCacheMethod | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -69,6 +74,16 @@ class ElasticConfig:
         if not self.delta_margin >= 0.0 or self.cache_start < 0 or self.max_reuse < 0:
             raise ValueError(f"elastic cache settings must be >= 0: delta_margin {self.delta_margin}, "
                              f"cache_start {self.cache_start}, max_reuse {self.max_reuse}")
+        if self.cache and self.block_cache is not None:
+            raise ValueError(f"elastic cache=True runs the router-guided cache; block_cache {self.block_cache!r} "
+                             "would replace it: give one of them")
+
+    @property
+    def cache_method(self) -> BlockCacheMethod | None:
+        """The per-block cache method that runs (None: no block cache)."""
+        if self.block_cache is not None:
+            return self.block_cache
+        return RouterGuidedCache(self.cache_start, self.delta_margin, self.max_reuse) if self.cache else None
 
 
 def bucket_widths(hidden_dim: int, buckets: Sequence[float]) -> tuple[int, ...]:
@@ -130,8 +145,8 @@ def elastic_step(
     module: the block (has a `router` submodule); body(module, carry, width, hidden_mask).
     per_layer: {"forced": {"run" or "p", "bucket"}, [B] or [] for one decision for all rows;
     in mode "forced" the router is not run}, optionally "router_prelude": the router's temb-only
-    half computed ahead (`router_preludes`), with the cache on {"cache": {"delta": like carry,
-    "stored": [B], "count": [B]}}, and with lazy weights {"layer": []} (the module's variables
+    half computed ahead (`router_preludes`), with a block cache {"cache": this layer's state of
+    `elastic.cache_method`}, and with lazy weights {"layer": []} (the module's variables
     are then the whole stack, see `lazy_weights`); step: the denoising step index; groups: G,
     how the MLP's hidden channels are stored. Outputs: {"aux": p [B], q [B, K], executed [B]
     (rows that computed the block), cache_hit [B], bucket [B], branch [] (0 skipped, 1 + k ran at
@@ -185,13 +200,8 @@ def elastic_step(
             run = decided_p >= elastic.tau
             bucket = jnp.broadcast_to(jnp.argmax(jnp.mean(q, axis=0)).astype(jnp.int32), bucket.shape)
 
-    use_cache = elastic.cache and cache is not None
-    if use_cache:
-        active = step >= elastic.cache_start
-        borderline = decided_p <= elastic.tau + elastic.delta_margin
-        reuse = active & run & borderline & cache["stored"] & (cache["count"] < elastic.max_reuse)
-    else:
-        reuse = jnp.zeros_like(run)
+    method = elastic.cache_method if cache is not None else None
+    reuse = jnp.zeros_like(run) if method is None else method.decide(cache, step, run, decided_p, elastic.tau)
     compute = run & ~reuse
 
     widest = jnp.max(jnp.where(compute, bucket, 0))
@@ -214,18 +224,12 @@ def elastic_step(
         return scoped
 
     new = nn.switch(index, [skip] + [run_at(w) for w in widths], module, carry, row_mask)
-    if per_sample or use_cache:
+    if per_sample or method is not None:
         new = _select_rows(new, carry, compute)
     outputs = {}
-    if use_cache:
-        reused = jax.tree.map(lambda c, d: c + d.astype(c.dtype), carry, cache["delta"])
-        new = _select_rows(reused, new, reuse)
-        store = active & compute
-        outputs["cache"] = {
-            "delta": _select_rows(jax.tree.map(lambda n, c: (n - c).astype(jnp.float32), new, carry), cache["delta"], store),
-            "stored": cache["stored"] | store,
-            "count": jnp.where(store, 0, jnp.where(reuse, cache["count"] + 1, cache["count"])).astype(jnp.int32),
-        }
+    if method is not None:
+        new = _select_rows(method.reuse(cache, carry), new, reuse)
+        outputs["cache"] = method.update(cache, step, carry, new, compute, reuse)
     elif cache is not None:
         outputs["cache"] = cache
     outputs["aux"] = dict(p=p, q=q, executed=compute, cache_hit=reuse, bucket=bucket, branch=index.astype(jnp.int32))
@@ -342,17 +346,6 @@ def gather_aux(stack_outputs: Sequence[dict]) -> dict:
     out = {k: jnp.moveaxis(v, 0, 1) for k, v in joined.items() if k != "branch"}
     out["branch"] = joined["branch"]
     return out
-
-
-def empty_cache(num_layers: int, carry_shapes, batch: int) -> dict:
-    """A block stack's cache with nothing stored: deltas (float32, shaped like the carry, per
-    layer), stored [L, B] False, count [L, B] 0."""
-    return {
-        "delta": jax.tree.map(lambda shape: jnp.zeros((num_layers, *shape), jnp.float32), carry_shapes,
-                              is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)),
-        "stored": jnp.zeros((num_layers, batch), bool),
-        "count": jnp.zeros((num_layers, batch), jnp.int32),
-    }
 
 
 def apply_elastic(model: nn.Module, params: dict, routers: dict, *args, freeze_base: bool = False, **kwargs):

@@ -11,7 +11,8 @@ import flax.linen as nn
 import numpy as np
 
 from edit_jax import flux, qwen_image
-from edit_jax.elastic import ElasticConfig, empty_cache
+from edit_jax.block_cache import BlockCacheMethod, RouterGuidedCache
+from edit_jax.elastic import ElasticConfig
 from edit_jax.family import ModelFamily
 from edit_jax.layers import stack_modulations
 from edit_jax.router import router_modulation
@@ -60,11 +61,12 @@ def block_modulations(config, params: dict, timestep: jax.Array, cond: dict) -> 
     return stack_modulations(params, family.block_modulations, temb, jnp.dtype(config.runtime.dtype))
 
 
-def init_cache(config, batch: int, num_img: int, num_txt: int) -> dict:
-    """An empty block cache: per block stack the residuals of each block's carry (float32), a
-    stored flag and a reuse count per layer and row (`edit_jax.elastic.empty_cache`)."""
+def init_cache(config, batch: int, num_img: int, num_txt: int, method: BlockCacheMethod | None = None) -> dict:
+    """An empty block cache: per block stack `method.init` (by default the router-guided cache's
+    `ResidualBank`) for the shapes of its blocks' carry (`ModelFamily.cache_carries`)."""
+    method = RouterGuidedCache() if method is None else method
     carries = family_of(config).cache_carries(config, batch, num_img, num_txt)
-    return {name: empty_cache(layers, carries[name], batch) for name, layers, _ in config.block_stacks}
+    return {name: method.init(layers, carries[name], batch) for name, layers, _ in config.block_stacks}
 
 
 def example_inputs(config, batch: int = 1, height: int = 4, width: int = 4, num_txt: int = 8, seed: int = 0) -> dict:

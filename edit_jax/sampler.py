@@ -123,10 +123,10 @@ def _split_static(cond: dict) -> tuple[dict, dict]:
 
 
 def init_state(config, elastic: ElasticConfig | None, batch: int, num_img: int, num_txt: int) -> dict:
-    """The E-DiT sampling state: the step counter and, with the cache on, an empty block cache."""
+    """The E-DiT sampling state: the step counter and, with a block cache, its empty state."""
     state = {"step": jnp.zeros((), jnp.int32)}
-    if elastic is not None and elastic.cache:
-        state["cache"] = init_cache(config, batch, num_img, num_txt)
+    if elastic is not None and elastic.cache_method is not None:
+        state["cache"] = init_cache(config, batch, num_img, num_txt, elastic.cache_method)
     return state
 
 

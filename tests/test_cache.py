@@ -41,8 +41,8 @@ def scripted_probabilities(steps, batch, layers, seed=0):
     return rng.choice([0.3, 0.55, 0.58, 0.9], size=(steps, batch, layers), p=[0.15, 0.4, 0.25, 0.2]).astype(np.float32)
 
 
-def run_steps(case, p, elastic):
-    cache = init_cache(case.config, 2, 12, 5)
+def run_steps(case, p, elastic, cache=None):
+    cache = init_cache(case.config, 2, 12, 5) if cache is None else cache
     apply = jax.jit(lambda c, d, s: case.model.apply(
         {"params": case.params, "routers": case.routers}, **case.arrays, **case.static,
         elastic=elastic, decisions=d, cache=c, step=s))
@@ -91,7 +91,7 @@ def test_a_skipped_block_leaves_its_bank_untouched(cached_run):
 
 def test_reuse_count_is_capped_and_reset_when_the_block_runs(cached_run):
     _, p, records, caches = cached_run
-    counts = np.stack([np.asarray(c["transformer_blocks"]["count"]) for c in caches[1:]])  # [S, L, B]
+    counts = np.stack([np.asarray(c["transformer_blocks"].count) for c in caches[1:]])  # [S, L, B]
     assert counts.max() <= MAX_REUSE
     executed = np.stack([r["executed"] for r in records]).transpose(0, 2, 1)
     assert (counts[START:][executed[START:]] == 0).all()
@@ -106,6 +106,6 @@ def test_reused_residual_is_the_one_stored_when_the_block_last_ran():
     p[1, :, 1] = 0.55
     records, caches = run_steps(case, p, elastic)
     assert records[1]["cache_hit"][:, 1].all() and not records[1]["cache_hit"][:, [0, 2]].any()
-    stored0 = jax.tree.map(lambda x: np.asarray(x)[1], caches[1]["transformer_blocks"]["delta"])
-    stored1 = jax.tree.map(lambda x: np.asarray(x)[1], caches[2]["transformer_blocks"]["delta"])
+    stored0 = jax.tree.map(lambda x: np.asarray(x)[1], caches[1]["transformer_blocks"].delta)
+    stored1 = jax.tree.map(lambda x: np.asarray(x)[1], caches[2]["transformer_blocks"].delta)
     jax.tree.map(np.testing.assert_array_equal, stored0, stored1)  # reuse does not overwrite the bank

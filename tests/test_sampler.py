@@ -242,7 +242,7 @@ def test_a_user_written_heun_sampler_runs_on_the_pure_velocity_function(save_dif
 
     x, state = jax.jit(lambda x, state: jax.lax.fori_loop(0, 4, heun_step, (x, state)))(noise, state)
     assert x.shape == noise.shape and np.isfinite(np.asarray(x)).all()
-    assert int(state["step"]) == 8 and bool(state["cache"]["transformer_blocks"]["stored"].all())
+    assert int(state["step"]) == 8 and bool(state["cache"]["transformer_blocks"].stored.all())
 
 
 def test_bad_sampling_inputs_are_clear_errors(save_diffusers, tmp_path):
@@ -356,8 +356,8 @@ def test_an_explicit_step_decides_when_the_cache_starts():
     _, before = f(x, jnp.full((1,), 0.5), cond, state, step=2)
     _, after = f(x, jnp.full((1,), 0.5), cond, state, step=3)
 
-    assert not before["cache"]["transformer_blocks"]["stored"].any()
-    assert after["cache"]["transformer_blocks"]["stored"].all()
+    assert not before["cache"]["transformer_blocks"].stored.any()
+    assert after["cache"]["transformer_blocks"].stored.all()
     assert int(after["step"]) == 4
 
 

@@ -1,0 +1,97 @@
+"""The seam for per-block cache methods: a block that would run may instead reuse what its cache
+holds, decided per row under jit, with the cache's state as arrays in the sampler's carry.
+
+A method is a frozen, hashable config (static: a new value recompiles) with four pure functions:
+
+    state = method.init(num_layers, carry_shapes, batch)       # a block stack's empty state [L, ...]
+    reuse = method.decide(state, step, run, p, tau)            # [B] bool: rows that reuse
+    carry = method.reuse(state, carry)                         # what a reusing row's block returns
+    state = method.update(state, step, carry_in, carry_out, computed, reused)
+
+`edit_jax.elastic.elastic_step` calls them for one block (the state then holds that layer's
+slice: the stacks' scans hand each block its own); a row computes its block when the router says
+run and the method says no reuse. The state is a `flax.struct` dataclass, so it scans, jits and
+shards like any pytree; the model returns it updated as aux["cache"] and the sampler threads it.
+`RouterGuidedCache` is E-DiT's (SPEC section 5); another method is one class with these four
+functions, passed as `ElasticConfig(block_cache=...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+class BlockCacheMethod(Protocol):
+    """What `edit_jax.elastic.elastic_step` asks of a per-block cache method (see the module)."""
+
+    name: str
+
+    def init(self, num_layers: int, carry_shapes, batch: int) -> Any: ...
+
+    def decide(self, state, step: jax.Array, run: jax.Array, p: jax.Array, tau: float) -> jax.Array: ...
+
+    def reuse(self, state, carry): ...
+
+    def update(self, state, step: jax.Array, carry_in, carry_out, computed: jax.Array, reused: jax.Array): ...
+
+
+@flax.struct.dataclass
+class ResidualBank:
+    """The router-guided cache's state of one block stack (or, inside a block, of its layer):
+    delta: the residual (output - input) of the block's last stored computation, shaped like the
+    carry, float32 ([L, B, ...]); stored: [L, B] whether delta holds one; count: [L, B] int32,
+    reuses since it was stored."""
+
+    delta: Any
+    stored: jax.Array
+    count: jax.Array
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterGuidedCache:
+    """E-DiT's router-guided cache (SPEC section 5). From step `start` on, a block the router
+    runs only just (p <= tau + delta_margin) adds the residual it stored when it last computed,
+    at most `max_reuse` times in a row; a block that computes from `start` on stores its residual."""
+
+    start: int = 15
+    delta_margin: float = 0.015
+    max_reuse: int = 10
+    name = "router_guided"
+
+    def __post_init__(self):
+        if not self.delta_margin >= 0.0 or self.start < 0 or self.max_reuse < 0:
+            raise ValueError(f"elastic cache settings must be >= 0: delta_margin {self.delta_margin}, "
+                             f"cache_start {self.start}, max_reuse {self.max_reuse}")
+
+    def init(self, num_layers: int, carry_shapes, batch: int) -> ResidualBank:
+        """Nothing stored. carry_shapes: the shape of each leaf of one block's carry."""
+        return ResidualBank(
+            delta=jax.tree.map(lambda shape: jnp.zeros((num_layers, *shape), jnp.float32), carry_shapes, is_leaf=_is_shape),
+            stored=jnp.zeros((num_layers, batch), bool),
+            count=jnp.zeros((num_layers, batch), jnp.int32),
+        )
+
+    def decide(self, state: ResidualBank, step, run, p, tau) -> jax.Array:
+        borderline = p <= tau + self.delta_margin
+        return (step >= self.start) & run & borderline & state.stored & (state.count < self.max_reuse)
+
+    def reuse(self, state: ResidualBank, carry):
+        return jax.tree.map(lambda c, d: c + d.astype(c.dtype), carry, state.delta)
+
+    def update(self, state: ResidualBank, step, carry_in, carry_out, computed, reused) -> ResidualBank:
+        store = (step >= self.start) & computed
+        residual = jax.tree.map(lambda n, c: (n - c).astype(jnp.float32), carry_out, carry_in)
+        return ResidualBank(
+            delta=jax.tree.map(lambda r, d: jnp.where(store[:, None, None], r, d), residual, state.delta),
+            stored=state.stored | store,
+            count=jnp.where(store, 0, jnp.where(reused, state.count + 1, state.count)).astype(jnp.int32),
+        )
