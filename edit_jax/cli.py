@@ -1,4 +1,4 @@
-"""The `edit-jax` command line (README: CLI has every command; `edit-jax COMMAND --help` every flag).
+"""The `edit-jax` command line (docs/cli.md has every command; `edit-jax COMMAND --help` every flag).
 
     edit-jax demo [--full] [--out DIR]              the fidelity demo on real digits
     edit-jax eval CKPT --embeddings FILE            dense vs E-DiT vs the cache on a real checkpoint
@@ -639,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(run=cmd_prepare_data)
 
     smoke = command("smoke", "random-weight model: forward, save, reload, compare, sample dense and with E-DiT (no downloads)")
-    smoke.add_argument("--preset", default="flux-small", choices=sorted(PRESETS), help="model size (see README: Presets)")
+    smoke.add_argument("--preset", default="flux-small", choices=sorted(PRESETS), help="model size (see docs/model.md: Presets)")
     smoke.add_argument("--out", default="edit-jax-smoke", help="folder for the checkpoint, demo.json and router_map.png")
     smoke.add_argument("--seed", type=at_least(0), default=0, help="seed of the random weights, inputs and noise")
     smoke.set_defaults(run=cmd_smoke)

@@ -47,7 +47,7 @@ def check_memory(config, preset_name: str, copies: int = 3) -> None:
         raise MemoryError(
             f"the smoke run of {preset_name} ({params / 1e9:.1f} B params) needs about {need / 2**30:.0f} GiB of memory "
             f"({copies} float32 copies); this machine has {have / 2**30:.0f} GiB available. Use --preset flux-small "
-            "(the default), or run the full-size model on a GPU with converted weights (README: Sampling)"
+            "(the default), or run the full-size model on a GPU with converted weights (docs/sampling.md)"
         )
 
 

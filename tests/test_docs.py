@@ -1,5 +1,7 @@
-"""Every Python snippet of README.md runs as written, in order, in one namespace (as a reader runs
-them), on tiny checkpoints made at the README's own relative paths; only sizes are substituted."""
+"""Every Python snippet of README.md and docs/ runs as written, each page's in order in one namespace
+(as a reader runs them), on tiny checkpoints made at the pages' own relative paths; only sizes are
+substituted. Every `edit-jax` command of their bash blocks runs too, and every link between them
+points at a file and heading that exist."""
 
 import re
 from pathlib import Path
@@ -10,7 +12,12 @@ import edit_jax
 from edit_jax.checkpoint import save
 from edit_jax.models import init_variables
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+# the order their commands run in: converting.md's export reads the run training.md's commands train
+ORDER = ("walkthrough", "model", "sampling", "prompt-to-image", "training", "converting", "evaluation",
+         "checkpoint-format", "cli", "benchmarks", "architecture")
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"), key=lambda p: (ORDER + (p.stem,)).index(p.stem))]
 
 # sizes only, applied in this order: full-size images, token counts and step counts -> tiny ones
 SUBSTITUTIONS = (
@@ -24,42 +31,62 @@ SUBSTITUTIONS = (
 )
 
 
-def readme_snippets() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+def python_snippets(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
 
 
-def test_the_readme_has_python_snippets():
-    assert len(readme_snippets()) >= 6
+def test_the_docs_have_python_snippets():
+    assert sum(len(python_snippets(page)) for page in PAGES) >= 8
 
 
-def test_every_readme_snippet_runs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("page", [p for p in PAGES if python_snippets(p)], ids=lambda p: p.name)
+def test_every_python_snippet_of_a_page_runs_in_order(page, tmp_path, monkeypatch):
     pytest.importorskip("diffrax")
     monkeypatch.chdir(tmp_path)
     flux, qwen = edit_jax.preset("flux-tiny").replace(guidance_embeds=True), edit_jax.preset("qwen-image-tiny")
     save("ckpt/flux-dev", flux, init_variables(flux)["params"])
     save("ckpt/qwen-image", qwen, init_variables(qwen)["params"])
     namespace: dict = {}
-    for index, snippet in enumerate(readme_snippets()):
+    for index, snippet in enumerate(python_snippets(page)):
         for old, new in SUBSTITUTIONS:
             snippet = snippet.replace(old, new)
         try:
-            exec(compile(snippet, f"README.md python snippet {index + 1}", "exec"), namespace)
+            exec(compile(snippet, f"{page.name} python snippet {index + 1}", "exec"), namespace)
         except Exception as e:
-            raise AssertionError(f"README snippet {index + 1} failed:\n{snippet}") from e
-    assert namespace["ode_latents"].shape == namespace["noise"].shape
-    assert namespace["heun_latents"].shape == namespace["noise"].shape
+            raise AssertionError(f"{page.name} snippet {index + 1} failed:\n{snippet}") from e
+    if page.name == "sampling.md":
+        assert namespace["ode_latents"].shape == namespace["noise"].shape
+        assert namespace["heun_latents"].shape == namespace["noise"].shape
+
+
+def test_every_link_between_the_pages_points_at_a_file_and_heading_that_exist():
+    def anchors(page: Path) -> set[str]:
+        headings = re.findall(r"(?m)^#+ (.+)$", re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL))
+        return {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-") for h in headings}
+
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert not broken, broken
 
 
 SHELL_SUBSTITUTIONS = (("steps=200", "steps=3"),)
 NEEDS_MORE = ("/models", "run.yaml", "ckpt/", "--compile-only", "--distributed", "--coordinator", "[", "demo")
 
 
-def readme_commands(converting: bool = False) -> list[str]:
-    """The `edit-jax ...` lines of README.md's bash blocks: with `converting`, those of the blocks
+def doc_commands(converting: bool = False) -> list[str]:
+    """The `edit-jax ...` lines of the bash blocks of README.md and docs/: with `converting`, those of the blocks
     that convert weights from /models; otherwise those that run on a fresh machine (no weights,
     TPU or cluster; the demo and usage synopses are tested elsewhere)."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL):
+    blocks = [b for page in PAGES for b in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.DOTALL)]
+    for block in blocks:
         if converting != ("/models" in block):
             continue
         for line in block.replace("\\\n", " ").splitlines():
@@ -68,13 +95,13 @@ def readme_commands(converting: bool = False) -> list[str]:
     return commands
 
 
-def test_readme_training_and_export_commands_run_as_written(tmp_path, monkeypatch):
+def test_the_training_and_export_commands_of_the_docs_run_as_written(tmp_path, monkeypatch):
     import shlex
 
     from edit_jax.cli import main
 
     monkeypatch.chdir(tmp_path)
-    commands = readme_commands()
+    commands = doc_commands()
     assert any(c.startswith("edit-jax train") for c in commands) and any(c.startswith("edit-jax export") for c in commands)
     for command in commands:
         for old, new in SHELL_SUBSTITUTIONS:
@@ -82,8 +109,8 @@ def test_readme_training_and_export_commands_run_as_written(tmp_path, monkeypatc
         assert main(shlex.split(command, comments=True)[1:] + (["--quiet"] if " train " in f" {command} " else [])) == 0, command
 
 
-def test_readme_conversion_commands_run_as_written_on_tiny_sources(tmp_path, monkeypatch):
-    """The README's /models/... sources, made tiny (diffusers' own test configs) in a temp folder."""
+def test_the_conversion_commands_of_the_docs_run_as_written_on_tiny_sources(tmp_path, monkeypatch):
+    """The docs' /models/... sources, made tiny (diffusers' own test configs) in a temp folder."""
     import shlex
 
     from safetensors.torch import save_file
@@ -107,7 +134,7 @@ def test_readme_conversion_commands_run_as_written_on_tiny_sources(tmp_path, mon
                      ("batch_size=16", "batch_size=1"))  # make_photos' buckets hold one photo each
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))  # the embedding cache's default folder
-    commands = readme_commands(converting=True)
+    commands = doc_commands(converting=True)
     assert sum(c.startswith("edit-jax convert") for c in commands) == 4
     assert sum(c.startswith("edit-jax generate") for c in commands) == 3
     assert sum(c.startswith(("edit-jax order-channels", "edit-jax train")) for c in commands) == 2
@@ -122,7 +149,7 @@ def test_readme_conversion_commands_run_as_written_on_tiny_sources(tmp_path, mon
 
 
 def make_photos(folder):
-    """Three captioned random photos of the size the README's prepare-data line (made tiny) takes."""
+    """Three captioned random photos of the size the walkthrough's prepare-data line (made tiny) takes."""
     import numpy as np
     from PIL import Image
 
@@ -133,10 +160,10 @@ def make_photos(folder):
         (folder / f"photo-{i}.txt").write_text(f"photo number {i}")
 
 
-def test_every_flag_of_the_readme_synopsis_is_one_its_command_takes():
+def test_every_flag_of_the_cli_synopsis_is_one_its_command_takes():
     from edit_jax.cli import build_parser
 
-    block = README.read_text().split("\n## CLI\n", 1)[1].split("```\n")[1]  # the section's first fenced block
+    block = (REPO / "docs" / "cli.md").read_text().split("```\n")[1]  # the page's first fenced block
     commands = build_parser()._subparsers._group_actions[0].choices
     named, command = [], None
     for line in block.splitlines():
