@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from edit_jax.models import abstract_params, abstract_routers
-from checkpoints_convert import flux, qwen_image
-from checkpoints_convert.engine import convert_source
-from checkpoints_convert.sources import open_source
+from edit_jax.checkpoints_convert import flux, qwen_image
+from edit_jax.checkpoints_convert.engine import convert_source
+from edit_jax.checkpoints_convert.sources import open_source
 
 FAMILIES = {"flux": flux, "qwen-image": qwen_image}
 FORMATS = {"flux": ("auto", "diffusers", "bfl", "edit-release"), "qwen-image": ("auto", "diffusers", "edit-release")}

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edit_jax.checkpoint import check_destination, flatten, resolve, unflatten, write_checkpoint
-from checkpoints_convert.tables import Src
+from edit_jax.checkpoints_convert.tables import Src
 
 MAX_LISTED = 20
 

@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from checkpoints_convert import flux, qwen_image
-from checkpoints_convert.engine import ConversionError
-from checkpoints_convert.sources import ROUTERS_FILE
-from checkpoints_convert.tables import join
+from edit_jax.checkpoints_convert import flux, qwen_image
+from edit_jax.checkpoints_convert.engine import ConversionError
+from edit_jax.checkpoints_convert.sources import ROUTERS_FILE
+from edit_jax.checkpoints_convert.tables import join
 from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, atomic_folder, flatten, load_config, overlaps,
                                  params_metadata, read_array, resolve, tree_names)
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from edit_jax.config import FluxConfig, preset, proj_out_parts
-from checkpoints_convert.configs import reconcile_config, with_recorded_activation
-from checkpoints_convert import tables
-from checkpoints_convert.tables import Src, input_linear, joint_linear, linear, rows, scale, stored_order, swap_halves
+from edit_jax.checkpoints_convert.configs import reconcile_config, with_recorded_activation
+from edit_jax.checkpoints_convert import tables
+from edit_jax.checkpoints_convert.tables import Src, input_linear, joint_linear, linear, rows, scale, stored_order, swap_halves
 
 BFL_PREFIX = "model.diffusion_model."
 

@@ -13,9 +13,9 @@ like the blocks they sit in:
 from __future__ import annotations
 
 from edit_jax.config import QwenImageConfig
-from checkpoints_convert.configs import reconcile_config, with_recorded_activation
-from checkpoints_convert import tables
-from checkpoints_convert.tables import Src, input_linear, linear, scale, stored_order
+from edit_jax.checkpoints_convert.configs import reconcile_config, with_recorded_activation
+from edit_jax.checkpoints_convert import tables
+from edit_jax.checkpoints_convert.tables import Src, input_linear, linear, scale, stored_order
 
 def diffusers_table(cfg: QwenImageConfig) -> dict[str, Src]:
     """Our params <- diffusers QwenImageTransformer2DModel state dict."""

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints_convert.engine import build_params
-from checkpoints_convert.sources import SourceError, open_source
-from checkpoints_convert.tables import Src, transpose
+from edit_jax.checkpoints_convert.engine import build_params
+from edit_jax.checkpoints_convert.sources import SourceError, open_source
+from edit_jax.checkpoints_convert.tables import Src, transpose
 from edit_jax.checkpoint import flatten, resolve
 from edit_jax.config import read_json_object
 from edit_jax.qwen_image_vae import AutoencoderKLQwenImageConfig

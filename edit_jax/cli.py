@@ -47,7 +47,7 @@ def resolve_config(value: str | None, family: str):
 
 
 def cmd_export(args) -> int:
-    from checkpoints_convert.export import export_checkpoint
+    from edit_jax.checkpoints_convert.export import export_checkpoint
 
     path = export_checkpoint(args.ckpt, args.out, args.format, dtype=args.dtype, overwrite=args.overwrite,
                              shard_bytes=int(args.shard_gb * 2**30), allow_activation_change=args.allow_activation_change)
@@ -56,7 +56,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from checkpoints_convert import convert_checkpoint
+    from edit_jax.checkpoints_convert import convert_checkpoint
 
     path = convert_checkpoint(
         args.family,
@@ -74,7 +74,7 @@ def cmd_convert(args) -> int:
 
 def describe_run(args) -> bool:
     """Prints where a training run stands when `args.ckpt` is a run's folder; whether it was one."""
-    from train.run_dir import run_status
+    from edit_jax.train.run_dir import run_status
 
     status = run_status(resolve(args.ckpt))
     if status is None:
@@ -145,7 +145,7 @@ def load_calibration(path: str | None, config, batches: int, seed: int) -> list[
               "channels better: give the dataset `edit-jax prepare-data` wrote (--calibration DATA)", file=sys.stderr)
         return [example_inputs(config, batch=2, height=8, width=8, num_txt=16, seed=seed + i) for i in range(batches)]
     if Path(path).is_dir():
-        from train.calibration import dataset_calibration
+        from edit_jax.train.calibration import dataset_calibration
 
         return dataset_calibration(path, config, batches, seed=seed)
     data = read_arrays(path, "--calibration")
@@ -294,7 +294,7 @@ def cmd_sample(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from eval.sampling_eval import rows_of
+    from edit_jax.eval.sampling_eval import rows_of
 
     out = check_output_folder(args.out, "sample")
     earlier = earlier_outputs(out, "sample")
@@ -354,7 +354,7 @@ def cmd_sample(args) -> int:
         summary["executed_fraction_per_step"] = records["executed"].mean(axis=(1, 2)).round(4).tolist()
         summary["cache_hit_rate"] = float(records["cache_hit"].mean())
         summary["tflops_total"] = float(records["flops_total"].sum() / 1e12)
-        from eval.pictures import block_groups, plot_router_map
+        from edit_jax.eval.pictures import block_groups, plot_router_map
 
         summary["router_map"] = str(plot_router_map(
             out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0], records["cache_hit"][:, 0],
@@ -368,9 +368,9 @@ def cmd_sample(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from train.config import load_train_config
-    from train.distributed import initialize
-    from train.loop import train
+    from edit_jax.train.config import load_train_config
+    from edit_jax.train.distributed import initialize
+    from edit_jax.train.loop import train
 
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path and not Path(path).exists():  # no file given: only overrides
@@ -380,7 +380,7 @@ def cmd_train(args) -> int:
                          "host has): add --compile-only, or leave --topology out")
     config = load_train_config(path, overrides)
     if args.compile_only:
-        from train.compile_only import compile_only
+        from edit_jax.train.compile_only import compile_only
 
         if not args.topology:
             raise ValueError("--compile-only needs --topology (e.g. v5e:4x4 or v5litepod-16, v5p:2x2x2 or v5p-16, "
@@ -393,7 +393,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_smoke(args) -> int:
-    from eval.smoke import run_smoke
+    from edit_jax.eval.smoke import run_smoke
 
     summary = run_smoke(args.preset, check_output_folder(args.out, "smoke"), seed=args.seed)
     print(json.dumps(summary, indent=2))
@@ -403,7 +403,7 @@ def cmd_smoke(args) -> int:
 def cmd_demo(args) -> int:
     import dataclasses
 
-    from eval.demo import EXPECTED, SETTINGS, markdown_table, run_demo, with_overrides
+    from edit_jax.eval.demo import EXPECTED, SETTINGS, markdown_table, run_demo, with_overrides
 
     name = "full" if args.full else args.settings
     settings = with_overrides(SETTINGS[name], args.set)
@@ -443,7 +443,7 @@ def read_prompts(args) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from pipelines.generate import generate
+    from edit_jax.pipelines.generate import generate
 
     prompts = read_prompts(args)
     out = check_output_folder(args.out, "generate")
@@ -462,7 +462,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_encode_prompts(args) -> int:
-    from pipelines.encode_prompts import encode_prompts
+    from edit_jax.pipelines.encode_prompts import encode_prompts
 
     summary = encode_prompts(args.model, read_prompts(args), args.out, negative_prompt=args.negative_prompt,
                              max_sequence_length=args.max_sequence_length, batch_size=args.batch_size,
@@ -473,7 +473,7 @@ def cmd_encode_prompts(args) -> int:
 
 
 def cmd_prepare_data(args) -> int:
-    from pipelines.prepare_data import prepare_data
+    from edit_jax.pipelines.prepare_data import prepare_data
 
     report = prepare_data(args.images, args.out, args.model, captions=args.captions, resolution=args.resolution,
                           max_sequence_length=args.max_sequence_length, overwrite=args.overwrite,
@@ -485,7 +485,7 @@ def cmd_prepare_data(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from eval.sampling_eval import evaluate_checkpoint
+    from edit_jax.eval.sampling_eval import evaluate_checkpoint
 
     out = check_output_folder(args.out, "eval")
     earlier = earlier_outputs(out, "eval")
@@ -762,8 +762,8 @@ OPTIONAL_PACKAGES = {"torch": ("torch", "diffusers", "transformers"), "diffrax":
 
 
 def main(argv: list[str] | None = None) -> int:
-    from checkpoints_convert.engine import ConversionError
-    from checkpoints_convert.sources import SourceError
+    from edit_jax.checkpoints_convert.engine import ConversionError
+    from edit_jax.checkpoints_convert.sources import SourceError
 
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)

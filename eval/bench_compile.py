@@ -5,7 +5,7 @@ block), and router training's whole update (train mode's loss, its gradient and 
 `edit-jax train` compiles). Each block stack compiles one block body per branch, whatever its
 depth, so the times should hardly grow with the number of layers (target: under 60 s at full size).
 
-    python -m eval.bench_compile --preset flux-dev --height 64 --width 64 --txt 512 --dtype bfloat16
+    python -m edit_jax.eval.bench_compile --preset flux-dev --height 64 --width 64 --txt 512 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import jax.numpy as jnp
 
 import edit_jax
 from edit_jax.models import abstract_params, example_inputs, split_static
-from eval.bench_elastic import forwards
-from eval.bench_forward import config_from, model_arguments
-from eval.report import emit, environment, run_script
-from train.config import TrainConfig
-from train.data import shared_inputs, synthetic_batch
-from train.loop import split_trainable
-from train.step import make_optimizer, make_train_step
+from edit_jax.eval.bench_elastic import forwards
+from edit_jax.eval.bench_forward import config_from, model_arguments
+from edit_jax.eval.report import emit, environment, run_script
+from edit_jax.train.config import TrainConfig
+from edit_jax.train.data import shared_inputs, synthetic_batch
+from edit_jax.train.loop import split_trainable
+from edit_jax.train.step import make_optimizer, make_train_step
 
 MODES = ("dense", "forced", "infer", "train_step")
 

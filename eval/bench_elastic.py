@@ -6,8 +6,8 @@ computed ahead, as `sample` does for all its steps at once (so what a sampling s
 measured speedups beside FLOP ratios;
 speedups and overheads are medians of per-round ratios (`eval.timing.paired_ratio`).
 
-    python -m eval.bench_elastic --preset flux-small --height 16 --width 16 --txt 32
-    python -m eval.bench_elastic --preset flux-dev --height 64 --width 64 --txt 512 \\
+    python -m edit_jax.eval.bench_elastic --preset flux-small --height 16 --width 16 --txt 32
+    python -m edit_jax.eval.bench_elastic --preset flux-dev --height 64 --width 64 --txt 512 \\
         --dtype bfloat16 --attention cudnn                       # GPU, full size
 """
 
@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import edit_jax
-from eval.report import emit, environment, run_script
+from edit_jax.eval.report import emit, environment, run_script
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
 from edit_jax.models import example_inputs, init_variables, router_modulations, split_static
-from eval.bench_forward import config_from, model_arguments
-from eval.timing import paired_ratio, time_runs
+from edit_jax.eval.bench_forward import config_from, model_arguments
+from edit_jax.eval.timing import paired_ratio, time_runs
 
 
 def forced_pattern(num_blocks: int) -> dict:

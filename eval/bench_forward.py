@@ -1,9 +1,9 @@
 """Times our dense forward against diffusers' on the same weights and inputs, in one process.
 
-    python -m eval.bench_forward --preset flux-small --height 16 --width 16 --txt 32
-    python -m eval.bench_forward --preset flux-dev --height 64 --width 64 --txt 512 \\
+    python -m edit_jax.eval.bench_forward --preset flux-small --height 16 --width 16 --txt 32
+    python -m edit_jax.eval.bench_forward --preset flux-dev --height 64 --width 64 --txt 512 \\
         --dtype bfloat16 --attention cudnn --compile        # GPU, full size
-    python -m eval.bench_forward --preset qwen-image --height 64 --width 64 --txt 256 \\
+    python -m edit_jax.eval.bench_forward --preset qwen-image --height 64 --width 64 --txt 256 \\
         --dtype bfloat16 --attention cudnn --compile regional --batch 1 2   # one sample, and true CFG
 
 Both models get the same random weights (ours through the diffusers conversion table, which is
@@ -30,13 +30,13 @@ import jax
 import numpy as np
 
 import edit_jax
-from checkpoints_convert.engine import build_params
-from checkpoints_convert.export import FAMILIES, diffusers_config
-from checkpoints_convert.sources import from_state_dict
+from edit_jax.checkpoints_convert.engine import build_params
+from edit_jax.checkpoints_convert.export import FAMILIES, diffusers_config
+from edit_jax.checkpoints_convert.sources import from_state_dict
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS, ConfigError
 from edit_jax.models import abstract_params, example_inputs, split_static
-from eval.report import emit, environment, run_script
-from eval.timing import time_alternating
+from edit_jax.eval.report import emit, environment, run_script
+from edit_jax.eval.timing import time_alternating
 
 
 def log(message: str) -> None:

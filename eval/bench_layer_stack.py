@@ -2,8 +2,8 @@
 residual) run in the loop forms XLA offers, timed side by side in one process, with the number
 of weight slices each form's compiled HLO copies out of the stack.
 
-    python -m eval.bench_layer_stack                       # D 512, M 2048, 288 tokens, 12 layers
-    python -m eval.bench_layer_stack --tokens 1088 --runs 10
+    python -m edit_jax.eval.bench_layer_stack                       # D 512, M 2048, 288 tokens, 12 layers
+    python -m edit_jax.eval.bench_layer_stack --tokens 1088 --runs 10
 
 Forms: "scan" (weights as the scan's xs, as nn.scan gives them), "scan_unroll2", "fori_closed"
 (the whole stack closed over, each layer indexed dynamically: what the E-DiT switch branches do),
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.report import emit, environment, run_script
-from eval.timing import time_alternating
+from edit_jax.eval.report import emit, environment, run_script
+from edit_jax.eval.timing import time_alternating
 
 
 def layer(x, w1, w2):

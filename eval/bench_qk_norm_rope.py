@@ -2,8 +2,8 @@
 by side in one process: a candidate for the ~4.6 ms of a FLUX.1-dev step on an H200 that these
 two memory-bound passes took (profile of 2026-11-30, BENCHMARKS.md).
 
-    python -m eval.bench_qk_norm_rope                                   # FLUX.1-dev's single blocks
-    python -m eval.bench_qk_norm_rope --tokens 64 --heads 2 --layers 3 --dtype float32   # a smoke run
+    python -m edit_jax.eval.bench_qk_norm_rope                                   # FLUX.1-dev's single blocks
+    python -m edit_jax.eval.bench_qk_norm_rope --tokens 64 --heads 2 --layers 3 --dtype float32   # a smoke run
 
 "two_passes": `layers.RMSNorm` (its output rounded to the compute dtype), then `layers.apply_rope`,
 as the blocks do. "one_pass": r * rope(x * w) in float32, rounded once, r = 1 / rms(x) per head,
@@ -23,8 +23,8 @@ import numpy as np
 
 from edit_jax import layers
 from edit_jax.config import RuntimeConfig
-from eval.report import emit, environment, run_script
-from eval.timing import compare_forms, form_arguments
+from edit_jax.eval.report import emit, environment, run_script
+from edit_jax.eval.timing import compare_forms, form_arguments
 
 
 def two_passes(x, scale, cos, sin, eps: float = 1e-6):

@@ -6,7 +6,7 @@ its input tokens in a scan, as the model runs them). Prints their time and FLOPs
 dense forward; `eval.bench_elastic` measures the same routers inside the model (their share there
 includes the branching mechanism).
 
-    python -m eval.bench_router --set num_layers=4 --set num_single_layers=8 --set attention_head_dim=64 \\
+    python -m edit_jax.eval.bench_router --set num_layers=4 --set num_single_layers=8 --set attention_head_dim=64 \\
         --set num_attention_heads=8 --set axes_dims_rope=[16,24,24]          # the D 512 CPU config
 """
 
@@ -21,10 +21,10 @@ import numpy as np
 from edit_jax.flops import dense_flops, router_flops
 from edit_jax.layers import dtype_of
 from edit_jax.router import Router, router_modulation, router_prelude
-from eval.bench_elastic import build, forwards
-from eval.bench_forward import model_arguments
-from eval.report import emit, environment, run_script
-from eval.timing import paired_ratio, time_runs
+from edit_jax.eval.bench_elastic import build, forwards
+from edit_jax.eval.bench_forward import model_arguments
+from edit_jax.eval.report import emit, environment, run_script
+from edit_jax.eval.timing import paired_ratio, time_runs
 
 
 def router_step(config):

@@ -2,8 +2,8 @@
 taken as a sum fused into the ReLU's pass, timed side by side in one process: a candidate for
 the routers' +2.26% of a FLUX.1-dev sampling step on an H200 (BENCHMARKS.md, 2026-11-30).
 
-    python -m eval.bench_router_pool                        # FLUX.1-dev: a single block's router
-    python -m eval.bench_router_pool --tokens 288 --dim 512 --hidden 128 --layers 12   # the D 512 CPU config
+    python -m edit_jax.eval.bench_router_pool                        # FLUX.1-dev: a single block's router
+    python -m edit_jax.eval.bench_router_pool --tokens 288 --dim 512 --hidden 128 --layers 12   # the D 512 CPU config
 
 "matmul_mean": as the model computes it (the mean over tokens as a [B, L] x [B, L, H] product with
 the valid-token weights); "fused_sum": the same mean as a sum over tokens, which XLA can fuse with
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_jax.router import pooled_hidden, router_hidden
-from eval.report import emit, environment, run_script
-from eval.timing import compare_forms, form_arguments
+from edit_jax.eval.report import emit, environment, run_script
+from edit_jax.eval.timing import compare_forms, form_arguments
 
 
 def fused_sum(tokens, prelude: dict, dtype) -> jax.Array:

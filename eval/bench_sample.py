@@ -4,8 +4,8 @@ every block runs at full width, so its time over dense is what the routers cost 
 Reports per-step time, the cache hit rate and the memory the cache holds. The variants run in
 alternating rounds (`eval.timing`); speedups are medians of per-round ratios.
 
-    python -m eval.bench_sample --preset flux-small --steps 28 --height 256 --width 256
-    python -m eval.bench_sample --preset flux-dev --txt 512 --height 1024 --width 1024 \\
+    python -m edit_jax.eval.bench_sample --preset flux-small --steps 28 --height 256 --width 256
+    python -m edit_jax.eval.bench_sample --preset flux-dev --txt 512 --height 1024 --width 1024 \\
         --dtype bfloat16 --attention cudnn                       # GPU, full size
 """
 
@@ -18,16 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import edit_jax
-from eval.report import emit, environment, run_script
-from eval.timing import paired_ratio, time_runs
+from edit_jax.eval.report import emit, environment, run_script
+from edit_jax.eval.timing import paired_ratio, time_runs
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS
 from edit_jax.elastic import ElasticConfig
 from edit_jax.flops import dense_flops
 from edit_jax.latents import initial_noise, packed_grid
 from edit_jax.models import family_of, init_variables
 from edit_jax.sampler import SamplerConfig, init_state, make_conditions, sample
-from eval.bench_elastic import forced_pattern
-from eval.bench_forward import preset_with_overrides
+from edit_jax.eval.bench_elastic import forced_pattern
+from edit_jax.eval.bench_forward import preset_with_overrides
 
 
 def random_conditions(config, batch: int, num_txt: int, height: int, width: int) -> dict:

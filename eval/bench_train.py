@@ -2,8 +2,8 @@
 simulated devices (each a fresh process: the device count is fixed when JAX starts); with
 --on-devices, one run on this machine's own devices (a GPU: stage `train` of eval/gpu_suite.sh).
 
-    python -m eval.bench_train --preset flux-small --steps 30 --out bench_train.json
-    python -m eval.bench_train --on-devices --preset flux-dev --height 64 --width 64 --txt 512 --batch 2 \
+    python -m edit_jax.eval.bench_train --preset flux-small --steps 30 --out bench_train.json
+    python -m edit_jax.eval.bench_train --on-devices --preset flux-dev --height 64 --width 64 --txt 512 --batch 2 \
         --steps 8 --skip 3 --set remat=full attention=cudnn
 
 Step times are the median over the steps after the first few (compile excluded); the memory is
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.report import emit, environment, run_script
+from edit_jax.eval.report import emit, environment, run_script
 
 MEMORY = re.compile(r"per device: arguments ([\d.]+) MiB, temporaries ([\d.]+) MiB")
 DTYPES_LINE = re.compile(r"dtypes: (.*)")

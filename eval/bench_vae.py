@@ -4,9 +4,9 @@ latents; each side in its own process so that its peak resident memory (VmHWM) i
 the project's modules are imported inside the functions of the side that needs them: the
 diffusers side never loads JAX).
 
-    python -m eval.bench_vae --size 1024 --runs 3                      # FLUX.1's VAE, 1024x1024
-    python -m eval.bench_vae --vae qwen-image --size 1024              # Qwen-Image's VAE
-    python -m eval.bench_vae --vae qwen-image --size 2048 --tile 1024  # both sides in 1024 px tiles
+    python -m edit_jax.eval.bench_vae --size 1024 --runs 3                      # FLUX.1's VAE, 1024x1024
+    python -m edit_jax.eval.bench_vae --vae qwen-image --size 1024              # Qwen-Image's VAE
+    python -m edit_jax.eval.bench_vae --vae qwen-image --size 2048 --tile 1024  # both sides in 1024 px tiles
 
 Prints JSON (seconds: median of --runs after a warm-up call, or the first call with --runs 0;
 peak RSS in GiB); --out writes it.
@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from eval.report import run_script
+from edit_jax.eval.report import run_script
 
 
 def peak_rss_gib() -> float:
@@ -95,9 +95,9 @@ def run_side(side: str, vae_name: str, size: int, runs: int, tile: int | None, c
             with torch.no_grad():
                 return vae.decode(z).sample
     else:
-        from checkpoints_convert.engine import build_params
-        from checkpoints_convert.sources import from_state_dict
-        from checkpoints_convert.vae import vae_table
+        from edit_jax.checkpoints_convert.engine import build_params
+        from edit_jax.checkpoints_convert.sources import from_state_dict
+        from edit_jax.checkpoints_convert.vae import vae_table
         from edit_jax.vae import abstract_vae, decode_tiled
 
         abstract = abstract_vae(config)
@@ -120,7 +120,7 @@ def run_side(side: str, vae_name: str, size: int, runs: int, tile: int | None, c
 
 
 def main(argv=None) -> dict:
-    from eval.report import emit, environment
+    from edit_jax.eval.report import emit, environment
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", default="flux", choices=["flux", "qwen-image"], help="which VAE")
@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     result = {"benchmark": "vae_decode", **environment(), "vae": args.vae, "size": args.size, "tile": args.tile,
               "channels": args.channels or ("96" if args.vae == "qwen-image" else "128,256,512,512")}
     for side in ("ours", "diffusers"):
-        command = [sys.executable, "-m", "eval.bench_vae", "--side", side, "--vae", args.vae, "--size", str(args.size),
+        command = [sys.executable, "-m", "edit_jax.eval.bench_vae", "--side", side, "--vae", args.vae, "--size", str(args.size),
                    "--runs", str(args.runs)] + (["--tile", str(args.tile)] if args.tile else []) + \
                   (["--channels", args.channels] if args.channels else [])
         done = subprocess.run(command, capture_output=True, text=True)

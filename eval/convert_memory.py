@@ -1,7 +1,7 @@
 """Peak memory of a streaming conversion, on a synthetic Qwen-Image checkpoint with real tensor
 sizes (D 3072, M 12288, bfloat16) and a few layers (a few GB).
 
-    python -m eval.convert_memory --layers 4 --workdir /tmp/convmem
+    python -m edit_jax.eval.convert_memory --layers 4 --workdir /tmp/convmem
 
 Writes the source once (a separate process), then converts it in a fresh process and reports
 that process's peak RSS beside the largest stacked tensor and the baseline RSS of an idle
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from eval.report import run_script
+from edit_jax.eval.report import run_script
 
 
 def write_source(folder: Path, layers: int) -> None:
@@ -27,7 +27,7 @@ def write_source(folder: Path, layers: int) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from checkpoints_convert.qwen_image import diffusers_table
+    from edit_jax.checkpoints_convert.qwen_image import diffusers_table
     from edit_jax.config import preset
     from edit_jax.checkpoint import flatten
     from edit_jax.models import abstract_params
@@ -52,7 +52,7 @@ def write_source(folder: Path, layers: int) -> None:
 def convert(src: Path, dst: Path) -> dict:
     import numpy as np
 
-    from checkpoints_convert import convert_checkpoint
+    from edit_jax.checkpoints_convert import convert_checkpoint
     from edit_jax.checkpoint import flatten
     from edit_jax.config import from_diffusers_config
     from edit_jax.models import abstract_params
@@ -87,7 +87,7 @@ def main() -> None:
     elif args.step == "convert":
         print(json.dumps(convert(work / "src", work / "ckpt")))
     else:
-        run = [sys.executable, "-m", "eval.convert_memory", "--layers", str(args.layers), "--workdir", str(work)]
+        run = [sys.executable, "-m", "edit_jax.eval.convert_memory", "--layers", str(args.layers), "--workdir", str(work)]
         subprocess.run(run + ["--step", "write"], check=True)
         out = subprocess.run(run + ["--step", "convert"], check=True, capture_output=True, text=True).stdout
         result = {"layers": args.layers, **json.loads(out.strip().splitlines()[-1])}

@@ -40,15 +40,15 @@ from edit_jax.flops import base_flops, layer_flops
 from edit_jax.latents import unpack_latents
 from edit_jax.models import build_model
 from edit_jax.sampler import SamplerConfig
-from eval import baselines, real_data
-from eval.judge import Judge
-from eval.metrics import json_number, psnr, ssim
-from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map, plot_sample_grid
-from eval.sampling_eval import run_method
-from train.config import GATE_BUDGETS, RHO_SCHEDULES, TARGETS, TrainConfig
-from train.data import shared_inputs
-from train.dataset import pack
-from train.loop import train
+from edit_jax.eval import baselines, real_data
+from edit_jax.eval.judge import Judge
+from edit_jax.eval.metrics import json_number, psnr, ssim
+from edit_jax.eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map, plot_sample_grid
+from edit_jax.eval.sampling_eval import run_method
+from edit_jax.train.config import GATE_BUDGETS, RHO_SCHEDULES, TARGETS, TrainConfig
+from edit_jax.train.data import shared_inputs
+from edit_jax.train.dataset import pack
+from edit_jax.train.loop import train
 
 
 class DemoError(ValueError):

@@ -2,8 +2,8 @@
 summed and attributed, through the compiled HLO's op metadata, to the E-DiT scopes it came from
 ("elastic_router", "elastic_block") or to the rest of the step. Prints JSON.
 
-    python -m eval.profile_step --preset flux-small --mode infer
-    python -m eval.profile_step --preset flux-dev --height 64 --width 64 --txt 512 \\
+    python -m edit_jax.eval.profile_step --preset flux-small --mode infer
+    python -m edit_jax.eval.profile_step --preset flux-dev --height 64 --width 64 --txt 512 \\
         --dtype bfloat16 --attention cudnn --mode infer                  # GPU, full size
 
 On CPU the op events need XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true before JAX starts; this
@@ -35,9 +35,9 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 
-from eval.bench_elastic import all_open, build, forced_pattern, forwards  # noqa: E402
-from eval.bench_forward import model_arguments  # noqa: E402
-from eval.report import emit, environment, run_script  # noqa: E402
+from edit_jax.eval.bench_elastic import all_open, build, forced_pattern, forwards  # noqa: E402
+from edit_jax.eval.bench_forward import model_arguments  # noqa: E402
+from edit_jax.eval.report import emit, environment, run_script  # noqa: E402
 
 MODES = ("dense", "infer", "forced_all_open", "forced_pattern")
 SCOPES = ("elastic_router", "elastic_block")

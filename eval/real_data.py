@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from train.dataset import write_dataset
+from edit_jax.train.dataset import write_dataset
 
 DATASETS = ("digits", "mnist")
 NUM_CLASSES = 10

@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from checkpoints_convert.vae import load_vae
+from edit_jax.checkpoints_convert.vae import load_vae
 from edit_jax import load, load_routers
 from edit_jax.checkpoint import CheckpointError
 from edit_jax.config import resolve_attention
@@ -30,8 +30,8 @@ from edit_jax.flops import mean_routing, routing_stats
 from edit_jax.latents import initial_noise, unpack_latents
 from edit_jax.sampler import SamplerConfig, check_sampling_inputs, sample
 from edit_jax.vae import check_vae_fits, decode_tiled, to_uint8
-from eval.metrics import json_number, psnr, ssim
-from eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map
+from edit_jax.eval.metrics import json_number, psnr, ssim
+from edit_jax.eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map
 
 SHARED_CONDITIONS = ("img_ids", "txt_ids", "img_shapes")
 

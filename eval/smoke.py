@@ -23,8 +23,8 @@ from edit_jax.flops import dense_flops
 from edit_jax.latents import packed_grid
 from edit_jax.models import example_inputs, init_routers, jit_forward
 from edit_jax.sampler import SamplerConfig, sample
-from eval.bench_sample import random_conditions
-from eval.pictures import block_groups, plot_router_map
+from edit_jax.eval.bench_sample import random_conditions
+from edit_jax.eval.pictures import block_groups, plot_router_map
 
 
 def available_memory_bytes() -> int | None:

@@ -2,7 +2,7 @@
 on this CPU host (libtpu; `edit-jax train --compile-only`), one at a time (one process may hold
 libtpu), and writes one JSON line per case plus a Markdown table for BENCHMARKS.md.
 
-    JAX_PLATFORMS=cpu python -m eval.tpu_fit --out tpu_fit.jsonl [--only flux]
+    JAX_PLATFORMS=cpu python -m edit_jax.eval.tpu_fit --out tpu_fit.jsonl [--only flux]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from eval.report import run_script
+from edit_jax.eval.report import run_script
 
 # 1024 x 1024 images: 64 x 64 packed tokens; FLUX reads 512 T5 tokens, Qwen-Image about 256
 SIZES = {"flux-dev": ["height=64", "width=64", "num_txt=512"], "qwen-image": ["height=64", "width=64", "num_txt=256"]}

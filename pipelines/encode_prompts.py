@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from edit_jax.checkpoint import atomic_file, resolve
-from pipelines.generate import MODEL_COMPONENTS, pipeline_family
-from pipelines.text_encoders import EmbeddingCache, TEXT_ENCODERS
+from edit_jax.pipelines.generate import MODEL_COMPONENTS, pipeline_family
+from edit_jax.pipelines.text_encoders import EmbeddingCache, TEXT_ENCODERS
 
 
 def check_embeddings_destination(out: Path, overwrite: bool) -> None:

@@ -22,10 +22,10 @@ import jax
 import numpy as np
 
 import edit_jax
-from checkpoints_convert.convert import FAMILIES
-from checkpoints_convert.engine import build_params
-from checkpoints_convert.sources import open_source
-from checkpoints_convert.vae import load_vae
+from edit_jax.checkpoints_convert.convert import FAMILIES
+from edit_jax.checkpoints_convert.engine import build_params
+from edit_jax.checkpoints_convert.sources import open_source
+from edit_jax.checkpoints_convert.vae import load_vae
 from edit_jax.checkpoint import ROUTERS_DIR, is_checkpoint, load_config, resolve, run_dir_hint, tree_names
 from edit_jax.config import read_json_object, resolve_attention, resolve_dtype
 from edit_jax.elastic import ElasticConfig
@@ -37,8 +37,8 @@ from edit_jax.placement import mesh_shardings
 from edit_jax.sampler import SamplerConfig, first_rows, sample
 from edit_jax.schedules import SchedulerConfig
 from edit_jax.vae import check_tile_size, check_vae_fits, decode_tiled, to_uint8
-from eval.pictures import block_groups, plot_router_map
-from pipelines.text_encoders import EmbeddingCache, TEXT_ENCODERS, missing_components
+from edit_jax.eval.pictures import block_groups, plot_router_map
+from edit_jax.pipelines.text_encoders import EmbeddingCache, TEXT_ENCODERS, missing_components
 
 MODEL_COMPONENTS = ("transformer", "vae", "scheduler")  # beside each family's text encoders and tokenizers
 

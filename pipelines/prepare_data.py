@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints_convert.vae import load_vae
+from edit_jax.checkpoints_convert.vae import load_vae
 from edit_jax.checkpoint import resolve
-from pipelines.generate import pipeline_family
-from pipelines.text_encoders import TEXT_ENCODERS, device_and_dtype
-from train.dataset import IMAGE_SUFFIXES, MANIFEST, TEXT_FIELDS, write_dataset
+from edit_jax.pipelines.generate import pipeline_family
+from edit_jax.pipelines.text_encoders import TEXT_ENCODERS, device_and_dtype
+from edit_jax.train.dataset import IMAGE_SUFFIXES, MANIFEST, TEXT_FIELDS, write_dataset
 
 METADATA = ("metadata.jsonl", "metadata.csv")  # the captions files of Hugging Face's imagefolder layout
 FILE_KEYS, CAPTION_KEYS = ("file", "file_name"), ("caption", "text")

@@ -19,10 +19,10 @@ from edit_jax.checkpoint import flatten  # noqa: E402
 from edit_jax.models import init_variables, logical_axes  # noqa: E402
 from edit_jax.placement import param_shardings, summarize  # noqa: E402
 from edit_jax.sharding import batch_sharding, logical_to_mesh, make_mesh  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.data import shared_inputs, synthetic_batch  # noqa: E402
-from train.loop import jitted_train_step, opt_state_shardings, split_trainable  # noqa: E402
-from train.step import make_optimizer, make_train_step  # noqa: E402
+from edit_jax.train.config import TrainConfig  # noqa: E402
+from edit_jax.train.data import shared_inputs, synthetic_batch  # noqa: E402
+from edit_jax.train.loop import jitted_train_step, opt_state_shardings, split_trainable  # noqa: E402
+from edit_jax.train.step import make_optimizer, make_train_step  # noqa: E402
 
 
 def main():

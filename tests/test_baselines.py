@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from eval import baselines
+from edit_jax.eval import baselines
 
 # 4 blocks, each 10 FLOPs at full width (columns: skipped, 1/4, 1/2, 3/4, full); 10 fixed
 TABLE = np.array([[0, 4, 6, 8, 10]] * 4)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from eval import bench_elastic, profile_step
+from edit_jax.eval import bench_elastic, profile_step
 
 
 @pytest.mark.parametrize("preset", ["flux-tiny", "qwen-image-tiny"])
@@ -28,7 +28,7 @@ def test_elastic_benchmark_reports_speedup_beside_flop_reduction(preset, tmp_pat
 
 @pytest.mark.parametrize("preset", ["flux-tiny", "qwen-image-tiny"])
 def test_forward_benchmark_times_ours_beside_diffusers_eager_on_the_same_weights_per_batch(preset, tmp_path):
-    from eval import bench_forward
+    from edit_jax.eval import bench_forward
 
     result = bench_forward.main(["--preset", preset, "--batch", "1", "2", "--height", "4", "--width", "4", "--txt", "8",
                                  "--runs", "2", "--warmup", "1", "--out", str(tmp_path / "forward.json")])
@@ -39,7 +39,7 @@ def test_forward_benchmark_times_ours_beside_diffusers_eager_on_the_same_weights
 
 
 def test_forward_benchmark_times_diffusers_compiled_block_by_block_beside_eager(tmp_path):
-    from eval import bench_forward
+    from edit_jax.eval import bench_forward
 
     result = bench_forward.main(["--preset", "flux-tiny", "--height", "4", "--width", "4", "--txt", "8", "--runs", "2",
                                  "--warmup", "1", "--compile", "regional", "--out", str(tmp_path / "forward.json")])
@@ -50,7 +50,7 @@ def test_forward_benchmark_times_diffusers_compiled_block_by_block_beside_eager(
 
 
 def test_qk_norm_rope_benchmark_times_both_forms_of_the_same_values(tmp_path):
-    from eval import bench_qk_norm_rope
+    from edit_jax.eval import bench_qk_norm_rope
 
     result = bench_qk_norm_rope.main(["--tokens", "16", "--heads", "2", "--head-dim", "16", "--layers", "2",
                                       "--dtype", "float32", "--runs", "2", "--out", str(tmp_path / "qk.json")])
@@ -59,7 +59,7 @@ def test_qk_norm_rope_benchmark_times_both_forms_of_the_same_values(tmp_path):
 
 
 def test_router_pool_benchmark_times_both_forms_of_the_same_mean(tmp_path):
-    from eval import bench_router_pool
+    from edit_jax.eval import bench_router_pool
 
     result = bench_router_pool.main(["--tokens", "16", "--dim", "32", "--hidden", "8", "--layers", "2",
                                      "--dtype", "float32", "--runs", "2", "--out", str(tmp_path / "pool.json")])
@@ -68,7 +68,7 @@ def test_router_pool_benchmark_times_both_forms_of_the_same_mean(tmp_path):
 
 
 def test_sample_benchmark_reports_speedups_beside_flop_reductions_and_the_routers_cost(tmp_path):
-    from eval import bench_sample
+    from edit_jax.eval import bench_sample
 
     result = bench_sample.main(["--preset", "flux-tiny", "--steps", "2", "--height", "32", "--width", "32", "--runs", "2",
                                 "--out", str(tmp_path / "sample.json")])
@@ -79,7 +79,7 @@ def test_sample_benchmark_reports_speedups_beside_flop_reductions_and_the_router
 
 
 def test_router_benchmark_reports_the_routers_time_and_flops_as_shares_of_the_dense_forward(tmp_path):
-    from eval import bench_router
+    from edit_jax.eval import bench_router
 
     result = bench_router.main(["--preset", "flux-tiny", "--height", "4", "--width", "4", "--txt", "8", "--runs", "2",
                                 "--out", str(tmp_path / "router.json")])
@@ -100,7 +100,7 @@ def test_elastic_benchmark_leaves_out_the_comparison_a_pattern_cannot_have(tmp_p
 def test_step_profile_splits_device_time_between_routers_blocks_and_the_rest_and_keeps_its_hlo(tmp_path):
     # a program of its own: the CPU profiler records XLA ops only when a flag is set before JAX starts
     out, hlo = tmp_path / "profile.json", tmp_path / "hlo.txt.gz"
-    subprocess.run([sys.executable, "-m", "eval.profile_step", "--preset", "flux-tiny", "--height", "4", "--width", "4",
+    subprocess.run([sys.executable, "-m", "edit_jax.eval.profile_step", "--preset", "flux-tiny", "--height", "4", "--width", "4",
                     "--txt", "8", "--mode", "infer", "--steps", "1", "--out", str(out), "--hlo-out", str(hlo)],
                    check=True, capture_output=True, cwd=Path(__file__).parents[1])
     result = json.loads(out.read_text())
@@ -147,7 +147,7 @@ def test_gpu_suite_dry_run_writes_one_results_file_outside_the_repository_naming
 
 
 def test_train_benchmark_reports_one_device_beside_eight(tmp_path):
-    from eval import bench_train
+    from edit_jax.eval import bench_train
 
     result = bench_train.main(["--preset", "flux-tiny", "--steps", "3", "--skip", "1", "--batch", "8", "--height", "4",
                                "--width", "4", "--txt", "4", "--out", str(tmp_path / "train.json")])
@@ -160,7 +160,7 @@ def test_train_benchmark_reports_one_device_beside_eight(tmp_path):
                                  ["--size", "64", "--vae", "qwen-image", "--channels", "4", "--tile", "32"]],
                          ids=["flux", "qwen-image-tiled"])
 def test_vae_benchmark_reports_both_sides_time_and_peak_memory(vae, tmp_path):
-    from eval.bench_vae import main
+    from edit_jax.eval.bench_vae import main
 
     result = main(["--runs", "1", *vae, "--out", str(tmp_path / "vae.json")])
     for side in ("ours", "diffusers"):
@@ -169,7 +169,7 @@ def test_vae_benchmark_reports_both_sides_time_and_peak_memory(vae, tmp_path):
 
 
 def test_compile_benchmark_times_tracing_lowering_and_compiling_each_mode_without_weights(tmp_path):
-    from eval.bench_compile import main
+    from edit_jax.eval.bench_compile import main
 
     result = main(["--preset", "qwen-image-tiny", "--height", "2", "--width", "2", "--txt", "4", "--modes", "infer",
                    "train_step", "--out", str(tmp_path / "compile.json")])
@@ -180,7 +180,7 @@ def test_compile_benchmark_times_tracing_lowering_and_compiling_each_mode_withou
 
 
 def test_layer_stack_benchmark_times_every_loop_form_and_counts_its_weight_slices():
-    from eval.bench_layer_stack import main
+    from edit_jax.eval.bench_layer_stack import main
 
     result = main(["--layers", "2", "--dim", "8", "--hidden", "16", "--tokens", "4", "--runs", "2"])
     assert set(result["median_ms"]) == {"scan", "scan_unroll2", "fori_closed", "unrolled_static", "separate_arrays"}
@@ -188,14 +188,14 @@ def test_layer_stack_benchmark_times_every_loop_form_and_counts_its_weight_slice
 
 
 def test_a_bad_benchmark_flag_is_one_line_naming_it_and_exit_status_2():
-    done = subprocess.run([sys.executable, "-m", "eval.bench_router", "--set", "nope=1"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "edit_jax.eval.bench_router", "--set", "nope=1"], capture_output=True, text=True,
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("eval.bench_router: error: --set 'nope=1': expected FIELD=VALUE")
 
 
 def test_a_vae_benchmark_size_off_the_vae_scale_is_refused_before_any_work():
-    from eval.bench_vae import main
+    from edit_jax.eval.bench_vae import main
 
     with pytest.raises(ValueError, match="--size 33: must be a positive multiple of 8 pixels"):
         main(["--size", "33"])

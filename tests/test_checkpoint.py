@@ -218,7 +218,7 @@ def test_a_format_1_checkpoint_lists_and_reads_the_split_kernels(tiny, format_1)
 def test_a_format_1_checkpoint_exports_the_same_tensors_as_format_2(tiny, format_1, tmp_path):
     from safetensors.numpy import load_file
 
-    from checkpoints_convert.export import export_checkpoint
+    from edit_jax.checkpoints_convert.export import export_checkpoint
 
     config, variables = tiny
     current = save(tmp_path / "v2", config, variables["params"])

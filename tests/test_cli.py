@@ -387,9 +387,9 @@ def test_order_channels_reports_the_importance_kept_by_the_order_it_wrote(flux_s
 
 
 def test_smoke_of_a_model_too_large_for_this_machine_says_what_it_needs(tmp_path, capsys, monkeypatch):
-    import eval.smoke
+    import edit_jax.eval.smoke
 
-    monkeypatch.setattr(eval.smoke, "available_memory_bytes", lambda: 16 << 30)
+    monkeypatch.setattr(edit_jax.eval.smoke, "available_memory_bytes", lambda: 16 << 30)
     assert main(["smoke", "--preset", "flux-dev", "--out", str(tmp_path / "d")]) == 2
     assert "needs about" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 import edit_jax
-from checkpoints_convert import ConversionError, convert_checkpoint
-from checkpoints_convert.flux import BFL_PREFIX
+from edit_jax.checkpoints_convert import ConversionError, convert_checkpoint
+from edit_jax.checkpoints_convert.flux import BFL_PREFIX
 from edit_jax.checkpoint import CheckpointError, flatten, load_config, save
 from edit_jax.config import ConfigError, from_diffusers_config
 from reference import FLUX_TINY, flux_inputs, make_diffusers_flux, relative_error, run_diffusers
@@ -190,7 +190,7 @@ def test_a_source_config_that_is_not_a_json_object_is_an_error_naming_the_file(s
 
 
 def test_failure_while_writing_leaves_nothing_behind(save_diffusers, tmp_path, monkeypatch):
-    import checkpoints_convert.engine as engine
+    import edit_jax.checkpoints_convert.engine as engine
 
     def broken(*args, **kwargs):
         yield {"x_embedder": {"bias": np.zeros(32, np.float32)}}
@@ -240,7 +240,7 @@ def test_loading_a_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
 def test_transposed_weights_are_copied_exactly_in_blocks_with_the_dtype_converted():
     import ml_dtypes
 
-    from checkpoints_convert.engine import _BLOCK, _fill
+    from edit_jax.checkpoints_convert.engine import _BLOCK, _fill
 
     weight = np.random.default_rng(0).standard_normal((_BLOCK + 3, 2 * _BLOCK + 5)).astype(np.float32)
     kernel = np.empty(weight.shape[::-1], ml_dtypes.bfloat16)
@@ -250,7 +250,7 @@ def test_transposed_weights_are_copied_exactly_in_blocks_with_the_dtype_converte
 
 
 def test_a_converted_tensor_of_the_wrong_shape_is_an_error_not_a_broadcast():
-    from checkpoints_convert.engine import _fill
+    from edit_jax.checkpoints_convert.engine import _fill
 
     with pytest.raises(ConversionError, match=r"shape \(1, 4\), expected \(3, 4\)"):
         _fill(np.empty((3, 4), np.float32), np.ones((1, 4), np.float32))
@@ -284,7 +284,7 @@ def test_a_non_finite_source_tensor_is_named_and_nothing_is_written(tmp_path):
 def test_the_finite_check_flags_exactly_the_nans_and_infinities(dtype):
     import ml_dtypes
 
-    from checkpoints_convert.engine import _check_finite
+    from edit_jax.checkpoints_convert.engine import _check_finite
 
     dtype = np.dtype(getattr(ml_dtypes, dtype, None) or dtype)
     info = ml_dtypes.finfo(dtype)
@@ -297,8 +297,8 @@ def test_the_finite_check_flags_exactly_the_nans_and_infinities(dtype):
 
 
 def test_a_file_of_random_bytes_is_one_clear_error(tmp_path):
-    from checkpoints_convert import open_source
-    from checkpoints_convert.sources import SourceError
+    from edit_jax.checkpoints_convert import open_source
+    from edit_jax.checkpoints_convert.sources import SourceError
 
     (tmp_path / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(SourceError, match="model.safetensors is not a safetensors file"):
@@ -306,8 +306,8 @@ def test_a_file_of_random_bytes_is_one_clear_error(tmp_path):
 
 
 def test_a_truncated_file_is_one_clear_error_naming_it(tmp_path):
-    from checkpoints_convert import open_source
-    from checkpoints_convert.sources import SourceError
+    from edit_jax.checkpoints_convert import open_source
+    from edit_jax.checkpoints_convert.sources import SourceError
 
     save_file({k: v.contiguous() for k, v in make_diffusers_flux().state_dict().items()}, tmp_path / "model.safetensors")
     data = (tmp_path / "model.safetensors").read_bytes()

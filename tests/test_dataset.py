@@ -5,7 +5,7 @@ import pytest
 
 import edit_jax
 from edit_jax.config import ConfigError
-from train.dataset import batch_iterator, check_fits, make_pipeline, read_manifest, write_dataset
+from edit_jax.train.dataset import batch_iterator, check_fits, make_pipeline, read_manifest, write_dataset
 
 
 def flux_examples(count, height=4, width=4, seed=0, txt=4, width_txt=32):
@@ -58,12 +58,12 @@ def test_process_slices_are_disjoint_and_cover_the_data(tmp_path):
 def test_the_iterator_reads_only_prefetch_batches_ahead(tmp_path, monkeypatch):
     import time
 
-    import train.dataset
+    import edit_jax.train.dataset
 
     path = write_dataset(tmp_path / "ds", "flux", flux_examples(12))
     read = []
-    fields = train.dataset._training_fields
-    monkeypatch.setattr(train.dataset, "_training_fields", lambda record: read.append(1) or fields(record))
+    fields = edit_jax.train.dataset._training_fields
+    monkeypatch.setattr(edit_jax.train.dataset, "_training_fields", lambda record: read.append(1) or fields(record))
     it = batch_iterator(make_pipeline(path, batch_size=2, seed=0), prefetch=3)
     next(it)
     time.sleep(0.5)  # time for the threads to fill what they may
@@ -133,7 +133,7 @@ def test_a_dataset_with_no_bucket_of_one_global_batch_is_one_error_saying_what_t
 
 
 def test_a_folder_of_images_given_as_the_dataset_says_to_run_prepare_data(tmp_path):
-    from train.dataset import read_manifest
+    from edit_jax.train.dataset import read_manifest
 
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"")

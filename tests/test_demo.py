@@ -121,7 +121,7 @@ def test_eval_in_batches_gives_the_latents_and_routing_of_one_batch(tiny_routed_
     from edit_jax.latents import initial_noise
     from edit_jax.sampler import SamplerConfig
     from edit_jax.flops import ROUTING_KEYS
-    from eval.sampling_eval import run_in_batches
+    from edit_jax.eval.sampling_eval import run_in_batches
 
     ckpt, emb = tiny_routed_ckpt
     model, params = edit_jax.load(ckpt)

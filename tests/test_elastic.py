@@ -363,7 +363,7 @@ def numpy_router(w: dict, x: np.ndarray, valid: np.ndarray, temb: np.ndarray):
 
 
 def test_released_routers_give_the_p_and_q_of_spec_section_1(tmp_path):
-    from checkpoints_convert import convert_checkpoint
+    from edit_jax.checkpoints_convert import convert_checkpoint
     from edit_jax.checkpoint import load_routers
     from edit_jax.config import from_diffusers_config
     from edit_jax.router import Router

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import edit_jax
-from checkpoints_convert import convert_checkpoint
-from checkpoints_convert.export import export_checkpoint
+from edit_jax.checkpoints_convert import convert_checkpoint
+from edit_jax.checkpoints_convert.export import export_checkpoint
 from edit_jax.checkpoint import CheckpointError, load_routers, save
 from edit_jax.config import from_diffusers_config
 from edit_jax.models import init_variables
@@ -37,7 +37,7 @@ def test_a_converted_model_exported_to_diffusers_loads_back_with_identical_outpu
 
 
 def test_a_diffusers_export_writes_each_shard_as_it_fills(save_diffusers, tmp_path, monkeypatch):
-    import checkpoints_convert.export as export
+    import edit_jax.checkpoints_convert.export as export
 
     convert_checkpoint("flux", save_diffusers(make_diffusers_flux()), tmp_path / "ckpt", dtype="float32", progress=False)
     read, read_at_write = [], []
@@ -130,7 +130,7 @@ def _qwen_checkpoint(path, activation):
 
 @pytest.mark.parametrize("activation, fmt", [("gelu_tanh", "edit-release"), ("sigmoid_gelu", "diffusers")])
 def test_an_export_whose_format_runs_another_activation_is_refused_naming_both(tmp_path, activation, fmt):
-    from checkpoints_convert.engine import ConversionError
+    from edit_jax.checkpoints_convert.engine import ConversionError
 
     _qwen_checkpoint(tmp_path / "ckpt", activation)
     with pytest.raises(ConversionError, match="tanh GELU.*sigmoid|sigmoid.*tanh GELU"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import edit_jax
-from checkpoints_convert import convert_checkpoint
+from edit_jax.checkpoints_convert import convert_checkpoint
 from reference import FLUX_TINY, flux_inputs, make_diffusers_flux, relative_error, run_diffusers
 
 TOLERANCE = 1e-5

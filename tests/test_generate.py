@@ -21,7 +21,7 @@ def tiny_pipeline(tmp_path_factory):
 
 
 def test_text_embeddings_equal_the_pipelines_encode_prompt(tiny_pipeline):
-    from pipelines.text_encoders import FluxTextEncoder
+    from edit_jax.pipelines.text_encoders import FluxTextEncoder
 
     pipe, folder = tiny_pipeline
     ours = FluxTextEncoder(folder, max_sequence_length=16, device="cpu")(PROMPTS)
@@ -32,7 +32,7 @@ def test_text_embeddings_equal_the_pipelines_encode_prompt(tiny_pipeline):
 
 
 def test_the_embedding_cache_encodes_a_prompt_once(tiny_pipeline, tmp_path, monkeypatch):
-    from pipelines.text_encoders import EmbeddingCache, FluxTextEncoder
+    from edit_jax.pipelines.text_encoders import EmbeddingCache, FluxTextEncoder
 
     _, folder = tiny_pipeline
     encoder, cache = FluxTextEncoder(folder, max_sequence_length=16, device="cpu"), EmbeddingCache(tmp_path / "cache")
@@ -51,7 +51,7 @@ def test_the_embedding_cache_encodes_a_prompt_once(tiny_pipeline, tmp_path, monk
 def test_a_quiet_encoder_loads_without_progress_bars_and_leaves_them_as_they_were(tiny_pipeline, capsys):
     from diffusers.utils import logging as diffusers_logging
 
-    from pipelines.text_encoders import FluxTextEncoder
+    from edit_jax.pipelines.text_encoders import FluxTextEncoder
 
     _, folder = tiny_pipeline
     FluxTextEncoder(folder, max_sequence_length=16, device="cpu", progress=False)
@@ -96,7 +96,7 @@ def test_encode_prompts_replaces_only_an_earlier_embeddings_file(tiny_pipeline, 
 def test_diffusers_weights_load_in_the_dtype_asked_for(tiny_pipeline):
     import jax
 
-    from pipelines.generate import load_transformer
+    from edit_jax.pipelines.generate import load_transformer
 
     _, folder = tiny_pipeline
     model, params, routers = load_transformer(folder / "transformer", "flux", dtype="bfloat16")
@@ -105,7 +105,7 @@ def test_diffusers_weights_load_in_the_dtype_asked_for(tiny_pipeline):
 
 
 def test_text_encoders_run_in_bfloat16_on_cuda_under_auto_and_in_float32_off_it():
-    from pipelines.text_encoders import device_and_dtype
+    from edit_jax.pipelines.text_encoders import device_and_dtype
 
     assert device_and_dtype("cuda", "auto") == ("cuda", "bfloat16")
     assert device_and_dtype("cuda:1", "float16") == ("cuda:1", "float16")
@@ -113,7 +113,7 @@ def test_text_encoders_run_in_bfloat16_on_cuda_under_auto_and_in_float32_off_it(
 
 
 def test_text_encoders_run_in_float32_off_cuda_whatever_the_dtype(tiny_pipeline):
-    from pipelines.text_encoders import FluxTextEncoder
+    from edit_jax.pipelines.text_encoders import FluxTextEncoder
 
     _, folder = tiny_pipeline
     encoders = [FluxTextEncoder(folder, max_sequence_length=8, device="cpu", dtype=d) for d in ("float32", "auto", "bfloat16")]
@@ -121,7 +121,7 @@ def test_text_encoders_run_in_float32_off_cuda_whatever_the_dtype(tiny_pipeline)
 
 
 def test_generate_equals_the_diffusers_flux_pipeline(tiny_pipeline, tmp_path):
-    from pipelines.generate import generate
+    from edit_jax.pipelines.generate import generate
 
     pipe, folder = tiny_pipeline
     noise = np.random.default_rng(0).standard_normal((2, 12, 16)).astype(np.float32)  # 64 x 48 px
@@ -149,8 +149,8 @@ def test_the_cli_generates_pngs_and_a_run_json(tiny_pipeline, tmp_path):
 
 
 def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory(tiny_pipeline, tmp_path, monkeypatch):
-    from pipelines import generate as module
-    from pipelines.generate import generate
+    from edit_jax.pipelines import generate as module
+    from edit_jax.pipelines.generate import generate
 
     _, folder = tiny_pipeline
     prompts, settings = PROMPTS + ["a third prompt"], dict(steps=2, height=32, width=32, progress=False)
@@ -167,8 +167,8 @@ def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory
 def test_e_dit_images_with_the_cache_do_not_depend_on_the_batch_size(tiny_pipeline, tmp_path, monkeypatch):
     import edit_jax
     from edit_jax.checkpoint import save
-    from pipelines import generate as module
-    from pipelines.generate import generate
+    from edit_jax.pipelines import generate as module
+    from edit_jax.pipelines.generate import generate
 
     titles, plot = [], module.plot_router_map
     monkeypatch.setattr(module, "plot_router_map", lambda *a, **k: titles.append(k["title"]) or plot(*a, **k))
@@ -207,7 +207,7 @@ def test_a_scheduler_sample_does_not_reproduce_is_one_error_before_any_prompt_is
     import json
     import shutil
 
-    from pipelines import text_encoders
+    from edit_jax.pipelines import text_encoders
 
     _, folder = tiny_pipeline
     changed = tmp_path / "changed"
@@ -229,7 +229,7 @@ def tiny_qwen_pipeline(tmp_path_factory):
 
 
 def test_qwen_text_embeddings_equal_the_pipelines_encode_prompt(tiny_qwen_pipeline):
-    from pipelines.text_encoders import QwenImageTextEncoder
+    from edit_jax.pipelines.text_encoders import QwenImageTextEncoder
 
     pipe, folder = tiny_qwen_pipeline
     ours = QwenImageTextEncoder(folder, device="cpu")(PROMPTS)
@@ -241,7 +241,7 @@ def test_qwen_text_embeddings_equal_the_pipelines_encode_prompt(tiny_qwen_pipeli
 
 
 def test_cached_qwen_prompts_are_padded_to_the_batchs_longest(tiny_qwen_pipeline, tmp_path):
-    from pipelines.text_encoders import EmbeddingCache, QwenImageTextEncoder
+    from edit_jax.pipelines.text_encoders import EmbeddingCache, QwenImageTextEncoder
 
     _, folder = tiny_qwen_pipeline
     encoder, cache = QwenImageTextEncoder(folder, device="cpu"), EmbeddingCache(tmp_path / "cache")
@@ -254,7 +254,7 @@ def test_cached_qwen_prompts_are_padded_to_the_batchs_longest(tiny_qwen_pipeline
 
 
 def test_encoded_qwen_prompts_in_several_batches_are_padded_to_the_longest(tiny_qwen_pipeline, tmp_path):
-    from pipelines.encode_prompts import encode_prompts
+    from edit_jax.pipelines.encode_prompts import encode_prompts
 
     pipe, folder = tiny_qwen_pipeline
     summary = encode_prompts(folder, PROMPTS[::-1], tmp_path / "emb.npz", batch_size=1, progress=False)
@@ -268,7 +268,7 @@ def test_encoded_qwen_prompts_in_several_batches_are_padded_to_the_longest(tiny_
 
 
 def test_generate_equals_the_diffusers_qwen_image_pipeline_with_true_cfg(tiny_qwen_pipeline, tmp_path):
-    from pipelines.generate import generate
+    from edit_jax.pipelines.generate import generate
 
     pipe, folder = tiny_qwen_pipeline
     noise = np.random.default_rng(0).standard_normal((2, 12, 16)).astype(np.float32)  # 64 x 48 px
@@ -305,7 +305,7 @@ def test_true_cfg_without_a_negative_prompt_is_one_clear_error(tiny_qwen_pipelin
         "missing-transformer", "tau-out-of-range", "tile-off-the-scale", "tile-below-one-step"])
 def test_flags_that_cannot_work_are_one_clear_error_before_any_prompt_is_encoded(tiny_pipeline, tmp_path, capsys,
                                                                                   monkeypatch, flags, message):
-    from pipelines import text_encoders
+    from edit_jax.pipelines import text_encoders
 
     monkeypatch.setattr(text_encoders.FluxTextEncoder, "encode", lambda *a: pytest.fail("a prompt was encoded"))
     _, folder = tiny_pipeline

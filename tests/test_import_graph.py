@@ -7,15 +7,17 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("edit_jax", "train", "eval", "pipelines", "checkpoints_convert")
-ABOVE_THE_CORE = ("train", "eval", "pipelines", "checkpoints_convert", "edit_jax.cli")
+# folder -> the package it installs as (pyproject.toml's package-dir)
+PACKAGES = {"edit_jax": "edit_jax", "train": "edit_jax.train", "eval": "edit_jax.eval", "pipelines": "edit_jax.pipelines",
+            "checkpoints_convert": "edit_jax.checkpoints_convert"}
+ABOVE_THE_CORE = tuple(name for name in PACKAGES.values() if name != "edit_jax") + ("edit_jax.cli",)
 
 
 def project_modules() -> dict[str, Path]:
     modules = {}
-    for package in PACKAGES:
-        for path in sorted((REPO / package).rglob("*.py")):
-            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    for folder, package in PACKAGES.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            name = ".".join((package, *path.relative_to(REPO / folder).with_suffix("").parts))
             modules[name.removesuffix(".__init__")] = path
     return modules
 
@@ -81,10 +83,43 @@ def test_no_modules_import_each_other_in_a_circle():
 def test_the_core_never_imports_what_sits_above_it():
     upward = {name: sorted(t for t in targets if t.startswith(ABOVE_THE_CORE))
               for name, targets in import_graph().items()
-              if name.startswith("edit_jax") and not name.startswith("edit_jax.cli")}
+              if not name.startswith(ABOVE_THE_CORE)}
     assert not {k: v for k, v in upward.items() if v}
 
 
 def test_the_circle_check_finds_a_circle_and_names_its_modules():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_a_package_by_a_bare_top_level_name():
+    """train, eval, pipelines and checkpoints_convert install as subpackages of edit_jax only: a
+    bare `import train` would load a second copy of a module, or a user's own package of that name."""
+    bare = {}
+    for name, path in {**project_modules(), **{f"tests.{p.stem}": p for p in (REPO / "tests").glob("*.py")}}.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            bare[name] = bare.get(name, []) + [n for n in names if n.split(".")[0] in set(PACKAGES) - {"edit_jax"}]
+    assert not {k: v for k, v in bare.items() if v}
+
+
+def test_a_built_wheel_installs_edit_jax_as_its_only_top_level_package(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "src"  # a copy: a build writes build/ and egg-info beside the sources (setuptools: the test extra)
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for folder in PACKAGES:
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"edit_jax"}
+    assert {"edit_jax/train/loop.py", "edit_jax/eval/demo.py", "edit_jax/pipelines/generate.py",
+            "edit_jax/checkpoints_convert/convert.py"} <= set(names)

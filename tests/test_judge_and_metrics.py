@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from eval import real_data
-from eval.judge import Judge, frechet_distance
-from eval.metrics import psnr, ssim
+from edit_jax.eval import real_data
+from edit_jax.eval.judge import Judge, frechet_distance
+from edit_jax.eval.metrics import psnr, ssim
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from eval.pictures import quality_vs_flops_figure, router_map_figure
+from edit_jax.eval.pictures import quality_vs_flops_figure, router_map_figure
 
 
 def _boxes(fig, artists):

@@ -48,7 +48,7 @@ def prepared(tiny_pipeline, photos, tmp_path_factory):
 
 
 def test_prepare_data_writes_bucketed_latents_and_reports_what_it_skipped(prepared):
-    from train.dataset import read_manifest
+    from edit_jax.train.dataset import read_manifest
 
     out, err = prepared
     manifest = read_manifest(out)
@@ -82,7 +82,7 @@ def test_an_imagefolder_metadata_jsonl_captions_images_in_subfolders(tiny_pipeli
                  "--max-sequence-length", "16", "--quiet"]) == 0
     skipped = {r["file"]: r["reason"] for r in json.loads((out / "skipped.json").read_text())}
     assert skipped == {"train/gone.png": "listed in metadata.jsonl, no such file", "unlisted.png": "no caption"}
-    from train.dataset import read_manifest
+    from edit_jax.train.dataset import read_manifest
 
     assert read_manifest(out)["count"] == 2
 
@@ -102,7 +102,7 @@ def stored_captions(dataset) -> list[str]:
     """Every caption a dataset's records hold, sorted."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    from train.dataset import _deserialize, read_manifest
+    from edit_jax.train.dataset import _deserialize, read_manifest
 
     captions = []
     for bucket in read_manifest(dataset)["buckets"]:
@@ -137,9 +137,9 @@ def test_a_malformed_captions_line_is_one_clear_error_naming_it(tiny_pipeline, t
 
 
 def test_the_trainer_reads_a_prepared_dataset(tiny_pipeline, prepared, tmp_path):
-    from checkpoints_convert import convert_checkpoint
-    from train.config import TrainConfig
-    from train.loop import train
+    from edit_jax.checkpoints_convert import convert_checkpoint
+    from edit_jax.train.config import TrainConfig
+    from edit_jax.train.loop import train
 
     ckpt = convert_checkpoint("flux", tiny_pipeline / "transformer", tmp_path / "ckpt", dtype="float32", progress=False)
     metrics = train(TrainConfig(checkpoint=str(ckpt), data=str(prepared[0]), batch_size=1, steps=2, log_every=1,
@@ -148,8 +148,8 @@ def test_the_trainer_reads_a_prepared_dataset(tiny_pipeline, prepared, tmp_path)
 
 
 def test_an_interrupted_run_resumes_without_encoding_finished_chunks_again(tiny_pipeline, photos, tmp_path, monkeypatch):
-    from pipelines import prepare_data as module
-    from pipelines.text_encoders import FluxTextEncoder
+    from edit_jax.pipelines import prepare_data as module
+    from edit_jax.pipelines.text_encoders import FluxTextEncoder
 
     calls = []
     original = FluxTextEncoder.__call__
@@ -200,7 +200,7 @@ def test_a_folder_prepare_data_did_not_write_is_refused_up_front_and_kept(tiny_p
 def test_a_qwen_image_dataset_holds_padded_embeddings_and_masks_the_trainer_reads(photos, tmp_path):
     from edit_jax.config import from_diffusers_config
     from tiny_pipeline import make_tiny_qwen_pipeline
-    from train.dataset import check_fits, make_pipeline, read_manifest
+    from edit_jax.train.dataset import check_fits, make_pipeline, read_manifest
 
     folder = tmp_path / "Qwen-Image-tiny"
     make_tiny_qwen_pipeline(folder)
@@ -231,7 +231,7 @@ def _saved(image, path, **kwargs):
 def test_a_16_bit_grayscale_png_reads_as_its_8_bit_copy_not_saturated(tmp_path):
     from PIL import Image
 
-    from pipelines.prepare_data import to_rgb
+    from edit_jax.pipelines.prepare_data import to_rgb
 
     gray8 = _photo_pixels()[..., 0]
     with _saved(Image.fromarray(gray8.astype(np.uint16) * 257), tmp_path / "g16.png") as opened:
@@ -243,7 +243,7 @@ def test_a_16_bit_grayscale_png_reads_as_its_8_bit_copy_not_saturated(tmp_path):
 def test_a_palette_png_reads_as_its_colours(tmp_path):
     from PIL import Image
 
-    from pipelines.prepare_data import to_rgb
+    from edit_jax.pipelines.prepare_data import to_rgb
 
     rgb = Image.fromarray(_photo_pixels()).quantize(16)
     with _saved(rgb, tmp_path / "p.png") as opened:
@@ -255,7 +255,7 @@ def test_a_palette_png_reads_as_its_colours(tmp_path):
 def test_transparent_pixels_read_as_white_and_opaque_ones_as_they_are(tmp_path, mode):
     from PIL import Image
 
-    from pipelines.prepare_data import to_rgb
+    from edit_jax.pipelines.prepare_data import to_rgb
 
     pixels = _photo_pixels()
     alpha = np.zeros(pixels.shape[:2], np.uint8)
@@ -270,7 +270,7 @@ def test_transparent_pixels_read_as_white_and_opaque_ones_as_they_are(tmp_path, 
 def test_a_cmyk_jpeg_reads_as_rgb(tmp_path):
     from PIL import Image
 
-    from pipelines.prepare_data import to_rgb
+    from edit_jax.pipelines.prepare_data import to_rgb
 
     with _saved(Image.new("CMYK", (16, 8), (0, 255, 255, 0)), tmp_path / "c.jpg", quality=100) as opened:
         assert opened.mode == "CMYK"
@@ -281,7 +281,7 @@ def test_a_cmyk_jpeg_reads_as_rgb(tmp_path):
 def test_an_exif_rotated_jpeg_reads_upright(tmp_path):
     from PIL import Image
 
-    from pipelines.prepare_data import to_rgb
+    from edit_jax.pipelines.prepare_data import to_rgb
 
     exif = Image.Exif()
     exif[0x0112] = 6  # the camera held upright: shown rotated 90 degrees clockwise
@@ -293,7 +293,7 @@ def test_an_exif_rotated_jpeg_reads_upright(tmp_path):
 def test_pixels_that_are_not_colours_are_unusable_naming_why(image):
     from PIL import Image
 
-    from pipelines.prepare_data import UnusableImage, to_rgb
+    from edit_jax.pipelines.prepare_data import UnusableImage, to_rgb
 
     pixels = np.full((8, 8), 0.5, np.float32) if image == "F" else np.full((8, 8), 1 << 20, np.int32)
     with pytest.raises(UnusableImage, match="mode F" if image == "F" else "outside the 16-bit range"):
@@ -303,7 +303,7 @@ def test_pixels_that_are_not_colours_are_unusable_naming_why(image):
 def test_a_16_bit_png_gives_the_latents_of_its_8_bit_copy(tiny_pipeline, tmp_path):
     from PIL import Image
 
-    from train.dataset import _deserialize, read_manifest
+    from edit_jax.train.dataset import _deserialize, read_manifest
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -335,16 +335,16 @@ def test_a_refusal_before_any_image_is_encoded_leaves_no_staging_folder(tiny_pip
 
 
 def test_the_manifest_names_the_source_images_of_each_bucket(prepared):
-    from train.dataset import read_manifest
+    from edit_jax.train.dataset import read_manifest
 
     sources = {tuple(b["latent_shape"]): b["sources"] for b in read_manifest(prepared[0])["buckets"]}
     assert sources == {(4, 8, 8): ["square.png"], (4, 6, 10): ["wide.png"], (4, 10, 6): ["tall.png"]}
 
 
 def test_order_channels_ranks_on_a_prepared_dataset(tiny_pipeline, prepared, tmp_path, capsys):
-    from checkpoints_convert import convert_checkpoint
+    from edit_jax.checkpoints_convert import convert_checkpoint
     from edit_jax.channel_order import order_mlp_channels
-    from train.calibration import dataset_calibration
+    from edit_jax.train.calibration import dataset_calibration
 
     ckpt = convert_checkpoint("flux", tiny_pipeline / "transformer", tmp_path / "ckpt", dtype="float32", progress=False)
     assert main(["order-channels", str(ckpt), str(tmp_path / "ordered"), "--calibration", str(prepared[0]),

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import edit_jax
-from checkpoints_convert import ConversionError, convert_checkpoint
+from edit_jax.checkpoints_convert import ConversionError, convert_checkpoint
 from edit_jax.checkpoint import flatten, load_config, load_routers
 from edit_jax.config import ConfigError, QwenImageConfig, from_diffusers_config
 from reference import QWEN_TINY, make_diffusers_qwen, qwen_inputs, relative_error, run_diffusers_qwen

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints_convert.engine import ConversionError, build_params
-from checkpoints_convert.sources import from_state_dict
-from checkpoints_convert.vae import load_vae, vae_table
+from edit_jax.checkpoints_convert.engine import ConversionError, build_params
+from edit_jax.checkpoints_convert.sources import from_state_dict
+from edit_jax.checkpoints_convert.vae import load_vae, vae_table
 from edit_jax.checkpoint import flatten
 from edit_jax.qwen_image_vae import AutoencoderKLQwenImage, AutoencoderKLQwenImageConfig
 from reference import randomize_, relative_error
@@ -114,7 +114,7 @@ def test_tiled_decode_matches_diffusers_tiled_decode(tiny_vae, ours):
 
 
 def test_another_vae_class_is_one_clear_error(tmp_path):
-    from checkpoints_convert.vae import vae_config
+    from edit_jax.checkpoints_convert.vae import vae_config
 
     with pytest.raises(ValueError, match="vae class 'AutoencoderKLWan' is not supported"):
         vae_config({"_class_name": "AutoencoderKLWan"})

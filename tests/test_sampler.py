@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import edit_jax
-from checkpoints_convert import convert_checkpoint
+from edit_jax.checkpoints_convert import convert_checkpoint
 from edit_jax.elastic import ElasticConfig
 from edit_jax.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
 from edit_jax.models import init_routers

@@ -15,10 +15,10 @@ import edit_jax
 from edit_jax.checkpoint import CheckpointError, load_routers, save
 from edit_jax.config import ConfigError
 from edit_jax.models import init_variables
-from train.config import TrainConfig, load_train_config
-from train.data import shared_inputs, synthetic_batch
-from train.loop import train
-from train.step import make_loss_fn
+from edit_jax.train.config import TrainConfig, load_train_config
+from edit_jax.train.data import shared_inputs, synthetic_batch
+from edit_jax.train.loop import train
+from edit_jax.train.step import make_loss_fn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_the_teacher_target_with_every_block_open_at_full_width_has_zero_flow_lo
 def test_gradient_accumulation_averages_the_gradients_and_metrics_of_its_micro_batches():
     import optax
 
-    from train.step import make_train_step
+    from edit_jax.train.step import make_train_step
 
     config = TrainConfig(preset="flux-tiny", batch_size=6, grad_accum=3, num_txt=4)
     model_config = edit_jax.preset("flux-tiny")
@@ -169,7 +169,7 @@ def test_evaluation_scores_fixed_held_out_batches_every_eval_every_steps(tmp_pat
 @pytest.fixture
 def tiny_dataset(tmp_path):
     from test_dataset import flux_examples
-    from train.dataset import write_dataset
+    from edit_jax.train.dataset import write_dataset
 
     return write_dataset(tmp_path / "ds", "flux", flux_examples(16, seed=3))
 
@@ -290,13 +290,13 @@ def test_a_topology_without_compile_only_is_refused_before_any_run(tmp_path, cap
 @pytest.mark.parametrize("name, libtpu", [("v5litepod-16", "v5e:4x4"), ("v5e-8", "v5e:2x4"), ("v6e-8", "v6e:2x4"),
                                           ("v5p-32", "v5p:2x2x4"), ("v4-8", "v4:2x2x1"), ("v5e:4x4", "v5e:4x4")])
 def test_a_cloud_slice_name_reads_as_libtpus_topology(name, libtpu):
-    from train.compile_only import libtpu_topology
+    from edit_jax.train.compile_only import libtpu_topology
 
     assert libtpu_topology(name) == (libtpu, None)
 
 
 def test_v5_for_a_slice_is_named_as_the_95_gib_v5p_with_the_v5e_spelling_beside_it():
-    from train.compile_only import describe_chip, libtpu_topology
+    from edit_jax.train.compile_only import describe_chip, libtpu_topology
 
     name, note = libtpu_topology("v5:4x4")
     assert name == "v5:4x4" and "v5p (95 GiB HBM per chip)" in note and "v5e:4x4" in note
@@ -305,7 +305,7 @@ def test_v5_for_a_slice_is_named_as_the_95_gib_v5p_with_the_v5e_spelling_beside_
 
 
 def test_a_cloud_slice_of_no_real_size_is_one_error_listing_the_sizes():
-    from train.compile_only import libtpu_topology
+    from edit_jax.train.compile_only import libtpu_topology
 
     with pytest.raises(ConfigError, match="not a v5e slice size .*v5litepod-16"):
         libtpu_topology("v5litepod-12")
@@ -409,7 +409,7 @@ def test_a_run_that_does_not_fit_with_unchanged_settings_is_blamed_on_another_pa
 
 
 def test_a_run_whose_model_stored_its_channels_otherwise_is_not_resumed(tmp_path, monkeypatch):
-    from train import loop
+    from edit_jax.train import loop
 
     train(tiny_run(tmp_path, steps=2), progress=False)
     before = loop.model_config_of
@@ -449,7 +449,7 @@ def test_a_run_writes_a_profiler_trace_of_the_steps_asked_for(tmp_path, capsys):
 
 
 def test_a_field_newer_than_the_resumed_run_is_a_change_only_off_its_default(tmp_path):
-    from train.run_dir import changed_settings
+    from edit_jax.train.run_dir import changed_settings
 
     stored = json.loads(json.dumps(tiny_run(tmp_path).to_dict()))
     del stored["profile_steps"]
@@ -507,8 +507,8 @@ def test_a_checkpoint_interrupted_mid_save_is_never_resumed_from(tmp_path):
 
 def test_a_non_finite_loss_stops_the_run_with_a_message(tmp_path):
     from test_dataset import flux_examples
-    from train.dataset import write_dataset
-    from train.loop import TrainingError
+    from edit_jax.train.dataset import write_dataset
+    from edit_jax.train.loop import TrainingError
 
     examples = flux_examples(8)
     for example in examples:
@@ -547,7 +547,7 @@ def test_sharded_training_has_the_rules_shardings_and_equals_unsharded_on_every_
 
 def test_the_pipeline_noise_sampler_shifts_as_the_model_pipeline_shifts_its_schedule():
     from edit_jax.schedules import SCHEDULERS, flow_match_schedule
-    from train.step import pipeline_shift
+    from edit_jax.train.step import pipeline_shift
 
     config = edit_jax.preset("flux-dev")
     uniform = np.linspace(1.0, 1 / 28, 28).astype(np.float32)  # the schedule's unshifted sigmas
@@ -664,7 +664,7 @@ def test_the_trained_checkpoint_hard_links_a_frozen_base_stored_as_it_trained(tm
 
 
 def test_a_base_written_over_during_the_run_is_not_linked_into_its_trained_checkpoint(tmp_path, monkeypatch, capsys):
-    from train import loop
+    from edit_jax.train import loop
 
     config = edit_jax.preset("flux-tiny")
     base = init_variables(config, seed=7)["params"]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints_convert.sources import from_state_dict
-from checkpoints_convert.engine import build_params, ConversionError
-from checkpoints_convert.vae import load_vae, vae_table
+from edit_jax.checkpoints_convert.sources import from_state_dict
+from edit_jax.checkpoints_convert.engine import build_params, ConversionError
+from edit_jax.checkpoints_convert.vae import load_vae, vae_table
 from edit_jax.vae import AutoencoderKL, AutoencoderKLConfig
 
 TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,

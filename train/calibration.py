@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_jax.models import family_of
-from train.data import shared_inputs
-from train.dataset import check_fits, make_pipeline, read_manifest
+from edit_jax.train.data import shared_inputs
+from edit_jax.train.dataset import check_fits, make_pipeline, read_manifest
 
 GUIDANCE = 3.5  # FLUX.1-dev's usual embedded guidance
 

@@ -22,10 +22,10 @@ from edit_jax.config import ConfigError
 from edit_jax.models import abstract_params, build_model
 from edit_jax.placement import param_shardings
 from edit_jax.sharding import batch_sharding, make_mesh, use_rules
-from train.config import TrainConfig
-from train.data import shared_inputs, synthetic_batch
-from train.loop import jitted_train_step, model_config_of, opt_state_shardings, split_trainable
-from train.step import make_optimizer
+from edit_jax.train.config import TrainConfig
+from edit_jax.train.data import shared_inputs, synthetic_batch
+from edit_jax.train.loop import jitted_train_step, model_config_of, opt_state_shardings, split_trainable
+from edit_jax.train.step import make_optimizer
 
 # TPU generations: libtpu's name, the device kind JAX reports, HBM per chip (GiB; v5e: the 15.75 XLA
 # reports it can use of 16), and whether the slice is a 3-D torus whose cloud name counts TensorCores

@@ -14,8 +14,8 @@ import numpy as np
 
 from edit_jax.config import ConfigError
 from edit_jax.models import family_of
-from train.config import TrainConfig
-from train.dataset import batch_iterator, check_fits, make_pipeline, read_manifest
+from edit_jax.train.config import TrainConfig
+from edit_jax.train.dataset import batch_iterator, check_fits, make_pipeline, read_manifest
 
 
 def shared_inputs(model_config, rows: int, cols: int, num_txt: int) -> dict:

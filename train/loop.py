@@ -34,11 +34,11 @@ from edit_jax.flops import dense_flops
 from edit_jax.models import abstract_params, build_model, init_variables
 from edit_jax.placement import describe, param_shardings, summarize
 from edit_jax.sharding import batch_sharding, make_mesh, replicated, use_rules
-from train.config import TrainConfig, describe_config
-from train.data import DataSource, shared_inputs
-from train.distributed import Preemption
-from train.run_dir import LOGS, SHARDING_FILE, changed_settings, check_run_dir, describe_changes, drop_records_after, run_config
-from train.step import make_loss_fn, make_optimizer, make_train_step
+from edit_jax.train.config import TrainConfig, describe_config
+from edit_jax.train.data import DataSource, shared_inputs
+from edit_jax.train.distributed import Preemption
+from edit_jax.train.run_dir import LOGS, SHARDING_FILE, changed_settings, check_run_dir, describe_changes, drop_records_after, run_config
+from edit_jax.train.step import make_loss_fn, make_optimizer, make_train_step
 
 
 class TrainingError(RuntimeError):

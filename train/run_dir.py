@@ -13,7 +13,7 @@ from pathlib import Path
 
 from edit_jax.checkpoint import is_checkpoint, overlaps, resolve
 from edit_jax.config import ConfigError
-from train.config import TrainConfig
+from edit_jax.train.config import TrainConfig
 
 CONFIG_FILE = "config.json"
 SHARDING_FILE = "sharding.txt"  # every param's shape, logical axes and mesh axes

@@ -23,7 +23,7 @@ from edit_jax.config import ConfigError
 from edit_jax.elastic import ElasticConfig
 from edit_jax.sampler import default_scheduler
 from edit_jax.schedules import time_shift
-from train.config import TrainConfig
+from edit_jax.train.config import TrainConfig
 
 EPS = 1e-6
 
