@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from edit_jax import load, load_routers
+from edit_jax.batches import rows_conditions, sample_in_batches
 from edit_jax.channel_order import order_mlp_channels
 from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, check_destination, flatten, load_config, missing_array_files,
                                  params_metadata, read_metadata, resolve, save, tree_names, verify_arrays)
@@ -27,7 +28,7 @@ from edit_jax.elastic import ElasticConfig
 from edit_jax.embeddings import check_embeddings, embedding_conditions, existing_file, read_arrays, read_embeddings
 from edit_jax.latents import initial_noise, packed_grid, unpack_latents
 from edit_jax.models import example_inputs, init_routers
-from edit_jax.sampler import SamplerConfig, check_sampling_inputs, concat_records, sample
+from edit_jax.sampler import SamplerConfig, check_sampling_inputs, concat_records
 from edit_jax.sharding import MESH_AXES, make_mesh
 from edit_jax.vae import check_tile_size
 
@@ -294,8 +295,6 @@ def cmd_sample(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from edit_jax.eval.sampling_eval import rows_of
-
     out = check_output_folder(args.out, "sample")
     earlier = earlier_outputs(out, "sample")
     rows, cols = packed_grid(args.height, args.width)
@@ -332,16 +331,13 @@ def cmd_sample(args) -> int:
           f"elastic {args.elastic}{' + cache' if args.cache else ''}", file=sys.stderr)
     check_sampling_inputs(config, noise, cond, negative, sampler)  # the whole file, before it is cut into batches
     size = args.batch_size or batch
-    starts = range(0, batch, size)
     parts = []
-    with (tqdm(total=args.steps * len(starts), desc="sample", unit="step") as bar,
+    with (tqdm(total=args.steps * -(-batch // size), desc="sample", unit="step") as bar,
           jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
-        for start in starts:
-            count = min(size, batch - start)
-            latents, records = sample(model, params, noise[start : start + count], rows_of(cond, count, start), sampler,
-                                      routers=routers, elastic=elastic, progress=lambda i: bar.update(1),
-                                      negative_cond=None if negative is None else rows_of(negative, count, start))
-            parts.append((np.asarray(unpack_latents(latents, args.height, args.width)), jax.device_get(records), count))
+        for part in sample_in_batches(model, params, noise, rows_conditions(cond, negative), sampler, size,
+                                      routers=routers, elastic=elastic, progress=lambda i: bar.update(1)):
+            parts.append((np.asarray(unpack_latents(part.latents[: len(part.ids)], args.height, args.width)), part.records,
+                          len(part.ids)))
     out.mkdir(parents=True, exist_ok=True)
     unpacked = np.concatenate([latents for latents, _, _ in parts])
     np.save(out / "latents.npy", unpacked)

@@ -22,6 +22,7 @@ import numpy as np
 
 from edit_jax.checkpoints_convert.vae import load_vae
 from edit_jax import load, load_routers
+from edit_jax.batches import rows_conditions, rows_of, sample_in_batches
 from edit_jax.checkpoint import CheckpointError
 from edit_jax.config import resolve_attention
 from edit_jax.elastic import ElasticConfig
@@ -33,16 +34,27 @@ from edit_jax.vae import check_vae_fits, decode_tiled, to_uint8
 from edit_jax.eval.metrics import json_number, psnr, ssim
 from edit_jax.eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map
 
-SHARED_CONDITIONS = ("img_ids", "txt_ids", "img_shapes")
-
-
-def rows_of(cond: dict, rows: int, start: int = 0) -> dict:
-    """`rows` samples of a sampler cond from `start` (shared inputs such as RoPE ids kept whole)."""
-    return {k: v if k in SHARED_CONDITIONS else v[start : start + rows] for k, v in cond.items()}
-
-
 def num_txt_of(cond: dict) -> int:
     return int(cond["encoder_hidden_states"].shape[1])
+
+
+def time_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, routers: dict | None = None,
+                elastic: ElasticConfig | None = None, decisions=None, repeats: int = 3,
+                negative_cond: dict | None = None, compiled: bool = False) -> float:
+    """The warm wall-clock (median of `repeats`, seconds) of sampling these rows once; unless
+    `compiled` (this very call has run before), a first call compiles."""
+    def once():
+        return jax.block_until_ready(sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic,
+                                            decisions=decisions, negative_cond=negative_cond)[0])
+
+    if not compiled:
+        once()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def run_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, routers: dict | None = None,
@@ -50,45 +62,28 @@ def run_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, r
                repeats: int = 3, negative_cond: dict | None = None) -> tuple[np.ndarray, dict, dict]:
     """Samples the whole batch once, then times `timing_rows` rows `repeats` times (warm);
     returns (latents [B, N, C], stats, records). negative_cond: true CFG's negative prompt."""
-    latents, records = sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic, decisions=decisions,
-                              negative_cond=negative_cond)
-    latents, records = jax.device_get((latents, records))
-    stats = routing_stats(model.config, records, noise.shape[1], num_txt_of(cond), sampler.num_steps)
-    if timing_rows:  # the whole batch reuses the program compiled above
-        whole = timing_rows >= noise.shape[0]
-        small_noise, small_cond = (noise, cond) if whole else (noise[:timing_rows], rows_of(cond, timing_rows))
-        small_negative = negative_cond if whole or negative_cond is None else rows_of(negative_cond, timing_rows)
-
-        def once():
-            return jax.block_until_ready(sample(model, params, small_noise, small_cond, sampler, routers=routers,
-                                                elastic=elastic, decisions=decisions, negative_cond=small_negative)[0])
-
-        if timing_rows < noise.shape[0]:  # the whole batch was compiled and run above
-            once()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - t0)
-        stats["wall_clock_s"] = float(np.median(times))
-        stats["timing_rows"] = min(timing_rows, noise.shape[0])
-    return np.asarray(latents), stats, records
+    return run_in_batches(model, params, noise, cond, sampler, noise.shape[0], negative_cond, repeats, timing_rows,
+                          routers=routers, elastic=elastic, decisions=decisions)
 
 
 def run_in_batches(model, params: dict, noise, cond: dict, sampler: SamplerConfig, batch_size: int,
-                   negative_cond: dict | None = None, repeats: int = 3, **method) -> tuple[np.ndarray, dict, dict]:
-    """`run_method` over the rows `batch_size` at a time: (latents [B, N, C], stats, records of the
-    first batch). The routing stats are averaged over every row; the wall-clock is the first
-    batch's."""
-    parts = []
-    for start in range(0, noise.shape[0], batch_size):
-        rows = min(batch_size, noise.shape[0] - start)
-        negative = None if negative_cond is None else rows_of(negative_cond, rows, start)
-        parts.append(run_method(model, params, noise[start : start + rows], rows_of(cond, rows, start), sampler,
-                                timing_rows=rows if start == 0 else 0, repeats=repeats, negative_cond=negative,
-                                **method))
-    stats = {**parts[0][1], **mean_routing([(len(x), s) for x, s, _ in parts])}
-    return np.concatenate([x for x, _, _ in parts]), stats, parts[0][2]
+                   negative_cond: dict | None = None, repeats: int = 3, timing_rows: int | None = None,
+                   **method) -> tuple[np.ndarray, dict, dict]:
+    """Samples the rows `batch_size` at a time (`edit_jax.batches.sample_in_batches`), then times
+    `timing_rows` rows of the first batch (default: all of them) `repeats` times, warm: (latents
+    [B, N, C], stats, records of the first batch). The routing stats are averaged over every row."""
+    parts = list(sample_in_batches(model, params, noise, rows_conditions(cond, negative_cond), sampler, batch_size,
+                                   **method))
+    routing = [(len(p.ids), routing_stats(model.config, p.records, noise.shape[1], num_txt_of(cond), sampler.num_steps))
+               for p in parts]
+    stats = {**routing[0][1], **mean_routing(routing)}
+    rows = len(parts[0].ids) if timing_rows is None else min(timing_rows, len(parts[0].ids))
+    if rows:
+        negative = None if negative_cond is None else rows_of(negative_cond, rows)
+        stats["wall_clock_s"] = time_method(model, params, noise[:rows], rows_of(cond, rows), sampler, repeats=repeats,
+                                            negative_cond=negative, compiled=rows == len(parts[0].ids), **method)
+        stats["timing_rows"] = rows
+    return np.concatenate([np.asarray(p.latents[: len(p.ids)]) for p in parts]), stats, parts[0].records
 
 
 def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 import edit_jax
+from edit_jax.batches import sample_in_batches
 from edit_jax.checkpoints_convert.convert import FAMILIES
 from edit_jax.checkpoints_convert.engine import build_params
 from edit_jax.checkpoints_convert.sources import open_source
@@ -34,7 +35,7 @@ from edit_jax.flops import mean_routing, routing_stats
 from edit_jax.latents import initial_noise, packed_grid, unpack_latents
 from edit_jax.models import abstract_params, abstract_routers
 from edit_jax.placement import mesh_shardings
-from edit_jax.sampler import SamplerConfig, first_rows, sample
+from edit_jax.sampler import SamplerConfig
 from edit_jax.schedules import SchedulerConfig
 from edit_jax.vae import check_tile_size, check_vae_fits, decode_tiled, to_uint8
 from edit_jax.eval.pictures import block_groups, plot_router_map
@@ -183,8 +184,6 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     decisions. transformer: weights to use instead of the folder's transformer/ (an edit-jax
     checkpoint such as a training run's RUN_DIR/edit-jax, or diffusers, BFL or E-DiT release
     weights). attention: the transformer's (`edit_jax.config.resolve_attention`)."""
-    import contextlib
-
     from tqdm.auto import tqdm
 
     folder, out = resolve(model_dir), resolve(out)
@@ -225,38 +224,31 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
     out.mkdir(parents=True, exist_ok=True)
     images, paths, routing, first_records = [], [], [], None
-    starts = range(0, len(prompts), batch_size)
     exact = settings is None or decision == "sample"  # an image does not depend on the other rows
-    with tqdm(total=steps * len(starts), desc="denoise", unit="step", disable=not progress) as bar:
-        for start in starts:
-            ids = list(range(start, min(start + batch_size, len(prompts))))
-            count = len(ids)
-            if exact and len(starts) > 1:  # the last batch padded to the compiled size, its extra rows dropped
-                ids += [ids[-1]] * (batch_size - count)
-            part = [rows[i] for i in ids] if store is None else encoder.cached_rows([prompts[i] for i in ids], store)
-            cond = embedding_conditions(config, encoder.stack(part, text_length(part)), height, width)
-            negative_cond = (embedding_conditions(config, encoder.stack([negative_row] * len(ids), text_length([negative_row])),
-                                        height, width) if negative_row is not None else None)
-            t0 = time.perf_counter()
-            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-                latents, records = sample(model, params, noise[np.asarray(ids)], cond, sampler,
-                                          routers=routers if settings else None, elastic=settings,
-                                          negative_cond=negative_cond,
-                                          progress=(lambda i: bar.update(1)) if progress else None)
-                latents = jax.block_until_ready(latents)
-            timings["denoise_s"] += time.perf_counter() - t0
 
+    def conditions(ids):
+        part = [rows[i] for i in ids] if store is None else encoder.cached_rows([prompts[i] for i in ids], store)
+        cond = embedding_conditions(config, encoder.stack(part, text_length(part)), height, width)
+        negative = (embedding_conditions(config, encoder.stack([negative_row] * len(ids), text_length([negative_row])),
+                                         height, width) if negative_row is not None else None)
+        return cond, negative
+
+    with tqdm(total=steps * -(-len(prompts) // batch_size), desc="denoise", unit="step", disable=not progress) as bar:
+        # the last batch padded to the compiled size where the images do not depend on it, its extra rows dropped
+        for batch in sample_in_batches(model, params, noise, conditions, sampler, batch_size,
+                                       routers=routers if settings else None, elastic=settings, pad_last=exact,
+                                       progress=(lambda i: bar.update(1)) if progress else None, mesh=mesh):
+            timings["denoise_s"] += batch.seconds
             t0 = time.perf_counter()
-            z = vae_config.from_model_latents(np.asarray(unpack_latents(latents, height, width)))
-            images.append(decode_tiled(vae_config, vae_params, z, tile_size)[:count])
+            z = vae_config.from_model_latents(np.asarray(unpack_latents(batch.latents, height, width)))
+            images.append(decode_tiled(vae_config, vae_params, z, tile_size)[: len(batch.ids)])
             timings["decode_s"] += time.perf_counter() - t0
-            for i, image in enumerate(to_uint8(images[-1]), start):
+            for i, image in zip(batch.ids, to_uint8(images[-1])):
                 paths.append(out / f"image-{i}.png")
                 Image.fromarray(image).save(paths[-1])
-            records = first_rows(jax.device_get(records), count, len(ids))
-            first_records = records if first_records is None else first_records
-            routing.append((count, routing_stats(config, records, noise.shape[1],
-                                                 cond["encoder_hidden_states"].shape[1], steps)))
+            first_records = batch.records if first_records is None else first_records
+            routing.append((len(batch.ids), routing_stats(config, batch.records, noise.shape[1],
+                                                          batch.cond["encoder_hidden_states"].shape[1], steps)))
 
     summary = {"model": str(folder), "transformer": str(transformer), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
                "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,

@@ -149,7 +149,7 @@ def test_the_cli_generates_pngs_and_a_run_json(tiny_pipeline, tmp_path):
 
 
 def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory(tiny_pipeline, tmp_path, monkeypatch):
-    from edit_jax.pipelines import generate as module
+    from edit_jax import batches as module  # where generate's batches are sampled
     from edit_jax.pipelines.generate import generate
 
     _, folder = tiny_pipeline
