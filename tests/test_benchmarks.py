@@ -191,7 +191,7 @@ def test_a_bad_benchmark_flag_is_one_line_naming_it_and_exit_status_2():
     done = subprocess.run([sys.executable, "-m", "edit_jax.eval.bench_router", "--set", "nope=1"], capture_output=True, text=True,
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith("eval.bench_router: error: --set 'nope=1': expected FIELD=VALUE")
+    assert done.stderr.strip().splitlines()[-1].startswith("edit_jax.eval.bench_router: error: --set 'nope=1': expected FIELD=VALUE")
 
 
 def test_a_vae_benchmark_size_off_the_vae_scale_is_refused_before_any_work():

@@ -1,0 +1,124 @@
+"""`edit-jax generate`, `encode-prompts` and `prepare-data`: the pipeline folders' text encoders and VAE."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from edit_jax.cli.common import (add_attention_argument, add_dtype_argument, add_elastic_arguments,
+                                 add_encoders_dtype_argument, add_mesh_argument, add_sampling_arguments, at_least,
+                                 check_output_folder, earlier_outputs, mesh_of, read_prompts, remove_stale_outputs)
+
+
+def cmd_generate(args) -> int:
+    from edit_jax.pipelines.generate import generate
+
+    prompts = read_prompts(args)
+    out = check_output_folder(args.out, "generate")
+    earlier = earlier_outputs(out, "generate")
+    result = generate(args.model, prompts, args.out, steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg,
+                      negative_prompt=args.negative_prompt, height=args.height, width=args.width, seed=args.seed,
+                      max_sequence_length=args.max_sequence_length, elastic=args.elastic, cache=args.cache,
+                      cache_start=args.cache_start, tile_size=args.tile_size, decision=args.decision, tau=args.tau,
+                      delta_margin=args.delta_margin, max_reuse=args.max_reuse,
+                      embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
+                      progress=not args.quiet, mesh=mesh_of(args), dtype=args.dtype, batch_size=args.batch_size,
+                      transformer=args.transformer, attention=args.attention)
+    remove_stale_outputs(out, earlier)
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+def cmd_encode_prompts(args) -> int:
+    from edit_jax.pipelines.encode_prompts import encode_prompts
+
+    summary = encode_prompts(args.model, read_prompts(args), args.out, negative_prompt=args.negative_prompt,
+                             max_sequence_length=args.max_sequence_length, batch_size=args.batch_size,
+                             embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
+                             overwrite=args.overwrite, progress=not args.quiet, dtype=args.dtype)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    from edit_jax.pipelines.prepare_data import prepare_data
+
+    report = prepare_data(args.images, args.out, args.model, captions=args.captions, resolution=args.resolution,
+                          max_sequence_length=args.max_sequence_length, overwrite=args.overwrite,
+                          progress=not args.quiet, dtype=args.dtype)
+    for row in report["skipped"]:
+        print(f"skipped {row['file']}: {row['reason']}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in report.items() if k != "skipped"} | {"skipped": len(report["skipped"])}, indent=2))
+    return 0
+
+
+def add_generate(command) -> None:
+    gen = command("generate", "prompts -> PNG images with a FLUX.1 or Qwen-Image pipeline folder (text encoders, "
+                              "transformer, VAE)")
+    gen.add_argument("--model", required=True, help="diffusers pipeline folder: model_index.json, transformer/ "
+                                                      "(diffusers weights or an edit-jax checkpoint), vae/, scheduler/, "
+                                                      "text encoders and tokenizers")
+    gen.add_argument("--transformer", help="weights to use instead of the folder's transformer/: an edit-jax checkpoint "
+                                            "(a training run's RUN_DIR/edit-jax for --elastic infer), or diffusers, "
+                                            "BFL or E-DiT release weights")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a \"prompt\" field")
+    gen.add_argument("--negative-prompt", help="the negative prompt of true CFG (with --true-cfg > 1)")
+    gen.add_argument("--true-cfg", type=float, default=1.0,
+                     help="> 1: true classifier-free guidance with --negative-prompt (Qwen-Image: typically 4)")
+    gen.add_argument("--max-sequence-length", type=at_least(1), default=512, help="text tokens (FLUX: T5's; Qwen-Image: at most)")
+    gen.add_argument("--out", default="edit-jax-images", help="folder for image-N.png, generate.json, router_map.png")
+    add_sampling_arguments(gen)
+    gen.add_argument("--elastic", default="dense", choices=["dense", "infer"],
+                     help="infer: E-DiT with the routers of transformer/ (or of --transformer)")
+    gen.add_argument("--cache", action="store_true", help="router-guided block cache (with --elastic infer)")
+    add_elastic_arguments(gen, cache_start=None, decision="sample")  # an image depends on its prompt alone
+    gen.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels (larger images decode in tiles)")
+    gen.add_argument("--batch-size", type=at_least(1), default=4,
+                     help="prompts encoded, denoised and decoded together (with per-image decisions, the images "
+                          "do not depend on it)")
+    gen.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
+                     help="folder of cached prompt embeddings ('none': no cache)")
+    add_mesh_argument(gen)
+    add_dtype_argument(gen)
+    add_attention_argument(gen)
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(run=cmd_generate)
+
+
+def add_encode_prompts(command) -> None:
+    enc = command("encode-prompts", "prompts -> an embeddings .npz for `sample` and `eval` (the text encoders of a "
+                                    "FLUX.1 or Qwen-Image pipeline folder)")
+    enc.add_argument("--model", required=True, help="diffusers pipeline folder: model_index.json, the text encoders and "
+                                                      "their tokenizers (transformer/ and vae/ are not read)")
+    enc.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    enc.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a \"prompt\" field")
+    enc.add_argument("--negative-prompt", help="also store negative_* embeddings of this prompt, for true CFG")
+    enc.add_argument("--out", required=True, help="the .npz to write")
+    enc.add_argument("--max-sequence-length", type=at_least(1), default=512, help="text tokens (FLUX: T5's; Qwen-Image: at most)")
+    enc.add_argument("--batch-size", type=at_least(1), default=8, help="prompts encoded at once")
+    enc.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
+                     help="folder of cached prompt embeddings ('none': no cache)")
+    enc.add_argument("--overwrite", action="store_true", help="replace an earlier embeddings file at --out")
+    add_encoders_dtype_argument(enc)
+    enc.add_argument("--quiet", action="store_true", help="no progress bars")
+    enc.set_defaults(run=cmd_encode_prompts)
+
+
+def add_prepare_data(command) -> None:
+    prep = command("prepare-data", "a folder of captioned images -> a training dataset (VAE latents and text "
+                                    "embeddings in ArrayRecord files with a manifest)")
+    prep.add_argument("images", help="folder of images (.png .jpg .jpeg .webp .bmp), captions in NAME.txt beside each "
+                                     "or in its metadata.jsonl or metadata.csv (Hugging Face's imagefolder layout)")
+    prep.add_argument("out", help="dataset folder to create")
+    prep.add_argument("--model", required=True, help="FLUX.1 or Qwen-Image pipeline folder (its vae/ and text encoders are used)")
+    prep.add_argument("--captions", help="JSONL of {\"file\": PATH, \"caption\": TEXT} (or \"file_name\", \"text\"), or a "
+                                         "CSV with those columns, PATH relative to IMAGES: instead of IMAGES/metadata.jsonl "
+                                         "or .csv or sidecar .txt files")
+    prep.add_argument("--resolution", type=at_least(1), default=1024,
+                      help="bucket size: about RESOLUTION^2 pixels at aspect ratios 1:1, 4:3, 3:2, 16:9 and their inverses")
+    prep.add_argument("--max-sequence-length", type=at_least(1), default=512, help="text tokens per caption (FLUX: T5; Qwen-Image: at most, padded with a mask)")
+    prep.add_argument("--overwrite", action="store_true", help="replace OUT if it is an edit-jax dataset")
+    add_encoders_dtype_argument(prep)
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(run=cmd_prepare_data)

@@ -1,0 +1,173 @@
+"""`edit-jax sample`, `eval` and `smoke`: sampling from prompt embeddings, and what it costs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+from edit_jax import load, load_routers
+from edit_jax.batches import rows_conditions, sample_in_batches
+from edit_jax.checkpoint import CheckpointError
+from edit_jax.cli.common import (EMBEDDINGS_HELP, add_attention_argument, add_dtype_argument, add_elastic_arguments,
+                                 add_mesh_argument, add_sampling_arguments, at_least, check_output_folder,
+                                 earlier_outputs, mesh_of, remove_stale_outputs)
+from edit_jax.config import PRESETS, resolve_attention, resolve_dtype
+from edit_jax.elastic import ElasticConfig
+from edit_jax.embeddings import check_embeddings, embedding_conditions, existing_file, read_embeddings
+from edit_jax.latents import initial_noise, packed_grid, unpack_latents
+from edit_jax.models import init_routers
+from edit_jax.sampler import SamplerConfig, check_sampling_inputs, concat_records
+from edit_jax.vae import check_tile_size
+
+
+def cmd_sample(args) -> int:
+    import jax
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    out = check_output_folder(args.out, "sample")
+    earlier = earlier_outputs(out, "sample")
+    rows, cols = packed_grid(args.height, args.width)
+    elastic, routers = None, None
+    if args.elastic == "dense" and (args.cache or args.fresh_routers):
+        raise ValueError(f"--{'cache' if args.cache else 'fresh-routers'} acts on E-DiT's routers: add --elastic infer")
+    if args.elastic != "dense":  # its flags checked before any weights are read
+        elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision, cache=args.cache,
+                                cache_start=args.cache_start, delta_margin=args.delta_margin, max_reuse=args.max_reuse)
+    mesh = mesh_of(args)
+    data = read_embeddings(args.embeddings)
+    dtype = resolve_dtype(args.dtype)
+    model, params = load(args.ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=args.attention)
+    config = model.config
+    check_embeddings(config, data, args.embeddings)
+    cond = embedding_conditions(config, data, args.height, args.width)
+    negative = embedding_conditions(config, data, args.height, args.width, "negative_")
+    batch = cond["encoder_hidden_states"].shape[0]
+    if elastic is not None:
+        routers = load_routers(args.ckpt, mesh=mesh)
+        if routers is None and args.fresh_routers:
+            print("sample: no routers in the checkpoint: fresh full-capacity routers (every block runs at full "
+                  "width; this measures the routers' cost, not their savings)", file=sys.stderr)
+            routers = init_routers(config, seed=args.seed)
+        if routers is None:
+            raise CheckpointError(
+                f"{args.ckpt} has no routers: use --elastic dense, a checkpoint with trained routers "
+                "(`edit-jax train`, or a converted E-DiT release), or --fresh-routers to run fresh full-capacity ones"
+            )
+    sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, cfg_mode=args.cfg_mode)
+    channels = config.in_channels // 4
+    noise = initial_noise(jax.random.key(args.seed), batch, channels, args.height, args.width)
+    print(f"sampling {batch} x {args.height}x{args.width} ({rows * cols} tokens), {args.steps} steps, "
+          f"elastic {args.elastic}{' + cache' if args.cache else ''}", file=sys.stderr)
+    check_sampling_inputs(config, noise, cond, negative, sampler)  # the whole file, before it is cut into batches
+    size = args.batch_size or batch
+    parts = []
+    with (tqdm(total=args.steps * -(-batch // size), desc="sample", unit="step") as bar,
+          jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
+        for part in sample_in_batches(model, params, noise, rows_conditions(cond, negative), sampler, size,
+                                      routers=routers, elastic=elastic, progress=lambda i: bar.update(1)):
+            parts.append((np.asarray(unpack_latents(part.latents[: len(part.ids)], args.height, args.width)), part.records,
+                          len(part.ids)))
+    out.mkdir(parents=True, exist_ok=True)
+    unpacked = np.concatenate([latents for latents, _, _ in parts])
+    np.save(out / "latents.npy", unpacked)
+    summary = {"latents": str(out / "latents.npy"), "shape": list(unpacked.shape), "steps": args.steps, "elastic": args.elastic,
+               "dtype": dtype, "attention": resolve_attention(args.attention, dtype), "batch_size": min(size, batch)}
+    records = concat_records([(records, count) for _, records, count in parts])
+    if records:  # dense sampling makes no routing decisions, so it has no records
+        np.savez(out / "records.npz", **records)
+        summary["records"] = str(out / "records.npz")
+        summary["executed_fraction_per_step"] = records["executed"].mean(axis=(1, 2)).round(4).tolist()
+        summary["cache_hit_rate"] = float(records["cache_hit"].mean())
+        summary["tflops_total"] = float(records["flops_total"].sum() / 1e12)
+        from edit_jax.eval.pictures import block_groups, plot_router_map
+
+        summary["router_map"] = str(plot_router_map(
+            out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0], records["cache_hit"][:, 0],
+            title=f"E-DiT routing of sample 0: {config.family}, {args.height}x{args.width}, {args.steps} steps, "
+                  f"tau {args.tau}{', cache from step %d' % args.cache_start if args.cache else ''}",
+            block_groups=block_groups(config)))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    remove_stale_outputs(out, earlier)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from edit_jax.eval.sampling_eval import evaluate_checkpoint
+
+    out = check_output_folder(args.out, "eval")
+    earlier = earlier_outputs(out, "eval")
+    existing_file(args.embeddings, "--embeddings")
+    check_tile_size(args.tile_size)
+    elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision,
+                            cache_start=args.steps // 3 if args.cache_start is None else args.cache_start,
+                            delta_margin=args.delta_margin, max_reuse=args.max_reuse)
+    summary = evaluate_checkpoint(args.ckpt, args.embeddings, out, args.height, args.width, args.steps, args.seed,
+                                  elastic, args.guidance, args.repeats, args.vae, args.tile_size, mesh_of(args),
+                                  resolve_dtype(args.dtype), args.true_cfg, args.batch_size, args.attention)
+    remove_stale_outputs(out, earlier)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_smoke(args) -> int:
+    from edit_jax.eval.smoke import run_smoke
+
+    summary = run_smoke(args.preset, check_output_folder(args.out, "smoke"), seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def add_smoke(command) -> None:
+    smoke = command("smoke", "random-weight model: forward, save, reload, compare, sample dense and with E-DiT (no downloads)")
+    smoke.add_argument("--preset", default="flux-small", choices=sorted(PRESETS), help="model size (see docs/model.md: Presets)")
+    smoke.add_argument("--out", default="edit-jax-smoke", help="folder for the checkpoint, demo.json and router_map.png")
+    smoke.add_argument("--seed", type=at_least(0), default=0, help="seed of the random weights, inputs and noise")
+    smoke.set_defaults(run=cmd_smoke)
+
+
+def add_eval(command) -> None:
+    ev = command("eval", "dense vs E-DiT vs E-DiT + cache on a checkpoint with routers and your prompt embeddings: "
+                         "FLOPs, wall-clock, routing, PSNR/SSIM to dense from the same noise", EMBEDDINGS_HELP)
+    ev.add_argument("ckpt", help="edit-jax checkpoint folder with routers")
+    ev.add_argument("--embeddings", required=True, help="prompt embeddings (.npz/.safetensors; keys below)")
+    ev.add_argument("--out", default="edit-jax-eval", help="folder for eval.json, router_map.png, fidelity_vs_flops.png")
+    add_sampling_arguments(ev, seed_help="seed of the initial noise (the same for every method)")
+    add_elastic_arguments(ev, cache_start=None)
+    ev.add_argument("--true-cfg", type=float, default=1.0,
+                    help="> 1: true CFG with the file's negative_* embeddings (Qwen-Image: typically 4)")
+    ev.add_argument("--repeats", type=at_least(1), default=3, help="timed repeats per method (warm; the median is reported)")
+    ev.add_argument("--batch-size", type=at_least(1), default=4,
+                    help="prompts sampled together (E-DiT's batch decisions are per batch; the wall-clock is one batch's)")
+    ev.add_argument("--vae", help="the pipeline's VAE folder (diffusers vae/, FLUX.1 or Qwen-Image): decode every "
+                                  "method's latents, compare the images with dense's and write them as PNGs")
+    ev.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels")
+    add_mesh_argument(ev)
+    add_dtype_argument(ev)
+    add_attention_argument(ev)
+    ev.set_defaults(run=cmd_eval)
+
+
+def add_sample(command) -> None:
+    smp = command("sample", "sample latents from prompt embeddings (Euler flow matching, E-DiT optional)", EMBEDDINGS_HELP)
+    smp.add_argument("ckpt", help="edit-jax checkpoint folder")
+    smp.add_argument("--embeddings", required=True, help="prompt embeddings (.npz/.safetensors; keys below)")
+    smp.add_argument("--out", required=True,
+                     help="folder for latents.npy, summary.json and (E-DiT) records.npz and router_map.png")
+    add_sampling_arguments(smp)
+    smp.add_argument("--true-cfg", type=float, default=1.0, help="> 1: true CFG with the negative_* embeddings")
+    smp.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"],
+                     help="true CFG as one batch of 2B rows, or two calls per step as the released E-DiT code")
+    smp.add_argument("--elastic", default="dense", choices=["dense", "infer"], help="dense: routers off; infer: E-DiT")
+    smp.add_argument("--fresh-routers", action="store_true",
+                     help="with --elastic infer on a checkpoint without routers: fresh full-capacity routers")
+    smp.add_argument("--cache", action="store_true", help="router-guided block cache: reuse a block's last residual when p is borderline")
+    add_elastic_arguments(smp, cache_start=15)
+    smp.add_argument("--batch-size", type=at_least(1), help="prompts sampled together (default: the whole file; E-DiT's "
+                                                           "batch decisions are per batch)")
+    add_mesh_argument(smp)
+    add_dtype_argument(smp)
+    add_attention_argument(smp)
+    smp.set_defaults(run=cmd_sample)
