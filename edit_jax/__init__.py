@@ -35,6 +35,12 @@ def load(path, shardings=None, activation=None, mesh=None, **runtime):
     table says. activation: overrides the MLP activation ("gelu_tanh", "sigmoid_gelu").
     runtime: RuntimeConfig overrides, e.g. dtype="bfloat16", attention="cudnn",
     param_dtype="float32" (params are cast on restore).
+
+    Args:
+      path: the checkpoint folder (relative paths work).
+      shardings, mesh: where the params go (above); give one or neither.
+      activation: the MLP activation to run instead of the stored one.
+      **runtime: `edit_jax.config.RuntimeConfig` fields.
     """
     config = load_config(path)
     if activation is not None:

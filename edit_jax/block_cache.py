@@ -31,13 +31,30 @@ class BlockCacheMethod(Protocol):
 
     name: str
 
-    def init(self, num_layers: int, carry_shapes, batch: int) -> Any: ...
+    def init(self, num_layers: int, carry_shapes, batch: int) -> Any:
+        """A block stack's empty state, every array with a leading [num_layers] axis; carry_shapes:
+        the shape of each leaf of one block's carry."""
 
-    def decide(self, state, step: jax.Array, run: jax.Array, p: jax.Array, tau: float) -> jax.Array: ...
+    def decide(self, state, step: jax.Array, run: jax.Array, p: jax.Array, tau: float) -> jax.Array:
+        """[B] bool, the rows that reuse instead of computing.
 
-    def reuse(self, state, carry): ...
+        Args:
+          state: this layer's state. step: [] int32, the denoising step. run: [B] bool, the rows
+            whose router says run. p: [B] the router's P(run) as decided (the batch mean with
+            one decision per batch). tau: the gate threshold.
+        """
 
-    def update(self, state, step: jax.Array, carry_in, carry_out, computed: jax.Array, reused: jax.Array): ...
+    def reuse(self, state, carry):
+        """What a reusing row's block returns, shaped like `carry` (the block's input)."""
+
+    def update(self, state, step: jax.Array, carry_in, carry_out, computed: jax.Array, reused: jax.Array):
+        """This layer's state after the block.
+
+        Args:
+          state: this layer's state before. step: [] int32. carry_in, carry_out: the block's input
+            and output (reused rows' output included). computed, reused: [B] bool, the rows that
+            computed the block and those that reused.
+        """
 
 
 @flax.struct.dataclass
@@ -73,7 +90,7 @@ class RouterGuidedCache:
                              f"cache_start {self.start}, max_reuse {self.max_reuse}")
 
     def init(self, num_layers: int, carry_shapes, batch: int) -> ResidualBank:
-        """Nothing stored. carry_shapes: the shape of each leaf of one block's carry."""
+        """Nothing stored (arguments: `BlockCacheMethod.init`)."""
         return ResidualBank(
             delta=jax.tree.map(lambda shape: jnp.zeros((num_layers, *shape), jnp.float32), carry_shapes, is_leaf=_is_shape),
             stored=jnp.zeros((num_layers, batch), bool),
@@ -81,13 +98,24 @@ class RouterGuidedCache:
         )
 
     def decide(self, state: ResidualBank, step, run, p, tau) -> jax.Array:
+        """Rows the router runs only just, from `start` on, with a residual stored and fewer than
+        `max_reuse` reuses since.
+
+        Args: as `BlockCacheMethod.decide`'s.
+        """
         borderline = p <= tau + self.delta_margin
         return (step >= self.start) & run & borderline & state.stored & (state.count < self.max_reuse)
 
     def reuse(self, state: ResidualBank, carry):
+        """The block's input plus its stored residual."""
         return jax.tree.map(lambda c, d: c + d.astype(c.dtype), carry, state.delta)
 
     def update(self, state: ResidualBank, step, carry_in, carry_out, computed, reused) -> ResidualBank:
+        """Rows that computed from `start` on store their residual and reset their count; rows that
+        reused count one more.
+
+        Args: as `BlockCacheMethod.update`'s.
+        """
         store = (step >= self.start) & computed
         residual = jax.tree.map(lambda n, c: (n - c).astype(jnp.float32), carry_out, carry_in)
         return ResidualBank(

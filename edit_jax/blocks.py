@@ -52,7 +52,13 @@ class DualStreamBlock(nn.Module):
         self.router = Router(self.router_hidden, len(self.width_buckets), rt)
 
     def forward(self, carry, temb, cos, sin, key_mask, width=None, hidden_mask=None, modulations=None):
-        """The block itself; the image MLP keeps its first `width` hidden channels."""
+        """The block itself; the image MLP keeps its first `width` hidden channels.
+
+        Args:
+          carry: (txt [B, T, D], img [B, N, D]). temb: [B, D]. cos, sin: [T + N, K] RoPE tables.
+          key_mask: [B, T + N] or None. width: hidden channels kept (None: all). hidden_mask: [B, width]
+            or None. modulations: this layer's modulations computed ahead, or None.
+        """
         img_mod, txt_mod, img_mlp, txt_mlp = (getattr(self, n) for n in self.names)
         given = modulations or {}
         txt, img = (constrain(x, TOKENS) for x in carry)

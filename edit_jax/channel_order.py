@@ -69,7 +69,13 @@ def order_mlp_channels(config, params: dict, calibration: list[dict], routers: d
     important channel becomes channel 0, stored where the config's `width_groups` puts it
     (`layers.channel_ranks`).
 
-    Refuses when trained routers are given: they learned the original channel order."""
+    Refuses when trained routers are given: they learned the original channel order.
+
+    Args:
+      config: the model config. params: its base params.
+      calibration: model input dicts (keyword arguments of the model, `example_inputs`' layout).
+      routers: the checkpoint's routers, if any (refused when given).
+    """
     if routers is not None:
         raise ValueError(
             "refusing to reorder MLP channels under trained routers: they learned the original "

@@ -151,6 +151,12 @@ def elastic_step(
     how the MLP's hidden channels are stored. Outputs: {"aux": p [B], q [B, K], executed [B]
     (rows that computed the block), cache_hit [B], bucket [B], branch [] (0 skipped, 1 + k ran at
     bucket k)} and "cache" when given.
+
+    Args:
+      carry: the block's input, a pytree of [B, L, D]. router_groups: (tokens [B, L_i, D], valid
+        [B, L_i] or None) pairs the router reads. temb: [B, D]. hidden_dim: M, the MLP's hidden
+        width. buckets: the width buckets' shares of M. elastic: the call's ElasticConfig.
+      module, body, per_layer, step, groups: above.
     """
     if elastic is None or elastic.mode == "dense":
         with jax.named_scope("elastic_block"):
@@ -245,7 +251,12 @@ def router_preludes(model: nn.Module, elastic: ElasticConfig | None, stacks: Seq
 
     modulations: per stack the routers' shift and scale [L_i, B, 2D] computed ahead for this
     step's temb (`edit_jax.models.router_modulations`, e.g. for every step of a sampling run at
-    once); None computes them here."""
+    once); None computes them here.
+
+    Args:
+      model: the transformer (inside its call). elastic: the call's ElasticConfig. stacks: the
+        block stacks' names. temb: [B, D]. dtype: the compute dtype. modulations: above.
+    """
     runs_routers = elastic is not None and elastic.mode in ("infer", "train")
     if modulations is not None and not runs_routers:
         raise ValueError(f"router_modulations were given, but elastic mode {getattr(elastic, 'mode', None)!r} runs no router")
@@ -279,7 +290,12 @@ def check_decisions(elastic: ElasticConfig | None, decisions: dict | None, num_b
     """Forced decisions come exactly with mode "forced" (a forced call without them would run the
     placeholders, every block at the narrowest width; in another mode they would be ignored) and,
     where concrete, name buckets 0..K-1 and probabilities in [0, 1] (under jit an index past the
-    last bucket would be clamped to it). Raises ValueError."""
+    last bucket would be clamped to it). Raises ValueError.
+
+    Args:
+      elastic: the call's ElasticConfig. decisions: the call's forced decisions or None.
+      num_buckets: K. initializing: whether the model is being initialised (nothing is checked).
+    """
     if initializing:
         return
     forced = elastic is not None and elastic.mode == "forced"
@@ -301,7 +317,13 @@ def per_layer_inputs(
     """The scanned per-layer inputs of each block stack: forced decisions, the stack's cache
     (when given), the routers' preludes (`router_preludes`, when given), the blocks' own
     modulations (`edit_jax.layers.modulations_ahead`, when given) and, with lazy weights
-    (`lazy_weights`), the layer index."""
+    (`lazy_weights`), the layer index.
+
+    Args:
+      decisions: forced decisions ([L] or [B, L]) or None. caches: per stack its cache state, or
+        None. stack_sizes: layers per stack. batch: B. lazy: whether weights are sliced per layer.
+      preludes, modulations: per stack, computed ahead, or None.
+    """
     out = []
     for i, (forced, size) in enumerate(zip(forced_per_layer(decisions, stack_sizes, batch), stack_sizes)):
         inputs = {"forced": forced}
@@ -350,7 +372,12 @@ def gather_aux(stack_outputs: Sequence[dict]) -> dict:
 
 def apply_elastic(model: nn.Module, params: dict, routers: dict, *args, freeze_base: bool = False, **kwargs):
     """model.apply with base params and routers; `freeze_base` stops gradients into the base
-    params (train the routers alone, SPEC section 4)."""
+    params (train the routers alone, SPEC section 4).
+
+    Args:
+      model: the transformer. params: its base params. routers: its routers.
+      *args, **kwargs: model.apply's. freeze_base: above.
+    """
     if freeze_base:
         params = jax.lax.stop_gradient(params)
     return model.apply({"params": params, "routers": routers}, *args, **kwargs)

@@ -62,7 +62,13 @@ def step_aux(config, names: Sequence[str], elastic: ElasticConfig, outputs: Sequ
              num_img: int, num_txt: int) -> dict:
     """The routing record of one elastic call from its stacks' scan outputs: p, q, executed,
     cache_hit, bucket [B, L], branch [L] (`gather_aux`), the step's FLOPs (`step_flops`) and,
-    with a cache, the updated cache under each stack's name."""
+    with a cache, the updated cache under each stack's name.
+
+    Args:
+      config: the model config. names: the block stacks' names. elastic: the call's ElasticConfig.
+      outputs: per stack its scan's outputs. cache: the call's cache, or None.
+      num_img, num_txt: image and text tokens per sample (for the FLOPs).
+    """
     aux = gather_aux(outputs)
     aux["flops"] = step_flops(config, num_img, num_txt, aux, with_routers=elastic.mode != "forced")
     if cache is not None:

@@ -84,7 +84,12 @@ def check_embeddings(config, data: dict, path: str) -> None:
 
 def embedding_conditions(config, data: dict, height: int, width: int, prefix: str = "") -> dict | None:
     """The sampler's cond from an embeddings file ("negative_" prefix: the CFG negative); None
-    when the file has no such prompt."""
+    when the file has no such prompt.
+
+    Args:
+      config: the model config. data: the file's arrays (`read_embeddings`).
+      height, width: the image's pixels. prefix: "" for the prompt, "negative_" for true CFG's.
+    """
     if f"{prefix}prompt_embeds" not in data:
         return None
     return make_conditions(config, data[f"{prefix}prompt_embeds"], height, width,

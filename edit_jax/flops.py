@@ -72,7 +72,12 @@ def step_flops(config, num_img: int, num_txt: int, aux: dict, with_routers: bool
 
     per_sample [B]: what each sample's own decisions need. total []: what the batch computed
     (a block runs for the whole batch when any row needs it, at the widest bucket needed).
-    Both include the routers (every block's router runs, except in forced mode) when `with_routers`."""
+    Both include the routers (every block's router runs, except in forced mode) when `with_routers`.
+
+    Args:
+      config: the model config. num_img, num_txt: image and text tokens per sample.
+      aux: the forward's routing record. with_routers: count the routers' FLOPs.
+    """
     table = jnp.asarray(layer_flops(config, num_img, num_txt), jnp.float32)
     layers = jnp.arange(table.shape[0])
     executed, bucket = aux["executed"], aux["bucket"]
@@ -88,7 +93,12 @@ ROUTING_KEYS = ("flops_per_step", "flops_total", "flops_vs_dense", "blocks_execu
 
 
 def routing_stats(config, records: dict, num_img: int, num_txt: int, steps: int) -> dict:
-    """Cost and routing of a run from the sampler's records (dense: records empty)."""
+    """Cost and routing of a run from the sampler's records (dense: records empty).
+
+    Args:
+      config: the model config. records: `edit_jax.sampler.sample`'s per-step records.
+      num_img, num_txt: image and text tokens per sample. steps: the run's denoising steps.
+    """
     dense = float(dense_flops(config, num_img, num_txt))
     if not records:
         return {"flops_per_step": dense, "flops_total": dense * steps, "flops_vs_dense": 1.0,

@@ -94,6 +94,13 @@ class FluxSingleBlock(nn.Module):
         self.router = Router(cfg.router_hidden, len(cfg.width_buckets), rt)
 
     def forward(self, x, temb, cos, sin, width=None, hidden_mask=None, modulation=None):
+        """The block itself; its MLP keeps its first `width` hidden channels.
+
+        Args:
+          x: [B, T + N, D] the joint sequence. temb: [B, D]. cos, sin: [T + N, K] RoPE tables.
+          width: hidden channels kept (None: all). hidden_mask: [B, width] or None. modulation: this
+            layer's [B, 3D] computed ahead, or None.
+        """
         cfg = self.config
         x = constrain(x, TOKENS)
         shift, scale, gate = modulation_chunks(self.norm, temb, modulation, 3)
@@ -143,7 +150,12 @@ BLOCK_MODULATIONS = {"transformer_blocks": FLUX_DOUBLE_BLOCK_NAMES[:2], "single_
 
 
 def time_embedding(config: FluxConfig, params: dict, timestep, pooled_projections, guidance=None, **_) -> jax.Array:
-    """temb [B, D] as the model computes it, from its params alone (other conditions ignored)."""
+    """temb [B, D] as the model computes it, from its params alone (other conditions ignored).
+
+    Args:
+      config: the FLUX config. params: the model's params. timestep: [B] in [0, 1].
+      pooled_projections: [B, P]. guidance: [B] (dev) or None.
+    """
     dtype = dtype_of(config.runtime.dtype)
     return FluxTimeTextEmbedding(config).apply({"params": params["time_text_embed"]}, timestep,
                                                 jnp.asarray(pooled_projections).astype(dtype), guidance)
@@ -241,7 +253,11 @@ def _shape_error(name: str, got, expected: str) -> ValueError:
 
 
 def check_flux_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance):
-    """Raises ValueError naming the first input whose shape does not fit the config."""
+    """Raises ValueError naming the first input whose shape does not fit the config.
+
+    Args:
+      cfg: the FLUX config; the others: the model's inputs (`FluxTransformer`).
+    """
     if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
         raise _shape_error("hidden_states", hidden_states.shape, f"[B, N, {cfg.in_channels}]")
     batch, num_img = hidden_states.shape[:2]
@@ -271,7 +287,12 @@ def check_flux_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projecti
 
 def example_inputs(config: FluxConfig, rng: np.random.Generator, batch: int, height: int, width: int,
                    num_txt: int) -> dict:
-    """Random model inputs (float32) for an image of height x width packed tokens."""
+    """Random model inputs (float32) for an image of height x width packed tokens.
+
+    Args:
+      config: the FLUX config. rng: a numpy Generator. batch: B. height, width: packed tokens per
+        side. num_txt: T.
+    """
     inputs = dict(
         hidden_states=rng.standard_normal((batch, height * width, config.in_channels)),
         encoder_hidden_states=rng.standard_normal((batch, num_txt, config.joint_attention_dim)),
@@ -285,11 +306,16 @@ def example_inputs(config: FluxConfig, rng: np.random.Generator, batch: int, hei
 
 
 def positions(config: FluxConfig, rows: int, cols: int, num_txt: int) -> dict:
-    """RoPE ids: img_ids [rows * cols, 3] (0, row, column) and txt_ids [T, 3] (zeros)."""
+    """RoPE ids: img_ids [rows * cols, 3] (0, row, column) and txt_ids [T, 3] (zeros).
+
+    Args:
+      config: the FLUX config. rows, cols: the grid of packed tokens. num_txt: T.
+    """
     return {"img_ids": jnp.asarray(grid_img_ids(rows, cols)), "txt_ids": jnp.zeros((num_txt, 3), jnp.float32)}
 
 
 def prompt_extras(config: FluxConfig, batch: int, num_txt: int) -> dict:
+    """The pooled CLIP embedding [B, P] beside the prompt embeddings."""
     return {"pooled_projections": ((batch, config.pooled_projection_dim), np.float32)}
 
 
@@ -299,12 +325,22 @@ def guidance(config: FluxConfig, scale: float, batch: int) -> dict:
 
 
 def check_positions(config: FluxConfig, cond: dict, num_tokens: int, batch: int) -> str | None:
+    """What is wrong with cond's img_ids for num_tokens image tokens (None: nothing).
+
+    Args:
+      config: the FLUX config. cond: the sampler's conditions. num_tokens: image tokens per row
+        (the latents' and any reference images'). batch: rows.
+    """
     rows = cond["img_ids"].shape[0]
     return None if rows == num_tokens else f"img_ids has {rows}"
 
 
 def cache_carries(config: FluxConfig, batch: int, num_img: int, num_txt: int) -> dict:
-    """A double block's carry (txt, img) and a single block's joint sequence."""
+    """A double block's carry (txt, img) and a single block's joint sequence.
+
+    Args:
+      config: the FLUX config. batch: B. num_img, num_txt: image and text tokens per row.
+    """
     d = config.inner_dim
     return {"transformer_blocks": ((batch, num_txt, d), (batch, num_img, d)),
             "single_transformer_blocks": (batch, num_txt + num_img, d)}

@@ -74,6 +74,12 @@ def qwen_img_shapes(height: int, width: int) -> tuple[int, int, int]:
 
 
 def initial_noise(key: jax.Array, batch: int, latent_channels: int, height: int, width: int) -> jax.Array:
-    """Standard normal latents drawn in the VAE layout [B, C, H, W], then packed (float32)."""
+    """Standard normal latents drawn in the VAE layout [B, C, H, W], then packed (float32).
+
+    Args:
+      key: a jax.random key. batch: B. latent_channels: C, the VAE's (16 for FLUX.1 and Qwen-Image).
+      height, width: the image's pixels, multiples of 16.
+    Returns: [B, (H/2)(W/2), 4C] with H = height / 8, W = width / 8.
+    """
     h, w = latent_size(height, width)
     return pack_latents(jax.random.normal(key, (batch, latent_channels, h, w), jnp.float32))

@@ -46,7 +46,11 @@ def channel_ranks(hidden_dim: int, groups: int) -> np.ndarray:
 
 def narrow(x: jax.Array, axis: int, width: int, groups: int = 1) -> jax.Array:
     """The stored positions of the first `width` hidden channels along `axis` of x (see
-    `channel_ranks`): the first width / G positions of each of the G groups, in stored order."""
+    `channel_ranks`): the first width / G positions of each of the G groups, in stored order.
+
+    Args:
+      x: an array. axis: the hidden-channel axis of x. width: channels kept. groups: G.
+    """
     axis %= x.ndim
     size = x.shape[axis]
     if width == size:
@@ -61,7 +65,12 @@ def narrow(x: jax.Array, axis: int, width: int, groups: int = 1) -> jax.Array:
 def weight(module: nn.Module, name: str, init, axes: tuple[str, ...], shape: tuple[int, ...],
            collection: str = "params") -> jax.Array:
     """A kernel or bias of `module` with logical `axes`, in the runtime's param dtype (the router
-    dtype for the "routers" collection)."""
+    dtype for the "routers" collection).
+
+    Args:
+      module: the module that owns it. name: the param's name. init: its initializer.
+      axes: logical axis names, one per dimension. shape: its shape. collection: "params" or "routers".
+    """
     init = nn.with_logical_partitioning(init, axes)
     rt = module.runtime
     dtype = dtype_of(rt.router_dtype or rt.param_dtype if collection == "routers" else rt.param_dtype)
@@ -237,7 +246,12 @@ def modulations_ahead(model: nn.Module, stacks: dict[str, tuple[str, ...]], temb
     their layer's row instead of applying their `Modulation`. None at init (the blocks create
     their params). stacks: {stack name: the names of its blocks' Modulation submodules}.
     given: the same, computed by the caller for this temb (`edit_jax.models.block_modulations`,
-    e.g. for every step of a sampling run at once): checked and returned."""
+    e.g. for every step of a sampling run at once): checked and returned.
+
+    Args:
+      model: the transformer (inside its call). stacks, given: above. temb: [B, D].
+      dtype: the compute dtype.
+    """
     if model.is_initializing():
         if given is not None:
             raise ValueError("block_modulations were given at init: the blocks create their params there")
@@ -250,13 +264,23 @@ def modulations_ahead(model: nn.Module, stacks: dict[str, tuple[str, ...]], temb
 
 
 def stack_modulations(params: dict, stacks: dict[str, tuple[str, ...]], temb: jax.Array, dtype) -> list[dict]:
-    """`modulations_ahead` from the model's params: per stack {name: [L, B, kD]} for temb [B, D]."""
+    """`modulations_ahead` from the model's params: per stack {name: [L, B, kD]} for temb [B, D].
+
+    Args:
+      params: the model's params. stacks: {stack name: its Modulation submodules' names}.
+      temb: [B, D]. dtype: the compute dtype.
+    """
     return [{name: stacked_modulation(params[stack][name], temb, dtype) for name in names} for stack, names in stacks.items()]
 
 
 def check_block_modulations(given: Sequence[dict], params: dict, stacks: dict[str, tuple[str, ...]], temb_shape) -> None:
     """Raises ValueError unless `given` holds one {name: [L, B, kD]} per block stack, as the
-    model's params and this batch make them."""
+    model's params and this batch make them.
+
+    Args:
+      given: the caller's modulations. params: the model's params. stacks: as
+        `modulations_ahead`'s. temb_shape: (B, D).
+    """
     if len(given) != len(stacks):
         raise ValueError(f"block_modulations holds {len(given)} entries, expected one per block stack ({len(stacks)})")
     for i, (mods, (stack, names)) in enumerate(zip(given, stacks.items())):
@@ -273,7 +297,12 @@ def check_block_modulations(given: Sequence[dict], params: dict, stacks: dict[st
 
 def modulation_chunks(module: nn.Module, temb: jax.Array, given: jax.Array | None, num_chunks: int) -> list[jax.Array]:
     """The `num_chunks` modulation vectors [B, D]: split from `given` [B, kD] (computed ahead by
-    `modulations_ahead`) or computed by `module` (a `Modulation`) from temb."""
+    `modulations_ahead`) or computed by `module` (a `Modulation`) from temb.
+
+    Args:
+      module: the block's `Modulation`. temb: [B, D]. given: [B, kD] or None.
+      num_chunks: k.
+    """
     return module(temb) if given is None else jnp.split(given, num_chunks, axis=-1)
 
 
@@ -289,7 +318,11 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 def split_modulation(own: jax.Array, other: jax.Array, start: int, num_tokens: int) -> jax.Array:
     """Per token [B, L, D]: `own` [B, D] for tokens before `start`, `other` [B, D] from there on
-    (an elementwise choice, which XLA can fuse into the op that reads it)."""
+    (an elementwise choice, which XLA can fuse into the op that reads it).
+
+    Args:
+      own, other: [B, D]. start: the first token of `other`. num_tokens: L.
+    """
     later = (jnp.arange(num_tokens) >= start)[None, :, None]
     return jnp.where(later, other[:, None, :], own[:, None, :])
 
@@ -361,7 +394,12 @@ def timestep_embedding(
     scale: float = 1.0,
 ) -> jax.Array:
     """Sinusoidal embedding [B, dim] of timesteps [B], cos first (diffusers' flip_sin_to_cos=True,
-    downscale_freq_shift=0), in float32."""
+    downscale_freq_shift=0), in float32.
+
+    Args:
+      timesteps: [B]. dim: the embedding's width. max_period: the lowest frequency's period.
+      scale: multiplies the timesteps first.
+    """
     freqs = timestep_frequencies(dim, max_period)
     args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
     args = scale * args
@@ -419,6 +457,9 @@ def attention(
     kernel's own checks refuse these inputs), "xla", "cudnn" (GPU only,
     bfloat16/float16; where it cannot run it falls back to "xla" with a warning), "splash" (TPU,
     `splash_attention`) or "tokamax" (`tokamax_attention`).
+
+    Args:
+      q, k, v: [B, L, H, K]. key_mask, implementation: above.
     """
     if implementation == "auto":
         chosen = resolve_attention(implementation, q.dtype)
@@ -449,7 +490,11 @@ def attention(
 def attention_by_key_lengths(q, k, v, key_mask, implementation: str) -> jax.Array:
     """`attention` with its key mask given as lengths: each row's keys and values reordered so that
     its valid keys come first (softmax attention does not depend on the keys' order), then only the
-    first sum(key_mask) keys attended to. q, k, v [B, L, H, K], key_mask [B, L] -> [B, L, H*K]."""
+    first sum(key_mask) keys attended to. q, k, v [B, L, H, K], key_mask [B, L] -> [B, L, H*K].
+
+    Args:
+      q, k, v: [B, L, H, K]. key_mask: [B, L] bool. implementation: as `attention`'s.
+    """
     order = jnp.argsort(jnp.logical_not(key_mask).astype(jnp.int32), axis=1, stable=True)[:, :, None, None]
     k, v = (jnp.take_along_axis(x, order, axis=1) for x in (k, v))
     lengths = jnp.sum(key_mask.astype(jnp.int32), axis=1)
@@ -469,7 +514,11 @@ def tokamax_attention(q, k, v, key_mask=None) -> jax.Array:
     the device: Pallas Mosaic flash attention on Hopper/Blackwell GPUs and TPUs, Pallas Triton on
     other GPUs, else XLA.
     q, k, v [B, L, H, K] -> [B, L, H*K]; key_mask [B, L] (True = attend) hides padded keys. Under a
-    mesh (jax.set_mesh) the kernel runs per shard of the batch and head axes the rules give."""
+    mesh (jax.set_mesh) the kernel runs per shard of the batch and head axes the rules give.
+
+    Args:
+      q, k, v: [B, L, H, K]. key_mask: [B, L] bool, or None.
+    """
     import tokamax
     from absl import flags
 
@@ -490,7 +539,11 @@ def splash_attention(q, k, v, key_mask=None, interpret: bool | None = None) -> j
     are never materialised): q, k, v [B, L, H, K] -> [B, L, H*K]. Padded keys (key_mask False) form
     a second segment that valid queries never see. Under a mesh (jax.set_mesh) the kernel runs per
     shard (shard_map over the batch and head axes the rules give); interpret: run the kernel as
-    plain JAX (CPU tests; default: when the backend is not a TPU)."""
+    plain JAX (CPU tests; default: when the backend is not a TPU).
+
+    Args:
+      q, k, v: [B, L, H, K]. key_mask: [B, L] bool, or None. interpret: above.
+    """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -526,7 +579,12 @@ def splash_attention(q, k, v, key_mask=None, interpret: bool | None = None) -> j
 
 def check_values(name: str, x, valid, expected: str) -> None:
     """Raises ValueError naming `name` when x is concrete (not traced under jit, where values are
-    unknown) and `valid(np.asarray(x))` is False."""
+    unknown) and `valid(np.asarray(x))` is False.
+
+    Args:
+      name: what the error calls x. x: an array (or None: nothing checked). valid: a predicate
+        on the numpy values. expected: what valid values are, for the error.
+    """
     if x is None or isinstance(x, jax.core.Tracer):
         return
     if not bool(valid(np.asarray(x))):
@@ -601,6 +659,11 @@ def scan_blocks(block_cls, length: int, runtime: RuntimeConfig, num_broadcast: i
     lazy: the params and routers are not sliced per iteration but passed whole ([length, ...]);
     the block slices its layer where it uses it (`edit_jax.elastic.layer_view`), so a block that
     is skipped never reads its weights. Apply only: init needs the sliced form.
+
+    Args:
+      block_cls: the block's module class. length: layers. runtime: the model's RuntimeConfig
+        (its remat policy applies per block). num_broadcast: the block's arguments after
+        (carry, per_layer) that every layer shares. lazy: above.
     """
     policy = remat_policy(runtime.remat)
     if policy is not None:

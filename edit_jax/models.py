@@ -40,7 +40,13 @@ def router_modulations(config, params: dict, routers: dict, timestep: jax.Array,
     routed call, handed to it as `router_modulations=` to skip that work. They read only the time
     embedding, so a sampler computes them for all its steps in one matmul (`jax.vmap` over the
     steps' timesteps), reading each router's [D, 3D] kernel once per run instead of once per step.
-    Pass them only with the same timestep and cond as the call's."""
+    Pass them only with the same timestep and cond as the call's.
+
+    Args:
+      config: the model config. params: its base params. routers: its routers.
+      timestep: [B] sigmas in [0, 1]. cond: the call's conditioning keyword arguments.
+    Returns: one [L_i, B, 2D] array per block stack.
+    """
     family = family_of(config)
     temb = family.time_embedding(config, params, timestep, **cond)
     dtype = jnp.dtype(config.runtime.dtype)
@@ -55,7 +61,12 @@ def block_modulations(config, params: dict, timestep: jax.Array, cond: dict) -> 
     computes them for all its steps at once (`jax.vmap` over the steps' timesteps): at full
     size these [D, 6D] and [D, 3D] kernels are about a quarter of the model's weights, read
     once per run instead of once per step. Pass them only with the same timestep and cond as
-    the call's."""
+    the call's.
+
+    Args:
+      config: the model config. params: its base params.
+      timestep: [B] sigmas in [0, 1]. cond: the call's conditioning keyword arguments.
+    """
     family = family_of(config)
     temb = family.time_embedding(config, params, timestep, **cond)
     return stack_modulations(params, family.block_modulations, temb, jnp.dtype(config.runtime.dtype))
@@ -63,14 +74,24 @@ def block_modulations(config, params: dict, timestep: jax.Array, cond: dict) -> 
 
 def init_cache(config, batch: int, num_img: int, num_txt: int, method: BlockCacheMethod | None = None) -> dict:
     """An empty block cache: per block stack `method.init` (by default the router-guided cache's
-    `ResidualBank`) for the shapes of its blocks' carry (`ModelFamily.cache_carries`)."""
+    `ResidualBank`) for the shapes of its blocks' carry (`ModelFamily.cache_carries`).
+
+    Args:
+      config: the model config. batch: rows per call. num_img, num_txt: image and text tokens
+        per row. method: the per-block cache method (`edit_jax.block_cache`).
+    """
     method = RouterGuidedCache() if method is None else method
     carries = family_of(config).cache_carries(config, batch, num_img, num_txt)
     return {name: method.init(layers, carries[name], batch) for name, layers, _ in config.block_stacks}
 
 
 def example_inputs(config, batch: int = 1, height: int = 4, width: int = 4, num_txt: int = 8, seed: int = 0) -> dict:
-    """Random model inputs (as keyword arguments) for an image of height x width latent tokens."""
+    """Random model inputs (as keyword arguments) for an image of height x width latent tokens.
+
+    Args:
+      config: the model config. batch: B. height, width: packed latent tokens per side.
+      num_txt: text tokens. seed: of the random values.
+    """
     return family_of(config).example_inputs(config, np.random.default_rng(seed), batch, height, width, num_txt)
 
 
@@ -119,7 +140,12 @@ def init_variables(config, seed: int = 0, shardings: dict | None = None,
     the `collections` asked for (the others are never computed).
 
     shardings: {"params": ..., "routers": ...} pytrees of shardings: each array is created
-    directly in its sharding, never whole on one device."""
+    directly in its sharding, never whole on one device.
+
+    Args:
+      config: the model config. seed: of the initialisation. shardings: above.
+      collections: which of "params" and "routers" to make.
+    """
     init = _init_fn(config)
     if shardings is not None:
         shardings = {c: shardings[c] for c in collections}

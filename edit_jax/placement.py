@@ -16,7 +16,12 @@ from edit_jax.sharding import check_auto_axes, logical_to_mesh
 
 def param_shardings(config, mesh: Mesh, rules=None, collection: str = "params") -> dict:
     """NamedShardings for every param of `config`'s model (pass to `edit_jax.load`), or of its
-    routers with collection="routers"."""
+    routers with collection="routers".
+
+    Args:
+      config: the model config. mesh: a (data, fsdp, tensor) mesh (`edit_jax.sharding.make_mesh`).
+      rules: the logical-axis rules table (default: `edit_jax.sharding`'s). collection: "params" or "routers".
+    """
     return jax.tree.map(
         lambda spec: NamedSharding(mesh, logical_to_mesh(spec, mesh, rules)),
         logical_axes(config, collection),
@@ -25,7 +30,12 @@ def param_shardings(config, mesh: Mesh, rules=None, collection: str = "params") 
 
 
 def mesh_shardings(config, mesh: Mesh | None, shardings=None, collection: str = "params"):
-    """`shardings` as given, or with a mesh those of `param_shardings` (a loader takes one or the other)."""
+    """`shardings` as given, or with a mesh those of `param_shardings` (a loader takes one or the other).
+
+    Args:
+      config: the model config. mesh: a mesh, or None. shardings: a loader's shardings, or None.
+      collection: "params" or "routers".
+    """
     if mesh is None:
         return shardings
     if shardings is not None:

@@ -210,7 +210,12 @@ class QwenImageTransformer(nn.Module):
 
 
 def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep, img_shapes) -> tuple[tuple[int, int, int], ...]:
-    """Raises ValueError naming the first input that does not fit; returns the image segments."""
+    """Raises ValueError naming the first input that does not fit; returns the image segments.
+
+    Args:
+      cfg: the Qwen-Image config. hidden_states, encoder_hidden_states, mask, timestep,
+        img_shapes: the model's inputs (`QwenImageTransformer`; mask its encoder_hidden_states_mask).
+    """
     if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
         raise ValueError(f"hidden_states has shape {tuple(hidden_states.shape)}, expected [B, N, {cfg.in_channels}]")
     batch, num_img = hidden_states.shape[:2]
@@ -239,7 +244,12 @@ def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep,
 
 def example_inputs(config: QwenImageConfig, rng: np.random.Generator, batch: int, height: int, width: int,
                    num_txt: int) -> dict:
-    """Random model inputs (float32; the text mask all valid) for height x width packed tokens."""
+    """Random model inputs (float32; the text mask all valid) for height x width packed tokens.
+
+    Args:
+      config: the Qwen-Image config. rng: a numpy Generator. batch: B. height, width: packed
+        tokens per side. num_txt: T.
+    """
     return dict(
         hidden_states=jnp.asarray(rng.standard_normal((batch, height * width, config.in_channels)), jnp.float32),
         encoder_hidden_states=jnp.asarray(rng.standard_normal((batch, num_txt, config.joint_attention_dim)), jnp.float32),
@@ -250,22 +260,38 @@ def example_inputs(config: QwenImageConfig, rng: np.random.Generator, batch: int
 
 
 def positions(config: QwenImageConfig, rows: int, cols: int, num_txt: int) -> dict:
-    """The static img_shapes (1, rows, cols); the text positions follow from them."""
+    """The static img_shapes (1, rows, cols); the text positions follow from them.
+
+    Args:
+      config: the Qwen-Image config. rows, cols: the grid of packed tokens. num_txt: T (unused:
+        the text positions follow from img_shapes).
+    """
     return {"img_shapes": (1, int(rows), int(cols))}
 
 
 def prompt_extras(config: QwenImageConfig, batch: int, num_txt: int) -> dict:
+    """The text mask [B, T] (int32, 1 = valid) beside the prompt embeddings."""
     return {"encoder_hidden_states_mask": ((batch, num_txt), np.int32)}
 
 
 def check_positions(config: QwenImageConfig, cond: dict, num_tokens: int, batch: int) -> str | None:
+    """What is wrong with cond's img_shapes for num_tokens image tokens (None: nothing).
+
+    Args:
+      config: the Qwen-Image config. cond: the sampler's conditions. num_tokens: image tokens per
+        row (the latents' and any reference images'). batch: rows.
+    """
     shape = getattr(cond["img_shapes"], "value", cond["img_shapes"])  # a sampler's `Static` or the value
     tokens = image_tokens(normalize_img_shapes(shape, batch))
     return None if tokens == num_tokens else f"img_shapes {shape} has {tokens}"
 
 
 def cache_carries(config: QwenImageConfig, batch: int, num_img: int, num_txt: int) -> dict:
-    """A block's carry (txt, img)."""
+    """A block's carry (txt, img).
+
+    Args:
+      config: the Qwen-Image config. batch: B. num_img, num_txt: image and text tokens per row.
+    """
     d = config.inner_dim
     return {"transformer_blocks": ((batch, num_txt, d), (batch, num_img, d))}
 

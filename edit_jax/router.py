@@ -120,7 +120,12 @@ class Router(nn.Module):
 def router_hidden(tokens, prelude: dict, dtype, eps: float = 1e-6) -> jax.Array:
     """h = ReLU(proj(LN(x)*(1+scale)+shift)) of one group of tokens [B, L, D], computed folded (see
     `Router`) from one layer's `router_prelude` (scaled [B, D, H], colsum and offset [B, 1, H]).
-    Returns [B, L, H] float32."""
+    Returns [B, L, H] float32.
+
+    Args:
+      tokens: [B, L, D]. prelude: one layer's `router_prelude`. dtype: the compute dtype.
+      eps: the LayerNorm's epsilon.
+    """
     f32 = jnp.float32
     x32 = tokens.astype(f32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -131,7 +136,12 @@ def router_hidden(tokens, prelude: dict, dtype, eps: float = 1e-6) -> jax.Array:
 
 def pooled_hidden(groups, prelude: dict, dtype, eps: float = 1e-6) -> jax.Array:
     """The router's token half: the mean of `router_hidden` over all valid tokens of all groups,
-    (tokens [B, L_i, D], valid [B, L_i] or None) pairs. Returns [B, H] float32."""
+    (tokens [B, L_i, D], valid [B, L_i] or None) pairs. Returns [B, H] float32.
+
+    Args:
+      groups: (tokens, valid) pairs. prelude: one layer's `router_prelude`. dtype: the compute
+        dtype. eps: the LayerNorm's epsilon.
+    """
     total, count = 0.0, 0.0
     for tokens, valid in groups:
         weight = jnp.ones(tokens.shape[:2], jnp.float32) if valid is None else valid.astype(jnp.float32)

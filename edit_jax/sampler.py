@@ -81,7 +81,12 @@ def default_scheduler(config) -> SchedulerConfig:
 def make_conditions(config, prompt_embeds, height: int, width: int, pooled_projections=None, mask=None) -> dict:
     """The cond dict for an image of height x width pixels from prompt embeddings [B, T, D]:
     FLUX adds the pooled embedding [B, P] and RoPE ids; Qwen-Image the text mask [B, T] (all
-    valid when None) and img_shapes."""
+    valid when None) and img_shapes.
+
+    Args:
+      config: the model config. prompt_embeds: [B, T, D_text]. height, width: the image's pixels.
+      pooled_projections: [B, P] (FLUX). mask: [B, T] (Qwen-Image; None: all valid).
+    """
     family = family_of(config)
     embeds = jnp.asarray(prompt_embeds, jnp.float32)
     given = {"pooled_projections": pooled_projections, "encoder_hidden_states_mask": mask}
@@ -123,7 +128,13 @@ def _split_static(cond: dict) -> tuple[dict, dict]:
 
 
 def init_state(config, elastic: ElasticConfig | None, batch: int, num_img: int, num_txt: int) -> dict:
-    """The E-DiT sampling state: the step counter and, with a block cache, its empty state."""
+    """The E-DiT sampling state: the step counter and, with a block cache, its empty state.
+
+    Args:
+      config: the model config. elastic: the call's ElasticConfig (None: dense, no cache).
+      batch: rows per call (2B with batched true CFG). num_img, num_txt: image tokens (the
+        latents' and any reference images') and text tokens per row.
+    """
     state = {"step": jnp.zeros((), jnp.int32)}
     if elastic is not None and elastic.cache_method is not None:
         state["cache"] = init_cache(config, batch, num_img, num_txt, elastic.cache_method)
@@ -142,7 +153,13 @@ def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = 
     "bucket"} arrays of [L] or [B, L], or a function of the step returning them.
     router_modulations, block_modulations: the routers' and the blocks' modulations for this t
     and cond, computed ahead (`edit_jax.models.router_modulations` and `block_modulations`;
-    `sample` does so for all its steps at once)."""
+    `sample` does so for all its steps at once).
+
+    Args:
+      model: the transformer (`edit_jax.build_model`). elastic: how the routers act (None or
+        mode "dense": the base model). return_aux: also return the step's routing record.
+      decisions: forced decisions for mode "forced", or a function of the step giving them.
+    """
     elastic_on = elastic is not None and elastic.mode != "dense"
 
     def f(params, routers, x, t, cond, state, step=None, router_modulations=None, block_modulations=None):
@@ -178,7 +195,13 @@ def make_velocity_fn(model, params: dict, routers: dict | None = None, elastic: 
                      return_aux: bool = False, decisions=None) -> Callable:
     """`velocity_fn` with params and routers closed over: f(x, t, cond, state, step=None,
     router_modulations=None, block_modulations=None) -> (velocity, state) (with return_aux:
-    (velocity, state, aux))."""
+    (velocity, state, aux)).
+
+    Args:
+      model: the transformer. params: its base params. routers: the E-DiT routers (needed in
+        modes "infer" and "train"; refused in dense mode, where they would not run).
+      elastic, return_aux, decisions: as `velocity_fn`'s.
+    """
     if elastic is not None and elastic.mode not in ("dense", "forced") and routers is None:
         raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
     if routers is not None and (elastic is None or elastic.mode == "dense"):
@@ -210,7 +233,12 @@ def _concat_conditions(cond: dict, negative: dict) -> dict:
 
 
 def check_sampling_inputs(config, noise, cond: dict, negative: dict | None, sampler: SamplerConfig) -> None:
-    """Raises ValueError naming the first input that does not fit the model or the sampler."""
+    """Raises ValueError naming the first input that does not fit the model or the sampler.
+
+    Args:
+      config: the model config. noise: [B, N, C] packed latents. cond, negative: the prompt's
+        and the negative prompt's conditions (negative None without true CFG). sampler: the run's.
+    """
     if noise.ndim != 3 or noise.shape[-1] != config.in_channels:
         raise ValueError(f"latents have shape {tuple(noise.shape)}, expected packed [B, N, {config.in_channels}]")
     batch, num_img = noise.shape[:2]
@@ -271,7 +299,16 @@ def sample(
     all steps ahead of the loop, so that its kernels are read once per run: the blocks' AdaLN modulations
     (`edit_jax.models.block_modulations`) and, where routers run, theirs (`router_modulations`).
     They are held for the whole run: at full size in bfloat16 about 2 MB per step and row for
-    FLUX.1-dev (59 MB for 28 steps), 4.4 MB for Qwen-Image (124 MB), routers' not counted."""
+    FLUX.1-dev (59 MB for 28 steps), 4.4 MB for Qwen-Image (124 MB), routers' not counted.
+
+    Args:
+      model: the transformer (`edit_jax.build_model` or `edit_jax.load`). params: its base params.
+      noise: [B, N, C] packed initial latents (`edit_jax.latents.initial_noise`).
+      cond: the prompt's conditions by the model's argument names (`make_conditions`).
+      sampler: steps, guidance, true CFG and scheduler. routers, elastic: E-DiT's (None: dense).
+      negative_cond: the negative prompt's conditions, for true CFG (true_cfg_scale > 1).
+      decisions: forced decisions (mode "forced"). progress: progress(step) after every step.
+    """
     config = model.config
     if "reference_latents" in cond and negative_cond is not None:  # the negative prompt edits the same images
         negative_cond = {"reference_latents": cond["reference_latents"], **negative_cond}

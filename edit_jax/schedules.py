@@ -39,7 +39,12 @@ SCHEDULERS = {
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
-    """mu, linear in the number of image tokens (the pipelines' resolution-dependent shift)."""
+    """mu, linear in the number of image tokens (the pipelines' resolution-dependent shift).
+
+    Args:
+      image_seq_len: image tokens of the packed latents. base_seq_len, max_seq_len: the token
+        counts at which mu is base_shift and max_shift (the scheduler config's).
+    """
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * m + (base_shift - m * base_seq_len)
 

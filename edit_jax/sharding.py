@@ -121,7 +121,12 @@ def check_auto_axes(mesh: Mesh) -> None:
 def logical_to_mesh(spec: PartitionSpec, mesh: Mesh, rules=None, shape=None) -> PartitionSpec:
     """Maps one logical PartitionSpec onto mesh axes (a rule may name several); a mesh axis of
     size 1, already used in this array, or (given the array's `shape`) not dividing its
-    dimension is left out. A logical name None leaves its dimension unsplit."""
+    dimension is left out. A logical name None leaves its dimension unsplit.
+
+    Args:
+      spec: a PartitionSpec of logical axis names. mesh: the device mesh. rules: the logical-axis
+        rules table. shape: the array's shape, or None (then no divisibility check).
+    """
     check_auto_axes(mesh)
     table = {None: None, **dict(active_rules() if rules is None else rules)}
     used, out = set(), []

@@ -272,7 +272,15 @@ def decode_tiled(config, params: dict, z, tile_size: int = 1024, overlap: float 
     FLUX.1's sample_size 1024; AutoencoderKLQwenImage's tile_sample_min_height/width with a stride
     of 3/4 tile): memory is bounded by one tile whatever the image size. Latents no larger than a
     tile are decoded whole. A VAE that clamps its output is clamped after blending.
-    progress(n): called after each tile."""
+    progress(n): called after each tile.
+
+    Args:
+      config, params: the VAE's (`edit_jax.checkpoints_convert.vae.load_vae`).
+      z: [B, C, H, W] latents in the VAE's own scale (`config.from_model_latents`).
+      tile_size: the tile's side, image pixels (a multiple of 32). overlap: the tiles' overlap, a
+        fraction of the tile (default: the VAE's own). progress: above.
+    Returns: [B, 3, 8H, 8W] images in [-1, 1].
+    """
     check_tile_size(tile_size, config.downscale)
     latent_tile = tile_size // config.downscale
     z = np.asarray(z, np.float32)

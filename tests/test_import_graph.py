@@ -123,3 +123,20 @@ def test_a_built_wheel_installs_edit_jax_as_its_only_top_level_package(tmp_path)
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"edit_jax"}
     assert {"edit_jax/train/loop.py", "edit_jax/eval/demo.py", "edit_jax/pipelines/generate.py",
             "edit_jax/checkpoints_convert/convert.py"} <= set(names)
+
+
+def test_every_public_function_of_the_core_with_four_or_more_parameters_has_an_args_section():
+    """Names: the core's functions say what each argument is (shapes, units) under `Args:`."""
+    lacking = []
+    for name, path in project_modules().items():
+        if name.startswith(ABOVE_THE_CORE[:-1]):  # train, eval, pipelines, converters; the CLI is held to it too
+            continue
+        tree = ast.parse(path.read_text())
+        functions = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+        functions += [f for c in tree.body if isinstance(c, ast.ClassDef) and not c.name.startswith("_")
+                      for f in c.body if isinstance(f, ast.FunctionDef)]
+        for fn in functions:
+            params = [a.arg for a in fn.args.args + fn.args.kwonlyargs if a.arg not in ("self", "cls")]
+            if not fn.name.startswith("_") and len(params) >= 4 and "Args:" not in (ast.get_docstring(fn) or ""):
+                lacking.append(f"{name}.{fn.name}")
+    assert not lacking, lacking

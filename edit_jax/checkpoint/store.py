@@ -107,7 +107,15 @@ def write_checkpoint(
     (a conversion's source). `linked`: {tree name: a stored tree folder holding that very tree}
     whose files are hard-linked instead (no second copy on disk); the tree is written from
     `trees` where the filesystem cannot link. A SIGINT or SIGTERM during the write removes the
-    partial folder."""
+    partial folder.
+
+    Args:
+      path: the checkpoint folder to create. config: the model config, stored as config.json.
+      trees: {tree name: iterable of sub-trees of arrays}, written group by group.
+      overwrite: replace an existing edit-jax checkpoint at `path` (nothing else).
+      extra: more keys for config.json (e.g. where it was converted from).
+      protect, linked: above.
+    """
     path = resolve(path)
     lead = jax.process_index() == 0  # in a multi-process run every process writes its shards
     if lead:
@@ -191,7 +199,13 @@ def save(path: str | Path, config, params: dict, routers: dict | None = None, *,
 
     params_from: a checkpoint the caller read `params` from unchanged (a frozen base). Where it
     stores them as this save would (the current format, the same MLP channel layout, the same
-    shapes and dtypes), its params/ files are hard-linked rather than written again."""
+    shapes and dtypes), its params/ files are hard-linked rather than written again.
+
+    Args:
+      path: the checkpoint folder to create. config: the model config.
+      params, routers: pytrees of arrays (routers None: a checkpoint without them).
+      overwrite, protect: as `write_checkpoint`'s. params_from: above.
+    """
     trees = {PARAMS_DIR: _on_host(params)}
     if routers is not None:
         trees[ROUTERS_DIR] = _on_host(routers)
@@ -244,6 +258,10 @@ def load_params(path: str | Path, abstract: dict, shardings=None, tree: str = PA
     shardings: None (default device), one jax.sharding.Sharding for every leaf, or a pytree of
     them matching the params. Arrays are read straight into their shardings (a format-1 kernel
     whole, then split into its parts' shardings).
+
+    Args:
+      path: the checkpoint folder. abstract: the pytree of jax.ShapeDtypeStruct to restore into
+        (`edit_jax.models.abstract_params`). shardings: above. tree: "params" or "routers".
     """
     path = resolve(path)
     _check_layout(path / tree, params_metadata(path, tree), abstract)

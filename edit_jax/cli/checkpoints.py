@@ -122,7 +122,12 @@ def cmd_inspect(args) -> int:
 def load_calibration(path: str | None, config, batches: int, seed: int) -> list[dict]:
     """Calibration inputs: a prepared training dataset (`prepare-data`: its latents noised, its
     text embeddings), an .npz of model inputs named as the model's arguments (Qwen-Image:
-    img_shapes as 3 ints), or random example inputs when none is given."""
+    img_shapes as 3 ints), or random example inputs when none is given.
+
+    Args:
+      path: --calibration (None: random inputs). config: the model config. batches: how many.
+      seed: of the random inputs and of the dataset's noise.
+    """
     import jax.numpy as jnp
 
     if path is None:
