@@ -30,7 +30,13 @@ def convert_checkpoint(
 
     Returns the checkpoint path. Nothing is left at `dst` when anything goes wrong; `dst` never
     overlaps `src`, and an existing `dst` is replaced (with `overwrite`) only when it is an
-    edit-jax checkpoint, and only once the new one is complete."""
+    edit-jax checkpoint, and only once the new one is complete.
+
+    Args:
+      family: "flux" or "qwen-image". src: the weights. dst: the checkpoint to write.
+      fmt: "auto", "diffusers", "bfl" or "edit-release". dtype: above. config: the model config
+        (None: the source's own). width_groups: above. overwrite: above. progress: show progress.
+    """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
     source = open_source(src)

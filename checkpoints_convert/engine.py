@@ -149,7 +149,12 @@ def build_params(table: dict[str, Src], source, abstract: dict) -> dict:
 
 def stream_params(table, source, abstract, group_bytes: int, progress: bool, desc: str = "params"):
     """Yields nested param sub-trees of about `group_bytes` each, built one tensor at a time, in
-    the dtypes of `abstract`."""
+    the dtypes of `abstract`.
+
+    Args:
+      table: the conversion table. source: the opened weights. abstract: the params' shapes and
+        dtypes. group_bytes: above. progress: show progress. desc: the progress bar's label.
+    """
     targets = flatten(abstract)
     total = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in targets.values())
     group, size = {}, 0
@@ -179,7 +184,14 @@ def convert_source(
 ) -> Path:
     """Checks `source` against every (table, abstract) tree, then writes the checkpoint `dst`
     atomically; abstract trees (ShapeDtypeStructs) give the shapes and the dtypes to store.
-    Every converted tensor must be finite. `protect`: paths `dst` must not overlap (the source)."""
+    Every converted tensor must be finite. `protect`: paths `dst` must not overlap (the source).
+
+    Args:
+      trees: {tree name: (table, abstract)}. source: the opened weights. config: the model
+        config. dst: the checkpoint to write. overwrite: replace an edit-jax checkpoint there.
+      progress: show progress. group_bytes: as `stream_params`'s. extra: more config.json keys.
+      protect: above.
+    """
     check_destination(resolve(dst), overwrite, protect)
     check(trees, source)
     groups = {

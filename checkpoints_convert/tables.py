@@ -161,7 +161,12 @@ def joint_linear(ours: str, theirs: str, parts: tuple[tuple[str, str, int], ...]
                  then: dict[str, tuple[Transform, ...]] | None = None) -> dict[str, Src]:
     """A Linear whose input features we store as one kernel per part (`JointLinear.parts`: kernel
     name, logical axis, features): each kernel <- its columns of the weight (then `then[name]`,
-    transposed), bias <- bias."""
+    transposed), bias <- bias.
+
+    Args:
+      ours: our module's path. theirs: PyTorch's. parts: `JointLinear.parts`. then: per kernel
+        a transform after the column split, or None.
+    """
     sizes, then = tuple(size for _, _, size in parts), then or {}
     kernels = {f"{ours}/{name}": Src(f"{theirs}.weight", (cols(sizes, i), *then.get(name, ()), transpose))
                for i, (name, _, _) in enumerate(parts)}

@@ -53,7 +53,12 @@ def static_fraction(layer_flops: np.ndarray, fixed: float, skipped: Sequence[int
 
 
 def static_for_target(order: Sequence[int], layer_flops: np.ndarray, fixed: float, target: float) -> list[int]:
-    """The first k blocks of the prune order, k chosen so the FLOPs fraction is nearest `target`."""
+    """The first k blocks of the prune order, k chosen so the FLOPs fraction is nearest `target`.
+
+    Args:
+      order: the blocks in prune order. layer_flops: [L, 1 + K] (`edit_jax.flops.layer_flops`).
+      fixed: FLOPs outside the blocks. target: the FLOPs fraction to match.
+    """
     options = [(static_fraction(layer_flops, fixed, order[:k]), list(order[:k])) for k in range(len(order) + 1)]
     return closest(options, target)
 
@@ -62,7 +67,12 @@ def step_schedule(run_rate: np.ndarray, bucket: np.ndarray, layer_flops: np.ndar
                   target: float) -> np.ndarray:
     """[S, L] bool: the (step, block) cells the routers ran most often (run_rate [S, L], the share
     of samples that computed the cell), kept in that order until the FLOPs fraction (each cell at
-    its `bucket` [S, L] width) reaches the one nearest `target`."""
+    its `bucket` [S, L] width) reaches the one nearest `target`.
+
+    Args:
+      run_rate, bucket: above. layer_flops: [L, 1 + K]. fixed: FLOPs outside the blocks.
+      target: the FLOPs fraction to match.
+    """
     steps, blocks = run_rate.shape
     cost = layer_flops[np.arange(blocks)[None, :], 1 + bucket].astype(np.float64)  # [S, L]
     dense = steps * (fixed + layer_flops[:, -1].sum())
@@ -76,7 +86,12 @@ def step_schedule(run_rate: np.ndarray, bucket: np.ndarray, layer_flops: np.ndar
 
 def cache_fraction(num_steps: int, cache_start: int, max_reuse: int, layer_flops: np.ndarray, fixed: float) -> float:
     """FLOPs fraction of the cache alone: every block computes before `cache_start`, then once
-    every 1 + max_reuse steps (the first active step stores, the next max_reuse reuse)."""
+    every 1 + max_reuse steps (the first active step stores, the next max_reuse reuse).
+
+    Args:
+      num_steps: the run's steps. cache_start, max_reuse: the cache's. layer_flops: [L, 1 + K].
+      fixed: FLOPs outside the blocks.
+    """
     active = max(num_steps - cache_start, 0)
     computed = min(cache_start, num_steps) + math.ceil(active / (1 + max_reuse))
     blocks = layer_flops[:, -1].sum()

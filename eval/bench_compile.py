@@ -31,7 +31,11 @@ MODES = ("dense", "forced", "infer", "train_step")
 
 def programs(config, batch: int, height: int, width: int, txt: int) -> dict:
     """{mode: (jitted function, its arguments: abstract params, routers and optimizer state)} of
-    the model `config` at this input size: the forwards the eval scripts time, and the train step."""
+    the model `config` at this input size: the forwards the eval scripts time, and the train step.
+
+    Args:
+      config: the model config. batch: B. height, width: packed tokens per side. txt: text tokens.
+    """
     model = edit_jax.build_model(config)
     variables = {c: abstract_params(config, c) for c in ("params", "routers")}
     arrays, static = split_static(example_inputs(config, batch, height, width, txt))  # inputs are small: concrete

@@ -56,7 +56,12 @@ def forwards(model, static: dict) -> dict:
 
 
 def modulations_ahead(config, variables: dict, arrays: dict, static: dict) -> list:
-    """The routers' modulation for these inputs, computed once outside any timed call."""
+    """The routers' modulation for these inputs, computed once outside any timed call.
+
+    Args:
+      config: the model config. variables: {"params", "routers"}. arrays, static: the
+        forward's inputs (`split_static`).
+    """
     cond = {k: v for k, v in {**arrays, **static}.items() if k != "timestep"}
     return jax.block_until_ready(router_modulations(config, variables["params"], variables["routers"],
                                                     arrays["timestep"], cond))

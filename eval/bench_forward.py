@@ -98,7 +98,11 @@ def diffusers_model(config, torch_dtype, device):
 
 
 def diffusers_inputs(arrays: dict, static: dict, torch_dtype, device) -> dict:
-    """Our forward's inputs as diffusers' forward takes them (the activations in torch_dtype)."""
+    """Our forward's inputs as diffusers' forward takes them (the activations in torch_dtype).
+
+    Args:
+      arrays, static: our forward's inputs. torch_dtype: the activations' dtype. device: torch's.
+    """
     import torch
 
     out = {k: torch.from_numpy(np.array(v, np.float32)).to(device) for k, v in arrays.items()}

@@ -28,13 +28,21 @@ from edit_jax.eval.timing import compare_forms, form_arguments
 
 
 def two_passes(x, scale, cos, sin, eps: float = 1e-6):
-    """As the blocks compute it: x [L, H, K] -> [L, H, K] in x's dtype."""
+    """As the blocks compute it: x [L, H, K] -> [L, H, K] in x's dtype.
+
+    Args:
+      x: [L, H, K]. scale: [K] the RMSNorm's. cos, sin: [L, K / 2] RoPE tables. eps: the norm's.
+    """
     normed = layers.RMSNorm("head_dim", RuntimeConfig(), eps).apply({"params": {"scale": scale}}, x)
     return layers.apply_rope(normed[None], cos, sin)[0]
 
 
 def one_pass(x, scale, cos, sin, eps: float = 1e-6):
-    """The same values, one rounding: rope(x * w) * rsqrt(mean(x^2) + eps) in float32."""
+    """The same values, one rounding: rope(x * w) * rsqrt(mean(x^2) + eps) in float32.
+
+    Args:
+      as `two_passes`'s.
+    """
     x32 = x.astype(jnp.float32)
     r = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return (layers.apply_rope((x32 * scale.astype(jnp.float32))[None], cos, sin)[0] * r).astype(x.dtype)

@@ -31,7 +31,11 @@ from edit_jax.eval.bench_forward import preset_with_overrides
 
 
 def random_conditions(config, batch: int, num_txt: int, height: int, width: int) -> dict:
-    """The sampler's cond from random prompt embeddings."""
+    """The sampler's cond from random prompt embeddings.
+
+    Args:
+      config: the model config. batch: B. num_txt: T. height, width: the image's pixels.
+    """
     rng = np.random.default_rng(0)
     extras = family_of(config).prompt_extras(config, batch, num_txt)
     pooled = rng.standard_normal(extras["pooled_projections"][0]) if "pooled_projections" in extras else None
@@ -40,7 +44,12 @@ def random_conditions(config, batch: int, num_txt: int, height: int, width: int)
 
 def scripted_borderline(num_steps: int, num_blocks: int, tau: float, margin: float):
     """p per step: every block borderline (tau + margin / 2) except the first and last two, which
-    are clearly on, as released routers behave. Returns decisions(step)."""
+    are clearly on, as released routers behave. Returns decisions(step).
+
+    Args:
+      num_steps: the run's steps. num_blocks: L. tau: the gate threshold. margin: the cache's
+        delta margin.
+    """
     p = np.full((num_steps, num_blocks), tau + margin / 2, np.float32)
     p[:, :2] = p[:, -2:] = 0.95
     p = jnp.asarray(p)

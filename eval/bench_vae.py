@@ -77,6 +77,13 @@ def enable_torch_tiling(vae, tile: int) -> None:
 
 
 def run_side(side: str, vae_name: str, size: int, runs: int, tile: int | None, channels: str | None = None) -> dict:
+    """One side's decode of random latents: its time and peak memory (run in a process of its own).
+
+    Args:
+      side: "ours" or "diffusers". vae_name: "flux" or "qwen-image". size: the image's side,
+        pixels. runs: timed decodes. tile: the tile's side (None: whole). channels: the VAE's block
+        widths (None: the real model's).
+    """
     import numpy as np
 
     config = vae_config(vae_name, channels)

@@ -248,7 +248,12 @@ class Demo:
         return ordered
 
     def model_inputs(self, split, count: int, seed: int, noisy: bool = True) -> dict:
-        """Model inputs of `count` images of a split at random noise levels (calibration, validation)."""
+        """Model inputs of `count` images of a split at random noise levels (calibration, validation).
+
+        Args:
+          split: (images, labels). count: images. seed: of the choice and noise. noisy: noise the
+            latents to random levels (else clean).
+        """
         rng = np.random.default_rng(self.s.seed + 100 + seed)
         pick = rng.choice(len(split[1]), size=min(count, len(split[1])), replace=False)
 
@@ -442,6 +447,12 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_results(demo: Demo, rows: list[dict], judge: dict, order: list[int], router_map, seconds: float) -> dict:
+    """results.json, results.md and the quality pictures in the demo's folder; returns the summary.
+
+    Args:
+      demo: the run. rows: one per method and budget. judge: the judge's own scores. order:
+        the static-pruning order. router_map: the picture's path. seconds: the run's wall-clock.
+    """
     out, s = demo.out, demo.s
     dense = rows[0]
     curves_acc, curves_fd = {}, {}

@@ -38,7 +38,11 @@ def _save(fig, path: str | Path) -> Path:
 
 def plot_router_map(path: str | Path, executed, bucket=None, cache_hit=None, *, title: str = "",
                     block_groups: list[tuple[str, int]] | None = None) -> Path:
-    """`router_map_figure` as a PNG at `path`."""
+    """`router_map_figure` as a PNG at `path`.
+
+    Args:
+      path: the PNG to write; the others: as `router_map_figure`'s.
+    """
     return _save(router_map_figure(executed, bucket, cache_hit, title=title, block_groups=block_groups), path)
 
 
@@ -48,7 +52,11 @@ def router_map_figure(executed, bucket=None, cache_hit=None, *, title: str = "",
     grey skipped, blues computed (darker = wider MLP), green reused from the cache.
 
     block_groups: [(name, count)] of the block stacks in order (FLUX: double, single), drawn as
-    separated spans of the x axis, named above it."""
+    separated spans of the x axis, named above it.
+
+    Args:
+      executed, bucket, cache_hit: [S, L] of one sample. title: the figure's. block_groups: above.
+    """
     plt = _pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -102,7 +110,12 @@ def quality_vs_flops_figure(curves: dict[str, list[tuple[float, float]]], *, yla
                             notes: dict[str, str] | None = None):
     """One line per method through its (FLOPs relative to dense, quality) points, sorted by FLOPs;
     dense's FLOPs (1.0) always in range, as a dotted vertical line, and `dense` quality as a dashed
-    horizontal one. notes: {method: text} written beside that method's points."""
+    horizontal one. notes: {method: text} written beside that method's points.
+
+    Args:
+      curves: {method: [(FLOPs vs dense, quality), ...]}. ylabel, title: the figure's.
+      dense: dense's quality (None: no line). lower_is_better: say so on the axis. notes: above.
+    """
     fig, ax = _pyplot().subplots(figsize=(7.5, 4.8), dpi=120)
     markers = "osD^v<>pP*"
     for i, (name, points) in enumerate(curves.items()):
@@ -128,7 +141,12 @@ def quality_vs_flops_figure(curves: dict[str, list[tuple[float, float]]], *, yla
 
 
 def plot_sample_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, *, title: str, columns: int = 10) -> Path:
-    """Images [M, H, W] in [0, 1] in a grid, each titled with the label it was conditioned on."""
+    """Images [M, H, W] in [0, 1] in a grid, each titled with the label it was conditioned on.
+
+    Args:
+      path: the PNG to write. images: [M, H, W] in [0, 1]. labels: [M]. title: the figure's.
+      columns: images per row.
+    """
     plt = _pyplot()
     rows = -(-len(images) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.25 * rows + 0.6), dpi=100, squeeze=False)

@@ -110,7 +110,12 @@ def op_times(trace_dir: str) -> tuple[dict[str, list[float]], list[str]]:
 
 
 def forward(mode: str, model, static: dict, num_blocks: int) -> tuple:
-    """(jitted fn(variables, arrays, *extra), extra) of the mode, as `eval.bench_elastic` times it."""
+    """(jitted fn(variables, arrays, *extra), extra) of the mode, as `eval.bench_elastic` times it.
+
+    Args:
+      mode: "dense", "infer" or "forced". model: the transformer. static: its static inputs.
+      num_blocks: L.
+    """
     jitted = forwards(model, static)
     if mode in ("dense", "infer"):
         return jitted[mode], ()

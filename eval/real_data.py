@@ -37,7 +37,11 @@ def load_images(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def split(images: np.ndarray, labels: np.ndarray, test_fraction: float, seed: int):
     """((train images, labels), (test images, labels)): a seeded split, stratified by label, so
-    every class keeps its share in both halves. No model or judge ever trains on the test half."""
+    every class keeps its share in both halves. No model or judge ever trains on the test half.
+
+    Args:
+      images: [M, H, W]. labels: [M]. test_fraction: the test half's share. seed: of the split.
+    """
     rng = np.random.default_rng(seed)
     test = np.zeros(len(labels), bool)
     for c in np.unique(labels):
@@ -86,7 +90,13 @@ def label_conditions(labels: np.ndarray, text_dim: int, pooled_dim: int) -> dict
 
 def write_training_set(out: str | Path, images: np.ndarray, labels: np.ndarray, patch: int, text_dim: int,
                        pooled_dim: int, overwrite: bool = False) -> Path:
-    """The images and labels as an edit-jax training dataset (train/dataset.py), captioned with the label."""
+    """The images and labels as an edit-jax training dataset (train/dataset.py), captioned with the label.
+
+    Args:
+      out: the dataset folder to create. images: [M, H, W] in [0, 1]. labels: [M].
+      patch: the side folded into channels. text_dim, pooled_dim: the label's one-hot widths.
+      overwrite: replace an earlier dataset at `out`.
+    """
     latents = to_latents(images, patch)
     cond = label_conditions(labels, text_dim, pooled_dim)
     examples = ({"latents": latents[i], "prompt_embeds": cond["prompt_embeds"][i],

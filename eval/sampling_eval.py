@@ -42,7 +42,12 @@ def time_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, 
                 elastic: ElasticConfig | None = None, decisions=None, repeats: int = 3,
                 negative_cond: dict | None = None, compiled: bool = False) -> float:
     """The warm wall-clock (median of `repeats`, seconds) of sampling these rows once; unless
-    `compiled` (this very call has run before), a first call compiles."""
+    `compiled` (this very call has run before), a first call compiles.
+
+    Args:
+      model, params, noise, cond, sampler, routers, elastic, decisions, negative_cond: as
+        `edit_jax.sampler.sample`'s. repeats: timed runs. compiled: above.
+    """
     def once():
         return jax.block_until_ready(sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic,
                                             decisions=decisions, negative_cond=negative_cond)[0])
@@ -61,7 +66,12 @@ def run_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, r
                elastic: ElasticConfig | None = None, decisions=None, timing_rows: int = 1,
                repeats: int = 3, negative_cond: dict | None = None) -> tuple[np.ndarray, dict, dict]:
     """Samples the whole batch once, then times `timing_rows` rows `repeats` times (warm);
-    returns (latents [B, N, C], stats, records). negative_cond: true CFG's negative prompt."""
+    returns (latents [B, N, C], stats, records). negative_cond: true CFG's negative prompt.
+
+    Args:
+      model, params, noise, cond, sampler, routers, elastic, decisions, negative_cond: as
+        `edit_jax.sampler.sample`'s. timing_rows: rows timed (0: none). repeats: timed runs.
+    """
     return run_in_batches(model, params, noise, cond, sampler, noise.shape[0], negative_cond, repeats, timing_rows,
                           routers=routers, elastic=elastic, decisions=decisions)
 
@@ -71,7 +81,13 @@ def run_in_batches(model, params: dict, noise, cond: dict, sampler: SamplerConfi
                    **method) -> tuple[np.ndarray, dict, dict]:
     """Samples the rows `batch_size` at a time (`edit_jax.batches.sample_in_batches`), then times
     `timing_rows` rows of the first batch (default: all of them) `repeats` times, warm: (latents
-    [B, N, C], stats, records of the first batch). The routing stats are averaged over every row."""
+    [B, N, C], stats, records of the first batch). The routing stats are averaged over every row.
+
+    Args:
+      model, params, noise, cond, sampler, negative_cond: as `edit_jax.sampler.sample`'s.
+      batch_size: rows per batch. repeats: timed runs. timing_rows: above.
+      **method: routers, elastic, decisions.
+    """
     parts = list(sample_in_batches(model, params, noise, rows_conditions(cond, negative_cond), sampler, batch_size,
                                    **method))
     routing = [(len(p.ids), routing_stats(model.config, p.records, noise.shape[1], num_txt_of(cond), sampler.num_steps))
@@ -101,7 +117,14 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     sampled under it. dtype: the transformer's params and compute; attention: its softmax
     attention (`edit_jax.config.resolve_attention`). true_cfg > 1: true
     classifier-free guidance with the file's negative_* embeddings. batch_size: prompts sampled
-    together (None: all; E-DiT's batch decisions are per batch, and the wall-clock is one batch's)."""
+    together (None: all; E-DiT's batch decisions are per batch, and the wall-clock is one batch's).
+
+    Args:
+      ckpt: the checkpoint with routers. embeddings: the prompt embeddings file. out: the folder
+        to write. height, width: pixels. steps: denoising steps. seed: of the noise. elastic: E-DiT's
+        settings. guidance: FLUX.1-dev's embedded guidance. repeats: timed runs per method.
+      vae, tile_size, mesh, dtype, true_cfg, batch_size, attention: above.
+    """
     import contextlib
     import dataclasses
 

@@ -93,7 +93,12 @@ def run_smoke(preset_name: str, out: Path, seed: int = 0) -> dict:
 
 def sample_smoke(model, params, config, out: Path, seed: int, steps: int = 12) -> dict:
     """Dense vs E-DiT sampling on random prompt embeddings; E-DiT decisions are scripted the way
-    released routers behave (outer blocks always on, inner blocks borderline or off)."""
+    released routers behave (outer blocks always on, inner blocks borderline or off).
+
+    Args:
+      model, params: the random-weight model. config: its config. out: the folder to write.
+      seed: of the embeddings and noise. steps: denoising steps.
+    """
     import jax.numpy as jnp
 
     blocks = config.num_blocks

@@ -33,6 +33,12 @@ CASES = [  # (model, trainable, topology, global batch)
 
 
 def run_case(model: str, trainable: str, topology: str, batch: int) -> dict:
+    """`edit-jax train --compile-only` of one case in a process of its own; its report.
+
+    Args:
+      model: "flux" or "qwen-image". trainable: "routers" or "routers+base". topology: the
+        TPU slice. batch: the global batch.
+    """
     args = [sys.executable, "-m", "edit_jax.cli", "train", f"preset={model}", f"trainable={trainable}",
             f"batch_size={batch}", *SIZES[model], *COMMON, "--compile-only", "--topology", topology]
     done = subprocess.run(args, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)

@@ -46,7 +46,14 @@ def encode_prompts(model_dir, prompts: list[str], out, *, negative_prompt: str |
                    overwrite: bool = False, progress: bool = True, dtype: str = "auto") -> dict:
     """Writes the embeddings of `prompts` (and of `negative_prompt`) to the .npz `out`; returns a
     summary: the file, the family, the encoders' dtype and each array's shape. dtype: the text
-    encoders' on a CUDA device ("auto": bfloat16; float32 elsewhere)."""
+    encoders' on a CUDA device ("auto": bfloat16; float32 elsewhere).
+
+    Args:
+      model_dir: the pipeline folder. prompts: the texts. out: the .npz to write.
+      negative_prompt: true CFG's, or None. max_sequence_length: text tokens. batch_size: prompts
+        encoded at once. embeddings_cache: a folder of cached embeddings, or None. overwrite: replace
+        an earlier file at `out`. progress: show progress. dtype: above.
+    """
     folder, out = resolve(model_dir), resolve(out)
     family = pipeline_family(folder, unused=MODEL_COMPONENTS)
     check_embeddings_destination(out, overwrite)

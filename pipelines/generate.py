@@ -87,7 +87,12 @@ def load_transformer(folder: Path, family: str, mesh=None, dtype: str = "float32
     """(model, params, routers or None) from an edit-jax checkpoint or diffusers weights (converted in
     memory), params and compute in `dtype` (routers as stored, converted ones float32), softmax
     attention by `attention`; with a device `mesh`, every array placed on it as the logical-axis
-    rules table says."""
+    rules table says.
+
+    Args:
+      folder: the checkpoint or diffusers weights. family: the pipeline's model family.
+      mesh, dtype, attention: above.
+    """
     if is_checkpoint(folder):
         model, params = edit_jax.load(folder, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=attention)
         if model.config.family != family:
@@ -148,7 +153,11 @@ def check_guidance(true_cfg: float, negative_prompt: str | None) -> None:
 def check_request(out: Path, prompts: list[str], true_cfg: float, negative_prompt: str | None, height: int,
                   width: int, elastic: str, cache: bool, cache_start: int | None, batch_size: int,
                   tile_size: int = 1024) -> None:
-    """Every flag that cannot work, found before the text encoders run."""
+    """Every flag that cannot work, found before the text encoders run.
+
+    Args:
+      the arguments of `generate` of the same names.
+    """
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file, not a folder")
     if not prompts:
@@ -183,7 +192,16 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     decision, tau, delta_margin, max_reuse: E-DiT's (`ElasticConfig`); by default each image's own
     decisions. transformer: weights to use instead of the folder's transformer/ (an edit-jax
     checkpoint such as a training run's RUN_DIR/edit-jax, or diffusers, BFL or E-DiT release
-    weights). attention: the transformer's (`edit_jax.config.resolve_attention`)."""
+    weights). attention: the transformer's (`edit_jax.config.resolve_attention`).
+
+    Args:
+      model_dir: the pipeline folder. prompts: the texts. out: the folder to write.
+      steps: denoising steps. height, width: pixels, multiples of 16. seed: of the noise.
+      elastic: "dense" or "infer". cache, cache_start: E-DiT's router-guided cache and its first
+        step. tile_size: the VAE's decode tile, pixels. max_sequence_length: text tokens.
+      embeddings_cache: a folder of cached prompt embeddings, or None. progress: show progress.
+      the others: above.
+    """
     from tqdm.auto import tqdm
 
     folder, out = resolve(model_dir), resolve(out)

@@ -162,7 +162,14 @@ def prepare_data(images_dir, out, model_dir, *, captions: str | None = None, res
                  max_sequence_length: int = 512, chunk: int = 16, overwrite: bool = False, progress: bool = True,
                  dtype: str = "auto") -> dict:
     """Writes the dataset; returns the report {"written", "skipped": [{"file", "reason"}], "buckets"}.
-    dtype: the text encoders' on a CUDA device ("auto": bfloat16; float32 elsewhere)."""
+    dtype: the text encoders' on a CUDA device ("auto": bfloat16; float32 elsewhere).
+
+    Args:
+      images_dir: the folder of images. out: the dataset folder to create. model_dir: the pipeline
+        folder (its VAE and text encoders). captions: a captions file, or None. resolution: the
+        buckets' side, pixels. max_sequence_length: text tokens. chunk: images per chunk written.
+      overwrite: replace `out` if it is an edit-jax dataset. progress: show progress. dtype: above.
+    """
     import shutil
 
     import jax

@@ -145,7 +145,12 @@ class TextEncoder:
                     progress: bool = False, keep: bool = True) -> list[dict]:
         """Each prompt's embeddings (`rows`), encoded `batch_size` prompts at a time (each once
         with a cache). keep=False, with a cache: only fills it and returns [] (`cached_rows` reads
-        them back a batch at a time, so a long list of prompts never sits in memory)."""
+        them back a batch at a time, so a long list of prompts never sits in memory).
+
+        Args:
+          prompts: the texts. cache: an EmbeddingCache, or None. batch_size: above.
+          progress: show progress. keep: above.
+        """
         from tqdm.auto import tqdm
 
         rows = []

@@ -16,7 +16,12 @@ GUIDANCE = 3.5  # FLUX.1-dev's usual embedded guidance
 def dataset_calibration(path, model_config, batches: int = 4, batch_size: int = 4, seed: int = 0) -> list[dict]:
     """`batches` model input dicts (keyword arguments of the model, as `example_inputs` gives)
     of up to `batch_size` examples each: hidden_states = (1 - s) x0 + s noise with s uniform in
-    [0.05, 0.95], the examples' text embeddings, and the RoPE ids or img_shapes of their grid."""
+    [0.05, 0.95], the examples' text embeddings, and the RoPE ids or img_shapes of their grid.
+
+    Args:
+      path: the dataset folder. model_config: the model's config (checked against the dataset).
+      batches: how many batches. batch_size: examples per batch, at most. seed: of the order and noise.
+    """
     manifest = read_manifest(path)
     check_fits(manifest, model_config, path)
     size = min(batch_size, max(b["count"] for b in manifest["buckets"]))

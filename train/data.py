@@ -20,7 +20,11 @@ from edit_jax.train.dataset import batch_iterator, check_fits, make_pipeline, re
 
 def shared_inputs(model_config, rows: int, cols: int, num_txt: int) -> dict:
     """What every sample of a batch on a rows x cols grid of packed tokens with num_txt text
-    tokens shares: FLUX RoPE ids [N, 3], [T, 3]; Qwen-Image the static img_shapes."""
+    tokens shares: FLUX RoPE ids [N, 3], [T, 3]; Qwen-Image the static img_shapes.
+
+    Args:
+      model_config: the model config. rows, cols: the grid of packed tokens. num_txt: T.
+    """
     return family_of(model_config).positions(model_config, rows, cols, num_txt)
 
 

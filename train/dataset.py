@@ -54,7 +54,13 @@ def write_dataset(out: str | Path, family: str, examples: Iterable[dict], record
                   overwrite: bool = False) -> Path:
     """Writes examples (dicts of the fields above, NumPy arrays, and optionally "source": the
     image's name, kept in the manifest for the first few of each bucket) as a dataset folder,
-    atomically: into a hidden sibling folder renamed into place when complete. Returns the folder."""
+    atomically: into a hidden sibling folder renamed into place when complete. Returns the folder.
+
+    Args:
+      out: the dataset folder to create. family: the model family the latents are for.
+      examples: an iterable of example dicts. records_per_file: ArrayRecord records per shard.
+      overwrite: replace `out` if it is an edit-jax dataset.
+    """
     from array_record.python.array_record_module import ArrayRecordWriter
 
     if family not in TEXT_FIELDS:
@@ -193,7 +199,12 @@ def make_pipeline(path: str | Path, batch_size: int, seed: int, process_index: i
     this process's slice (disjoint from the others', together covering the data), repeated with a
     new order each epoch, batched; buckets mixed in proportion to their sizes. batch_size is the
     per-process batch. Buckets smaller than one global batch are left out, with a warning naming
-    them; none large enough is an error. `batch_iterator` gives the checkpointable iterator."""
+    them; none large enough is an error. `batch_iterator` gives the checkpointable iterator.
+
+    Args:
+      path: the dataset folder. batch_size: examples per batch in this process. seed: of the
+        shuffles. process_index, process_count: this process and how many read the dataset.
+    """
     import grain
 
     path = resolve(path)

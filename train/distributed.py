@@ -21,7 +21,12 @@ ENV = ("EDIT_JAX_COORDINATOR", "EDIT_JAX_NUM_PROCESSES", "EDIT_JAX_PROCESS_ID")
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
                auto: bool = False) -> bool:
     """Joins the processes of one run; returns whether this is a multi-process run. Flags win over
-    the environment; with neither (and not `auto`) the run is one process."""
+    the environment; with neither (and not `auto`) the run is one process.
+
+    Args:
+      coordinator: HOST:PORT of process 0, or None. num_processes, process_id: or None.
+      auto: let JAX detect the cluster (TPU pods, SLURM, Open MPI, Kubernetes).
+    """
     import jax
 
     coordinator = coordinator or os.environ.get(ENV[0])

@@ -57,7 +57,13 @@ def opt_state_shardings(abstract_opt_state, trainable_shardings, mesh):
 
 def jitted_train_step(config: TrainConfig, model, optimizer, shared: dict, trainable_shardings, opt_shardings,
                       frozen_shardings, data_sharding):
-    """The train step under jit with every input and output sharding given and the state donated."""
+    """The train step under jit with every input and output sharding given and the state donated.
+
+    Args:
+      config: the run's TrainConfig. model: the transformer. optimizer: optax's.
+      shared: the inputs every sample shares. trainable_shardings, opt_shardings,
+        frozen_shardings: the state's. data_sharding: the batch's.
+    """
     return jax.jit(make_train_step(config, model, optimizer, shared, data_sharding),
                    in_shardings=(trainable_shardings, opt_shardings, frozen_shardings, data_sharding, None),
                    out_shardings=(trainable_shardings, opt_shardings, None), donate_argnums=(0, 1))
@@ -65,7 +71,12 @@ def jitted_train_step(config: TrainConfig, model, optimizer, shared: dict, train
 
 def train_step_flops(model_config, batch: dict, grid, config: TrainConfig) -> float:
     """Model FLOPs of one train step (edit_jax.flops): forward and backward (3x the dense forward,
-    recomputation under remat not counted), plus the teacher's forward."""
+    recomputation under remat not counted), plus the teacher's forward.
+
+    Args:
+      model_config: the model config. batch: B. grid: (rows, cols) of packed tokens.
+      config: the run's TrainConfig.
+    """
     per_sample = dense_flops(model_config, grid[0] * grid[1], batch["encoder_hidden_states"].shape[1])
     return (3 + (config.target == "teacher")) * per_sample * batch["latents"].shape[0]
 
@@ -77,7 +88,12 @@ def make_evaluator(config: TrainConfig, model, model_config, data: DataSource, d
     """evaluate(trainable, frozen) -> the mean metrics ("eval_" + name) over `eval_batches` fixed
     batches with fixed noise: from `eval_data` (held out), the synthetic source far past the last
     step (held out), or, without eval_data, the training dataset itself in another order (a
-    fixed-noise training loss, which the run says, see `held_out_eval`)."""
+    fixed-noise training loss, which the run says, see `held_out_eval`).
+
+    Args:
+      config: the run's TrainConfig. model: the transformer. model_config: its config.
+      data: the training data source. data_sharding: the batch's sharding.
+    """
     import dataclasses
 
     if config.data == "synthetic" and config.eval_data is None:
@@ -148,7 +164,12 @@ def train(config: TrainConfig, progress: bool = True, max_steps: int | None = No
     """Runs (or resumes) the training run; returns the last logged metrics. max_steps: stop after
     this many steps of this call (a job with a wall-clock limit), saving a checkpoint there. describe_setup:
     print the settings, the dtypes and the sharding plan by rule first (every array's placement goes
-    into RUN_DIR/sharding.txt)."""
+    into RUN_DIR/sharding.txt).
+
+    Args:
+      config: the run's TrainConfig. progress: show a progress bar. max_steps, describe_setup:
+        above.
+    """
     with use_rules(config.axis_rules):
         return _train(config, progress, max_steps, describe_setup)
 
@@ -388,7 +409,12 @@ def export_final(path, model_config, trainable: dict, frozen: dict, base: str | 
     run every process writes its own shards. base: the checkpoint the run read its base from, and
     `stored_identity` of it then. A frozen base whose checkpoint is still the one read and stores
     it as the export would is hard-linked from there (no second copy of FLUX.1-dev's 24 GB per
-    run), not written again."""
+    run), not written again.
+
+    Args:
+      path: the checkpoint to write. model_config: the model config. trainable, frozen: the
+        run's params and routers, split as trained. base, base_identity: above.
+    """
     params = trainable.get("params", frozen.get("params"))
     routers = trainable.get("routers", frozen.get("routers"))
     fresh = RuntimeConfig()  # how a loader runs it by default: training's remat and attention are training's own

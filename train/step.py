@@ -32,7 +32,12 @@ def noise_levels(config: TrainConfig, key: jax.Array, batch: int, model_config=N
     """s [B] in [0, 1]: uniform; logit-normal; a uniform s shifted towards noise by a fixed
     `shift` (s' = shift s / (1 + (shift - 1) s)); or "pipeline": shifted as the model's own
     pipeline shifts its sampling schedule for an image of num_img tokens (FLUX.1-dev and
-    Qwen-Image: mu linear in the token count, s' = e^mu / (e^mu + 1/s - 1))."""
+    Qwen-Image: mu linear in the token count, s' = e^mu / (e^mu + 1/s - 1)).
+
+    Args:
+      config: the run's TrainConfig. key: a jax.random key. batch: B. model_config: the model
+        config (its pipeline's shift). num_img: image tokens per sample.
+    """
     if config.noise_sampler == "logit_normal":
         return jax.nn.sigmoid(config.logit_mean + config.logit_std * jax.random.normal(key, (batch,)))
     s = jax.random.uniform(key, (batch,))
@@ -57,7 +62,12 @@ def gate_budget(config: TrainConfig, s: jax.Array) -> jax.Array:
 
 def edit_loss(config: TrainConfig, v_pred, target, aux: dict, s, width_buckets) -> tuple[jax.Array, dict]:
     """SPEC 4's loss from the model's train-mode aux (p [B, L], q [B, L, K]); returns (loss,
-    metrics: each term, the open rate and mean width per block [L])."""
+    metrics: each term, the open rate and mean width per block [L]).
+
+    Args:
+      config: the run's TrainConfig. v_pred, target: [B, N, C] velocities. aux: the model's
+        train-mode record. s: [B] noise levels. width_buckets: the buckets' shares of the MLP.
+    """
     p, q = aux["p"], aux["q"]
     flow = jnp.mean(jnp.square(v_pred.astype(jnp.float32) - target.astype(jnp.float32)))
     hard = (p >= config.tau).astype(jnp.float32)
@@ -88,7 +98,12 @@ def model_conditions(model_config, batch: dict) -> tuple[dict, dict]:
 
 def noisy_batch(config: TrainConfig, model_config, batch: dict, key: jax.Array):
     """(x0, noise, s, x_t, array conditions, static conditions) of a batch: the clean latents,
-    the noise and levels s drawn from `key`, and x_t = (1 - s) x0 + s noise."""
+    the noise and levels s drawn from `key`, and x_t = (1 - s) x0 + s noise.
+
+    Args:
+      config: the run's TrainConfig. model_config: the model config. batch: per-sample arrays.
+      key: a jax.random key.
+    """
     x0 = batch["latents"]
     arrays, static = model_conditions(model_config, batch)
     noise_key, s_key = jax.random.split(key)
@@ -176,7 +191,12 @@ def make_train_step(config: TrainConfig, model, optimizer: optax.GradientTransfo
     batch: per-sample arrays [B, ...]; shared: the inputs every sample shares (FLUX img_ids and
     txt_ids, Qwen-Image's static img_shapes), closed over. The global batch is split into
     `grad_accum` micro-batches (sample b goes to micro-batch b % grad_accum, so each keeps the
-    batch's sharding); their gradients and metrics are averaged."""
+    batch's sharding); their gradients and metrics are averaged.
+
+    Args:
+      config: the run's TrainConfig. model: the transformer. optimizer: optax's.
+      shared: above. micro_batch_sharding: each micro-batch's sharding, or None.
+    """
     loss_fn = make_loss_fn(config, model)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = config.grad_accum
