@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edit_jax.models import abstract_params, abstract_routers
+from edit_jax.models.registry import abstract_params, abstract_routers
 from edit_jax.checkpoints_convert import flux, qwen_image
 from edit_jax.checkpoints_convert.engine import convert_source
 from edit_jax.checkpoints_convert.sources import open_source

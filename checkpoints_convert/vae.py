@@ -18,8 +18,8 @@ from edit_jax.checkpoints_convert.sources import SourceError, open_source
 from edit_jax.checkpoints_convert.tables import Src, transpose
 from edit_jax.checkpoint import flatten, resolve
 from edit_jax.config import read_json_object
-from edit_jax.qwen_image_vae import AutoencoderKLQwenImageConfig
-from edit_jax.vae import AutoencoderKLConfig, abstract_vae
+from edit_jax.models.qwen_image_vae import AutoencoderKLQwenImageConfig
+from edit_jax.models.vae import AutoencoderKLConfig, abstract_vae
 
 
 def conv_kernel(w: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from edit_jax import checkpoint
 from edit_jax.checkpoint import load_config, load_params
 from edit_jax.config import FluxConfig, QwenImageConfig, RuntimeConfig, from_diffusers_config, preset
-from edit_jax.elastic import ElasticConfig
-from edit_jax.models import abstract_params, build_model, init_params, init_routers, logical_axes
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.models.registry import abstract_params, build_model, init_params, init_routers, logical_axes
 from edit_jax.placement import mesh_shardings
 
 __all__ = [

@@ -10,7 +10,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from edit_jax.models import abstract_params, logical_axes
+from edit_jax.models.registry import abstract_params, logical_axes
 from edit_jax.sharding import check_auto_axes, logical_to_mesh
 
 

@@ -46,7 +46,7 @@ def greedy_prune_order(held_out_loss: Callable[[np.ndarray], float], num_blocks:
 
 
 def static_fraction(layer_flops: np.ndarray, fixed: float, skipped: Sequence[int]) -> float:
-    """FLOPs fraction of a model without `skipped` blocks; layer_flops [L, 1 + K] (edit_jax.flops)."""
+    """FLOPs fraction of a model without `skipped` blocks; layer_flops [L, 1 + K] (edit_jax.elastic.flops)."""
     full = layer_flops[:, -1].astype(np.float64)
     kept = full.sum() - full[list(skipped)].sum()
     return float((fixed + kept) / (fixed + full.sum()))
@@ -56,7 +56,7 @@ def static_for_target(order: Sequence[int], layer_flops: np.ndarray, fixed: floa
     """The first k blocks of the prune order, k chosen so the FLOPs fraction is nearest `target`.
 
     Args:
-      order: the blocks in prune order. layer_flops: [L, 1 + K] (`edit_jax.flops.layer_flops`).
+      order: the blocks in prune order. layer_flops: [L, 1 + K] (`edit_jax.elastic.flops.layer_flops`).
       fixed: FLOPs outside the blocks. target: the FLOPs fraction to match.
     """
     options = [(static_fraction(layer_flops, fixed, order[:k]), list(order[:k])) for k in range(len(order) + 1)]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import edit_jax
-from edit_jax.models import abstract_params, example_inputs, split_static
+from edit_jax.models.registry import abstract_params, example_inputs, split_static
 from edit_jax.eval.bench_elastic import forwards
 from edit_jax.eval.bench_forward import config_from, model_arguments
 from edit_jax.eval.report import emit, environment, run_script

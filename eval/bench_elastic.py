@@ -23,9 +23,9 @@ import numpy as np
 
 import edit_jax
 from edit_jax.eval.report import emit, environment, run_script
-from edit_jax.elastic import ElasticConfig
-from edit_jax.flops import dense_flops
-from edit_jax.models import example_inputs, init_variables, router_modulations, split_static
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.flops import dense_flops
+from edit_jax.models.registry import example_inputs, init_variables, router_modulations, split_static
 from edit_jax.eval.bench_forward import config_from, model_arguments
 from edit_jax.eval.timing import paired_ratio, time_runs
 

@@ -34,7 +34,7 @@ from edit_jax.checkpoints_convert.engine import build_params
 from edit_jax.checkpoints_convert.export import FAMILIES, diffusers_config
 from edit_jax.checkpoints_convert.sources import from_state_dict
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS, ConfigError
-from edit_jax.models import abstract_params, example_inputs, split_static
+from edit_jax.models.registry import abstract_params, example_inputs, split_static
 from edit_jax.eval.report import emit, environment, run_script
 from edit_jax.eval.timing import time_alternating
 

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.flops import dense_flops, router_flops
+from edit_jax.elastic.flops import dense_flops, router_flops
 from edit_jax.layers import dtype_of
-from edit_jax.router import Router, router_modulation, router_prelude
+from edit_jax.elastic.router import Router, router_modulation, router_prelude
 from edit_jax.eval.bench_elastic import build, forwards
 from edit_jax.eval.bench_forward import model_arguments
 from edit_jax.eval.report import emit, environment, run_script

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.router import pooled_hidden, router_hidden
+from edit_jax.elastic.router import pooled_hidden, router_hidden
 from edit_jax.eval.report import emit, environment, run_script
 from edit_jax.eval.timing import compare_forms, form_arguments
 

@@ -21,11 +21,11 @@ import edit_jax
 from edit_jax.eval.report import emit, environment, run_script
 from edit_jax.eval.timing import paired_ratio, time_runs
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS
-from edit_jax.elastic import ElasticConfig
-from edit_jax.flops import dense_flops
-from edit_jax.latents import initial_noise, packed_grid
-from edit_jax.models import family_of, init_variables
-from edit_jax.sampler import SamplerConfig, init_state, make_conditions, sample
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.flops import dense_flops
+from edit_jax.sampling.latents import initial_noise, packed_grid
+from edit_jax.models.registry import family_of, init_variables
+from edit_jax.sampling.sampler import SamplerConfig, init_state, make_conditions, sample
 from edit_jax.eval.bench_elastic import forced_pattern
 from edit_jax.eval.bench_forward import preset_with_overrides
 

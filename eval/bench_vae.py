@@ -33,8 +33,8 @@ def peak_rss_gib() -> float:
 def vae_config(vae: str, channels: str | None):
     """The real config of FLUX.1's or Qwen-Image's VAE, or one of other widths for quick runs
     (FLUX: block widths "32,32,64,64"; Qwen-Image: the base width "16")."""
-    from edit_jax.qwen_image_vae import AutoencoderKLQwenImageConfig
-    from edit_jax.vae import AutoencoderKLConfig
+    from edit_jax.models.qwen_image_vae import AutoencoderKLQwenImageConfig
+    from edit_jax.models.vae import AutoencoderKLConfig
 
     if vae == "qwen-image":
         return AutoencoderKLQwenImageConfig(**({"base_dim": int(channels)} if channels else {}))
@@ -50,7 +50,7 @@ def torch_vae(cfg, seed: int = 0):
     import torch
     from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 
-    from edit_jax.qwen_image_vae import AutoencoderKLQwenImageConfig
+    from edit_jax.models.qwen_image_vae import AutoencoderKLQwenImageConfig
 
     torch.manual_seed(seed)
     if isinstance(cfg, AutoencoderKLQwenImageConfig):
@@ -105,7 +105,7 @@ def run_side(side: str, vae_name: str, size: int, runs: int, tile: int | None, c
         from edit_jax.checkpoints_convert.engine import build_params
         from edit_jax.checkpoints_convert.sources import from_state_dict
         from edit_jax.checkpoints_convert.vae import vae_table
-        from edit_jax.vae import abstract_vae, decode_tiled
+        from edit_jax.models.vae import abstract_vae, decode_tiled
 
         abstract = abstract_vae(config)
         params = build_params(vae_table(abstract), from_state_dict(vae.state_dict()), abstract)
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
         print(json.dumps(run_side(args.side, args.vae, args.size, args.runs, args.tile, args.channels)))
         return {}
     if args.tile is not None:
-        from edit_jax.vae import check_tile_size  # here, not above: the diffusers side's child must not load JAX
+        from edit_jax.models.vae import check_tile_size  # here, not above: the diffusers side's child must not load JAX
 
         check_tile_size(args.tile, flag="--tile")
     result = {"benchmark": "vae_decode", **environment(), "vae": args.vae, "size": args.size, "tile": args.tile,

@@ -30,7 +30,7 @@ def write_source(folder: Path, layers: int) -> None:
     from edit_jax.checkpoints_convert.qwen_image import diffusers_table
     from edit_jax.config import preset
     from edit_jax.checkpoint import flatten
-    from edit_jax.models import abstract_params
+    from edit_jax.models.registry import abstract_params
 
     config = preset("qwen-image").replace(num_layers=layers)
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def convert(src: Path, dst: Path) -> dict:
     from edit_jax.checkpoints_convert import convert_checkpoint
     from edit_jax.checkpoint import flatten
     from edit_jax.config import from_diffusers_config
-    from edit_jax.models import abstract_params
+    from edit_jax.models.registry import abstract_params
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     config = from_diffusers_config(src).with_runtime(param_dtype="bfloat16")

@@ -32,14 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import edit_jax
-from edit_jax.channel_order import order_mlp_channels
+from edit_jax.elastic.channel_order import order_mlp_channels
 from edit_jax.checkpoint import is_checkpoint, load_routers, resolve, save
 from edit_jax.config import FluxConfig, config_to_dict
-from edit_jax.elastic import ElasticConfig
-from edit_jax.flops import base_flops, layer_flops
-from edit_jax.latents import unpack_latents
-from edit_jax.models import build_model
-from edit_jax.sampler import SamplerConfig
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.flops import base_flops, layer_flops
+from edit_jax.sampling.latents import unpack_latents
+from edit_jax.models.registry import build_model
+from edit_jax.sampling.sampler import SamplerConfig
 from edit_jax.eval import baselines, real_data
 from edit_jax.eval.judge import Judge
 from edit_jax.eval.metrics import json_number, psnr, ssim

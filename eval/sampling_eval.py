@@ -22,15 +22,15 @@ import numpy as np
 
 from edit_jax.checkpoints_convert.vae import load_vae
 from edit_jax import load, load_routers
-from edit_jax.batches import rows_conditions, rows_of, sample_in_batches
+from edit_jax.sampling.batches import rows_conditions, rows_of, sample_in_batches
 from edit_jax.checkpoint import CheckpointError
 from edit_jax.config import resolve_attention
-from edit_jax.elastic import ElasticConfig
-from edit_jax.embeddings import check_embeddings, embedding_conditions, read_embeddings
-from edit_jax.flops import mean_routing, routing_stats
-from edit_jax.latents import initial_noise, unpack_latents
-from edit_jax.sampler import SamplerConfig, check_sampling_inputs, sample
-from edit_jax.vae import check_vae_fits, decode_tiled, to_uint8
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.sampling.embeddings import check_embeddings, embedding_conditions, read_embeddings
+from edit_jax.elastic.flops import mean_routing, routing_stats
+from edit_jax.sampling.latents import initial_noise, unpack_latents
+from edit_jax.sampling.sampler import SamplerConfig, check_sampling_inputs, sample
+from edit_jax.models.vae import check_vae_fits, decode_tiled, to_uint8
 from edit_jax.eval.metrics import json_number, psnr, ssim
 from edit_jax.eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map
 
@@ -46,7 +46,7 @@ def time_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, 
 
     Args:
       model, params, noise, cond, sampler, routers, elastic, decisions, negative_cond: as
-        `edit_jax.sampler.sample`'s. repeats: timed runs. compiled: above.
+        `edit_jax.sampling.sampler.sample`'s. repeats: timed runs. compiled: above.
     """
     def once():
         return jax.block_until_ready(sample(model, params, noise, cond, sampler, routers=routers, elastic=elastic,
@@ -70,7 +70,7 @@ def run_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, r
 
     Args:
       model, params, noise, cond, sampler, routers, elastic, decisions, negative_cond: as
-        `edit_jax.sampler.sample`'s. timing_rows: rows timed (0: none). repeats: timed runs.
+        `edit_jax.sampling.sampler.sample`'s. timing_rows: rows timed (0: none). repeats: timed runs.
     """
     return run_in_batches(model, params, noise, cond, sampler, noise.shape[0], negative_cond, repeats, timing_rows,
                           routers=routers, elastic=elastic, decisions=decisions)
@@ -79,12 +79,12 @@ def run_method(model, params: dict, noise, cond: dict, sampler: SamplerConfig, r
 def run_in_batches(model, params: dict, noise, cond: dict, sampler: SamplerConfig, batch_size: int,
                    negative_cond: dict | None = None, repeats: int = 3, timing_rows: int | None = None,
                    **method) -> tuple[np.ndarray, dict, dict]:
-    """Samples the rows `batch_size` at a time (`edit_jax.batches.sample_in_batches`), then times
+    """Samples the rows `batch_size` at a time (`edit_jax.sampling.batches.sample_in_batches`), then times
     `timing_rows` rows of the first batch (default: all of them) `repeats` times, warm: (latents
     [B, N, C], stats, records of the first batch). The routing stats are averaged over every row.
 
     Args:
-      model, params, noise, cond, sampler, negative_cond: as `edit_jax.sampler.sample`'s.
+      model, params, noise, cond, sampler, negative_cond: as `edit_jax.sampling.sampler.sample`'s.
       batch_size: rows per batch. repeats: timed runs. timing_rows: above.
       **method: routers, elastic, decisions.
     """

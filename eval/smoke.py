@@ -18,11 +18,11 @@ import numpy as np
 
 import edit_jax
 from edit_jax.checkpoint import save
-from edit_jax.elastic import ElasticConfig
-from edit_jax.flops import dense_flops
-from edit_jax.latents import packed_grid
-from edit_jax.models import example_inputs, init_routers, jit_forward
-from edit_jax.sampler import SamplerConfig, sample
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.flops import dense_flops
+from edit_jax.sampling.latents import packed_grid
+from edit_jax.models.registry import example_inputs, init_routers, jit_forward
+from edit_jax.sampling.sampler import SamplerConfig, sample
 from edit_jax.eval.bench_sample import random_conditions
 from edit_jax.eval.pictures import block_groups, plot_router_map
 

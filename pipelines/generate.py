@@ -22,22 +22,22 @@ import jax
 import numpy as np
 
 import edit_jax
-from edit_jax.batches import sample_in_batches
+from edit_jax.sampling.batches import sample_in_batches
 from edit_jax.checkpoints_convert.convert import FAMILIES
 from edit_jax.checkpoints_convert.engine import build_params
 from edit_jax.checkpoints_convert.sources import open_source
 from edit_jax.checkpoints_convert.vae import load_vae
 from edit_jax.checkpoint import ROUTERS_DIR, is_checkpoint, load_config, resolve, run_dir_hint, tree_names
 from edit_jax.config import read_json_object, resolve_attention, resolve_dtype
-from edit_jax.elastic import ElasticConfig
-from edit_jax.embeddings import embedding_conditions
-from edit_jax.flops import mean_routing, routing_stats
-from edit_jax.latents import initial_noise, packed_grid, unpack_latents
-from edit_jax.models import abstract_params, abstract_routers
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.sampling.embeddings import embedding_conditions
+from edit_jax.elastic.flops import mean_routing, routing_stats
+from edit_jax.sampling.latents import initial_noise, packed_grid, unpack_latents
+from edit_jax.models.registry import abstract_params, abstract_routers
 from edit_jax.placement import mesh_shardings
-from edit_jax.sampler import SamplerConfig
-from edit_jax.schedules import SchedulerConfig
-from edit_jax.vae import check_tile_size, check_vae_fits, decode_tiled, to_uint8
+from edit_jax.sampling.sampler import SamplerConfig
+from edit_jax.sampling.schedules import SchedulerConfig
+from edit_jax.models.vae import check_tile_size, check_vae_fits, decode_tiled, to_uint8
 from edit_jax.eval.pictures import block_groups, plot_router_map
 from edit_jax.pipelines.text_encoders import EmbeddingCache, TEXT_ENCODERS, missing_components
 
@@ -110,7 +110,7 @@ def load_transformer(folder: Path, family: str, mesh=None, dtype: str = "float32
 
 
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
-# its settings that change the sigmas or the step, which edit_jax.schedules does not reproduce
+# its settings that change the sigmas or the step, which edit_jax.sampling.schedules does not reproduce
 UNSUPPORTED_SCHEDULER_SETTINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                                   "stochastic_sampling")
 

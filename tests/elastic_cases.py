@@ -8,7 +8,7 @@ import numpy as np
 
 import edit_jax
 from edit_jax.config import FluxConfig, QwenImageConfig
-from edit_jax.models import example_inputs, init_variables, split_static
+from edit_jax.models.registry import example_inputs, init_variables, split_static
 
 # mlp_ratio 3 keeps every bucket width (24, 48, 72, 96) distinct from D = 32
 CONFIGS = {

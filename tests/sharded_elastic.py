@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import edit_jax  # noqa: E402
-from edit_jax.elastic import ElasticConfig  # noqa: E402
-from edit_jax.models import example_inputs, init_variables, split_static  # noqa: E402
+from edit_jax.elastic.mechanism import ElasticConfig  # noqa: E402
+from edit_jax.models.registry import example_inputs, init_variables, split_static  # noqa: E402
 from edit_jax.placement import param_shardings  # noqa: E402
 from edit_jax.sharding import make_mesh  # noqa: E402
 
@@ -137,8 +137,8 @@ def check_the_generate_command_on_a_mesh():
 
 def check_sampling(config, model, variables, sharded):
     """Three Euler steps with routers and the cache, sharded params and routers against unsharded."""
-    from edit_jax.latents import initial_noise
-    from edit_jax.sampler import SamplerConfig, make_conditions, sample
+    from edit_jax.sampling.latents import initial_noise
+    from edit_jax.sampling.sampler import SamplerConfig, make_conditions, sample
 
     rng = np.random.default_rng(0)
     pooled = rng.standard_normal((2, config.pooled_projection_dim)) if config.family == "flux" else None

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec  # noqa: E402
 
 import edit_jax  # noqa: E402
 from edit_jax.checkpoint import flatten  # noqa: E402
-from edit_jax.models import init_variables, logical_axes  # noqa: E402
+from edit_jax.models.registry import init_variables, logical_axes  # noqa: E402
 from edit_jax.placement import param_shardings, summarize  # noqa: E402
 from edit_jax.sharding import batch_sharding, logical_to_mesh, make_mesh  # noqa: E402
 from edit_jax.train.config import TrainConfig  # noqa: E402

@@ -1,11 +1,11 @@
-"""Sampling prompts a batch at a time (`edit_jax.batches`), the loop sample, generate and eval share."""
+"""Sampling prompts a batch at a time (`edit_jax.sampling.batches`), the loop sample, generate and eval share."""
 
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.batches import rows_conditions, rows_of, sample_in_batches
-from edit_jax.elastic import ElasticConfig
-from edit_jax.sampler import SamplerConfig, concat_records, make_conditions, sample
+from edit_jax.sampling.batches import rows_conditions, rows_of, sample_in_batches
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.sampling.sampler import SamplerConfig, concat_records, make_conditions, sample
 from elastic_cases import Case
 
 SAMPLER = SamplerConfig(num_steps=2)

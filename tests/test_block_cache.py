@@ -1,4 +1,4 @@
-"""The seam for per-block cache methods (`edit_jax.block_cache`): a method is one class, passed as
+"""The seam for per-block cache methods (`edit_jax.elastic.block_cache`): a method is one class, passed as
 `ElasticConfig(block_cache=...)`, and the mechanism, the models and the sampler run it unchanged."""
 
 import dataclasses
@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edit_jax.block_cache import RouterGuidedCache
-from edit_jax.elastic import ElasticConfig
-from edit_jax.models import init_cache
-from edit_jax.sampler import SamplerConfig, make_conditions, sample
+from edit_jax.elastic.block_cache import RouterGuidedCache
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.models.registry import init_cache
+from edit_jax.sampling.sampler import SamplerConfig, make_conditions, sample
 from elastic_cases import Case
 from test_cache import run_steps
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edit_jax.elastic import ElasticConfig
-from edit_jax.models import init_cache
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.models.registry import init_cache
 from elastic_cases import Case
 
 TAU, MARGIN, START, MAX_REUSE = 0.5, 0.1, 2, 2

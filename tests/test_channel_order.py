@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from edit_jax.channel_order import elastic_mlps, order_mlp_channels
-from edit_jax.elastic import ElasticConfig
-from edit_jax.models import example_inputs
+from edit_jax.elastic.channel_order import elastic_mlps, order_mlp_channels
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.models.registry import example_inputs
 from elastic_cases import FAMILIES, Case, forced, relative
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import edit_jax
 from edit_jax.checkpoint import CheckpointError, load_routers, missing_array_files, save, verify_arrays
-from edit_jax.models import init_variables
+from edit_jax.models.registry import init_variables
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_a_checkpoint_for_another_config_lists_what_does_not_fit(tiny, tmp_path)
     config, variables = tiny
     save(tmp_path / "ckpt", config, variables["params"])
     from edit_jax.checkpoint import load_params
-    from edit_jax.models import abstract_params
+    from edit_jax.models.registry import abstract_params
 
     with pytest.raises(CheckpointError, match="does not fit the model config"):
         load_params(tmp_path / "ckpt", abstract_params(edit_jax.preset("flux-small")))
@@ -191,7 +191,7 @@ def test_a_format_1_checkpoint_loads_with_its_proj_out_kernel_split(tiny, format
     from jax.sharding import NamedSharding, PartitionSpec
 
     from edit_jax.checkpoint import load_params
-    from edit_jax.models import abstract_params
+    from edit_jax.models.registry import abstract_params
     from edit_jax.sharding import make_mesh
 
     config, variables = tiny

@@ -417,7 +417,7 @@ def test_help_leaves_out_the_default_of_a_flag_that_is_unset_by_default(capsys):
 
 
 def test_an_embeddings_file_may_hold_its_prompts_as_text(tmp_path):
-    from edit_jax.embeddings import read_embeddings
+    from edit_jax.sampling.embeddings import read_embeddings
 
     np.savez(tmp_path / "emb.npz", prompt_embeds=np.zeros((1, 4, 8), np.float32), prompts=np.array(["a cat"]))
     assert list(read_embeddings(str(tmp_path / "emb.npz"))["prompts"]) == ["a cat"]

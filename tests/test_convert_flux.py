@@ -322,8 +322,8 @@ def test_a_width_bucket_of_a_converted_model_keeps_pytorchs_first_hidden_channel
                                                                                     width_groups):
     """Stored in groups (width_groups > 1), the channels a bucket keeps are still the first m of
     the PyTorch weights: the model with channels m.. zeroed there, run dense, gives the same."""
-    from edit_jax.elastic import ElasticConfig
-    from edit_jax.models import example_inputs, init_routers, split_static
+    from edit_jax.elastic.mechanism import ElasticConfig
+    from edit_jax.models.registry import example_inputs, init_routers, split_static
 
     torch_model = make_diffusers_flux()
     full = convert_flux(save_diffusers(torch_model, "full"), tmp_path / "full", width_groups=width_groups)

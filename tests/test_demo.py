@@ -116,11 +116,11 @@ def test_eval_in_batches_gives_the_latents_and_routing_of_one_batch(tiny_routed_
     import jax
 
     import edit_jax
-    from edit_jax.embeddings import embedding_conditions, read_embeddings
-    from edit_jax.elastic import ElasticConfig
-    from edit_jax.latents import initial_noise
-    from edit_jax.sampler import SamplerConfig
-    from edit_jax.flops import ROUTING_KEYS
+    from edit_jax.sampling.embeddings import embedding_conditions, read_embeddings
+    from edit_jax.elastic.mechanism import ElasticConfig
+    from edit_jax.sampling.latents import initial_noise
+    from edit_jax.sampling.sampler import SamplerConfig
+    from edit_jax.elastic.flops import ROUTING_KEYS
     from edit_jax.eval.sampling_eval import run_in_batches
 
     ckpt, emb = tiny_routed_ckpt

@@ -10,7 +10,7 @@ import pytest
 
 import edit_jax
 from edit_jax.checkpoint import save
-from edit_jax.models import init_variables
+from edit_jax.models.registry import init_variables
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

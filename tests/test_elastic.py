@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edit_jax.layers import channel_ranks
-from edit_jax.elastic import ElasticConfig, apply_elastic
+from edit_jax.elastic.mechanism import ElasticConfig, apply_elastic
 from elastic_cases import FAMILIES, Case, forced, relative, take_layers
 
 INFER = ElasticConfig(mode="infer")
@@ -246,7 +246,7 @@ def test_the_routers_temb_only_half_runs_once_per_stack_ahead_of_the_block_scans
 
 
 def modulations_of(case, routers, arrays=None):
-    from edit_jax.models import router_modulations
+    from edit_jax.models.registry import router_modulations
 
     arrays = dict(arrays or case.arrays)
     timestep = arrays.pop("timestep")
@@ -285,7 +285,7 @@ def test_router_modulations_where_no_router_runs_are_a_clear_error():
 
 
 def block_modulations_of(case, arrays=None):
-    from edit_jax.models import block_modulations
+    from edit_jax.models.registry import block_modulations
 
     arrays = dict(arrays or case.arrays)
     timestep = arrays.pop("timestep")
@@ -366,7 +366,7 @@ def test_released_routers_give_the_p_and_q_of_spec_section_1(tmp_path):
     from edit_jax.checkpoints_convert import convert_checkpoint
     from edit_jax.checkpoint import load_routers
     from edit_jax.config import from_diffusers_config
-    from edit_jax.router import Router
+    from edit_jax.elastic.router import Router
     from reference import make_diffusers_qwen
     from test_qwen_image import fake_release
 

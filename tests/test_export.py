@@ -12,7 +12,7 @@ from edit_jax.checkpoints_convert import convert_checkpoint
 from edit_jax.checkpoints_convert.export import export_checkpoint
 from edit_jax.checkpoint import CheckpointError, load_routers, save
 from edit_jax.config import from_diffusers_config
-from edit_jax.models import init_variables
+from edit_jax.models.registry import init_variables
 from reference import flux_inputs, make_diffusers_flux, make_diffusers_qwen, run_diffusers
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from edit_jax.config import PRESETS, FluxConfig
-from edit_jax.models import FAMILIES, build_model, example_inputs, family_of
-from edit_jax.sampler import default_scheduler
+from edit_jax.models.registry import FAMILIES, build_model, example_inputs, family_of
+from edit_jax.sampling.sampler import default_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILY_MODULES = {"edit_jax/flux.py", "edit_jax/qwen_image.py", "edit_jax/config.py"}
+FAMILY_MODULES = {"edit_jax/models/flux.py", "edit_jax/models/qwen_image.py", "edit_jax/config.py"}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

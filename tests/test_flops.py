@@ -8,10 +8,10 @@ import pytest
 
 import edit_jax
 from edit_jax.config import FluxConfig, QwenImageConfig
-from edit_jax.elastic import ElasticConfig
-from edit_jax.router import Router
-from edit_jax.flops import dense_flops, layer_flops, router_flops
-from edit_jax.models import example_inputs, jit_forward, split_static
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.router import Router
+from edit_jax.elastic.flops import dense_flops, layer_flops, router_flops
+from edit_jax.models.registry import example_inputs, jit_forward, split_static
 from elastic_cases import Case, forced
 
 # wide enough for matmuls to dominate elementwise work, as at real sizes; one block per stack,

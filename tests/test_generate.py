@@ -60,7 +60,7 @@ def test_a_quiet_encoder_loads_without_progress_bars_and_leaves_them_as_they_wer
 
 
 def test_encode_prompts_writes_the_pipelines_embeddings_for_sample_and_eval(tiny_pipeline, tmp_path):
-    from edit_jax.embeddings import read_embeddings
+    from edit_jax.sampling.embeddings import read_embeddings
 
     pipe, folder = tiny_pipeline
     assert main(["encode-prompts", "--model", str(folder), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
@@ -149,7 +149,7 @@ def test_the_cli_generates_pngs_and_a_run_json(tiny_pipeline, tmp_path):
 
 
 def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory(tiny_pipeline, tmp_path, monkeypatch):
-    from edit_jax import batches as module  # where generate's batches are sampled
+    from edit_jax.sampling import batches as module  # where generate's batches are sampled
     from edit_jax.pipelines.generate import generate
 
     _, folder = tiny_pipeline

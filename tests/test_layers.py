@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import edit_jax
 from edit_jax import layers
 from edit_jax.config import RuntimeConfig
-from edit_jax.models import abstract_params, example_inputs, logical_axes
+from edit_jax.models.registry import abstract_params, example_inputs, logical_axes
 from edit_jax.checkpoint import flatten
 from edit_jax.placement import param_shardings
 from edit_jax.sharding import make_mesh
@@ -192,7 +192,7 @@ def test_flash_attention_kernels_match_xla_attention_in_the_models(preset, atten
     (its XLA kernel here); 64 image + 64 text tokens (splash tiles 128), Qwen-Image with padded
     text in one row."""
     import edit_jax
-    from edit_jax.models import example_inputs, split_static
+    from edit_jax.models.registry import example_inputs, split_static
 
     config = edit_jax.preset(preset)
     arrays, static = split_static(example_inputs(config, batch=2, height=8, width=8, num_txt=64))

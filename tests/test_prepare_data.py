@@ -343,7 +343,7 @@ def test_the_manifest_names_the_source_images_of_each_bucket(prepared):
 
 def test_order_channels_ranks_on_a_prepared_dataset(tiny_pipeline, prepared, tmp_path, capsys):
     from edit_jax.checkpoints_convert import convert_checkpoint
-    from edit_jax.channel_order import order_mlp_channels
+    from edit_jax.elastic.channel_order import order_mlp_channels
     from edit_jax.train.calibration import dataset_calibration
 
     ckpt = convert_checkpoint("flux", tiny_pipeline / "transformer", tmp_path / "ckpt", dtype="float32", progress=False)

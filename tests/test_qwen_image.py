@@ -80,7 +80,7 @@ def test_zero_cond_t_modulates_the_reference_images_as_at_t_0_as_diffusers_does(
 def test_zero_cond_t_with_block_modulations_computed_ahead_gives_the_call_it_would_compute():
     """As `sample` runs it: the blocks' modulations for the call's t come from outside, the
     reference images' (t = 0) the model adds itself."""
-    from edit_jax.models import block_modulations
+    from edit_jax.models.registry import block_modulations
 
     config = edit_jax.preset("qwen-image-tiny").replace(zero_cond_t=True)
     model, params = edit_jax.build_model(config), edit_jax.init_params(config)
@@ -92,7 +92,7 @@ def test_zero_cond_t_with_block_modulations_computed_ahead_gives_the_call_it_wou
 
 
 def test_img_shapes_that_differ_between_samples_are_an_error():
-    from edit_jax.qwen_image import normalize_img_shapes
+    from edit_jax.models.qwen_image import normalize_img_shapes
 
     with pytest.raises(ValueError, match="per-sample list of 2 equal"):
         normalize_img_shapes([[(1, 2, 2)], [(1, 2, 2), (1, 1, 1)]], batch=2)
@@ -207,7 +207,7 @@ def test_the_released_config_json_with_its_unused_pooled_projection_dim_reads_as
 ], ids=["timestep-0-1000", "all-zero-mask", "img-shapes"])
 def test_inputs_with_impossible_values_are_clear_errors(bad, message):
     import edit_jax
-    from edit_jax.models import example_inputs
+    from edit_jax.models.registry import example_inputs
 
     config = edit_jax.preset("qwen-image-tiny")
     inputs = {**example_inputs(config, batch=1, height=4, width=3, num_txt=4), **bad}

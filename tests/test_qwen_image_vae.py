@@ -11,7 +11,7 @@ from edit_jax.checkpoints_convert.engine import ConversionError, build_params
 from edit_jax.checkpoints_convert.sources import from_state_dict
 from edit_jax.checkpoints_convert.vae import load_vae, vae_table
 from edit_jax.checkpoint import flatten
-from edit_jax.qwen_image_vae import AutoencoderKLQwenImage, AutoencoderKLQwenImageConfig
+from edit_jax.models.qwen_image_vae import AutoencoderKLQwenImage, AutoencoderKLQwenImageConfig
 from reference import randomize_, relative_error
 
 # two downsamplings (4x), one of them temporal (a held time_conv)
@@ -96,7 +96,7 @@ def test_a_vae_of_other_shapes_is_one_error_naming_the_tensors(tiny_vae, ours):
 
 
 def test_tiled_decode_matches_diffusers_tiled_decode(tiny_vae, ours):
-    from edit_jax.vae import decode_tiled
+    from edit_jax.models.vae import decode_tiled
 
     vae, _ = tiny_vae
     config, params = ours

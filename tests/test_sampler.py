@@ -11,11 +11,11 @@ import torch
 
 import edit_jax
 from edit_jax.checkpoints_convert import convert_checkpoint
-from edit_jax.elastic import ElasticConfig
-from edit_jax.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
-from edit_jax.models import init_routers
-from edit_jax.sampler import SamplerConfig, sample
-from edit_jax.schedules import SCHEDULERS
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.sampling.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
+from edit_jax.models.registry import init_routers
+from edit_jax.sampling.sampler import SamplerConfig, sample
+from edit_jax.sampling.schedules import SCHEDULERS
 from reference import make_diffusers_flux, make_diffusers_qwen, relative_error
 
 HEIGHT, WIDTH = 64, 48  # pixels: 4 x 3 packed tokens
@@ -224,7 +224,7 @@ def test_elastic_sampler_with_every_block_on_equals_the_dense_sampler(elastic, s
 
 
 def test_a_user_written_heun_sampler_runs_on_the_pure_velocity_function(save_diffusers, tmp_path):
-    from edit_jax.sampler import init_state, make_velocity_fn
+    from edit_jax.sampling.sampler import init_state, make_velocity_fn
 
     model, params, cond, noise = small_flux(save_diffusers, tmp_path)
     cond = {**cond, "guidance": jnp.full((2,), 3.5)}
@@ -265,7 +265,7 @@ def test_bad_sampling_inputs_are_clear_errors(save_diffusers, tmp_path):
 
 @pytest.mark.parametrize("preset", ["flux-tiny", "qwen-image-tiny"])
 def test_every_prompt_array_must_hold_one_row_per_sample(preset):
-    from edit_jax.sampler import make_conditions
+    from edit_jax.sampling.sampler import make_conditions
 
     config = edit_jax.preset(preset)
     model, params = edit_jax.build_model(config), edit_jax.models.init_params(config)
@@ -322,7 +322,7 @@ def test_sequential_true_cfg_with_routers_records_both_branches(save_diffusers, 
 
 
 def test_the_velocity_function_jits_with_qwen_conditions_and_takes_params_as_arguments():
-    from edit_jax.sampler import init_state, make_conditions, velocity_fn
+    from edit_jax.sampling.sampler import init_state, make_conditions, velocity_fn
 
     config = edit_jax.preset("qwen-image-tiny")
     variables = edit_jax.models.init_variables(config)
@@ -341,7 +341,7 @@ def test_the_velocity_function_jits_with_qwen_conditions_and_takes_params_as_arg
 
 
 def test_an_explicit_step_decides_when_the_cache_starts():
-    from edit_jax.sampler import init_state, make_velocity_fn
+    from edit_jax.sampling.sampler import init_state, make_velocity_fn
 
     config = edit_jax.preset("qwen-image-tiny")
     variables = edit_jax.models.init_variables(config)
@@ -362,9 +362,9 @@ def test_an_explicit_step_decides_when_the_cache_starts():
 
 
 def test_sampling_with_routers_equals_a_step_loop_whose_calls_compute_their_own_modulations():
-    from edit_jax.models import init_variables
-    from edit_jax.sampler import default_scheduler, init_state, make_conditions, make_velocity_fn
-    from edit_jax.schedules import flow_match_schedule
+    from edit_jax.models.registry import init_variables
+    from edit_jax.sampling.sampler import default_scheduler, init_state, make_conditions, make_velocity_fn
+    from edit_jax.sampling.schedules import flow_match_schedule
 
     config = edit_jax.preset("flux-tiny")
     model, variables = edit_jax.build_model(config), init_variables(config)
@@ -395,8 +395,8 @@ def test_sampling_with_routers_equals_a_step_loop_whose_calls_compute_their_own_
 
 @pytest.mark.parametrize("elastic", [None, ElasticConfig(mode="infer", cache=True)], ids=["dense", "routers and cache"])
 def test_the_sampling_loop_reads_no_modulation_kernel_in_its_steps(elastic):
-    from edit_jax.models import init_variables
-    from edit_jax.sampler import make_conditions
+    from edit_jax.models.registry import init_variables
+    from edit_jax.sampling.sampler import make_conditions
 
     config = dataclasses.replace(edit_jax.preset("flux-tiny"), mlp_ratio=2.0)  # no MLP width is 3D or 6D wide
     model, variables = edit_jax.build_model(config), init_variables(config)

@@ -7,7 +7,7 @@ import pytest
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift as flux_shift
 
-from edit_jax.schedules import SCHEDULERS, flow_match_schedule
+from edit_jax.sampling.schedules import SCHEDULERS, flow_match_schedule
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))

@@ -14,7 +14,7 @@ import pytest
 import edit_jax
 from edit_jax.checkpoint import CheckpointError, load_routers, save
 from edit_jax.config import ConfigError
-from edit_jax.models import init_variables
+from edit_jax.models.registry import init_variables
 from edit_jax.train.config import TrainConfig, load_train_config
 from edit_jax.train.data import shared_inputs, synthetic_batch
 from edit_jax.train.loop import train
@@ -366,7 +366,7 @@ def test_a_two_process_run_resumed_on_another_mesh_equals_one_device(tmp_path):
 
 
 def test_routers_have_their_own_param_dtype_beside_a_bfloat16_base():
-    from edit_jax.models import abstract_params
+    from edit_jax.models.registry import abstract_params
 
     config = edit_jax.preset("flux-tiny").with_runtime(param_dtype="bfloat16", router_dtype="float32")
     assert {x.dtype for x in jax.tree.leaves(abstract_params(config))} == {jnp.dtype("bfloat16")}
@@ -546,7 +546,7 @@ def test_sharded_training_has_the_rules_shardings_and_equals_unsharded_on_every_
 
 
 def test_the_pipeline_noise_sampler_shifts_as_the_model_pipeline_shifts_its_schedule():
-    from edit_jax.schedules import SCHEDULERS, flow_match_schedule
+    from edit_jax.sampling.schedules import SCHEDULERS, flow_match_schedule
     from edit_jax.train.step import pipeline_shift
 
     config = edit_jax.preset("flux-dev")

@@ -8,7 +8,7 @@ import torch
 from edit_jax.checkpoints_convert.sources import from_state_dict
 from edit_jax.checkpoints_convert.engine import build_params, ConversionError
 from edit_jax.checkpoints_convert.vae import load_vae, vae_table
-from edit_jax.vae import AutoencoderKL, AutoencoderKLConfig
+from edit_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
             norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
@@ -94,7 +94,7 @@ def test_a_vae_of_other_shapes_is_one_error_naming_the_tensors(tiny_vae, ours):
 
 
 def test_tiled_decode_matches_diffusers_tiled_decode(tiny_vae, ours):
-    from edit_jax.vae import decode_tiled
+    from edit_jax.models.vae import decode_tiled
 
     vae, _ = tiny_vae
     config, params = ours
@@ -112,7 +112,7 @@ def test_tiled_decode_matches_diffusers_tiled_decode(tiny_vae, ours):
 
 
 def test_latents_within_one_tile_decode_whole(ours):
-    from edit_jax.vae import decode_tiled
+    from edit_jax.models.vae import decode_tiled
 
     config, params = ours
     z = np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)
@@ -121,7 +121,7 @@ def test_latents_within_one_tile_decode_whole(ours):
 
 
 def test_a_tile_size_off_the_vae_scale_is_one_clear_error(ours):
-    from edit_jax.vae import decode_tiled
+    from edit_jax.models.vae import decode_tiled
 
     config, params = ours
     for tile_size in (30, 8, 40):  # 40: a whole number of latents, but tiles would not step by whole latents

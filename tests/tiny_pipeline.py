@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from edit_jax.schedules import SCHEDULERS
+from edit_jax.sampling.schedules import SCHEDULERS
 from reference import make_diffusers_flux, make_diffusers_qwen, randomize_
 
 CHARS = list(string.ascii_lowercase + string.digits + ".,!?'-")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.models import family_of
+from edit_jax.models.registry import family_of
 from edit_jax.train.data import shared_inputs
 from edit_jax.train.dataset import check_fits, make_pipeline, read_manifest
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from edit_jax.config import ConfigError
-from edit_jax.models import abstract_params, build_model
+from edit_jax.models.registry import abstract_params, build_model
 from edit_jax.placement import param_shardings
 from edit_jax.sharding import batch_sharding, make_mesh, use_rules
 from edit_jax.train.config import TrainConfig

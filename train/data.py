@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_jax.config import ConfigError
-from edit_jax.models import family_of
+from edit_jax.models.registry import family_of
 from edit_jax.train.config import TrainConfig
 from edit_jax.train.dataset import batch_iterator, check_fits, make_pipeline, read_manifest
 

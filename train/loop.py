@@ -30,8 +30,8 @@ import orbax.checkpoint as ocp
 import edit_jax
 from edit_jax.checkpoint import agreed, load_params, load_routers, save, stored_identity
 from edit_jax.config import ConfigError, RuntimeConfig, preset
-from edit_jax.flops import dense_flops
-from edit_jax.models import abstract_params, build_model, init_variables
+from edit_jax.elastic.flops import dense_flops
+from edit_jax.models.registry import abstract_params, build_model, init_variables
 from edit_jax.placement import describe, param_shardings, summarize
 from edit_jax.sharding import batch_sharding, make_mesh, replicated, use_rules
 from edit_jax.train.config import TrainConfig, describe_config
@@ -70,7 +70,7 @@ def jitted_train_step(config: TrainConfig, model, optimizer, shared: dict, train
 
 
 def train_step_flops(model_config, batch: dict, grid, config: TrainConfig) -> float:
-    """Model FLOPs of one train step (edit_jax.flops): forward and backward (3x the dense forward,
+    """Model FLOPs of one train step (edit_jax.elastic.flops): forward and backward (3x the dense forward,
     recomputation under remat not counted), plus the teacher's forward.
 
     Args:

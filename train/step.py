@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import optax
 
 from edit_jax.config import ConfigError
-from edit_jax.elastic import ElasticConfig
-from edit_jax.sampler import default_scheduler
-from edit_jax.schedules import time_shift
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.sampling.sampler import default_scheduler
+from edit_jax.sampling.schedules import time_shift
 from edit_jax.train.config import TrainConfig
 
 EPS = 1e-6
@@ -49,7 +49,7 @@ def noise_levels(config: TrainConfig, key: jax.Array, batch: int, model_config=N
 
 
 def pipeline_shift(model_config, num_img: int, s: jax.Array) -> jax.Array:
-    """The time shift the model family's pipeline applies to its sigmas (edit_jax.schedules)."""
+    """The time shift the model family's pipeline applies to its sigmas (edit_jax.sampling.schedules)."""
     return time_shift(default_scheduler(model_config), num_img, jnp.maximum(s, 1e-6))
 
 

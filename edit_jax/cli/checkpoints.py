@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 
 from edit_jax import load
-from edit_jax.channel_order import order_mlp_channels
+from edit_jax.elastic.channel_order import order_mlp_channels
 from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, check_destination, flatten, load_config,
                                  missing_array_files, params_metadata, read_metadata, resolve, save, tree_names,
                                  verify_arrays)
 from edit_jax.cli.common import at_least
 from edit_jax.config import DTYPES, PRESETS, ConfigError, from_diffusers_config, preset
-from edit_jax.embeddings import read_arrays
-from edit_jax.models import example_inputs
+from edit_jax.sampling.embeddings import read_arrays
+from edit_jax.models.registry import example_inputs
 
 
 def resolve_config(value: str | None, family: str):

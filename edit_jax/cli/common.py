@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES
-from edit_jax.embeddings import existing_file
+from edit_jax.sampling.embeddings import existing_file
 from edit_jax.sharding import MESH_AXES, make_mesh
 
 

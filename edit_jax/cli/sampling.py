@@ -7,18 +7,18 @@ import json
 import sys
 
 from edit_jax import load, load_routers
-from edit_jax.batches import rows_conditions, sample_in_batches
+from edit_jax.sampling.batches import rows_conditions, sample_in_batches
 from edit_jax.checkpoint import CheckpointError
 from edit_jax.cli.common import (EMBEDDINGS_HELP, add_attention_argument, add_dtype_argument, add_elastic_arguments,
                                  add_mesh_argument, add_sampling_arguments, at_least, check_output_folder,
                                  earlier_outputs, mesh_of, remove_stale_outputs)
 from edit_jax.config import PRESETS, resolve_attention, resolve_dtype
-from edit_jax.elastic import ElasticConfig
-from edit_jax.embeddings import check_embeddings, embedding_conditions, existing_file, read_embeddings
-from edit_jax.latents import initial_noise, packed_grid, unpack_latents
-from edit_jax.models import init_routers
-from edit_jax.sampler import SamplerConfig, check_sampling_inputs, concat_records
-from edit_jax.vae import check_tile_size
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.sampling.embeddings import check_embeddings, embedding_conditions, existing_file, read_embeddings
+from edit_jax.sampling.latents import initial_noise, packed_grid, unpack_latents
+from edit_jax.models.registry import init_routers
+from edit_jax.sampling.sampler import SamplerConfig, check_sampling_inputs, concat_records
+from edit_jax.models.vae import check_tile_size
 
 
 def cmd_sample(args) -> int:

@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.block_cache import BlockCacheMethod, RouterGuidedCache
+from edit_jax.elastic.block_cache import BlockCacheMethod, RouterGuidedCache
 from edit_jax.layers import channel_ranks, check_values, narrow
-from edit_jax.router import router_modulation, router_prelude
+from edit_jax.elastic.router import router_modulation, router_prelude
 
 
 MODES = ("dense", "train", "infer", "forced")
@@ -50,9 +50,9 @@ class ElasticConfig:
 
     tau: gate threshold on p = P(run). decision: "batch" (one decision for the whole batch from
     the batch means of p and q, as the released code) or "sample" (per-row decisions, exact).
-    cache: E-DiT's router-guided block cache (`edit_jax.block_cache.RouterGuidedCache`) with
+    cache: E-DiT's router-guided block cache (`edit_jax.elastic.block_cache.RouterGuidedCache`) with
     cache_start, delta_margin and max_reuse; block_cache: another per-block cache method instead
-    (`edit_jax.block_cache.BlockCacheMethod`). `cache_method` is the one that runs.
+    (`edit_jax.elastic.block_cache.BlockCacheMethod`). `cache_method` is the one that runs.
     """
 
     mode: str = "infer"

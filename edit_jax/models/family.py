@@ -41,7 +41,7 @@ class ModelFamily:
     [B, T], int32). guidance(config, scale, batch) -> the guidance inputs ({} without a guidance
     embedding). check_positions(config, cond, num_tokens, batch) -> None, or what is wrong with
     cond's positions for num_tokens image tokens in each of batch rows. scheduler(config) -> the name of the family's
-    published scheduler (`edit_jax.schedules.SCHEDULERS`). cfg_norm_rescale: whether the
+    published scheduler (`edit_jax.sampling.schedules.SCHEDULERS`). cfg_norm_rescale: whether the
     family's pipeline rescales true-CFG velocities to the conditional one's norm.
     cache_carries(config, batch, num_img, num_txt) -> per stack the shapes of one block's carry
     (what a block cache stores). elastic_mlps: the elastic MLP of each stack.

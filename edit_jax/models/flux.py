@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from edit_jax.blocks import DualStreamBlock
+from edit_jax.models.blocks import DualStreamBlock
 from edit_jax.config import FluxConfig, proj_out_parts
-from edit_jax.elastic import ElasticConfig, elastic_step
-from edit_jax.elastic_stacks import stack_inputs, step_aux
-from edit_jax.family import ElasticMLP, ModelFamily
+from edit_jax.elastic.mechanism import ElasticConfig, elastic_step
+from edit_jax.models.elastic_stacks import stack_inputs, step_aux
+from edit_jax.models.family import ElasticMLP, ModelFamily
 from edit_jax.layers import (
     HEADS,
     HIDDEN,
@@ -46,8 +46,8 @@ from edit_jax.layers import (
     split_heads,
     timestep_embedding,
 )
-from edit_jax.latents import grid_img_ids
-from edit_jax.router import Router
+from edit_jax.sampling.latents import grid_img_ids
+from edit_jax.elastic.router import Router
 
 
 FLUX_DOUBLE_BLOCK_NAMES = ("norm1", "norm1_context", "ff", "ff_context")  # diffusers' names

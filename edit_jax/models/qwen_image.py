@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.blocks import DualStreamBlock
+from edit_jax.models.blocks import DualStreamBlock
 from edit_jax.config import QwenImageConfig
-from edit_jax.elastic import ElasticConfig
-from edit_jax.elastic_stacks import stack_inputs, step_aux
-from edit_jax.family import ElasticMLP, ModelFamily
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.models.elastic_stacks import stack_inputs, step_aux
+from edit_jax.models.family import ElasticMLP, ModelFamily
 from edit_jax.layers import (
     Linear,
     Modulation,

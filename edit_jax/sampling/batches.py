@@ -4,7 +4,7 @@
                                    routers=routers, elastic=elastic):
         batch.ids, batch.latents, batch.records      # its n prompts, [n (+ padding), N, C], records of its n rows
 
-Each batch is one `edit_jax.sampler.sample` call on its rows of the noise and the conditions
+Each batch is one `edit_jax.sampling.sampler.sample` call on its rows of the noise and the conditions
 (`conditions(ids)` gives them, so a caller may read embeddings lazily); with `pad_last` the last
 batch is padded to `batch_size` by repeating its last prompt (one compiled program for every
 batch; the padded rows are dropped). Records keep only the batch's own rows (`first_rows`), and
@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 
-from edit_jax.elastic import ElasticConfig
-from edit_jax.sampler import SamplerConfig, first_rows, sample
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.sampling.sampler import SamplerConfig, first_rows, sample
 
 SHARED_CONDITIONS = ("img_ids", "txt_ids", "img_shapes")  # one value for every row of a batch
 
@@ -73,7 +73,7 @@ def sample_in_batches(
     Args:
       noise: [B, N, C] packed initial noise, one row per prompt.
       conditions: conditions(ids) -> (cond, negative cond or None) of those prompts, in order.
-      sampler, routers, elastic, decisions, progress: as `edit_jax.sampler.sample`'s.
+      sampler, routers, elastic, decisions, progress: as `edit_jax.sampling.sampler.sample`'s.
       pad_last: pad the last batch to `batch_size` (repeating its last prompt) when there are
         several batches, so that every batch runs the same compiled program.
       mesh: a device mesh the sampling runs under (`jax.set_mesh`), the caller's work between

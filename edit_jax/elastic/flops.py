@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.elastic import bucket_widths
+from edit_jax.elastic.mechanism import bucket_widths
 
 
 def _dual_block(d: int, m_img: int, m_txt: int, n: int, t: int) -> int:
@@ -26,7 +26,7 @@ def _single_block(d: int, m: int, length: int) -> int:
 
 def router_flops(config, num_img: int, num_txt: int) -> int:
     """FLOPs of one block's router per sample and step: modulation (all three chunks, computed for
-    every layer at once, and by `sample` for every step at once: `edit_jax.router.router_modulation`),
+    every layer at once, and by `sample` for every step at once: `edit_jax.elastic.router.router_modulation`),
     proj, the token mean of h and the two heads."""
     d, h, k = config.inner_dim, config.router_hidden, len(config.width_buckets)
     return 2 * (3 * d * d + (d * h + h) * (num_img + num_txt) + h * (1 + k))
@@ -96,7 +96,7 @@ def routing_stats(config, records: dict, num_img: int, num_txt: int, steps: int)
     """Cost and routing of a run from the sampler's records (dense: records empty).
 
     Args:
-      config: the model config. records: `edit_jax.sampler.sample`'s per-step records.
+      config: the model config. records: `edit_jax.sampling.sampler.sample`'s per-step records.
       num_img, num_txt: image and text tokens per sample. steps: the run's denoising steps.
     """
     dense = float(dense_flops(config, num_img, num_txt))

@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.family import ElasticMLP
+from edit_jax.models.family import ElasticMLP
 from edit_jax.layers import channel_ranks
-from edit_jax.models import build_model, family_of, split_static
+from edit_jax.models.registry import build_model, family_of, split_static
 
 
 def elastic_mlps(config) -> tuple[ElasticMLP, ...]:
-    """Where each block stack's elastic MLP lives (`edit_jax.family.ElasticMLP`)."""
+    """Where each block stack's elastic MLP lives (`edit_jax.models.family.ElasticMLP`)."""
     return family_of(config).elastic_mlps
 
 

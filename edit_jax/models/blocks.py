@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from edit_jax.config import WIDTH_BUCKETS, RuntimeConfig
-from edit_jax.elastic import ElasticConfig, elastic_step
-from edit_jax.router import Router
+from edit_jax.elastic.mechanism import ElasticConfig, elastic_step
+from edit_jax.elastic.router import Router
 from edit_jax.layers import (MLP, TOKENS, JointAttention, Modulation, constrain, layer_norm, modulate, modulation_chunks,
                              per_token, split_modulation)
 

@@ -38,10 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.elastic import ElasticConfig
-from edit_jax.latents import packed_grid
-from edit_jax.models import block_modulations, family_of, init_cache, router_modulations
-from edit_jax.schedules import SCHEDULERS, SchedulerConfig, flow_match_schedule
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.sampling.latents import packed_grid
+from edit_jax.models.registry import block_modulations, family_of, init_cache, router_modulations
+from edit_jax.sampling.schedules import SCHEDULERS, SchedulerConfig, flow_match_schedule
 
 CFG_MODES = ("batched", "sequential")
 
@@ -303,7 +303,7 @@ def sample(
 
     Args:
       model: the transformer (`edit_jax.build_model` or `edit_jax.load`). params: its base params.
-      noise: [B, N, C] packed initial latents (`edit_jax.latents.initial_noise`).
+      noise: [B, N, C] packed initial latents (`edit_jax.sampling.latents.initial_noise`).
       cond: the prompt's conditions by the model's argument names (`make_conditions`).
       sampler: steps, guidance, true CFG and scheduler. routers, elastic: E-DiT's (None: dense).
       negative_cond: the negative prompt's conditions, for true CFG (true_cfg_scale > 1).

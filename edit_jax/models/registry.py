@@ -10,19 +10,19 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from edit_jax import flux, qwen_image
-from edit_jax.block_cache import BlockCacheMethod, RouterGuidedCache
-from edit_jax.elastic import ElasticConfig
-from edit_jax.family import ModelFamily
+from edit_jax.models import flux, qwen_image
+from edit_jax.elastic.block_cache import BlockCacheMethod, RouterGuidedCache
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.models.family import ModelFamily
 from edit_jax.layers import stack_modulations
-from edit_jax.router import router_modulation
+from edit_jax.elastic.router import router_modulation
 
 
 FAMILIES = {family.name: family for family in (flux.FAMILY, qwen_image.FAMILY)}
 
 
 def family_of(config) -> ModelFamily:
-    """The record of a config's model family (`edit_jax.family.ModelFamily`)."""
+    """The record of a config's model family (`edit_jax.models.family.ModelFamily`)."""
     family = FAMILIES.get(getattr(config, "family", None))
     if family is None:
         raise TypeError(f"no model family for config type {type(config).__name__}; known: {', '.join(FAMILIES)}")
@@ -78,7 +78,7 @@ def init_cache(config, batch: int, num_img: int, num_txt: int, method: BlockCach
 
     Args:
       config: the model config. batch: rows per call. num_img, num_txt: image and text tokens
-        per row. method: the per-block cache method (`edit_jax.block_cache`).
+        per row. method: the per-block cache method (`edit_jax.elastic.block_cache`).
     """
     method = RouterGuidedCache() if method is None else method
     carries = family_of(config).cache_carries(config, batch, num_img, num_txt)

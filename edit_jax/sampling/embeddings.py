@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edit_jax.sampler import make_conditions
+from edit_jax.sampling.sampler import make_conditions
 
 
 def read_arrays(path: str, flag: str, make_one: str = "") -> dict:

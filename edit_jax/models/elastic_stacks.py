@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 
-from edit_jax.elastic import (ElasticConfig, check_decisions, gather_aux, lazy_weights, per_layer_inputs,
+from edit_jax.elastic.mechanism import (ElasticConfig, check_decisions, gather_aux, lazy_weights, per_layer_inputs,
                               router_preludes)
-from edit_jax.flops import step_flops
+from edit_jax.elastic.flops import step_flops
 from edit_jax.layers import dtype_of, modulations_ahead
 
 
