@@ -2,93 +2,34 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 
-from edit_jax import load, load_routers
-from edit_jax.sampling.batches import rows_conditions, sample_in_batches
-from edit_jax.checkpoint import CheckpointError
 from edit_jax.cli.common import (EMBEDDINGS_HELP, add_attention_argument, add_dtype_argument, add_elastic_arguments,
                                  add_mesh_argument, add_sampling_arguments, at_least, check_output_folder,
                                  earlier_outputs, mesh_of, remove_stale_outputs)
-from edit_jax.config import PRESETS, resolve_attention, resolve_dtype
+from edit_jax.config import PRESETS, resolve_dtype
 from edit_jax.elastic.mechanism import ElasticConfig
-from edit_jax.sampling.embeddings import check_embeddings, embedding_conditions, existing_file, read_embeddings
-from edit_jax.sampling.latents import initial_noise, packed_grid, unpack_latents
-from edit_jax.models.registry import init_routers
-from edit_jax.sampling.sampler import SamplerConfig, check_sampling_inputs, concat_records
 from edit_jax.models.vae import check_tile_size
+from edit_jax.sampling.embeddings import existing_file
+from edit_jax.sampling.sampler import SamplerConfig
 
 
 def cmd_sample(args) -> int:
-    import jax
-    import numpy as np
-    from tqdm.auto import tqdm
+    from edit_jax.pipelines.sample_embeddings import sample_embeddings
 
     out = check_output_folder(args.out, "sample")
     earlier = earlier_outputs(out, "sample")
-    rows, cols = packed_grid(args.height, args.width)
-    elastic, routers = None, None
     if args.elastic == "dense" and (args.cache or args.fresh_routers):
         raise ValueError(f"--{'cache' if args.cache else 'fresh-routers'} acts on E-DiT's routers: add --elastic infer")
-    if args.elastic != "dense":  # its flags checked before any weights are read
-        elastic = ElasticConfig(mode="infer", tau=args.tau, decision=args.decision, cache=args.cache,
-                                cache_start=args.cache_start, delta_margin=args.delta_margin, max_reuse=args.max_reuse)
-    mesh = mesh_of(args)
-    data = read_embeddings(args.embeddings)
-    dtype = resolve_dtype(args.dtype)
-    model, params = load(args.ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=args.attention)
-    config = model.config
-    check_embeddings(config, data, args.embeddings)
-    cond = embedding_conditions(config, data, args.height, args.width)
-    negative = embedding_conditions(config, data, args.height, args.width, "negative_")
-    batch = cond["encoder_hidden_states"].shape[0]
-    if elastic is not None:
-        routers = load_routers(args.ckpt, mesh=mesh)
-        if routers is None and args.fresh_routers:
-            print("sample: no routers in the checkpoint: fresh full-capacity routers (every block runs at full "
-                  "width; this measures the routers' cost, not their savings)", file=sys.stderr)
-            routers = init_routers(config, seed=args.seed)
-        if routers is None:
-            raise CheckpointError(
-                f"{args.ckpt} has no routers: use --elastic dense, a checkpoint with trained routers "
-                "(`edit-jax train`, or a converted E-DiT release), or --fresh-routers to run fresh full-capacity ones"
-            )
-    sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg, cfg_mode=args.cfg_mode)
-    channels = config.in_channels // 4
-    noise = initial_noise(jax.random.key(args.seed), batch, channels, args.height, args.width)
-    print(f"sampling {batch} x {args.height}x{args.width} ({rows * cols} tokens), {args.steps} steps, "
-          f"elastic {args.elastic}{' + cache' if args.cache else ''}", file=sys.stderr)
-    check_sampling_inputs(config, noise, cond, negative, sampler)  # the whole file, before it is cut into batches
-    size = args.batch_size or batch
-    parts = []
-    with (tqdm(total=args.steps * -(-batch // size), desc="sample", unit="step") as bar,
-          jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
-        for part in sample_in_batches(model, params, noise, rows_conditions(cond, negative), sampler, size,
-                                      routers=routers, elastic=elastic, progress=lambda i: bar.update(1)):
-            parts.append((np.asarray(unpack_latents(part.latents[: len(part.ids)], args.height, args.width)), part.records,
-                          len(part.ids)))
-    out.mkdir(parents=True, exist_ok=True)
-    unpacked = np.concatenate([latents for latents, _, _ in parts])
-    np.save(out / "latents.npy", unpacked)
-    summary = {"latents": str(out / "latents.npy"), "shape": list(unpacked.shape), "steps": args.steps, "elastic": args.elastic,
-               "dtype": dtype, "attention": resolve_attention(args.attention, dtype), "batch_size": min(size, batch)}
-    records = concat_records([(records, count) for _, records, count in parts])
-    if records:  # dense sampling makes no routing decisions, so it has no records
-        np.savez(out / "records.npz", **records)
-        summary["records"] = str(out / "records.npz")
-        summary["executed_fraction_per_step"] = records["executed"].mean(axis=(1, 2)).round(4).tolist()
-        summary["cache_hit_rate"] = float(records["cache_hit"].mean())
-        summary["tflops_total"] = float(records["flops_total"].sum() / 1e12)
-        from edit_jax.eval.pictures import block_groups, plot_router_map
-
-        summary["router_map"] = str(plot_router_map(
-            out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0], records["cache_hit"][:, 0],
-            title=f"E-DiT routing of sample 0: {config.family}, {args.height}x{args.width}, {args.steps} steps, "
-                  f"tau {args.tau}{', cache from step %d' % args.cache_start if args.cache else ''}",
-            block_groups=block_groups(config)))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    elastic = None if args.elastic == "dense" else ElasticConfig(  # its flags checked before any weights are read
+        mode="infer", tau=args.tau, decision=args.decision, cache=args.cache, cache_start=args.cache_start,
+        delta_margin=args.delta_margin, max_reuse=args.max_reuse)
+    sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg,
+                            cfg_mode=args.cfg_mode)
+    summary = sample_embeddings(args.ckpt, args.embeddings, out, height=args.height, width=args.width, sampler=sampler,
+                                seed=args.seed, elastic=elastic, fresh_routers=args.fresh_routers,
+                                batch_size=args.batch_size, mesh=mesh_of(args), dtype=args.dtype,
+                                attention=args.attention)
     remove_stale_outputs(out, earlier)
     print(json.dumps(summary, indent=2))
     return 0
