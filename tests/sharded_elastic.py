@@ -22,36 +22,38 @@ from edit_jax.placement import param_shardings  # noqa: E402
 from edit_jax.sharding import make_mesh  # noqa: E402
 
 
-def main():
+def main(preset: str, part: str):
+    """part "forwards": the elastic forwards, activation constraints and weight movement of one
+    preset; "commands" (FLUX): sampling, loading, and the sample and generate commands on a mesh."""
     assert jax.device_count() == 8, jax.devices()
-    for preset in ("flux-tiny", "qwen-image-tiny"):
-        config = edit_jax.preset(preset)
-        model = edit_jax.build_model(config)
-        variables = init_variables(config)
-        arrays, static = split_static(example_inputs(config, 2, 4, 4, 8))
-        mesh = make_mesh({"fsdp": 4, "tensor": 2})
-        sharded = {"params": jax.device_put(variables["params"], param_shardings(config, mesh)),
-                   "routers": jax.device_put(variables["routers"], NamedSharding(mesh, PartitionSpec()))}
-        num_blocks = config.num_blocks
-        pattern = {"run": jnp.arange(num_blocks) % 2 == 0, "bucket": jnp.arange(num_blocks, dtype=jnp.int32) % 4}
-        cases = {
-            "forced": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=pattern)[0],
-            "infer": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer", decision="sample"))[0],
-        }
-        for name, fn in cases.items():
-            fn = jax.jit(fn)
-            expected, got = np.asarray(fn(variables, arrays)), np.asarray(fn(sharded, arrays))
-            error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
-            assert error <= 1e-5, (preset, name, error)
-            print(preset, name, f"relative error {error:.1e}")
-        if preset == "flux-tiny":  # the sampler's sharding is the same for both families
-            check_sampling(config, model, variables, sharded)
-            check_load_on_a_mesh(config, model, variables, arrays)
-            check_the_sample_command_on_a_mesh(config, variables)
-            check_the_generate_command_on_a_mesh()
-        check_activation_constraints(config, model, variables, sharded)
-        check_modulation_kernels_stay_split(config, model, variables)
-        check_blocks_move_no_weights(config, model, variables)
+    config = edit_jax.preset(preset)
+    model = edit_jax.build_model(config)
+    variables = init_variables(config)
+    arrays, static = split_static(example_inputs(config, 2, 4, 4, 8))
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    sharded = {"params": jax.device_put(variables["params"], param_shardings(config, mesh)),
+               "routers": jax.device_put(variables["routers"], NamedSharding(mesh, PartitionSpec()))}
+    if part == "commands":  # the sampler's sharding is the same for both families
+        check_sampling(config, model, variables, sharded)
+        check_load_on_a_mesh(config, model, variables, arrays)
+        check_the_sample_command_on_a_mesh(config, variables)
+        check_the_generate_command_on_a_mesh()
+        return
+    num_blocks = config.num_blocks
+    pattern = {"run": jnp.arange(num_blocks) % 2 == 0, "bucket": jnp.arange(num_blocks, dtype=jnp.int32) % 4}
+    cases = {
+        "forced": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=pattern)[0],
+        "infer": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer", decision="sample"))[0],
+    }
+    for name, fn in cases.items():
+        fn = jax.jit(fn)
+        expected, got = np.asarray(fn(variables, arrays)), np.asarray(fn(sharded, arrays))
+        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert error <= 1e-5, (preset, name, error)
+        print(preset, name, f"relative error {error:.1e}")
+    check_activation_constraints(config, model, variables, sharded)
+    check_modulation_kernels_stay_split(config, model, variables)
+    check_blocks_move_no_weights(config, model, variables)
 
 
 def check_load_on_a_mesh(config, model, variables, arrays):
@@ -228,4 +230,6 @@ def check_blocks_move_no_weights(config, model, variables):
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(*sys.argv[1:])

@@ -138,3 +138,23 @@ def test_every_public_function_with_four_or_more_parameters_has_an_args_section(
             if not fn.name.startswith("_") and len(params) >= 4 and "Args:" not in (ast.get_docstring(fn) or ""):
                 lacking.append(f"{name}.{fn.name}")
     assert not lacking, lacking
+
+
+def test_the_cli_and_every_command_module_import_without_the_optional_dependencies():
+    """README's first command installs no torch: the CLI, which imports every command's module at its
+    top, must not need torch, diffusers, transformers, diffrax, tokamax or libtpu to start."""
+    import subprocess
+    import sys
+
+    script = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "diffusers", "transformers", "diffrax", "tokamax", "libtpu"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+import edit_jax.cli
+edit_jax.cli.build_parser()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -7,14 +7,18 @@ import sys
 from pathlib import Path
 
 from edit_jax import load
-from edit_jax.elastic.channel_order import order_mlp_channels
 from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, check_destination, flatten, load_config,
                                  missing_array_files, params_metadata, read_metadata, resolve, save, tree_names,
                                  verify_arrays)
+from edit_jax.checkpoints_convert import convert_checkpoint
+from edit_jax.checkpoints_convert.export import export_checkpoint
 from edit_jax.cli.common import at_least
 from edit_jax.config import DTYPES, PRESETS, ConfigError, from_diffusers_config, preset
-from edit_jax.sampling.embeddings import read_arrays
+from edit_jax.elastic.channel_order import order_mlp_channels
 from edit_jax.models.registry import example_inputs
+from edit_jax.sampling.embeddings import read_arrays
+from edit_jax.train.calibration import dataset_calibration
+from edit_jax.train.run_dir import run_status
 
 
 def resolve_config(value: str | None, family: str):
@@ -32,8 +36,6 @@ def resolve_config(value: str | None, family: str):
 
 
 def cmd_convert(args) -> int:
-    from edit_jax.checkpoints_convert import convert_checkpoint
-
     path = convert_checkpoint(
         args.family,
         args.src,
@@ -49,8 +51,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from edit_jax.checkpoints_convert.export import export_checkpoint
-
     path = export_checkpoint(args.ckpt, args.out, args.format, dtype=args.dtype, overwrite=args.overwrite,
                              shard_bytes=int(args.shard_gb * 2**30), allow_activation_change=args.allow_activation_change)
     print(f"wrote {path}")
@@ -59,7 +59,6 @@ def cmd_export(args) -> int:
 
 def describe_run(args) -> bool:
     """Prints where a training run stands when `args.ckpt` is a run's folder; whether it was one."""
-    from edit_jax.train.run_dir import run_status
 
     status = run_status(resolve(args.ckpt))
     if status is None:
@@ -135,8 +134,6 @@ def load_calibration(path: str | None, config, batches: int, seed: int) -> list[
               "channels better: give the dataset `edit-jax prepare-data` wrote (--calibration DATA)", file=sys.stderr)
         return [example_inputs(config, batch=2, height=8, width=8, num_txt=16, seed=seed + i) for i in range(batches)]
     if Path(path).is_dir():
-        from edit_jax.train.calibration import dataset_calibration
-
         return dataset_calibration(path, config, batches, seed=seed)
     data = read_arrays(path, "--calibration")
     expected = set(example_inputs(config))

@@ -5,12 +5,11 @@ from __future__ import annotations
 import sys
 
 from edit_jax.cli.common import at_least, check_output_folder
+from edit_jax.eval.demo import EXPECTED, SETTINGS, markdown_table, run_demo, with_overrides
 
 
 def cmd_demo(args) -> int:
     import dataclasses
-
-    from edit_jax.eval.demo import EXPECTED, SETTINGS, markdown_table, run_demo, with_overrides
 
     name = "full" if args.full else args.settings
     settings = with_overrides(SETTINGS[name], args.set)

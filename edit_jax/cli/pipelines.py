@@ -8,11 +8,12 @@ import sys
 from edit_jax.cli.common import (add_attention_argument, add_dtype_argument, add_elastic_arguments,
                                  add_encoders_dtype_argument, add_mesh_argument, add_sampling_arguments, at_least,
                                  check_output_folder, earlier_outputs, mesh_of, read_prompts, remove_stale_outputs)
+from edit_jax.pipelines.encode_prompts import encode_prompts
+from edit_jax.pipelines.generate import generate
+from edit_jax.pipelines.prepare_data import prepare_data
 
 
 def cmd_generate(args) -> int:
-    from edit_jax.pipelines.generate import generate
-
     prompts = read_prompts(args)
     out = check_output_folder(args.out, "generate")
     earlier = earlier_outputs(out, "generate")
@@ -30,8 +31,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_encode_prompts(args) -> int:
-    from edit_jax.pipelines.encode_prompts import encode_prompts
-
     summary = encode_prompts(args.model, read_prompts(args), args.out, negative_prompt=args.negative_prompt,
                              max_sequence_length=args.max_sequence_length, batch_size=args.batch_size,
                              embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
@@ -41,8 +40,6 @@ def cmd_encode_prompts(args) -> int:
 
 
 def cmd_prepare_data(args) -> int:
-    from edit_jax.pipelines.prepare_data import prepare_data
-
     report = prepare_data(args.images, args.out, args.model, captions=args.captions, resolution=args.resolution,
                           max_sequence_length=args.max_sequence_length, overwrite=args.overwrite,
                           progress=not args.quiet, dtype=args.dtype)

@@ -9,14 +9,15 @@ from edit_jax.cli.common import (EMBEDDINGS_HELP, add_attention_argument, add_dt
                                  earlier_outputs, mesh_of, remove_stale_outputs)
 from edit_jax.config import PRESETS, resolve_dtype
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.eval.sampling_eval import evaluate_checkpoint
+from edit_jax.eval.smoke import run_smoke
 from edit_jax.models.vae import check_tile_size
+from edit_jax.pipelines.sample_embeddings import sample_embeddings
 from edit_jax.sampling.embeddings import existing_file
 from edit_jax.sampling.sampler import SamplerConfig
 
 
 def cmd_sample(args) -> int:
-    from edit_jax.pipelines.sample_embeddings import sample_embeddings
-
     out = check_output_folder(args.out, "sample")
     earlier = earlier_outputs(out, "sample")
     if args.elastic == "dense" and (args.cache or args.fresh_routers):
@@ -36,8 +37,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from edit_jax.eval.sampling_eval import evaluate_checkpoint
-
     out = check_output_folder(args.out, "eval")
     earlier = earlier_outputs(out, "eval")
     existing_file(args.embeddings, "--embeddings")
@@ -54,8 +53,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_smoke(args) -> int:
-    from edit_jax.eval.smoke import run_smoke
-
     summary = run_smoke(args.preset, check_output_folder(args.out, "smoke"), seed=args.seed)
     print(json.dumps(summary, indent=2))
     return 0

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 from edit_jax.cli.common import at_least
+from edit_jax.train.compile_only import compile_only
+from edit_jax.train.config import load_train_config
+from edit_jax.train.distributed import initialize
+from edit_jax.train.loop import train
 
 
 def cmd_train(args) -> int:
-    from edit_jax.train.config import load_train_config
-    from edit_jax.train.distributed import initialize
-    from edit_jax.train.loop import train
-
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path and not Path(path).exists():  # no file given: only overrides
         path, overrides = None, [path] + overrides
@@ -21,8 +21,6 @@ def cmd_train(args) -> int:
                          "host has): add --compile-only, or leave --topology out")
     config = load_train_config(path, overrides)
     if args.compile_only:
-        from edit_jax.train.compile_only import compile_only
-
         if not args.topology:
             raise ValueError("--compile-only needs --topology (e.g. v5e:4x4 or v5litepod-16, v5p:2x2x2 or v5p-16, "
                              "v6e:2x4 or v6e-8)")
