@@ -65,7 +65,7 @@ def pipeline_family(folder: Path, role: str = "--model", unused: tuple[str, ...]
     return pipelines[name].family
 
 
-def check_transformer(path: Path, family: str, elastic: str) -> None:
+def check_transformer(path: Path, family: str, elastic: ElasticConfig | None) -> None:
     """The transformer's weights are there, of `family`, and with routers when `elastic` needs them
     (read from headers and metadata only, before the text encoders run)."""
     if not path.exists():
@@ -78,8 +78,8 @@ def check_transformer(path: Path, family: str, elastic: str) -> None:
         raise ValueError(f"--transformer {path}" + run_dir_hint(path))
     else:
         routers = FAMILIES[family].prepare(open_source(path))[3] is not None
-    if elastic != "dense" and not routers:
-        raise ValueError(f"--elastic {elastic}: {path} has no routers (train them with `edit-jax train`, then give "
+    if elastic is not None and not routers:
+        raise ValueError(f"--elastic infer: {path} has no routers (train them with `edit-jax train`, then give "
                          "--transformer RUN_DIR/edit-jax)")
 
 
@@ -150,9 +150,8 @@ def check_guidance(true_cfg: float, negative_prompt: str | None) -> None:
         raise ValueError(f"--negative-prompt is only used with --true-cfg > 1 (got {true_cfg})")
 
 
-def check_request(out: Path, prompts: list[str], true_cfg: float, negative_prompt: str | None, height: int,
-                  width: int, elastic: str, cache: bool, cache_start: int | None, batch_size: int,
-                  tile_size: int = 1024) -> None:
+def check_request(out: Path, prompts: list[str], sampler: SamplerConfig, negative_prompt: str | None, height: int,
+                  width: int, elastic: ElasticConfig | None, batch_size: int, tile_size: int = 1024) -> None:
     """Every flag that cannot work, found before the text encoders run.
 
     Args:
@@ -162,43 +161,41 @@ def check_request(out: Path, prompts: list[str], true_cfg: float, negative_promp
         raise ValueError(f"--out {out} is an existing file, not a folder")
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT or --prompts FILE")
-    check_guidance(true_cfg, negative_prompt)
+    check_guidance(sampler.true_cfg_scale, negative_prompt)
+    if sampler.scheduler is not None:
+        raise ValueError("generate samples with the pipeline folder's scheduler/: give a SamplerConfig without a scheduler")
     packed_grid(height, width)
-    if elastic == "dense" and (cache or cache_start is not None):
-        raise ValueError("--cache and --cache-start act on E-DiT's routers: add --elastic infer")
-    if cache_start is not None and not cache:
-        raise ValueError("--cache-start needs --cache")
+    if elastic is not None and elastic.mode != "infer":
+        raise ValueError(f"generate runs E-DiT's routers in mode 'infer' (elastic=None: dense), not {elastic.mode!r}")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: give at least 1")
     check_tile_size(tile_size)
 
 
-def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: float = 3.5, true_cfg: float = 1.0,
+def generate(model_dir, prompts: list[str], out, *, sampler: SamplerConfig = SamplerConfig(),
              negative_prompt: str | None = None, height: int = 1024, width: int = 1024, seed: int = 0,
-             elastic: str = "dense", cache: bool = False, cache_start: int | None = None, tile_size: int = 1024,
-             max_sequence_length: int = 512, embeddings_cache=None, noise=None, progress: bool = True, mesh=None,
-             dtype: str = "auto", batch_size: int = 4, transformer=None, decision: str = "sample", tau: float = 0.5,
-             delta_margin: float = 0.015, max_reuse: int = 10, attention: str = "auto") -> dict:
+             elastic: ElasticConfig | None = None, tile_size: int = 1024, max_sequence_length: int = 512,
+             embeddings_cache=None, noise=None, progress: bool = True, mesh=None, dtype: str = "auto",
+             batch_size: int = 4, transformer=None, attention: str = "auto") -> dict:
     """Runs the three stages and writes OUT/image-N.png and OUT/generate.json; returns
-    {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. guidance: FLUX.1-dev's embedded
-    guidance (ignored by models without one); true_cfg > 1 with a negative prompt: true
-    classifier-free guidance (Qwen-Image's usual 4.0). noise: packed initial latents (None: drawn
+    {"images": [B, 3, H, W] float in [-1, 1], "summary": ...}. sampler: steps, FLUX.1-dev's
+    embedded guidance (ignored by models without one) and true CFG (true_cfg_scale > 1 with a
+    negative prompt; Qwen-Image's usual 4.0), sampled with the folder's scheduler. noise: packed initial latents (None: drawn
     from the seed). mesh: a device mesh (`edit_jax.sharding.make_mesh`) for the transformer's
     params, routers and denoising (the text encoders and the VAE run as without one). dtype: the
     transformer's params and compute, and on a CUDA device the text encoders' ("auto": bfloat16 on
     a GPU or TPU, float32 on CPU); the VAE decodes in float32. batch_size: prompts encoded,
     denoised and decoded together (each batch's images are written as it finishes; an image does
     not depend on it, unless E-DiT takes one decision for the whole batch, decision="batch").
-    decision, tau, delta_margin, max_reuse: E-DiT's (`ElasticConfig`); by default each image's own
-    decisions. transformer: weights to use instead of the folder's transformer/ (an edit-jax
+    elastic: E-DiT's routers in mode "infer", with the router-guided cache or not (None: dense);
+    decision="sample" keeps each image's own decisions. transformer: weights to use instead of the folder's transformer/ (an edit-jax
     checkpoint such as a training run's RUN_DIR/edit-jax, or diffusers, BFL or E-DiT release
     weights). attention: the transformer's (`edit_jax.config.resolve_attention`).
 
     Args:
       model_dir: the pipeline folder. prompts: the texts. out: the folder to write.
-      steps: denoising steps. height, width: pixels, multiples of 16. seed: of the noise.
-      elastic: "dense" or "infer". cache, cache_start: E-DiT's router-guided cache and its first
-        step. tile_size: the VAE's decode tile, pixels. max_sequence_length: text tokens.
+      height, width: pixels, multiples of 16. seed: of the noise.
+      tile_size: the VAE's decode tile, pixels. max_sequence_length: text tokens.
       embeddings_cache: a folder of cached prompt embeddings, or None. progress: show progress.
       the others: above.
     """
@@ -206,11 +203,9 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
     folder, out = resolve(model_dir), resolve(out)
     family = pipeline_family(folder, unused=("transformer",) if transformer is not None else ())
-    check_request(out, prompts, true_cfg, negative_prompt, height, width, elastic, cache, cache_start, batch_size,
-                  tile_size)
-    settings = None if elastic == "dense" else ElasticConfig(  # its values checked here, before any work
-        mode="infer", tau=tau, decision=decision, cache=cache, delta_margin=delta_margin, max_reuse=max_reuse,
-        cache_start=steps // 3 if cache_start is None else cache_start)
+    check_request(out, prompts, sampler, negative_prompt, height, width, elastic, batch_size, tile_size)
+    steps, settings = sampler.num_steps, elastic
+    cache = elastic is not None and elastic.cache
     if dtype != "auto":  # "auto" asks JAX for its backend: only once the text encoders are done
         resolve_dtype(dtype)
     transformer = folder / "transformer" if transformer is None else resolve(transformer)
@@ -231,8 +226,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
     config = model.config
     vae_config, vae_params = load_vae(folder / "vae")
     check_vae_fits(vae_config, config, folder / "vae")
-    sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg,
-                            scheduler=scheduler)
+    sampler = dataclasses.replace(sampler, scheduler=scheduler)
     if noise is None:  # every prompt's noise drawn up front: the images do not depend on batch_size
         noise = initial_noise(jax.random.key(seed), len(prompts), vae_config.latent_channels, height, width)
     if noise.shape[0] != len(prompts):
@@ -242,7 +236,7 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
 
     out.mkdir(parents=True, exist_ok=True)
     images, paths, routing, first_records = [], [], [], None
-    exact = settings is None or decision == "sample"  # an image does not depend on the other rows
+    exact = settings is None or settings.decision == "sample"  # an image does not depend on the other rows
 
     def conditions(ids):
         part = [rows[i] for i in ids] if store is None else encoder.cached_rows([prompts[i] for i in ids], store)
@@ -269,12 +263,15 @@ def generate(model_dir, prompts: list[str], out, *, steps: int = 28, guidance: f
                                                           batch.cond["encoder_hidden_states"].shape[1], steps)))
 
     summary = {"model": str(folder), "transformer": str(transformer), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
-               "height": height, "width": width, "steps": steps, "guidance": guidance, "true_cfg": true_cfg,
-               "seed": seed, "elastic": elastic, "cache": cache, "dtype": dtype,
+               "height": height, "width": width, "steps": steps, "guidance": sampler.guidance_scale,
+               "true_cfg": sampler.true_cfg_scale, "seed": seed, "elastic": "dense" if settings is None else "infer",
+               "cache": cache, "dtype": dtype,
                "attention": resolve_attention(attention, dtype), "batch_size": batch_size,
-               "forward_passes_per_step": 2 if true_cfg > 1 else 1,
-               "e_dit": None if settings is None else {"decision": decision, "tau": tau, "cache_start": settings.cache_start,
-                                                       "delta_margin": delta_margin, "max_reuse": max_reuse},
+               "forward_passes_per_step": 2 if sampler.true_cfg_scale > 1 else 1,
+               "e_dit": None if settings is None else {"decision": settings.decision, "tau": settings.tau,
+                                                       "cache_start": settings.cache_start,
+                                                       "delta_margin": settings.delta_margin,
+                                                       "max_reuse": settings.max_reuse},
                "timings_s": {k: round(v, 3) for k, v in timings.items()}, "images": [str(p) for p in paths],
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape),
                "routing": mean_routing(routing)}

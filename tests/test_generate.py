@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from edit_jax.cli import main
+from edit_jax.elastic import ElasticConfig
+from edit_jax.sampling.sampler import SamplerConfig
 from reference import relative_error
 from tiny_pipeline import make_tiny_flux_pipeline
 
@@ -128,8 +130,8 @@ def test_generate_equals_the_diffusers_flux_pipeline(tiny_pipeline, tmp_path):
     with torch.no_grad():
         ref = pipe(PROMPTS, latents=torch.from_numpy(noise), height=64, width=48, num_inference_steps=4,
                    guidance_scale=3.5, max_sequence_length=512, output_type="np").images
-    result = generate(folder, PROMPTS, tmp_path / "out", steps=4, guidance=3.5, height=64, width=48, noise=noise,
-                      progress=False, batch_size=1)  # one prompt at a time: the same images as diffusers' batch
+    result = generate(folder, PROMPTS, tmp_path / "out", sampler=SamplerConfig(num_steps=4, guidance_scale=3.5),
+                      height=64, width=48, noise=noise, progress=False, batch_size=1)  # one prompt at a time: the same images as diffusers' batch
     ours = np.clip(result["images"] / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
     assert relative_error(ours, ref) <= 1e-4
     summary = json.loads((tmp_path / "out" / "generate.json").read_text())
@@ -153,7 +155,8 @@ def test_batches_read_back_from_the_cache_give_the_images_of_one_batch_in_memory
     from edit_jax.pipelines.generate import generate
 
     _, folder = tiny_pipeline
-    prompts, settings = PROMPTS + ["a third prompt"], dict(steps=2, height=32, width=32, progress=False)
+    prompts, settings = PROMPTS + ["a third prompt"], dict(sampler=SamplerConfig(num_steps=2), height=32, width=32,
+                                                           progress=False)
     whole = generate(folder, prompts, tmp_path / "whole", batch_size=3, **settings)["images"]
     rows, sample = [], module.sample
     monkeypatch.setattr(module, "sample", lambda model, params, noise, *a, **k: (
@@ -177,8 +180,9 @@ def test_e_dit_images_with_the_cache_do_not_depend_on_the_batch_size(tiny_pipeli
     config = edit_jax.from_diffusers_config(folder / "transformer")
     variables = edit_jax.models.init_variables(config)  # fresh routers: every block at p = 0.7
     save(tmp_path / "edit", config, variables["params"], variables["routers"])
-    settings = dict(steps=3, height=32, width=32, progress=False, transformer=tmp_path / "edit", elastic="infer",
-                    cache=True, cache_start=1, delta_margin=0.3)  # every block borderline: the cache reuses
+    elastic = ElasticConfig(mode="infer", decision="sample", cache=True, cache_start=1, delta_margin=0.3)
+    settings = dict(sampler=SamplerConfig(num_steps=3), height=32, width=32, progress=False,
+                    transformer=tmp_path / "edit", elastic=elastic)  # every block borderline: the cache reuses
     one = generate(folder, PROMPTS, tmp_path / "one", batch_size=1, **settings)
     two = generate(folder, PROMPTS, tmp_path / "two", batch_size=2, **settings)
     np.testing.assert_allclose(two["images"], one["images"], rtol=1e-5, atol=1e-5)
@@ -275,8 +279,8 @@ def test_generate_equals_the_diffusers_qwen_image_pipeline_with_true_cfg(tiny_qw
     with torch.no_grad():
         ref = pipe(PROMPTS, negative_prompt=[" "] * 2, true_cfg_scale=4.0, latents=torch.from_numpy(noise), height=64,
                    width=48, num_inference_steps=3, output_type="np").images
-    result = generate(folder, PROMPTS, tmp_path / "out", steps=3, true_cfg=4.0, negative_prompt=" ", height=64,
-                      width=48, noise=noise, progress=False)
+    result = generate(folder, PROMPTS, tmp_path / "out", sampler=SamplerConfig(num_steps=3, true_cfg_scale=4.0),
+                      negative_prompt=" ", height=64, width=48, noise=noise, progress=False)
     ours = np.clip(result["images"] / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
     assert relative_error(ours, ref) <= 1e-4
     assert result["summary"]["family"] == "qwen-image"

@@ -8,20 +8,28 @@ import sys
 from edit_jax.cli.common import (add_attention_argument, add_dtype_argument, add_elastic_arguments,
                                  add_encoders_dtype_argument, add_mesh_argument, add_sampling_arguments, at_least,
                                  check_output_folder, earlier_outputs, mesh_of, read_prompts, remove_stale_outputs)
+from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.pipelines.encode_prompts import encode_prompts
 from edit_jax.pipelines.generate import generate
 from edit_jax.pipelines.prepare_data import prepare_data
+from edit_jax.sampling.sampler import SamplerConfig
 
 
 def cmd_generate(args) -> int:
     prompts = read_prompts(args)
     out = check_output_folder(args.out, "generate")
     earlier = earlier_outputs(out, "generate")
-    result = generate(args.model, prompts, args.out, steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg,
-                      negative_prompt=args.negative_prompt, height=args.height, width=args.width, seed=args.seed,
-                      max_sequence_length=args.max_sequence_length, elastic=args.elastic, cache=args.cache,
-                      cache_start=args.cache_start, tile_size=args.tile_size, decision=args.decision, tau=args.tau,
-                      delta_margin=args.delta_margin, max_reuse=args.max_reuse,
+    if args.elastic == "dense" and (args.cache or args.cache_start is not None):
+        raise ValueError("--cache and --cache-start act on E-DiT's routers: add --elastic infer")
+    if args.cache_start is not None and not args.cache:
+        raise ValueError("--cache-start needs --cache")
+    sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg)
+    elastic = None if args.elastic == "dense" else ElasticConfig(
+        mode="infer", tau=args.tau, decision=args.decision, cache=args.cache, delta_margin=args.delta_margin,
+        max_reuse=args.max_reuse, cache_start=args.steps // 3 if args.cache_start is None else args.cache_start)
+    result = generate(args.model, prompts, args.out, sampler=sampler, negative_prompt=args.negative_prompt,
+                      height=args.height, width=args.width, seed=args.seed, elastic=elastic,
+                      max_sequence_length=args.max_sequence_length, tile_size=args.tile_size,
                       embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
                       progress=not args.quiet, mesh=mesh_of(args), dtype=args.dtype, batch_size=args.batch_size,
                       transformer=args.transformer, attention=args.attention)
