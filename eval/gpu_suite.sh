@@ -19,7 +19,14 @@ mkdir -p "$out"
 echo "results in $out"
 exec > >(tee -a "$out/suite.log") 2>&1
 export PYTHONUNBUFFERED=1
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# edit_jax as pip installs it, without installing (the device machine has no network): its package
+# tree of links to this checkout's files, with train/, eval/, pipelines/ and checkpoints_convert/
+# linked in as its subpackages (pyproject.toml's package-dir)
+shadow=$(mktemp -d -t edit_jax_src.XXXXXX)
+trap 'rm -rf "$shadow"' EXIT
+cp -rs "$PWD/edit_jax" "$shadow/edit_jax"
+for package in train eval pipelines checkpoints_convert; do ln -s "$PWD/$package" "$shadow/edit_jax/$package"; done
+export PYTHONPATH=$shadow${PYTHONPATH:+:$PYTHONPATH}
 
 install_wheels() {  # folder target
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" "$1"/*.whl \
@@ -66,7 +73,7 @@ bench() {  # name seconds module args...
     return "$rc"
 }
 
-check="eval.bench_elastic --preset qwen-image-tiny --txt 8 --height 4 --width 4 --dtype bfloat16 --attention $attention --runs 2"
+check="edit_jax.eval.bench_elastic --preset qwen-image-tiny --txt 8 --height 4 --width 4 --dtype bfloat16 --attention $attention --runs 2"
 if ! bench check_tiny 90 $check; then
     if ls .whl_flax/*.whl >/dev/null 2>&1; then
         install_wheels .whl_flax /tmp/flax_site && python3 -c "import flax; print('now flax', flax.__version__)"
@@ -80,55 +87,55 @@ fi
 for stage in ${STAGES:-elastic profile flags forward}; do
     case $stage in
     elastic)
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_$flux_name 170 eval.bench_elastic --preset $flux $size --attention $attention $runs
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_$qwen_name 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --no-ideal ;;
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_$flux_name 170 edit_jax.eval.bench_elastic --preset $flux $size --attention $attention $runs
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_$qwen_name 190 edit_jax.eval.bench_elastic --preset $qwen $size --attention $attention $runs --no-ideal ;;
     profile)  # where a step's device time goes, by scope (router, block, the rest); command buffers off to see each op.
         # Each compiled program comes back too (hlo_NAME.txt.gz), to trace an op in the profile to its source offline
         for run in "$flux_name dense" "$qwen_name dense" "$flux_name infer"; do
             set -- $run
             [ "$1" = "$flux_name" ] && model=$flux || model=$qwen
-            XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_$1_$2 120 eval.profile_step --preset $model $size \
+            XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench profile_$1_$2 120 edit_jax.eval.profile_step --preset $model $size \
                 --attention $attention --mode $2 --top 60 --hlo-out "$out/hlo_$1_$2.txt.gz"
         done ;;
     cfg)  # Qwen-Image as it samples, with true CFG: batch 2 (not in the default stages)
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${qwen_name}_batch2 190 eval.bench_elastic --preset $qwen $size --attention $attention $runs --batch 2 --no-ideal ;;
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${qwen_name}_batch2 190 edit_jax.eval.bench_elastic --preset $qwen $size --attention $attention $runs --batch 2 --no-ideal ;;
     compile)  # trace, lower and compile times at full size without weights (not in the default stages)
-        bench compile_$flux_name 150 eval.bench_compile --preset $flux $size --attention $attention
-        bench compile_$qwen_name 150 eval.bench_compile --preset $qwen $size --attention $attention ;;
+        bench compile_$flux_name 150 edit_jax.eval.bench_compile --preset $flux $size --attention $attention
+        bench compile_$qwen_name 150 edit_jax.eval.bench_compile --preset $qwen $size --attention $attention ;;
     sample)  # whole 28-step sampling runs: dense, the forced pattern, the cache (not in the default stages)
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench sample_$flux_name 240 eval.bench_sample --preset $flux $pixels --attention $attention --steps $steps ;;
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench sample_$flux_name 240 edit_jax.eval.bench_sample --preset $flux $pixels --attention $attention --steps $steps ;;
     forward|forward-flux|forward-qwen)  # against diffusers eager and torch.compile'd (block by block, as diffusers
         # recommends: the whole model's compile takes minutes); torch shares the GPU, so JAX allocates as it goes
         [ "$stage" != forward-qwen ] && XLA_PYTHON_CLIENT_PREALLOCATE=false \
-            bench forward_$flux_name 360 eval.bench_forward --preset $flux $size --attention $attention $runs $compile --batch 1 2
+            bench forward_$flux_name 360 edit_jax.eval.bench_forward --preset $flux $size --attention $attention $runs $compile --batch 1 2
         [ "$stage" != forward-flux ] && XLA_PYTHON_CLIENT_PREALLOCATE=false \
-            bench forward_$qwen_name 360 eval.bench_forward --preset $qwen $size --attention $attention $runs $compile --batch 1 2 ;;
+            bench forward_$qwen_name 360 edit_jax.eval.bench_forward --preset $qwen $size --attention $attention $runs $compile --batch 1 2 ;;
     tokamax)  # tokamax's attention (on Hopper: Pallas Mosaic flash attention) beside the cuDNN runs of `elastic`
         # (not in the default stages; carry tokamax and its pure-Python dependencies in .whl/)
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${flux_name}_tokamax 170 eval.bench_elastic --preset $flux $size --attention tokamax $runs --no-ideal ;;
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_${flux_name}_tokamax 170 edit_jax.eval.bench_elastic --preset $flux $size --attention tokamax $runs --no-ideal ;;
     flags)  # the per-block conditionals (and the loops) inside command buffers (CUDA graphs), so that a block's
         # switch needs no round trip to the host: whole sampling runs, the routers' cost included. (jax 0.11's
         # default buffers hold fusions, GEMMs and cuDNN calls; --xla_gpu_enable_dynamic_slice_fusion=true was
         # measured on 2026-11-30 and changed nothing.)
         [ -n "${GPU_SUITE_DRY:-}" ] && continue
         XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
-            bench sample_${flux_name}_conditional_command_buffers 240 eval.bench_sample --preset $flux $pixels --attention $attention --steps $steps
+            bench sample_${flux_name}_conditional_command_buffers 240 edit_jax.eval.bench_sample --preset $flux $pixels --attention $attention --steps $steps
         # GEMMs through Triton, so that XLA may fuse the elementwise work around them (the AdaLN modulation,
         # activations, gates) into them, as torch.compile does: our dense forward alone (the `ours` stage's beside it)
         XLA_FLAGS="--xla_gpu_triton_gemm_any=true" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
-            bench forward_${flux_name}_ours_triton_gemm_any 90 eval.bench_forward --preset $flux $size --attention $attention $runs --no-torch ;;
+            bench forward_${flux_name}_ours_triton_gemm_any 90 edit_jax.eval.bench_forward --preset $flux $size --attention $attention $runs --no-torch ;;
     kernels)  # candidate rewrites timed apart, at FLUX.1-dev's single-block shapes: the q/k RMSNorm and RoPE as one
         # pass; the router's token mean as a sum fused with its ReLU
         tiny=${GPU_SUITE_DRY:+--tokens 64 --layers 2}
-        bench qk_norm_rope 60 eval.bench_qk_norm_rope $tiny ${GPU_SUITE_DRY:+--heads 2}
-        bench router_pool 60 eval.bench_router_pool $tiny ${GPU_SUITE_DRY:+--dim 64 --hidden 16} ;;
+        bench qk_norm_rope 60 edit_jax.eval.bench_qk_norm_rope $tiny ${GPU_SUITE_DRY:+--heads 2}
+        bench router_pool 60 edit_jax.eval.bench_router_pool $tiny ${GPU_SUITE_DRY:+--dim 64 --hidden 16} ;;
     train)  # router training on the GPU, never run on one before (not in the default stages): FLUX.1-dev with random
         # weights, the base bfloat16 (auto), full remat, the attention kernel's backward pass; step time and memory
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench train_$flux_name 300 eval.bench_train --on-devices --preset $flux \
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench train_$flux_name 300 edit_jax.eval.bench_train --on-devices --preset $flux \
             $train_size --set remat=full attention=$attention ;;
     ours)  # our dense forwards alone, no diffusers (a minute each: no weight conversion)
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench forward_${flux_name}_ours 90 eval.bench_forward --preset $flux $size --attention $attention $runs --no-torch
-        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench forward_${qwen_name}_ours 90 eval.bench_forward --preset $qwen $size --attention $attention $runs --no-torch ;;
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench forward_${flux_name}_ours 90 edit_jax.eval.bench_forward --preset $flux $size --attention $attention $runs --no-torch
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench forward_${qwen_name}_ours 90 edit_jax.eval.bench_forward --preset $qwen $size --attention $attention $runs --no-torch ;;
     *) echo "unknown stage $stage (elastic, profile, flags, ours, kernels, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax, train)"; exit 2 ;;
     esac
 done
