@@ -1,8 +1,9 @@
 """Decode time and peak memory of our Flax VAEs against diffusers' (AutoencoderKL for FLUX.1,
 AutoencoderKLQwenImage for Qwen-Image), same random weights (through the conversion table), same
-latents; each side in its own process so that its peak resident memory (VmHWM) is its own (so
-the project's modules are imported inside the functions of the side that needs them: the
-diffusers side never loads JAX).
+latents; each side in its own process so that its peak resident memory (VmHWM) is its own. The
+children run this file by its path and the diffusers side imports nothing of edit_jax (whose
+package loads JAX): it builds its VAE from the diffusers arguments the parent hands it as JSON.
+So the project's modules are imported inside the functions of the side that needs them.
 
     python -m edit_jax.eval.bench_vae --size 1024 --runs 3                      # FLUX.1's VAE, 1024x1024
     python -m edit_jax.eval.bench_vae --vae qwen-image --size 1024              # Qwen-Image's VAE
@@ -15,12 +16,12 @@ peak RSS in GiB); --out writes it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 import time
-
-from edit_jax.eval.report import run_script
+from pathlib import Path
 
 
 def peak_rss_gib() -> float:
@@ -44,24 +45,28 @@ def vae_config(vae: str, channels: str | None):
     return AutoencoderKLConfig(block_out_channels=widths, norm_num_groups=min(32, widths[0]))
 
 
-def torch_vae(cfg, seed: int = 0):
-    import dataclasses
-
-    import torch
-    from diffusers import AutoencoderKL, AutoencoderKLQwenImage
-
+def diffusers_arguments(cfg) -> dict:
+    """The keyword arguments of diffusers' VAE class for our config (JSON values), with "class"."""
     from edit_jax.models.qwen_image_vae import AutoencoderKLQwenImageConfig
 
-    torch.manual_seed(seed)
     if isinstance(cfg, AutoencoderKLQwenImageConfig):
-        return AutoencoderKLQwenImage(**{k: list(v) if isinstance(v, tuple) else v
-                                         for k, v in dataclasses.asdict(cfg).items()}).eval()
+        return {"class": "AutoencoderKLQwenImage",
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}}
     blocks = len(cfg.block_out_channels)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
-                         block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-                         norm_num_groups=cfg.norm_num_groups, use_quant_conv=False, use_post_quant_conv=False,
-                         down_block_types=("DownEncoderBlock2D",) * blocks,
-                         up_block_types=("UpDecoderBlock2D",) * blocks).eval()
+    return {"class": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": cfg.latent_channels,
+            "block_out_channels": list(cfg.block_out_channels), "layers_per_block": cfg.layers_per_block,
+            "norm_num_groups": cfg.norm_num_groups, "use_quant_conv": False, "use_post_quant_conv": False,
+            "down_block_types": ["DownEncoderBlock2D"] * blocks, "up_block_types": ["UpDecoderBlock2D"] * blocks}
+
+
+def torch_vae(arguments: dict, seed: int = 0):
+    """diffusers' VAE from `diffusers_arguments`, seeded random weights."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    arguments = dict(arguments)
+    return getattr(diffusers, arguments.pop("class"))(**arguments).eval()
 
 
 def enable_torch_tiling(vae, tile: int) -> None:
@@ -76,24 +81,24 @@ def enable_torch_tiling(vae, tile: int) -> None:
         vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // 8
 
 
-def run_side(side: str, vae_name: str, size: int, runs: int, tile: int | None, channels: str | None = None) -> dict:
+def run_side(side: str, arguments: dict, size: int, runs: int, tile: int | None, vae_name: str,
+             channels: str | None) -> dict:
     """One side's decode of random latents: its time and peak memory (run in a process of its own).
 
     Args:
-      side: "ours" or "diffusers". vae_name: "flux" or "qwen-image". size: the image's side,
-        pixels. runs: timed decodes. tile: the tile's side (None: whole). channels: the VAE's block
-        widths (None: the real model's).
+      side: "ours" or "diffusers". arguments: diffusers' VAE arguments (`diffusers_arguments`).
+      size: the image's side, pixels. runs: timed decodes. tile: the tile's side (None: whole).
+      vae_name, channels: our config's (`vae_config`; read on our side only).
     """
     import numpy as np
 
-    config = vae_config(vae_name, channels)
     latents = np.random.default_rng(0).standard_normal((1, 16, size // 8, size // 8)).astype(np.float32)
-    vae = torch_vae(config)
+    vae = torch_vae(arguments)
     if side == "diffusers":
         import torch
 
         z = torch.from_numpy(latents)
-        if config.clamps_output:  # the video VAE takes a frame axis
+        if arguments["class"] == "AutoencoderKLQwenImage":  # the video VAE takes a frame axis
             z = z[:, :, None]
         if tile:
             enable_torch_tiling(vae, tile)
@@ -107,6 +112,7 @@ def run_side(side: str, vae_name: str, size: int, runs: int, tile: int | None, c
         from edit_jax.checkpoints_convert.vae import vae_table
         from edit_jax.models.vae import abstract_vae, decode_tiled
 
+        config = vae_config(vae_name, channels)
         abstract = abstract_vae(config)
         params = build_params(vae_table(abstract), from_state_dict(vae.state_dict()), abstract)
         del vae
@@ -126,8 +132,22 @@ def run_side(side: str, vae_name: str, size: int, runs: int, tile: int | None, c
             "peak_rss_gib": round(peak_rss_gib(), 2)}
 
 
+def child(argv: list[str]) -> None:
+    """A child measuring one side: --side, --arguments (JSON), --size, --runs, [--tile], --vae,
+    [--channels]; prints its JSON line (flags were checked by the parent)."""
+    parser = argparse.ArgumentParser()
+    for flag in ("--side", "--arguments", "--vae", "--channels"):
+        parser.add_argument(flag)
+    for flag in ("--size", "--runs", "--tile"):
+        parser.add_argument(flag, type=int)
+    args = parser.parse_args(argv)
+    print(json.dumps(run_side(args.side, json.loads(args.arguments), args.size, args.runs, args.tile, args.vae,
+                              args.channels)))
+
+
 def main(argv=None) -> dict:
     from edit_jax.eval.report import emit, environment
+    from edit_jax.models.vae import check_tile_size
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", default="flux", choices=["flux", "qwen-image"], help="which VAE")
@@ -136,33 +156,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--tile", type=int, help="tiled decode on both sides, tile in pixels (default: untiled)")
     parser.add_argument("--channels", help="quick runs: FLUX block widths instead of 128,256,512,512, or "
                                            "Qwen-Image's base width instead of 96")
-    parser.add_argument("--side", choices=["ours", "diffusers"], help=argparse.SUPPRESS)  # one side, in a child
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.size <= 0 or args.size % 8:
         raise ValueError(f"--size {args.size}: must be a positive multiple of 8 pixels (the VAE's scale)")
-    if args.side:  # a child measuring one side, started below once the flags were checked
-        print(json.dumps(run_side(args.side, args.vae, args.size, args.runs, args.tile, args.channels)))
-        return {}
     if args.tile is not None:
-        from edit_jax.models.vae import check_tile_size  # here, not above: the diffusers side's child must not load JAX
-
         check_tile_size(args.tile, flag="--tile")
+    arguments = json.dumps(diffusers_arguments(vae_config(args.vae, args.channels)))
     result = {"benchmark": "vae_decode", **environment(), "vae": args.vae, "size": args.size, "tile": args.tile,
               "channels": args.channels or ("96" if args.vae == "qwen-image" else "128,256,512,512")}
     for side in ("ours", "diffusers"):
-        command = [sys.executable, "-m", "edit_jax.eval.bench_vae", "--side", side, "--vae", args.vae, "--size", str(args.size),
-                   "--runs", str(args.runs)] + (["--tile", str(args.tile)] if args.tile else []) + \
-                  (["--channels", args.channels] if args.channels else [])
+        command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--arguments", arguments,
+                   "--vae", args.vae, "--size", str(args.size), "--runs", str(args.runs)]
+        command += (["--tile", str(args.tile)] if args.tile else []) + (["--channels", args.channels] if args.channels else [])
         done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:  # the child's own last line: "eval.bench_vae: error: ..." or its traceback's end
+        if done.returncode != 0:  # the end of the child's traceback
             lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-            raise (ValueError if done.returncode == 2 else RuntimeError)(
-                f"{side} side: {lines[-1].removeprefix('eval.bench_vae: error: ')}")
+            raise RuntimeError(f"{side} side: {lines[-1]}")
         result[side] = json.loads(done.stdout.strip().splitlines()[-1])
     result["ours_vs_diffusers_time"] = round(result["ours"]["decode_s"] / result["diffusers"]["decode_s"], 3)
     return emit(result, args.out)
 
 
 if __name__ == "__main__":
-    run_script(main)
+    if "--side" in sys.argv:  # a child, started by main: nothing of edit_jax before its side needs it
+        child(sys.argv[1:])
+    else:
+        from edit_jax.eval.report import run_script
+
+        run_script(main)

@@ -194,6 +194,19 @@ def test_a_bad_benchmark_flag_is_one_line_naming_it_and_exit_status_2():
     assert done.stderr.strip().splitlines()[-1].startswith("edit_jax.eval.bench_router: error: --set 'nope=1': expected FIELD=VALUE")
 
 
+def test_the_vae_benchmarks_diffusers_side_never_loads_jax():
+    """Its peak memory is diffusers' own: the child imports nothing of edit_jax (whose package loads JAX)."""
+    from edit_jax.eval import bench_vae
+
+    arguments = json.dumps(bench_vae.diffusers_arguments(bench_vae.vae_config("flux", "32,32")))
+    script = (f"import runpy, sys; sys.argv = [{bench_vae.__file__!r}, '--side', 'diffusers', '--arguments', {arguments!r}, "
+              "'--vae', 'flux', '--size', '64', '--runs', '0']; runpy.run_path(sys.argv[0], run_name='__main__'); "
+              "print(sorted({'jax', 'edit_jax'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_a_vae_benchmark_size_off_the_vae_scale_is_refused_before_any_work():
     from edit_jax.eval.bench_vae import main
 
