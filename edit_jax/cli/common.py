@@ -144,6 +144,22 @@ def remove_stale_outputs(out: Path, earlier: dict[str, tuple[int, int]]) -> list
     return stale
 
 
+def add_prompts_arguments(parser) -> None:
+    """--prompt TEXT (repeatable) and --prompts FILE (`read_prompts` reads both)."""
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    parser.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a \"prompt\" field")
+
+
+def add_embeddings_cache_argument(parser) -> None:
+    parser.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
+                        help="folder of cached prompt embeddings ('none': no cache)")
+
+
+def embeddings_cache_of(args):
+    """The --embeddings-cache folder, or None for 'none'."""
+    return None if args.embeddings_cache == "none" else args.embeddings_cache
+
+
 def read_prompts(args) -> list[str]:
     """--prompt TEXT (repeatable) and --prompts FILE (one per line, or JSONL with a "prompt" field)."""
     prompts = list(args.prompt or [])

@@ -6,8 +6,9 @@ import json
 import sys
 
 from edit_jax.cli.common import (add_attention_argument, add_dtype_argument, add_elastic_arguments,
-                                 add_encoders_dtype_argument, add_mesh_argument, add_sampling_arguments, at_least,
-                                 check_output_folder, earlier_outputs, mesh_of, read_prompts, remove_stale_outputs)
+                                 add_embeddings_cache_argument, add_encoders_dtype_argument, add_mesh_argument,
+                                 add_prompts_arguments, add_sampling_arguments, at_least, check_output_folder,
+                                 earlier_outputs, embeddings_cache_of, mesh_of, read_prompts, remove_stale_outputs)
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.pipelines.encode_prompts import encode_prompts
 from edit_jax.pipelines.generate import generate
@@ -30,7 +31,7 @@ def cmd_generate(args) -> int:
     result = generate(args.model, prompts, args.out, sampler=sampler, negative_prompt=args.negative_prompt,
                       height=args.height, width=args.width, seed=args.seed, elastic=elastic,
                       max_sequence_length=args.max_sequence_length, tile_size=args.tile_size,
-                      embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
+                      embeddings_cache=embeddings_cache_of(args),
                       progress=not args.quiet, mesh=mesh_of(args), dtype=args.dtype, batch_size=args.batch_size,
                       transformer=args.transformer, attention=args.attention)
     remove_stale_outputs(out, earlier)
@@ -41,7 +42,7 @@ def cmd_generate(args) -> int:
 def cmd_encode_prompts(args) -> int:
     summary = encode_prompts(args.model, read_prompts(args), args.out, negative_prompt=args.negative_prompt,
                              max_sequence_length=args.max_sequence_length, batch_size=args.batch_size,
-                             embeddings_cache=None if args.embeddings_cache == "none" else args.embeddings_cache,
+                             embeddings_cache=embeddings_cache_of(args),
                              overwrite=args.overwrite, progress=not args.quiet, dtype=args.dtype)
     print(json.dumps(summary, indent=2))
     return 0
@@ -66,8 +67,7 @@ def add_generate(command) -> None:
     gen.add_argument("--transformer", help="weights to use instead of the folder's transformer/: an edit-jax checkpoint "
                                             "(a training run's RUN_DIR/edit-jax for --elastic infer), or diffusers, "
                                             "BFL or E-DiT release weights")
-    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    gen.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a \"prompt\" field")
+    add_prompts_arguments(gen)
     gen.add_argument("--negative-prompt", help="the negative prompt of true CFG (with --true-cfg > 1)")
     gen.add_argument("--true-cfg", type=float, default=1.0,
                      help="> 1: true classifier-free guidance with --negative-prompt (Qwen-Image: typically 4)")
@@ -82,8 +82,7 @@ def add_generate(command) -> None:
     gen.add_argument("--batch-size", type=at_least(1), default=4,
                      help="prompts encoded, denoised and decoded together (with per-image decisions, the images "
                           "do not depend on it)")
-    gen.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
-                     help="folder of cached prompt embeddings ('none': no cache)")
+    add_embeddings_cache_argument(gen)
     add_mesh_argument(gen)
     add_dtype_argument(gen)
     add_attention_argument(gen)
@@ -96,14 +95,12 @@ def add_encode_prompts(command) -> None:
                                     "FLUX.1 or Qwen-Image pipeline folder)")
     enc.add_argument("--model", required=True, help="diffusers pipeline folder: model_index.json, the text encoders and "
                                                       "their tokenizers (transformer/ and vae/ are not read)")
-    enc.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    enc.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with a \"prompt\" field")
+    add_prompts_arguments(enc)
     enc.add_argument("--negative-prompt", help="also store negative_* embeddings of this prompt, for true CFG")
     enc.add_argument("--out", required=True, help="the .npz to write")
     enc.add_argument("--max-sequence-length", type=at_least(1), default=512, help="text tokens (FLUX: T5's; Qwen-Image: at most)")
     enc.add_argument("--batch-size", type=at_least(1), default=8, help="prompts encoded at once")
-    enc.add_argument("--embeddings-cache", default="~/.cache/edit-jax/prompt-embeddings",
-                     help="folder of cached prompt embeddings ('none': no cache)")
+    add_embeddings_cache_argument(enc)
     enc.add_argument("--overwrite", action="store_true", help="replace an earlier embeddings file at --out")
     add_encoders_dtype_argument(enc)
     enc.add_argument("--quiet", action="store_true", help="no progress bars")
