@@ -45,8 +45,8 @@ def base_flops(config, num_img: int, num_txt: int) -> int:
     return 2 * macs
 
 
-BLOCK_MACS = {
-    "dual": lambda d, w, m, n, t: _dual_block(d, w, m, n, t),
+BLOCK_MACS = {  # per block kind (`config.block_stacks`): MACs(d, width, m, num_img, num_txt) per sample
+    "dual": _dual_block,
     "single": lambda d, w, m, n, t: _single_block(d, w, n + t),
 }
 
