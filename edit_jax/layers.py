@@ -658,7 +658,8 @@ def scan_blocks(block_cls, length: int, runtime: RuntimeConfig, num_broadcast: i
 
     lazy: the params and routers are not sliced per iteration but passed whole ([length, ...]);
     the block slices its layer where it uses it (`edit_jax.elastic.layer_view`), so a block that
-    is skipped never reads its weights. Apply only: init needs the sliced form.
+    is skipped never reads its weights, and a call may scan any run of the layers (as many as its
+    per-layer inputs hold). Apply only: init needs the sliced form.
 
     Args:
       block_cls: the block's module class. length: layers. runtime: the model's RuntimeConfig
@@ -675,8 +676,7 @@ def scan_blocks(block_cls, length: int, runtime: RuntimeConfig, num_broadcast: i
             variable_broadcast=("params", "routers"),
             split_rngs={"params": False},
             in_axes=(0,) + (nn.broadcast,) * num_broadcast,
-            length=length,
-        )
+        )  # its length is its per-layer inputs' (the layer indices): it can run any slice of the stack
     return nn.scan(
         block_cls,
         variable_axes={"params": 0, "routers": 0, "intermediates": 0},

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from edit_jax.elastic.block_cache import BlockCacheMethod, RouterGuidedCache
+from edit_jax.elastic.step_cache import StepCacheMethod
 from edit_jax.layers import channel_ranks, check_values, narrow
 from edit_jax.elastic.router import router_modulation, router_prelude
 
@@ -53,6 +54,9 @@ class ElasticConfig:
     cache: E-DiT's router-guided block cache (`edit_jax.elastic.block_cache.RouterGuidedCache`) with
     cache_start, delta_margin and max_reuse; block_cache: another per-block cache method instead
     (`edit_jax.elastic.block_cache.BlockCacheMethod`). `cache_method` is the one that runs.
+    step_cache: a per-step cache method around the block stacks (`edit_jax.elastic.step_cache`:
+    first-block cache, MagCache), in any mode but "train"; with mode "dense" the base model runs
+    under it (every block at full width, no router).
     """
 
     mode: str = "infer"
@@ -63,6 +67,7 @@ class ElasticConfig:
     delta_margin: float = 0.015
     max_reuse: int = 10
     block_cache: BlockCacheMethod | None = None
+    step_cache: StepCacheMethod | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -77,6 +82,13 @@ class ElasticConfig:
         if self.cache and self.block_cache is not None:
             raise ValueError(f"elastic cache=True runs the router-guided cache; block_cache {self.block_cache!r} "
                              "would replace it: give one of them")
+        if self.step_cache is not None and self.mode == "train":
+            raise ValueError(f"step_cache {self.step_cache.name!r} runs at inference: elastic mode 'train' computes every block")
+
+    @property
+    def runs_base_model(self) -> bool:
+        """Whether calls return the base model's velocity alone (mode "dense" without a step cache)."""
+        return self.mode == "dense" and self.step_cache is None
 
     @property
     def cache_method(self) -> BlockCacheMethod | None:
@@ -146,8 +158,9 @@ def elastic_step(
     per_layer: {"forced": {"run" or "p", "bucket"}, [B] or [] for one decision for all rows;
     in mode "forced" the router is not run}, optionally "router_prelude": the router's temb-only
     half computed ahead (`router_preludes`), with a block cache {"cache": this layer's state of
-    `elastic.cache_method`}, and with lazy weights {"layer": []} (the module's variables
-    are then the whole stack, see `lazy_weights`); step: the denoising step index; groups: G,
+    `elastic.cache_method`}, with a step cache {"gate": [] or [B] bool, the rows its middle
+    layers may compute (`edit_jax.models.elastic_stacks.run_stacks`)}, and with lazy weights
+    {"layer": []} (the module's variables are then the whole stack, see `lazy_weights`); step: the denoising step index; groups: G,
     how the MLP's hidden channels are stored. Outputs: {"aux": p [B], q [B, K], executed [B]
     (rows that computed the block), cache_hit [B], bucket [B], branch [] (0 skipped, 1 + k ran at
     bucket k)} and "cache" when given.
@@ -208,7 +221,11 @@ def elastic_step(
 
     method = elastic.cache_method if cache is not None else None
     reuse = jnp.zeros_like(run) if method is None else method.decide(cache, step, run, decided_p, elastic.tau)
-    compute = run & ~reuse
+    gate = per_layer.get("gate")
+    if gate is not None:  # rows the step cache reuses this step: neither computed nor counted by the block cache
+        reuse, compute = reuse & gate, run & ~reuse & gate
+    else:
+        compute = run & ~reuse
 
     widest = jnp.max(jnp.where(compute, bucket, 0))
     index = jnp.where(jnp.any(compute), 1 + widest, 0)
@@ -230,7 +247,7 @@ def elastic_step(
         return scoped
 
     new = nn.switch(index, [skip] + [run_at(w) for w in widths], module, carry, row_mask)
-    if per_sample or method is not None:
+    if per_sample or method is not None or (gate is not None and gate.ndim > 0):
         new = _select_rows(new, carry, compute)
     outputs = {}
     if method is not None:

@@ -5,7 +5,7 @@ abstract params, initialisation), whose names import from here
 (`from edit_jax.models import build_model, example_inputs`)."""
 
 from edit_jax.models.registry import (FAMILIES, abstract_params, abstract_routers, block_modulations, build_model,
-                                      example_inputs, family_of, init_cache, init_params, init_routers,
+                                      example_inputs, family_of, init_cache, init_params, init_routers, init_step_cache,
                                       init_variables, jit_forward, logical_axes, router_modulations, split_static)
 
-__all__ = ["FAMILIES", "abstract_params", "abstract_routers", "block_modulations", "build_model", "example_inputs", "family_of", "init_cache", "init_params", "init_routers", "init_variables", "jit_forward", "logical_axes", "router_modulations", "split_static"]
+__all__ = ["FAMILIES", "abstract_params", "abstract_routers", "block_modulations", "build_model", "example_inputs", "family_of", "init_cache", "init_params", "init_routers", "init_step_cache", "init_variables", "jit_forward", "logical_axes", "router_modulations", "split_static"]

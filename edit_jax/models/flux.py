@@ -20,7 +20,7 @@ import numpy as np
 from edit_jax.models.blocks import DualStreamBlock
 from edit_jax.config import FluxConfig, proj_out_parts
 from edit_jax.elastic.mechanism import ElasticConfig, elastic_step
-from edit_jax.models.elastic_stacks import stack_inputs, step_aux
+from edit_jax.models.elastic_stacks import Stack, block_elastic, run_stacks, stack_inputs, step_aux
 from edit_jax.models.family import ElasticMLP, ModelFamily
 from edit_jax.layers import (
     HEADS,
@@ -192,17 +192,20 @@ class FluxTransformer(nn.Module):
         step=None,
         router_modulations=None,
         block_modulations=None,
+        step_cache=None,
     ):
-        """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
-        aux) with p, q, executed, cache_hit, bucket over all 19 + 38 blocks and the step's FLOPs.
+        """elastic: None or mode "dense" returns the velocity; any other mode (or a step cache)
+        returns (velocity, aux) with p, q, executed, cache_hit, bucket over all 19 + 38 blocks and the step's FLOPs.
         decisions: {"run" or "p", "bucket"} [L] or [B, L] for mode "forced". cache: the block
         cache (`edit_jax.models.init_cache`), returned updated as aux["cache"]; step: the denoising step index.
         router_modulations: the routers' temb-only modulation for these inputs, computed ahead
         (`edit_jax.models.router_modulations`); None computes it here. block_modulations: the
         blocks' AdaLN modulations for these inputs, computed ahead (`edit_jax.models.block_modulations`);
-        None computes them here."""
+        None computes them here. step_cache: the state of `elastic.step_cache`
+        (`edit_jax.models.init_step_cache`), returned updated as aux["step_cache"]."""
         cfg, rt = self.config, self.config.runtime
         check_flux_inputs(cfg, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
+        elastic, decisions = block_elastic(elastic, decisions, cfg)
         dtype = dtype_of(rt.dtype)
         batch, num_img = hidden_states.shape[:2]
         num_txt = encoder_hidden_states.shape[1]
@@ -211,7 +214,7 @@ class FluxTransformer(nn.Module):
         temb = FluxTimeTextEmbedding(cfg, name="time_text_embed")(
             timestep, pooled_projections.astype(dtype), guidance
         )
-        lazy, (per_double, per_single) = stack_inputs(
+        lazy, per_stack = stack_inputs(
             self, BLOCK_STACKS, BLOCK_MODULATIONS, elastic, decisions, cache, temb, batch, router_modulations,
             block_modulations,
         )
@@ -233,19 +236,24 @@ class FluxTransformer(nn.Module):
             width_groups=cfg.width_groups,
             name="transformer_blocks",
         )
-        (txt, img), double_out = double_blocks((txt, img), per_double, temb, cos, sin, None, step)
-        joint = jnp.concatenate([txt, img], axis=1)
-        joint, single_out = scan_blocks(FluxSingleBlock, cfg.num_single_layers, rt, 4, lazy)(
+        single_blocks = scan_blocks(FluxSingleBlock, cfg.num_single_layers, rt, 4, lazy)(
             cfg, elastic, name="single_transformer_blocks"
-        )(joint, per_single, temb, cos, sin, step)
-        img = joint[:, num_txt:]
+        )
+        stacks = (
+            Stack(lambda carry, per_layer: double_blocks(carry, per_layer, temb, cos, sin, None, step)),
+            Stack(lambda joint, per_layer: single_blocks(joint, per_layer, temb, cos, sin, step),
+                  enter=lambda streams: jnp.concatenate(streams, axis=1),
+                  leave=lambda joint: (joint[:, :num_txt], joint[:, num_txt:])),
+        )
+        (txt, img), (double_out, single_out), step_out = run_stacks(
+            stacks, (txt, img), per_stack, (cfg.num_layers, cfg.num_single_layers), lazy, elastic, step_cache, step)
 
         scale, shift = Modulation(2, rt, name="norm_out")(temb)  # diffusers' AdaLayerNormContinuous
         img = modulate(layer_norm(img), shift, scale)
         velocity = Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
         if double_out is None:
             return velocity
-        return velocity, step_aux(cfg, BLOCK_STACKS, elastic, [double_out, single_out], cache, num_img, num_txt)
+        return velocity, step_aux(cfg, BLOCK_STACKS, elastic, [double_out, single_out], cache, num_img, num_txt, step_out)
 
 
 def _shape_error(name: str, got, expected: str) -> ValueError:

@@ -19,7 +19,7 @@ import numpy as np
 from edit_jax.models.blocks import DualStreamBlock
 from edit_jax.config import QwenImageConfig
 from edit_jax.elastic.mechanism import ElasticConfig
-from edit_jax.models.elastic_stacks import stack_inputs, step_aux
+from edit_jax.models.elastic_stacks import Stack, block_elastic, run_stacks, stack_inputs, step_aux
 from edit_jax.models.family import ElasticMLP, ModelFamily
 from edit_jax.layers import (
     Linear,
@@ -144,17 +144,20 @@ class QwenImageTransformer(nn.Module):
         step=None,
         router_modulations=None,
         block_modulations=None,
+        step_cache=None,
     ):
-        """elastic: None or mode "dense" returns the velocity; any other mode returns (velocity,
-        aux) with p, q, executed, cache_hit, bucket over the blocks and the step's FLOPs.
+        """elastic: None or mode "dense" returns the velocity; any other mode (or a step cache)
+        returns (velocity, aux) with p, q, executed, cache_hit, bucket over the blocks and the step's FLOPs.
         decisions: {"run" or "p", "bucket"} [L] or [B, L] for mode "forced". cache: the block
         cache (`edit_jax.models.init_cache`), returned updated as aux["cache"]; step: the denoising step index.
         router_modulations: the routers' temb-only modulation for these inputs, computed ahead
         (`edit_jax.models.router_modulations`); None computes it here. block_modulations: the
         blocks' AdaLN modulations for these inputs, computed ahead (`edit_jax.models.block_modulations`);
-        None computes them here."""
+        None computes them here. step_cache: the state of `elastic.step_cache`
+        (`edit_jax.models.init_step_cache`), returned updated as aux["step_cache"]."""
         cfg, rt = self.config, self.config.runtime
         segments = check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes)
+        elastic, decisions = block_elastic(elastic, decisions, cfg)
         dtype = dtype_of(rt.dtype)
         batch, num_img = hidden_states.shape[:2]
         num_txt = encoder_hidden_states.shape[1]
@@ -179,7 +182,7 @@ class QwenImageTransformer(nn.Module):
             reference = stacked_modulation(self.variables["params"]["transformer_blocks"]["img_mod"], at_zero, dtype)
             return [{**modulations[0], "img_mod_reference": reference}]
 
-        lazy, (per_layer,) = stack_inputs(
+        lazy, per_stack = stack_inputs(
             self, BLOCK_STACKS, BLOCK_MODULATIONS, elastic, decisions, cache, temb, batch, router_modulations,
             block_modulations, reference_modulation if reference_from is not None else None,
         )
@@ -199,14 +202,16 @@ class QwenImageTransformer(nn.Module):
             name="transformer_blocks",
         )
         step = jnp.asarray(0 if step is None else step, jnp.int32)
-        (txt, img), block_out = blocks((txt, img), per_layer, temb, cos, sin, key_mask, step)
+        (txt, img), (block_out,), step_out = run_stacks(
+            [Stack(lambda carry, per_layer: blocks(carry, per_layer, temb, cos, sin, key_mask, step))],
+            (txt, img), per_stack, (cfg.num_layers,), lazy, elastic, step_cache, step)
 
         scale, shift = Modulation(2, rt, name="norm_out")(temb)  # diffusers' AdaLayerNormContinuous
         img = modulate(layer_norm(img), shift, scale)
         velocity = Linear(cfg.output_channels, ("embed", "channels"), rt, name="proj_out")(img)
         if block_out is None:
             return velocity
-        return velocity, step_aux(cfg, BLOCK_STACKS, elastic, [block_out], cache, num_img, num_txt)
+        return velocity, step_aux(cfg, BLOCK_STACKS, elastic, [block_out], cache, num_img, num_txt, step_out)
 
 
 def check_qwen_inputs(cfg, hidden_states, encoder_hidden_states, mask, timestep, img_shapes) -> tuple[tuple[int, int, int], ...]:

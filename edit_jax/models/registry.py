@@ -13,6 +13,7 @@ import numpy as np
 from edit_jax.models import flux, qwen_image
 from edit_jax.elastic.block_cache import BlockCacheMethod, RouterGuidedCache
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.step_cache import StepCacheMethod
 from edit_jax.models.family import ModelFamily
 from edit_jax.layers import stack_modulations
 from edit_jax.elastic.router import router_modulation
@@ -83,6 +84,17 @@ def init_cache(config, batch: int, num_img: int, num_txt: int, method: BlockCach
     method = RouterGuidedCache() if method is None else method
     carries = family_of(config).cache_carries(config, batch, num_img, num_txt)
     return {name: method.init(layers, carries[name], batch) for name, layers, _ in config.block_stacks}
+
+
+def init_step_cache(config, batch: int, num_img: int, num_txt: int, method: StepCacheMethod):
+    """An empty per-step cache state (`method.init`) for streams of txt [B, T, D] and img [B, N, D].
+
+    Args:
+      config: the model config. batch: rows per call. num_img, num_txt: image and text tokens per
+        row. method: the per-step cache method (`edit_jax.elastic.step_cache`).
+    """
+    d = config.inner_dim
+    return method.init(((batch, num_txt, d), (batch, num_img, d)), batch)
 
 
 def example_inputs(config, batch: int = 1, height: int = 4, width: int = 4, num_txt: int = 8, seed: int = 0) -> dict:

@@ -40,7 +40,7 @@ import numpy as np
 
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.sampling.latents import packed_grid
-from edit_jax.models.registry import block_modulations, family_of, init_cache, router_modulations
+from edit_jax.models.registry import block_modulations, family_of, init_cache, init_step_cache, router_modulations
 from edit_jax.sampling.schedules import SCHEDULERS, SchedulerConfig, flow_match_schedule
 
 CFG_MODES = ("batched", "sequential")
@@ -128,7 +128,8 @@ def _split_static(cond: dict) -> tuple[dict, dict]:
 
 
 def init_state(config, elastic: ElasticConfig | None, batch: int, num_img: int, num_txt: int) -> dict:
-    """The E-DiT sampling state: the step counter and, with a block cache, its empty state.
+    """The E-DiT sampling state: the step counter and the empty states of the block cache and the
+    step cache where they run.
 
     Args:
       config: the model config. elastic: the call's ElasticConfig (None: dense, no cache).
@@ -138,6 +139,8 @@ def init_state(config, elastic: ElasticConfig | None, batch: int, num_img: int, 
     state = {"step": jnp.zeros((), jnp.int32)}
     if elastic is not None and elastic.cache_method is not None:
         state["cache"] = init_cache(config, batch, num_img, num_txt, elastic.cache_method)
+    if elastic is not None and elastic.step_cache is not None:
+        state["step_cache"] = init_step_cache(config, batch, num_img, num_txt, elastic.step_cache)
     return state
 
 
@@ -160,7 +163,7 @@ def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = 
         mode "dense": the base model). return_aux: also return the step's routing record.
       decisions: forced decisions for mode "forced", or a function of the step giving them.
     """
-    elastic_on = elastic is not None and elastic.mode != "dense"
+    elastic_on = elastic is not None and not elastic.runs_base_model
 
     def f(params, routers, x, t, cond, state, step=None, router_modulations=None, block_modulations=None):
         arrays, static = _split_static(cond)
@@ -173,7 +176,7 @@ def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = 
             v = model.apply({"params": params}, hidden_states=tokens, timestep=t, **arrays, **static,
                             block_modulations=block_modulations)
             return (own(v), state, {}) if return_aux else (own(v), state)
-        if routers is None and elastic.mode != "forced":
+        if routers is None and elastic.mode not in ("forced", "dense"):
             raise ValueError(f"elastic mode {elastic.mode!r} needs routers")
         step = state["step"] if step is None else jnp.asarray(step, jnp.int32)
         forced = decisions(step) if callable(decisions) else decisions
@@ -181,11 +184,12 @@ def velocity_fn(model, elastic: ElasticConfig | None = None, return_aux: bool = 
         v, aux = model.apply(
             variables, hidden_states=tokens, timestep=t, **arrays, **static,
             elastic=elastic, decisions=forced, cache=state.get("cache"), step=step, router_modulations=router_modulations,
-            block_modulations=block_modulations,
+            block_modulations=block_modulations, step_cache=state.get("step_cache"),
         )
         new_state = {"step": step + 1}
-        if "cache" in state:
-            new_state["cache"] = aux.pop("cache")
+        for key in ("cache", "step_cache"):
+            if key in state:
+                new_state[key] = aux.pop(key)
         return (own(v), new_state, aux) if return_aux else (own(v), new_state)
 
     return f
@@ -313,6 +317,10 @@ def sample(
     if "reference_latents" in cond and negative_cond is not None:  # the negative prompt edits the same images
         negative_cond = {"reference_latents": cond["reference_latents"], **negative_cond}
     check_sampling_inputs(config, noise, cond, negative_cond, sampler)
+    planned = getattr(getattr(elastic, "step_cache", None), "num_inference_steps", sampler.num_steps)
+    if planned != sampler.num_steps:  # a method calibrated per step (MagCache) plans for its run's length
+        raise ValueError(f"step cache {elastic.step_cache.name!r} is set up for {planned} steps but the sampler runs "
+                         f"{sampler.num_steps}: give it num_inference_steps={sampler.num_steps}")
     batch, num_img = noise.shape[:2]
     num_tokens = num_img + (cond["reference_latents"].shape[1] if "reference_latents" in cond else 0)
     sigmas, timesteps = flow_match_schedule(sampler.scheduler or default_scheduler(config), sampler.num_steps, num_img)
@@ -422,7 +430,7 @@ def _runner(model, sampler, elastic, statics, batch, rescale, batched_cfg, cfg, 
             x = (x.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v.astype(jnp.float32)).astype(x.dtype)
             if progress is not None:
                 jax.debug.callback(progress, i, ordered=ordered)  # JAX orders callbacks on one device only
-            record = {k: aux[k] for k in ("p", "executed", "cache_hit", "bucket") if k in aux}
+            record = {k: v for k, v in aux.items() if k not in ("q", "branch", "flops")}
             if "flops" in aux:
                 record["flops_total"] = aux["flops"]["total"]
                 record["flops_per_sample"] = aux["flops"]["per_sample"]
