@@ -1,7 +1,11 @@
 """Times whole sampling runs in one process: dense, E-DiT with a forced pattern, E-DiT with the
-block cache on scripted borderline router probabilities, and fresh routers all open (infer mode:
-every block runs at full width, so its time over dense is what the routers cost a sampling step).
-Reports per-step time, the cache hit rate and the memory the cache holds. The variants run in
+block cache on scripted borderline router probabilities, fresh routers all open (infer mode:
+every block runs at full width, so its time over dense is what the routers cost a sampling step),
+and diffusers' per-step caches on the dense model: the first-block cache computing every step (its
+time over dense is what its probe and decision cost), the first-block cache reusing every step
+after the first (what a reused step costs), and MagCache on flat ratios (after the retained steps,
+three of every four skipped). Reports per-step time, each method's speedup beside its FLOP
+reduction, the cache hit rate and the memory the cache holds. The variants run in
 alternating rounds (`eval.timing`); speedups are medians of per-round ratios.
 
     python -m edit_jax.eval.bench_sample --preset flux-small --steps 28 --height 256 --width 256
@@ -22,6 +26,7 @@ from edit_jax.eval.report import emit, environment, run_script
 from edit_jax.eval.timing import paired_ratio, time_runs
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.step_cache import FirstBlockCache, MagCache
 from edit_jax.elastic.flops import dense_flops
 from edit_jax.sampling.latents import initial_noise, packed_grid
 from edit_jax.models.registry import family_of, init_variables
@@ -85,7 +90,12 @@ def main(argv=None) -> dict:
         "cache_borderline": dict(routers=variables["routers"], elastic=cache_cfg,
                                  decisions=scripted_borderline(args.steps, blocks, 0.5, 0.015)),
         "routers_all_open": dict(routers=variables["routers"], elastic=ElasticConfig(mode="infer")),
+        "first_block_computing": dict(elastic=ElasticConfig(mode="dense", step_cache=FirstBlockCache(0.0))),
+        "first_block_reusing": dict(elastic=ElasticConfig(mode="dense", step_cache=FirstBlockCache(float("inf")))),
+        "mag_cache": dict(elastic=ElasticConfig(mode="dense", step_cache=MagCache(
+            (1.0,) * args.steps, num_inference_steps=args.steps, threshold=0.06, max_skip_steps=3))),
     }
+    cutting = ("forced_pattern", "cache_borderline", "first_block_reusing", "mag_cache")
     runs, records = {}, {}
     for name, kwargs in variants.items():
         runs[name] = lambda kw=kwargs: jax.block_until_ready(sample(model, variables["params"], noise, cond, sampler, **kw))
@@ -101,18 +111,23 @@ def main(argv=None) -> dict:
         "preset": args.preset, "overrides": args.set, "dtype": args.dtype,
         "tokens": {"image": rows * cols, "text": args.txt}, "steps": args.steps,
         "ms_per_step": {k: round(1000 * v / args.steps, 3) for k, v in times.items()},
-        "speedup_vs_dense": {k: round(paired_ratio(rounds, "dense", k), 3) for k in ("forced_pattern", "cache_borderline")},
+        "speedup_vs_dense": {k: round(paired_ratio(rounds, "dense", k), 3) for k in cutting},
         "routers_time_over_dense": round(paired_ratio(rounds, "routers_all_open", "dense") - 1, 4),
         "routers_flops_over_dense": round(float(np.asarray(records["routers_all_open"]["flops_total"]).sum())
                                           / (dense_flops(config, rows * cols, args.txt) * args.steps) - 1, 4),
+        "step_cache_decision_over_dense": round(paired_ratio(rounds, "first_block_computing", "dense") - 1, 4),
+        "step_reuse_rate": {k: round(1 - float(np.asarray(records[k]["step_computed"]).mean()), 4)
+                            for k in ("first_block_reusing", "mag_cache")},
         "cache_hit_rate": round(float(hits.mean()), 4),
         "cache_hit_rate_after_start": round(float(hits[args.steps // 2 :].mean()), 4),
         "cache_mib": round(cache_bytes / 2**20, 2),
         "flop_reduction_vs_dense": {
             k: round(dense_flops(config, rows * cols, args.txt) * args.steps / float(np.asarray(records[k]["flops_total"]).sum()), 3)
-            for k in ("forced_pattern", "cache_borderline")
+            for k in cutting
         },
     }
+    result["speedup_over_flop_reduction"] = {k: round(result["speedup_vs_dense"][k] / result["flop_reduction_vs_dense"][k], 3)
+                                             for k in cutting}
     return emit(result, args.out)
 
 

@@ -30,6 +30,7 @@ from edit_jax.checkpoints_convert.vae import load_vae
 from edit_jax.checkpoint import ROUTERS_DIR, is_checkpoint, load_config, resolve, run_dir_hint, tree_names
 from edit_jax.config import read_json_object, resolve_attention, resolve_dtype
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.step_cache import describe
 from edit_jax.sampling.embeddings import embedding_conditions
 from edit_jax.elastic.flops import mean_routing, routing_stats
 from edit_jax.sampling.latents import initial_noise, packed_grid, unpack_latents
@@ -78,7 +79,7 @@ def check_transformer(path: Path, family: str, elastic: ElasticConfig | None) ->
         raise ValueError(f"--transformer {path}" + run_dir_hint(path))
     else:
         routers = FAMILIES[family].prepare(open_source(path))[3] is not None
-    if elastic is not None and not routers:
+    if elastic is not None and elastic.mode == "infer" and not routers:
         raise ValueError(f"--elastic infer: {path} has no routers (train them with `edit-jax train`, then give "
                          "--transformer RUN_DIR/edit-jax)")
 
@@ -165,8 +166,9 @@ def check_request(out: Path, prompts: list[str], sampler: SamplerConfig, negativ
     if sampler.scheduler is not None:
         raise ValueError("generate samples with the pipeline folder's scheduler/: give a SamplerConfig without a scheduler")
     packed_grid(height, width)
-    if elastic is not None and elastic.mode != "infer":
-        raise ValueError(f"generate runs E-DiT's routers in mode 'infer' (elastic=None: dense), not {elastic.mode!r}")
+    if elastic is not None and elastic.mode not in ("infer", "dense"):
+        raise ValueError(f"generate runs E-DiT's routers in mode 'infer', or mode 'dense' under a step cache "
+                         f"(elastic=None: dense), not {elastic.mode!r}")
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: give at least 1")
     check_tile_size(tile_size)
@@ -187,8 +189,9 @@ def generate(model_dir, prompts: list[str], out, *, sampler: SamplerConfig = Sam
     a GPU or TPU, float32 on CPU); the VAE decodes in float32. batch_size: prompts encoded,
     denoised and decoded together (each batch's images are written as it finishes; an image does
     not depend on it, unless E-DiT takes one decision for the whole batch, decision="batch").
-    elastic: E-DiT's routers in mode "infer", with the router-guided cache or not (None: dense);
-    decision="sample" keeps each image's own decisions. transformer: weights to use instead of the folder's transformer/ (an edit-jax
+    elastic: E-DiT's routers in mode "infer", with the router-guided cache or not, or mode "dense"
+    with a step cache (`edit_jax.elastic.step_cache`; None: dense); decision="sample" keeps each
+    image's own decisions. transformer: weights to use instead of the folder's transformer/ (an edit-jax
     checkpoint such as a training run's RUN_DIR/edit-jax, or diffusers, BFL or E-DiT release
     weights). attention: the transformer's (`edit_jax.config.resolve_attention`).
 
@@ -237,6 +240,8 @@ def generate(model_dir, prompts: list[str], out, *, sampler: SamplerConfig = Sam
     out.mkdir(parents=True, exist_ok=True)
     images, paths, routing, first_records = [], [], [], None
     exact = settings is None or settings.decision == "sample"  # an image does not depend on the other rows
+    routed = settings is not None and settings.mode == "infer"
+    step_cache = None if settings is None else settings.step_cache
 
     def conditions(ids):
         part = [rows[i] for i in ids] if store is None else encoder.cached_rows([prompts[i] for i in ids], store)
@@ -248,7 +253,7 @@ def generate(model_dir, prompts: list[str], out, *, sampler: SamplerConfig = Sam
     with tqdm(total=steps * -(-len(prompts) // batch_size), desc="denoise", unit="step", disable=not progress) as bar:
         # the last batch padded to the compiled size where the images do not depend on it, its extra rows dropped
         for batch in sample_in_batches(model, params, noise, conditions, sampler, batch_size,
-                                       routers=routers if settings else None, elastic=settings, pad_last=exact,
+                                       routers=routers if routed else None, elastic=settings, pad_last=exact,
                                        progress=(lambda i: bar.update(1)) if progress else None, mesh=mesh):
             timings["denoise_s"] += batch.seconds
             t0 = time.perf_counter()
@@ -264,11 +269,12 @@ def generate(model_dir, prompts: list[str], out, *, sampler: SamplerConfig = Sam
 
     summary = {"model": str(folder), "transformer": str(transformer), "family": family, "prompts": prompts, "negative_prompt": negative_prompt,
                "height": height, "width": width, "steps": steps, "guidance": sampler.guidance_scale,
-               "true_cfg": sampler.true_cfg_scale, "seed": seed, "elastic": "dense" if settings is None else "infer",
+               "true_cfg": sampler.true_cfg_scale, "seed": seed, "elastic": "dense" if settings is None else settings.mode,
+               "step_cache": None if step_cache is None else describe(step_cache),
                "cache": cache, "dtype": dtype,
                "attention": resolve_attention(attention, dtype), "batch_size": batch_size,
                "forward_passes_per_step": 2 if sampler.true_cfg_scale > 1 else 1,
-               "e_dit": None if settings is None else {"decision": settings.decision, "tau": settings.tau,
+               "e_dit": None if not routed else {"decision": settings.decision, "tau": settings.tau,
                                                        "cache_start": settings.cache_start,
                                                        "delta_margin": settings.delta_margin,
                                                        "max_reuse": settings.max_reuse},
@@ -279,7 +285,8 @@ def generate(model_dir, prompts: list[str], out, *, sampler: SamplerConfig = Sam
         summary["router_map"] = str(plot_router_map(
             out / "router_map.png", first_records["executed"][:, 0], first_records["bucket"][:, 0],
             first_records["cache_hit"][:, 0],
-            title=f"E-DiT{' + cache' if cache else ''} routing of prompt 0, {height}x{width}, {steps} steps",
+            title=f"{'E-DiT' if routed else 'dense'}{' + cache' if cache else ''}"
+                  f"{f' + {step_cache.name}' if step_cache else ''} routing of prompt 0, {height}x{width}, {steps} steps",
             block_groups=block_groups(config)))
     (out / "generate.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {"images": np.concatenate(images), "summary": summary}

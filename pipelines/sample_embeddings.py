@@ -21,6 +21,7 @@ from edit_jax import load, load_routers
 from edit_jax.checkpoint import CheckpointError
 from edit_jax.config import resolve_attention, resolve_dtype
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.step_cache import describe
 from edit_jax.eval.pictures import block_groups, plot_router_map
 from edit_jax.models.registry import init_routers
 from edit_jax.sampling.batches import rows_conditions, sample_in_batches
@@ -40,7 +41,7 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
       ckpt: the checkpoint folder. embeddings: the prompt embeddings file (`edit-jax encode-prompts`).
       out: the folder to write. height, width: pixels, multiples of 16. sampler: steps, guidance,
         true CFG (with the file's negative_* embeddings). seed: of the noise.
-      elastic: E-DiT's settings (None: dense). fresh_routers: with E-DiT on a checkpoint without
+      elastic: E-DiT's settings, or mode "dense" with a step cache (None: dense). fresh_routers: with E-DiT on a checkpoint without
         routers, fresh full-capacity ones (their cost, not their savings).
       batch_size: prompts sampled together (None: all). mesh: a device mesh for the params,
         routers and sampling. dtype: the params' and compute's ("auto": bfloat16 on a GPU or TPU).
@@ -55,7 +56,7 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
     negative = embedding_conditions(config, data, height, width, "negative_")
     batch = cond["encoder_hidden_states"].shape[0]
     routers = None
-    if elastic is not None:
+    if elastic is not None and elastic.mode == "infer":
         routers = load_routers(ckpt, mesh=mesh)
         if routers is None and fresh_routers:
             print("sample: no routers in the checkpoint: fresh full-capacity routers (every block runs at full "
@@ -69,8 +70,10 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
     noise = initial_noise(jax.random.key(seed), batch, config.in_channels // 4, height, width)
     rows, cols = packed_grid(height, width)
     cache = elastic is not None and elastic.cache
+    step_cache = None if elastic is None else elastic.step_cache
+    mode = "dense" if elastic is None else elastic.mode
     print(f"sampling {batch} x {height}x{width} ({rows * cols} tokens), {sampler.num_steps} steps, "
-          f"elastic {'infer' if elastic else 'dense'}{' + cache' if cache else ''}", file=sys.stderr)
+          f"elastic {mode}{' + cache' if cache else ''}{f' + {step_cache.name}' if step_cache else ''}", file=sys.stderr)
     check_sampling_inputs(config, noise, cond, negative, sampler)  # the whole file, before it is cut into batches
     size = batch_size or batch
     parts = []
@@ -84,7 +87,8 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
     unpacked = np.concatenate([latents for latents, _, _ in parts])
     np.save(out / "latents.npy", unpacked)
     summary = {"latents": str(out / "latents.npy"), "shape": list(unpacked.shape), "steps": sampler.num_steps,
-               "elastic": "infer" if elastic else "dense", "dtype": dtype, "attention": resolve_attention(attention, dtype),
+               "elastic": mode, "step_cache": None if step_cache is None else describe(step_cache), "dtype": dtype,
+               "attention": resolve_attention(attention, dtype),
                "batch_size": min(size, batch)}
     records = concat_records([(records, count) for _, records, count in parts])
     if records:  # dense sampling makes no routing decisions, so it has no records
@@ -92,11 +96,15 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
         summary["records"] = str(out / "records.npz")
         summary["executed_fraction_per_step"] = records["executed"].mean(axis=(1, 2)).round(4).tolist()
         summary["cache_hit_rate"] = float(records["cache_hit"].mean())
+        if step_cache is not None:
+            summary["step_reuse_rate"] = 1.0 - float(records["step_computed"].mean())
         summary["tflops_total"] = float(records["flops_total"].sum() / 1e12)
+        routing = f"E-DiT routing (tau {elastic.tau})" if mode == "infer" else "blocks run"
         summary["router_map"] = str(plot_router_map(
             out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0], records["cache_hit"][:, 0],
-            title=f"E-DiT routing of sample 0: {config.family}, {height}x{width}, {sampler.num_steps} steps, "
-                  f"tau {elastic.tau}{', cache from step %d' % elastic.cache_start if cache else ''}",
+            title=f"{routing} of sample 0: {config.family}, {height}x{width}, {sampler.num_steps} steps"
+                  f"{', cache from step %d' % elastic.cache_start if cache else ''}"
+                  f"{f', {step_cache.name}' if step_cache else ''}",
             block_groups=block_groups(config)))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

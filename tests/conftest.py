@@ -27,3 +27,19 @@ def save_diffusers(tmp_path):
         return path
 
     return save
+
+
+@pytest.fixture
+def flux_small_ckpt(tmp_path):
+    """A flux-small checkpoint without routers and a matching embeddings file."""
+    import numpy as np
+
+    import edit_jax
+    from edit_jax.checkpoint import save
+
+    config = edit_jax.preset("flux-small")
+    save(tmp_path / "ckpt", config, edit_jax.init_params(config))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "emb.npz", prompt_embeds=rng.standard_normal((1, 8, 64)).astype(np.float32),
+             pooled_prompt_embeds=rng.standard_normal((1, 32)).astype(np.float32))
+    return tmp_path / "ckpt", tmp_path / "emb.npz"

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from edit_jax.cli import main
 from edit_jax.elastic import ElasticConfig
@@ -355,3 +356,19 @@ def test_commands_that_run_torch_encoders_leave_it_gpu_memory(tmp_path, monkeypa
     monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE")
     main(["encode-prompts", "--model", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "e.npz")])
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"  # read by JAX when it first touches the GPU
+
+
+def test_generate_with_the_first_block_cache_keeps_each_images_decisions_whatever_the_batch(tiny_pipeline, tmp_path):
+    _, folder = tiny_pipeline
+    args = ["generate", "--model", str(folder), "--prompt", "a cat", "--prompt", "a dog on a skateboard", "--height", "32",
+            "--width", "32", "--steps", "4", "--step-cache", "first-block", "--step-cache-threshold", "1.0", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--batch-size", "1"]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--batch-size", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "generate.json").read_text()) for d in ("one", "two"))
+
+    for i in range(2):
+        np.testing.assert_allclose(np.asarray(Image.open(tmp_path / "two" / f"image-{i}.png"), float),
+                                   np.asarray(Image.open(tmp_path / "one" / f"image-{i}.png"), float), atol=1)
+    assert one["step_cache"]["per_sample"] and one["elastic"] == "dense" and one["e_dit"] is None
+    assert 0 < one["routing"]["step_reuse_rate"] == pytest.approx(two["routing"]["step_reuse_rate"])
+    assert (tmp_path / "one" / "router_map.png").is_file()

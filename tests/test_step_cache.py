@@ -7,6 +7,7 @@ import ast
 import contextlib
 import dataclasses
 import io
+import json
 
 import jax
 import jax.numpy as jnp
@@ -317,3 +318,50 @@ def test_mag_ratios_resample_to_the_steps_as_diffusers_does():
     for length in (1, 10, 28, 50):
         np.testing.assert_array_equal(nearest_interp(FLUX_MAG_RATIOS.numpy(), length),
                                       diffusers_interp(FLUX_MAG_RATIOS, length).numpy())
+
+
+def cli_args(command, ckpt, emb, out, *extra):
+    return [command, str(ckpt), "--embeddings", str(emb), "--out", str(out), "--height", "32", "--width", "32",
+            "--steps", "6", *extra]
+
+
+def test_calibrate_magcache_then_sample_with_it_from_the_command_line(flux_small_ckpt, tmp_path, capsys):
+    from edit_jax.cli import main
+    from edit_jax.sampling.calibration import read_mag_ratios
+
+    ckpt, emb = flux_small_ckpt
+    assert main(cli_args("calibrate-magcache", ckpt, emb, ckpt / "mag_ratios.json")) == 0
+    ratios = read_mag_ratios(ckpt / "mag_ratios.json")
+    assert len(ratios) == 6 and ratios[0] == 1.0
+    capsys.readouterr()
+
+    assert main(cli_args("sample", ckpt, emb, tmp_path / "mag", "--step-cache", "mag-cache",
+                         "--step-cache-threshold", "10", "--retention-ratio", "0.3")) == 0
+    summary = json.loads((tmp_path / "mag" / "summary.json").read_text())
+    assert summary["step_cache"]["name"] == "mag_cache" and summary["step_cache"]["mag_ratios"] == list(ratios)
+    assert summary["step_reuse_rate"] == pytest.approx(3 / 6)  # 2 steps retained, 3 skipped at most, then one computes
+    assert np.load(tmp_path / "mag" / "records.npz")["step_computed"][:, 0].tolist() == [1, 1, 0, 0, 0, 1]
+
+
+def test_sample_with_the_first_block_cache_records_its_decisions(flux_small_ckpt, tmp_path):
+    from edit_jax.cli import main
+
+    ckpt, emb = flux_small_ckpt
+    assert main(cli_args("sample", ckpt, emb, tmp_path / "fbc", "--step-cache", "first-block",
+                         "--step-cache-threshold", "10", "--tail-layers", "1")) == 0
+    records = np.load(tmp_path / "fbc" / "records.npz")
+    summary = json.loads((tmp_path / "fbc" / "summary.json").read_text())
+    assert records["step_computed"][:, 0].tolist() == [1, 0, 0, 0, 0, 0]
+    assert summary["step_reuse_rate"] == pytest.approx(5 / 6) and summary["elastic"] == "dense"
+    assert summary["step_cache"] == {"name": "first_block", "threshold": 10.0, "head_layers": 1, "tail_layers": 1,
+                                     "per_sample": False}
+    assert (tmp_path / "fbc" / "router_map.png").is_file()
+
+
+def test_mag_cache_without_calibrated_ratios_is_a_clear_error(flux_small_ckpt, tmp_path, capsys):
+    from edit_jax.cli import main
+
+    ckpt, emb = flux_small_ckpt
+    assert main(cli_args("sample", ckpt, emb, tmp_path / "out", "--step-cache", "mag-cache")) == 2
+    assert "no MagCache ratios at" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

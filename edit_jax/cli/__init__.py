@@ -5,7 +5,7 @@
     edit-jax generate --model DIR --prompt TEXT     prompts to PNGs (FLUX.1 / Qwen-Image pipeline folder)
     edit-jax encode-prompts --model DIR --prompts FILE --out FILE.npz   prompts to sample's and eval's embeddings
     edit-jax prepare-data IMAGES OUT --model DIR    captioned images to a training dataset
-    edit-jax convert | export | inspect | order-channels | sample | train | smoke
+    edit-jax convert | export | inspect | order-channels | sample | calibrate-magcache | train | smoke
 
 The command groups import what they run at their tops: all of it adds about 0.25 s to the CLI's
 1.7 s start on 2 CPU cores (measured), and none of it needs an optional dependency
@@ -29,6 +29,7 @@ from edit_jax.config import ConfigError
 # (the order of `edit-jax --help`, and the module that adds each command)
 COMMANDS = (demo.add_demo, pipelines.add_generate, pipelines.add_encode_prompts, pipelines.add_prepare_data,
             sampling.add_smoke, sampling.add_eval, checkpoints.add_convert, checkpoints.add_export, sampling.add_sample,
+            sampling.add_calibrate_magcache,
             checkpoints.add_order_channels, training.add_train, checkpoints.add_inspect)
 
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES
+from edit_jax.elastic.step_cache import FirstBlockCache, MagCache, StepCacheMethod
+from edit_jax.sampling.calibration import read_mag_ratios
 from edit_jax.sampling.embeddings import existing_file
 from edit_jax.sharding import MESH_AXES, make_mesh
 
@@ -94,6 +96,39 @@ def add_elastic_arguments(parser, cache_start: int | None, decision: str = "batc
                              (" (default: a third of --steps)" if cache_start is None else ""))
     parser.add_argument("--delta-margin", type=float, default=0.015, help="borderline: tau <= p <= tau + delta-margin")
     parser.add_argument("--max-reuse", type=at_least(0), default=10, help="reuses of one stored residual before the block runs again")
+
+
+STEP_CACHES = ("none", "first-block", "mag-cache")
+
+
+def add_step_cache_arguments(parser, ratios_default: str) -> None:
+    """The per-step cache flags (diffusers' first-block cache and MagCache; docs/sampling.md)."""
+    group = parser.add_argument_group("per-step cache (diffusers' hooks; on the dense model or beside E-DiT)")
+    group.add_argument("--step-cache", default="none", choices=STEP_CACHES,
+                       help="first-block: reuse the other blocks' residual while the first block's barely changes; "
+                            "mag-cache: skip steps while the calibrated magnitude ratios say the residual holds")
+    group.add_argument("--step-cache-threshold", type=at_least(0.0, float),
+                       help="first-block: relative change of the first block's residual above which a step computes "
+                            "(default 0.05); mag-cache: accumulated error up to which steps are skipped (default 0.06)")
+    group.add_argument("--head-layers", type=at_least(1), default=1, help="first-block: blocks that always run and decide")
+    group.add_argument("--tail-layers", type=at_least(0), default=0, help="first-block: last blocks that always run")
+    group.add_argument("--max-skip-steps", type=at_least(0), default=3, help="mag-cache: consecutive skipped steps at most")
+    group.add_argument("--retention-ratio", type=float, default=0.2, help="mag-cache: share of the first steps never skipped")
+    group.add_argument("--mag-ratios", help=f"mag-cache: the calibrated ratios (default: {ratios_default}; "
+                                            "`edit-jax calibrate-magcache` writes them)")
+
+
+def step_cache_of(args, ratios_default: Path) -> StepCacheMethod | None:
+    """The per-step cache the flags ask for (per sample with --decision sample), or None."""
+    per_sample = getattr(args, "decision", "batch") == "sample"
+    if args.step_cache == "first-block":
+        threshold = 0.05 if args.step_cache_threshold is None else args.step_cache_threshold
+        return FirstBlockCache(threshold, args.head_layers, args.tail_layers, per_sample)
+    if args.step_cache == "mag-cache":
+        ratios = read_mag_ratios(args.mag_ratios or ratios_default)
+        threshold = 0.06 if args.step_cache_threshold is None else args.step_cache_threshold
+        return MagCache(ratios, args.steps, threshold, args.max_skip_steps, args.retention_ratio)
+    return None
 
 
 OUTPUTS = {  # what each command writes into its --out folder (a full-match pattern of names)

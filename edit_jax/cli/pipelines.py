@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import sys
 
+from edit_jax.checkpoint.paths import resolve
 from edit_jax.cli.common import (add_attention_argument, add_dtype_argument, add_elastic_arguments,
                                  add_embeddings_cache_argument, add_encoders_dtype_argument, add_mesh_argument,
-                                 add_prompts_arguments, add_sampling_arguments, at_least, check_output_folder,
-                                 earlier_outputs, embeddings_cache_of, mesh_of, read_prompts, remove_stale_outputs)
+                                 add_prompts_arguments, add_sampling_arguments, add_step_cache_arguments, at_least,
+                                 check_output_folder, earlier_outputs, embeddings_cache_of, mesh_of, read_prompts,
+                                 remove_stale_outputs, step_cache_of)
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.pipelines.encode_prompts import encode_prompts
 from edit_jax.pipelines.generate import generate
 from edit_jax.pipelines.prepare_data import prepare_data
+from edit_jax.sampling.calibration import MAG_RATIOS_FILE
 from edit_jax.sampling.sampler import SamplerConfig
 
 
@@ -25,9 +28,12 @@ def cmd_generate(args) -> int:
     if args.cache_start is not None and not args.cache:
         raise ValueError("--cache-start needs --cache")
     sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg)
-    elastic = None if args.elastic == "dense" else ElasticConfig(
-        mode="infer", tau=args.tau, decision=args.decision, cache=args.cache, delta_margin=args.delta_margin,
-        max_reuse=args.max_reuse, cache_start=args.steps // 3 if args.cache_start is None else args.cache_start)
+    transformer = resolve(args.transformer) if args.transformer else resolve(args.model) / "transformer"
+    elastic = ElasticConfig(
+        mode=args.elastic, tau=args.tau, decision=args.decision, cache=args.cache, delta_margin=args.delta_margin,
+        max_reuse=args.max_reuse, cache_start=args.steps // 3 if args.cache_start is None else args.cache_start,
+        step_cache=step_cache_of(args, transformer / MAG_RATIOS_FILE))
+    elastic = None if elastic.runs_base_model else elastic
     result = generate(args.model, prompts, args.out, sampler=sampler, negative_prompt=args.negative_prompt,
                       height=args.height, width=args.width, seed=args.seed, elastic=elastic,
                       max_sequence_length=args.max_sequence_length, tile_size=args.tile_size,
@@ -78,6 +84,7 @@ def add_generate(command) -> None:
                      help="infer: E-DiT with the routers of transformer/ (or of --transformer)")
     gen.add_argument("--cache", action="store_true", help="router-guided block cache (with --elastic infer)")
     add_elastic_arguments(gen, cache_start=None, decision="sample")  # an image depends on its prompt alone
+    add_step_cache_arguments(gen, ratios_default=f"the transformer's folder's {MAG_RATIOS_FILE}")
     gen.add_argument("--tile-size", type=at_least(1), default=1024, help="VAE decode tile, pixels (larger images decode in tiles)")
     gen.add_argument("--batch-size", type=at_least(1), default=4,
                      help="prompts encoded, denoised and decoded together (with per-image decisions, the images "

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 
+from edit_jax.checkpoint.paths import resolve
 from edit_jax.cli.common import (EMBEDDINGS_HELP, add_attention_argument, add_dtype_argument, add_elastic_arguments,
-                                 add_mesh_argument, add_sampling_arguments, at_least, check_output_folder,
-                                 earlier_outputs, mesh_of, remove_stale_outputs)
+                                 add_mesh_argument, add_sampling_arguments, add_step_cache_arguments, at_least,
+                                 check_output_folder, earlier_outputs, mesh_of, remove_stale_outputs, step_cache_of)
 from edit_jax.config import PRESETS, resolve_dtype
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.eval.sampling_eval import evaluate_checkpoint
 from edit_jax.eval.smoke import run_smoke
 from edit_jax.models.vae import check_tile_size
+from edit_jax.pipelines.calibrate_magcache import calibrate_mag_cache
 from edit_jax.pipelines.sample_embeddings import sample_embeddings
+from edit_jax.sampling.calibration import MAG_RATIOS_FILE
 from edit_jax.sampling.embeddings import existing_file
 from edit_jax.sampling.sampler import SamplerConfig
 
@@ -22,9 +25,11 @@ def cmd_sample(args) -> int:
     earlier = earlier_outputs(out, "sample")
     if args.elastic == "dense" and (args.cache or args.fresh_routers):
         raise ValueError(f"--{'cache' if args.cache else 'fresh-routers'} acts on E-DiT's routers: add --elastic infer")
-    elastic = None if args.elastic == "dense" else ElasticConfig(  # its flags checked before any weights are read
-        mode="infer", tau=args.tau, decision=args.decision, cache=args.cache, cache_start=args.cache_start,
-        delta_margin=args.delta_margin, max_reuse=args.max_reuse)
+    step_cache = step_cache_of(args, resolve(args.ckpt) / MAG_RATIOS_FILE)
+    elastic = ElasticConfig(  # its flags checked before any weights are read
+        mode=args.elastic, tau=args.tau, decision=args.decision, cache=args.cache, cache_start=args.cache_start,
+        delta_margin=args.delta_margin, max_reuse=args.max_reuse, step_cache=step_cache)
+    elastic = None if elastic.runs_base_model else elastic
     sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg,
                             cfg_mode=args.cfg_mode)
     summary = sample_embeddings(args.ckpt, args.embeddings, out, height=args.height, width=args.width, sampler=sampler,
@@ -48,6 +53,15 @@ def cmd_eval(args) -> int:
                                   elastic, args.guidance, args.repeats, args.vae, args.tile_size, mesh_of(args),
                                   resolve_dtype(args.dtype), args.true_cfg, args.batch_size, args.attention)
     remove_stale_outputs(out, earlier)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_calibrate_magcache(args) -> int:
+    sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg)
+    summary = calibrate_mag_cache(args.ckpt, args.embeddings, sampler=sampler, height=args.height, width=args.width,
+                                  seed=args.seed, out=args.out, batch_size=args.batch_size, mesh=mesh_of(args),
+                                  dtype=args.dtype, attention=args.attention)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -103,9 +117,26 @@ def add_sample(command) -> None:
                      help="with --elastic infer on a checkpoint without routers: fresh full-capacity routers")
     smp.add_argument("--cache", action="store_true", help="router-guided block cache: reuse a block's last residual when p is borderline")
     add_elastic_arguments(smp, cache_start=15)
+    add_step_cache_arguments(smp, ratios_default=f"CKPT/{MAG_RATIOS_FILE}")
     smp.add_argument("--batch-size", type=at_least(1), help="prompts sampled together (default: the whole file; E-DiT's "
                                                            "batch decisions are per batch)")
     add_mesh_argument(smp)
     add_dtype_argument(smp)
     add_attention_argument(smp)
     smp.set_defaults(run=cmd_sample)
+
+
+def add_calibrate_magcache(command) -> None:
+    cal = command("calibrate-magcache", "MagCache's per-step magnitude ratios of a checkpoint, from a dense run over "
+                                        "your prompt embeddings, written beside it (for sample --step-cache mag-cache)",
+                  EMBEDDINGS_HELP)
+    cal.add_argument("ckpt", help="edit-jax checkpoint folder")
+    cal.add_argument("--embeddings", required=True, help="prompt embeddings (.npz/.safetensors; keys below)")
+    cal.add_argument("--out", help=f"the ratios file (default: CKPT/{MAG_RATIOS_FILE})")
+    add_sampling_arguments(cal)
+    cal.add_argument("--true-cfg", type=float, default=1.0, help="> 1: true CFG with the negative_* embeddings")
+    cal.add_argument("--batch-size", type=at_least(1), help="prompts sampled together (default: the whole file)")
+    add_mesh_argument(cal)
+    add_dtype_argument(cal)
+    add_attention_argument(cal)
+    cal.set_defaults(run=cmd_calibrate_magcache)

@@ -89,11 +89,14 @@ def step_flops(config, num_img: int, num_txt: int, aux: dict, with_routers: bool
     return {"per_sample": per_sample, "total": total, "dense_per_sample": float(dense_flops(config, num_img, num_txt))}
 
 
-ROUTING_KEYS = ("flops_per_step", "flops_total", "flops_vs_dense", "blocks_executed", "mean_width", "cache_hit_rate")
+ROUTING_KEYS = ("flops_per_step", "flops_total", "flops_vs_dense", "blocks_executed", "mean_width", "cache_hit_rate",
+                "step_reuse_rate")
 
 
 def routing_stats(config, records: dict, num_img: int, num_txt: int, steps: int) -> dict:
-    """Cost and routing of a run from the sampler's records (dense: records empty).
+    """Cost and routing of a run from the sampler's records (dense: records empty): FLOPs per step
+    and in all (per sample), their share of dense's, the share of blocks executed, their mean MLP
+    width, the block cache's hit rate and the share of steps a step cache reused.
 
     Args:
       config: the model config. records: `edit_jax.sampling.sampler.sample`'s per-step records.
@@ -102,7 +105,7 @@ def routing_stats(config, records: dict, num_img: int, num_txt: int, steps: int)
     dense = float(dense_flops(config, num_img, num_txt))
     if not records:
         return {"flops_per_step": dense, "flops_total": dense * steps, "flops_vs_dense": 1.0,
-                "blocks_executed": 1.0, "mean_width": 1.0, "cache_hit_rate": 0.0}
+                "blocks_executed": 1.0, "mean_width": 1.0, "cache_hit_rate": 0.0, "step_reuse_rate": 0.0}
     per_sample = np.asarray(records["flops_per_sample"], np.float64)  # [S, B]
     executed = np.asarray(records["executed"], bool)  # [S, B, L]
     widths = np.asarray(config.width_buckets, np.float64)[np.asarray(records["bucket"])]
@@ -113,6 +116,7 @@ def routing_stats(config, records: dict, num_img: int, num_txt: int, steps: int)
         "blocks_executed": float(executed.mean()),
         "mean_width": float(widths[executed].mean()) if executed.any() else 0.0,
         "cache_hit_rate": float(np.asarray(records["cache_hit"]).mean()),
+        "step_reuse_rate": 1.0 - float(np.asarray(records["step_computed"]).mean()) if "step_computed" in records else 0.0,
     }
 
 

@@ -71,6 +71,12 @@ class StepCacheMethod(Protocol):
         """Per-step values worth recording, each [B]."""
 
 
+def describe(method: StepCacheMethod) -> dict:
+    """A step cache's name and settings, for a JSON record."""
+    fields = dataclasses.asdict(method) if dataclasses.is_dataclass(method) else {}
+    return {"name": method.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+
+
 def _f32(x):
     return jnp.asarray(x, jnp.float32)
 
