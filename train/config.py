@@ -27,6 +27,8 @@ GATE_BUDGETS = ("soft", "hard")
 RHO_SCHEDULES = ("constant", "linear")
 NOISE_SAMPLERS = ("uniform", "logit_normal", "shift", "pipeline")
 LR_SCHEDULES = ("constant", "cosine")
+OBJECTIVES = ("flow", "rollout")
+CLOSED = ("skip", "reuse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,17 @@ class TrainConfig:
     rho_low: float = 0.5
     rho_w: float = 0.75
     tau: float = 0.5
+    # what a closed block does: "skip" (E-DiT: the identity) or "reuse" (it adds its residual from its
+    # last computed step, `edit_jax.elastic.block_cache.LearnedReuse`; trained on rollouts)
+    closed: str = "skip"
+    reuse_max: int = 4  # closed=reuse: reuses in a row before a block computes whatever its router says
+    reuse_order: int = 0  # closed=reuse: 0 the stored residual, 1 extrapolated along its change per step
+    # "flow": SPEC 4's one step at a random noise level; "rollout": windows of the sampler's steps rolled
+    # out with the routers (and the reuse cache in the carry), each step's velocity against the dense
+    # model's at the same point, no gradient between steps (train/step.py)
+    objective: str = "flow"
+    rollout_steps: int = 4  # steps per rollout window
+    rollout_schedule: int = 28  # the sampling schedule's steps the window is cut from (the family's scheduler)
     # noise levels s in [0, 1]
     noise_sampler: str = "logit_normal"
     logit_mean: float = 0.0
@@ -105,7 +118,8 @@ class TrainConfig:
         choices = {"routers": ("checkpoint", "fresh"), "trainable": TRAINABLE, "target": TARGETS,
                    "gate_budget": GATE_BUDGETS, "rho_schedule": RHO_SCHEDULES, "noise_sampler": NOISE_SAMPLERS,
                    "lr_schedule": LR_SCHEDULES, "remat": REMAT_POLICIES, "attention": ATTENTION_IMPLEMENTATIONS,
-                   "param_dtype": ("auto", *DTYPES), "router_dtype": DTYPES, "dtype": ("auto", *DTYPES)}
+                   "param_dtype": ("auto", *DTYPES), "router_dtype": DTYPES, "dtype": ("auto", *DTYPES),
+                   "objective": OBJECTIVES, "closed": CLOSED}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -118,6 +132,15 @@ class TrainConfig:
             raise ConfigError(f"skip_blocks={list(self.skip_blocks)} prunes blocks statically: it needs trainable='base'")
         if any(not isinstance(i, int) or i < 0 for i in self.skip_blocks):
             raise ConfigError(f"skip_blocks={list(self.skip_blocks)} must be block indices >= 0 (scan order)")
+        if self.closed == "reuse" and self.objective != "rollout":
+            raise ConfigError("closed='reuse' reuses residuals of earlier steps, which one flow step at a random noise "
+                              "level has none of: train it with objective='rollout'")
+        if self.objective == "rollout" and self.trainable != "routers":
+            raise ConfigError("objective='rollout' learns from the dense model's velocity along the rollout: it needs a "
+                              "frozen base (trainable='routers')")
+        if not 1 <= self.rollout_steps <= self.rollout_schedule or self.reuse_max < 0 or self.reuse_order not in (0, 1):
+            raise ConfigError(f"rollout_steps={self.rollout_steps} must be in [1, rollout_schedule={self.rollout_schedule}], "
+                              f"reuse_max={self.reuse_max} >= 0 and reuse_order={self.reuse_order} 0 or 1")
         if self.eval_every < 0 or self.eval_batches < 1:
             raise ConfigError(f"eval_every={self.eval_every} must be >= 0 and eval_batches={self.eval_batches} >= 1")
         if self.eval_data is not None and not self.eval_every:

@@ -8,6 +8,15 @@
     L_width = (sum_i 1[p_i >= tau] r_i / max(sum_i 1[p_i >= tau], eps) - rho_w)^2, r_i = q_i . S
     L = L_flow + lambda_g L_gate + lambda_w L_width
 
+With objective="rollout" the loss is read along the sampler's own steps instead: a window of
+`rollout_steps` consecutive steps of the family's schedule (of `rollout_schedule` steps) starts at
+x_(s_k) = (1 - s_k) x0 + s_k noise for a random k, and the routed model steps through it by Euler,
+carrying its reuse cache (closed="reuse"). Each step's L_flow compares its velocity with the dense
+model's at the same point (the dense velocity and the next point carry no gradient), its budget
+terms read that step's gates, and the window's mean is the loss. Gradients stop between steps: a
+step's routers are trained for the cache and the point earlier steps left them, not for moving
+those; memory is one step's (each step is rematerialised in the backward pass).
+
 The step's randomness is jax.random.fold_in(key(seed), step): a resumed run draws the same noise.
 """
 
@@ -20,9 +29,11 @@ import jax.numpy as jnp
 import optax
 
 from edit_jax.config import ConfigError
+from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.models.registry import init_cache
 from edit_jax.sampling.sampler import default_scheduler
-from edit_jax.sampling.schedules import time_shift
+from edit_jax.sampling.schedules import flow_match_schedule, time_shift
 from edit_jax.train.config import TrainConfig
 
 EPS = 1e-6
@@ -120,6 +131,8 @@ def make_loss_fn(config: TrainConfig, model) -> Callable:
     elastic = ElasticConfig(mode="train", tau=config.tau)
     if config.trainable == "base":
         return _base_loss_fn(config, model)
+    if config.objective == "rollout":
+        return _rollout_loss_fn(config, model)
 
     def loss_fn(trainable, frozen, batch, key):
         params = trainable["params"] if "params" in trainable else jax.lax.stop_gradient(frozen["params"])
@@ -131,6 +144,50 @@ def make_loss_fn(config: TrainConfig, model) -> Callable:
         v_pred, aux = model.apply({"params": params, "routers": trainable["routers"]}, hidden_states=x_t, timestep=s,
                                   **arrays, **static, elastic=elastic)
         return edit_loss(config, v_pred, target, aux, s, model_config.width_buckets)
+
+    return loss_fn
+
+
+def reuse_method(config: TrainConfig) -> LearnedReuse | None:
+    """The block cache a run's routers are trained with (closed="reuse"), or None."""
+    return LearnedReuse(config.reuse_max, config.reuse_order) if config.closed == "reuse" else None
+
+
+def _rollout_loss_fn(config: TrainConfig, model) -> Callable:
+    """The rollout objective (see the module docstring); trainable {"routers"}, frozen {"params"}."""
+    model_config = model.config
+    method = reuse_method(config)
+    elastic = ElasticConfig(mode="train", tau=config.tau, block_cache=method)
+
+    def loss_fn(trainable, frozen, batch, key):
+        params = jax.lax.stop_gradient(frozen["params"])
+        x0 = batch["latents"]
+        arrays, static = model_conditions(model_config, batch)
+        rows, num_img = x0.shape[:2]
+        sigmas = jnp.asarray(flow_match_schedule(default_scheduler(model_config), config.rollout_schedule, num_img)[0])
+        noise_key, start_key = jax.random.split(key)
+        start = jax.random.randint(start_key, (), 0, config.rollout_schedule - config.rollout_steps + 1)
+        s0 = sigmas[start]
+        x = ((1 - s0) * x0 + s0 * jax.random.normal(noise_key, x0.shape, jnp.float32)).astype(x0.dtype)
+        num_txt = arrays["encoder_hidden_states"].shape[1]
+        cache = None if method is None else init_cache(model_config, rows, num_img, num_txt, method)
+
+        @jax.checkpoint
+        def one(carry, i):
+            x, cache = carry
+            s = jnp.full((rows,), sigmas[start + i])
+            inputs = dict(hidden_states=x, timestep=s, **arrays, **static)
+            target = jax.lax.stop_gradient(model.apply({"params": params}, **inputs))
+            v_pred, aux = model.apply({"params": params, "routers": trainable["routers"]}, **inputs, elastic=elastic,
+                                      cache=cache, step=i)
+            loss, metrics = edit_loss(config, v_pred, target, aux, s, model_config.width_buckets)
+            metrics["reuse_rate"] = jnp.mean(aux["cache_hit"].astype(jnp.float32))
+            x_next = x + (sigmas[start + i + 1] - sigmas[start + i]) * jax.lax.stop_gradient(v_pred).astype(x.dtype)
+            cache = None if method is None else jax.lax.stop_gradient(aux["cache"])
+            return (x_next, cache), (loss, metrics)
+
+        _, (losses, metrics) = jax.lax.scan(one, (x, cache), jnp.arange(config.rollout_steps))
+        return jnp.mean(losses), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
     return loss_fn
 

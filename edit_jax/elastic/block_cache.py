@@ -10,7 +10,10 @@ A method is a frozen, hashable config (static: a new value recompiles) with four
 
 `edit_jax.elastic.elastic_step` calls them for one block (the state then holds that layer's
 slice: the stacks' scans hand each block its own); a row computes its block when the router says
-run and the method says no reuse. The state is a `flax.struct` dataclass, so it scans, jits and
+run and the method says no reuse. A method whose `closed_skips` is False changes what a closed
+block does: it is never the identity, a row either reuses or computes (`LearnedReuse`: E-DiT's
+routers choosing compute or reuse), and in train mode the straight-through gate blends the
+block's output with the reuse instead of with its input. The state is a `flax.struct` dataclass, so it scans, jits and
 shards like any pytree; the model returns it updated as aux["cache"] and the sampler threads it.
 `RouterGuidedCache` is E-DiT's (SPEC section 5); another method is one class with these four
 functions, passed as `ElasticConfig(block_cache=...)`.
@@ -30,6 +33,7 @@ class BlockCacheMethod(Protocol):
     """What `edit_jax.elastic.elastic_step` asks of a per-block cache method (see the module)."""
 
     name: str
+    closed_skips: bool  # optional, default True: a row neither computing nor reusing is the identity
 
     def init(self, num_layers: int, carry_shapes, batch: int) -> Any:
         """A block stack's empty state, every array with a leading [num_layers] axis; carry_shapes:
@@ -122,4 +126,74 @@ class RouterGuidedCache:
             delta=jax.tree.map(lambda r, d: jnp.where(store[:, None, None], r, d), residual, state.delta),
             stored=state.stored | store,
             count=jnp.where(store, 0, jnp.where(reused, state.count + 1, state.count)).astype(jnp.int32),
+        )
+
+
+@flax.struct.dataclass
+class ReuseBank:
+    """The learned-reuse cache's state of one block stack (or, inside a block, of its layer):
+    delta: the block's residual (output - input) at its last computed step, shaped like the
+    carry, float32 ([L, B, ...]); slope: its change per step between the last two computed steps
+    (zeros until two are stored); stored: [L, B] whether delta holds one; count: [L, B] int32,
+    reuses since it was stored."""
+
+    delta: Any
+    slope: Any
+    stored: jax.Array
+    count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedReuse:
+    """Routers that choose compute or reuse (issue 34): a block the router closes adds the residual
+    it stored at its last computed step (order 1: extrapolated along the change per step between
+    its last two computed steps, as TaylorSeer's first-order term) instead of being the identity;
+    after `max_reuse` reuses in a row, or with nothing stored, it computes whatever the router
+    says. Every row either reuses or computes, each step."""
+
+    max_reuse: int = 4
+    order: int = 0
+    name = "learned_reuse"
+    closed_skips = False
+
+    def __post_init__(self):
+        if self.max_reuse < 0 or self.order not in (0, 1):
+            raise ValueError(f"learned reuse: max_reuse {self.max_reuse} must be >= 0 and order {self.order} 0 or 1")
+
+    def init(self, num_layers: int, carry_shapes, batch: int) -> ReuseBank:
+        """Nothing stored (arguments: `BlockCacheMethod.init`)."""
+        zeros = lambda: jax.tree.map(lambda shape: jnp.zeros((num_layers, *shape), jnp.float32), carry_shapes,  # noqa: E731
+                                     is_leaf=_is_shape)
+        return ReuseBank(delta=zeros(), slope=zeros(), stored=jnp.zeros((num_layers, batch), bool),
+                         count=jnp.zeros((num_layers, batch), jnp.int32))
+
+    def decide(self, state: ReuseBank, step, run, p, tau) -> jax.Array:
+        """Rows the router closes, with a residual stored and fewer than `max_reuse` reuses since.
+
+        Args: as `BlockCacheMethod.decide`'s.
+        """
+        return ~run & state.stored & (state.count < self.max_reuse)
+
+    def reuse(self, state: ReuseBank, carry):
+        """The block's input plus its stored residual (order 1: plus the slope times the steps since)."""
+        if self.order == 0:
+            return jax.tree.map(lambda c, d: c + d.astype(c.dtype), carry, state.delta)
+        ahead = (state.count + 1).astype(jnp.float32)[:, None, None]
+        return jax.tree.map(lambda c, d, s: c + (d + ahead * s).astype(c.dtype), carry, state.delta, state.slope)
+
+    def update(self, state: ReuseBank, step, carry_in, carry_out, computed, reused) -> ReuseBank:
+        """Computing rows store their residual (and, where one was stored, its change per step since)
+        and reset their count; reusing rows count one more.
+
+        Args: as `BlockCacheMethod.update`'s.
+        """
+        residual = jax.tree.map(lambda n, c: (n - c).astype(jnp.float32), carry_out, carry_in)
+        since = (state.count + 1).astype(jnp.float32)[:, None, None]
+        slope = jax.tree.map(lambda r, d, s: jnp.where(state.stored[:, None, None], (r - d) / since, s),
+                             residual, state.delta, state.slope)
+        return ReuseBank(
+            delta=jax.tree.map(lambda r, d: jnp.where(computed[:, None, None], r, d), residual, state.delta),
+            slope=jax.tree.map(lambda n, o: jnp.where(computed[:, None, None], n, o), slope, state.slope),
+            stored=state.stored | computed,
+            count=jnp.where(computed, 0, jnp.where(reused, state.count + 1, state.count)).astype(jnp.int32),
         )

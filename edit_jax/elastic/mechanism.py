@@ -201,9 +201,18 @@ def elastic_step(
         mask = m_hard + m_soft - jax.lax.stop_gradient(m_soft)
         with jax.named_scope("elastic_block"):
             out = body(module, carry, None, mask)
-        new = _blend(out, carry, gate)
-        aux = dict(p=p, q=q, executed=hard > 0, cache_hit=jnp.zeros_like(hard, bool),
-                   bucket=bucket.astype(jnp.int32), branch=jnp.asarray(num, jnp.int32))
+        method = elastic.cache_method if cache is not None and not module.is_initializing() else None
+        if method is not None and not getattr(method, "closed_skips", True):  # closed: reuse, not the identity
+            reusable = method.decide(cache, step, jnp.zeros_like(hard, bool), p, elastic.tau)
+            new = _blend(out, _select_rows(method.reuse(cache, carry), out, reusable), gate)
+            computed = (hard > 0) | ~reusable
+            cache = method.update(cache, step, carry, out, computed, ~computed)
+            executed, hit = computed, ~computed
+        else:
+            new = _blend(out, carry, gate)
+            executed, hit = hard > 0, jnp.zeros_like(hard, bool)
+        aux = dict(p=p, q=q, executed=executed, cache_hit=hit, bucket=bucket.astype(jnp.int32),
+                   branch=jnp.asarray(num, jnp.int32))
         return new, {"aux": aux, **({"cache": cache} if cache is not None else {})}
 
     decided_p = p
@@ -221,6 +230,8 @@ def elastic_step(
 
     method = elastic.cache_method if cache is not None else None
     reuse = jnp.zeros_like(run) if method is None else method.decide(cache, step, run, decided_p, elastic.tau)
+    if method is not None and not getattr(method, "closed_skips", True):
+        run = jnp.ones_like(run)  # a closed block reuses; one that cannot computes
     gate = per_layer.get("gate")
     if gate is not None:  # rows the step cache reuses this step: neither computed nor counted by the block cache
         reuse, compute = reuse & gate, run & ~reuse & gate

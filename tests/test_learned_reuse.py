@@ -1,0 +1,142 @@
+"""Learned reuse (issue 34): E-DiT's routers choosing compute or reuse. A closed block adds its residual
+from its last computed step instead of being the identity; the routers train on rolled-out
+trajectories of the sampler's own steps against the dense model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import edit_jax
+from edit_jax.config import ConfigError
+from edit_jax.elastic.block_cache import LearnedReuse
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.models.registry import init_cache, init_variables
+from edit_jax.train.config import TrainConfig
+from edit_jax.train.data import shared_inputs, synthetic_batch
+from edit_jax.train.loop import train
+from edit_jax.train.step import make_loss_fn
+from elastic_cases import Case
+from test_cache import run_steps, scripted_probabilities
+
+MAX_REUSE = 2
+
+
+def reference_rule(p: np.ndarray, tau: float = 0.5):
+    """p [S, B, L] -> (computed, reused) [S, B, L]: a closed block reuses while it has a residual
+    stored and fewer than MAX_REUSE reuses since; every other block computes."""
+    steps, batch, layers = p.shape
+    stored, count = np.zeros((batch, layers), bool), np.zeros((batch, layers), int)
+    computed = np.zeros(p.shape, bool)
+    for s in range(steps):
+        for b in range(batch):
+            for block in range(layers):
+                if p[s, b, block] < tau and stored[b, block] and count[b, block] < MAX_REUSE:
+                    count[b, block] += 1
+                else:
+                    computed[s, b, block], stored[b, block], count[b, block] = True, True, 0
+    return computed, ~computed
+
+
+@pytest.fixture(scope="module")
+def reuse_run():
+    case = Case("flux")
+    p = scripted_probabilities(6, 2, case.num_blocks, seed=3)
+    method = LearnedReuse(max_reuse=MAX_REUSE)
+    records, caches = run_steps(case, p, ElasticConfig(mode="forced", block_cache=method),
+                                init_cache(case.config, 2, 12, 5, method))
+    return case, p, records, caches
+
+
+def test_closed_blocks_reuse_until_max_reuse_and_every_other_block_computes(reuse_run):
+    _, p, records, _ = reuse_run
+    computed, reused = reference_rule(p)
+    np.testing.assert_array_equal(np.stack([r["executed"] for r in records]), computed)
+    np.testing.assert_array_equal(np.stack([r["cache_hit"] for r in records]), reused)
+    assert reused.any() and (computed & (p < 0.5)).any()  # the script exercises reuse and the forced refresh
+
+
+def velocity(case, method, cache, run, step):
+    elastic = ElasticConfig(mode="forced", block_cache=method)
+    decisions = {"run": jnp.asarray(run, bool), "bucket": jnp.full((case.num_blocks,), 3, jnp.int32)}
+    return case.model.apply({"params": case.params}, **case.arrays, **case.static, elastic=elastic,
+                            decisions=decisions, cache=cache, step=step)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_closed_blocks_at_unchanged_inputs_give_the_computed_velocity(order):
+    case = Case("qwen-image")
+    method = LearnedReuse(max_reuse=3, order=order)
+    cache = init_cache(case.config, 2, 12, 5, method)
+    on, off = np.ones(case.num_blocks, bool), np.zeros(case.num_blocks, bool)
+    computed, aux = velocity(case, method, cache, on, 0)
+    _, aux = velocity(case, method, aux["cache"], on, 1)  # the same inputs again: the residuals' change is 0
+    reused, aux = velocity(case, method, aux["cache"], off, 2)
+    skipped = case.elastic(ElasticConfig(mode="forced"), {"run": jnp.asarray(off), "bucket": jnp.full((case.num_blocks,), 3)})[0]
+
+    assert aux["cache_hit"].all() and not aux["executed"].any()
+    np.testing.assert_allclose(reused, computed, rtol=1e-5, atol=1e-6)  # each block adds exactly what it computed
+    assert not np.allclose(skipped, computed, atol=1e-3)  # where skipping (the identity) does not
+
+
+def test_first_order_reuse_extrapolates_the_residuals_change_per_step():
+    method = LearnedReuse(max_reuse=3, order=1)
+    state = method.init(1, ((1, 2, 3),), 1)
+    state = jax.tree.map(lambda x: x[0], state)
+    carry = (jnp.zeros((1, 2, 3)),)
+    computed, none = jnp.ones((1,), bool), jnp.zeros((1,), bool)
+    state = method.update(state, 0, carry, (jnp.full((1, 2, 3), 1.0),), computed, none)
+    state = method.update(state, 1, carry, (jnp.full((1, 2, 3), 3.0),), computed, none)  # +2 per step
+
+    np.testing.assert_allclose(method.reuse(state, carry)[0], 5.0)
+    state = method.update(state, 2, carry, method.reuse(state, carry), none, ~none)
+    np.testing.assert_allclose(method.reuse(state, carry)[0], 7.0)
+
+
+def rollout_setup(**overrides):
+    config = TrainConfig(preset="flux-tiny", objective="rollout", closed="reuse", rollout_steps=3, rollout_schedule=6,
+                         target="data", batch_size=2, num_txt=4, reuse_max=2, **overrides)
+    model_config = edit_jax.preset("flux-tiny")
+    variables = init_variables(model_config)
+    batch = {**synthetic_batch(model_config, config, 0), **shared_inputs(model_config, 4, 4, 4)}
+    batch.pop("label")
+    loss_fn = make_loss_fn(config, edit_jax.build_model(model_config))
+    return loss_fn, variables, batch
+
+
+def test_the_rollout_loss_and_its_gradient_are_finite_and_the_reuse_path_is_trained():
+    loss_fn, variables, batch = rollout_setup(tau=0.75)  # fresh routers' p = 0.7: closed, so they reuse
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, metrics), grads = grad_fn({"routers": variables["routers"]}, {"params": variables["params"]}, batch,
+                                     jax.random.key(0))
+
+    assert np.isfinite(float(loss)) and float(metrics["reuse_rate"]) > 0
+    leaves = jax.tree.leaves(grads)
+    assert all(np.isfinite(g).all() for g in leaves) and sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+
+
+def test_routers_all_open_on_the_rollout_match_the_dense_model_exactly():
+    loss_fn, variables, batch = rollout_setup()  # p = 0.7 >= tau 0.5: every block computes at full width
+    _, metrics = loss_fn({"routers": variables["routers"]}, {"params": variables["params"]}, batch, jax.random.key(1))
+    assert float(metrics["flow_loss"]) < 1e-12 and float(metrics["reuse_rate"]) == 0.0
+
+
+def test_a_resumed_rollout_run_equals_an_uninterrupted_one(tmp_path):
+    fields = dict(preset="flux-tiny", steps=4, batch_size=2, log_every=1, save_every=2, learning_rate=1e-2,
+                  warmup_steps=1, num_txt=4, objective="rollout", closed="reuse", rollout_steps=2, rollout_schedule=4)
+    train(TrainConfig(**fields, run_dir=str(tmp_path / "whole")), progress=False)
+    train(TrainConfig(**fields, run_dir=str(tmp_path / "parts")), progress=False, max_steps=2)
+    train(TrainConfig(**fields, run_dir=str(tmp_path / "parts")), progress=False)
+
+    whole, parts = (edit_jax.load_routers(tmp_path / n / "edit-jax") for n in ("whole", "parts"))
+    jax.tree.map(np.testing.assert_array_equal, whole, parts)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(closed="reuse"), "train it with objective='rollout'"),
+    (dict(objective="rollout", trainable="routers+base"), "needs a frozen base"),
+    (dict(objective="rollout", rollout_steps=30), "rollout_steps=30 must be in"),
+])
+def test_settings_that_cannot_train_reuse_are_one_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**overrides)
