@@ -6,6 +6,10 @@
                         the same for every sample (`step_schedule`), cut to a FLOPs target
     cache alone         every block borderline: computed, then its residual reused `max_reuse`
                         times, from `cache_start` on (`cache_candidates`)
+    MagCache            diffusers' per-step cache on calibrated ratios, its threshold and
+                        max_skip_steps chosen from the ratios alone (`mag_cache_candidates`)
+    first-block cache   diffusers' per-step cache, its threshold searched with sampling runs
+                        (`next_threshold`: its decisions depend on the samples)
 
 FLOPs fractions are per sample, relative to the dense model at the same size and steps, and count
 what runs: blocks at their widths and the fixed part (embedders, final layer); forced decisions
@@ -106,3 +110,58 @@ def cache_candidates(num_steps: int, layer_flops: np.ndarray, fixed: float) -> l
             out.append((cache_fraction(num_steps, cache_start, max_reuse, layer_flops, fixed),
                         {"cache_start": cache_start, "max_reuse": max_reuse}))
     return out
+
+
+def mag_cache_computed(ratios: Sequence[float], threshold: float, max_skip_steps: int, retention_steps: int) -> np.ndarray:
+    """[S] bool, the steps MagCache computes on these per-step ratios (a NumPy mirror of
+    `edit_jax.elastic.step_cache.MagCache.decide`, in float32 as it runs).
+
+    Args:
+      ratios: one per step (already resampled to the run's steps). threshold, max_skip_steps:
+        MagCache's. retention_steps: the first steps that always compute.
+    """
+    one = np.float32(1.0)
+    ratio, err, skipped, stored = one, np.float32(0.0), 0, False
+    computed = []
+    for step, scale in enumerate(np.asarray(ratios, np.float32)):
+        compute = True
+        if step >= retention_steps:
+            ratio = np.float32(ratio * scale)
+            err = np.float32(err + abs(one - ratio))
+            skipped += 1
+            compute = not (stored and err <= threshold and skipped <= max_skip_steps)
+            if compute:
+                ratio, err, skipped = one, np.float32(0.0), 0
+        stored = stored or compute
+        computed.append(compute)
+    return np.asarray(computed)
+
+
+def mag_cache_candidates(ratios: Sequence[float], layer_flops: np.ndarray, fixed: float,
+                         retention_steps: int) -> list[tuple[float, dict]]:
+    """(FLOPs fraction, {"threshold", "max_skip_steps"}) of MagCache settings on these ratios: a
+    skipped step runs only the fixed part.
+
+    Args:
+      ratios: one per step. layer_flops: [L, 1 + K]. fixed: FLOPs outside the blocks.
+      retention_steps: the first steps that always compute.
+    """
+    blocks = float(layer_flops[:, -1].sum())
+    out = []
+    for max_skip in (1, 2, 3, 4, 6):
+        for threshold in np.geomspace(1e-3, 10.0, 41):
+            computed = mag_cache_computed(ratios, float(threshold), max_skip, retention_steps)
+            fraction = (len(computed) * fixed + computed.sum() * blocks) / (len(computed) * (fixed + blocks))
+            out.append((float(fraction), {"threshold": float(threshold), "max_skip_steps": max_skip}))
+    return out
+
+
+def next_threshold(tried: Sequence[tuple[float, float]], target: float) -> float:
+    """The next first-block cache threshold to try, from (threshold, FLOPs fraction) pairs run so
+    far (a higher threshold reuses more): the middle of the tightest bracket around `target`, or
+    past the end of the tried range (doubling up, halving down)."""
+    above = [t for t, f in tried if f > target]  # too costly: the threshold must rise
+    below = [t for t, f in tried if f <= target]
+    if above and below:
+        return (max(above) + min(below)) / 2
+    return 2 * max(above) if above else min(below) / 2

@@ -7,9 +7,13 @@ baselines at equal FLOPs? Every stage uses the project's own model, trainer and 
   3. dense    a small FLUX-architecture DiT trained dense (`trainable=base`), its MLP channels
               ordered by importance
   4. routers  per gate budget rho_g: E-DiT routers on the frozen base (`routers`), and routers
-              with the base fine-tuned (`routers+base`)
+              with the base fine-tuned (`routers+base`); learned reuse: routers on the frozen base
+              whose closed blocks reuse their last residual, trained on rollouts (`closed=reuse`)
   5. static   blocks pruned by validation loss, as many as matches each E-DiT run's FLOPs,
               fine-tuned for the same number of steps (`skip_blocks`)
+  5b. caches  the training-free caches users pick, on the dense model at each E-DiT run's FLOPs:
+              the periodic block cache alone, diffusers' first-block cache (per sample) and
+              MagCache (ratios calibrated on the same samples' dense run)
   6. sample   every method from the same noise for every test label; judged by class accuracy,
               Frechet distance to the real test images (the judge's features), PSNR / SSIM to
               dense; FLOPs per sample (routers counted) and warm wall-clock
@@ -35,7 +39,10 @@ import edit_jax
 from edit_jax.elastic.channel_order import order_mlp_channels
 from edit_jax.checkpoint import is_checkpoint, load_routers, resolve, save
 from edit_jax.config import FluxConfig, config_to_dict
+from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.step_cache import FirstBlockCache, MagCache, describe
+from edit_jax.sampling.calibration import calibrate_mag_ratios
 from edit_jax.elastic.flops import base_flops, layer_flops
 from edit_jax.sampling.latents import unpack_latents
 from edit_jax.models.registry import build_model
@@ -84,6 +91,9 @@ class DemoSettings:
     eval_samples: int = 200  # test images judged (the first of the test split); 0: all
     timing_repeats: int = 2
     timing_rows: int = 0  # samples timed per run: 1 (one sample alone, one more compile per method) or 0 (the whole batch)
+    threshold_runs: int = 4  # sampling runs that search the first-block cache's threshold for a FLOPs target
+    reuse_max: int = 2  # learned reuse: reuses in a row before a block computes anyway
+    rollout_steps: int = 3  # learned reuse: steps per training window (cut from the sample_steps schedule)
     seed: int = 0
 
     def __post_init__(self):
@@ -94,8 +104,8 @@ class DemoSettings:
             if getattr(self, name) not in allowed:
                 raise DemoError(f"{name}={getattr(self, name)!r} is not one of {tuple(allowed)}")
         limits = {1: ("patch", "num_attention_heads", "attention_head_dim", "router_hidden", "batch_size", "dense_steps",
-                      "router_steps", "sample_steps", "timing_repeats"),
-                  0: ("num_layers", "num_single_layers", "eval_samples", "seed")}
+                      "router_steps", "sample_steps", "timing_repeats", "rollout_steps"),
+                  0: ("num_layers", "num_single_layers", "eval_samples", "seed", "threshold_runs", "reuse_max")}
         for low, names in limits.items():
             for name in names:
                 if getattr(self, name) < low:
@@ -299,6 +309,23 @@ class Demo:
         latents = np.asarray(unpack_latents(jnp.asarray(packed), 16 * rows, 16 * cols))
         return real_data.to_images(latents, self.s.patch, self.image_size)
 
+    def first_block_cache_at(self, target: float, noise, cond: dict, sampler: SamplerConfig) -> FirstBlockCache:
+        """The per-sample first-block cache whose FLOPs on these samples come nearest `target`
+        (`threshold_runs` untimed sampling runs, `baselines.next_threshold`).
+
+        Args:
+          target: the FLOPs fraction of dense to match. noise, cond, sampler: the samples' (as
+            `edit_jax.sampling.sampler.sample`'s).
+        """
+        tried, threshold = [], 0.1
+        for _ in range(max(self.s.threshold_runs, 1)):
+            method = FirstBlockCache(threshold, per_sample=True)
+            _, stats, _ = run_method(self.model, self.base, noise, cond, sampler, None,
+                                     ElasticConfig(mode="dense", step_cache=method), timing_rows=0)
+            tried.append((threshold, stats["flops_vs_dense"]))
+            threshold = baselines.next_threshold(tried, target)
+        return FirstBlockCache(baselines.closest([(f, t) for t, f in tried], target), per_sample=True)
+
     def judge_method(self, name: str, latents: np.ndarray, stats: dict, **extra) -> dict:
         images = self.images(latents)
         row = {"method": name, **extra, **stats, "ms_per_sample": 1000 * stats["wall_clock_s"] / stats["timing_rows"],
@@ -334,6 +361,10 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
                                       target=s.router_target, **common),
             "routers+base": demo.train_run(f"edit-ft-rho{rho}", trainable="routers+base",
                                            learning_rate=s.finetune_learning_rate, **common),
+            "reuse": demo.train_run(f"reuse-rho{rho}", trainable="routers", learning_rate=s.router_learning_rate,
+                                    objective="rollout", closed="reuse", reuse_max=s.reuse_max,
+                                    rollout_steps=min(s.rollout_steps, s.sample_steps), rollout_schedule=s.sample_steps,
+                                    **common),
         }
     log("static pruning: ordering blocks by validation loss")
     order = demo.prune_order()
@@ -349,16 +380,19 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
 
     from tqdm.auto import tqdm
 
-    demo.bar = tqdm(total=1 + 8 * len(s.rho_g), desc="sample and judge", unit="method", disable=not progress)
+    demo.bar = tqdm(total=1 + 11 * len(s.rho_g), desc="sample and judge", unit="method", disable=not progress)
     log("sampling: dense")
     latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, **timing)
     demo.dense_images = demo.images(latents)
     rows.append(demo.judge_method("dense", latents, stats))
+    log("calibrating MagCache on the dense run")
+    mag_ratios = calibrate_mag_ratios(model, demo.base, noise, cond, sampler)
+    retention = MagCache(tuple(mag_ratios), num_inference_steps=s.sample_steps).retention_steps
     router_map = None
     for rho, runs in edit_runs.items():
         ft_params = edit_jax.load(runs["routers+base"])[1]
         ft_routers = load_routers(runs["routers+base"])
-        log(f"sampling at rho_g={rho}: E-DiT (routers), E-DiT (routers+base) with and without the cache")
+        log(f"sampling at rho_g={rho}: E-DiT (routers), E-DiT (routers+base) with and without the cache, learned reuse")
         latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, load_routers(runs["routers"]), infer, **timing)
         rows.append(demo.judge_method("E-DiT (routers)", latents, stats, rho_g=rho))
         latents, edit_stats, records = run_method(model, ft_params, noise, cond, sampler, ft_routers, infer, **timing)
@@ -366,6 +400,9 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
         latents, cached_stats, cache_records = run_method(model, ft_params, noise, cond, sampler, ft_routers, cached,
                                                           **timing)
         rows.append(demo.judge_method("E-DiT (routers+base) + cache", latents, cached_stats, rho_g=rho))
+        reuse = dataclasses.replace(infer, block_cache=LearnedReuse(s.reuse_max))
+        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, load_routers(runs["reuse"]), reuse, **timing)
+        rows.append(demo.judge_method(LEARNED_REUSE, latents, stats, rho_g=rho))
         if router_map is None:
             router_map = (rho, jax.tree.map(np.asarray, cache_records))
         target = edit_stats["flops_vs_dense"]
@@ -408,6 +445,17 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
                                            **timing)
             rows.append(demo.judge_method(name, latents, stats, rho_g=rho, cache=setting))
 
+        log(f"sampling at rho_g={rho}: MagCache and the first-block cache (matched to {target:.2f} of dense)")
+        setting = baselines.closest(baselines.mag_cache_candidates(mag_ratios, table, fixed, retention), target)
+        mag = MagCache(tuple(mag_ratios), num_inference_steps=s.sample_steps, **setting)
+        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None,
+                                       ElasticConfig(mode="dense", step_cache=mag), **timing)
+        rows.append(demo.judge_method(MAG_CACHE, latents, stats, rho_g=rho, step_cache=describe(mag)))
+        fbc = demo.first_block_cache_at(target, noise, cond, sampler)
+        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None,
+                                       ElasticConfig(mode="dense", step_cache=fbc), **timing)
+        rows.append(demo.judge_method(FIRST_BLOCK_CACHE, latents, stats, rho_g=rho, step_cache=describe(fbc)))
+
     demo.bar.close()
     summary = write_results(demo, rows, judge, order, router_map, time.perf_counter() - start)
     return summary
@@ -428,6 +476,8 @@ class _ScheduleDecisions:
 
 # the cache alone twice, its period matched to each E-DiT row's FLOPs: two methods, not one trend
 CACHE_AT_EDIT, CACHE_AT_EDIT_CACHE = "cache alone, at E-DiT's FLOPs", "cache alone, at E-DiT + cache's FLOPs"
+MAG_CACHE, FIRST_BLOCK_CACHE = "MagCache, at E-DiT's FLOPs", "first-block cache, at E-DiT's FLOPs"
+LEARNED_REUSE = "learned reuse (routers)"
 
 COLUMNS = [("method", "method", "{}"), ("rho_g", "rho_g", "{}"), ("blocks_executed", "blocks run", "{:.2f}"),
            ("flops_vs_dense", "FLOPs vs dense", "{:.3f}"), ("ms_per_sample", "wall-clock (ms per sample)", "{:.2f}"),

@@ -45,3 +45,34 @@ def test_the_step_schedule_counts_each_cell_at_its_bucket_width():
 @pytest.mark.parametrize("start, reuse, computed", [(2, 1, 2 + 1), (1, 3, 1 + 1), (4, 2, 4)])
 def test_the_cache_alone_computes_every_block_before_its_start_then_once_per_1_plus_max_reuse(start, reuse, computed):
     assert baselines.cache_fraction(4, start, reuse, TABLE, FIXED) == pytest.approx((4 * 10 + computed * 40) / 200)
+
+
+@pytest.mark.parametrize("threshold, max_skip", [(0.06, 3), (0.5, 2), (10.0, 6)])
+def test_mag_cache_computed_mirrors_the_methods_decisions(threshold, max_skip):
+    import jax.numpy as jnp
+
+    from edit_jax.elastic.step_cache import MagCache
+
+    ratios = np.random.default_rng(0).uniform(0.8, 1.2, 20).astype(np.float32)
+    method = MagCache(tuple(ratios), num_inference_steps=20, threshold=threshold, max_skip_steps=max_skip)
+    state, decided = method.init(((1, 2, 4), (1, 3, 4)), 1), []
+    for step in range(20):
+        compute, state = method.decide(state, jnp.asarray(step), None, None)
+        state = method.update(state, step, (jnp.zeros((1, 2, 4)), jnp.zeros((1, 3, 4))), None,
+                              (jnp.zeros((1, 2, 4)), jnp.ones((1, 3, 4))), compute)
+        decided.append(bool(compute[0]))
+
+    assert baselines.mag_cache_computed(ratios, threshold, max_skip, method.retention_steps).tolist() == decided
+
+
+def test_mag_cache_candidates_span_compute_every_step_to_the_most_skipping():
+    table = np.ones((4, 5))
+    ratios = np.random.default_rng(1).uniform(0.8, 1.2, 12)
+    fractions = [f for f, _ in baselines.mag_cache_candidates(ratios, table, 1.0, 2)]
+    assert max(fractions) == 1.0 and min(fractions) < 0.5
+
+
+def test_the_threshold_search_brackets_the_target():
+    assert baselines.next_threshold([(0.1, 0.9)], 0.5) == 0.2  # too costly: raise it
+    assert baselines.next_threshold([(0.1, 0.3)], 0.5) == 0.05
+    assert baselines.next_threshold([(0.1, 0.9), (0.4, 0.3)], 0.5) == 0.25
