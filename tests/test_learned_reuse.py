@@ -15,7 +15,7 @@ from edit_jax.models.registry import init_cache, init_variables
 from edit_jax.train.config import TrainConfig
 from edit_jax.train.data import shared_inputs, synthetic_batch
 from edit_jax.train.loop import train
-from edit_jax.train.step import make_loss_fn
+from edit_jax.train.step import make_loss_fn, rollout_value_and_grad
 from elastic_cases import Case
 from test_cache import run_steps, scripted_probabilities
 
@@ -101,22 +101,25 @@ def rollout_setup(**overrides):
     batch = {**synthetic_batch(model_config, config, 0), **shared_inputs(model_config, 4, 4, 4)}
     batch.pop("label")
     loss_fn = make_loss_fn(config, edit_jax.build_model(model_config))
-    return loss_fn, variables, batch
+    return loss_fn, variables, batch, config
 
 
 def test_the_rollout_loss_and_its_gradient_are_finite_and_the_reuse_path_is_trained():
-    loss_fn, variables, batch = rollout_setup(tau=0.75)  # fresh routers' p = 0.7: closed, so they reuse
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, metrics), grads = grad_fn({"routers": variables["routers"]}, {"params": variables["params"]}, batch,
-                                     jax.random.key(0))
+    loss_fn, variables, batch, config = rollout_setup(tau=0.75)  # fresh routers' p = 0.7: closed, so they reuse
+    args = ({"routers": variables["routers"]}, {"params": variables["params"]}, batch, jax.random.key(0))
+    (loss, metrics), grads = rollout_value_and_grad(config, edit_jax.build_model(edit_jax.preset("flux-tiny")))(*args)
 
     assert np.isfinite(float(loss)) and float(metrics["reuse_rate"]) > 0
     leaves = jax.tree.leaves(grads)
     assert all(np.isfinite(g).all() for g in leaves) and sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+    # step by step inside the window, the same gradient as differentiating the rollout with its stopped gradients
+    (same_loss, _), by_autodiff = jax.value_and_grad(loss_fn, has_aux=True)(*args)
+    assert float(same_loss) == pytest.approx(float(loss), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, by_autodiff)
 
 
 def test_routers_all_open_on_the_rollout_match_the_dense_model_exactly():
-    loss_fn, variables, batch = rollout_setup()  # p = 0.7 >= tau 0.5: every block computes at full width
+    loss_fn, variables, batch, _ = rollout_setup()  # p = 0.7 >= tau 0.5: every block computes at full width
     _, metrics = loss_fn({"routers": variables["routers"]}, {"params": variables["params"]}, batch, jax.random.key(1))
     assert float(metrics["flow_loss"]) < 1e-12 and float(metrics["reuse_rate"]) == 0.0
 

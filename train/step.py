@@ -15,7 +15,7 @@ carrying its reuse cache (closed="reuse"). Each step's L_flow compares its veloc
 model's at the same point (the dense velocity and the next point carry no gradient), its budget
 terms read that step's gates, and the window's mean is the loss. Gradients stop between steps: a
 step's routers are trained for the cache and the point earlier steps left them, not for moving
-those; memory is one step's (each step is rematerialised in the backward pass).
+those; memory is one step's (each step's gradient is taken inside the window's scan).
 
 The step's randomness is jax.random.fold_in(key(seed), step): a resumed run draws the same noise.
 """
@@ -154,12 +154,23 @@ def reuse_method(config: TrainConfig) -> LearnedReuse | None:
 
 
 def _rollout_loss_fn(config: TrainConfig, model) -> Callable:
-    """The rollout objective (see the module docstring); trainable {"routers"}, frozen {"params"}."""
+    """The rollout objective's value (see the module docstring); trainable {"routers"}, frozen {"params"}."""
+    rollout = rollout_value_and_grad(config, model, with_grad=False)
+    return lambda trainable, frozen, batch, key: rollout(trainable, frozen, batch, key)[0]
+
+
+def rollout_value_and_grad(config: TrainConfig, model, with_grad: bool = True) -> Callable:
+    """f(trainable, frozen, batch, key) -> ((loss, metrics), gradient with respect to trainable) of
+    the rollout objective, as `jax.value_and_grad(loss_fn, has_aux=True)` gives for the others.
+    Gradients stop between steps, so each step's gradient is taken inside the window's scan and
+    summed: memory is one step's, whatever the window's length (differentiating the scan would keep
+    every step's carry, the whole reuse cache, for the backward pass). with_grad=False: the value,
+    and None for the gradient."""
     model_config = model.config
     method = reuse_method(config)
     elastic = ElasticConfig(mode="train", tau=config.tau, block_cache=method)
 
-    def loss_fn(trainable, frozen, batch, key):
+    def value_and_grad(trainable, frozen, batch, key):
         params = jax.lax.stop_gradient(frozen["params"])
         x0 = batch["latents"]
         arrays, static = model_conditions(model_config, batch)
@@ -172,24 +183,34 @@ def _rollout_loss_fn(config: TrainConfig, model) -> Callable:
         num_txt = arrays["encoder_hidden_states"].shape[1]
         cache = None if method is None else init_cache(model_config, rows, num_img, num_txt, method)
 
-        @jax.checkpoint
         def one(carry, i):
-            x, cache = carry
+            x, cache, grads = carry
             s = jnp.full((rows,), sigmas[start + i])
             inputs = dict(hidden_states=x, timestep=s, **arrays, **static)
             target = jax.lax.stop_gradient(model.apply({"params": params}, **inputs))
-            v_pred, aux = model.apply({"params": params, "routers": trainable["routers"]}, **inputs, elastic=elastic,
-                                      cache=cache, step=i)
-            loss, metrics = edit_loss(config, v_pred, target, aux, s, model_config.width_buckets)
-            metrics["reuse_rate"] = jnp.mean(aux["cache_hit"].astype(jnp.float32))
-            x_next = x + (sigmas[start + i + 1] - sigmas[start + i]) * jax.lax.stop_gradient(v_pred).astype(x.dtype)
-            cache = None if method is None else jax.lax.stop_gradient(aux["cache"])
-            return (x_next, cache), (loss, metrics)
 
-        _, (losses, metrics) = jax.lax.scan(one, (x, cache), jnp.arange(config.rollout_steps))
-        return jnp.mean(losses), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+            def step_loss(routers):
+                v_pred, aux = model.apply({"params": params, "routers": routers}, **inputs, elastic=elastic, cache=cache,
+                                          step=i)
+                loss, metrics = edit_loss(config, v_pred, target, aux, s, model_config.width_buckets)
+                metrics["reuse_rate"] = jnp.mean(aux["cache_hit"].astype(jnp.float32))
+                return loss, (metrics, v_pred, aux.get("cache"))
 
-    return loss_fn
+            if with_grad:
+                (loss, (metrics, v_pred, cache)), step_grads = jax.value_and_grad(step_loss, has_aux=True)(
+                    trainable["routers"])
+                grads = jax.tree.map(jnp.add, grads, {"routers": step_grads})
+            else:
+                loss, (metrics, v_pred, cache) = step_loss(trainable["routers"])
+            x_next = x + (sigmas[start + i + 1] - sigmas[start + i]) * v_pred.astype(x.dtype)
+            return jax.lax.stop_gradient((x_next, cache)) + (grads,), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable) if with_grad else None
+        (_, _, grads), (losses, metrics) = jax.lax.scan(one, (x, cache, zeros), jnp.arange(config.rollout_steps))
+        value = (jnp.mean(losses), jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
+        return value, None if grads is None else jax.tree.map(lambda g: g / config.rollout_steps, grads)
+
+    return value_and_grad
 
 
 def static_decisions(model_config, skip_blocks) -> dict:
@@ -254,8 +275,10 @@ def make_train_step(config: TrainConfig, model, optimizer: optax.GradientTransfo
       config: the run's TrainConfig. model: the transformer. optimizer: optax's.
       shared: above. micro_batch_sharding: each micro-batch's sharding, or None.
     """
-    loss_fn = make_loss_fn(config, model)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if config.objective == "rollout":
+        grad_fn = rollout_value_and_grad(config, model)
+    else:
+        grad_fn = jax.value_and_grad(make_loss_fn(config, model), has_aux=True)
     accum = config.grad_accum
     static = dict(shared)
 

@@ -134,7 +134,7 @@ class ReuseBank:
     """The learned-reuse cache's state of one block stack (or, inside a block, of its layer):
     delta: the block's residual (output - input) at its last computed step, shaped like the
     carry, float32 ([L, B, ...]); slope: its change per step between the last two computed steps
-    (zeros until two are stored); stored: [L, B] whether delta holds one; count: [L, B] int32,
+    (zeros until two are stored; empty for order 0); stored: [L, B] whether delta holds one; count: [L, B] int32,
     reuses since it was stored."""
 
     delta: Any
@@ -164,7 +164,7 @@ class LearnedReuse:
         """Nothing stored (arguments: `BlockCacheMethod.init`)."""
         zeros = lambda: jax.tree.map(lambda shape: jnp.zeros((num_layers, *shape), jnp.float32), carry_shapes,  # noqa: E731
                                      is_leaf=_is_shape)
-        return ReuseBank(delta=zeros(), slope=zeros(), stored=jnp.zeros((num_layers, batch), bool),
+        return ReuseBank(delta=zeros(), slope=zeros() if self.order == 1 else (), stored=jnp.zeros((num_layers, batch), bool),
                          count=jnp.zeros((num_layers, batch), jnp.int32))
 
     def decide(self, state: ReuseBank, step, run, p, tau) -> jax.Array:
@@ -188,12 +188,14 @@ class LearnedReuse:
         Args: as `BlockCacheMethod.update`'s.
         """
         residual = jax.tree.map(lambda n, c: (n - c).astype(jnp.float32), carry_out, carry_in)
-        since = (state.count + 1).astype(jnp.float32)[:, None, None]
-        slope = jax.tree.map(lambda r, d, s: jnp.where(state.stored[:, None, None], (r - d) / since, s),
-                             residual, state.delta, state.slope)
+        slope = state.slope
+        if self.order == 1:
+            since = (state.count + 1).astype(jnp.float32)[:, None, None]
+            slope = jax.tree.map(lambda r, d, s: jnp.where(computed[:, None, None] & state.stored[:, None, None],
+                                                           (r - d) / since, s), residual, state.delta, state.slope)
         return ReuseBank(
             delta=jax.tree.map(lambda r, d: jnp.where(computed[:, None, None], r, d), residual, state.delta),
-            slope=jax.tree.map(lambda n, o: jnp.where(computed[:, None, None], n, o), slope, state.slope),
+            slope=slope,
             stored=state.stored | computed,
             count=jnp.where(computed, 0, jnp.where(reused, state.count + 1, state.count)).astype(jnp.int32),
         )
