@@ -26,6 +26,7 @@ from edit_jax.sampling.batches import rows_conditions, rows_of, sample_in_batche
 from edit_jax.checkpoint import CheckpointError
 from edit_jax.config import resolve_attention
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.step_cache import describe
 from edit_jax.sampling.embeddings import check_embeddings, embedding_conditions, read_embeddings
 from edit_jax.elastic.flops import mean_routing, routing_stats
 from edit_jax.sampling.latents import initial_noise, unpack_latents
@@ -110,8 +111,10 @@ def fidelity(reference: np.ndarray, test: np.ndarray) -> dict:
 def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: int, steps: int, seed: int = 0,
                         elastic: ElasticConfig | None = None, guidance: float = 3.5, repeats: int = 3,
                         vae: str | None = None, tile_size: int = 1024, mesh=None, dtype: str = "float32",
-                        true_cfg: float = 1.0, batch_size: int | None = None, attention: str = "auto") -> dict:
-    """Dense vs E-DiT vs E-DiT + cache on a checkpoint with routers, from the same noise; with a
+                        true_cfg: float = 1.0, batch_size: int | None = None, attention: str = "auto",
+                        step_cache=None) -> dict:
+    """Dense vs E-DiT vs E-DiT + cache (and, given `step_cache`, the dense model under that per-step
+    cache, `edit_jax.elastic.step_cache`) on a checkpoint with routers, from the same noise; with a
     VAE folder (`vae`: FLUX.1's or Qwen-Image's), the decoded images are compared too and written
     as PNGs. mesh: the transformer's params and routers placed on it by the rules table, and
     sampled under it. dtype: the transformer's params and compute; attention: its softmax
@@ -123,7 +126,7 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
       ckpt: the checkpoint with routers. embeddings: the prompt embeddings file. out: the folder
         to write. height, width: pixels. steps: denoising steps. seed: of the noise. elastic: E-DiT's
         settings. guidance: FLUX.1-dev's embedded guidance. repeats: timed runs per method.
-      vae, tile_size, mesh, dtype, true_cfg, batch_size, attention: above.
+      vae, tile_size, mesh, dtype, true_cfg, batch_size, attention, step_cache: above.
     """
     import contextlib
     import dataclasses
@@ -148,6 +151,8 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     methods = {"dense": dict(elastic=None),
                "E-DiT": dict(elastic=dataclasses.replace(elastic, cache=False), routers=routers),
                "E-DiT + cache": dict(elastic=dataclasses.replace(elastic, cache=True), routers=routers)}
+    if step_cache is not None:
+        methods[f"dense + {step_cache.name}"] = dict(elastic=ElasticConfig(mode="dense", step_cache=step_cache))
     decoder = None
     if vae is not None:
         decoder = load_vae(vae)
@@ -188,6 +193,7 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
                "prompts": batch, "batch_size": min(batch_size or batch, batch), "tau": elastic.tau, "decision": elastic.decision,
                "cache": {"cache_start": elastic.cache_start, "delta_margin": elastic.delta_margin,
                          "max_reuse": elastic.max_reuse},
+               "step_cache": None if step_cache is None else describe(step_cache),
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape), "dtype": dtype,
                "attention": resolve_attention(attention, dtype), "methods": results,
                "pictures": [str(out / "router_map.png"), str(out / "fidelity_vs_flops.png")]}

@@ -100,6 +100,18 @@ def test_eval_compares_edit_and_the_cache_with_dense_from_the_same_noise(tiny_ro
     assert all((tmp_path / "out" / p).stat().st_size > 10_000 for p in ("router_map.png", "fidelity_vs_flops.png"))
 
 
+def test_eval_with_a_step_cache_adds_the_dense_model_under_it(tiny_routed_ckpt, tmp_path, capsys):
+    ckpt, emb = tiny_routed_ckpt
+    args = ["eval", str(ckpt), "--embeddings", str(emb), "--out", str(tmp_path / "out"), "--height", "32",
+            "--width", "32", "--steps", "4", "--repeats", "1", "--step-cache", "first-block", "--step-cache-threshold", "10"]
+    assert main(args) == 0
+
+    summary = json.loads((tmp_path / "out" / "eval.json").read_text())
+    cached = summary["methods"]["dense + first_block"]
+    assert cached["step_reuse_rate"] == 0.75 and cached["flops_total"] < summary["methods"]["dense"]["flops_total"]
+    assert summary["step_cache"]["name"] == "first_block" and cached["psnr_db"] != "inf"
+
+
 def test_eval_with_true_cfg_guides_with_the_files_negative_embeddings(tiny_routed_ckpt, tmp_path, capsys):
     ckpt, emb = tiny_routed_ckpt
     args = ["eval", str(ckpt), "--out", str(tmp_path / "out"), "--height", "32", "--width", "32", "--steps", "2",

@@ -133,7 +133,7 @@ def step_cache_of(args, ratios_default: Path) -> StepCacheMethod | None:
 
 OUTPUTS = {  # what each command writes into its --out folder (a full-match pattern of names)
     "sample": r"latents\.npy|records\.npz|summary\.json|router_map\.png",
-    "eval": r"eval\.json|router_map\.png|fidelity_vs_flops\.png|(dense|e-dit|e-dit-cache)-\d+\.png",
+    "eval": r"eval\.json|router_map\.png|fidelity_vs_flops\.png|(dense|e-dit|e-dit-cache|dense-first_block|dense-mag_cache)-\d+\.png",
     "generate": r"image-\d+\.png|generate\.json|router_map\.png",
     "smoke": r"checkpoint|\.checkpoint\..+|smoke\.json|router_map\.png",
     "demo": r"data|runs|samples|results\.(json|md)|(quality|fd)_vs_flops\.png|router_map\.png",

@@ -51,7 +51,8 @@ def cmd_eval(args) -> int:
                             delta_margin=args.delta_margin, max_reuse=args.max_reuse)
     summary = evaluate_checkpoint(args.ckpt, args.embeddings, out, args.height, args.width, args.steps, args.seed,
                                   elastic, args.guidance, args.repeats, args.vae, args.tile_size, mesh_of(args),
-                                  resolve_dtype(args.dtype), args.true_cfg, args.batch_size, args.attention)
+                                  resolve_dtype(args.dtype), args.true_cfg, args.batch_size, args.attention,
+                                  step_cache_of(args, resolve(args.ckpt) / MAG_RATIOS_FILE))
     remove_stale_outputs(out, earlier)
     print(json.dumps(summary, indent=2))
     return 0
@@ -81,13 +82,15 @@ def add_smoke(command) -> None:
 
 
 def add_eval(command) -> None:
-    ev = command("eval", "dense vs E-DiT vs E-DiT + cache on a checkpoint with routers and your prompt embeddings: "
+    ev = command("eval", "dense vs E-DiT vs E-DiT + cache (vs a per-step cache with --step-cache) on a checkpoint with "
+                         "routers and your prompt embeddings: "
                          "FLOPs, wall-clock, routing, PSNR/SSIM to dense from the same noise", EMBEDDINGS_HELP)
     ev.add_argument("ckpt", help="edit-jax checkpoint folder with routers")
     ev.add_argument("--embeddings", required=True, help="prompt embeddings (.npz/.safetensors; keys below)")
     ev.add_argument("--out", default="edit-jax-eval", help="folder for eval.json, router_map.png, fidelity_vs_flops.png")
     add_sampling_arguments(ev, seed_help="seed of the initial noise (the same for every method)")
     add_elastic_arguments(ev, cache_start=None)
+    add_step_cache_arguments(ev, ratios_default=f"CKPT/{MAG_RATIOS_FILE}")
     ev.add_argument("--true-cfg", type=float, default=1.0,
                     help="> 1: true CFG with the file's negative_* embeddings (Qwen-Image: typically 4)")
     ev.add_argument("--repeats", type=at_least(1), default=3, help="timed repeats per method (warm; the median is reported)")
