@@ -140,7 +140,8 @@ SETTINGS = {
                          timing_repeats=3),
     # seconds: the test suite's end-to-end run
     "tiny": DemoSettings(num_layers=1, num_single_layers=2, num_attention_heads=2, router_hidden=8, batch_size=16,
-                         dense_steps=6, router_steps=3, sample_steps=3, eval_samples=20, timing_repeats=1),
+                         dense_steps=6, router_steps=3, sample_steps=3, eval_samples=20, timing_repeats=1,
+                         threshold_runs=2, rollout_steps=2),
 }
 
 

@@ -267,25 +267,17 @@ def executed_blocks(records, step: int) -> list:
     return np.asarray(records["executed"])[step, 0].astype(int).tolist()
 
 
-def test_first_f_and_last_b_blocks_always_run_and_the_middle_is_reused(flux):
-    dense, _ = flux_ours(flux, None)
-    same, _ = flux_ours(flux, FirstBlockCache(0.0, head_layers=2, tail_layers=1))
+def test_first_f_and_last_b_blocks_always_run_the_middle_is_reused_and_the_flops_count_what_ran(flux):
+    dense, dense_records = flux_ours(flux, None)
+    same, same_records = flux_ours(flux, FirstBlockCache(0.0, head_layers=2, tail_layers=1))
     _, records = flux_ours(flux, FirstBlockCache(10.0, head_layers=2, tail_layers=1))
 
     assert relative_error(same, dense) <= 1e-5  # threshold 0: every step computes
     assert computed(records) == [[True]] + [[False]] * (STEPS - 1)
     assert executed_blocks(records, 0) == [1, 1, 1, 1, 1]
     assert executed_blocks(records, 1) == [1, 1, 0, 0, 1]  # 2 double blocks, then 3 single
-
-
-def test_flops_records_count_the_blocks_a_reused_step_runs(flux):
-    _, dense = flux_ours(flux, FirstBlockCache(0.0))
-    _, cached = flux_ours(flux, FirstBlockCache(10.0, tail_layers=1))
-    flops, full = np.asarray(cached["flops_total"]), np.asarray(dense["flops_total"])
-
-    assert flops[0] == full[0]
-    assert np.all(flops[1:] < full[1:] / 2)  # 2 of 5 blocks run
-    assert np.all(flops[1:] > 0)
+    flops, full = np.asarray(records["flops_total"]), np.asarray(same_records["flops_total"])
+    assert flops[0] == full[0] and np.all(flops[1:] < 0.75 * full[1:]) and np.all(flops[1:] > 0)  # 3 of 5 blocks run
 
 
 def test_the_step_cache_combines_with_e_dit_routers_and_the_block_cache(flux):
