@@ -23,9 +23,9 @@ import numpy as np
 from edit_jax.checkpoints_convert.vae import load_vae
 from edit_jax import load, load_routers
 from edit_jax.sampling.batches import rows_conditions, rows_of, sample_in_batches
-from edit_jax.checkpoint import CheckpointError
+from edit_jax.checkpoint import CheckpointError, router_mode
 from edit_jax.config import resolve_attention
-from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.mechanism import ElasticConfig, with_router_mode
 from edit_jax.elastic.step_cache import describe
 from edit_jax.sampling.embeddings import check_embeddings, embedding_conditions, read_embeddings
 from edit_jax.elastic.flops import mean_routing, routing_stats
@@ -148,8 +148,9 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg)
     check_sampling_inputs(config, noise, cond, negative, sampler)  # every prompt, before they are cut into batches
     elastic = elastic or ElasticConfig(mode="infer", cache_start=steps // 3)
+    reuse = with_router_mode(dataclasses.replace(elastic, cache=False), router_mode(ckpt))  # routers trained to reuse
     methods = {"dense": dict(elastic=None),
-               "E-DiT": dict(elastic=dataclasses.replace(elastic, cache=False), routers=routers),
+               "E-DiT": dict(elastic=reuse, routers=routers),
                "E-DiT + cache": dict(elastic=dataclasses.replace(elastic, cache=True), routers=routers)}
     if step_cache is not None:
         methods[f"dense + {step_cache.name}"] = dict(elastic=ElasticConfig(mode="dense", step_cache=step_cache))
@@ -194,6 +195,7 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
                "cache": {"cache_start": elastic.cache_start, "delta_margin": elastic.delta_margin,
                          "max_reuse": elastic.max_reuse},
                "step_cache": None if step_cache is None else describe(step_cache),
+               "router_mode": router_mode(ckpt),
                "backend": jax.default_backend(), "mesh": None if mesh is None else dict(mesh.shape), "dtype": dtype,
                "attention": resolve_attention(attention, dtype), "methods": results,
                "pictures": [str(out / "router_map.png"), str(out / "fidelity_vs_flops.png")]}

@@ -27,9 +27,9 @@ from edit_jax.checkpoints_convert.convert import FAMILIES
 from edit_jax.checkpoints_convert.engine import build_params
 from edit_jax.checkpoints_convert.sources import open_source
 from edit_jax.checkpoints_convert.vae import load_vae
-from edit_jax.checkpoint import ROUTERS_DIR, is_checkpoint, load_config, resolve, run_dir_hint, tree_names
+from edit_jax.checkpoint import ROUTERS_DIR, is_checkpoint, load_config, resolve, router_mode, run_dir_hint, tree_names
 from edit_jax.config import read_json_object, resolve_attention, resolve_dtype
-from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.mechanism import ElasticConfig, with_router_mode
 from edit_jax.elastic.step_cache import describe
 from edit_jax.sampling.embeddings import embedding_conditions
 from edit_jax.elastic.flops import mean_routing, routing_stats
@@ -213,6 +213,8 @@ def generate(model_dir, prompts: list[str], out, *, sampler: SamplerConfig = Sam
         resolve_dtype(dtype)
     transformer = folder / "transformer" if transformer is None else resolve(transformer)
     check_transformer(transformer, family, elastic)
+    if is_checkpoint(transformer):  # routers trained to reuse run with their reuse
+        elastic = settings = with_router_mode(elastic, router_mode(transformer))
     scheduler = load_scheduler(folder / "scheduler")
     timings = {"encode_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
 

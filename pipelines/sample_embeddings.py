@@ -18,9 +18,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edit_jax import load, load_routers
-from edit_jax.checkpoint import CheckpointError
+from edit_jax.checkpoint import CheckpointError, router_mode
 from edit_jax.config import resolve_attention, resolve_dtype
-from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.mechanism import ElasticConfig, with_router_mode
 from edit_jax.elastic.step_cache import describe
 from edit_jax.eval.pictures import block_groups, plot_router_map
 from edit_jax.models.registry import init_routers
@@ -67,6 +67,7 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
                 f"{ckpt} has no routers: use --elastic dense, a checkpoint with trained routers "
                 "(`edit-jax train`, or a converted E-DiT release), or --fresh-routers to run fresh full-capacity ones"
             )
+        elastic = with_router_mode(elastic, router_mode(ckpt))  # routers trained to reuse run with their reuse
     noise = initial_noise(jax.random.key(seed), batch, config.in_channels // 4, height, width)
     rows, cols = packed_grid(height, width)
     cache = elastic is not None and elastic.cache
@@ -87,7 +88,9 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
     unpacked = np.concatenate([latents for latents, _, _ in parts])
     np.save(out / "latents.npy", unpacked)
     summary = {"latents": str(out / "latents.npy"), "shape": list(unpacked.shape), "steps": sampler.num_steps,
-               "elastic": mode, "step_cache": None if step_cache is None else describe(step_cache), "dtype": dtype,
+               "elastic": mode, "step_cache": None if step_cache is None else describe(step_cache),
+               "block_cache": None if elastic is None or elastic.cache_method is None else elastic.cache_method.name,
+               "dtype": dtype,
                "attention": resolve_attention(attention, dtype),
                "batch_size": min(size, batch)}
     records = concat_records([(records, count) for _, records, count in parts])

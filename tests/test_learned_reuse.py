@@ -2,6 +2,8 @@
 from its last computed step instead of being the identity; the routers train on rolled-out
 trajectories of the sampler's own steps against the dense model."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,3 +145,25 @@ def test_a_resumed_rollout_run_equals_an_uninterrupted_one(tmp_path):
 def test_settings_that_cannot_train_reuse_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**overrides)
+
+
+def test_a_trained_reuse_checkpoint_says_so_and_sample_runs_its_routers_with_their_reuse(tmp_path, capsys):
+    from edit_jax.checkpoint import router_mode
+    from edit_jax.cli import main
+
+    fields = dict(preset="flux-tiny", steps=2, batch_size=2, log_every=1, save_every=2, warmup_steps=1, num_txt=4,
+                  objective="rollout", closed="reuse", rollout_steps=2, rollout_schedule=4, reuse_max=3, tau=0.75)
+    train(TrainConfig(**fields, run_dir=str(tmp_path / "run")), progress=False)
+    ckpt = tmp_path / "run" / "edit-jax"
+    assert router_mode(ckpt) == {"closed": "reuse", "max_reuse": 3, "order": 0}
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "emb.npz", prompt_embeds=rng.standard_normal((1, 4, 32)).astype(np.float32),
+             pooled_prompt_embeds=rng.standard_normal((1, 32)).astype(np.float32))
+    args = ["sample", str(ckpt), "--embeddings", str(tmp_path / "emb.npz"), "--height", "32", "--width", "32",
+            "--steps", "4", "--elastic", "infer", "--tau", "0.75"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["block_cache"] == "learned_reuse" and summary["cache_hit_rate"] > 0
+    assert main([*args, "--out", str(tmp_path / "cached"), "--cache"]) == 2
+    assert "trained to reuse" in capsys.readouterr().err

@@ -374,7 +374,7 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
               f"{run_dir / 'checkpoints'}: rerun to continue", file=sys.stderr)
     if end == config.steps:
         export_final(run_dir / "edit-jax", model_config, trainable, frozen, config.checkpoint,
-                     base_identity)
+                     base_identity, trained_router_mode(config))
     return jax.device_get(metrics)
 
 
@@ -403,8 +403,18 @@ class ProfileWindow:
             print(f"profile of steps {self.first} to {self.end - 1}: {self.path}", file=sys.stderr)
 
 
+def trained_router_mode(config) -> dict | None:
+    """What a run's routers are trained for, for the checkpoint (`edit_jax.checkpoint.router_mode`);
+    None where no router trains."""
+    if config.trainable == "base":
+        return None
+    if config.closed == "reuse":
+        return {"closed": "reuse", "max_reuse": config.reuse_max, "order": config.reuse_order}
+    return {"closed": "skip"}
+
+
 def export_final(path, model_config, trainable: dict, frozen: dict, base: str | None = None,
-                 base_identity: tuple | None = None) -> None:
+                 base_identity: tuple | None = None, router_mode: dict | None = None) -> None:
     """The trained model as an edit-jax checkpoint (base params and routers); in a multi-process
     run every process writes its own shards. base: the checkpoint the run read its base from, and
     `stored_identity` of it then. A frozen base whose checkpoint is still the one read and stores
@@ -413,7 +423,8 @@ def export_final(path, model_config, trainable: dict, frozen: dict, base: str | 
 
     Args:
       path: the checkpoint to write. model_config: the model config. trainable, frozen: the
-        run's params and routers, split as trained. base, base_identity: above.
+        run's params and routers, split as trained. base, base_identity: above. router_mode: what
+        the routers were trained for (`trained_router_mode`), kept in its config.json.
     """
     params = trainable.get("params", frozen.get("params"))
     routers = trainable.get("routers", frozen.get("routers"))
@@ -423,4 +434,5 @@ def export_final(path, model_config, trainable: dict, frozen: dict, base: str | 
     if base is not None and "params" in frozen and not same_base and jax.process_index() == 0:
         print(f"{path}: its frozen base is written, not hard-linked: {base} is no longer the checkpoint the run "
               "read it from", file=sys.stderr)
-    save(path, model_config, params, routers, overwrite=True, params_from=base if same_base else None)
+    save(path, model_config, params, routers, overwrite=True, params_from=base if same_base else None,
+         router_mode=router_mode)

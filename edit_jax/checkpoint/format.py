@@ -120,6 +120,23 @@ def _diffusers_family(path: Path) -> str | None:
     return None
 
 
+ROUTER_MODE_KEY = "router_mode"
+ROUTER_MODES = ("skip", "reuse")
+
+
+def router_mode(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint's routers were trained for: {"closed": "skip"} (E-DiT: a closed block is
+    the identity; also every checkpoint that does not say) or {"closed": "reuse", "max_reuse": K,
+    "order": 0 or 1} (`edit_jax.elastic.block_cache.LearnedReuse`). CheckpointError if it says
+    something else."""
+    mode = read_metadata(path).get(ROUTER_MODE_KEY, {"closed": "skip"})
+    if not isinstance(mode, dict) or mode.get("closed") not in ROUTER_MODES or (
+            mode["closed"] == "reuse" and not {"max_reuse", "order"} <= set(mode)):
+        raise CheckpointError(f"{resolve(path)}: its {ROUTER_MODE_KEY} {mode!r} is not {{'closed': 'skip'}} or "
+                              "{'closed': 'reuse', 'max_reuse': K, 'order': 0 or 1}")
+    return mode
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The checkpoint's config.json, after checking the folder is an edit-jax checkpoint."""
     path = resolve(path)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.elastic.block_cache import BlockCacheMethod, RouterGuidedCache
+from edit_jax.elastic.block_cache import BlockCacheMethod, LearnedReuse, RouterGuidedCache
 from edit_jax.elastic.step_cache import StepCacheMethod
 from edit_jax.layers import channel_ranks, check_values, narrow
 from edit_jax.elastic.router import router_modulation, router_prelude
@@ -96,6 +96,22 @@ class ElasticConfig:
         if self.block_cache is not None:
             return self.block_cache
         return RouterGuidedCache(self.cache_start, self.delta_margin, self.max_reuse) if self.cache else None
+
+
+def with_router_mode(elastic: ElasticConfig | None, mode: dict) -> ElasticConfig | None:
+    """`elastic` for routers trained for `mode` (`edit_jax.checkpoint.router_mode`): routers trained
+    to reuse run with their `LearnedReuse` where no block cache was asked for; a router-guided or
+    other block cache in its place is refused (it would turn their reuse into skips). Skip-trained
+    routers, dense and forced runs: as given."""
+    if elastic is None or elastic.mode not in ("infer", "train") or mode.get("closed") != "reuse":
+        return elastic
+    trained = LearnedReuse(mode["max_reuse"], mode["order"])
+    if elastic.cache_method is None:
+        return dataclasses.replace(elastic, block_cache=trained)
+    if elastic.cache_method != trained:
+        raise ValueError(f"these routers were trained to reuse ({trained}): the block cache "
+                         f"{elastic.cache_method.name!r} would replace their reuse; run them without --cache")
+    return elastic
 
 
 def bucket_widths(hidden_dim: int, buckets: Sequence[float]) -> tuple[int, ...]:
