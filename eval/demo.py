@@ -8,7 +8,8 @@ baselines at equal FLOPs? Every stage uses the project's own model, trainer and 
               ordered by importance
   4. routers  per gate budget rho_g: E-DiT routers on the frozen base (`routers`), and routers
               with the base fine-tuned (`routers+base`); learned reuse: routers on the frozen base
-              whose closed blocks reuse their last residual, trained on rollouts (`closed=reuse`)
+              whose closed blocks reuse their last residual, trained on rollouts (`closed=reuse`),
+              and their average map as one per-step reuse schedule for every sample
   5. static   blocks pruned by validation loss, as many as matches each E-DiT run's FLOPs,
               fine-tuned for the same number of steps (`skip_blocks`)
   5b. caches  the training-free caches users pick, on the dense model at each E-DiT run's FLOPs:
@@ -381,7 +382,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
 
     from tqdm.auto import tqdm
 
-    demo.bar = tqdm(total=1 + 11 * len(s.rho_g), desc="sample and judge", unit="method", disable=not progress)
+    demo.bar = tqdm(total=1 + 12 * len(s.rho_g), desc="sample and judge", unit="method", disable=not progress)
     log("sampling: dense")
     latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, **timing)
     demo.dense_images = demo.images(latents)
@@ -402,8 +403,18 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
                                                           **timing)
         rows.append(demo.judge_method("E-DiT (routers+base) + cache", latents, cached_stats, rho_g=rho))
         reuse = dataclasses.replace(infer, block_cache=LearnedReuse(s.reuse_max))
-        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, load_routers(runs["reuse"]), reuse, **timing)
-        rows.append(demo.judge_method(LEARNED_REUSE, latents, stats, rho_g=rho))
+        latents, reuse_stats, reuse_records = run_method(model, demo.base, noise, cond, sampler,
+                                                         load_routers(runs["reuse"]), reuse, **timing)
+        rows.append(demo.judge_method(LEARNED_REUSE, latents, reuse_stats, rho_g=rho))
+        # the same routers' average map as one schedule for every sample: what per-sample decisions are worth
+        computed = np.asarray(reuse_records["executed"], np.float64)  # [S, B, L]
+        full = np.full(computed.shape[::2], len(config.width_buckets) - 1)
+        schedule = baselines.step_schedule(computed.mean(axis=1), full, table, fixed, reuse_stats["flops_vs_dense"])
+        reused = ElasticConfig(mode="forced", block_cache=LearnedReuse(s.reuse_max))
+        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None, reused,
+                                       decisions=_ScheduleDecisions(jnp.asarray(schedule), jnp.asarray(full, jnp.int32)),
+                                       **timing)
+        rows.append(demo.judge_method(REUSE_SCHEDULE, latents, stats, rho_g=rho))
         if router_map is None:
             router_map = (rho, jax.tree.map(np.asarray, cache_records))
         target = edit_stats["flops_vs_dense"]
@@ -478,7 +489,7 @@ class _ScheduleDecisions:
 # the cache alone twice, its period matched to each E-DiT row's FLOPs: two methods, not one trend
 CACHE_AT_EDIT, CACHE_AT_EDIT_CACHE = "cache alone, at E-DiT's FLOPs", "cache alone, at E-DiT + cache's FLOPs"
 MAG_CACHE, FIRST_BLOCK_CACHE = "MagCache, at E-DiT's FLOPs", "first-block cache, at E-DiT's FLOPs"
-LEARNED_REUSE = "learned reuse (routers)"
+LEARNED_REUSE, REUSE_SCHEDULE = "learned reuse (routers)", "per-step reuse schedule"
 
 COLUMNS = [("method", "method", "{}"), ("rho_g", "rho_g", "{}"), ("blocks_executed", "blocks run", "{:.2f}"),
            ("flops_vs_dense", "FLOPs vs dense", "{:.3f}"), ("ms_per_sample", "wall-clock (ms per sample)", "{:.2f}"),
