@@ -4,7 +4,8 @@ every block runs at full width, so its time over dense is what the routers cost 
 and diffusers' per-step caches on the dense model: the first-block cache computing every step (its
 time over dense is what its probe and decision cost), the first-block cache reusing every step
 after the first (what a reused step costs), and MagCache on flat ratios (after the retained steps,
-three of every four skipped). Reports per-step time, each method's speedup beside its FLOP
+three of every four skipped), and learned reuse on a forced pattern (odd blocks closed: they reuse
+their residual, computing again after 4 reuses). Reports per-step time, each method's speedup beside its FLOP
 reduction, the cache hit rate and the memory the cache holds. The variants run in
 alternating rounds (`eval.timing`); speedups are medians of per-round ratios.
 
@@ -26,6 +27,7 @@ from edit_jax.eval.report import emit, environment, run_script
 from edit_jax.eval.timing import paired_ratio, time_runs
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.step_cache import FirstBlockCache, MagCache
 from edit_jax.elastic.flops import dense_flops
 from edit_jax.sampling.latents import initial_noise, packed_grid
@@ -61,6 +63,12 @@ def scripted_borderline(num_steps: int, num_blocks: int, tau: float, margin: flo
     return lambda step: {"p": p[jnp.minimum(step, num_steps - 1)], "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
 
 
+def all_full_or_closed(num_blocks: int) -> dict:
+    """Forced decisions for learned reuse: odd blocks closed (they reuse, computing again after
+    `max_reuse` reuses), even ones computed at full width."""
+    return {"run": jnp.asarray(np.arange(num_blocks) % 2 == 0), "bucket": jnp.full((num_blocks,), 3, jnp.int32)}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="flux-small")
@@ -94,8 +102,10 @@ def main(argv=None) -> dict:
         "first_block_reusing": dict(elastic=ElasticConfig(mode="dense", step_cache=FirstBlockCache(float("inf")))),
         "mag_cache": dict(elastic=ElasticConfig(mode="dense", step_cache=MagCache(
             (1.0,) * args.steps, num_inference_steps=args.steps, threshold=0.06, max_skip_steps=3))),
+        "learned_reuse_pattern": dict(elastic=ElasticConfig(mode="forced", block_cache=LearnedReuse(max_reuse=4)),
+                                      decisions=all_full_or_closed(blocks)),
     }
-    cutting = ("forced_pattern", "cache_borderline", "first_block_reusing", "mag_cache")
+    cutting = ("forced_pattern", "cache_borderline", "first_block_reusing", "mag_cache", "learned_reuse_pattern")
     runs, records = {}, {}
     for name, kwargs in variants.items():
         runs[name] = lambda kw=kwargs: jax.block_until_ready(sample(model, variables["params"], noise, cond, sampler, **kw))
@@ -118,6 +128,7 @@ def main(argv=None) -> dict:
         "step_cache_decision_over_dense": round(paired_ratio(rounds, "first_block_computing", "dense") - 1, 4),
         "step_reuse_rate": {k: round(1 - float(np.asarray(records[k]["step_computed"]).mean()), 4)
                             for k in ("first_block_reusing", "mag_cache")},
+        "learned_reuse_hit_rate": round(float(np.asarray(records["learned_reuse_pattern"]["cache_hit"]).mean()), 4),
         "cache_hit_rate": round(float(hits.mean()), 4),
         "cache_hit_rate_after_start": round(float(hits[args.steps // 2 :].mean()), 4),
         "cache_mib": round(cache_bytes / 2**20, 2),
