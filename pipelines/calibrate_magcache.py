@@ -6,8 +6,8 @@ run over the prompts of an embeddings file, written beside the checkpoint (CKPT/
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,14 +15,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from edit_jax import load
 from edit_jax.checkpoint.paths import resolve
 from edit_jax.config import resolve_dtype
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.elastic.step_cache import MagCache
+from edit_jax.pipelines.sample_embeddings import checkpoint_and_prompts
 from edit_jax.sampling.batches import rows_conditions, sample_in_batches
 from edit_jax.sampling.calibration import MAG_RATIOS_FILE, write_mag_ratios
-from edit_jax.sampling.embeddings import check_embeddings, embedding_conditions, read_embeddings
 from edit_jax.sampling.latents import initial_noise
 from edit_jax.sampling.sampler import SamplerConfig, check_sampling_inputs
 
@@ -43,13 +42,9 @@ def calibrate_mag_cache(ckpt, embeddings, *, sampler: SamplerConfig, height: int
       progress: a bar.
     """
     out = resolve(ckpt) / MAG_RATIOS_FILE if out is None else resolve(out)
-    data = read_embeddings(embeddings)
-    dtype = resolve_dtype(dtype)
-    model, params = load(ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=attention)
+    model, params, cond, negative = checkpoint_and_prompts(ckpt, embeddings, height, width, mesh, resolve_dtype(dtype),
+                                                           attention)
     config = model.config
-    check_embeddings(config, data, embeddings)
-    cond = embedding_conditions(config, data, height, width)
-    negative = embedding_conditions(config, data, height, width, "negative_")
     batch = cond["encoder_hidden_states"].shape[0]
     noise = initial_noise(jax.random.key(seed), batch, config.in_channels // 4, height, width)
     check_sampling_inputs(config, noise, cond, negative, sampler)

@@ -30,6 +30,22 @@ from edit_jax.sampling.latents import initial_noise, packed_grid, unpack_latents
 from edit_jax.sampling.sampler import SamplerConfig, check_sampling_inputs, concat_records
 
 
+def checkpoint_and_prompts(ckpt, embeddings, height: int, width: int, mesh=None, dtype: str = "float32",
+                           attention: str = "auto") -> tuple:
+    """(model, params, cond, negative cond or None) of a checkpoint and an embeddings file, the file
+    checked against the model first.
+
+    Args:
+      ckpt: the checkpoint folder. embeddings: the prompt embeddings file. height, width: pixels.
+      mesh, dtype, attention: as `edit_jax.load`'s (dtype resolved: params and compute).
+    """
+    data = read_embeddings(embeddings)
+    model, params = load(ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=attention)
+    check_embeddings(model.config, data, embeddings)
+    return (model, params, embedding_conditions(model.config, data, height, width),
+            embedding_conditions(model.config, data, height, width, "negative_"))
+
+
 def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width: int = 1024, sampler: SamplerConfig,
                       seed: int = 0, elastic: ElasticConfig | None = None, fresh_routers: bool = False,
                       batch_size: int | None = None, mesh=None, dtype: str = "auto", attention: str = "auto",
@@ -47,13 +63,9 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
         routers and sampling. dtype: the params' and compute's ("auto": bfloat16 on a GPU or TPU).
       attention: the softmax attention (`edit_jax.config.resolve_attention`). progress: a bar.
     """
-    data = read_embeddings(embeddings)
     dtype = resolve_dtype(dtype)
-    model, params = load(ckpt, mesh=mesh, param_dtype=dtype, dtype=dtype, attention=attention)
+    model, params, cond, negative = checkpoint_and_prompts(ckpt, embeddings, height, width, mesh, dtype, attention)
     config = model.config
-    check_embeddings(config, data, embeddings)
-    cond = embedding_conditions(config, data, height, width)
-    negative = embedding_conditions(config, data, height, width, "negative_")
     batch = cond["encoder_hidden_states"].shape[0]
     routers = None
     if elastic is not None and elastic.mode == "infer":

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from elastic_cases import Case
+from test_cache import run_steps, scripted_probabilities
 
 import edit_jax
 from edit_jax.config import ConfigError
@@ -18,8 +20,6 @@ from edit_jax.train.config import TrainConfig
 from edit_jax.train.data import shared_inputs, synthetic_batch
 from edit_jax.train.loop import train
 from edit_jax.train.step import make_loss_fn, rollout_value_and_grad
-from elastic_cases import Case
-from test_cache import run_steps, scripted_probabilities
 
 MAX_REUSE = 2
 

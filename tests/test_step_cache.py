@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from reference import make_diffusers_flux, make_diffusers_qwen, relative_error
 
 import edit_jax
 from edit_jax.checkpoints_convert import convert_checkpoint
@@ -23,7 +24,6 @@ from edit_jax.models.registry import init_routers
 from edit_jax.sampling.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
 from edit_jax.sampling.sampler import SamplerConfig, init_state, make_velocity_fn, sample
 from edit_jax.sampling.schedules import SCHEDULERS
-from reference import make_diffusers_flux, make_diffusers_qwen, relative_error
 
 HEIGHT, WIDTH = 64, 48  # pixels: 4 x 3 packed tokens
 STEPS = 10
@@ -305,7 +305,8 @@ def test_bad_step_cache_settings_are_clear_errors(flux):
 
 
 def test_mag_ratios_resample_to_the_steps_as_diffusers_does():
-    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS, nearest_interp as diffusers_interp
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+    from diffusers.hooks.mag_cache import nearest_interp as diffusers_interp
 
     for length in (1, 10, 28, 50):
         np.testing.assert_array_equal(nearest_interp(FLUX_MAG_RATIOS.numpy(), length),
