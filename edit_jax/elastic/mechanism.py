@@ -176,8 +176,8 @@ def elastic_step(
     half computed ahead (`router_preludes`), with a block cache {"cache": this layer's state of
     `elastic.cache_method`}, with a step cache {"gate": [] or [B] bool, the rows its middle
     layers may compute (`edit_jax.models.elastic_stacks.run_stacks`)}, and with lazy weights
-    {"layer": []} (the module's variables are then the whole stack, see `lazy_weights`); step: the denoising step index; groups: G,
-    how the MLP's hidden channels are stored. Outputs: {"aux": p [B], q [B, K], executed [B]
+    {"layer": []} (the module's variables are then the whole stack, see `lazy_weights`); step: the
+    denoising step index; groups: G, how the MLP's hidden channels are stored. Outputs: {"aux": p [B], q [B, K], executed [B]
     (rows that computed the block), cache_hit [B], bucket [B], branch [] (0 skipped, 1 + k ran at
     bucket k)} and "cache" when given.
 
@@ -248,9 +248,9 @@ def elastic_step(
     reuse = jnp.zeros_like(run) if method is None else method.decide(cache, step, run, decided_p, elastic.tau)
     if method is not None and not getattr(method, "closed_skips", True):
         run = jnp.ones_like(run)  # a closed block reuses; one that cannot computes
-    gate = per_layer.get("gate")
-    if gate is not None:  # rows the step cache reuses this step: neither computed nor counted by the block cache
-        reuse, compute = reuse & gate, run & ~reuse & gate
+    step_gate = per_layer.get("gate")
+    if step_gate is not None:  # rows the step cache reuses this step: neither computed nor counted by the block cache
+        reuse, compute = reuse & step_gate, run & ~reuse & step_gate
     else:
         compute = run & ~reuse
 
@@ -274,7 +274,7 @@ def elastic_step(
         return scoped
 
     new = nn.switch(index, [skip] + [run_at(w) for w in widths], module, carry, row_mask)
-    if per_sample or method is not None or (gate is not None and gate.ndim > 0):
+    if per_sample or method is not None or (step_gate is not None and step_gate.ndim > 0):
         new = _select_rows(new, carry, compute)
     outputs = {}
     if method is not None:
