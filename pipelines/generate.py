@@ -273,6 +273,7 @@ def generate(model_dir, prompts: list[str], out, *, sampler: SamplerConfig = Sam
                "height": height, "width": width, "steps": steps, "guidance": sampler.guidance_scale,
                "true_cfg": sampler.true_cfg_scale, "seed": seed, "elastic": "dense" if settings is None else settings.mode,
                "step_cache": None if step_cache is None else describe(step_cache),
+               "block_cache": None if settings is None or settings.cache_method is None else settings.cache_method.name,
                "cache": cache, "dtype": dtype,
                "attention": resolve_attention(attention, dtype), "batch_size": batch_size,
                "forward_passes_per_step": 2 if sampler.true_cfg_scale > 1 else 1,

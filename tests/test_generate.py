@@ -372,3 +372,21 @@ def test_generate_with_the_first_block_cache_keeps_each_images_decisions_whateve
     assert one["step_cache"]["per_sample"] and one["elastic"] == "dense" and one["e_dit"] is None
     assert 0 < one["routing"]["step_reuse_rate"] == pytest.approx(two["routing"]["step_reuse_rate"])
     assert (tmp_path / "one" / "router_map.png").is_file()
+
+
+def test_generate_runs_routers_trained_to_reuse_with_their_reuse(tiny_pipeline, tmp_path, capsys):
+    import edit_jax
+    from edit_jax.checkpoint import save
+
+    _, folder = tiny_pipeline
+    config = edit_jax.from_diffusers_config(folder / "transformer")
+    variables = edit_jax.models.init_variables(config)  # fresh routers: p = 0.7, closed at tau 0.75
+    save(tmp_path / "reuse", config, variables["params"], variables["routers"],
+         router_mode={"closed": "reuse", "max_reuse": 2, "order": 0})
+    args = ["generate", "--model", str(folder), "--transformer", str(tmp_path / "reuse"), "--prompt", "a cat",
+            "--height", "32", "--width", "32", "--steps", "3", "--elastic", "infer", "--tau", "0.75", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "generate.json").read_text())
+    assert summary["block_cache"] == "learned_reuse" and summary["routing"]["cache_hit_rate"] > 0
+    assert main([*args, "--out", str(tmp_path / "cached"), "--cache"]) == 2
+    assert "trained to reuse" in capsys.readouterr().err
