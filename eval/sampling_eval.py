@@ -148,9 +148,9 @@ def evaluate_checkpoint(ckpt, embeddings: str, out: Path, height: int, width: in
     sampler = SamplerConfig(num_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg)
     check_sampling_inputs(config, noise, cond, negative, sampler)  # every prompt, before they are cut into batches
     elastic = elastic or ElasticConfig(mode="infer", cache_start=steps // 3)
-    reuse = with_router_mode(dataclasses.replace(elastic, cache=False), router_mode(ckpt))  # routers trained to reuse
+    edit = with_router_mode(dataclasses.replace(elastic, cache=False), router_mode(ckpt))  # reuse-trained: their reuse
     methods = {"dense": dict(elastic=None),
-               "E-DiT": dict(elastic=reuse, routers=routers),
+               "E-DiT": dict(elastic=edit, routers=routers),
                "E-DiT + cache": dict(elastic=dataclasses.replace(elastic, cache=True), routers=routers)}
     if step_cache is not None:
         methods[f"dense + {step_cache.name}"] = dict(elastic=ElasticConfig(mode="dense", step_cache=step_cache))

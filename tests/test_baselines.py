@@ -1,8 +1,10 @@
 """Baselines at matched FLOPs: static pruning, the per-step schedule and the cache alone."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from edit_jax.elastic.step_cache import MagCache
 from edit_jax.eval import baselines
 
 # 4 blocks, each 10 FLOPs at full width (columns: skipped, 1/4, 1/2, 3/4, full); 10 fixed
@@ -49,10 +51,6 @@ def test_the_cache_alone_computes_every_block_before_its_start_then_once_per_1_p
 
 @pytest.mark.parametrize("threshold, max_skip", [(0.06, 3), (0.5, 2), (10.0, 6)])
 def test_mag_cache_computed_mirrors_the_methods_decisions(threshold, max_skip):
-    import jax.numpy as jnp
-
-    from edit_jax.elastic.step_cache import MagCache
-
     ratios = np.random.default_rng(0).uniform(0.8, 1.2, 20).astype(np.float32)
     method = MagCache(tuple(ratios), num_inference_steps=20, threshold=threshold, max_skip_steps=max_skip)
     state, decided = method.init(((1, 2, 4), (1, 3, 4)), 1), []
