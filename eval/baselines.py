@@ -10,6 +10,8 @@
                         max_skip_steps chosen from the ratios alone (`mag_cache_candidates`)
     first-block cache   diffusers' per-step cache, its threshold searched with sampling runs
                         (`next_threshold`: its decisions depend on the samples)
+    TaylorSeer          diffusers' per-step Taylor prediction, its interval and warm-up steps
+                        chosen from the schedule alone (`taylor_seer_candidates`)
 
 FLOPs fractions are per sample, relative to the dense model at the same size and steps, and count
 what runs: blocks at their widths and the fixed part (embedders, final layer); forced decisions
@@ -22,6 +24,8 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from edit_jax.elastic.step_cache import TaylorSeer
 
 
 def closest(options: Sequence[tuple[float, object]], target: float):
@@ -153,6 +157,23 @@ def mag_cache_candidates(ratios: Sequence[float], layer_flops: np.ndarray, fixed
             computed = mag_cache_computed(ratios, float(threshold), max_skip, retention_steps)
             fraction = (len(computed) * fixed + computed.sum() * blocks) / (len(computed) * (fixed + blocks))
             out.append((float(fraction), {"threshold": float(threshold), "max_skip_steps": max_skip}))
+    return out
+
+
+def taylor_seer_candidates(num_steps: int, layer_flops: np.ndarray, fixed: float) -> list[tuple[float, dict]]:
+    """(FLOPs fraction, {"cache_interval", "disable_cache_before_step"}) of TaylorSeer schedules
+    over `num_steps` steps: a predicted step runs only the fixed part.
+
+    Args:
+      num_steps: the sampling run's. layer_flops: [L, 1 + K]. fixed: FLOPs outside the blocks.
+    """
+    blocks = float(layer_flops[:, -1].sum())
+    out = []
+    for before in (1, 2, 3):
+        for interval in range(1, num_steps + 1):
+            computed = np.asarray(TaylorSeer(interval, before).computes_at(np.arange(num_steps)))
+            fraction = (num_steps * fixed + computed.sum() * blocks) / (num_steps * (fixed + blocks))
+            out.append((float(fraction), {"cache_interval": interval, "disable_cache_before_step": before}))
     return out
 
 

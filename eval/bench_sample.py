@@ -3,8 +3,9 @@ block cache on scripted borderline router probabilities, fresh routers all open 
 every block runs at full width, so its time over dense is what the routers cost a sampling step),
 and diffusers' per-step caches on the dense model: the first-block cache computing every step (its
 time over dense is what its probe and decision cost), the first-block cache reusing every step
-after the first (what a reused step costs), and MagCache on flat ratios (after the retained steps,
-three of every four skipped), and learned reuse on a forced pattern (odd blocks closed: they reuse
+after the first (what a reused step costs), MagCache on flat ratios (after the retained steps,
+three of every four skipped), TaylorSeer (first order, computing every 4th step after 3; and
+computing every step, whose time over dense is what its Taylor factors cost), and learned reuse on a forced pattern (odd blocks closed: they reuse
 their residual, computing again after 4 reuses). Reports per-step time, each method's speedup beside its FLOP
 reduction, the cache hit rate and the memory the cache holds. The variants run in
 alternating rounds (`eval.timing`); speedups are medians of per-round ratios.
@@ -28,7 +29,7 @@ from edit_jax.eval.timing import paired_ratio, time_runs
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.elastic.block_cache import LearnedReuse
-from edit_jax.elastic.step_cache import FirstBlockCache, MagCache
+from edit_jax.elastic.step_cache import FirstBlockCache, MagCache, TaylorSeer
 from edit_jax.elastic.flops import dense_flops
 from edit_jax.sampling.latents import initial_noise, packed_grid
 from edit_jax.models.registry import family_of, init_variables
@@ -102,10 +103,13 @@ def main(argv=None) -> dict:
         "first_block_reusing": dict(elastic=ElasticConfig(mode="dense", step_cache=FirstBlockCache(float("inf")))),
         "mag_cache": dict(elastic=ElasticConfig(mode="dense", step_cache=MagCache(
             (1.0,) * args.steps, num_inference_steps=args.steps, threshold=0.06, max_skip_steps=3))),
+        "taylor_seer": dict(elastic=ElasticConfig(mode="dense", step_cache=TaylorSeer(cache_interval=4))),
+        "taylor_seer_computing": dict(elastic=ElasticConfig(mode="dense", step_cache=TaylorSeer(cache_interval=1))),
         "learned_reuse_pattern": dict(elastic=ElasticConfig(mode="forced", block_cache=LearnedReuse(max_reuse=4)),
                                       decisions=all_full_or_closed(blocks)),
     }
-    cutting = ("forced_pattern", "cache_borderline", "first_block_reusing", "mag_cache", "learned_reuse_pattern")
+    cutting = ("forced_pattern", "cache_borderline", "first_block_reusing", "mag_cache", "taylor_seer",
+               "learned_reuse_pattern")
     runs, records = {}, {}
     for name, kwargs in variants.items():
         runs[name] = lambda kw=kwargs: jax.block_until_ready(sample(model, variables["params"], noise, cond, sampler, **kw))
@@ -126,8 +130,9 @@ def main(argv=None) -> dict:
         "routers_flops_over_dense": round(float(np.asarray(records["routers_all_open"]["flops_total"]).sum())
                                           / (dense_flops(config, rows * cols, args.txt) * args.steps) - 1, 4),
         "step_cache_decision_over_dense": round(paired_ratio(rounds, "first_block_computing", "dense") - 1, 4),
+        "taylor_factors_over_dense": round(paired_ratio(rounds, "taylor_seer_computing", "dense") - 1, 4),
         "step_reuse_rate": {k: round(1 - float(np.asarray(records[k]["step_computed"]).mean()), 4)
-                            for k in ("first_block_reusing", "mag_cache")},
+                            for k in ("first_block_reusing", "mag_cache", "taylor_seer")},
         "learned_reuse_hit_rate": round(float(np.asarray(records["learned_reuse_pattern"]["cache_hit"]).mean()), 4),
         "cache_hit_rate": round(float(hits.mean()), 4),
         "cache_hit_rate_after_start": round(float(hits[args.steps // 2 :].mean()), 4),

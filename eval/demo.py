@@ -42,7 +42,7 @@ from edit_jax.checkpoint import is_checkpoint, load_routers, resolve, save
 from edit_jax.config import FluxConfig, config_to_dict
 from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.mechanism import ElasticConfig
-from edit_jax.elastic.step_cache import FirstBlockCache, MagCache, describe
+from edit_jax.elastic.step_cache import FirstBlockCache, MagCache, TaylorSeer, describe
 from edit_jax.sampling.calibration import calibrate_mag_ratios
 from edit_jax.elastic.flops import base_flops, layer_flops
 from edit_jax.sampling.latents import unpack_latents
@@ -457,7 +457,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
                                            **timing)
             rows.append(demo.judge_method(name, latents, stats, rho_g=rho, cache=setting))
 
-        log(f"sampling at rho_g={rho}: MagCache and the first-block cache (matched to {target:.2f} of dense)")
+        log(f"sampling at rho_g={rho}: MagCache, the first-block cache and TaylorSeer (matched to {target:.2f} of dense)")
         setting = baselines.closest(baselines.mag_cache_candidates(mag_ratios, table, fixed, retention), target)
         mag = MagCache(tuple(mag_ratios), num_inference_steps=s.sample_steps, **setting)
         latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None,
@@ -467,6 +467,11 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
         latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None,
                                        ElasticConfig(mode="dense", step_cache=fbc), **timing)
         rows.append(demo.judge_method(FIRST_BLOCK_CACHE, latents, stats, rho_g=rho, step_cache=describe(fbc)))
+        setting = baselines.closest(baselines.taylor_seer_candidates(s.sample_steps, table, fixed), target)
+        taylor = TaylorSeer(**setting, max_order=1, factors_dtype="float32")
+        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None,
+                                       ElasticConfig(mode="dense", step_cache=taylor), **timing)
+        rows.append(demo.judge_method(TAYLOR_SEER, latents, stats, rho_g=rho, step_cache=describe(taylor)))
 
     demo.bar.close()
     summary = write_results(demo, rows, judge, order, router_map, time.perf_counter() - start)
@@ -489,6 +494,7 @@ class _ScheduleDecisions:
 # the cache alone twice, its period matched to each E-DiT row's FLOPs: two methods, not one trend
 CACHE_AT_EDIT, CACHE_AT_EDIT_CACHE = "cache alone, at E-DiT's FLOPs", "cache alone, at E-DiT + cache's FLOPs"
 MAG_CACHE, FIRST_BLOCK_CACHE = "MagCache, at E-DiT's FLOPs", "first-block cache, at E-DiT's FLOPs"
+TAYLOR_SEER = "TaylorSeer, at E-DiT's FLOPs"
 LEARNED_REUSE, REUSE_SCHEDULE = "learned reuse (routers)", "per-step reuse schedule"
 
 COLUMNS = [("method", "method", "{}"), ("rho_g", "rho_g", "{}"), ("blocks_executed", "blocks run", "{:.2f}"),

@@ -72,11 +72,12 @@ def test_sample_benchmark_reports_speedups_beside_flop_reductions_and_the_router
 
     result = bench_sample.main(["--preset", "flux-tiny", "--steps", "2", "--height", "32", "--width", "32", "--runs", "2",
                                 "--out", str(tmp_path / "sample.json")])
-    cutting = {"forced_pattern", "cache_borderline", "first_block_reusing", "mag_cache", "learned_reuse_pattern"}
-    assert set(result["ms_per_step"]) == cutting | {"dense", "routers_all_open", "first_block_computing"}
+    cutting = {"forced_pattern", "cache_borderline", "first_block_reusing", "mag_cache", "taylor_seer", "learned_reuse_pattern"}
+    assert set(result["ms_per_step"]) == cutting | {"dense", "routers_all_open", "first_block_computing",
+                                                    "taylor_seer_computing"}
     assert set(result["speedup_vs_dense"]) == set(result["flop_reduction_vs_dense"]) == cutting
     assert result["flop_reduction_vs_dense"]["forced_pattern"] > 1 and result["step_reuse_rate"]["first_block_reusing"] == 0.5
-    assert "step_cache_decision_over_dense" in result
+    assert "step_cache_decision_over_dense" in result and "taylor_factors_over_dense" in result
     assert result["routers_flops_over_dense"] > 0 and "routers_time_over_dense" in result
 
 

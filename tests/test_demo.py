@@ -11,6 +11,7 @@ from edit_jax.cli import main
 METHODS = {"dense", "E-DiT (routers)", "E-DiT (routers+base)", "E-DiT (routers+base) + cache", "per-step schedule",
            "static pruning", "static pruning + fine-tune", "cache alone, at E-DiT's FLOPs",
            "cache alone, at E-DiT + cache's FLOPs", "MagCache, at E-DiT's FLOPs", "first-block cache, at E-DiT's FLOPs",
+           "TaylorSeer, at E-DiT's FLOPs",
            "learned reuse (routers)", "per-step reuse schedule"}
 COST_FIELDS = {"flops_per_step", "flops_total", "flops_vs_dense", "blocks_executed", "mean_width", "cache_hit_rate",
                "wall_clock_s"}

@@ -1,5 +1,5 @@
-"""Per-step caches around the block stacks: whole sampling runs with the first-block cache and
-MagCache equal diffusers' pipelines with `transformer.enable_cache(...)` (the same compute/reuse
+"""Per-step caches around the block stacks: whole sampling runs with the first-block cache,
+MagCache and TaylorSeer equal diffusers' pipelines with `transformer.enable_cache(...)` (the same compute/reuse
 decision at every step, latents to 1e-4) on tiny FLUX and Qwen-Image models; per-sample
 decisions; the state under jit and vmap; cache-dit's first-F / last-B layers; FLOPs records."""
 
@@ -18,7 +18,7 @@ from reference import make_diffusers_flux, make_diffusers_qwen, relative_error
 
 import edit_jax
 from edit_jax.checkpoints_convert import convert_checkpoint
-from edit_jax.elastic import ElasticConfig, FirstBlockCache, MagCache
+from edit_jax.elastic import ElasticConfig, FirstBlockCache, MagCache, TaylorSeer
 from edit_jax.elastic.step_cache import nearest_interp
 from edit_jax.models.registry import init_routers
 from edit_jax.sampling.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
@@ -60,7 +60,7 @@ def qwen(tmp_path_factory):
 @pytest.fixture
 def diffusers_decisions(monkeypatch):
     """The compute/reuse decision of every transformer call diffusers' cache hooks make, in call order."""
-    from diffusers.hooks import first_block_cache, mag_cache
+    from diffusers.hooks import first_block_cache, mag_cache, taylorseer_cache
 
     decisions = []
     should_compute = first_block_cache.FBCHeadBlockHook._should_compute_remaining_blocks
@@ -76,8 +76,24 @@ def diffusers_decisions(monkeypatch):
         decisions.append(self.state_manager.get_state().should_compute)
         return out
 
+    measure = taylorseer_cache.TaylorSeerCacheHook._measure_should_compute
+
+    def taylor(self):
+        should_compute, state = measure(self)
+        if self is first_hook(self):
+            decisions.append(should_compute)
+        return should_compute, state
+
+    hooks = []
+
+    def first_hook(hook):  # every hooked block decides alike: record the first one's
+        if not hooks:
+            hooks.append(hook)
+        return hooks[0]
+
     monkeypatch.setattr(first_block_cache.FBCHeadBlockHook, "_should_compute_remaining_blocks", fbc)
     monkeypatch.setattr(mag_cache.MagCacheHeadHook, "new_forward", mag)
+    monkeypatch.setattr(taylorseer_cache.TaylorSeerCacheHook, "_measure_should_compute", taylor)
     return decisions
 
 
@@ -218,6 +234,37 @@ def test_qwen_mag_cache_with_true_cfg_matches_diffusers(qwen, diffusers_decision
     assert relative_error(latents, ref) <= 1e-4
 
 
+EVERY_BLOCK = [r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"]
+
+
+def diffusers_taylor_seer(**settings):
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    return TaylorSeerCacheConfig(**settings, taylor_factors_dtype=torch.float32, cache_identifiers=EVERY_BLOCK)
+
+
+@pytest.mark.parametrize("settings", [dict(cache_interval=3, disable_cache_before_step=2, max_order=1),
+                                      dict(cache_interval=4, disable_cache_before_step=3, max_order=2,
+                                           disable_cache_after_step=8)])
+def test_flux_taylor_seer_matches_diffusers(flux, diffusers_decisions, settings):
+    ref, _ = flux_reference(flux, diffusers_taylor_seer(**settings))
+    latents, records = flux_ours(flux, TaylorSeer(**settings, factors_dtype="float32"))
+
+    assert computed(records) == [[d] for d in diffusers_decisions]
+    assert not all(diffusers_decisions)
+    assert relative_error(latents, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("settings", [dict(cache_interval=2, disable_cache_before_step=1, max_order=1),
+                                      dict(cache_interval=3, disable_cache_before_step=2, max_order=0)])
+def test_qwen_taylor_seer_with_true_cfg_matches_diffusers(qwen, diffusers_decisions, settings):
+    ref, _ = qwen_reference(qwen, diffusers_taylor_seer(**settings))
+    latents, records = qwen_ours(qwen, TaylorSeer(**settings, factors_dtype="float32"))
+
+    assert computed(records) == np.reshape(diffusers_decisions, (STEPS, 2)).tolist()
+    assert not all(diffusers_decisions)
+    assert relative_error(latents, ref) <= 1e-4
+
 
 def test_one_decision_for_the_batch_matches_diffusers_on_two_prompts(flux, diffusers_decisions):
     from diffusers.hooks import FirstBlockCacheConfig
@@ -302,6 +349,10 @@ def test_bad_step_cache_settings_are_clear_errors(flux):
         flux_ours(flux, MagCache((1.0, 1.1)))
     with pytest.raises(ValueError, match="head_layers 3 \\+ tail_layers 3 exceed the model's 5 blocks"):
         flux_ours(flux, FirstBlockCache(head_layers=3, tail_layers=3))
+    with pytest.raises(ValueError, match="cache_interval 0 >= 1"):
+        TaylorSeer(cache_interval=0)
+    with pytest.raises(ValueError, match="factors_dtype must be 'float32' or 'bfloat16'"):
+        TaylorSeer(factors_dtype="float16")
 
 
 def test_mag_ratios_resample_to_the_steps_as_diffusers_does():
@@ -349,6 +400,20 @@ def test_sample_with_the_first_block_cache_records_its_decisions(flux_small_ckpt
     assert summary["step_cache"] == {"name": "first_block", "threshold": 10.0, "head_layers": 1, "tail_layers": 1,
                                      "per_sample": False}
     assert (tmp_path / "fbc" / "router_map.png").is_file()
+
+
+def test_sample_with_taylor_seer_computes_on_its_schedule_and_predicts_between(flux_small_ckpt, tmp_path):
+    from edit_jax.cli import main
+
+    ckpt, emb = flux_small_ckpt
+    assert main(cli_args("sample", ckpt, emb, tmp_path / "taylor", "--step-cache", "taylor-seer", "--cache-interval", "2",
+                         "--disable-cache-before-step", "2", "--max-order", "2")) == 0
+    records = np.load(tmp_path / "taylor" / "records.npz")
+    summary = json.loads((tmp_path / "taylor" / "summary.json").read_text())
+    assert records["step_computed"][:, 0].tolist() == [1, 1, 0, 1, 0, 1]
+    assert np.isfinite(np.load(tmp_path / "taylor" / "latents.npy")).all()  # bfloat16 factors, diffusers' default
+    assert summary["step_cache"] == {"name": "taylor_seer", "cache_interval": 2, "disable_cache_before_step": 2,
+                                     "disable_cache_after_step": None, "max_order": 2, "factors_dtype": "bfloat16"}
 
 
 def test_mag_cache_without_calibrated_ratios_is_a_clear_error(flux_small_ckpt, tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES
-from edit_jax.elastic.step_cache import FirstBlockCache, MagCache, StepCacheMethod
+from edit_jax.elastic.step_cache import FirstBlockCache, MagCache, StepCacheMethod, TaylorSeer
 from edit_jax.sampling.calibration import read_mag_ratios
 from edit_jax.sampling.embeddings import existing_file
 from edit_jax.sharding import MESH_AXES, make_mesh
@@ -98,7 +98,7 @@ def add_elastic_arguments(parser, cache_start: int | None, decision: str = "batc
     parser.add_argument("--max-reuse", type=at_least(0), default=10, help="reuses of one stored residual before the block runs again")
 
 
-STEP_CACHES = ("none", "first-block", "mag-cache")
+STEP_CACHES = ("none", "first-block", "mag-cache", "taylor-seer")
 
 
 def add_step_cache_arguments(parser, ratios_default: str) -> None:
@@ -106,7 +106,8 @@ def add_step_cache_arguments(parser, ratios_default: str) -> None:
     group = parser.add_argument_group("per-step cache (diffusers' hooks; on the dense model or beside E-DiT)")
     group.add_argument("--step-cache", default="none", choices=STEP_CACHES,
                        help="first-block: reuse the other blocks' residual while the first block's barely changes; "
-                            "mag-cache: skip steps while the calibrated magnitude ratios say the residual holds")
+                            "mag-cache: skip steps while the calibrated magnitude ratios say the residual holds; "
+                            "taylor-seer: compute every --cache-interval steps, predict the blocks' output between")
     group.add_argument("--step-cache-threshold", type=at_least(0.0, float),
                        help="first-block: relative change of the first block's residual above which a step computes "
                             "(default 0.05); mag-cache: accumulated error up to which steps are skipped (default 0.06)")
@@ -116,6 +117,13 @@ def add_step_cache_arguments(parser, ratios_default: str) -> None:
     group.add_argument("--retention-ratio", type=float, default=0.2, help="mag-cache: share of the first steps never skipped")
     group.add_argument("--mag-ratios", help=f"mag-cache: the calibrated ratios (default: {ratios_default}; "
                                             "`edit-jax calibrate-magcache` writes them)")
+    group.add_argument("--cache-interval", type=at_least(1), default=5, help="taylor-seer: steps between computed steps")
+    group.add_argument("--disable-cache-before-step", type=at_least(0), default=3,
+                       help="taylor-seer: the first steps, all computed")
+    group.add_argument("--disable-cache-after-step", type=at_least(0), help="taylor-seer: computes every step from this one on")
+    group.add_argument("--max-order", type=at_least(0), default=1, help="taylor-seer: highest order of the Taylor series")
+    group.add_argument("--taylor-factors-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                       help="taylor-seer: the stored factors' dtype")
 
 
 def step_cache_of(args, ratios_default: Path) -> StepCacheMethod | None:
@@ -128,12 +136,15 @@ def step_cache_of(args, ratios_default: Path) -> StepCacheMethod | None:
         ratios = read_mag_ratios(args.mag_ratios or ratios_default)
         threshold = 0.06 if args.step_cache_threshold is None else args.step_cache_threshold
         return MagCache(ratios, args.steps, threshold, args.max_skip_steps, args.retention_ratio)
+    if args.step_cache == "taylor-seer":
+        return TaylorSeer(args.cache_interval, args.disable_cache_before_step, args.disable_cache_after_step,
+                          args.max_order, args.taylor_factors_dtype)
     return None
 
 
 OUTPUTS = {  # what each command writes into its --out folder (a full-match pattern of names)
     "sample": r"latents\.npy|records\.npz|summary\.json|router_map\.png",
-    "eval": r"eval\.json|router_map\.png|fidelity_vs_flops\.png|(dense|e-dit|e-dit-cache|dense-first_block|dense-mag_cache)-\d+\.png",
+    "eval": r"eval\.json|router_map\.png|fidelity_vs_flops\.png|(dense|e-dit|e-dit-cache|dense-first_block|dense-mag_cache|dense-taylor_seer)-\d+\.png",
     "generate": r"image-\d+\.png|generate\.json|router_map\.png",
     "smoke": r"checkpoint|\.checkpoint\..+|smoke\.json|router_map\.png",
     "demo": r"data|runs|samples|results\.(json|md)|(quality|fd)_vs_flops\.png|router_map\.png",

@@ -19,12 +19,14 @@ rows, as diffusers' hooks decide (its pipelines run the unconditional CFG branch
 call: `SamplerConfig(cfg_mode="sequential")` matches them exactly).
 
 `FirstBlockCache` is diffusers' `FirstBlockCacheConfig` (with cache-dit's first-F / last-B
-generalisation); `MagCache` is diffusers' `MagCacheConfig`, calibration included.
+generalisation); `MagCache` is diffusers' `MagCacheConfig`, calibration included; `TaylorSeer` is
+diffusers' `TaylorSeerCacheConfig` on every block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Protocol
 
 import flax.struct
@@ -296,3 +298,116 @@ class MagCache:
     def record(self, state: MagCacheState) -> dict:
         """Calibrating: the step's magnitude ratio [B] (the same in every row)."""
         return {"mag_ratio": state.magnitude} if self.calibrate else {}
+
+
+
+@flax.struct.dataclass
+class TaylorSeerState:
+    """factors: (txt [K + 1, B, T, D], img [K + 1, B, N, D]) in the method's factors_dtype, the
+    Taylor factors of the stacks' output at the last computed step (order k at index k, K =
+    max_order); orders: [] int32, how many of them hold one (0: nothing stored); last: [] int32,
+    the step they were taken at (-1 before any); now: [] int32, the step being decided."""
+
+    factors: Streams
+    orders: jax.Array
+    last: jax.Array
+    now: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TaylorSeer:
+    """TaylorSeer (diffusers' `TaylorSeerCacheConfig`; Liu et al. 2025, arXiv 2503.06923) at block
+    level: the stacks compute at the first `disable_cache_before_step` steps, then at every
+    `cache_interval`-th step (step s computes when s - disable_cache_before_step - 1 is a multiple
+    of it) and from step `disable_cache_after_step` on. Each computed step updates the finite
+    differences of the stacks' output (both streams) up to `max_order`, divided by the steps since
+    the last update; the other steps take the Taylor series sum_k factor_k d^k / k!, d the steps
+    since the last update.
+
+    It equals diffusers with `cache_identifiers` on every block (`transformer_blocks\\.\\d+`,
+    `single_transformer_blocks\\.\\d+`): with every block predicted, only the last one's prediction
+    reaches the output. diffusers' default targets the attention modules alone, whose MLPs still
+    run every step; that variant is not built here. factors_dtype: "float32" or "bfloat16"
+    (diffusers' default). Decisions depend on the step alone, so every row takes the same.
+    """
+
+    cache_interval: int = 5
+    disable_cache_before_step: int = 3
+    disable_cache_after_step: int | None = None
+    max_order: int = 1
+    factors_dtype: str = "bfloat16"
+    name = "taylor_seer"
+    head_layers = 0
+    tail_layers = 0
+    per_sample = False
+
+    def __post_init__(self):
+        if self.cache_interval < 1 or self.disable_cache_before_step < 0 or self.max_order < 0:
+            raise ValueError(f"TaylorSeer settings: cache_interval {self.cache_interval} >= 1, disable_cache_before_step "
+                             f"{self.disable_cache_before_step} >= 0, max_order {self.max_order} >= 0")
+        if self.disable_cache_after_step is not None and self.disable_cache_after_step < 0:
+            raise ValueError(f"TaylorSeer disable_cache_after_step must be >= 0, got {self.disable_cache_after_step}")
+        if self.factors_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"TaylorSeer factors_dtype must be 'float32' or 'bfloat16', got {self.factors_dtype!r}")
+
+    def computes_at(self, step) -> jax.Array:
+        """[] bool: whether the schedule computes at `step` ([] int)."""
+        step = jnp.asarray(step)
+        compute = (step < self.disable_cache_before_step) | (
+            (step - self.disable_cache_before_step - 1) % self.cache_interval == 0)
+        if self.disable_cache_after_step is not None:
+            compute = compute | (step >= self.disable_cache_after_step)
+        return compute
+
+    def init(self, stream_shapes: Streams, batch: int) -> TaylorSeerState:
+        """No factors (arguments: `StepCacheMethod.init`)."""
+        dtype = jnp.dtype(self.factors_dtype)
+        return TaylorSeerState(factors=tuple(jnp.zeros((self.max_order + 1, *s), dtype) for s in stream_shapes),
+                               orders=jnp.zeros((), jnp.int32), last=jnp.full((), -1, jnp.int32),
+                               now=jnp.zeros((), jnp.int32))
+
+    def decide(self, state: TaylorSeerState, step, head_in, head_out):
+        """Compute on the schedule, and wherever nothing is stored yet (where diffusers fails).
+
+        Args: as `StepCacheMethod.decide`'s.
+        """
+        compute = self.computes_at(step) | (state.orders == 0)
+        return jnp.broadcast_to(compute, head_in[1].shape[:1]), state.replace(now=jnp.asarray(step, jnp.int32))
+
+    def reuse(self, state: TaylorSeerState, head_in, head_out) -> Streams:
+        """The Taylor series of the stacks' output at the step being decided, in the streams' dtypes."""
+        offset = (state.now - state.last).astype(jnp.float32)
+        out = []
+        for factors, like in zip(state.factors, head_in):
+            total = jnp.zeros(factors.shape[1:], like.dtype)
+            for k in range(self.max_order + 1):
+                coeff = (offset**k / math.factorial(k)).astype(like.dtype)
+                total = total + jnp.where(k < state.orders, factors[k].astype(like.dtype) * coeff, 0)
+            out.append(total)
+        return tuple(out)
+
+    def update(self, state: TaylorSeerState, step, head_in, head_out, middle_out, compute) -> TaylorSeerState:
+        """A computed step takes the stacks' output as order 0 and differences it against the
+        stored orders (one more order than stored, up to max_order).
+
+        Args: as `StepCacheMethod.update`'s.
+        """
+        first = state.orders == 0
+        delta = jnp.where(first, 1, state.now - state.last).astype(jnp.float32)
+        dtype = jnp.dtype(self.factors_dtype)
+        factors = []
+        for stored, features in zip(state.factors, middle_out):
+            new = [features]
+            for k in range(self.max_order):
+                new.append((new[k] - stored[k].astype(features.dtype)) / delta.astype(features.dtype))
+            valid = jnp.arange(self.max_order + 1) < jnp.where(first, 1, state.orders + 1)
+            new = jnp.where(valid.reshape(-1, *[1] * features.ndim), jnp.stack(new), 0).astype(dtype)
+            factors.append(jnp.where(compute[0], new, stored))
+        did = compute[0]
+        return TaylorSeerState(factors=tuple(factors),
+                               orders=jnp.where(did, jnp.minimum(state.orders + 1, self.max_order + 1), state.orders),
+                               last=jnp.where(did, state.now, state.last), now=state.now)
+
+    def record(self, state: TaylorSeerState) -> dict:
+        """Nothing beyond the computed rows."""
+        return {}
