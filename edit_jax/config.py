@@ -244,7 +244,53 @@ class QwenImageConfig(TransformerConfig):
         return (("transformer_blocks", self.num_layers, "dual"),)
 
 
-MODEL_CONFIGS = {"flux": FluxConfig, "qwen-image": QwenImageConfig}
+@dataclasses.dataclass(frozen=True)
+class Hunyuan3DConfig(TransformerConfig):
+    """Hunyuan3D-2's shape DiT (hy3dgen `Hunyuan3DDiT`): FLUX.1's double- and single-stream
+    blocks over shape latent tokens, conditioned on image features, without RoPE or a pooled
+    vector. Fields take FLUX's names; hy3dgen's: depth = num_layers, depth_single_blocks =
+    num_single_layers, num_heads = num_attention_heads, hidden_size = num_attention_heads *
+    attention_head_dim, context_in_dim = joint_attention_dim, guidance_embed = guidance_embeds,
+    axes_dim = axes_dims_rope (checked, unused: the release passes no positions), time_factor
+    (which hy3dgen uses as its sinusoid's max_period, `edit_jax.models.hunyuan3d`).
+    qkv_bias=False (no q, k, v biases) is rejected, never ignored.
+    """
+
+    family: ClassVar[str] = "hunyuan3d"
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 16
+    num_single_layers: int = 32
+    attention_head_dim: int = 64
+    num_attention_heads: int = 16
+    joint_attention_dim: int = 1536
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (64,)
+    time_factor: float = 1000.0
+    qkv_bias: bool = True
+    mlp_ratio: float = 4.0
+    activation: str = "gelu_tanh"
+    router_hidden: int = 128
+    width_buckets: tuple[float, ...] = WIDTH_BUCKETS
+    width_groups: int | None = None  # G: how the MLP hidden channels are stored, see `edit_jax.elastic`
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def __post_init__(self):
+        self._check_common(("num_layers", "num_single_layers"))
+        if not self.qkv_bias:
+            raise ConfigError("Hunyuan3D-2 DiT with qkv_bias=False is not implemented in edit-jax")
+        if self.patch_size != 1 or (self.out_channels or self.in_channels) != self.in_channels:
+            raise ConfigError("Hunyuan3D-2 DiT has patch_size 1 and as many output channels as input channels")
+
+    @property
+    def block_stacks(self) -> tuple[tuple[str, int, str], ...]:
+        return (("transformer_blocks", self.num_layers, "dual"),
+                ("single_transformer_blocks", self.num_single_layers, "single"))
+
+
+MODEL_CONFIGS = {"flux": FluxConfig, "qwen-image": QwenImageConfig, "hunyuan3d": Hunyuan3DConfig}
 
 PRESETS: dict[str, Any] = {
     "flux-dev": FluxConfig(guidance_embeds=True),
@@ -273,6 +319,10 @@ PRESETS: dict[str, Any] = {
         guidance_embeds=True,
     ),
     "qwen-image": QwenImageConfig(),
+    "hunyuan3d-2": Hunyuan3DConfig(),
+    # a few blocks of each kind, for tests
+    "hunyuan3d-tiny": Hunyuan3DConfig(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                      joint_attention_dim=24, in_channels=8, axes_dims_rope=(16,)),
     # diffusers' own QwenImageTransformer2DModel test config
     "qwen-image-tiny": QwenImageConfig(
         patch_size=2,

@@ -434,8 +434,11 @@ def rope_frequencies(
     return jnp.concatenate(cos, axis=-1), jnp.concatenate(sin, axis=-1)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates adjacent channel pairs of x [B, L, H, K] by the angles in cos, sin [L, K]."""
+def apply_rope(x: jax.Array, cos: jax.Array | None, sin: jax.Array | None) -> jax.Array:
+    """Rotates adjacent channel pairs of x [B, L, H, K] by the angles in cos, sin [L, K]; x as it
+    is where there are none (a model without positions, Hunyuan3D-2)."""
+    if cos is None:
+        return x
     x32 = x.astype(jnp.float32)
     pairs = x32.reshape(*x.shape[:-1], -1, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)

@@ -1,4 +1,4 @@
-"""One record per model family: what differs between FLUX and Qwen-Image is read from the family's
+"""One record per model family: what differs between FLUX, Qwen-Image and Hunyuan3D-2 is read from the family's
 record, never from branches on the config's type outside the family modules."""
 
 import ast
@@ -11,7 +11,8 @@ from edit_jax.models.registry import FAMILIES, build_model, example_inputs, fami
 from edit_jax.sampling.sampler import default_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILY_MODULES = {"edit_jax/models/flux.py", "edit_jax/models/qwen_image.py", "edit_jax/config.py"}
+FAMILY_MODULES = {"edit_jax/models/flux.py", "edit_jax/models/qwen_image.py", "edit_jax/models/hunyuan3d.py",
+                  "edit_jax/config.py"}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -25,12 +26,12 @@ def test_every_preset_has_a_family_record_whose_stacks_are_its_configs(name):
 
 
 def test_a_config_of_no_known_family_is_a_clear_error():
-    with pytest.raises(TypeError, match="no model family for config type dict; known: flux, qwen-image"):
+    with pytest.raises(TypeError, match="no model family for config type dict; known: flux, qwen-image, hunyuan3d"):
         family_of({})
 
 
 def test_example_inputs_hold_the_family_positions_and_prompt_extras():
-    for name in ("flux-tiny", "qwen-image-tiny"):
+    for name in ("flux-tiny", "qwen-image-tiny", "hunyuan3d-tiny"):
         config = PRESETS[name]
         family = family_of(config)
         inputs = example_inputs(config, batch=2, height=2, width=3, num_txt=4)
@@ -53,7 +54,7 @@ def test_no_module_outside_the_family_modules_branches_on_the_config_type():
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
                 if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance"
-                        and any(getattr(a, "id", "") in ("FluxConfig", "QwenImageConfig") for a in ast.walk(node.args[1]))):
+                        and any(getattr(a, "id", "") in ("FluxConfig", "QwenImageConfig", "Hunyuan3DConfig") for a in ast.walk(node.args[1]))):
                     branches.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not branches, f"branches on the model family outside its record: {branches}"
-    assert set(FAMILIES) == {"flux", "qwen-image"}
+    assert set(FAMILIES) == {"flux", "qwen-image", "hunyuan3d"}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from edit_jax.models import flux, qwen_image
+from edit_jax.models import flux, hunyuan3d, qwen_image
 from edit_jax.elastic.block_cache import BlockCacheMethod, RouterGuidedCache
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.elastic.step_cache import StepCacheMethod
@@ -19,7 +19,7 @@ from edit_jax.layers import stack_modulations
 from edit_jax.elastic.router import router_modulation
 
 
-FAMILIES = {family.name: family for family in (flux.FAMILY, qwen_image.FAMILY)}
+FAMILIES = {family.name: family for family in (flux.FAMILY, qwen_image.FAMILY, hunyuan3d.FAMILY)}
 
 
 def family_of(config) -> ModelFamily:

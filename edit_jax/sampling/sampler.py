@@ -75,7 +75,10 @@ class SamplerConfig:
 
 def default_scheduler(config) -> SchedulerConfig:
     """The scheduler of the family's published pipeline (FLUX.1-dev and schnell differ)."""
-    return SCHEDULERS[family_of(config).scheduler(config)]
+    name = family_of(config).scheduler(config)
+    if name not in SCHEDULERS:
+        raise ValueError(f"no sampler for {config.family} models yet: its pipeline's schedule ({name!r}) is not built")
+    return SCHEDULERS[name]
 
 
 def make_conditions(config, prompt_embeds, height: int, width: int, pooled_projections=None, mask=None) -> dict:

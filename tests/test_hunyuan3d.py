@@ -1,0 +1,101 @@
+"""Hunyuan3D-2's shape DiT: the Flax model equals hy3dgen's `Hunyuan3DDiT` (float32, tiny random
+configs, with and without the guidance embedding) through the converter's table, and runs the
+elastic mechanism, FLOPs accounting and step caches of the other families."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from reference import make_hy3dgen_dit, relative_error
+
+import edit_jax
+from edit_jax.checkpoints_convert.engine import ConversionError, build_params
+from edit_jax.checkpoints_convert.hunyuan3d import dit_table
+from edit_jax.checkpoints_convert.sources import from_state_dict
+from edit_jax.config import ConfigError, Hunyuan3DConfig
+from edit_jax.elastic import ElasticConfig, FirstBlockCache
+from edit_jax.models.registry import abstract_params, build_model, example_inputs, init_routers, init_step_cache
+
+TINY = edit_jax.preset("hunyuan3d-tiny")
+
+
+def converted(torch_model, config):
+    return build_params(dit_table(config), from_state_dict(torch_model.state_dict()), abstract_params(config))
+
+
+def hy3dgen_velocity(torch_model, inputs: dict) -> np.ndarray:
+    kwargs = {"guidance": torch.from_numpy(np.array(inputs["guidance"]))} if "guidance" in inputs else {}
+    with torch.no_grad():
+        out = torch_model(torch.from_numpy(np.array(inputs["hidden_states"])), torch.from_numpy(np.array(inputs["timestep"])),
+                          {"main": torch.from_numpy(np.array(inputs["encoder_hidden_states"]))}, **kwargs)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("guidance_embeds", [False, True])
+def test_dit_matches_hy3dgen(guidance_embeds):
+    config = TINY.replace(guidance_embeds=guidance_embeds)
+    torch_model = make_hy3dgen_dit(guidance_embed=guidance_embeds)
+    params = converted(torch_model, config)
+    inputs = example_inputs(config, batch=2, height=3, width=4, num_txt=5)
+
+    velocity = build_model(config).apply({"params": params}, **inputs)
+
+    assert velocity.shape == inputs["hidden_states"].shape
+    assert relative_error(velocity, hy3dgen_velocity(torch_model, inputs)) <= 1e-5
+
+
+def test_release_config_is_the_dit_presets():
+    assert edit_jax.preset("hunyuan3d-2").inner_dim == 1024 and edit_jax.preset("hunyuan3d-2").num_blocks == 48
+    assert edit_jax.preset("hunyuan3d-2").joint_attention_dim == 1536
+
+
+def test_every_dit_block_runs_elastic_and_a_closed_pattern_changes_the_velocity_and_cuts_flops():
+    config = TINY
+    params = converted(make_hy3dgen_dit(), config)
+    inputs = example_inputs(config, batch=1, height=2, width=4, num_txt=5)
+    model = build_model(config)
+    dense, dense_aux = model.apply({"params": params}, **inputs, elastic=ElasticConfig(mode="forced"),
+                                   decisions={"run": jnp.ones(4, bool), "bucket": jnp.full(4, 3)})
+    skipped, aux = model.apply({"params": params}, **inputs, elastic=ElasticConfig(mode="forced"),
+                               decisions={"run": jnp.array([True, False, True, False]), "bucket": jnp.full(4, 1)})
+
+    np.testing.assert_allclose(dense, model.apply({"params": params}, **inputs), rtol=1e-5, atol=1e-6)
+    assert relative_error(skipped, dense) > 1e-3
+    assert np.asarray(aux["executed"]).tolist() == [[1, 0, 1, 0]]
+    assert float(aux["flops"]["total"].sum()) < 0.6 * float(dense_aux["flops"]["total"].sum())
+
+
+def test_routers_and_the_first_block_cache_run_on_the_dit():
+    config = TINY
+    params = converted(make_hy3dgen_dit(), config)
+    inputs = example_inputs(config, batch=2, height=2, width=4, num_txt=5)
+    method = FirstBlockCache(10.0)
+    elastic = ElasticConfig(mode="infer", step_cache=method)
+    state = init_step_cache(config, 2, 8, 5, method)
+    model = build_model(config)
+    _, aux = model.apply({"params": params, "routers": init_routers(config)}, **inputs, elastic=elastic, step_cache=state)
+    _, aux = model.apply({"params": params, "routers": init_routers(config)}, **inputs, elastic=elastic,
+                         step_cache=aux["step_cache"], step=1)
+
+    assert np.asarray(aux["p"]).shape == (2, 4)
+    assert not np.asarray(aux["step_computed"]).any()  # the same inputs again: the stored residual is reused
+
+
+def test_bad_configs_and_inputs_are_clear_errors():
+    with pytest.raises(ConfigError, match="qkv_bias=False is not implemented"):
+        Hunyuan3DConfig(qkv_bias=False)
+    inputs = example_inputs(TINY, batch=1, height=2, width=2, num_txt=3)
+    params = converted(make_hy3dgen_dit(), TINY)
+    with pytest.raises(ValueError, match="encoder_hidden_states has shape .* expected \\[1, T, 24\\] \\(image features\\)"):
+        build_model(TINY).apply({"params": params}, **{**inputs, "encoder_hidden_states": jnp.zeros((1, 3, 7))})
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        build_model(TINY).apply({"params": params}, **inputs, guidance=jnp.ones((1,)))
+
+
+def test_a_flux_state_dict_is_not_a_hunyuan3d_dit():
+    from reference import make_diffusers_flux
+
+    flux = make_diffusers_flux()
+    with pytest.raises(ConversionError, match="does not match the model config") as error:
+        build_params(dit_table(TINY), from_state_dict(flux.state_dict()), abstract_params(TINY))
+    assert "cond_in.weight" in str(error.value) and "context_embedder.weight" in str(error.value)
