@@ -109,29 +109,31 @@ def run_diffusers_qwen(model, inputs: dict) -> np.ndarray:
     return out.float().numpy()
 
 
-def hy3dgen_module(relative: str):
-    """A module of the installed hy3dgen (2.0.2, `pip install --no-deps hy3dgen==2.0.2`), loaded from
-    its file alone: the package's own __init__ imports the app's dependencies (gradio-era mesh and
-    image tools) that the shape model does not need."""
+def hy3dgen_shapegen(name: str):
+    """`hy3dgen.shapegen.<name>` (e.g. "pipelines", "schedulers") imported with hy3dgen's package
+    __init__s left out (they import the app's image and mesh tools; the shape pipeline's own
+    imports, torch, diffusers, einops, trimesh, scikit-image, stay real)."""
+    import importlib
     import importlib.util
     import sys
+    import types
 
-    spec = importlib.util.find_spec("hy3dgen")
-    if spec is None:
-        pytest.skip("hy3dgen is not installed: pip install --no-deps hy3dgen==2.0.2")
-    name = "hy3dgen_ref." + relative.removesuffix(".py").replace("/", ".")
-    if name not in sys.modules:
-        path = f"{spec.submodule_search_locations[0]}/{relative}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        module_spec.loader.exec_module(module)
-    return sys.modules[name]
+    if "hy3dgen" not in sys.modules:
+        spec = importlib.util.find_spec("hy3dgen")
+        if spec is None:
+            pytest.skip("hy3dgen is not installed: pip install --no-deps hy3dgen==2.0.2")
+        root = spec.submodule_search_locations[0]
+        for package, path in (("hy3dgen", root), ("hy3dgen.shapegen", f"{root}/shapegen"),
+                              ("hy3dgen.shapegen.models", f"{root}/shapegen/models")):
+            module = types.ModuleType(package)
+            module.__path__ = [path]
+            sys.modules[package] = module
+    return importlib.import_module(f"hy3dgen.shapegen.{name}")
 
 
 def make_hy3dgen_dit(seed: int = 0, **overrides):
     """hy3dgen's Hunyuan3DDiT on a tiny config (the `hunyuan3d-tiny` preset's), every weight random."""
-    dit = hy3dgen_module("shapegen/models/denoisers/hunyuan3ddit.py")
+    dit = hy3dgen_shapegen("models.denoisers.hunyuan3ddit")
     kwargs = dict(in_channels=8, context_in_dim=24, hidden_size=32, mlp_ratio=4.0, num_heads=2, depth=2,
                   depth_single_blocks=2, axes_dim=[16], qkv_bias=True, guidance_embed=False)
     torch.manual_seed(seed)

@@ -1,20 +1,23 @@
 """Hunyuan3D-2's shape DiT: the Flax model equals hy3dgen's `Hunyuan3DDiT` (float32, tiny random
-configs, with and without the guidance embedding) through the converter's table, and runs the
-elastic mechanism, FLOPs accounting and step caches of the other families."""
+configs, with and without the guidance embedding) through the converter's table, whole denoising
+runs equal `Hunyuan3DDiTFlowMatchingPipeline`'s loop (CFG and guidance-distilled), and it runs the
+elastic mechanism, FLOPs accounting and caches of the other families."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import make_hy3dgen_dit, relative_error
+from reference import hy3dgen_shapegen, make_hy3dgen_dit, relative_error
 
 import edit_jax
 from edit_jax.checkpoints_convert.engine import ConversionError, build_params
 from edit_jax.checkpoints_convert.hunyuan3d import dit_table
 from edit_jax.checkpoints_convert.sources import from_state_dict
 from edit_jax.config import ConfigError, Hunyuan3DConfig
-from edit_jax.elastic import ElasticConfig, FirstBlockCache
+from edit_jax.elastic import ElasticConfig, FirstBlockCache, TaylorSeer
 from edit_jax.models.registry import abstract_params, build_model, example_inputs, init_routers, init_step_cache
+from edit_jax.sampling.sampler import SamplerConfig, sample
 
 TINY = edit_jax.preset("hunyuan3d-tiny")
 
@@ -99,3 +102,64 @@ def test_a_flux_state_dict_is_not_a_hunyuan3d_dit():
     with pytest.raises(ConversionError, match="does not match the model config") as error:
         build_params(dit_table(TINY), from_state_dict(flux.state_dict()), abstract_params(TINY))
     assert "cond_in.weight" in str(error.value) and "context_embedder.weight" in str(error.value)
+
+
+def hy3dgen_denoising(torch_model, features: np.ndarray, latent_shape: tuple, steps: int, guidance_scale: float, seed: int):
+    """(noise, latents) of Hunyuan3DDiTFlowMatchingPipeline's denoising loop on the tiny DiT, its
+    image encoder's output given as `features` [B, T, C] (and zeros unconditionally, as DINOv2's
+    unconditional embedding is) and its latents drawn from `seed` as the pipeline draws them."""
+    pipelines, schedulers = hy3dgen_shapegen("pipelines"), hy3dgen_shapegen("schedulers")
+    main = torch.from_numpy(features)
+
+    class Conditioner(torch.nn.Module):
+        def forward(self, image, **_):
+            return {"main": main}
+
+        def unconditional_embedding(self, batch, **_):
+            return {"main": torch.zeros_like(main)}
+
+    class Latents(torch.nn.Module):
+        pass
+
+    vae = Latents()
+    vae.latent_shape = latent_shape
+    pipe = pipelines.Hunyuan3DDiTFlowMatchingPipeline(
+        vae=vae, model=torch_model, scheduler=schedulers.FlowMatchEulerDiscreteScheduler(), conditioner=Conditioner(),
+        image_processor=lambda image: {"image": torch.zeros(1, 3, 2, 2)}, device="cpu", dtype=torch.float32)
+    noise = torch.randn((len(features), *latent_shape), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        latents = pipe(image=[None] * len(features), num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=torch.Generator().manual_seed(seed), output_type="latent", enable_pbar=False)
+    return noise.numpy(), latents.numpy()
+
+
+@pytest.mark.parametrize("guidance_embeds, steps", [(False, 6), (True, 4)])
+def test_denoising_loop_matches_hy3dgens_flow_matching_pipeline(guidance_embeds, steps):
+    config = TINY.replace(guidance_embeds=guidance_embeds)
+    torch_model = make_hy3dgen_dit(guidance_embed=guidance_embeds)
+    features = np.random.default_rng(3).standard_normal((2, 5, config.joint_attention_dim)).astype(np.float32)
+    noise, ref = hy3dgen_denoising(torch_model, features, (12, config.in_channels), steps, 5.0, seed=0)
+    cond, negative = ({"encoder_hidden_states": jnp.asarray(f)} for f in (features, np.zeros_like(features)))
+    sampler = (SamplerConfig(num_steps=steps, guidance_scale=5.0) if guidance_embeds
+               else SamplerConfig(num_steps=steps, true_cfg_scale=5.0))
+
+    latents, _ = sample(build_model(config), converted(torch_model, config), jnp.asarray(noise), cond, sampler,
+                        negative_cond=None if guidance_embeds else negative)
+
+    assert relative_error(latents, ref) <= 1e-4
+
+
+def test_sampling_shapes_with_routers_per_sample_decisions_and_a_step_cache():
+    config = TINY
+    features = np.random.default_rng(4).standard_normal((2, 5, config.joint_attention_dim)).astype(np.float32)
+    cond, negative = ({"encoder_hidden_states": jnp.asarray(f)} for f in (features, np.zeros_like(features)))
+    noise = jax.random.normal(jax.random.key(0), (2, 12, config.in_channels))
+    elastic = ElasticConfig(mode="infer", decision="sample", step_cache=TaylorSeer(cache_interval=2, disable_cache_before_step=2))
+
+    latents, records = sample(build_model(config), converted(make_hy3dgen_dit(), config), noise, cond,
+                              SamplerConfig(num_steps=6, true_cfg_scale=5.0), routers=init_routers(config),
+                              elastic=elastic, negative_cond=negative)
+
+    assert np.isfinite(latents).all() and latents.shape == noise.shape
+    assert np.asarray(records["step_computed"])[:, 0].tolist() == [1, 1, 0, 1, 0, 1]
+    assert np.asarray(records["p"]).shape == (6, 4, 4)  # steps, conditional + unconditional rows, blocks

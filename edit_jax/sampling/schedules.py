@@ -2,7 +2,9 @@
 way FluxPipeline and QwenImagePipeline set them up, in NumPy float32 (static per run).
 
 sigma runs from 1 (pure noise) down to 0; x_t = (1 - sigma) x0 + sigma noise. The model reads
-timestep = (1000 sigma) / 1000 in float32, exactly as the pipelines pass it.
+timestep = (1000 sigma) / 1000 in float32, exactly as the pipelines pass it. Hunyuan3D-2's
+pipeline runs its time the other way (`noise_at_zero`: from 0, noise, to 1, data); the sampler's
+Euler step x += (sigma_next - sigma) v is the same in either direction.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class SchedulerConfig:
     max_image_seq_len: int = 4096
     shift_terminal: float | None = None
     time_shift_type: str = "exponential"
+    noise_at_zero: bool = False  # hy3dgen's schedule: linspace(0, 1, steps), shifted, then 1
 
 
 SCHEDULERS = {
@@ -35,6 +38,7 @@ SCHEDULERS = {
         shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, max_image_seq_len=8192,
         shift_terminal=0.02, time_shift_type="exponential",
     ),
+    "hunyuan3d": SchedulerConfig(shift=1.0, noise_at_zero=True),
 }
 
 
@@ -63,9 +67,17 @@ def time_shift(scheduler: SchedulerConfig, image_seq_len: int, sigmas):
 
 
 def flow_match_schedule(scheduler: SchedulerConfig, num_steps: int, image_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sigmas [num_steps + 1] ending in 0, timesteps [num_steps] = 1000 sigma), float32."""
+    """(sigmas [num_steps + 1] ending in 0, timesteps [num_steps] = 1000 sigma), float32.
+
+    With `noise_at_zero` (Hunyuan3D-2's pipeline and scheduler): sigmas linspace(0, 1, num_steps)
+    (the pipeline's default; its last step, from 1 to 1, moves nothing), shifted by `shift`, then 1.
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if scheduler.noise_at_zero:
+        sigmas = np.linspace(0, 1, num_steps)
+        sigmas = (scheduler.shift * sigmas / (1 + (scheduler.shift - 1) * sigmas)).astype(np.float32)
+        return np.concatenate([sigmas, np.ones(1, np.float32)]), sigmas * np.float32(scheduler.num_train_timesteps)
     if scheduler.shift_terminal and num_steps < 2:
         raise ValueError("a schedule stretched to shift_terminal (Qwen-Image) needs num_steps >= 2 "
                          "(with one step diffusers divides 0 by 0)")
