@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from edit_jax.models.registry import abstract_params, abstract_routers
-from edit_jax.checkpoints_convert import flux, qwen_image
+from edit_jax.checkpoints_convert import flux, hunyuan3d, qwen_image
 from edit_jax.checkpoints_convert.engine import convert_source
 from edit_jax.checkpoints_convert.sources import open_source
 
-FAMILIES = {"flux": flux, "qwen-image": qwen_image}
-FORMATS = {"flux": ("auto", "diffusers", "bfl", "edit-release"), "qwen-image": ("auto", "diffusers", "edit-release")}
+FAMILIES = {"flux": flux, "qwen-image": qwen_image, "hunyuan3d": hunyuan3d}
+FORMATS = {"flux": ("auto", "diffusers", "bfl", "edit-release"), "qwen-image": ("auto", "diffusers", "edit-release"),
+           "hunyuan3d": ("auto", "release")}
 
 
 def convert_checkpoint(
@@ -33,8 +34,10 @@ def convert_checkpoint(
     edit-jax checkpoint, and only once the new one is complete.
 
     Args:
-      family: "flux" or "qwen-image". src: the weights. dst: the checkpoint to write.
-      fmt: "auto", "diffusers", "bfl" or "edit-release". dtype: above. config: the model config
+      family: "flux", "qwen-image" or "hunyuan3d" (a Hunyuan3D-2 release folder: config.yaml and
+        its one weight file; the DiT and the ShapeVAE decoder are converted, the image encoder left out).
+        src: the weights. dst: the checkpoint to write.
+      fmt: "auto", "diffusers", "bfl", "edit-release" or "release" (Hunyuan3D-2). dtype: above. config: the model config
         (None: the source's own). width_groups: above. overwrite: above. progress: show progress.
     """
     if family not in FAMILIES:
@@ -50,6 +53,8 @@ def convert_checkpoint(
     trees = {"params": (table, abstract_params(config))}
     if router_table is not None:
         trees["routers"] = (router_table, abstract_routers(config))
+    more, more_config = FAMILIES[family].more_trees(source)
+    trees.update(more)
     return convert_source(
         trees,
         source,
@@ -57,6 +62,6 @@ def convert_checkpoint(
         dst,
         overwrite=overwrite,
         progress=progress,
-        extra={"converted_from": {"path": str(Path(src).absolute()), "format": fmt}},
+        extra={**more_config, "converted_from": {"path": str(Path(src).absolute()), "format": fmt}},
         protect=[src],
     )

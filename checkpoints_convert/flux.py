@@ -152,3 +152,8 @@ def prepare(source, fmt: str = "auto", config: FluxConfig | None = None):
     else:
         config = with_recorded_activation(reconcile_config(source, config, "flux"), source)
     return config, TABLES[fmt](config), fmt, router_table(config) if fmt == "edit-release" else None
+
+
+def more_trees(source) -> tuple[dict, dict]:
+    """No trees beside the transformer's."""
+    return {}, {}

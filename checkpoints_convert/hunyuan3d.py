@@ -9,14 +9,20 @@ its one list (`resblocks_3`).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
-from edit_jax.checkpoint import flatten
+import yaml
+
+from edit_jax.checkpoint import SHAPE_VAE_DIR, flatten
 from edit_jax.checkpoints_convert.flux import bfl_table
 from edit_jax.checkpoints_convert.tables import Src, transpose
-from edit_jax.config import Hunyuan3DConfig
+from edit_jax.config import ConfigError, Hunyuan3DConfig
+from edit_jax.models.shape_vae import ShapeVAEConfig, abstract_shape_vae
 
-RELEASE_PREFIX = "model."
+RELEASE_CONFIG = "config.yaml"
+PREFIXES = {"params": "model.", SHAPE_VAE_DIR: "vae."}  # our tree -> its tensors' prefix in the release file
+LEFT_OUT = "conditioner."  # DINOv2: it runs at the edge through transformers, as the text encoders do
 EMBEDDERS = {"img_in.": "latent_in.", "txt_in.": "cond_in."}  # BFL FLUX's -> hy3dgen's
 
 
@@ -43,3 +49,76 @@ def shape_vae_table(abstract: dict) -> dict[str, Src]:
         key = ".".join(re.sub(r"^resblocks_(\d+)$", r"resblocks.\1", m) for m in modules)
         table[path] = Src(f"{key}.{name}", transforms)
     return table
+
+
+def prefixed(table: dict[str, Src], prefix: str) -> dict[str, Src]:
+    """The table reading keys under `prefix` (the release file's "model." or "vae.")."""
+    return {ours: dataclasses.replace(src, key=prefix + src.key) for ours, src in table.items()}
+
+
+DIT_FIELDS = {"in_channels": "in_channels", "context_in_dim": "joint_attention_dim", "mlp_ratio": "mlp_ratio",
+              "num_heads": "num_attention_heads", "depth": "num_layers", "depth_single_blocks": "num_single_layers",
+              "axes_dim": "axes_dims_rope", "qkv_bias": "qkv_bias", "time_factor": "time_factor",
+              "guidance_embed": "guidance_embeds"}  # hy3dgen's Hunyuan3DDiT argument -> our field
+DIT_INERT = ("hidden_size", "theta", "ckpt_path")  # read below; no positions; loading is ours
+
+
+def dit_config(params: dict) -> Hunyuan3DConfig:
+    """Our config from the release config.yaml's model `params` (hy3dgen's defaults where absent)."""
+    unknown = sorted(set(params) - set(DIT_FIELDS) - set(DIT_INERT))
+    if unknown:
+        raise ConfigError(f"Hunyuan3DDiT config keys not known to edit-jax: {unknown}")
+    fields = {ours: params[theirs] for theirs, ours in DIT_FIELDS.items() if theirs in params}
+    if "axes_dims_rope" in fields:
+        fields["axes_dims_rope"] = tuple(fields["axes_dims_rope"])
+    heads = params.get("num_heads", 16)
+    return Hunyuan3DConfig(**fields, attention_head_dim=params.get("hidden_size", 1024) // heads)
+
+
+def read_release_config(folder) -> tuple[Hunyuan3DConfig, ShapeVAEConfig]:
+    """The DiT's and the ShapeVAE's configs from a release folder's config.yaml; a ConfigError
+    where it is not one, or asks for what edit-jax does not build."""
+    path = folder / RELEASE_CONFIG if folder is not None else None
+    if path is None or not path.is_file():
+        raise ConfigError(f"{folder} is not a Hunyuan3D-2 release folder: no {RELEASE_CONFIG} beside its weights")
+    try:
+        release = yaml.safe_load(path.read_text())
+        parts = {name: (release[name]["target"], release[name].get("params") or {}) for name in ("model", "vae", "scheduler")}
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path} is not a Hunyuan3D-2 config (model, vae and scheduler, each with a target): {e}") from e
+    expected = {"model": "Hunyuan3DDiT", "vae": "ShapeVAE", "scheduler": "FlowMatchEulerDiscreteScheduler"}
+    for name, cls in expected.items():
+        if not parts[name][0].endswith("." + cls):
+            raise ConfigError(f"{path}: {name} is {parts[name][0]}, edit-jax converts {cls} only")
+    scheduler = parts["scheduler"][1]
+    if scheduler.get("shift", 1.0) != 1.0 or scheduler.get("use_dynamic_shifting", False):
+        raise ConfigError(f"{path}: a shifted scheduler ({scheduler}) is not implemented in edit-jax")
+    return dit_config(parts["model"][1]), ShapeVAEConfig.from_hy3dgen(parts["vae"][1])
+
+
+def release_table(cfg: Hunyuan3DConfig) -> dict[str, Src]:
+    """Our DiT params <- the release file's model.* tensors."""
+    return prefixed(dit_table(cfg), PREFIXES["params"])
+
+
+TABLES = {"release": release_table}
+
+
+def prepare(source, fmt: str = "auto", config: Hunyuan3DConfig | None = None):
+    """(config, DiT table, format, None) for a Hunyuan3D-2 release folder: its config.yaml and one
+    weight file of model.*, vae.* and conditioner.* tensors (the conditioner is left out)."""
+    if fmt not in ("auto", "release"):
+        raise ValueError(f"unknown Hunyuan3D-2 format {fmt!r}; choose auto or release")
+    found, _ = read_release_config(source.folder)
+    if config is not None and config.architecture() != found.architecture():
+        raise ConfigError(f"the given config disagrees with {source.folder / RELEASE_CONFIG}")
+    source.drop_prefix(LEFT_OUT)
+    return found, release_table(found), "release", None
+
+
+def more_trees(source) -> tuple[dict, dict]:
+    """({"shape_vae": (table, abstract)}, config.json keys {"shape_vae": its config})."""
+    _, vae = read_release_config(source.folder)
+    abstract = abstract_shape_vae(vae)
+    return ({SHAPE_VAE_DIR: (prefixed(shape_vae_table(abstract), PREFIXES[SHAPE_VAE_DIR]), abstract)},
+            {SHAPE_VAE_DIR: dataclasses.asdict(vae)})

@@ -82,3 +82,8 @@ def prepare(source, fmt: str = "auto", config: QwenImageConfig | None = None):
         config = with_recorded_activation(config, source, default="sigmoid_gelu")
         return config, TABLES[fmt](config), fmt, router_table()
     return with_recorded_activation(config, source), TABLES[fmt](config), fmt, None
+
+
+def more_trees(source) -> tuple[dict, dict]:
+    """No trees beside the transformer's."""
+    return {}, {}

@@ -87,6 +87,18 @@ class SafetensorsFile:
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
 
 
+def _flat(state: dict, prefix: str = "") -> dict:
+    """A nested state dict ({"model": {...}, "vae": {...}}, Hunyuan3D-2's .ckpt) as one flat dict
+    with "."-joined keys."""
+    flat = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 class TorchFile:
     """A torch pickle (.bin/.pt/.pth), loaded with mmap so tensors stay on disk until read."""
 
@@ -100,7 +112,7 @@ class TorchFile:
             ) from e
         self.path = Path(path)
         state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
-        self._tensors = state.get("state_dict", state) if isinstance(state, dict) else state
+        self._tensors = _flat(state.get("state_dict", state) if isinstance(state, dict) else state)
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -154,6 +166,13 @@ class Source:
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def drop_prefix(self, prefix: str) -> int:
+        """Leaves out every tensor whose key starts with `prefix`; returns how many."""
+        dropped = [k for k in self._where if k.startswith(prefix)]
+        for k in dropped:
+            del self._where[k]
+        return len(dropped)
+
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
@@ -191,9 +210,9 @@ def from_state_dict(state_dict: dict, config_folder: Path | None = None) -> Sour
 def _open_file(path: Path):
     if path.suffix == ".safetensors":
         return SafetensorsFile(path)
-    if path.suffix in (".bin", ".pt", ".pth"):
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         return TorchFile(path)
-    raise SourceError(f"{path}: unknown weight file type (expected .safetensors, .bin, .pt or .pth)")
+    raise SourceError(f"{path}: unknown weight file type (expected .safetensors, .bin, .pt, .pth or .ckpt)")
 
 
 def _model_config_folder(folder: Path) -> Path | None:
@@ -234,8 +253,8 @@ def open_source(path: str | Path) -> Source:
             shards.append(ROUTERS_FILE)
         return Source([SafetensorsFile(path / s) for s in shards], str(path), path)
     files = sorted(path.glob("*.safetensors")) or sorted(
-        p for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext)
+        p for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in path.glob(ext)
     )
     if not files:
-        raise SourceError(f"{path} holds no .safetensors (or .bin/.pt) weight files")
+        raise SourceError(f"{path} holds no .safetensors (or .bin/.pt/.ckpt) weight files")
     return Source([_open_file(f) for f in files], str(path), path)

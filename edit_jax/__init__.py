@@ -1,17 +1,19 @@
-"""edit-jax: Elastic Diffusion Transformers (E-DiT) for FLUX.1 and Qwen-Image in JAX/Flax."""
+"""edit-jax: Elastic Diffusion Transformers (E-DiT) for FLUX.1, Qwen-Image and Hunyuan3D-2 in JAX/Flax."""
 
 from __future__ import annotations
 
 from edit_jax import checkpoint
-from edit_jax.checkpoint import load_config, load_params
-from edit_jax.config import FluxConfig, QwenImageConfig, RuntimeConfig, from_diffusers_config, preset
+from edit_jax.checkpoint import SHAPE_VAE_DIR, CheckpointError, load_config, load_params, read_metadata
+from edit_jax.config import FluxConfig, Hunyuan3DConfig, QwenImageConfig, RuntimeConfig, from_diffusers_config, preset
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.models.registry import abstract_params, build_model, init_params, init_routers, logical_axes
+from edit_jax.models.shape_vae import ShapeVAEConfig, abstract_shape_vae
 from edit_jax.placement import mesh_shardings
 
 __all__ = [
     "ElasticConfig",
     "FluxConfig",
+    "Hunyuan3DConfig",
     "QwenImageConfig",
     "RuntimeConfig",
     "abstract_params",
@@ -21,6 +23,7 @@ __all__ = [
     "init_routers",
     "load",
     "load_routers",
+    "load_shape_vae",
     "logical_axes",
     "preset",
 ]
@@ -57,3 +60,13 @@ def load_routers(path, shardings=None, mesh=None) -> dict | None:
     if mesh is not None:
         shardings = mesh_shardings(load_config(path), mesh, shardings, "routers")
     return checkpoint.load_routers(path, shardings)
+
+
+def load_shape_vae(path) -> tuple[ShapeVAEConfig, dict]:
+    """(config, params) of the ShapeVAE decoder a converted Hunyuan3D-2 checkpoint holds
+    (`edit-jax convert hunyuan3d`); a CheckpointError where it holds none."""
+    meta = read_metadata(path)
+    if SHAPE_VAE_DIR not in meta:
+        raise CheckpointError(f"{path} holds no ShapeVAE: convert a Hunyuan3D-2 release folder (edit-jax convert hunyuan3d)")
+    config = ShapeVAEConfig(**meta[SHAPE_VAE_DIR])
+    return config, load_params(path, abstract_shape_vae(config), tree=SHAPE_VAE_DIR)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import hy3dgen_shapegen, make_hy3dgen_dit, relative_error
+from reference import hy3dgen_shapegen, make_hy3dgen_dit, randomize_, relative_error
 
 import edit_jax
 from edit_jax.checkpoints_convert.engine import ConversionError, build_params
@@ -163,3 +163,73 @@ def test_sampling_shapes_with_routers_per_sample_decisions_and_a_step_cache():
     assert np.isfinite(latents).all() and latents.shape == noise.shape
     assert np.asarray(records["step_computed"])[:, 0].tolist() == [1, 1, 0, 1, 0, 1]
     assert np.asarray(records["p"]).shape == (6, 4, 4)  # steps, conditional + unconditional rows, blocks
+
+
+SHAPE_VAE = dict(num_latents=12, embed_dim=8, width=32, heads=2, num_decoder_layers=2, num_freqs=4, qkv_bias=False,
+                 qk_norm=True, scale_factor=0.9)
+
+
+def release_folder(folder, file_type: str = "safetensors", parts=("model", "vae", "conditioner")):
+    """A tiny Hunyuan3D-2 release folder: config.yaml and one weight file of model.*, vae.* and
+    conditioner.* tensors (the layout hy3dgen's from_single_file reads); returns its DiT and VAE."""
+    import yaml
+    from safetensors.torch import save_file
+
+    dit = make_hy3dgen_dit()
+    torch.manual_seed(1)
+    vae = randomize_(hy3dgen_shapegen("models.autoencoders").ShapeVAE(**SHAPE_VAE).eval(), 1)
+    config = {
+        "model": {"target": "hy3dgen.shapegen.models.Hunyuan3DDiT",
+                  "params": dict(in_channels=8, context_in_dim=24, hidden_size=32, mlp_ratio=4.0, num_heads=2, depth=2,
+                                 depth_single_blocks=2, axes_dim=[16], theta=10000, qkv_bias=True, guidance_embed=False)},
+        "vae": {"target": "hy3dgen.shapegen.models.ShapeVAE", "params": SHAPE_VAE},
+        "conditioner": {"target": "hy3dgen.shapegen.models.SingleImageEncoder", "params": {}},
+        "image_processor": {"target": "hy3dgen.shapegen.preprocessors.ImageProcessorV2", "params": {"size": 512}},
+        "scheduler": {"target": "hy3dgen.shapegen.schedulers.FlowMatchEulerDiscreteScheduler",
+                      "params": {"num_train_timesteps": 1000}},
+    }
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    state = {"model": dit.state_dict(), "vae": vae.state_dict(),
+             "conditioner": {"main_image_encoder.model.embeddings.cls_token": torch.zeros(1, 1, 24)}}
+    state = {k: {n: t.contiguous() for n, t in v.items()} for k, v in state.items() if k in parts}
+    if file_type == "safetensors":
+        save_file({f"{k}.{n}": t for k, v in state.items() for n, t in v.items()}, folder / "model.fp16.safetensors")
+    else:
+        torch.save(state, folder / "model.fp16.ckpt")
+    return dit, vae
+
+
+@pytest.mark.parametrize("file_type", ["safetensors", "ckpt"])
+def test_convert_a_release_folder_then_load_the_dit_and_the_shape_vae(file_type, tmp_path, capsys):
+    from edit_jax.cli import main
+    from edit_jax.models.shape_vae import ShapeVAE
+
+    dit, vae = release_folder(tmp_path / "release", file_type)
+    assert main(["convert", "hunyuan3d", str(tmp_path / "release"), str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
+    model, params = edit_jax.load(tmp_path / "ckpt")
+    vae_config, vae_params = edit_jax.load_shape_vae(tmp_path / "ckpt")
+    inputs = example_inputs(model.config, batch=1, height=2, width=3, num_txt=4)
+    x = np.random.default_rng(0).standard_normal((1, 12, 8)).astype(np.float32)
+
+    assert relative_error(model.apply({"params": params}, **inputs), hy3dgen_velocity(dit, inputs)) <= 1e-5
+    with torch.no_grad():
+        ref = vae(1.0 / vae_config.scale_factor * torch.from_numpy(x)).numpy()
+    assert relative_error(ShapeVAE(vae_config).apply({"params": vae_params}, jnp.asarray(x), method=ShapeVAE.decode), ref) <= 1e-5
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ckpt")]) == 0
+    assert "shape_vae (" in capsys.readouterr().out
+
+
+def test_a_release_without_its_vae_or_a_folder_of_another_family_is_a_clear_error(tmp_path, capsys):
+    from reference import make_diffusers_flux
+
+    from edit_jax.cli import main
+
+    release_folder(tmp_path / "no-vae", parts=("model", "conditioner"))
+    assert main(["convert", "hunyuan3d", str(tmp_path / "no-vae"), str(tmp_path / "out")]) == 2
+    assert "missing keys" in (err := capsys.readouterr().err) and "vae.geo_decoder.ln_post.weight" in err
+    make_diffusers_flux().save_pretrained(tmp_path / "flux")
+    assert main(["convert", "hunyuan3d", str(tmp_path / "flux"), str(tmp_path / "out")]) == 2
+    assert "is not a Hunyuan3D-2 release folder: no config.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

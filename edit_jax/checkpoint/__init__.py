@@ -35,7 +35,7 @@ public API, imported from `edit_jax.checkpoint`.
 from edit_jax.checkpoint.agreement import agreed
 from edit_jax.checkpoint.datafiles import missing_array_files, read_array
 from edit_jax.checkpoint.format import (CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, PARAMS_DIR, READABLE_VERSIONS,
-                                        ROUTERS_DIR, CheckpointError, check_destination, diffusers_hint, flatten,
+                                        ROUTERS_DIR, SHAPE_VAE_DIR, CheckpointError, check_destination, diffusers_hint, flatten,
                                         format_1_joined, is_checkpoint, load_config, read_metadata, router_mode,
                                         run_dir_hint, tree_names, unflatten)
 from edit_jax.checkpoint.paths import atomic_file, atomic_folder, overlaps, remove_stale_scratch, resolve
@@ -44,7 +44,7 @@ from edit_jax.checkpoint.store import (load_params, load_routers, params_metadat
 from edit_jax.checkpoint.verify import verify_arrays
 
 __all__ = [
-    "CONFIG_FILE", "FORMAT_NAME", "FORMAT_VERSION", "PARAMS_DIR", "READABLE_VERSIONS", "ROUTERS_DIR", "CheckpointError",
+    "CONFIG_FILE", "FORMAT_NAME", "FORMAT_VERSION", "PARAMS_DIR", "READABLE_VERSIONS", "ROUTERS_DIR", "SHAPE_VAE_DIR", "CheckpointError",
     "agreed", "atomic_file", "atomic_folder", "check_destination", "diffusers_hint", "flatten", "format_1_joined",
     "is_checkpoint", "load_config", "load_params", "load_routers", "missing_array_files", "overlaps", "params_metadata",
     "read_array", "read_metadata", "remove_stale_scratch", "resolve", "router_mode", "run_dir_hint", "save", "storage_mismatch",

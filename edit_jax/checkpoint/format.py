@@ -29,6 +29,7 @@ PARAMS_DIR = "params"
 
 
 ROUTERS_DIR = "routers"
+SHAPE_VAE_DIR = "shape_vae"  # Hunyuan3D-2: its ShapeVAE decoder, converted from the same release file
 
 
 class CheckpointError(ValueError):
@@ -171,8 +172,8 @@ def model_config(meta: dict):
 
 
 def tree_names(path: str | Path) -> list[str]:
-    """The pytrees a checkpoint holds: "params", and "routers" when it has them."""
-    return [n for n in (PARAMS_DIR, ROUTERS_DIR) if (resolve(path) / n).is_dir()]
+    """The pytrees a checkpoint holds: "params", and "routers" and "shape_vae" when it has them."""
+    return [n for n in (PARAMS_DIR, ROUTERS_DIR, SHAPE_VAE_DIR) if (resolve(path) / n).is_dir()]
 
 
 def format_1_joined(config) -> dict[str, list[tuple[str, int]]]:

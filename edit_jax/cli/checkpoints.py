@@ -183,12 +183,14 @@ the model's own inputs, one batch:
 
 def add_convert(command) -> None:
     convert = command("convert", "PyTorch weights -> edit-jax orbax checkpoint")
-    convert.add_argument("family", choices=["flux", "qwen-image"])
-    convert.add_argument("src", help="weight file, or folder (diffusers transformer/ or pipeline root)")
+    convert.add_argument("family", choices=["flux", "qwen-image", "hunyuan3d"])
+    convert.add_argument("src", help="weight file, or folder (diffusers transformer/ or pipeline root; "
+                                     "hunyuan3d: the release folder with config.yaml)")
     convert.add_argument("dst", help="checkpoint folder to create")
     convert.add_argument(
-        "--format", default="auto", choices=["auto", "diffusers", "bfl", "edit-release"],
-        help="bfl: original FLUX single file; edit-release: the released E-DiT Qwen-Image file; auto: by the keys",
+        "--format", default="auto", choices=["auto", "diffusers", "bfl", "edit-release", "release"],
+        help="bfl: original FLUX single file; edit-release: the released E-DiT Qwen-Image file; release: the "
+             "Hunyuan3D-2 release folder; auto: by the keys",
     )
     convert.add_argument("--dtype", default="bfloat16", choices=[d for d in DTYPES], help="dtype the params are stored in")
     convert.add_argument("--config", help="preset name or diffusers config.json (default: the source's own)")
