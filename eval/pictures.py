@@ -158,3 +158,45 @@ def plot_sample_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, *
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_mesh_preview(path: str | Path, vertices: np.ndarray, faces: np.ndarray, *, title: str) -> Path:
+    """`mesh_preview_figure` as a PNG at `path`.
+
+    Args:
+      path: the PNG to write; the others: as `mesh_preview_figure`'s.
+    """
+    return _save(mesh_preview_figure(vertices, faces, title=title), path)
+
+
+def mesh_preview_figure(vertices: np.ndarray, faces: np.ndarray, *, title: str, max_faces: int = 60000):
+    """A shaded view of a triangle mesh from two sides (front and three-quarter), its box's units
+    on the axes; at most `max_faces` triangles drawn (evenly taken) so large meshes stay quick.
+
+    Args:
+      vertices: [V, 3] float, x right, y up, z towards the viewer (hy3dgen's meshes). faces: [F, 3]
+        vertex indices. title: above both views. max_faces: above.
+    """
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+    plt = _pyplot()
+    faces = np.asarray(faces)[:: max(1, len(faces) // max_faces)]
+    triangles = np.asarray(vertices, np.float64)[faces][..., [0, 2, 1]]  # plot with y up
+    normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
+    light = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
+    shade = 0.35 + 0.65 * np.abs(normals @ light)
+    lo, hi = vertices.min(axis=0), vertices.max(axis=0)
+    fig = plt.figure(figsize=(9, 4.8))
+    for i, (azim, name) in enumerate(((-90, "front"), (-45, "three-quarter"))):
+        ax = fig.add_subplot(1, 2, i + 1, projection="3d")
+        ax.add_collection3d(Poly3DCollection(triangles, facecolors=plt.cm.Greys(0.25 + 0.6 * shade)[:, :3],
+                                             edgecolor="none"))
+        ax.set_xlim(lo[0], hi[0]), ax.set_ylim(lo[2], hi[2]), ax.set_zlim(lo[1], hi[1])
+        ax.set_box_aspect(hi[[0, 2, 1]] - lo[[0, 2, 1]] + 1e-6)
+        ax.view_init(elev=15, azim=azim)
+        ax.set_xlabel("x"), ax.set_ylabel("z"), ax.set_zlabel("y")
+        ax.set_title(f"{name} view")
+    fig.suptitle(f"{title}\n{len(vertices):,} vertices, {len(np.asarray(faces)):,} faces drawn")
+    fig.tight_layout()
+    return fig

@@ -15,7 +15,7 @@ from edit_jax.models.registry import init_variables
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 # the order their commands run in: converting.md's export reads the run training.md's commands train
-ORDER = ("walkthrough", "model", "sampling", "prompt-to-image", "training", "converting", "evaluation",
+ORDER = ("walkthrough", "model", "sampling", "prompt-to-image", "image-to-mesh", "training", "converting", "evaluation",
          "checkpoint-format", "cli", "benchmarks", "architecture")
 PAGES = [README, *sorted((REPO / "docs").glob("*.md"), key=lambda p: (ORDER + (p.stem,)).index(p.stem))]
 
@@ -118,6 +118,7 @@ def test_the_conversion_commands_of_the_docs_run_as_written_on_tiny_sources(tmp_
     from edit_jax.cli import main
     from tiny_pipeline import make_tiny_flux_pipeline, make_tiny_qwen_pipeline
     from test_convert_flux import diffusers_to_bfl
+    from test_generate_3d import make_release, object_image
     from test_qwen_image import fake_release
 
     models = tmp_path / "models"
@@ -128,15 +129,18 @@ def test_the_conversion_commands_of_the_docs_run_as_written_on_tiny_sources(tmp_
     (models / "Elastic-DiT").mkdir()
     fake_release(qwen, models / "Elastic-DiT" / "model.safetensors")
     (tmp_path / "prompts.txt").write_text("a red fox in the snow\ntwo cats\n")
+    make_release(models / "Hunyuan3D-2" / "hunyuan3d-dit-v2-0")
+    object_image(tmp_path / "chair.png"), object_image(tmp_path / "lamp.png", (30, 50))
     substitutions = (("/models/", f"{models}/"),  # a BFL file carries no config: the tiny one's, given
                      ("--format bfl", f"--format bfl --config {models}/FLUX.1-dev/transformer/config.json"),
                      ("1024", "64"), ("--steps 28", "--steps 2"), ("steps=2000", "steps=2"),
-                     ("batch_size=16", "batch_size=1"))  # make_photos' buckets hold one photo each
+                     ("batch_size=16", "batch_size=1"),  # make_photos' buckets hold one photo each
+                     ("--out meshes/", "--out meshes/ --steps 2 --octree-resolution 8 --num-chunks 200"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))  # the embedding cache's default folder
     commands = doc_commands(converting=True)
-    assert sum(c.startswith("edit-jax convert") for c in commands) == 4
-    assert sum(c.startswith("edit-jax generate") for c in commands) == 3
+    assert sum(c.startswith("edit-jax convert") for c in commands) == 5
+    assert sum(c.startswith("edit-jax generate") for c in commands) == 4
     assert sum(c.startswith(("edit-jax order-channels", "edit-jax train")) for c in commands) == 2
     assert sum("prepare-data" in c for c in commands) == 2
     assert sum(c.startswith(("edit-jax encode-prompts", "edit-jax eval")) for c in commands) == 2

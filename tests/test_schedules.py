@@ -20,7 +20,7 @@ def test_schedule_matches_diffusers_as_the_pipeline_sets_it(name, steps, image_s
     config = SCHEDULERS[name]
     if config.shift_terminal and steps == 1:
         pytest.skip("one step is rejected for shift_terminal schedules (see the next test)")
-    reference = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in dataclasses.asdict(config).items() if k != "noise_at_zero"})
+    reference = FlowMatchEulerDiscreteScheduler(**dataclasses.asdict(config))
     mu = flux_shift(image_seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
     reference.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
 

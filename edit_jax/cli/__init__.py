@@ -27,7 +27,7 @@ from edit_jax.cli.common import HelpFormatter
 from edit_jax.config import ConfigError
 
 # (the order of `edit-jax --help`, and the module that adds each command)
-COMMANDS = (demo.add_demo, pipelines.add_generate, pipelines.add_encode_prompts, pipelines.add_prepare_data,
+COMMANDS = (demo.add_demo, pipelines.add_generate, pipelines.add_generate_3d, pipelines.add_encode_prompts, pipelines.add_prepare_data,
             sampling.add_smoke, sampling.add_eval, checkpoints.add_convert, checkpoints.add_export, sampling.add_sample,
             sampling.add_calibrate_magcache,
             checkpoints.add_order_channels, training.add_train, checkpoints.add_inspect)

@@ -146,6 +146,7 @@ OUTPUTS = {  # what each command writes into its --out folder (a full-match patt
     "sample": r"latents\.npy|records\.npz|summary\.json|router_map\.png",
     "eval": r"eval\.json|router_map\.png|fidelity_vs_flops\.png|(dense|e-dit|e-dit-cache|dense-first_block|dense-mag_cache|dense-taylor_seer)-\d+\.png",
     "generate": r"image-\d+\.png|generate\.json|router_map\.png",
+    "generate-3d": r"mesh-\d+\.(glb|obj|png)|generate_3d\.json|router_map\.png",
     "smoke": r"checkpoint|\.checkpoint\..+|smoke\.json|router_map\.png",
     "demo": r"data|runs|samples|results\.(json|md)|(quality|fd)_vs_flops\.png|router_map\.png",
 }

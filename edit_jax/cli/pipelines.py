@@ -1,9 +1,12 @@
-"""`edit-jax generate`, `encode-prompts` and `prepare-data`: the pipeline folders' text encoders and VAE."""
+"""`edit-jax generate`, `generate-3d`, `encode-prompts` and `prepare-data`: the pipelines from
+prompts to images, images to meshes, and images to training data."""
 
 from __future__ import annotations
 
 import json
 import sys
+
+import numpy as np
 
 from edit_jax.checkpoint.paths import resolve
 from edit_jax.cli.common import (add_attention_argument, add_dtype_argument, add_elastic_arguments,
@@ -14,6 +17,7 @@ from edit_jax.cli.common import (add_attention_argument, add_dtype_argument, add
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.pipelines.encode_prompts import encode_prompts
 from edit_jax.pipelines.generate import generate
+from edit_jax.pipelines.generate_3d import MESH_FORMATS, generate_3d
 from edit_jax.pipelines.prepare_data import prepare_data
 from edit_jax.sampling.calibration import MAG_RATIOS_FILE
 from edit_jax.sampling.sampler import SamplerConfig
@@ -42,6 +46,31 @@ def cmd_generate(args) -> int:
                       transformer=args.transformer, attention=args.attention)
     remove_stale_outputs(out, earlier)
     print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+def cmd_generate_3d(args) -> int:
+    out = check_output_folder(args.out, "generate-3d")
+    earlier = earlier_outputs(out, "generate-3d")
+    if args.elastic == "dense" and args.cache:
+        raise ValueError("--cache acts on E-DiT's routers: add --elastic infer")
+    features = None
+    if args.features:
+        with np.load(resolve(args.features)) as stored:
+            if "image_features" not in stored:
+                raise ValueError(f"--features {args.features} holds no image_features array [B, T, C]")
+            features = stored["image_features"]
+    elastic = ElasticConfig(mode=args.elastic, tau=args.tau, decision=args.decision, cache=args.cache,
+                            delta_margin=args.delta_margin, max_reuse=args.max_reuse,
+                            cache_start=args.steps // 3 if args.cache_start is None else args.cache_start,
+                            step_cache=step_cache_of(args, resolve(args.model) / MAG_RATIOS_FILE))
+    sampler = SamplerConfig(num_steps=args.steps, true_cfg_scale=args.guidance_scale, guidance_scale=args.guidance_scale)
+    record = generate_3d(args.model, args.images, args.out, image_encoder=args.image_encoder, features=features,
+                         sampler=sampler, elastic=None if elastic.runs_base_model else elastic, seed=args.seed,
+                         octree_resolution=args.octree_resolution, num_chunks=args.num_chunks, box_v=args.box_v,
+                         mc_level=args.mc_level, mesh_format=args.format, progress=not args.quiet)
+    remove_stale_outputs(out, earlier)
+    print(json.dumps(record, indent=2))
     return 0
 
 
@@ -95,6 +124,33 @@ def add_generate(command) -> None:
     add_attention_argument(gen)
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(run=cmd_generate)
+
+
+def add_generate_3d(command) -> None:
+    gen = command("generate-3d", "images -> meshes (.glb/.obj) with a converted Hunyuan3D-2 checkpoint: DINOv2 image "
+                                 "features, the shape DiT (dense or E-DiT), the ShapeVAE and marching cubes")
+    gen.add_argument("images", nargs="*", help="image files (an alpha channel marks the object; else the whole image)")
+    gen.add_argument("--model", required=True, help="an edit-jax checkpoint from `edit-jax convert hunyuan3d` "
+                                                    "(its routers for --elastic infer)")
+    gen.add_argument("--image-encoder", help="the Hunyuan3D-2 release folder (its config.yaml and conditioner "
+                                             "weights) or a transformers Dinov2 folder")
+    gen.add_argument("--features", help="an .npz with image_features [B, T, C] instead of images and an encoder")
+    gen.add_argument("--out", default="edit-jax-meshes", help="folder for mesh-N.glb, mesh-N.png, generate_3d.json")
+    gen.add_argument("--steps", type=at_least(1), default=50, help="denoising steps (hy3dgen's num_inference_steps)")
+    gen.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance against zero features "
+                                                                        "(a guidance-distilled DiT embeds it instead)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial latents")
+    gen.add_argument("--octree-resolution", type=at_least(2), default=384, help="grid cells per side of the volume")
+    gen.add_argument("--num-chunks", type=at_least(1), default=8000, help="grid points decoded per call (fixed memory)")
+    gen.add_argument("--box-v", type=float, default=1.01, help="half-width of the box the volume covers")
+    gen.add_argument("--mc-level", type=float, default=0.0, help="the level of the surface in the decoded logits")
+    gen.add_argument("--format", default="glb", choices=MESH_FORMATS, help="mesh file format")
+    gen.add_argument("--elastic", default="dense", choices=["dense", "infer"], help="infer: E-DiT with the checkpoint's routers")
+    gen.add_argument("--cache", action="store_true", help="router-guided block cache (with --elastic infer)")
+    add_elastic_arguments(gen, cache_start=None, decision="sample")
+    add_step_cache_arguments(gen, ratios_default=f"the checkpoint's {MAG_RATIOS_FILE}")
+    gen.add_argument("--quiet", action="store_true", help="no progress bars")
+    gen.set_defaults(run=cmd_generate_3d)
 
 
 def add_encode_prompts(command) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import numpy as np
 
@@ -28,7 +29,15 @@ class SchedulerConfig:
     max_image_seq_len: int = 4096
     shift_terminal: float | None = None
     time_shift_type: str = "exponential"
-    noise_at_zero: bool = False  # hy3dgen's schedule: linspace(0, 1, steps), shifted, then 1
+    noise_at_zero: ClassVar[bool] = False  # `Hunyuan3DSchedulerConfig`: time runs from noise at 0 to data at 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Hunyuan3DSchedulerConfig(SchedulerConfig):
+    """hy3dgen's FlowMatchEulerDiscreteScheduler as its pipeline sets it up: linspace(0, 1, steps),
+    shifted by `shift`, then 1 (the other fields are not read)."""
+
+    noise_at_zero: ClassVar[bool] = True
 
 
 SCHEDULERS = {
@@ -38,7 +47,7 @@ SCHEDULERS = {
         shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, max_image_seq_len=8192,
         shift_terminal=0.02, time_shift_type="exponential",
     ),
-    "hunyuan3d": SchedulerConfig(shift=1.0, noise_at_zero=True),
+    "hunyuan3d": Hunyuan3DSchedulerConfig(shift=1.0),
 }
 
 
