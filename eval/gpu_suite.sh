@@ -129,6 +129,12 @@ for stage in ${STAGES:-elastic profile flags forward}; do
         tiny=${GPU_SUITE_DRY:+--tokens 64 --layers 2}
         bench qk_norm_rope 60 edit_jax.eval.bench_qk_norm_rope $tiny ${GPU_SUITE_DRY:+--heads 2}
         bench router_pool 60 edit_jax.eval.bench_router_pool $tiny ${GPU_SUITE_DRY:+--dim 64 --hidden 16} ;;
+    hunyuan3d)  # Hunyuan3D-2's shape DiT (3072 latents, 1370 image tokens): dense against the forced pattern (the paper's
+        # 1.94x on Hunyuan3D-3.0), and its volume decode at octree resolution 256 and 384 (not in the default stages)
+        if [ -n "${GPU_SUITE_DRY:-}" ]; then h3="hunyuan3d-tiny --height 1 --width 12 --txt 5 --dtype float32"; vol="--resolutions 8 --measure 8 --set width=32 --set heads=2 --set num_decoder_layers=1"
+        else h3="hunyuan3d-2 --height 1 --width 3072 --txt 1370 --dtype bfloat16"; vol="--resolutions 256,384 --measure 256,384"; fi
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench elastic_hunyuan3d 170 edit_jax.eval.bench_elastic --preset $h3 --attention $attention $runs
+        bench volume_hunyuan3d 200 edit_jax.eval.bench_volume $vol ;;
     train)  # router training on the GPU, never run on one before (not in the default stages): FLUX.1-dev with random
         # weights, the base bfloat16 (auto), full remat, the attention kernel's backward pass; step time and memory
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench train_$flux_name 300 edit_jax.eval.bench_train --on-devices --preset $flux \
@@ -136,7 +142,7 @@ for stage in ${STAGES:-elastic profile flags forward}; do
     ours)  # our dense forwards alone, no diffusers (a minute each: no weight conversion)
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench forward_${flux_name}_ours 90 edit_jax.eval.bench_forward --preset $flux $size --attention $attention $runs --no-torch
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 bench forward_${qwen_name}_ours 90 edit_jax.eval.bench_forward --preset $qwen $size --attention $attention $runs --no-torch ;;
-    *) echo "unknown stage $stage (elastic, profile, flags, ours, kernels, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax, train)"; exit 2 ;;
+    *) echo "unknown stage $stage (elastic, profile, flags, ours, kernels, forward, forward-flux, forward-qwen, cfg, sample, compile, tokamax, train, hunyuan3d)"; exit 2 ;;
     esac
 done
 echo "suite done in $SECONDS s"

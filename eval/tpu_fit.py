@@ -16,8 +16,10 @@ from pathlib import Path
 
 from edit_jax.eval.report import run_script
 
-# 1024 x 1024 images: 64 x 64 packed tokens; FLUX reads 512 T5 tokens, Qwen-Image about 256
-SIZES = {"flux-dev": ["height=64", "width=64", "num_txt=512"], "qwen-image": ["height=64", "width=64", "num_txt=256"]}
+# 1024 x 1024 images: 64 x 64 packed tokens; FLUX reads 512 T5 tokens, Qwen-Image about 256;
+# Hunyuan3D-2: 3072 shape latent tokens, 1370 DINOv2 tokens (a 518-pixel view: 37 x 37 patches and CLS)
+SIZES = {"flux-dev": ["height=64", "width=64", "num_txt=512"], "qwen-image": ["height=64", "width=64", "num_txt=256"],
+         "hunyuan3d-2": ["height=1", "width=3072", "num_txt=1370"]}
 COMMON = ["remat=full", "param_dtype=bfloat16", "dtype=bfloat16", "router_dtype=float32"]
 CASES = [  # (model, trainable, topology, global batch)
     ("flux-dev", "routers", "v5e:4x4", 16),
@@ -29,6 +31,8 @@ CASES = [  # (model, trainable, topology, global batch)
     ("qwen-image", "routers", "v5e:4x4", 16),
     ("qwen-image", "routers", "v5e:2x4", 8),
     ("qwen-image", "routers+base", "v5p:2x2x2", 8),
+    ("hunyuan3d-2", "routers", "v5e:4x4", 16),
+    ("hunyuan3d-2", "routers", "v5e:2x4", 8),
 ]
 
 
@@ -36,7 +40,7 @@ def run_case(model: str, trainable: str, topology: str, batch: int) -> dict:
     """`edit-jax train --compile-only` of one case in a process of its own; its report.
 
     Args:
-      model: "flux" or "qwen-image". trainable: "routers" or "routers+base". topology: the
+      model: a preset ("flux-dev", "qwen-image", "hunyuan3d-2"). trainable: "routers" or "routers+base". topology: the
         TPU slice. batch: the global batch.
     """
     args = [sys.executable, "-m", "edit_jax.cli", "train", f"preset={model}", f"trainable={trainable}",
@@ -64,7 +68,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="tpu_fit.jsonl")
-    p.add_argument("--only", help="run the cases of this model only (flux-dev, qwen-image)")
+    p.add_argument("--only", help="run the cases of this model only (flux-dev, qwen-image, hunyuan3d-2)")
     args = p.parse_args(argv)
     rows = []
     for model, trainable, topology, batch in CASES:

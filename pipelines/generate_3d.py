@@ -129,18 +129,18 @@ def encode_images(images: np.ndarray, image_encoder: str | Path) -> np.ndarray:
     return states if cls_token else states[:, 1:]
 
 
-def check_request(ckpt: Path, images: list, features, image_encoder, mesh_format: str, octree_resolution: int,
-                  num_chunks: int) -> None:
+def check_request(ckpt: Path, vae: Path, images: list, features, image_encoder, mesh_format: str,
+                  octree_resolution: int, num_chunks: int) -> None:
     """One clear error for the first thing wrong with a request, before any work.
 
     Args:
-      ckpt: --model. images: the image files. features: given image features or None.
+      ckpt: --model. vae: the checkpoint holding the ShapeVAE. images: the image files. features: given image features or None.
       image_encoder: --image-encoder or None. mesh_format, octree_resolution, num_chunks: as
         `generate_3d`'s.
     """
-    if SHAPE_VAE_DIR not in tree_names(ckpt):
-        raise ValueError(f"--model {ckpt} holds no ShapeVAE: convert a Hunyuan3D-2 release folder "
-                         "(edit-jax convert hunyuan3d RELEASE CKPT)")
+    if SHAPE_VAE_DIR not in tree_names(vae):
+        raise ValueError(f"{vae} holds no ShapeVAE: convert a Hunyuan3D-2 release folder (edit-jax convert hunyuan3d "
+                         "RELEASE CKPT); for a training run's checkpoint, name the converted one with --shape-vae")
     if (features is None) == (image_encoder is None):
         raise ValueError("give the images' encoder (--image-encoder) or their features (--features), one of them")
     if features is None and not images:
@@ -151,7 +151,7 @@ def check_request(ckpt: Path, images: list, features, image_encoder, mesh_format
         raise ValueError(f"--octree-resolution {octree_resolution} must be >= 2 and --num-chunks {num_chunks} >= 1")
 
 
-def generate_3d(ckpt, images: list, out, *, image_encoder=None, features: np.ndarray | None = None,
+def generate_3d(ckpt, images: list, out, *, shape_vae=None, image_encoder=None, features: np.ndarray | None = None,
                 sampler: SamplerConfig = SamplerConfig(num_steps=50, true_cfg_scale=5.0),
                 elastic: ElasticConfig | None = None, seed: int = 0, octree_resolution: int = 384,
                 num_chunks: int = 8000, box_v: float = 1.01, mc_level: float = 0.0, mesh_format: str = "glb",
@@ -162,7 +162,8 @@ def generate_3d(ckpt, images: list, out, *, image_encoder=None, features: np.nda
 
     Args:
       ckpt: a converted Hunyuan3D-2 checkpoint (the DiT, its routers for E-DiT, the ShapeVAE).
-      images: image files. out: the folder to write. image_encoder: a release folder or a
+      images: image files. out: the folder to write. shape_vae: the checkpoint holding the
+        ShapeVAE when `ckpt` has none (a training run's), else None. image_encoder: a release folder or a
         transformers Dinov2 folder. features: [B, T, C] image features instead of images.
       sampler: steps and guidance (true_cfg_scale: hy3dgen's guidance_scale; guidance_scale for a
         guidance-distilled DiT). elastic: E-DiT and caches (None: dense). seed: of the noise.
@@ -173,7 +174,8 @@ def generate_3d(ckpt, images: list, out, *, image_encoder=None, features: np.nda
     from tqdm.auto import tqdm
 
     ckpt, out = resolve(ckpt), resolve(out)
-    check_request(ckpt, images, features, image_encoder, mesh_format, octree_resolution, num_chunks)
+    vae = ckpt if shape_vae is None else resolve(shape_vae)
+    check_request(ckpt, vae, images, features, image_encoder, mesh_format, octree_resolution, num_chunks)
     timings, start = {}, time.perf_counter()
 
     def lap(stage):
@@ -193,7 +195,7 @@ def generate_3d(ckpt, images: list, out, *, image_encoder=None, features: np.nda
     features = np.asarray(features, np.float32)
     if features.ndim != 3 or features.shape[-1] != config.joint_attention_dim:
         raise ValueError(f"image features of shape {features.shape}; this DiT reads [B, T, {config.joint_attention_dim}]")
-    vae_config, vae_params = edit_jax.load_shape_vae(ckpt)
+    vae_config, vae_params = edit_jax.load_shape_vae(vae)
     routers = None
     if elastic is not None and elastic.mode == "infer":
         if ROUTERS_DIR not in tree_names(ckpt):

@@ -217,3 +217,15 @@ def test_a_vae_benchmark_size_off_the_vae_scale_is_refused_before_any_work():
         main(["--size", "33"])
     with pytest.raises(ValueError, match="--tile 16: give a multiple of 32 px"):
         main(["--size", "64", "--tile", "16"])
+
+
+def test_volume_benchmark_projects_each_resolution_from_its_chunks_and_checks_one_by_a_whole_decode(tmp_path):
+    from edit_jax.eval import bench_volume
+
+    result = bench_volume.main(["--resolutions", "6,12", "--measure", "6", "--num-chunks", "100", "--chunks", "2",
+                                "--set", "width=16", "--set", "heads=2", "--set", "num_decoder_layers=1",
+                                "--set", "num_latents=8", "--out", str(tmp_path / "volume.json")])
+    small, large = result["rows"]
+    assert small["chunks"] == 4 and large["chunks"] == 22 and small["measured_s"] > 0
+    assert small["chunk_device_bytes"] == large["chunk_device_bytes"]  # fixed memory whatever the resolution
+    assert json.loads((tmp_path / "volume.json").read_text())["num_chunks"] == 100

@@ -98,3 +98,33 @@ def test_bad_requests_are_one_clear_error(release_ckpt, tmp_path, capsys):
     assert main(args(release, ckpt, tmp_path / "out", object_image(tmp_path / "a.png"), extra=["--mc-level", "99"])) == 2
     assert "no surface" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_routers_trained_on_a_shape_dataset_run_in_generate_3d(release_ckpt, tmp_path):
+    from edit_jax.train.dataset import write_dataset
+
+    release, ckpt = release_ckpt
+    rng = np.random.default_rng(0)
+    examples = [{"latents": rng.standard_normal((12, 8)).astype(np.float32),
+                 "image_features": rng.standard_normal((5, 24)).astype(np.float32)} for _ in range(4)]
+    write_dataset(tmp_path / "shapes", "hunyuan3d", examples)
+    assert main(["train", f"checkpoint={ckpt}", f"data={tmp_path / 'shapes'}", "steps=2", "batch_size=2",
+                 f"run_dir={tmp_path / 'run'}", "--quiet"]) == 0
+    image = object_image(tmp_path / "a.png")
+
+    assert main(args(release, tmp_path / "run" / "edit-jax", tmp_path / "out", image,
+                     extra=["--shape-vae", str(ckpt), "--elastic", "infer", "--tau", "0.0"])) == 0
+    record = json.loads((tmp_path / "out" / "generate_3d.json").read_text())
+    assert record["elastic"] == "infer" and record["blocks_executed"] == 1.0
+    assert (tmp_path / "out" / "router_map.png").is_file() and (tmp_path / "out" / "mesh-0.glb").is_file()
+
+
+def test_a_shape_dataset_of_another_width_is_refused_before_training(release_ckpt, tmp_path, capsys):
+    from edit_jax.train.dataset import write_dataset
+
+    _, ckpt = release_ckpt
+    write_dataset(tmp_path / "shapes", "hunyuan3d", [{"latents": np.zeros((12, 8), np.float32),
+                                                      "image_features": np.zeros((5, 7), np.float32)}] * 2)
+    assert main(["train", f"checkpoint={ckpt}", f"data={tmp_path / 'shapes'}", "steps=1", "batch_size=2",
+                 f"run_dir={tmp_path / 'run'}", "--quiet"]) == 2
+    assert "has image_features 7 wide; the model expects 24" in capsys.readouterr().err

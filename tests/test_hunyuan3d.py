@@ -233,3 +233,15 @@ def test_a_release_without_its_vae_or_a_folder_of_another_family_is_a_clear_erro
     assert main(["convert", "hunyuan3d", str(tmp_path / "flux"), str(tmp_path / "out")]) == 2
     assert "is not a Hunyuan3D-2 release folder: no config.yaml" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_training_reads_hunyuan3d_time_as_its_pipeline_runs_it():
+    from edit_jax.train.step import data_target, model_time
+
+    s, x0, noise = jnp.array([0.0, 0.25, 1.0]), jnp.ones((3, 2, 2)), jnp.zeros((3, 2, 2))
+    # x_t = (1 - s) x0 + s noise: hy3dgen's time t = 1 - s runs from noise (0) to data (1), d x_t / d t = x0 - noise
+    np.testing.assert_array_equal(model_time(TINY, s), 1 - s)
+    np.testing.assert_array_equal(data_target(TINY, x0, noise), x0 - noise)
+    flux = edit_jax.preset("flux-tiny")
+    np.testing.assert_array_equal(model_time(flux, s), s)
+    np.testing.assert_array_equal(data_target(flux, x0, noise), noise - x0)

@@ -17,6 +17,11 @@ One record is one example, msgpack-serialised (flax.serialization) as a dict of 
   caption (optional)           the text, as UTF-8 bytes
 Images of several sizes go to one bucket per latent shape; a batch is always drawn from one
 bucket (latents are never padded). Text fields have one shape across the dataset.
+
+A Hunyuan3D-2 dataset (family "hunyuan3d") holds shapes instead of images:
+  latents [N, C]               the ShapeVAE's latents as the DiT reads them (3072 x 64 for the
+                               release; hy3dgen's encoder output times its scale_factor), float
+  image_features [T, D]        DINOv2's last hidden states of a rendered view (1370 x 1536)
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ VERSION = 1
 MANIFEST = "manifest.json"
 MAX_SOURCES = 5  # source images named per bucket in the manifest (for messages about the bucket)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # what `edit-jax prepare-data` reads
-TEXT_FIELDS = {"flux": ("prompt_embeds", "pooled_prompt_embeds"), "qwen-image": ("prompt_embeds", "prompt_embeds_mask")}
+TEXT_FIELDS = {"flux": ("prompt_embeds", "pooled_prompt_embeds"), "qwen-image": ("prompt_embeds", "prompt_embeds_mask"),
+               "hunyuan3d": ("image_features",)}  # the conditions beside the latents, the first read as encoder_hidden_states
+TOKEN_LATENTS = ("hunyuan3d",)  # families whose latents are tokens [N, C] as the model reads them (not packed 2x2)
 
 
 def _serialize(example: dict) -> bytes:
@@ -77,10 +84,13 @@ def write_dataset(out: str | Path, family: str, examples: Iterable[dict], record
             expected = {"latents", *TEXT_FIELDS[family]}
             if set(arrays) != expected:
                 raise ConfigError(f"example {index} has fields {sorted(arrays)}; a {family} dataset needs {sorted(expected)}")
-            if arrays["latents"].ndim != 3:
-                raise ConfigError(f"example {index}: latents have shape {arrays['latents'].shape}, expected [C, H, W]")
+            tokens = family in TOKEN_LATENTS
+            if arrays["latents"].ndim != (2 if tokens else 3):
+                raise ConfigError(f"example {index}: latents have shape {arrays['latents'].shape}, expected "
+                                  f"{'[N, C]' if tokens else '[C, H, W]'}")
             shapes = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in arrays.items() if k != "latents"}
-            shapes["latents"] = {"shape": [arrays["latents"].shape[0], None, None], "dtype": str(arrays["latents"].dtype)}
+            latent_shape = [None, arrays["latents"].shape[1]] if tokens else [arrays["latents"].shape[0], None, None]
+            shapes["latents"] = {"shape": latent_shape, "dtype": str(arrays["latents"].dtype)}
             if fields is None:
                 fields = shapes
             elif shapes != fields:
@@ -134,15 +144,24 @@ def read_manifest(path: str | Path) -> dict:
 
 def check_fits(manifest: dict, model_config, path) -> None:
     """Raises ConfigError when the dataset is of another family or its shapes do not fit the model."""
-    if manifest["family"] != model_config.family:
-        raise ConfigError(f"dataset {path} is for {manifest['family']}, the checkpoint is {model_config.family}")
-    channels = manifest["fields"]["latents"]["shape"][0]
-    if 4 * channels != model_config.in_channels:  # both families read latents packed 2x2
-        raise ConfigError(f"dataset {path} has {channels} latent channels; the model reads {model_config.in_channels} "
-                          "packed channels (4 x the latent channels)")
-    width = manifest["fields"]["prompt_embeds"]["shape"][-1]
+    family = manifest["family"]
+    if family != model_config.family:
+        raise ConfigError(f"dataset {path} is for {family}, the checkpoint is {model_config.family}")
+    if family in TOKEN_LATENTS:
+        channels = manifest["fields"]["latents"]["shape"][-1]
+        if channels != model_config.in_channels:
+            raise ConfigError(f"dataset {path} has latents of {channels} channels; the model reads {model_config.in_channels}")
+    else:
+        channels = manifest["fields"]["latents"]["shape"][0]
+        if 4 * channels != model_config.in_channels:  # the image families read latents packed 2x2
+            raise ConfigError(f"dataset {path} has {channels} latent channels; the model reads {model_config.in_channels} "
+                              "packed channels (4 x the latent channels)")
+    condition = TEXT_FIELDS[family][0]
+    width = manifest["fields"][condition]["shape"][-1]
     if width != model_config.joint_attention_dim:
-        raise ConfigError(f"dataset {path} has text embeddings {width} wide; the model expects {model_config.joint_attention_dim}")
+        raise ConfigError(f"dataset {path} has {condition} {width} wide; the model expects {model_config.joint_attention_dim}")
+    if family in TOKEN_LATENTS:
+        return
     for bucket in manifest["buckets"]:
         _, h, w = bucket["latent_shape"]
         if h % 2 or w % 2:
@@ -160,6 +179,9 @@ def model_batch(family: str, records: dict) -> dict:
     """A batch of stacked records -> the per-sample model inputs the train step reads, and
     "grid": the packed token grid (rows, columns), the same for the whole batch."""
     latents = np.asarray(records["latents"], np.float32)
+    if family in TOKEN_LATENTS:  # one row of N tokens
+        return {"latents": latents, "grid": np.asarray([1, latents.shape[1]]),
+                "encoder_hidden_states": np.asarray(records[TEXT_FIELDS[family][0]], np.float32)}
     batch = {"latents": pack(latents), "grid": np.asarray(latents.shape[2:]) // 2,
              "encoder_hidden_states": np.asarray(records["prompt_embeds"], np.float32)}
     if family == "flux":
@@ -187,9 +209,10 @@ def describe_buckets(buckets: list[dict], shown: int = 3) -> str:
     """Each bucket's image size (latents x 8 px), its count and a few of its source images."""
     parts = []
     for b in buckets:
-        _, h, w = b["latent_shape"]
         sources = b.get("sources", [])
-        parts.append(f"{w * 8}x{h * 8} px: {b['count']}" + (f" ({', '.join(sources[:shown])}"
+        size = (f"{b['latent_shape'][0]} tokens" if len(b["latent_shape"]) == 2
+                else f"{b['latent_shape'][2] * 8}x{b['latent_shape'][1] * 8} px")
+        parts.append(f"{size}: {b['count']}" + (f" ({', '.join(sources[:shown])}"
                                                            f"{', ...' if b['count'] > shown else ''})" if sources else ""))
     return "; ".join(parts)
 

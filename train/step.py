@@ -18,6 +18,8 @@ step's routers are trained for the cache and the point earlier steps left them, 
 those; memory is one step's (each step's gradient is taken inside the window's scan).
 
 The step's randomness is jax.random.fold_in(key(seed), step): a resumed run draws the same noise.
+s is always the noise level; a family whose pipeline runs time the other way (Hunyuan3D-2: noise
+at t = 0) reads t = 1 - s and predicts d x / d t = x0 - noise (`model_time`, `data_target`).
 """
 
 from __future__ import annotations
@@ -98,6 +100,22 @@ def edit_loss(config: TrainConfig, v_pred, target, aux: dict, s, width_buckets) 
     return loss, metrics
 
 
+def noise_at_zero(model_config) -> bool:
+    """Whether the family's pipeline runs time from noise at 0 to data at 1 (Hunyuan3D-2)."""
+    return default_scheduler(model_config).noise_at_zero
+
+
+def model_time(model_config, s: jax.Array) -> jax.Array:
+    """The timestep [B] the model reads at noise levels s [B]: s, or 1 - s (`noise_at_zero`)."""
+    return 1 - s if noise_at_zero(model_config) else s
+
+
+def data_target(model_config, x0: jax.Array, noise: jax.Array) -> jax.Array:
+    """The flow-matching velocity of x_t = (1 - s) x0 + s noise in the model's own time:
+    noise - x0, or x0 - noise where its time runs the other way."""
+    return x0 - noise if noise_at_zero(model_config) else noise - x0
+
+
 def model_conditions(model_config, batch: dict) -> tuple[dict, dict]:
     """(array inputs, static inputs) of the model besides hidden_states and timestep, from a
     batch {"latents" [B, N, C], "encoder_hidden_states" [B, T, D], "pooled_projections" [B, P]
@@ -137,11 +155,12 @@ def make_loss_fn(config: TrainConfig, model) -> Callable:
     def loss_fn(trainable, frozen, batch, key):
         params = trainable["params"] if "params" in trainable else jax.lax.stop_gradient(frozen["params"])
         x0, noise, s, x_t, arrays, static = noisy_batch(config, model_config, batch, key)
+        t = model_time(model_config, s)
         if config.target == "data":
-            target = noise - x0
+            target = data_target(model_config, x0, noise)
         else:  # the same base, run dense, at the same noisy input
-            target = jax.lax.stop_gradient(model.apply({"params": params}, hidden_states=x_t, timestep=s, **arrays, **static))
-        v_pred, aux = model.apply({"params": params, "routers": trainable["routers"]}, hidden_states=x_t, timestep=s,
+            target = jax.lax.stop_gradient(model.apply({"params": params}, hidden_states=x_t, timestep=t, **arrays, **static))
+        v_pred, aux = model.apply({"params": params, "routers": trainable["routers"]}, hidden_states=x_t, timestep=t,
                                   **arrays, **static, elastic=elastic)
         return edit_loss(config, v_pred, target, aux, s, model_config.width_buckets)
 
@@ -175,18 +194,19 @@ def rollout_value_and_grad(config: TrainConfig, model, with_grad: bool = True) -
         x0 = batch["latents"]
         arrays, static = model_conditions(model_config, batch)
         rows, num_img = x0.shape[:2]
-        sigmas = jnp.asarray(flow_match_schedule(default_scheduler(model_config), config.rollout_schedule, num_img)[0])
+        times = jnp.asarray(flow_match_schedule(default_scheduler(model_config), config.rollout_schedule, num_img)[0])
+        levels = 1 - times if noise_at_zero(model_config) else times  # noise levels along the family's schedule
         noise_key, start_key = jax.random.split(key)
         start = jax.random.randint(start_key, (), 0, config.rollout_schedule - config.rollout_steps + 1)
-        s0 = sigmas[start]
+        s0 = levels[start]
         x = ((1 - s0) * x0 + s0 * jax.random.normal(noise_key, x0.shape, jnp.float32)).astype(x0.dtype)
         num_txt = arrays["encoder_hidden_states"].shape[1]
         cache = None if method is None else init_cache(model_config, rows, num_img, num_txt, method)
 
         def one(carry, i):
             x, cache, grads = carry
-            s = jnp.full((rows,), sigmas[start + i])
-            inputs = dict(hidden_states=x, timestep=s, **arrays, **static)
+            s = jnp.full((rows,), levels[start + i])
+            inputs = dict(hidden_states=x, timestep=jnp.full((rows,), times[start + i]), **arrays, **static)
             target = jax.lax.stop_gradient(model.apply({"params": params}, **inputs))
 
             def step_loss(routers):
@@ -202,7 +222,7 @@ def rollout_value_and_grad(config: TrainConfig, model, with_grad: bool = True) -
                 grads = jax.tree.map(jnp.add, grads, {"routers": step_grads})
             else:
                 loss, (metrics, v_pred, cache) = step_loss(trainable["routers"])
-            x_next = x + (sigmas[start + i + 1] - sigmas[start + i]) * v_pred.astype(x.dtype)
+            x_next = x + (times[start + i + 1] - times[start + i]) * v_pred.astype(x.dtype)
             return jax.lax.stop_gradient((x_next, cache)) + (grads,), (loss, metrics)
 
         zeros = jax.tree.map(jnp.zeros_like, trainable) if with_grad else None
@@ -235,13 +255,13 @@ def _base_loss_fn(config: TrainConfig, model) -> Callable:
 
     def loss_fn(trainable, frozen, batch, key):
         x0, noise, s, x_t, arrays, static = noisy_batch(config, model_config, batch, key)
-        inputs = dict(hidden_states=x_t, timestep=s, **arrays, **static)
+        inputs = dict(hidden_states=x_t, timestep=model_time(model_config, s), **arrays, **static)
         if forced is None:
             v_pred = model.apply({"params": trainable["params"]}, **inputs)
         else:
             v_pred, _ = model.apply({"params": trainable["params"]}, **inputs, elastic=ElasticConfig(mode="forced"),
                                     decisions=forced)
-        flow = jnp.mean(jnp.square(v_pred.astype(jnp.float32) - (noise - x0).astype(jnp.float32)))
+        flow = jnp.mean(jnp.square(v_pred.astype(jnp.float32) - data_target(model_config, x0, noise).astype(jnp.float32)))
         zero = jnp.zeros((), jnp.float32)
         return flow, {"loss": flow, "flow_loss": flow, "gate_loss": zero, "width_loss": zero,
                       "open_rate": jnp.asarray(open_rate, jnp.float32)}

@@ -65,7 +65,8 @@ def cmd_generate_3d(args) -> int:
                             cache_start=args.steps // 3 if args.cache_start is None else args.cache_start,
                             step_cache=step_cache_of(args, resolve(args.model) / MAG_RATIOS_FILE))
     sampler = SamplerConfig(num_steps=args.steps, true_cfg_scale=args.guidance_scale, guidance_scale=args.guidance_scale)
-    record = generate_3d(args.model, args.images, args.out, image_encoder=args.image_encoder, features=features,
+    record = generate_3d(args.model, args.images, args.out, shape_vae=args.shape_vae, image_encoder=args.image_encoder,
+                         features=features,
                          sampler=sampler, elastic=None if elastic.runs_base_model else elastic, seed=args.seed,
                          octree_resolution=args.octree_resolution, num_chunks=args.num_chunks, box_v=args.box_v,
                          mc_level=args.mc_level, mesh_format=args.format, progress=not args.quiet)
@@ -132,6 +133,8 @@ def add_generate_3d(command) -> None:
     gen.add_argument("images", nargs="*", help="image files (an alpha channel marks the object; else the whole image)")
     gen.add_argument("--model", required=True, help="an edit-jax checkpoint from `edit-jax convert hunyuan3d` "
                                                     "(its routers for --elastic infer)")
+    gen.add_argument("--shape-vae", help="the converted checkpoint holding the ShapeVAE, when --model is a training "
+                                         "run's checkpoint (default: --model)")
     gen.add_argument("--image-encoder", help="the Hunyuan3D-2 release folder (its config.yaml and conditioner "
                                              "weights) or a transformers Dinov2 folder")
     gen.add_argument("--features", help="an .npz with image_features [B, T, C] instead of images and an encoder")

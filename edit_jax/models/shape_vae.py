@@ -258,7 +258,9 @@ def grid_axes(bounds: float | tuple[float, ...], octree_resolution: int) -> list
 
 
 @functools.lru_cache(maxsize=8)
-def _chunk_fn(config: ShapeVAEConfig, num_chunks: int):
+def chunk_decoder(config: ShapeVAEConfig, num_chunks: int):
+    """The jitted chunk(params, kv, axes [3, R + 1], start) -> logits [B, num_chunks] that
+    `decode_volume` calls per chunk (compiled once per config and chunk size)."""
     model = ShapeVAE(config)
 
     @jax.jit
@@ -292,7 +294,7 @@ def decode_volume(config: ShapeVAEConfig, params: dict, latents: jax.Array, boun
     n = octree_resolution + 1
     total = n**3
     out = np.empty((latents.shape[0], total), np.float32)
-    chunk = _chunk_fn(config, num_chunks)
+    chunk = chunk_decoder(config, num_chunks)
     for start in range(0, total, num_chunks):
         logits = np.asarray(chunk(params, kv, axes, start), np.float32)
         out[:, start : start + num_chunks] = logits[:, : total - start]
