@@ -10,6 +10,9 @@ tables backward (each transform's inverse), never through a second hand-written 
     edit-release  one model.safetensors: the DiT keys plus the routers as gate_mlps.{i}.* (the
                   released E-DiT layout, SPEC section 6; FLUX numbers its double blocks first, then
                   its single blocks)
+    release       Hunyuan3D-2's release folder: config.yaml and model.safetensors of the DiT's
+                  model.* and the ShapeVAE's vae.* tensors (the image encoder stays in the release
+                  it was converted from), routers.safetensors beside them when there are routers
 
 Every file records the MLP activation in its safetensors metadata ("activation"), which
 `edit-jax convert` reads back. A format's own code runs one activation (`NATIVE_ACTIVATION`:
@@ -31,14 +34,16 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from edit_jax.checkpoints_convert import flux, qwen_image
+from edit_jax.checkpoints_convert import flux, hunyuan3d, qwen_image
 from edit_jax.checkpoints_convert.engine import ConversionError
 from edit_jax.checkpoints_convert.sources import ROUTERS_FILE
 from edit_jax.checkpoints_convert.tables import join
-from edit_jax.checkpoint import (ROUTERS_DIR, CheckpointError, atomic_folder, flatten, load_config, overlaps,
-                                 params_metadata, read_array, resolve, tree_names)
+from edit_jax.checkpoint import (ROUTERS_DIR, SHAPE_VAE_DIR, CheckpointError, atomic_folder, flatten, load_config,
+                                 overlaps, params_metadata, read_array, read_metadata, resolve, tree_names)
+from edit_jax.models.shape_vae import ShapeVAEConfig
 
-FAMILIES = {"flux": flux, "qwen-image": qwen_image}
+FAMILIES = {"flux": flux, "qwen-image": qwen_image, "hunyuan3d": hunyuan3d}
+FORMATS = {"flux": ("diffusers", "edit-release"), "qwen-image": ("diffusers", "edit-release"), "hunyuan3d": ("release",)}
 DIFFUSERS_CLASSES = {"flux": "FluxTransformer2DModel", "qwen-image": "QwenImageTransformer2DModel"}
 OURS_ONLY = ("mlp_ratio", "activation", "router_hidden", "width_buckets", "width_groups")  # fields diffusers does not know
 WEIGHTS = "diffusion_pytorch_model"
@@ -63,7 +68,7 @@ def check_activation(config, fmt: str, allow_change: bool) -> None:
 
 def _tables(config, fmt: str, has_routers: bool) -> dict[str, dict]:
     module = FAMILIES[config.family]
-    tables = {"params": module.TABLES["diffusers"](config)}
+    tables = {"params": module.TABLES["release" if fmt == "release" else "diffusers"](config)}
     if fmt == "edit-release" and not has_routers:
         raise ConversionError("--format edit-release writes the routers, and this checkpoint has none")
     if has_routers:
@@ -154,12 +159,14 @@ def diffusers_config(config) -> dict:
     return {"_class_name": DIFFUSERS_CLASSES[config.family], **d}
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers", *, dtype: str | None = None,
+def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str | None = None, *, dtype: str | None = None,
                       shard_bytes: int = 5 << 30, overwrite: bool = False, progress: bool = True,
                       allow_activation_change: bool = False) -> Path:
     """Writes the checkpoint `ckpt` as `fmt` into the folder `out`; returns `out`.
 
     Args:
+      fmt: "diffusers" or "edit-release" (FLUX, Qwen-Image), "release" (Hunyuan3D-2); None: the
+        family's first (diffusers; release).
       dtype: the tensors' dtype (default: as stored).
       shard_bytes: diffusers' shard size.
       allow_activation_change: export a model whose MLP activation is not the one `fmt`'s own code
@@ -167,14 +174,17 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
     """
     from safetensors.numpy import save_file
 
-    if fmt not in ("diffusers", "edit-release"):
-        raise ValueError(f"unknown export format {fmt!r}; choose diffusers or edit-release")
     ckpt, out = resolve(ckpt), resolve(out)
     config = load_config(ckpt)
+    fmt = FORMATS[config.family][0] if fmt is None else fmt
+    if fmt not in FORMATS[config.family]:
+        raise ValueError(f"a {config.family} checkpoint exports as {' or '.join(FORMATS[config.family])}, not {fmt!r}")
     tables = _tables(config, fmt, ROUTERS_DIR in tree_names(ckpt))
     check_activation(config, fmt, allow_activation_change)
     if overlaps(out, ckpt):
         raise CheckpointError(f"refusing to export into {out}: it is, holds or lies inside the checkpoint {ckpt}")
+    if fmt == "release":
+        return _export_release(ckpt, out, config, tables, dtype, overwrite, progress)
     if out.exists() and not (overwrite and _is_export(out)):
         raise CheckpointError(f"{out} already exists" + (" and is not an earlier export (a diffusers config.json or "
                                                           "model.safetensors)" if overwrite else " (--overwrite replaces an earlier export)"))
@@ -199,4 +209,30 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, fmt: str = "diffusers",
         print(f"export: diffusers' {DIFFUSERS_CLASSES[config.family]} has no routers: they are in "
               f"{out / ROUTERS_FILE} (gate_mlps.{{i}}.*, the E-DiT release's names); `edit-jax convert` reads the "
               "folder back with them", file=sys.stderr)
+    return out
+
+
+def _export_release(ckpt: Path, out: Path, config, tables: dict, dtype: str | None, overwrite: bool, progress: bool) -> Path:
+    """`export_checkpoint`'s Hunyuan3D-2 release folder (see the module docstring)."""
+    from safetensors.numpy import save_file
+
+    meta = read_metadata(ckpt)
+    if SHAPE_VAE_DIR not in tree_names(ckpt):
+        raise ConversionError(f"{ckpt} holds no ShapeVAE: a release folder needs the one `edit-jax convert hunyuan3d` keeps")
+    if out.exists() and not (overwrite and (out / hunyuan3d.RELEASE_CONFIG).is_file() and (out / "model.safetensors").is_file()):
+        raise CheckpointError(f"{out} already exists" + (" and is not an earlier export" if overwrite else
+                                                          " (--overwrite replaces an earlier export)"))
+    vae_table, _ = hunyuan3d.shape_vae_tree(ShapeVAEConfig(**meta[SHAPE_VAE_DIR]))
+    np_dtype = None if dtype is None else np.dtype(__import__("ml_dtypes").bfloat16 if dtype == "bfloat16" else dtype)
+    metadata = {"format": "pt"}
+    with atomic_folder(out) as tmp:
+        model = {**dict(_tree_tensors(ckpt, "params", tables["params"], np_dtype)),
+                 **dict(_tree_tensors(ckpt, SHAPE_VAE_DIR, vae_table, np_dtype))}
+        save_file(dict(tqdm(model.items(), desc="export", unit="tensor", disable=not progress)), tmp / "model.safetensors",
+                  metadata=metadata)
+        if ROUTERS_DIR in tables:
+            save_file(dict(_tree_tensors(ckpt, ROUTERS_DIR, tables[ROUTERS_DIR], np_dtype)), tmp / ROUTERS_FILE,
+                      metadata=metadata)
+        (tmp / hunyuan3d.RELEASE_CONFIG).write_text(hunyuan3d.release_config_yaml(
+            config, meta[SHAPE_VAE_DIR], meta.get(hunyuan3d.RELEASE_KEY, {})))
     return out

@@ -15,12 +15,13 @@ import re
 import yaml
 
 from edit_jax.checkpoint import SHAPE_VAE_DIR, flatten
-from edit_jax.checkpoints_convert.flux import bfl_table
+from edit_jax.checkpoints_convert.flux import bfl_table, router_table
 from edit_jax.checkpoints_convert.tables import Src, transpose
 from edit_jax.config import ConfigError, Hunyuan3DConfig
 from edit_jax.models.shape_vae import ShapeVAEConfig, abstract_shape_vae
 
 RELEASE_CONFIG = "config.yaml"
+RELEASE_KEY = "hunyuan3d_release"  # config.json: the release config.yaml's other parts, written back by export
 PREFIXES = {"params": "model.", SHAPE_VAE_DIR: "vae."}  # our tree -> its tensors' prefix in the release file
 LEFT_OUT = "conditioner."  # DINOv2: it runs at the edge through transformers, as the text encoders do
 EMBEDDERS = {"img_in.": "latent_in.", "txt_in.": "cond_in."}  # BFL FLUX's -> hy3dgen's
@@ -102,6 +103,7 @@ def release_table(cfg: Hunyuan3DConfig) -> dict[str, Src]:
 
 
 TABLES = {"release": release_table}
+router_table = router_table  # gate_mlps.{i}.* over the double blocks, then the single ones, as FLUX's
 
 
 def prepare(source, fmt: str = "auto", config: Hunyuan3DConfig | None = None):
@@ -117,8 +119,26 @@ def prepare(source, fmt: str = "auto", config: Hunyuan3DConfig | None = None):
 
 
 def more_trees(source) -> tuple[dict, dict]:
-    """({"shape_vae": (table, abstract)}, config.json keys {"shape_vae": its config})."""
+    """({"shape_vae": (table, abstract)}, config.json keys: {"shape_vae": its config, and the
+    release config.yaml's other parts (conditioner, image processor, scheduler, targets)})."""
     _, vae = read_release_config(source.folder)
+    release = yaml.safe_load((source.folder / RELEASE_CONFIG).read_text())
+    return ({SHAPE_VAE_DIR: shape_vae_tree(vae)},
+            {SHAPE_VAE_DIR: dataclasses.asdict(vae), RELEASE_KEY: {k: v for k, v in release.items() if k != "vae"}})
+
+
+def shape_vae_tree(vae: ShapeVAEConfig) -> tuple[dict[str, Src], dict]:
+    """(the ShapeVAE's table over the release file's vae.* tensors, its abstract params)."""
     abstract = abstract_shape_vae(vae)
-    return ({SHAPE_VAE_DIR: (prefixed(shape_vae_table(abstract), PREFIXES[SHAPE_VAE_DIR]), abstract)},
-            {SHAPE_VAE_DIR: dataclasses.asdict(vae)})
+    return prefixed(shape_vae_table(abstract), PREFIXES[SHAPE_VAE_DIR]), abstract
+
+
+def release_config_yaml(config: Hunyuan3DConfig, vae: dict, release: dict) -> str:
+    """The release config.yaml of a checkpoint: the DiT's params from its config, the ShapeVAE's,
+    and the rest as the converted release had them."""
+    params = {theirs: getattr(config, ours) for theirs, ours in DIT_FIELDS.items()}
+    params["axes_dim"] = list(params["axes_dim"])
+    params["hidden_size"] = config.inner_dim
+    model = {**release.get("model", {}), "params": {**release.get("model", {}).get("params", {}), **params}}
+    out = {**release, "model": model, "vae": {"target": "hy3dgen.shapegen.models.ShapeVAE", "params": vae}}
+    return yaml.safe_dump(out, sort_keys=False)

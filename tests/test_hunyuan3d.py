@@ -245,3 +245,27 @@ def test_training_reads_hunyuan3d_time_as_its_pipeline_runs_it():
     flux = edit_jax.preset("flux-tiny")
     np.testing.assert_array_equal(model_time(flux, s), s)
     np.testing.assert_array_equal(data_target(flux, x0, noise), noise - x0)
+
+
+def test_export_back_to_a_release_folder_gives_the_release_tensors_and_converts_again(tmp_path, capsys):
+    import yaml
+    from safetensors.numpy import load_file
+
+    from edit_jax.cli import main
+
+    release_folder(tmp_path / "release")
+    assert main(["convert", "hunyuan3d", str(tmp_path / "release"), str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "exported")]) == 0
+    original = load_file(tmp_path / "release" / "model.fp16.safetensors")
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+
+    assert set(exported) == {k for k in original if not k.startswith("conditioner.")}
+    for key, tensor in exported.items():
+        np.testing.assert_array_equal(tensor, original[key], err_msg=key)
+    config = yaml.safe_load((tmp_path / "exported" / "config.yaml").read_text())
+    assert config["model"]["params"]["depth"] == 2 and config["vae"]["params"]["num_latents"] == 12
+    assert config["scheduler"]["target"].endswith("FlowMatchEulerDiscreteScheduler")
+    assert main(["convert", "hunyuan3d", str(tmp_path / "exported"), str(tmp_path / "again"), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "ckpt"), str(tmp_path / "x"), "--format", "diffusers"]) == 2
+    assert "a hunyuan3d checkpoint exports as release, not 'diffusers'" in capsys.readouterr().err

@@ -204,13 +204,15 @@ def add_convert(command) -> None:
 
 
 def add_export(command) -> None:
-    exp = command("export", "edit-jax checkpoint -> PyTorch safetensors (diffusers layout, or the E-DiT release layout)")
+    exp = command("export", "edit-jax checkpoint -> PyTorch safetensors (diffusers layout, the E-DiT release layout, "
+                            "or Hunyuan3D-2's release folder)")
     exp.add_argument("ckpt", help="edit-jax checkpoint folder")
     exp.add_argument("out", help="folder to create")
-    exp.add_argument("--format", default="diffusers", choices=["diffusers", "edit-release"],
+    exp.add_argument("--format", choices=["diffusers", "edit-release", "release"],
                      help="diffusers: the DiT as sharded safetensors + index + config.json (and its routers as "
                           "routers.safetensors); edit-release: one model.safetensors with the DiT and the routers as "
-                          "gate_mlps.{i}.*")
+                          "gate_mlps.{i}.*; release: Hunyuan3D-2's config.yaml and model.safetensors (default: "
+                          "diffusers, release for Hunyuan3D-2)")
     exp.add_argument("--dtype", choices=list(DTYPES), help="tensor dtype (default: as stored)")
     exp.add_argument("--shard-gb", type=at_least(0, float, strict=True), default=5.0, help="diffusers shard size, GiB")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier export")
