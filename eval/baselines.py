@@ -161,8 +161,9 @@ def mag_cache_candidates(ratios: Sequence[float], layer_flops: np.ndarray, fixed
 
 
 def taylor_seer_candidates(num_steps: int, layer_flops: np.ndarray, fixed: float) -> list[tuple[float, dict]]:
-    """(FLOPs fraction, {"cache_interval", "disable_cache_before_step"}) of TaylorSeer schedules
-    over `num_steps` steps: a predicted step runs only the fixed part.
+    """(FLOPs fraction, {"cache_interval", "disable_cache_before_step", "disable_cache_after_step"})
+    of TaylorSeer schedules over `num_steps` steps (computing every step from the "after" step on
+    makes the fractions finer than the interval alone): a predicted step runs only the fixed part.
 
     Args:
       num_steps: the sampling run's. layer_flops: [L, 1 + K]. fixed: FLOPs outside the blocks.
@@ -171,9 +172,11 @@ def taylor_seer_candidates(num_steps: int, layer_flops: np.ndarray, fixed: float
     out = []
     for before in (1, 2, 3):
         for interval in range(1, num_steps + 1):
-            computed = np.asarray(TaylorSeer(interval, before).computes_at(np.arange(num_steps)))
-            fraction = (num_steps * fixed + computed.sum() * blocks) / (num_steps * (fixed + blocks))
-            out.append((float(fraction), {"cache_interval": interval, "disable_cache_before_step": before}))
+            for after in (None, *range(before + 1, num_steps)):
+                computed = np.asarray(TaylorSeer(interval, before, after).computes_at(np.arange(num_steps)))
+                fraction = (num_steps * fixed + computed.sum() * blocks) / (num_steps * (fixed + blocks))
+                out.append((float(fraction), {"cache_interval": interval, "disable_cache_before_step": before,
+                                              "disable_cache_after_step": after}))
     return out
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edit_jax.elastic.step_cache import MagCache
+from edit_jax.elastic.step_cache import MagCache, TaylorSeer
 from edit_jax.eval import baselines
 
 # 4 blocks, each 10 FLOPs at full width (columns: skipped, 1/4, 1/2, 3/4, full); 10 fixed
@@ -74,3 +74,13 @@ def test_the_threshold_search_brackets_the_target():
     assert baselines.next_threshold([(0.1, 0.9)], 0.5) == 0.2  # too costly: raise it
     assert baselines.next_threshold([(0.1, 0.3)], 0.5) == 0.05
     assert baselines.next_threshold([(0.1, 0.9), (0.4, 0.3)], 0.5) == 0.25
+
+
+def test_taylor_seer_candidates_reach_every_budget_of_a_short_run_and_count_what_the_method_computes():
+    table, fixed = np.ones((6, 5)), 0.1
+    candidates = baselines.taylor_seer_candidates(12, table, fixed)
+    for target in np.linspace(0.35, 1.0, 14):
+        fraction, setting = min(candidates, key=lambda c: abs(c[0] - target))
+        assert abs(fraction - target) <= 0.05
+        computed = np.asarray(TaylorSeer(**setting).computes_at(np.arange(12))).sum()
+        assert fraction == pytest.approx((12 * fixed + computed * 6) / (12 * (fixed + 6)))
