@@ -100,6 +100,8 @@ def main(argv=None) -> dict:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--no-ideal", action="store_true",
                    help="leave out the dense model built without the skipped blocks (saves its copy of half the weights)")
+    p.add_argument("--forced-only", action="store_true",
+                   help="time dense and the forced pattern alone (a full-size model on a CPU: each forward takes minutes)")
     p.add_argument("--out", help="write the JSON result here too")
     args = p.parse_args(argv)
 
@@ -121,6 +123,9 @@ def main(argv=None) -> dict:
         "routers_all_open": jitted["infer"],
         "routers_all_open_modulation_ahead": lambda v, x: jitted["infer_ahead"](v, x, ahead),
     }
+    if args.forced_only:
+        fns = {k: fns[k] for k in ("dense", "forced_pattern")}
+        kept = None
     if kept is not None:
         kept_model, kept_params = edit_jax.build_model(kept[0]), kept[1]
         kept_fn = jax.jit(lambda p, x: kept_model.apply({"params": p}, **x, **static))  # params as an argument, not a constant
@@ -137,7 +142,8 @@ def main(argv=None) -> dict:
     n, t = args.height * args.width, args.txt
     flops_dense = float(dense_flops(config, n, t))
     flops_forced = float(np.asarray(outs["forced_pattern"][1]["flops"]["total"])) / args.batch
-    flops_routed = float(np.asarray(outs["routers_all_open"][1]["flops"]["total"])) / args.batch
+    routed = "routers_all_open" in outs
+    flops_routed = float(np.asarray(outs["routers_all_open"][1]["flops"]["total"])) / args.batch if routed else None
     result = {
         **environment(),
         "preset": args.preset,
@@ -150,7 +156,8 @@ def main(argv=None) -> dict:
                     "half_width": int((np.asarray(pattern["run"]) & (np.asarray(pattern["bucket"]) == 1)).sum())},
         "median_ms": {k: round(v, 3) for k, v in medians.items()},
         "first_call_s": first_call_s,
-        "gflops_per_sample": {"dense": flops_dense / 1e9, "forced_pattern": flops_forced / 1e9, "routers_all_open": flops_routed / 1e9},
+        "gflops_per_sample": {"dense": flops_dense / 1e9, "forced_pattern": flops_forced / 1e9,
+                              "routers_all_open": flops_routed / 1e9 if routed else None},
         "forced": {
             "flop_reduction": round(flops_dense / flops_forced, 3),
             "speedup": round(paired_ratio(times, "dense", "forced_pattern"), 3),
@@ -158,7 +165,7 @@ def main(argv=None) -> dict:
         },
         "skip_mechanism_overhead": (round(paired_ratio(times, "skips_only", "dense_without_skipped_blocks") - 1, 4)
                                     if kept is not None else None),
-        "routers_overhead": {
+        "routers_overhead": None if not routed else {
             "flops": round(flops_routed / flops_dense - 1, 4),
             "time": round(paired_ratio(times, "routers_all_open", "dense") - 1, 4),
             "time_of_medians": round(medians["routers_all_open"] / medians["dense"] - 1, 4),

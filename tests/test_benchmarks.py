@@ -26,6 +26,14 @@ def test_elastic_benchmark_reports_speedup_beside_flop_reduction(preset, tmp_pat
     assert result["routers_overhead"]["flops"] > 0
 
 
+def test_elastic_benchmark_of_a_large_model_on_cpu_times_dense_and_the_forced_pattern_alone(tmp_path):
+    result = bench_elastic.main(["--preset", "hunyuan3d-tiny", "--height", "1", "--width", "12", "--txt", "5",
+                                 "--runs", "2", "--forced-only"])
+
+    assert set(result["median_ms"]) == {"dense", "forced_pattern"} and result["routers_overhead"] is None
+    assert result["forced"]["flop_reduction"] > 2
+
+
 @pytest.mark.parametrize("preset", ["flux-tiny", "qwen-image-tiny"])
 def test_forward_benchmark_times_ours_beside_diffusers_eager_on_the_same_weights_per_batch(preset, tmp_path):
     from edit_jax.eval import bench_forward
