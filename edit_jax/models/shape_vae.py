@@ -14,10 +14,9 @@ cross-attends to the latents. Param names follow hy3dgen's modules with "_N" for
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
