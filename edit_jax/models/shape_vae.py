@@ -1,14 +1,17 @@
-"""Hunyuan3D-2's ShapeVAE decoder (hy3dgen `ShapeVAE`) in Flax: shape latents -> an SDF-like
-occupancy field queried at 3D points.
+"""Hunyuan3D-2's ShapeVAE decoder (hy3dgen `ShapeVAE`) in Flax: shape latents -> an occupancy
+field (logits) queried at 3D points, and the mesh of its level set.
 
-    latents = decode_latents(config, params, x)          # x [B, N, embed_dim], the DiT's output
-    logits = geo_decode(config, params, points, latents)  # points [B, P, 3] -> [B, P, 1]
+    vae = ShapeVAE(config)
+    latents = vae.apply({"params": params}, x, method=ShapeVAE.decode)        # x [B, N, embed_dim] -> [B, N, width]
+    grid = decode_volume(config, params, latents, bounds, octree_resolution)   # [B, R + 1, R + 1, R + 1] logits
+    vertices, faces = extract_surface(grid[0], mc_level, bounds)
 
-`decode_latents` is hy3dgen's `ShapeVAE.forward` on latents / scale_factor (post_kl, then the
-self-attention transformer); the geometry decoder embeds each point with Fourier features and
-cross-attends to the latents. Param names follow hy3dgen's modules with "_N" for a list index
-(`transformer/resblocks_3/attn/c_qkv`), so the conversion table is the VAEs' renaming rule.
-`edit_jax.sampling.shape_mesh` decodes a volume in chunks and extracts the mesh.
+`ShapeVAE.decode` is hy3dgen's `ShapeVAE.forward` on latents / scale_factor (post_kl, then the
+self-attention transformer); the geometry decoder (`ShapeVAE.occupancy`) embeds each point with
+Fourier features and cross-attends to the latents. Param names follow hy3dgen's modules with "_N"
+for its one list (`transformer/resblocks_3/attn/c_qkv`), so the conversion table is a renaming
+(`edit_jax.checkpoints_convert.hunyuan3d.shape_vae_table`). `decode_volume` decodes the grid in
+chunks of fixed size; `extract_surface` is scikit-image's marching cubes on it.
 """
 
 from __future__ import annotations
