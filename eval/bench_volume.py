@@ -1,8 +1,8 @@
 """Times Hunyuan3D-2's volume decode (`edit_jax.models.shape_vae.decode_volume`) and states its
 memory: per octree resolution, the seconds per chunk of `num_chunks` grid points (median of
 `--chunks` timed calls after a compile), the whole decode's time projected from it (chunks x
-seconds per chunk), the compiled chunk program's device memory (the same at every resolution:
-the point of decoding in chunks) and the host grid's bytes. At `--measure` resolutions the whole
+seconds per chunk), the compiled chunk program's device memory (its temporaries the same at every
+resolution: the point of decoding in chunks) and the host grid's bytes. At `--measure` resolutions the whole
 decode is also run and timed, so the projection is checked against a measurement.
 
     python -m edit_jax.eval.bench_volume                                # release size, CPU
@@ -26,7 +26,12 @@ from edit_jax.models.shape_vae import ShapeVAE, ShapeVAEConfig, chunk_decoder, d
 
 
 def chunk_memory_bytes(config: ShapeVAEConfig, params: dict, kv: jax.Array, axes: jax.Array, num_chunks: int) -> dict:
-    """The compiled chunk program's argument, output and temporary bytes (XLA's memory analysis)."""
+    """The compiled chunk program's argument, output and temporary bytes (XLA's memory analysis).
+
+    Args:
+      config, params: the ShapeVAE's. kv: the latents' keys and values [B, N, 2 width]. axes: the
+        grid's coordinates [3, R + 1]. num_chunks: grid points per call.
+    """
     analysis = chunk_decoder(config, num_chunks).lower(params, kv, axes, 0).compile().memory_analysis()
     if analysis is None:
         return {}
