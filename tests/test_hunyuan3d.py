@@ -57,10 +57,10 @@ def test_every_dit_block_runs_elastic_and_a_closed_pattern_changes_the_velocity_
     params = converted(make_hy3dgen_dit(), config)
     inputs = example_inputs(config, batch=1, height=2, width=4, num_txt=5)
     model = build_model(config)
-    dense, dense_aux = model.apply({"params": params}, **inputs, elastic=ElasticConfig(mode="forced"),
-                                   decisions={"run": jnp.ones(4, bool), "bucket": jnp.full(4, 3)})
-    skipped, aux = model.apply({"params": params}, **inputs, elastic=ElasticConfig(mode="forced"),
-                               decisions={"run": jnp.array([True, False, True, False]), "bucket": jnp.full(4, 1)})
+    forced = jax.jit(lambda run, bucket: model.apply({"params": params}, **inputs, elastic=ElasticConfig(mode="forced"),
+                                                     decisions={"run": run, "bucket": bucket}))
+    dense, dense_aux = forced(jnp.ones(4, bool), jnp.full(4, 3))
+    skipped, aux = forced(jnp.array([True, False, True, False]), jnp.full(4, 1))
 
     np.testing.assert_allclose(dense, model.apply({"params": params}, **inputs), rtol=1e-5, atol=1e-6)
     assert relative_error(skipped, dense) > 1e-3
@@ -74,11 +74,11 @@ def test_routers_and_the_first_block_cache_run_on_the_dit():
     inputs = example_inputs(config, batch=2, height=2, width=4, num_txt=5)
     method = FirstBlockCache(10.0)
     elastic = ElasticConfig(mode="infer", step_cache=method)
-    state = init_step_cache(config, 2, 8, 5, method)
-    model = build_model(config)
-    _, aux = model.apply({"params": params, "routers": init_routers(config)}, **inputs, elastic=elastic, step_cache=state)
-    _, aux = model.apply({"params": params, "routers": init_routers(config)}, **inputs, elastic=elastic,
-                         step_cache=aux["step_cache"], step=1)
+    variables = {"params": params, "routers": init_routers(config)}
+    call = jax.jit(lambda state, step: build_model(config).apply(variables, **inputs, elastic=elastic, step_cache=state,
+                                                                  step=step)[1])
+    aux = call(init_step_cache(config, 2, 8, 5, method), 0)
+    aux = call(aux["step_cache"], 1)
 
     assert np.asarray(aux["p"]).shape == (2, 4)
     assert not np.asarray(aux["step_computed"]).any()  # the same inputs again: the stored residual is reused
