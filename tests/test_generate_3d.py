@@ -9,6 +9,7 @@ import torch
 from test_hunyuan3d import release_folder
 
 from edit_jax.cli import main
+from edit_jax.train.dataset import write_dataset
 
 
 def make_release(release):
@@ -101,8 +102,6 @@ def test_bad_requests_are_one_clear_error(release_ckpt, tmp_path, capsys):
 
 
 def test_routers_trained_on_a_shape_dataset_run_in_generate_3d(release_ckpt, tmp_path):
-    from edit_jax.train.dataset import write_dataset
-
     release, ckpt = release_ckpt
     rng = np.random.default_rng(0)
     examples = [{"latents": rng.standard_normal((12, 8)).astype(np.float32),
@@ -120,8 +119,6 @@ def test_routers_trained_on_a_shape_dataset_run_in_generate_3d(release_ckpt, tmp
 
 
 def test_a_shape_dataset_of_another_width_is_refused_before_training(release_ckpt, tmp_path, capsys):
-    from edit_jax.train.dataset import write_dataset
-
     _, ckpt = release_ckpt
     write_dataset(tmp_path / "shapes", "hunyuan3d", [{"latents": np.zeros((12, 8), np.float32),
                                                       "image_features": np.zeros((5, 7), np.float32)}] * 2)
