@@ -14,10 +14,13 @@ import edit_jax
 from edit_jax.checkpoints_convert.engine import ConversionError, build_params
 from edit_jax.checkpoints_convert.hunyuan3d import dit_table
 from edit_jax.checkpoints_convert.sources import from_state_dict
+from edit_jax.cli import main
 from edit_jax.config import ConfigError, Hunyuan3DConfig
 from edit_jax.elastic import ElasticConfig, FirstBlockCache, TaylorSeer
 from edit_jax.models.registry import abstract_params, build_model, example_inputs, init_routers, init_step_cache
+from edit_jax.models.shape_vae import ShapeVAE
 from edit_jax.sampling.sampler import SamplerConfig, sample
+from edit_jax.train.step import data_target, model_time
 
 TINY = edit_jax.preset("hunyuan3d-tiny")
 
@@ -202,8 +205,6 @@ def release_folder(folder, file_type: str = "safetensors", parts=("model", "vae"
 
 @pytest.mark.parametrize("file_type", ["safetensors", "ckpt"])
 def test_convert_a_release_folder_then_load_the_dit_and_the_shape_vae(file_type, tmp_path, capsys):
-    from edit_jax.cli import main
-    from edit_jax.models.shape_vae import ShapeVAE
 
     dit, vae = release_folder(tmp_path / "release", file_type)
     assert main(["convert", "hunyuan3d", str(tmp_path / "release"), str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
@@ -224,7 +225,6 @@ def test_convert_a_release_folder_then_load_the_dit_and_the_shape_vae(file_type,
 def test_a_release_without_its_vae_or_a_folder_of_another_family_is_a_clear_error(tmp_path, capsys):
     from reference import make_diffusers_flux
 
-    from edit_jax.cli import main
 
     release_folder(tmp_path / "no-vae", parts=("model", "conditioner"))
     assert main(["convert", "hunyuan3d", str(tmp_path / "no-vae"), str(tmp_path / "out")]) == 2
@@ -236,7 +236,6 @@ def test_a_release_without_its_vae_or_a_folder_of_another_family_is_a_clear_erro
 
 
 def test_training_reads_hunyuan3d_time_as_its_pipeline_runs_it():
-    from edit_jax.train.step import data_target, model_time
 
     s, x0, noise = jnp.array([0.0, 0.25, 1.0]), jnp.ones((3, 2, 2)), jnp.zeros((3, 2, 2))
     # x_t = (1 - s) x0 + s noise: hy3dgen's time t = 1 - s runs from noise (0) to data (1), d x_t / d t = x0 - noise
@@ -251,7 +250,6 @@ def test_export_back_to_a_release_folder_gives_the_release_tensors_and_converts_
     import yaml
     from safetensors.numpy import load_file
 
-    from edit_jax.cli import main
 
     release_folder(tmp_path / "release")
     assert main(["convert", "hunyuan3d", str(tmp_path / "release"), str(tmp_path / "ckpt"), "--dtype", "float32"]) == 0
