@@ -38,7 +38,7 @@ import numpy as np
 
 import edit_jax
 from edit_jax.elastic.channel_order import order_mlp_channels
-from edit_jax.checkpoint import is_checkpoint, load_routers, resolve, save
+from edit_jax.checkpoint import is_checkpoint, load_routers, resolve, save, step_schedule
 from edit_jax.config import FluxConfig, config_to_dict
 from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.mechanism import ElasticConfig
@@ -48,6 +48,7 @@ from edit_jax.elastic.flops import base_flops, layer_flops
 from edit_jax.sampling.latents import unpack_latents
 from edit_jax.models.registry import build_model
 from edit_jax.sampling.sampler import SamplerConfig
+from edit_jax.sampling.step_schedule import ScheduleDecisions, learned_schedule
 from edit_jax.eval import baselines, real_data
 from edit_jax.eval.judge import Judge
 from edit_jax.eval.metrics import json_number, psnr, ssim
@@ -81,6 +82,7 @@ class DemoSettings:
     dense_learning_rate: float = 1e-3
     router_steps: int = 150  # routers, routers + base, and the static pruning fine-tune alike
     router_learning_rate: float = 1e-3
+    schedule_learning_rate: float = 0.05  # the learned step schedule's logits (one number per step and block)
     finetune_learning_rate: float = 3e-4
     rho_g: tuple = (0.5,)
     rho_w: float = 0.75
@@ -113,7 +115,7 @@ class DemoSettings:
                     raise DemoError(f"{name}={getattr(self, name)} must be >= {low}")
         if self.num_layers + self.num_single_layers < 1:
             raise DemoError("the demo's model needs at least one block (num_layers + num_single_layers >= 1)")
-        for name in ("dense_learning_rate", "router_learning_rate", "finetune_learning_rate"):
+        for name in ("dense_learning_rate", "router_learning_rate", "finetune_learning_rate", "schedule_learning_rate"):
             if not getattr(self, name) > 0:
                 raise DemoError(f"{name}={getattr(self, name)} must be > 0")
         for name in ("validation_fraction", "test_fraction"):
@@ -354,6 +356,8 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
     config, model, s = demo.config, demo.model, settings
 
     edit_runs = {}
+    rollout = dict(objective="rollout", closed="reuse", reuse_max=s.reuse_max,
+                   rollout_steps=min(s.rollout_steps, s.sample_steps), rollout_schedule=s.sample_steps)
     for rho in s.rho_g:
         common = dict(checkpoint=str(demo.ordered), routers="fresh", rho_g=rho, rho_w=s.rho_w,
                       gate_budget=s.gate_budget, steps=s.router_steps, rho_schedule=s.rho_schedule,
@@ -364,9 +368,9 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
             "routers+base": demo.train_run(f"edit-ft-rho{rho}", trainable="routers+base",
                                            learning_rate=s.finetune_learning_rate, **common),
             "reuse": demo.train_run(f"reuse-rho{rho}", trainable="routers", learning_rate=s.router_learning_rate,
-                                    objective="rollout", closed="reuse", reuse_max=s.reuse_max,
-                                    rollout_steps=min(s.rollout_steps, s.sample_steps), rollout_schedule=s.sample_steps,
-                                    **common),
+                                    **rollout, **common),
+            "schedule": demo.train_run(f"schedule-rho{rho}", trainable="schedule",
+                                       learning_rate=s.schedule_learning_rate, **rollout, **common),
         }
     log("static pruning: ordering blocks by validation loss")
     order = demo.prune_order()
@@ -382,7 +386,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
 
     from tqdm.auto import tqdm
 
-    demo.bar = tqdm(total=1 + 12 * len(s.rho_g), desc="sample and judge", unit="method", disable=not progress)
+    demo.bar = tqdm(total=1 + 13 * len(s.rho_g), desc="sample and judge", unit="method", disable=not progress)
     log("sampling: dense")
     latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, **timing)
     demo.dense_images = demo.images(latents)
@@ -412,9 +416,12 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
         schedule = baselines.step_schedule(computed.mean(axis=1), full, table, fixed, reuse_stats["flops_vs_dense"])
         reused = ElasticConfig(mode="forced", block_cache=LearnedReuse(s.reuse_max))
         latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None, reused,
-                                       decisions=_ScheduleDecisions(jnp.asarray(schedule), jnp.asarray(full, jnp.int32)),
+                                       decisions=ScheduleDecisions(jnp.asarray(schedule), jnp.asarray(full, jnp.int32)),
                                        **timing)
         rows.append(demo.judge_method(REUSE_SCHEDULE, latents, stats, rho_g=rho))
+        learned, decisions = learned_schedule(step_schedule(runs["schedule"]), s.sample_steps, len(config.width_buckets))
+        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None, learned, decisions=decisions, **timing)
+        rows.append(demo.judge_method(LEARNED_SCHEDULE, latents, stats, rho_g=rho))
         if router_map is None:
             router_map = (rho, jax.tree.map(np.asarray, cache_records))
         target = edit_stats["flops_vs_dense"]
@@ -428,7 +435,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
         run_table, bucket_table = jnp.asarray(schedule), jnp.asarray(common_bucket, jnp.int32)
         log(f"sampling at rho_g={rho}: per-step schedule, static pruning, cache alone (matched to {target:.2f} of dense)")
         latents, stats, _ = run_method(model, ft_params, noise, cond, sampler, None, ElasticConfig(mode="forced"),
-                                       decisions=_ScheduleDecisions(run_table, bucket_table), **timing)
+                                       decisions=ScheduleDecisions(run_table, bucket_table), **timing)
         rows.append(demo.judge_method("per-step schedule", latents, stats, rho_g=rho))
 
         skipped = sorted(baselines.static_for_target(order, table, fixed, target))
@@ -457,6 +464,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
                                            **timing)
             rows.append(demo.judge_method(name, latents, stats, rho_g=rho, cache=setting))
 
+        target = reuse_stats["flops_vs_dense"]
         log(f"sampling at rho_g={rho}: MagCache, the first-block cache and TaylorSeer (matched to {target:.2f} of dense)")
         setting = baselines.closest(baselines.mag_cache_candidates(mag_ratios, table, fixed, retention), target)
         mag = MagCache(tuple(mag_ratios), num_inference_steps=s.sample_steps, **setting)
@@ -478,24 +486,13 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
     return summary
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _ScheduleDecisions:
-    """Forced decisions of step i: row i of a [S, L] run table and bucket table (one object per
-    schedule, so the sampler compiles it once)."""
-
-    run: jax.Array
-    bucket: jax.Array
-
-    def __call__(self, step):
-        i = jnp.minimum(step, self.run.shape[0] - 1)
-        return {"run": self.run[i], "bucket": self.bucket[i]}
-
-
 # the cache alone twice, its period matched to each E-DiT row's FLOPs: two methods, not one trend
 CACHE_AT_EDIT, CACHE_AT_EDIT_CACHE = "cache alone, at E-DiT's FLOPs", "cache alone, at E-DiT + cache's FLOPs"
-MAG_CACHE, FIRST_BLOCK_CACHE = "MagCache, at E-DiT's FLOPs", "first-block cache, at E-DiT's FLOPs"
-TAYLOR_SEER = "TaylorSeer, at E-DiT's FLOPs"
+# the caches users pick, each matched to the learned-reuse routers' FLOPs: the comparison issue 34 asks for
+MAG_CACHE, FIRST_BLOCK_CACHE = "MagCache, at learned reuse's FLOPs", "first-block cache, at learned reuse's FLOPs"
+TAYLOR_SEER = "TaylorSeer, at learned reuse's FLOPs"
 LEARNED_REUSE, REUSE_SCHEDULE = "learned reuse (routers)", "per-step reuse schedule"
+LEARNED_SCHEDULE = "learned per-step reuse schedule (Learning-to-Cache)"
 
 COLUMNS = [("method", "method", "{}"), ("rho_g", "rho_g", "{}"), ("blocks_executed", "blocks run", "{:.2f}"),
            ("flops_vs_dense", "FLOPs vs dense", "{:.3f}"), ("ms_per_sample", "wall-clock (ms per sample)", "{:.2f}"),

@@ -10,9 +10,9 @@ from edit_jax.cli import main
 
 METHODS = {"dense", "E-DiT (routers)", "E-DiT (routers+base)", "E-DiT (routers+base) + cache", "per-step schedule",
            "static pruning", "static pruning + fine-tune", "cache alone, at E-DiT's FLOPs",
-           "cache alone, at E-DiT + cache's FLOPs", "MagCache, at E-DiT's FLOPs", "first-block cache, at E-DiT's FLOPs",
-           "TaylorSeer, at E-DiT's FLOPs",
-           "learned reuse (routers)", "per-step reuse schedule"}
+           "cache alone, at E-DiT + cache's FLOPs", "MagCache, at learned reuse's FLOPs",
+           "first-block cache, at learned reuse's FLOPs", "TaylorSeer, at learned reuse's FLOPs",
+           "learned reuse (routers)", "per-step reuse schedule", "learned per-step reuse schedule (Learning-to-Cache)"}
 COST_FIELDS = {"flops_per_step", "flops_total", "flops_vs_dense", "blocks_executed", "mean_width", "cache_hit_rate",
                "wall_clock_s"}
 
@@ -40,7 +40,7 @@ def test_the_demo_writes_its_table_json_and_pictures(tiny_demo):
 
 def test_the_demo_keeps_its_trained_checkpoints(tiny_demo):
     runs = {p.parent.name.rsplit("-", 1)[0] for p in (tiny_demo / "runs").glob("*/edit-jax")}
-    assert {"dense", "edit-rho0.5", "edit-ft-rho0.5", "reuse-rho0.5"} <= runs
+    assert {"dense", "edit-rho0.5", "edit-ft-rho0.5", "reuse-rho0.5", "schedule-rho0.5"} <= runs
     assert len(list((tiny_demo / "data").glob("train-*/manifest.json"))) == 1
 
 

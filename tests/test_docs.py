@@ -28,6 +28,7 @@ SUBSTITUTIONS = (
     ("28", "2"),  # denoising steps
     ("cache_start=20", "cache_start=1"),
     ('"tensor": 2', '"tensor": 1'),  # mesh axes: one CPU device
+    ("steps=200", "steps=3"),  # training steps
 )
 
 

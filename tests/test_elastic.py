@@ -30,9 +30,11 @@ def test_elastic_settings_out_of_range_are_one_clear_error(settings, message):
 
 @pytest.mark.parametrize("mode, decisions, message", [
     ("forced", None, "elastic mode 'forced' needs decisions"),
-    ("infer", "all-on", "decisions are read only in elastic mode 'forced', not 'infer'"),
+    ("infer", "all-on", r"decisions are read only in elastic mode 'forced' \(and \{'p', 'bucket'\} in mode 'train'\), "
+                        "not 'infer'"),
+    ("train", "all-on", r"in mode 'train'\), not 'train'"),  # train mode reads a schedule's p, not run flags
     ("forced", "bucket-past-the-last", r"forced bucket must be a width bucket 0..3, got \[4"),
-], ids=["forced-without-decisions", "decisions-in-infer", "bucket-past-the-last"])
+], ids=["forced-without-decisions", "decisions-in-infer", "run-flags-in-train", "bucket-past-the-last"])
 def test_forced_decisions_missing_misplaced_or_out_of_range_are_one_clear_error(mode, decisions, message):
     case = Case("flux")
     given = {None: None, "all-on": forced(np.ones(case.num_blocks), np.full(case.num_blocks, 3)),

@@ -167,3 +167,56 @@ def test_a_trained_reuse_checkpoint_says_so_and_sample_runs_its_routers_with_the
     assert summary["block_cache"] == "learned_reuse" and summary["cache_hit_rate"] > 0
     assert main([*args, "--out", str(tmp_path / "cached"), "--cache"]) == 2
     assert "trained to reuse" in capsys.readouterr().err
+
+
+def test_a_learned_schedule_is_trained_only_on_the_rows_of_its_rollout_window():
+    from edit_jax.train.step import init_schedule
+
+    _, variables, batch, config = rollout_setup(trainable="schedule", tau=0.75)  # p = 0.7: closed, so they reuse
+    model = edit_jax.build_model(edit_jax.preset("flux-tiny"))
+    schedule = init_schedule(config, model.config)
+    (loss, metrics), grads = rollout_value_and_grad(config, model)(
+        {"schedule": schedule}, {"params": variables["params"]}, batch, jax.random.key(0))
+
+    assert schedule.shape == (config.rollout_schedule, model.config.num_blocks)
+    assert np.isfinite(float(loss)) and float(metrics["reuse_rate"]) > 0
+    assert float(loss) == pytest.approx(float(metrics["flow_loss"] + metrics["gate_loss"]))  # no width term: no widths
+    trained_rows = np.flatnonzero(np.abs(np.asarray(grads["schedule"])).sum(axis=1) > 0)
+    assert len(trained_rows) == config.rollout_steps and np.all(np.diff(trained_rows) == 1)  # one window of steps
+
+
+def test_a_schedule_run_keeps_its_learned_p_in_the_checkpoint_and_samples_with_it_as_one_map_for_every_sample(tmp_path):
+    from edit_jax.checkpoint import load_routers, step_schedule
+    from edit_jax.sampling.sampler import SamplerConfig, sample
+    from edit_jax.sampling.step_schedule import learned_schedule
+
+    fields = dict(preset="flux-tiny", steps=3, batch_size=2, log_every=1, save_every=3, warmup_steps=1, num_txt=4,
+                  trainable="schedule", objective="rollout", closed="reuse", rollout_steps=2, rollout_schedule=4,
+                  reuse_max=3, learning_rate=0.5, rho_g=0.0)
+    train(TrainConfig(**fields, run_dir=str(tmp_path / "run")), progress=False)
+    ckpt = tmp_path / "run" / "edit-jax"
+    learned = step_schedule(ckpt)
+    p = np.asarray(learned["p"])
+    config = edit_jax.preset("flux-tiny")
+    assert p.shape == (4, config.num_blocks) and (p < 0.7).any()  # the budget pushed some steps' blocks closed
+    assert {k: learned[k] for k in ("tau", "closed", "max_reuse", "order")} == dict(tau=0.5, closed="reuse", max_reuse=3,
+                                                                                  order=0)
+    assert load_routers(ckpt) is None  # a schedule, not routers
+
+    elastic, decisions = learned_schedule(learned, 4, len(config.width_buckets))
+    variables = init_variables(config)
+    inputs = edit_jax.models.registry.example_inputs(config, batch=2, num_txt=4)
+    cond = {k: inputs[k] for k in ("encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids")}
+    _, records = sample(edit_jax.build_model(config), variables["params"], jnp.asarray(inputs["hidden_states"]), cond,
+                        SamplerConfig(num_steps=4), elastic=elastic, decisions=decisions)
+    computed = np.asarray(records["executed"])  # [S, B, L]
+    assert (computed[:, 0] == computed[:, 1]).all()  # one map for every sample
+    closed = p < 0.5
+    assert (computed[0]).all() and (np.asarray(records["cache_hit"])[1:] <= closed[1:, None]).all()
+    with pytest.raises(ValueError, match="learned for 4 sampling steps, not 6"):
+        learned_schedule(learned, 6, len(config.width_buckets))
+
+
+def test_a_schedule_learns_only_on_the_rollout():
+    with pytest.raises(ConfigError, match="trainable='schedule' learns a p for each step"):
+        TrainConfig(trainable="schedule")

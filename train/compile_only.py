@@ -21,11 +21,11 @@ import jax.numpy as jnp
 from edit_jax.config import ConfigError
 from edit_jax.models.registry import abstract_params, build_model
 from edit_jax.placement import param_shardings
-from edit_jax.sharding import batch_sharding, make_mesh, use_rules
+from edit_jax.sharding import batch_sharding, make_mesh, replicated, use_rules
 from edit_jax.train.config import TrainConfig
 from edit_jax.train.data import shared_inputs, synthetic_batch
 from edit_jax.train.loop import jitted_train_step, model_config_of, opt_state_shardings, split_trainable
-from edit_jax.train.step import make_optimizer
+from edit_jax.train.step import init_schedule, make_optimizer
 
 # TPU generations: libtpu's name, the device kind JAX reports, HBM per chip (GiB; v5e: the 15.75 XLA
 # reports it can use of 16), and whether the slice is a 3-D torus whose cloud name counts TensorCores
@@ -106,6 +106,9 @@ def _compile_only(config: TrainConfig, topology: str) -> dict:
     shardings = {"params": param_shardings(model_config, mesh),
                  "routers": param_shardings(model_config, mesh, collection="routers")}
     variables = {c: with_shardings(abstract_params(model_config, c), shardings[c]) for c in ("params", "routers")}
+    if config.trainable == "schedule":
+        shardings["schedule"] = replicated(mesh)
+        variables["schedule"] = with_shardings(jax.eval_shape(init_schedule, config, model_config), shardings["schedule"])
     trainable, frozen = split_trainable(config, variables)
     trainable_shardings = {k: shardings[k] for k in trainable}
     optimizer = make_optimizer(config)

@@ -21,7 +21,7 @@ from typing import Any
 from edit_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, REMAT_POLICIES, ConfigError
 from edit_jax.sharding import MESH_AXES, mesh_sizes, rules_with
 
-TRAINABLE = ("routers", "routers+base", "base")
+TRAINABLE = ("routers", "routers+base", "base", "schedule")
 TARGETS = ("data", "teacher")
 GATE_BUDGETS = ("soft", "hard")
 RHO_SCHEDULES = ("constant", "linear")
@@ -40,7 +40,9 @@ class TrainConfig:
     preset: str = "flux-tiny"  # only without a checkpoint (smoke runs, tests, benchmarks)
     routers: str = "checkpoint"  # "checkpoint" (its routers, fresh where it has none) or "fresh"
     trainable: str = "routers"  # "routers" (base frozen, no optimizer state), "routers+base", or "base":
-    # the base alone with the flow loss, routers untouched (dense training, or static pruning below)
+    # the base alone with the flow loss, routers untouched (dense training, or static pruning below); or
+    # "schedule": no router, one learned p per step of the rollout schedule and block, the same for every
+    # sample (Learning-to-Cache's per-step router; base frozen; objective=rollout)
     skip_blocks: tuple = ()  # with trainable=base: blocks (scan order) never run, a statically pruned model
     # the loss (SPEC section 4)
     target: str = "data"  # "data": v = noise - x0; "teacher": the dense model's velocity
@@ -135,9 +137,12 @@ class TrainConfig:
         if self.closed == "reuse" and self.objective != "rollout":
             raise ConfigError("closed='reuse' reuses residuals of earlier steps, which one flow step at a random noise "
                               "level has none of: train it with objective='rollout'")
-        if self.objective == "rollout" and self.trainable != "routers":
+        if self.objective == "rollout" and self.trainable not in ("routers", "schedule"):
             raise ConfigError("objective='rollout' learns from the dense model's velocity along the rollout: it needs a "
-                              "frozen base (trainable='routers')")
+                              "frozen base (trainable='routers' or 'schedule')")
+        if self.trainable == "schedule" and self.objective != "rollout":
+            raise ConfigError("trainable='schedule' learns a p for each step of the sampling schedule: train it with "
+                              "objective='rollout' (one flow step at a random noise level is no step of the schedule)")
         if not 1 <= self.rollout_steps <= self.rollout_schedule or self.reuse_max < 0 or self.reuse_order not in (0, 1):
             raise ConfigError(f"rollout_steps={self.rollout_steps} must be in [1, rollout_schedule={self.rollout_schedule}], "
                               f"reuse_max={self.reuse_max} >= 0 and reuse_order={self.reuse_order} 0 or 1")
@@ -214,7 +219,7 @@ class TrainConfig:
         accelerator = platform != "cpu"
         param_dtype = self.param_dtype
         if param_dtype == "auto":
-            param_dtype = "bfloat16" if accelerator and self.trainable == "routers" else "float32"
+            param_dtype = "bfloat16" if accelerator and self.trainable in ("routers", "schedule") else "float32"
         dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if accelerator else "float32")
         return param_dtype, dtype
 

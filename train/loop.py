@@ -37,8 +37,9 @@ from edit_jax.sharding import batch_sharding, make_mesh, replicated, use_rules
 from edit_jax.train.config import TrainConfig, describe_config
 from edit_jax.train.data import DataSource, shared_inputs
 from edit_jax.train.distributed import Preemption
-from edit_jax.train.run_dir import LOGS, SHARDING_FILE, changed_settings, check_run_dir, describe_changes, drop_records_after, run_config
-from edit_jax.train.step import make_loss_fn, make_optimizer, make_train_step
+from edit_jax.train.run_dir import (LOGS, SHARDING_FILE, changed_settings, check_run_dir, describe_changes,
+                                    drop_records_after, run_config)
+from edit_jax.train.step import init_schedule, make_loss_fn, make_optimizer, make_train_step
 
 
 class TrainingError(RuntimeError):
@@ -135,8 +136,11 @@ def check_data_processes(saved: Path, run_dir: Path) -> None:
 
 
 def split_trainable(config: TrainConfig, variables: dict) -> tuple[dict, dict]:
-    """(trainable, frozen) collections of {"params", "routers"}: the base is frozen (and gets no
-    optimizer state) when only the routers train."""
+    """(trainable, frozen) collections of {"params", "routers"} (and "schedule", a fresh learned step
+    schedule, with trainable="schedule"): the base is frozen (and gets no optimizer state) when only
+    the routers or the schedule train."""
+    if config.trainable == "schedule":
+        return {"schedule": variables["schedule"]}, {"params": variables["params"]}
     if config.trainable == "routers":
         return {"routers": variables["routers"]}, {"params": variables["params"]}
     if config.trainable == "base":
@@ -204,6 +208,9 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
         variables = {"params": load_params(config.checkpoint, abstract_params(model_config), shardings["params"]),
                      "routers": init_variables(model_config, config.seed, shardings, ("routers",))["routers"]
                      if stored is None else jax.tree.map(lambda x: x.astype(config.router_dtype), stored)}
+    if config.trainable == "schedule":  # small: every device holds all of it
+        shardings["schedule"] = replicated(mesh)
+        variables["schedule"] = jax.jit(lambda: init_schedule(config, model_config), out_shardings=shardings["schedule"])()
     trainable, frozen = split_trainable(config, variables)
     trainable_shardings = {k: shardings[k] for k in trainable}
     frozen_shardings = {k: shardings[k] for k in frozen}
@@ -374,7 +381,7 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
               f"{run_dir / 'checkpoints'}: rerun to continue", file=sys.stderr)
     if end == config.steps:
         export_final(run_dir / "edit-jax", model_config, trainable, frozen, config.checkpoint,
-                     base_identity, trained_router_mode(config))
+                     base_identity, trained_router_mode(config), trained_step_schedule(config, trainable))
     return jax.device_get(metrics)
 
 
@@ -406,15 +413,26 @@ class ProfileWindow:
 def trained_router_mode(config) -> dict | None:
     """What a run's routers are trained for, for the checkpoint (`edit_jax.checkpoint.router_mode`);
     None where no router trains."""
-    if config.trainable == "base":
+    if config.trainable in ("base", "schedule"):
         return None
     if config.closed == "reuse":
         return {"closed": "reuse", "max_reuse": config.reuse_max, "order": config.reuse_order}
     return {"closed": "skip"}
 
 
+def trained_step_schedule(config: TrainConfig, trainable: dict) -> dict | None:
+    """A schedule run's learned step schedule for the checkpoint (`edit_jax.checkpoint.step_schedule`):
+    p [S][L] = sigmoid of its logits, the threshold tau and what a closed block does; None for other runs."""
+    if config.trainable != "schedule":
+        return None
+    p = np.asarray(jax.nn.sigmoid(jax.device_get(trainable["schedule"])), np.float64)
+    return {"p": p.round(6).tolist(), "tau": config.tau, "closed": config.closed, "max_reuse": config.reuse_max,
+            "order": config.reuse_order}
+
+
 def export_final(path, model_config, trainable: dict, frozen: dict, base: str | None = None,
-                 base_identity: tuple | None = None, router_mode: dict | None = None) -> None:
+                 base_identity: tuple | None = None, router_mode: dict | None = None,
+                 step_schedule: dict | None = None) -> None:
     """The trained model as an edit-jax checkpoint (base params and routers); in a multi-process
     run every process writes its own shards. base: the checkpoint the run read its base from, and
     `stored_identity` of it then. A frozen base whose checkpoint is still the one read and stores
@@ -425,6 +443,7 @@ def export_final(path, model_config, trainable: dict, frozen: dict, base: str | 
       path: the checkpoint to write. model_config: the model config. trainable, frozen: the
         run's params and routers, split as trained. base, base_identity: above. router_mode: what
         the routers were trained for (`trained_router_mode`), kept in its config.json.
+        step_schedule: a learned step schedule (`trained_step_schedule`), kept there too.
     """
     params = trainable.get("params", frozen.get("params"))
     routers = trainable.get("routers", frozen.get("routers"))
@@ -435,4 +454,4 @@ def export_final(path, model_config, trainable: dict, frozen: dict, base: str | 
         print(f"{path}: its frozen base is written, not hard-linked: {base} is no longer the checkpoint the run "
               "read it from", file=sys.stderr)
     save(path, model_config, params, routers, overwrite=True, params_from=base if same_base else None,
-         router_mode=router_mode)
+         router_mode=router_mode, step_schedule=step_schedule)

@@ -16,6 +16,9 @@ model's at the same point (the dense velocity and the next point carry no gradie
 terms read that step's gates, and the window's mean is the loss. Gradients stop between steps: a
 step's routers are trained for the cache and the point earlier steps left them, not for moving
 those; memory is one step's (each step's gradient is taken inside the window's scan).
+With trainable="schedule" no router runs: step k's p is sigmoid(logits[k]) [L] of a learned table
+over the schedule's steps and the blocks, the same for every sample (Learning-to-Cache, arXiv
+2406.01733), trained by the same loss through the same straight-through gate.
 
 The step's randomness is jax.random.fold_in(key(seed), step): a resumed run draws the same noise.
 s is always the noise level; a family whose pipeline runs time the other way (Hunyuan3D-2: noise
@@ -24,6 +27,8 @@ at t = 0) reads t = 1 - s and predicts d x / d t = x0 - noise (`model_time`, `da
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -167,13 +172,31 @@ def make_loss_fn(config: TrainConfig, model) -> Callable:
     return loss_fn
 
 
+SCHEDULE_INIT_P = 0.7  # a fresh schedule opens every block at the p fresh routers start from
+
+
+def init_schedule(config: TrainConfig, model_config) -> jax.Array:
+    """A fresh learned step schedule (trainable="schedule"): logits [rollout_schedule, L], every
+    block of every step at p = SCHEDULE_INIT_P."""
+    logit = math.log(SCHEDULE_INIT_P / (1 - SCHEDULE_INIT_P))
+    return jnp.full((config.rollout_schedule, model_config.num_blocks), logit, jnp.float32)
+
+
+def schedule_decisions(model_config, logits: jax.Array, step: jax.Array) -> dict:
+    """A learned step schedule's decisions at `step` (for elastic mode "train" or "forced"): {"p"
+    [L] = sigmoid(logits[step]), "bucket" [L] the full width}; the schedule decides no widths."""
+    full = len(model_config.width_buckets) - 1
+    return {"p": jax.nn.sigmoid(logits[step]), "bucket": jnp.full(logits.shape[1:], full, jnp.int32)}
+
+
 def reuse_method(config: TrainConfig) -> LearnedReuse | None:
     """The block cache a run's routers are trained with (closed="reuse"), or None."""
     return LearnedReuse(config.reuse_max, config.reuse_order) if config.closed == "reuse" else None
 
 
 def _rollout_loss_fn(config: TrainConfig, model) -> Callable:
-    """The rollout objective's value (see the module docstring); trainable {"routers"}, frozen {"params"}."""
+    """The rollout objective's value (see the module docstring); trainable {"routers"} or {"schedule"},
+    frozen {"params"}."""
     rollout = rollout_value_and_grad(config, model, with_grad=False)
     return lambda trainable, frozen, batch, key: rollout(trainable, frozen, batch, key)[0]
 
@@ -188,6 +211,9 @@ def rollout_value_and_grad(config: TrainConfig, model, with_grad: bool = True) -
     model_config = model.config
     method = reuse_method(config)
     elastic = ElasticConfig(mode="train", tau=config.tau, block_cache=method)
+    learned = "schedule" if config.trainable == "schedule" else "routers"
+    # a schedule keeps every block at full width: its width term is a constant, left out
+    loss_config = dataclasses.replace(config, lambda_w=0.0) if learned == "schedule" else config
 
     def value_and_grad(trainable, frozen, batch, key):
         params = jax.lax.stop_gradient(frozen["params"])
@@ -209,19 +235,22 @@ def rollout_value_and_grad(config: TrainConfig, model, with_grad: bool = True) -
             inputs = dict(hidden_states=x, timestep=jnp.full((rows,), times[start + i]), **arrays, **static)
             target = jax.lax.stop_gradient(model.apply({"params": params}, **inputs))
 
-            def step_loss(routers):
-                v_pred, aux = model.apply({"params": params, "routers": routers}, **inputs, elastic=elastic, cache=cache,
-                                          step=i)
-                loss, metrics = edit_loss(config, v_pred, target, aux, s, model_config.width_buckets)
+            def step_loss(weights):
+                if learned == "schedule":  # this step's row of the schedule, the same for every sample
+                    variables, decisions = {"params": params}, schedule_decisions(model_config, weights, start + i)
+                else:
+                    variables, decisions = {"params": params, "routers": weights}, None
+                v_pred, aux = model.apply(variables, **inputs, elastic=elastic, decisions=decisions, cache=cache, step=i)
+                loss, metrics = edit_loss(loss_config, v_pred, target, aux, s, model_config.width_buckets)
                 metrics["reuse_rate"] = jnp.mean(aux["cache_hit"].astype(jnp.float32))
                 return loss, (metrics, v_pred, aux.get("cache"))
 
             if with_grad:
                 (loss, (metrics, v_pred, cache)), step_grads = jax.value_and_grad(step_loss, has_aux=True)(
-                    trainable["routers"])
-                grads = jax.tree.map(jnp.add, grads, {"routers": step_grads})
+                    trainable[learned])
+                grads = jax.tree.map(jnp.add, grads, {learned: step_grads})
             else:
-                loss, (metrics, v_pred, cache) = step_loss(trainable["routers"])
+                loss, (metrics, v_pred, cache) = step_loss(trainable[learned])
             x_next = x + (times[start + i + 1] - times[start + i]) * v_pred.astype(x.dtype)
             return jax.lax.stop_gradient((x_next, cache)) + (grads,), (loss, metrics)
 

@@ -37,7 +37,7 @@ from edit_jax.checkpoint.datafiles import missing_array_files, read_array
 from edit_jax.checkpoint.format import (CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, PARAMS_DIR, READABLE_VERSIONS,
                                         ROUTERS_DIR, SHAPE_VAE_DIR, CheckpointError, check_destination, diffusers_hint, flatten,
                                         format_1_joined, is_checkpoint, load_config, read_metadata, router_mode,
-                                        run_dir_hint, tree_names, unflatten)
+                                        run_dir_hint, step_schedule, tree_names, unflatten)
 from edit_jax.checkpoint.paths import atomic_file, atomic_folder, overlaps, remove_stale_scratch, resolve
 from edit_jax.checkpoint.store import (load_params, load_routers, params_metadata, save, storage_mismatch,
                                        stored_identity, write_checkpoint)
@@ -47,6 +47,6 @@ __all__ = [
     "CONFIG_FILE", "FORMAT_NAME", "FORMAT_VERSION", "PARAMS_DIR", "READABLE_VERSIONS", "ROUTERS_DIR", "SHAPE_VAE_DIR", "CheckpointError",
     "agreed", "atomic_file", "atomic_folder", "check_destination", "diffusers_hint", "flatten", "format_1_joined",
     "is_checkpoint", "load_config", "load_params", "load_routers", "missing_array_files", "overlaps", "params_metadata",
-    "read_array", "read_metadata", "remove_stale_scratch", "resolve", "router_mode", "run_dir_hint", "save", "storage_mismatch",
-    "stored_identity", "tree_names", "unflatten", "verify_arrays", "write_checkpoint",
+    "read_array", "read_metadata", "remove_stale_scratch", "resolve", "router_mode", "run_dir_hint", "save", "step_schedule",
+    "storage_mismatch", "stored_identity", "tree_names", "unflatten", "verify_arrays", "write_checkpoint",
 ]

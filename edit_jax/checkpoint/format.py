@@ -9,9 +9,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edit_jax.checkpoint.paths import overlaps, resolve
 from edit_jax.config import DIFFUSERS_CLASSES, config_from_dict, proj_out_parts
-
 
 FORMAT_NAME = "edit-jax"
 
@@ -136,6 +137,25 @@ def router_mode(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{resolve(path)}: its {ROUTER_MODE_KEY} {mode!r} is not {{'closed': 'skip'}} or "
                               "{'closed': 'reuse', 'max_reuse': K, 'order': 0 or 1}")
     return mode
+
+
+STEP_SCHEDULE_KEY = "step_schedule"
+
+
+def step_schedule(path: str | Path) -> dict[str, Any] | None:
+    """A learned step schedule the checkpoint holds (`edit-jax train trainable=schedule`), or None:
+    {"p": [S][L] the probability that block l computes at step s, the same for every sample; "tau":
+    the threshold; "closed": "reuse" or "skip" (what a block below it does); "max_reuse": K; "order":
+    0 or 1}. CheckpointError if it says something else."""
+    schedule = read_metadata(path).get(STEP_SCHEDULE_KEY)
+    if schedule is None:
+        return None
+    p = np.asarray(schedule.get("p", []), np.float64) if isinstance(schedule, dict) else np.zeros(0)
+    if (not isinstance(schedule, dict) or p.ndim != 2 or not ((p >= 0) & (p <= 1)).all()
+            or schedule.get("closed") not in ROUTER_MODES or not {"tau", "max_reuse", "order"} <= set(schedule)):
+        raise CheckpointError(f"{resolve(path)}: its {STEP_SCHEDULE_KEY} is not {{'p': [steps][blocks] in [0, 1], "
+                              "'tau', 'closed': 'skip' or 'reuse', 'max_reuse', 'order'}")
+    return schedule
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

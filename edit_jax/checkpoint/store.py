@@ -20,10 +20,9 @@ from orbax.checkpoint.experimental import v1 as ocp
 
 from edit_jax.checkpoint.agreement import agreed, barrier, shared_token
 from edit_jax.checkpoint.datafiles import missing_array_files
-from edit_jax.checkpoint.format import (CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, PARAMS_DIR, ROUTER_MODE_KEY, ROUTERS_DIR,
-                                        CheckpointError,
-                                        check_destination, flatten, joined_kernels, model_config, read_metadata,
-                                        tree_names, unflatten)
+from edit_jax.checkpoint.format import (CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, PARAMS_DIR, ROUTER_MODE_KEY,
+                                        ROUTERS_DIR, STEP_SCHEDULE_KEY, CheckpointError, check_destination, flatten,
+                                        joined_kernels, model_config, read_metadata, tree_names, unflatten)
 from edit_jax.checkpoint.paths import move_into_place, remove_stale_scratch, resolve, sigterm_raises
 from edit_jax.config import config_to_dict
 
@@ -195,7 +194,7 @@ def _on_host(tree: dict) -> Iterable[dict]:
 
 def save(path: str | Path, config, params: dict, routers: dict | None = None, *, overwrite: bool = False,
          protect: Iterable[str | Path] = (), params_from: str | Path | None = None,
-         router_mode: dict | None = None) -> Path:
+         router_mode: dict | None = None, step_schedule: dict | None = None) -> Path:
     """Saves in-memory params (plain pytrees) with their config (see `write_checkpoint`). In a
     multi-process run every process calls it with the same global arrays.
 
@@ -208,6 +207,7 @@ def save(path: str | Path, config, params: dict, routers: dict | None = None, *,
       params, routers: pytrees of arrays (routers None: a checkpoint without them).
       overwrite, protect: as `write_checkpoint`'s. params_from: above. router_mode: what the
         routers were trained for (`edit_jax.checkpoint.format.router_mode`), kept in config.json.
+      step_schedule: a learned step schedule (`edit_jax.checkpoint.format.step_schedule`), kept there too.
     """
     trees = {PARAMS_DIR: _on_host(params)}
     if routers is not None:
@@ -220,7 +220,7 @@ def save(path: str | Path, config, params: dict, routers: dict | None = None, *,
         elif jax.process_index() == 0:
             print(f"{resolve(path)}: its params are written, not hard-linked from {resolve(params_from)}: {mismatch}",
                   file=sys.stderr)
-    extra = None if router_mode is None else {ROUTER_MODE_KEY: router_mode}
+    extra = {k: v for k, v in ((ROUTER_MODE_KEY, router_mode), (STEP_SCHEDULE_KEY, step_schedule)) if v is not None}
     return write_checkpoint(path, config, trees, overwrite=overwrite, protect=protect, linked=linked, extra=extra)
 
 

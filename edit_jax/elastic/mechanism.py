@@ -138,6 +138,13 @@ def _select_rows(new, old, rows):
     return jax.tree.map(lambda n, o: jnp.where(rows[:, None, None], n, o), new, old)
 
 
+def scripted_decisions(elastic: ElasticConfig, forced: dict | None) -> bool:
+    """Whether a call's decisions come from the caller, not the routers: mode "forced", or mode
+    "train" given {"p", "bucket"} (a learned per-step schedule's probabilities, trained through
+    the same straight-through gate as the routers' p)."""
+    return elastic.mode == "forced" or (elastic.mode == "train" and forced is not None and "p" in forced)
+
+
 def lazy_weights(elastic: ElasticConfig | None, initializing: bool) -> bool:
     """Whether a block stack keeps its weights stacked through the scan and slices a layer only
     where it is used (infer and forced modes: inside the switch branch that runs the block)."""
@@ -192,8 +199,8 @@ def elastic_step(
             return body(module, carry, None, None), None
     forced, cache, layer = per_layer["forced"], per_layer.get("cache"), per_layer.get("layer")
     batch = temb.shape[0]
-    scripted = elastic.mode == "forced" and not module.is_initializing()
-    if scripted:  # the caller decides: the routers are not run
+    scripted = scripted_decisions(elastic, forced) and not module.is_initializing()
+    if scripted:  # the caller decides (in mode "train": a learned step schedule's p): the routers are not run
         given = forced["p"] if "p" in forced else forced["run"]
         p = jnp.broadcast_to(given.astype(jnp.float32), (batch,))
         q = jax.nn.one_hot(jnp.broadcast_to(forced["bucket"], (batch,)), len(buckets))
@@ -332,7 +339,8 @@ def check_modulations(modulations: Sequence[jax.Array], stack_routers: Sequence[
 
 def check_decisions(elastic: ElasticConfig | None, decisions: dict | None, num_buckets: int, initializing: bool) -> None:
     """Forced decisions come exactly with mode "forced" (a forced call without them would run the
-    placeholders, every block at the narrowest width; in another mode they would be ignored) and,
+    placeholders, every block at the narrowest width; in another mode they would be ignored), or as
+    {"p", "bucket"} with mode "train" (a learned step schedule, `scripted_decisions`) and,
     where concrete, name buckets 0..K-1 and probabilities in [0, 1] (under jit an index past the
     last bucket would be clamped to it). Raises ValueError.
 
@@ -347,8 +355,10 @@ def check_decisions(elastic: ElasticConfig | None, decisions: dict | None, num_b
         raise ValueError("elastic mode 'forced' needs decisions={'run' (or 'p'): ..., 'bucket': ...}, each [L] or [B, L]")
     if decisions is None:
         return
-    if not forced:
-        raise ValueError(f"decisions are read only in elastic mode 'forced', not {getattr(elastic, 'mode', 'dense')!r}")
+    trained = elastic is not None and elastic.mode == "train" and set(decisions) == {"p", "bucket"}
+    if not forced and not trained:
+        raise ValueError("decisions are read only in elastic mode 'forced' (and {'p', 'bucket'} in mode 'train'), "
+                         f"not {getattr(elastic, 'mode', 'dense')!r}")
     check_values("forced bucket", decisions.get("bucket"), lambda b: ((b >= 0) & (b < num_buckets)).all(),
                  f"a width bucket 0..{num_buckets - 1}")
     check_values("forced p", decisions.get("p"), lambda p: ((p >= 0) & (p <= 1)).all(), "in [0, 1]")

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edit_jax.elastic.mechanism import (ElasticConfig, check_decisions, gather_aux, lazy_weights, per_layer_inputs,
-                              router_preludes)
 from edit_jax.elastic.flops import step_flops
+from edit_jax.elastic.mechanism import (ElasticConfig, check_decisions, gather_aux, lazy_weights, per_layer_inputs,
+                                        router_preludes, scripted_decisions)
 from edit_jax.layers import dtype_of, modulations_ahead
 
 
@@ -54,7 +54,8 @@ def stack_inputs(
     config = model.config
     dtype = dtype_of(config.runtime.dtype)
     lazy = lazy_weights(elastic, model.is_initializing())
-    preludes = router_preludes(model, elastic, names, temb, dtype, router_modulations)
+    scripted = elastic is not None and decisions is not None and scripted_decisions(elastic, decisions)
+    preludes = None if scripted else router_preludes(model, elastic, names, temb, dtype, router_modulations)
     modulations = modulations_ahead(model, modulation_names, temb, dtype, block_modulations)
     if more_modulations is not None and modulations is not None:
         modulations = more_modulations(modulations)
