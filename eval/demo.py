@@ -85,6 +85,7 @@ class DemoSettings:
     schedule_learning_rate: float = 0.05  # the learned step schedule's logits (one number per step and block)
     finetune_learning_rate: float = 3e-4
     rho_g: tuple = (0.5,)
+    cache_budgets: tuple = ()  # FLOPs fractions of dense at which the training-free caches also run alone
     rho_w: float = 0.75
     gate_budget: str = "hard"  # the trainer's: the budget reads the hard straight-through gate or the soft p
     rho_schedule: str = "constant"  # "linear": rho_g(s) from rho_g + rho_spread (clean) to rho_g - rho_spread (noise)
@@ -121,7 +122,8 @@ class DemoSettings:
         for name in ("validation_fraction", "test_fraction"):
             if not 0 < getattr(self, name) < 1:
                 raise DemoError(f"{name}={getattr(self, name)} must be in (0, 1)")
-        for name, value in [("rho_w", self.rho_w), ("rho_spread", self.rho_spread)] + [("rho_g", r) for r in self.rho_g]:
+        for name, value in ([("rho_w", self.rho_w), ("rho_spread", self.rho_spread)] + [("rho_g", r) for r in self.rho_g]
+                            + [("cache_budgets", b) for b in self.cache_budgets]):
             if not 0 <= value <= 1:
                 raise DemoError(f"{name}={value} must be in [0, 1]")
 
@@ -140,11 +142,11 @@ SETTINGS = {
     # 28x28 MNIST (4x4 pixels a channel group, 2x2 groups a token: 16 tokens), 10 blocks, a budget sweep: `--full`
     "full": DemoSettings(dataset="mnist", patch=4, num_layers=2, num_single_layers=8, dense_steps=4000,
                          router_steps=600, rho_g=(0.7, 0.5, 0.35), sample_steps=20, eval_samples=0, timing_rows=1,
-                         timing_repeats=3),
+                         timing_repeats=3, cache_budgets=(0.3, 0.2)),
     # seconds: the test suite's end-to-end run
     "tiny": DemoSettings(num_layers=1, num_single_layers=2, num_attention_heads=2, router_hidden=8, batch_size=16,
                          dense_steps=6, router_steps=3, sample_steps=3, eval_samples=20, timing_repeats=1,
-                         threshold_runs=2, rollout_steps=2),
+                         threshold_runs=2, rollout_steps=2, cache_budgets=(0.5,)),
 }
 
 
@@ -330,6 +332,32 @@ class Demo:
             threshold = baselines.next_threshold(tried, target)
         return FirstBlockCache(baselines.closest([(f, t) for t, f in tried], target), per_sample=True)
 
+    def step_caches_at(self, target: float, noise, cond: dict, sampler: SamplerConfig, mag_ratios, timing: dict,
+                       **extra) -> list[dict]:
+        """The rows of MagCache, the first-block cache (per sample) and TaylorSeer (first order) on
+        the dense model, each set to the FLOPs nearest `target`.
+
+        Args:
+          target: the FLOPs fraction of dense to match. noise, cond, sampler: the samples' (as
+            `edit_jax.sampling.sampler.sample`'s). mag_ratios: MagCache's calibrated ratios.
+          timing: run_method's timing arguments. **extra: fields of every row (rho_g or flops_target).
+        """
+        s, config = self.s, self.config
+        table = layer_flops(config, noise.shape[1], 1)
+        fixed = float(base_flops(config, noise.shape[1], 1))
+        retention = MagCache(tuple(mag_ratios), num_inference_steps=s.sample_steps).retention_steps
+        setting = baselines.closest(baselines.mag_cache_candidates(mag_ratios, table, fixed, retention), target)
+        taylor = baselines.closest(baselines.taylor_seer_candidates(s.sample_steps, table, fixed), target)
+        methods = [(MAG_CACHE, MagCache(tuple(mag_ratios), num_inference_steps=s.sample_steps, **setting)),
+                   (FIRST_BLOCK_CACHE, self.first_block_cache_at(target, noise, cond, sampler)),
+                   (TAYLOR_SEER, TaylorSeer(**taylor, max_order=1, factors_dtype="float32"))]
+        rows = []
+        for name, method in methods:
+            latents, stats, _ = run_method(self.model, self.base, noise, cond, sampler, None,
+                                           ElasticConfig(mode="dense", step_cache=method), **timing)
+            rows.append(self.judge_method(name, latents, stats, **extra, step_cache=describe(method)))
+        return rows
+
     def judge_method(self, name: str, latents: np.ndarray, stats: dict, **extra) -> dict:
         images = self.images(latents)
         row = {"method": name, **extra, **stats, "ms_per_sample": 1000 * stats["wall_clock_s"] / stats["timing_rows"],
@@ -338,7 +366,7 @@ class Demo:
         if name != "dense":
             row["psnr_vs_dense_db"] = json_number(psnr(self.dense_images, images))
             row["ssim_vs_dense"] = ssim(self.dense_images, images)
-        where = "" if "rho_g" not in extra else f" rho_g={extra['rho_g']}"
+        where = f" rho_g={extra['rho_g']}" if "rho_g" in extra else ""
         self.samples.append((f"{name}{where} at {stats['flops_vs_dense']:.2f} of dense FLOPs", images))
         self.bar.update(1)
         self.bar.set_postfix_str(name)
@@ -386,14 +414,13 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
 
     from tqdm.auto import tqdm
 
-    demo.bar = tqdm(total=1 + 13 * len(s.rho_g), desc="sample and judge", unit="method", disable=not progress)
+    demo.bar = tqdm(total=1 + 13 * len(s.rho_g) + 4 * len(s.cache_budgets), desc="sample and judge", unit="method", disable=not progress)
     log("sampling: dense")
     latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, **timing)
     demo.dense_images = demo.images(latents)
     rows.append(demo.judge_method("dense", latents, stats))
     log("calibrating MagCache on the dense run")
     mag_ratios = calibrate_mag_ratios(model, demo.base, noise, cond, sampler)
-    retention = MagCache(tuple(mag_ratios), num_inference_steps=s.sample_steps).retention_steps
     router_map = None
     for rho, runs in edit_runs.items():
         ft_params = edit_jax.load(runs["routers+base"])[1]
@@ -466,20 +493,19 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
 
         target = reuse_stats["flops_vs_dense"]
         log(f"sampling at rho_g={rho}: MagCache, the first-block cache and TaylorSeer (matched to {target:.2f} of dense)")
-        setting = baselines.closest(baselines.mag_cache_candidates(mag_ratios, table, fixed, retention), target)
-        mag = MagCache(tuple(mag_ratios), num_inference_steps=s.sample_steps, **setting)
-        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None,
-                                       ElasticConfig(mode="dense", step_cache=mag), **timing)
-        rows.append(demo.judge_method(MAG_CACHE, latents, stats, rho_g=rho, step_cache=describe(mag)))
-        fbc = demo.first_block_cache_at(target, noise, cond, sampler)
-        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None,
-                                       ElasticConfig(mode="dense", step_cache=fbc), **timing)
-        rows.append(demo.judge_method(FIRST_BLOCK_CACHE, latents, stats, rho_g=rho, step_cache=describe(fbc)))
-        setting = baselines.closest(baselines.taylor_seer_candidates(s.sample_steps, table, fixed), target)
-        taylor = TaylorSeer(**setting, max_order=1, factors_dtype="float32")
-        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None,
-                                       ElasticConfig(mode="dense", step_cache=taylor), **timing)
-        rows.append(demo.judge_method(TAYLOR_SEER, latents, stats, rho_g=rho, step_cache=describe(taylor)))
+        rows += demo.step_caches_at(target, noise, cond, sampler, mag_ratios, timing, rho_g=rho)
+
+    for target in s.cache_budgets:  # the caches alone further down than any router budget reached
+        log(f"sampling the training-free caches at {target:.2f} of dense's FLOPs")
+        candidates = baselines.cache_candidates(s.sample_steps, table, fixed)
+        setting = baselines.closest(candidates, target)
+        alone = ElasticConfig(mode="forced", cache=True, delta_margin=0.01, **setting)
+        borderline = {"p": jnp.full((len(table),), 0.5 + 1e-3),
+                      "bucket": jnp.full((len(table),), len(config.width_buckets) - 1, jnp.int32)}
+        latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None, alone, decisions=borderline,
+                                       **timing)
+        rows.append(demo.judge_method(CACHE_ALONE, latents, stats, flops_target=target, cache=setting))
+        rows += demo.step_caches_at(target, noise, cond, sampler, mag_ratios, timing, flops_target=target)
 
     demo.bar.close()
     summary = write_results(demo, rows, judge, order, router_map, time.perf_counter() - start)
@@ -488,13 +514,14 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
 
 # the cache alone twice, its period matched to each E-DiT row's FLOPs: two methods, not one trend
 CACHE_AT_EDIT, CACHE_AT_EDIT_CACHE = "cache alone, at E-DiT's FLOPs", "cache alone, at E-DiT + cache's FLOPs"
-# the caches users pick, each matched to the learned-reuse routers' FLOPs: the comparison issue 34 asks for
-MAG_CACHE, FIRST_BLOCK_CACHE = "MagCache, at learned reuse's FLOPs", "first-block cache, at learned reuse's FLOPs"
-TAYLOR_SEER = "TaylorSeer, at learned reuse's FLOPs"
+# the caches users pick: at each budget matched to the learned-reuse routers' FLOPs (the comparison issue
+# 34 asks for), and alone at each of `cache_budgets`; one curve each
+MAG_CACHE, FIRST_BLOCK_CACHE, TAYLOR_SEER = "MagCache", "first-block cache (per sample)", "TaylorSeer (first order)"
+CACHE_ALONE = "cache alone (periodic)"
 LEARNED_REUSE, REUSE_SCHEDULE = "learned reuse (routers)", "per-step reuse schedule"
 LEARNED_SCHEDULE = "learned per-step reuse schedule (Learning-to-Cache)"
 
-COLUMNS = [("method", "method", "{}"), ("rho_g", "rho_g", "{}"), ("blocks_executed", "blocks run", "{:.2f}"),
+COLUMNS = [("method", "method", "{}"), ("rho_g", "rho_g", "{}"), ("flops_target", "FLOPs target", "{}"), ("blocks_executed", "blocks run", "{:.2f}"),
            ("flops_vs_dense", "FLOPs vs dense", "{:.3f}"), ("ms_per_sample", "wall-clock (ms per sample)", "{:.2f}"),
            ("class_accuracy", "class accuracy", "{:.3f}"), ("frechet_distance", "Frechet distance", "{:.2f}"),
            ("psnr_vs_dense_db", "PSNR vs dense (dB)", "{:.1f}"), ("ssim_vs_dense", "SSIM vs dense", "{:.3f}")]

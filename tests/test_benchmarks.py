@@ -75,20 +75,6 @@ def test_router_pool_benchmark_times_both_forms_of_the_same_mean(tmp_path):
     assert result["relative_difference"] <= 1e-6
 
 
-def test_sample_benchmark_reports_speedups_beside_flop_reductions_and_the_routers_cost(tmp_path):
-    from edit_jax.eval import bench_sample
-
-    result = bench_sample.main(["--preset", "flux-tiny", "--steps", "2", "--height", "32", "--width", "32", "--runs", "2",
-                                "--out", str(tmp_path / "sample.json")])
-    cutting = {"forced_pattern", "cache_borderline", "first_block_reusing", "mag_cache", "taylor_seer", "learned_reuse_pattern"}
-    assert set(result["ms_per_step"]) == cutting | {"dense", "routers_all_open", "first_block_computing",
-                                                    "taylor_seer_computing"}
-    assert set(result["speedup_vs_dense"]) == set(result["flop_reduction_vs_dense"]) == cutting
-    assert result["flop_reduction_vs_dense"]["forced_pattern"] > 1 and result["step_reuse_rate"]["first_block_reusing"] == 0.5
-    assert "step_cache_decision_over_dense" in result and "taylor_factors_over_dense" in result
-    assert result["routers_flops_over_dense"] > 0 and "routers_time_over_dense" in result
-
-
 def test_router_benchmark_reports_the_routers_time_and_flops_as_shares_of_the_dense_forward(tmp_path):
     from edit_jax.eval import bench_router
 
@@ -140,7 +126,7 @@ def test_op_names_map_hlo_instructions_to_their_scopes_and_flag_control_flow():
     assert containers and all(names[c].split("/")[-1] in ("cond", "while") for c in containers)
 
 
-def test_gpu_suite_dry_run_writes_one_results_file_outside_the_repository_naming_each_run(tmp_path):
+def test_gpu_suite_dry_run_writes_one_results_file_outside_the_repository_naming_each_run_and_its_figures(tmp_path):
     import os
 
     repo = Path(__file__).resolve().parents[1]
@@ -155,6 +141,19 @@ def test_gpu_suite_dry_run_writes_one_results_file_outside_the_repository_naming
     lines = [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
     assert [line["name"] for line in lines] == ["check_tiny", "sample_flux_tiny", "train_flux_tiny"]
     assert lines[1]["result"]["steps"] == 2 and lines[2]["result"]["run"]["median_step_ms"] > 0
+    check_sample_benchmark(lines[1]["result"])
+
+
+def check_sample_benchmark(result: dict) -> None:
+    """The sample benchmark (the GPU suite's stage `sample`, run by the dry run above) times every
+    cache and the learned-reuse pattern beside dense, with their FLOP reductions and the routers' cost."""
+    cutting = {"forced_pattern", "cache_borderline", "first_block_reusing", "mag_cache", "taylor_seer", "learned_reuse_pattern"}
+    assert set(result["ms_per_step"]) == cutting | {"dense", "routers_all_open", "first_block_computing",
+                                                    "taylor_seer_computing"}
+    assert set(result["speedup_vs_dense"]) == set(result["flop_reduction_vs_dense"]) == cutting
+    assert result["flop_reduction_vs_dense"]["forced_pattern"] > 1 and result["step_reuse_rate"]["first_block_reusing"] == 0.5
+    assert "step_cache_decision_over_dense" in result and "taylor_factors_over_dense" in result
+    assert result["routers_flops_over_dense"] > 0 and "routers_time_over_dense" in result
 
 
 def test_train_benchmark_reports_one_device_beside_eight(tmp_path):

@@ -10,8 +10,8 @@ from edit_jax.cli import main
 
 METHODS = {"dense", "E-DiT (routers)", "E-DiT (routers+base)", "E-DiT (routers+base) + cache", "per-step schedule",
            "static pruning", "static pruning + fine-tune", "cache alone, at E-DiT's FLOPs",
-           "cache alone, at E-DiT + cache's FLOPs", "MagCache, at learned reuse's FLOPs",
-           "first-block cache, at learned reuse's FLOPs", "TaylorSeer, at learned reuse's FLOPs",
+           "cache alone, at E-DiT + cache's FLOPs", "MagCache", "first-block cache (per sample)",
+           "TaylorSeer (first order)", "cache alone (periodic)",
            "learned reuse (routers)", "per-step reuse schedule", "learned per-step reuse schedule (Learning-to-Cache)"}
 COST_FIELDS = {"flops_per_step", "flops_total", "flops_vs_dense", "blocks_executed", "mean_width", "cache_hit_rate",
                "wall_clock_s"}
@@ -29,7 +29,8 @@ def test_the_demo_writes_its_table_json_and_pictures(tiny_demo):
     assert {row["method"] for row in summary["methods"]} == METHODS
     for row in summary["methods"]:
         assert COST_FIELDS <= set(row) and 0 <= row["class_accuracy"] <= 1 and row["frechet_distance"] >= 0
-        assert row["method"] == "dense" or {"psnr_vs_dense_db", "ssim_vs_dense", "rho_g"} <= set(row)
+        assert row["method"] == "dense" or {"psnr_vs_dense_db", "ssim_vs_dense"} <= set(row)
+        assert row["method"] == "dense" or ("rho_g" in row) != ("flops_target" in row)  # a router budget or a FLOPs target
     assert summary["judge"]["test_accuracy"] > 0.5 and summary["judge"]["frechet_floor_real_vs_real"] >= 0
     table = (tiny_demo / "results.md").read_text()
     assert all(f"| {method} |" in table for method in METHODS)
