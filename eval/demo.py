@@ -20,7 +20,8 @@ baselines at equal FLOPs? Every stage uses the project's own model, trainer and 
               dense; FLOPs per sample (routers counted) and warm wall-clock
 
 OUT/results.json and OUT/results.md hold the table; OUT/quality_vs_flops.png, OUT/fd_vs_flops.png,
-OUT/router_map.png and OUT/samples/*.png the pictures. Trained checkpoints stay in OUT/runs and a
+OUT/reuse_vs_caches_fd.png and _psnr.png (learned reuse against the caches alone), OUT/router_map.png
+and OUT/samples/*.png the pictures. Trained checkpoints stay in OUT/runs and a
 rerun with the same settings reuses them, and an interrupted run resumes where its training stopped.
 """
 
@@ -547,11 +548,14 @@ def write_results(demo: Demo, rows: list[dict], judge: dict, order: list[int], r
     """
     out, s = demo.out, demo.s
     dense = rows[0]
-    curves_acc, curves_fd = {}, {}
+    curves_acc, curves_fd, curves_psnr = {}, {}, {}
     for row in rows[1:]:
         curves_acc.setdefault(row["method"], []).append((row["flops_vs_dense"], row["class_accuracy"]))
         curves_fd.setdefault(row["method"], []).append((row["flops_vs_dense"], row["frechet_distance"]))
+        curves_psnr.setdefault(row["method"], []).append((row["flops_vs_dense"], min(float(row["psnr_vs_dense_db"]), 60.0)))
     what = f"{s.dataset}, {len(demo.test[1])} test labels, {s.sample_steps} steps"
+    reuse = [m for m in (LEARNED_REUSE, REUSE_SCHEDULE, LEARNED_SCHEDULE, TAYLOR_SEER, MAG_CACHE, FIRST_BLOCK_CACHE,
+                         CACHE_ALONE) if m in curves_fd]  # issue 34's question: learned reuse against the caches
     pictures = [
         plot_quality_vs_flops(out / "quality_vs_flops.png", curves_acc, ylabel="class accuracy (judge)",
                               dense=dense["class_accuracy"], title=f"Class accuracy vs compute ({what})"),
@@ -559,6 +563,12 @@ def write_results(demo: Demo, rows: list[dict], judge: dict, order: list[int], r
                               dense=dense["frechet_distance"], lower_is_better=True,
                               title=f"Frechet distance vs compute ({what}; real-vs-real floor "
                                     f"{judge['frechet_floor_real_vs_real']:.2f})"),
+        plot_quality_vs_flops(out / "reuse_vs_caches_fd.png", {m: curves_fd[m] for m in reuse},
+                              ylabel="Frechet distance to real test images", dense=dense["frechet_distance"],
+                              lower_is_better=True, title=f"Learned reuse against the caches ({what})"),
+        plot_quality_vs_flops(out / "reuse_vs_caches_psnr.png", {m: curves_psnr[m] for m in reuse},
+                              ylabel="PSNR to dense's own samples (dB, capped at 60)",
+                              title=f"Learned reuse against the caches: distance to dense ({what})"),
     ]
     rho, records = router_map
     pictures.append(plot_router_map(out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0],

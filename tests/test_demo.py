@@ -34,7 +34,8 @@ def test_the_demo_writes_its_table_json_and_pictures(tiny_demo):
     assert summary["judge"]["test_accuracy"] > 0.5 and summary["judge"]["frechet_floor_real_vs_real"] >= 0
     table = (tiny_demo / "results.md").read_text()
     assert all(f"| {method} |" in table for method in METHODS)
-    pictures = ["quality_vs_flops.png", "fd_vs_flops.png", "router_map.png"]
+    pictures = ["quality_vs_flops.png", "fd_vs_flops.png", "reuse_vs_caches_fd.png", "reuse_vs_caches_psnr.png",
+                "router_map.png"]
     assert all((tiny_demo / p).stat().st_size > 10_000 for p in pictures)
     assert len(list((tiny_demo / "samples").glob("*.png"))) == len(summary["methods"])
 

@@ -19,13 +19,15 @@ def cmd_demo(args) -> int:
     summary = run_demo(dataclasses.replace(settings, seed=args.seed), out, progress=not args.quiet)
     print(markdown_table(summary["methods"]))
     print(f"\n{summary['seconds'] / 60:.1f} minutes; table, JSON and pictures in {out}/ (results.md, results.json, "
-          "quality_vs_flops.png, fd_vs_flops.png, router_map.png, samples/)")
+          "quality_vs_flops.png, fd_vs_flops.png, reuse_vs_caches_fd.png, reuse_vs_caches_psnr.png, router_map.png, "
+          "samples/)")
     return 0
 
 
 DEMO_HELP = """writes OUT/results.md and results.json (one row per method: blocks run, FLOPs vs dense,
 wall-clock, class accuracy, Frechet distance, PSNR/SSIM vs dense), quality_vs_flops.png,
-fd_vs_flops.png, router_map.png and samples/*.png; trained checkpoints in OUT/runs."""
+fd_vs_flops.png, reuse_vs_caches_fd.png and _psnr.png, router_map.png and samples/*.png; trained
+checkpoints in OUT/runs."""
 
 
 def add_demo(command) -> None:
