@@ -178,3 +178,17 @@ def test_every_flag_of_the_cli_synopsis_is_one_its_command_takes():
             named.append((command, flag))
     unknown = [(c, f) for c, f in named if f not in commands[c]._option_string_actions]
     assert len(named) > 40 and not unknown
+
+
+def test_every_demo_command_of_the_docs_gives_settings_the_demo_accepts():
+    import shlex
+
+    from edit_jax.cli import build_parser
+    from edit_jax.eval.demo import SETTINGS, with_overrides
+
+    blocks = [b for page in PAGES for b in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.DOTALL)]
+    commands = [line for b in blocks for line in b.replace("\\\n", " ").splitlines() if line.startswith("edit-jax demo")]
+    assert any("--set" in c for c in commands)
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command, comments=True)[1:])
+        with_overrides(SETTINGS["full" if args.full else args.settings], args.set)  # a DemoError names a bad --set
