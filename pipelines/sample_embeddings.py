@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from edit_jax import load, load_routers
-from edit_jax.checkpoint import CheckpointError, router_mode
+from edit_jax.checkpoint import CheckpointError, router_mode, step_schedule
 from edit_jax.config import resolve_attention, resolve_dtype
 from edit_jax.elastic.mechanism import ElasticConfig, with_router_mode
 from edit_jax.elastic.step_cache import describe
@@ -28,6 +28,7 @@ from edit_jax.sampling.batches import rows_conditions, sample_in_batches
 from edit_jax.sampling.embeddings import check_embeddings, embedding_conditions, read_embeddings
 from edit_jax.sampling.latents import initial_noise, packed_grid, unpack_latents
 from edit_jax.sampling.sampler import SamplerConfig, check_sampling_inputs, concat_records
+from edit_jax.sampling.step_schedule import learned_schedule
 
 
 def checkpoint_and_prompts(ckpt, embeddings, height: int, width: int, mesh=None, dtype: str = "float32",
@@ -49,7 +50,7 @@ def checkpoint_and_prompts(ckpt, embeddings, height: int, width: int, mesh=None,
 def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width: int = 1024, sampler: SamplerConfig,
                       seed: int = 0, elastic: ElasticConfig | None = None, fresh_routers: bool = False,
                       batch_size: int | None = None, mesh=None, dtype: str = "auto", attention: str = "auto",
-                      progress: bool = True) -> dict:
+                      progress: bool = True, schedule: bool = False) -> dict:
     """Samples every prompt of `embeddings` from seeded noise and writes the folder `out`; returns
     the summary (also OUT/summary.json).
 
@@ -62,6 +63,8 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
       batch_size: prompts sampled together (None: all). mesh: a device mesh for the params,
         routers and sampling. dtype: the params' and compute's ("auto": bfloat16 on a GPU or TPU).
       attention: the softmax attention (`edit_jax.config.resolve_attention`). progress: a bar.
+      schedule: sample with the checkpoint's learned step schedule (`edit-jax train trainable=schedule`)
+        instead of `elastic`, which must then be None.
     """
     dtype = resolve_dtype(dtype)
     model, params, cond, negative = checkpoint_and_prompts(ckpt, embeddings, height, width, mesh, dtype, attention)
@@ -80,11 +83,20 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
                 "(`edit-jax train`, or a converted E-DiT release), or --fresh-routers to run fresh full-capacity ones"
             )
         elastic = with_router_mode(elastic, router_mode(ckpt))  # routers trained to reuse run with their reuse
+    decisions = None
+    if schedule:
+        if elastic is not None:
+            raise ValueError("a learned step schedule decides which blocks run by itself: give no elastic settings with it")
+        learned = step_schedule(ckpt)
+        if learned is None:
+            raise CheckpointError(f"{ckpt} holds no learned step schedule: train one with `edit-jax train "
+                                  "trainable=schedule objective=rollout ...`, or sample with --elastic dense or infer")
+        elastic, decisions = learned_schedule(learned, sampler.num_steps, len(config.width_buckets))
     noise = initial_noise(jax.random.key(seed), batch, config.in_channels // 4, height, width)
     rows, cols = packed_grid(height, width)
     cache = elastic is not None and elastic.cache
     step_cache = None if elastic is None else elastic.step_cache
-    mode = "dense" if elastic is None else elastic.mode
+    mode = "schedule" if schedule else "dense" if elastic is None else elastic.mode
     print(f"sampling {batch} x {height}x{width} ({rows * cols} tokens), {sampler.num_steps} steps, "
           f"elastic {mode}{' + cache' if cache else ''}{f' + {step_cache.name}' if step_cache else ''}", file=sys.stderr)
     check_sampling_inputs(config, noise, cond, negative, sampler)  # the whole file, before it is cut into batches
@@ -93,7 +105,8 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
     with (tqdm(total=sampler.num_steps * -(-batch // size), desc="sample", unit="step", disable=not progress) as bar,
           jax.set_mesh(mesh) if mesh else contextlib.nullcontext()):
         for part in sample_in_batches(model, params, noise, rows_conditions(cond, negative), sampler, size,
-                                      routers=routers, elastic=elastic, progress=lambda i: bar.update(1)):
+                                      routers=routers, elastic=elastic, decisions=decisions,
+                                      progress=lambda i: bar.update(1)):
             parts.append((np.asarray(unpack_latents(part.latents[: len(part.ids)], height, width)), part.records,
                           len(part.ids)))
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +127,7 @@ def sample_embeddings(ckpt, embeddings, out: Path, *, height: int = 1024, width:
         if step_cache is not None:
             summary["step_reuse_rate"] = 1.0 - float(records["step_computed"].mean())
         summary["tflops_total"] = float(records["flops_total"].sum() / 1e12)
-        routing = f"E-DiT routing (tau {elastic.tau})" if mode == "infer" else "blocks run"
+        routing = {"infer": f"E-DiT routing (tau {elastic.tau})", "schedule": "learned step schedule"}.get(mode, "blocks run")
         summary["router_map"] = str(plot_router_map(
             out / "router_map.png", records["executed"][:, 0], records["bucket"][:, 0], records["cache_hit"][:, 0],
             title=f"{routing} of sample 0: {config.family}, {height}x{width}, {sampler.num_steps} steps"

@@ -220,3 +220,29 @@ def test_a_schedule_run_keeps_its_learned_p_in_the_checkpoint_and_samples_with_i
 def test_a_schedule_learns_only_on_the_rollout():
     with pytest.raises(ConfigError, match="trainable='schedule' learns a p for each step"):
         TrainConfig(trainable="schedule")
+
+
+def test_sample_runs_a_checkpoints_learned_schedule_and_names_what_is_missing(tmp_path, capsys):
+    from edit_jax.checkpoint import save
+    from edit_jax.cli import main
+
+    config = edit_jax.preset("flux-tiny")
+    p = np.full((3, config.num_blocks), 0.9)
+    p[1:, 0] = 0.1  # block 0 computes at the first step, then reuses
+    schedule = {"p": p.tolist(), "tau": 0.5, "closed": "reuse", "max_reuse": 4, "order": 0}
+    save(tmp_path / "scheduled", config, init_variables(config)["params"], step_schedule=schedule)
+    save(tmp_path / "plain", config, init_variables(config)["params"])
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "emb.npz", prompt_embeds=rng.standard_normal((2, 4, 32)).astype(np.float32),
+             pooled_prompt_embeds=rng.standard_normal((2, 32)).astype(np.float32))
+    args = ["--embeddings", str(tmp_path / "emb.npz"), "--height", "32", "--width", "32", "--elastic", "schedule"]
+
+    assert main(["sample", str(tmp_path / "scheduled"), *args, "--steps", "3", "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["elastic"] == "schedule" and summary["block_cache"] == "learned_reuse"
+    records = np.load(tmp_path / "out" / "records.npz")
+    assert records["cache_hit"][1:, :, 0].all() and records["executed"][:, :, 1:].all() and records["executed"][0].all()
+    assert main(["sample", str(tmp_path / "scheduled"), *args, "--steps", "4", "--out", str(tmp_path / "o2")]) == 2
+    assert "learned for 3 sampling steps, not 4" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "plain"), *args, "--steps", "3", "--out", str(tmp_path / "o3")]) == 2
+    assert "holds no learned step schedule" in capsys.readouterr().err

@@ -23,19 +23,22 @@ from edit_jax.sampling.sampler import SamplerConfig
 def cmd_sample(args) -> int:
     out = check_output_folder(args.out, "sample")
     earlier = earlier_outputs(out, "sample")
-    if args.elastic == "dense" and (args.cache or args.fresh_routers):
+    if args.elastic != "infer" and (args.cache or args.fresh_routers):
         raise ValueError(f"--{'cache' if args.cache else 'fresh-routers'} acts on E-DiT's routers: add --elastic infer")
     step_cache = step_cache_of(args, resolve(args.ckpt) / MAG_RATIOS_FILE)
+    if args.elastic == "schedule" and step_cache is not None:
+        raise ValueError("--elastic schedule runs the checkpoint's learned step schedule: give no --step-cache with it")
     elastic = ElasticConfig(  # its flags checked before any weights are read
-        mode=args.elastic, tau=args.tau, decision=args.decision, cache=args.cache, cache_start=args.cache_start,
-        delta_margin=args.delta_margin, max_reuse=args.max_reuse, step_cache=step_cache)
+        mode="dense" if args.elastic == "schedule" else args.elastic, tau=args.tau, decision=args.decision,
+        cache=args.cache, cache_start=args.cache_start, delta_margin=args.delta_margin, max_reuse=args.max_reuse,
+        step_cache=step_cache)
     elastic = None if elastic.runs_base_model else elastic
     sampler = SamplerConfig(num_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg,
                             cfg_mode=args.cfg_mode)
     summary = sample_embeddings(args.ckpt, args.embeddings, out, height=args.height, width=args.width, sampler=sampler,
                                 seed=args.seed, elastic=elastic, fresh_routers=args.fresh_routers,
                                 batch_size=args.batch_size, mesh=mesh_of(args), dtype=args.dtype,
-                                attention=args.attention)
+                                attention=args.attention, schedule=args.elastic == "schedule")
     remove_stale_outputs(out, earlier)
     print(json.dumps(summary, indent=2))
     return 0
@@ -115,7 +118,9 @@ def add_sample(command) -> None:
     smp.add_argument("--true-cfg", type=float, default=1.0, help="> 1: true CFG with the negative_* embeddings")
     smp.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"],
                      help="true CFG as one batch of 2B rows, or two calls per step as the released E-DiT code")
-    smp.add_argument("--elastic", default="dense", choices=["dense", "infer"], help="dense: routers off; infer: E-DiT")
+    smp.add_argument("--elastic", default="dense", choices=["dense", "infer", "schedule"],
+                     help="dense: routers off; infer: E-DiT; schedule: the checkpoint's learned step schedule "
+                          "(`edit-jax train trainable=schedule`)")
     smp.add_argument("--fresh-routers", action="store_true",
                      help="with --elastic infer on a checkpoint without routers: fresh full-capacity routers")
     smp.add_argument("--cache", action="store_true", help="router-guided block cache: reuse a block's last residual when p is borderline")
