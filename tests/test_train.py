@@ -684,13 +684,20 @@ def test_a_base_written_over_during_the_run_is_not_linked_into_its_trained_check
                  jax.tree.map(np.asarray, base))
 
 
-def test_a_two_process_run_links_its_frozen_base_into_its_trained_checkpoint(tmp_path):
+@pytest.mark.parametrize("trained", ["routers", "schedule"])
+def test_a_two_process_run_links_its_frozen_base_into_its_trained_checkpoint(tmp_path, trained):
+    from edit_jax.checkpoint import step_schedule
+
     config = edit_jax.preset("flux-tiny")
     save(tmp_path / "ckpt", config, init_variables(config, seed=7)["params"])
-    two_processes(tmp_path / "run", f"checkpoint={tmp_path / 'ckpt'}")
+    schedule = ["trainable=schedule", "objective=rollout", "closed=reuse", "rollout_steps=2", "rollout_schedule=4"]
+    two_processes(tmp_path / "run", f"checkpoint={tmp_path / 'ckpt'}", *(schedule if trained == "schedule" else []))
 
     assert base_files(tmp_path / "run" / "edit-jax") == base_files(tmp_path / "ckpt")
-    assert load_routers(tmp_path / "run" / "edit-jax") is not None
+    if trained == "routers":
+        assert load_routers(tmp_path / "run" / "edit-jax") is not None
+    else:  # the replicated table, written once by the processes together
+        assert np.asarray(step_schedule(tmp_path / "run" / "edit-jax")["p"]).shape == (4, config.num_blocks)
 
 
 def test_max_steps_stops_a_cli_run_with_a_checkpoint_that_the_same_command_continues(tmp_path, capsys):

@@ -425,7 +425,8 @@ def trained_step_schedule(config: TrainConfig, trainable: dict) -> dict | None:
     p [S][L] = sigmoid of its logits, the threshold tau and what a closed block does; None for other runs."""
     if config.trainable != "schedule":
         return None
-    p = np.asarray(jax.nn.sigmoid(jax.device_get(trainable["schedule"])), np.float64)
+    logits = trainable["schedule"].addressable_data(0)  # replicated: every process holds all of it
+    p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
     return {"p": p.round(6).tolist(), "tau": config.tau, "closed": config.closed, "max_reuse": config.reuse_max,
             "order": config.reuse_order}
 
