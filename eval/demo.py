@@ -98,13 +98,14 @@ class DemoSettings:
     timing_rows: int = 0  # samples timed per run: 1 (one sample alone, one more compile per method) or 0 (the whole batch)
     threshold_runs: int = 4  # sampling runs that search the first-block cache's threshold for a FLOPs target
     reuse_max: int = 2  # learned reuse: reuses in a row before a block computes anyway
+    reuse_order: int = 0  # learned reuse: 0 the stored residual, 1 extrapolated along its change per step
     rollout_steps: int = 3  # learned reuse: steps per training window (cut from the sample_steps schedule)
     seed: int = 0
 
     def __post_init__(self):
         """Checked before anything runs: a bad --set fails now, not after minutes of training."""
         choices = {"dataset": real_data.DATASETS, "gate_budget": GATE_BUDGETS, "rho_schedule": RHO_SCHEDULES,
-                   "router_target": TARGETS, "timing_rows": (0, 1)}
+                   "router_target": TARGETS, "timing_rows": (0, 1), "reuse_order": (0, 1)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise DemoError(f"{name}={getattr(self, name)!r} is not one of {tuple(allowed)}")
@@ -385,7 +386,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
     config, model, s = demo.config, demo.model, settings
 
     edit_runs = {}
-    rollout = dict(objective="rollout", closed="reuse", reuse_max=s.reuse_max,
+    rollout = dict(objective="rollout", closed="reuse", reuse_max=s.reuse_max, reuse_order=s.reuse_order,
                    rollout_steps=min(s.rollout_steps, s.sample_steps), rollout_schedule=s.sample_steps)
     for rho in s.rho_g:
         common = dict(checkpoint=str(demo.ordered), routers="fresh", rho_g=rho, rho_w=s.rho_w,
@@ -434,7 +435,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
         latents, cached_stats, cache_records = run_method(model, ft_params, noise, cond, sampler, ft_routers, cached,
                                                           **timing)
         rows.append(demo.judge_method("E-DiT (routers+base) + cache", latents, cached_stats, rho_g=rho))
-        reuse = dataclasses.replace(infer, block_cache=LearnedReuse(s.reuse_max))
+        reuse = dataclasses.replace(infer, block_cache=LearnedReuse(s.reuse_max, s.reuse_order))
         latents, reuse_stats, reuse_records = run_method(model, demo.base, noise, cond, sampler,
                                                          load_routers(runs["reuse"]), reuse, **timing)
         rows.append(demo.judge_method(LEARNED_REUSE, latents, reuse_stats, rho_g=rho))
@@ -442,7 +443,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
         computed = np.asarray(reuse_records["executed"], np.float64)  # [S, B, L]
         full = np.full(computed.shape[::2], len(config.width_buckets) - 1)
         schedule = baselines.step_schedule(computed.mean(axis=1), full, table, fixed, reuse_stats["flops_vs_dense"])
-        reused = ElasticConfig(mode="forced", block_cache=LearnedReuse(s.reuse_max))
+        reused = ElasticConfig(mode="forced", block_cache=LearnedReuse(s.reuse_max, s.reuse_order))
         latents, stats, _ = run_method(model, demo.base, noise, cond, sampler, None, reused,
                                        decisions=ScheduleDecisions(jnp.asarray(schedule), jnp.asarray(full, jnp.int32)),
                                        **timing)

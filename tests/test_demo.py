@@ -60,7 +60,7 @@ def test_a_rerun_reuses_the_checkpoints_and_gives_the_same_results(tiny_demo, ca
 @pytest.mark.parametrize("setting, message", [
     ("nope=1", "KEY one of"), ("rho_g=high", "rho_g takes a tuple of numbers"),
     ("router_steps=-1", "router_steps=-1 must be >= 1"), ("rho_g=[0.5,1.5]", "rho_g=1.5 must be in [0, 1]"),
-    ("dataset=cifar", "dataset='cifar' is not one of"),
+    ("dataset=cifar", "dataset='cifar' is not one of"), ("reuse_order=2", "reuse_order=2 is not one of (0, 1)"),
 ])
 def test_a_bad_setting_is_one_clear_error(tmp_path, capsys, setting, message):
     assert main(["demo", "--settings", "tiny", "--set", setting, "--out", str(tmp_path / "d")]) == 2
