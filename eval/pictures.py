@@ -110,7 +110,8 @@ def quality_vs_flops_figure(curves: dict[str, list[tuple[float, float]]], *, yla
                             notes: dict[str, str] | None = None):
     """One line per method through its (FLOPs relative to dense, quality) points, sorted by FLOPs;
     dense's FLOPs (1.0) always in range, as a dotted vertical line, and `dense` quality as a dashed
-    horizontal one. notes: {method: text} written beside that method's points.
+    horizontal one. notes: {method: text} written beside that method's points. A distance
+    (lower_is_better) whose values span more than 4x goes on a log axis, so that one method's collapse leaves the others readable.
 
     Args:
       curves: {method: [(FLOPs vs dense, quality), ...]}. ylabel, title: the figure's.
@@ -131,8 +132,12 @@ def quality_vs_flops_figure(curves: dict[str, list[tuple[float, float]]], *, yla
         ax.plot([1.0], [dense], marker="*", color="black", markersize=10)
     xs = [x for points in curves.values() for x, _ in points] + [1.0]
     ax.set_xlim(0.0, max(xs) * 1.08)
+    ys = [y for points in curves.values() for _, y in points] + ([] if dense is None else [dense])
+    log_y = lower_is_better and min(ys) > 0 and max(ys) > 4 * min(ys)  # a collapse would flatten every other line
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel("FLOPs per sample relative to dense (routers counted)")
-    ax.set_ylabel(ylabel + (" (lower is better)" if lower_is_better else ""))
+    ax.set_ylabel(ylabel + (" (lower is better)" if lower_is_better else "") + (", log scale" if log_y else ""))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

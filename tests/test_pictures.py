@@ -36,3 +36,14 @@ def test_a_quality_plot_always_shows_dense_flops_and_a_method_that_costs_more():
 def test_a_quality_plot_of_cheap_methods_still_reaches_dense_flops():
     ax = quality_vs_flops_figure({"cache": [(0.3, 1.0), (0.5, 2.0)]}, ylabel="q", title="t").axes[0]
     assert ax.get_xlim()[1] >= 1.0
+
+
+def test_a_distance_plot_with_one_collapsed_method_reads_on_a_log_axis():
+    curves = {"cache": [(0.3, 26.0), (0.5, 24.5)], "collapsed": [(0.2, 150.0), (0.3, 33.0)]}
+
+    def scale(curves, **kwargs):
+        return quality_vs_flops_figure(curves, ylabel="FD", title="t", **kwargs).axes[0].get_yscale()
+
+    assert scale(curves, dense=24.0, lower_is_better=True) == "log"
+    assert scale({"cache": curves["cache"]}, lower_is_better=True) == "linear"
+    assert scale({"accuracy": [(0.3, 0.1), (0.5, 0.8)]}) == "linear"  # a score, not a distance
