@@ -148,7 +148,7 @@ OUTPUTS = {  # what each command writes into its --out folder (a full-match patt
     "generate": r"image-\d+\.png|generate\.json|router_map\.png",
     "generate-3d": r"mesh-\d+\.(glb|obj|png)|generate_3d\.json|router_map\.png",
     "smoke": r"checkpoint|\.checkpoint\..+|smoke\.json|router_map\.png",
-    "demo": r"data|runs|samples|results\.(json|md)|(quality|fd)_vs_flops\.png|router_map\.png",
+    "demo": r"data|runs|samples|results\.(json|md)|(quality|fd)_vs_flops\.png|reuse_vs_caches_(fd|psnr)\.png|router_map\.png",
 }
 
 
