@@ -111,7 +111,8 @@ def quality_vs_flops_figure(curves: dict[str, list[tuple[float, float]]], *, yla
     """One line per method through its (FLOPs relative to dense, quality) points, sorted by FLOPs;
     dense's FLOPs (1.0) always in range, as a dotted vertical line, and `dense` quality as a dashed
     horizontal one. notes: {method: text} written beside that method's points. A distance
-    (lower_is_better) whose values span more than 4x goes on a log axis, so that one method's collapse leaves the others readable.
+    (lower_is_better) whose values span more than 4x goes on a log axis, so that one method's
+    collapse leaves the others readable.
 
     Args:
       curves: {method: [(FLOPs vs dense, quality), ...]}. ylabel, title: the figure's.
