@@ -57,6 +57,23 @@ def test_a_rerun_reuses_the_checkpoints_and_gives_the_same_results(tiny_demo, ca
     assert [[row[k] for k in judged] for row in second["methods"]] == [[row[k] for k in judged] for row in first["methods"]]
 
 
+@pytest.mark.parametrize("args, seed", [([], 0), (["--seed", "3"], 3), (["--set", "seed=3"], 3),
+                                         (["--set", "seed=3", "--seed", "3"], 3)])
+def test_the_seed_reaches_the_demo_given_by_flag_or_by_setting(args, seed, tmp_path, monkeypatch):
+    import edit_jax.cli.demo as cli_demo
+
+    ran = []
+    monkeypatch.setattr(cli_demo, "run_demo",
+                        lambda settings, out, progress: ran.append(settings) or {"methods": [], "seconds": 0})
+    assert main(["demo", "--settings", "tiny", "--out", str(tmp_path / "d"), *args]) == 0
+    assert ran[0].seed == seed
+
+
+def test_a_seed_given_twice_with_two_values_is_one_clear_error(tmp_path, capsys):
+    assert main(["demo", "--settings", "tiny", "--set", "seed=1", "--seed", "2", "--out", str(tmp_path / "d")]) == 2
+    assert "--seed 2 and --set seed=1 disagree" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("setting, message", [
     ("nope=1", "KEY one of"), ("rho_g=high", "rho_g takes a tuple of numbers"),
     ("router_steps=-1", "router_steps=-1 must be >= 1"), ("rho_g=[0.5,1.5]", "rho_g=1.5 must be in [0, 1]"),
