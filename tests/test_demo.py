@@ -149,12 +149,12 @@ def test_eval_in_batches_gives_the_latents_and_routing_of_one_batch(tiny_routed_
     import jax
 
     import edit_jax
-    from edit_jax.sampling.embeddings import embedding_conditions, read_embeddings
+    from edit_jax.elastic.flops import ROUTING_KEYS
     from edit_jax.elastic.mechanism import ElasticConfig
+    from edit_jax.eval.sampling_eval import run_in_batches
+    from edit_jax.sampling.embeddings import embedding_conditions, read_embeddings
     from edit_jax.sampling.latents import initial_noise
     from edit_jax.sampling.sampler import SamplerConfig
-    from edit_jax.elastic.flops import ROUTING_KEYS
-    from edit_jax.eval.sampling_eval import run_in_batches
 
     ckpt, emb = tiny_routed_ckpt
     model, params = edit_jax.load(ckpt)
@@ -195,7 +195,6 @@ def test_eval_of_a_checkpoint_without_routers_is_one_clear_error(tmp_path, capsy
 def test_eval_with_a_vae_compares_the_decoded_images_too(tiny_routed_ckpt, tmp_path):
     import torch
     from diffusers import AutoencoderKL
-
     from tiny_pipeline import VAE_TINY
 
     ckpt, emb = tiny_routed_ckpt  # flux-tiny reads 4 packed channels: a VAE of 1 latent channel
@@ -214,7 +213,6 @@ def test_eval_with_a_vae_compares_the_decoded_images_too(tiny_routed_ckpt, tmp_p
 def test_eval_with_a_vae_that_does_not_fit_the_model_is_one_error_before_sampling(tiny_routed_ckpt, tmp_path, capsys):
     import torch
     from diffusers import AutoencoderKL
-
     from tiny_pipeline import VAE_TINY
 
     ckpt, emb = tiny_routed_ckpt
