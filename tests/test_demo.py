@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 
+import edit_jax.cli.demo as cli_demo
 from edit_jax.cli import main
 
 METHODS = {"dense", "E-DiT (routers)", "E-DiT (routers+base)", "E-DiT (routers+base) + cache", "per-step schedule",
@@ -60,8 +61,6 @@ def test_a_rerun_reuses_the_checkpoints_and_gives_the_same_results(tiny_demo, ca
 @pytest.mark.parametrize("args, seed", [([], 0), (["--seed", "3"], 3), (["--set", "seed=3"], 3),
                                          (["--set", "seed=3", "--seed", "3"], 3)])
 def test_the_seed_reaches_the_demo_given_by_flag_or_by_setting(args, seed, tmp_path, monkeypatch):
-    import edit_jax.cli.demo as cli_demo
-
     ran = []
     monkeypatch.setattr(cli_demo, "run_demo",
                         lambda settings, out, progress: ran.append(settings) or {"methods": [], "seconds": 0})
