@@ -12,14 +12,18 @@ from elastic_cases import Case
 from test_cache import run_steps, scripted_probabilities
 
 import edit_jax
+from edit_jax.checkpoint import load_routers, router_mode, save, step_schedule
+from edit_jax.cli import main
 from edit_jax.config import ConfigError
 from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.models.registry import init_cache, init_variables
+from edit_jax.sampling.sampler import SamplerConfig, sample
+from edit_jax.sampling.step_schedule import learned_schedule
 from edit_jax.train.config import TrainConfig
 from edit_jax.train.data import shared_inputs, synthetic_batch
 from edit_jax.train.loop import train
-from edit_jax.train.step import make_loss_fn, rollout_value_and_grad
+from edit_jax.train.step import init_schedule, make_loss_fn, rollout_value_and_grad
 
 MAX_REUSE = 2
 
@@ -148,9 +152,6 @@ def test_settings_that_cannot_train_reuse_are_one_clear_error(overrides, message
 
 
 def test_a_trained_reuse_checkpoint_says_so_and_sample_runs_its_routers_with_their_reuse(tmp_path, capsys):
-    from edit_jax.checkpoint import router_mode
-    from edit_jax.cli import main
-
     fields = dict(preset="flux-tiny", steps=2, batch_size=2, log_every=1, save_every=2, warmup_steps=1, num_txt=4,
                   objective="rollout", closed="reuse", rollout_steps=2, rollout_schedule=4, reuse_max=3, tau=0.75)
     train(TrainConfig(**fields, run_dir=str(tmp_path / "run")), progress=False)
@@ -170,8 +171,6 @@ def test_a_trained_reuse_checkpoint_says_so_and_sample_runs_its_routers_with_the
 
 
 def test_a_learned_schedule_is_trained_only_on_the_rows_of_its_rollout_window():
-    from edit_jax.train.step import init_schedule
-
     _, variables, batch, config = rollout_setup(trainable="schedule", tau=0.75)  # p = 0.7: closed, so they reuse
     model = edit_jax.build_model(edit_jax.preset("flux-tiny"))
     schedule = init_schedule(config, model.config)
@@ -186,10 +185,6 @@ def test_a_learned_schedule_is_trained_only_on_the_rows_of_its_rollout_window():
 
 
 def test_a_schedule_run_keeps_its_learned_p_in_the_checkpoint_and_samples_with_it_as_one_map_for_every_sample(tmp_path):
-    from edit_jax.checkpoint import load_routers, step_schedule
-    from edit_jax.sampling.sampler import SamplerConfig, sample
-    from edit_jax.sampling.step_schedule import learned_schedule
-
     fields = dict(preset="flux-tiny", steps=3, batch_size=2, log_every=1, save_every=3, warmup_steps=1, num_txt=4,
                   trainable="schedule", objective="rollout", closed="reuse", rollout_steps=2, rollout_schedule=4,
                   reuse_max=3, learning_rate=0.5, rho_g=0.0)
@@ -223,9 +218,6 @@ def test_a_schedule_learns_only_on_the_rollout():
 
 
 def test_sample_runs_a_checkpoints_learned_schedule_and_names_what_is_missing(tmp_path, capsys):
-    from edit_jax.checkpoint import save
-    from edit_jax.cli import main
-
     config = edit_jax.preset("flux-tiny")
     p = np.full((3, config.num_blocks), 0.9)
     p[1:, 0] = 0.1  # block 0 computes at the first step, then reuses
