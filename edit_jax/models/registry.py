@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 
-from edit_jax.models import flux, hunyuan3d, qwen_image
 from edit_jax.elastic.block_cache import BlockCacheMethod, RouterGuidedCache
 from edit_jax.elastic.mechanism import ElasticConfig
-from edit_jax.elastic.step_cache import StepCacheMethod
-from edit_jax.models.family import ModelFamily
-from edit_jax.layers import stack_modulations
 from edit_jax.elastic.router import router_modulation
-
+from edit_jax.elastic.step_cache import StepCacheMethod
+from edit_jax.layers import stack_modulations
+from edit_jax.models import flux, hunyuan3d, qwen_image
+from edit_jax.models.family import ModelFamily
 
 FAMILIES = {family.name: family for family in (flux.FAMILY, qwen_image.FAMILY, hunyuan3d.FAMILY)}
 
@@ -158,11 +157,20 @@ def init_variables(config, seed: int = 0, shardings: dict | None = None,
       config: the model config. seed: of the initialisation. shardings: above.
       collections: which of "params" and "routers" to make.
     """
-    init = _init_fn(config)
+    placement = None
     if shardings is not None:
-        shardings = {c: shardings[c] for c in collections}
-    return jax.jit(lambda key: {c: nn.meta.unbox(init(key))[c] for c in collections},
-                   out_shardings=shardings)(jax.random.key(seed))
+        leaves, treedef = jax.tree.flatten({c: shardings[c] for c in collections})
+        placement = (treedef, tuple(leaves))
+    return _jitted_init(config, tuple(collections), placement)(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_init(config, collections: tuple[str, ...], placement):
+    """The jitted init of one config, collections and placement ((treedef, shardings) or None):
+    traced and compiled once a process, whatever the seed."""
+    init = _init_fn(config)
+    shardings = None if placement is None else jax.tree.unflatten(*placement)
+    return jax.jit(lambda key: {c: nn.meta.unbox(init(key))[c] for c in collections}, out_shardings=shardings)
 
 
 def init_params(config, seed: int = 0) -> dict:

@@ -1,0 +1,35 @@
+"""Random initialisation: one traced and compiled init per config, collections and placement in a
+process, whatever the seed (tests, the demo and every training run start from it)."""
+
+import jax
+import numpy as np
+
+import edit_jax
+from edit_jax.models import registry
+from edit_jax.models.registry import init_variables
+from edit_jax.placement import param_shardings
+from edit_jax.sharding import make_mesh
+
+
+def test_init_variables_traces_once_per_config_and_draws_each_seed_anew():
+    config = edit_jax.preset("qwen-image-tiny")
+    before = registry._jitted_init.cache_info()
+    one, two, one_again = (init_variables(config, seed=s) for s in (1, 2, 1))
+
+    after = registry._jitted_init.cache_info()
+    assert after.misses - before.misses <= 1 and after.hits - before.hits >= 2
+    jax.tree.map(np.testing.assert_array_equal, one, one_again)
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(two["params"]))
+               if a.size > 1 and np.std(a) > 0)
+
+
+def test_init_variables_on_a_mesh_places_each_collection_asked_for_by_its_shardings():
+    config = edit_jax.preset("qwen-image-tiny")
+    mesh = make_mesh()
+    shardings = {c: param_shardings(config, mesh, collection=c) for c in ("params", "routers")}
+    routers = init_variables(config, seed=3, shardings=shardings, collections=("routers",))
+
+    assert set(routers) == {"routers"}
+    assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), routers["routers"],
+                                     shardings["routers"]))
+    jax.tree.map(np.testing.assert_array_equal, routers["routers"], init_variables(config, seed=3)["routers"])
