@@ -14,10 +14,10 @@ import pytest
 import edit_jax
 from edit_jax.checkpoint import CheckpointError, load_routers, save
 from edit_jax.config import ConfigError
-from edit_jax.models.registry import init_variables
+from edit_jax.models.registry import build_model, init_variables
 from edit_jax.train.config import TrainConfig, load_train_config
 from edit_jax.train.data import shared_inputs, synthetic_batch
-from edit_jax.train.loop import train
+from edit_jax.train.loop import train, train_step_for
 from edit_jax.train.step import make_loss_fn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +169,7 @@ def test_evaluation_scores_fixed_held_out_batches_every_eval_every_steps(tmp_pat
 @pytest.fixture
 def tiny_dataset(tmp_path):
     from test_dataset import flux_examples
+
     from edit_jax.train.dataset import write_dataset
 
     return write_dataset(tmp_path / "ds", "flux", flux_examples(16, seed=3))
@@ -507,6 +508,7 @@ def test_a_checkpoint_interrupted_mid_save_is_never_resumed_from(tmp_path):
 
 def test_a_non_finite_loss_stops_the_run_with_a_message(tmp_path):
     from test_dataset import flux_examples
+
     from edit_jax.train.dataset import write_dataset
     from edit_jax.train.loop import TrainingError
 
@@ -590,6 +592,19 @@ def test_static_pruning_training_never_runs_nor_updates_a_skipped_block(tmp_path
                  jax.tree.map(np.asarray, initial["single_transformer_blocks"]))
     assert not np.array_equal(trained["transformer_blocks"]["attn"]["to_q"]["kernel"],
                               initial["transformer_blocks"]["attn"]["to_q"]["kernel"])
+
+
+def test_runs_that_differ_only_in_where_they_write_share_one_train_step_in_a_process(tmp_path):
+    model_config = edit_jax.preset("flux-tiny")
+    model = build_model(model_config)
+
+    def step(config):
+        return train_step_for(config, model, model_config, (2, 2), 4, (None, None, None, None))
+
+    first = step(tiny_run(tmp_path, "a"))
+    assert step(tiny_run(tmp_path, "b", log_every=5, save_every=7, keep=1)) is first
+    assert step(tiny_run(tmp_path, "a", learning_rate=3e-3)) is not first
+    assert step(tiny_run(tmp_path, "a", steps=5)) is not first  # a cosine schedule reads the steps
 
 
 def test_skip_blocks_past_the_last_block_is_one_clear_error(tmp_path):

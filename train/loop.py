@@ -15,6 +15,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -70,6 +71,31 @@ def jitted_train_step(config: TrainConfig, model, optimizer, shared: dict, train
                    out_shardings=(trainable_shardings, opt_shardings, None), donate_argnums=(0, 1))
 
 
+def train_step_for(config: TrainConfig, model, model_config, grid: tuple[int, int], num_txt: int, shardings: tuple):
+    """The jitted train step of a run's config, model and batch shape, with shardings = (trainable,
+    opt_state, frozen, batch): one per process for every run that differs only in where it writes
+    (run_dir) and how often it logs and saves, so a second such run in the process (a resume, the
+    demo's rerun) neither traces nor compiles it again.
+
+    Args:
+      config: the run's TrainConfig. model: the transformer; model_config: its config.
+      grid: (rows, cols) of packed image tokens. num_txt: text tokens. shardings: above.
+    """
+    same_step = dataclasses.replace(config, run_dir="-", log_every=1, save_every=1, keep=1)
+    leaves, treedef = jax.tree.flatten(shardings, is_leaf=lambda x: x is None)
+    key = (json.dumps(same_step.to_dict(), sort_keys=True, default=str), model, model_config, grid, num_txt, treedef,
+           tuple(leaves))
+    if key not in _TRAIN_STEPS:
+        if len(_TRAIN_STEPS) >= 8:
+            _TRAIN_STEPS.pop(next(iter(_TRAIN_STEPS)))
+        _TRAIN_STEPS[key] = jitted_train_step(same_step, model, make_optimizer(same_step),
+                                              shared_inputs(model_config, *grid, num_txt), *shardings)
+    return _TRAIN_STEPS[key]
+
+
+_TRAIN_STEPS: dict = {}  # train_step_for's, the 8 latest
+
+
 def train_step_flops(model_config, batch: dict, grid, config: TrainConfig) -> float:
     """Model FLOPs of one train step (edit_jax.elastic.flops): forward and backward (3x the dense forward,
     recomputation under remat not counted), plus the teacher's forward.
@@ -95,7 +121,6 @@ def make_evaluator(config: TrainConfig, model, model_config, data: DataSource, d
       config: the run's TrainConfig. model: the transformer. model_config: its config.
       data: the training data source. data_sharding: the batch's sharding.
     """
-    import dataclasses
 
     if config.data == "synthetic" and config.eval_data is None:
         batches = [data.next(EVAL_STEPS + i) for i in range(config.eval_batches)]
@@ -283,8 +308,8 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
     def step_for(batch, grid):
         key = (grid, batch["encoder_hidden_states"].shape[1])
         if key not in compiled:
-            fn = jitted_train_step(config, model, optimizer, shared_inputs(model_config, *grid, key[1]),
-                                   trainable_shardings, opt_shardings, frozen_shardings, data_sharding)
+            fn = train_step_for(config, model, model_config, grid, key[1],
+                                (trainable_shardings, opt_shardings, frozen_shardings, data_sharding))
             with jax.set_mesh(mesh):  # the models constrain their activations to this mesh's axes
                 compiled[key] = fn.lower(trainable, opt_state, frozen, abstract_like(batch), jnp.int32(0)).compile()
             memory = compiled[key].memory_analysis()
