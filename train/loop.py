@@ -121,7 +121,6 @@ def make_evaluator(config: TrainConfig, model, model_config, data: DataSource, d
       config: the run's TrainConfig. model: the transformer. model_config: its config.
       data: the training data source. data_sharding: the batch's sharding.
     """
-
     if config.data == "synthetic" and config.eval_data is None:
         batches = [data.next(EVAL_STEPS + i) for i in range(config.eval_batches)]
     else:
