@@ -3,11 +3,20 @@
 import json
 import re
 
+import jax
 import numpy as np
 import pytest
 
+import edit_jax
 import edit_jax.cli.demo as cli_demo
+from edit_jax.checkpoint import save
 from edit_jax.cli import main
+from edit_jax.elastic.flops import ROUTING_KEYS
+from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.eval.sampling_eval import run_in_batches
+from edit_jax.sampling.embeddings import embedding_conditions, read_embeddings
+from edit_jax.sampling.latents import initial_noise
+from edit_jax.sampling.sampler import SamplerConfig
 
 METHODS = {"dense", "E-DiT (routers)", "E-DiT (routers+base)", "E-DiT (routers+base) + cache", "per-step schedule",
            "static pruning", "static pruning + fine-tune", "cache alone, at E-DiT's FLOPs",
@@ -86,9 +95,6 @@ def test_a_bad_setting_is_one_clear_error(tmp_path, capsys, setting, message):
 
 @pytest.fixture
 def tiny_routed_ckpt(tmp_path):
-    import edit_jax
-    from edit_jax.checkpoint import save
-
     config = edit_jax.preset("flux-tiny")
     variables = edit_jax.models.init_variables(config)
     save(tmp_path / "ckpt", config, variables["params"], variables["routers"])
@@ -145,16 +151,6 @@ def test_eval_with_true_cfg_guides_with_the_files_negative_embeddings(tiny_route
 
 
 def test_eval_in_batches_gives_the_latents_and_routing_of_one_batch(tiny_routed_ckpt):
-    import jax
-
-    import edit_jax
-    from edit_jax.elastic.flops import ROUTING_KEYS
-    from edit_jax.elastic.mechanism import ElasticConfig
-    from edit_jax.eval.sampling_eval import run_in_batches
-    from edit_jax.sampling.embeddings import embedding_conditions, read_embeddings
-    from edit_jax.sampling.latents import initial_noise
-    from edit_jax.sampling.sampler import SamplerConfig
-
     ckpt, emb = tiny_routed_ckpt
     model, params = edit_jax.load(ckpt)
     cond = embedding_conditions(model.config, read_embeddings(str(emb)), 32, 32)
@@ -179,9 +175,6 @@ def test_eval_checks_every_prompt_before_cutting_them_into_batches(tiny_routed_c
 
 
 def test_eval_of_a_checkpoint_without_routers_is_one_clear_error(tmp_path, capsys):
-    import edit_jax
-    from edit_jax.checkpoint import save
-
     config = edit_jax.preset("flux-tiny")
     save(tmp_path / "ckpt", config, edit_jax.init_params(config))
     np.savez(tmp_path / "emb.npz", prompt_embeds=np.zeros((1, 4, 32), np.float32), pooled_prompt_embeds=np.zeros((1, 32), np.float32))
