@@ -147,23 +147,40 @@ def quality_vs_flops_figure(curves: dict[str, list[tuple[float, float]]], *, yla
 
 
 def plot_sample_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, *, title: str, columns: int = 10) -> Path:
-    """Images [M, H, W] in [0, 1] in a grid, each titled with the label it was conditioned on.
+    """`sample_grid_figure` as a PNG at `path`.
 
     Args:
-      path: the PNG to write. images: [M, H, W] in [0, 1]. labels: [M]. title: the figure's.
-      columns: images per row.
+      path: the PNG to write; the others: as `sample_grid_figure`'s.
+    """
+    return _save(sample_grid_figure(images, labels, title=title, columns=columns), path)
+
+
+def sample_grid_figure(images: np.ndarray, labels: np.ndarray, *, title: str, columns: int = 10):
+    """Images [M, H, W] in [0, 1] in a grid, each titled with the label it was conditioned on. The grid
+    is one picture on one axes (a figure of M small axes takes seconds to lay out and draw).
+
+    Args:
+      images: [M, H, W] in [0, 1]. labels: [M]. title: the figure's. columns: images per row.
     """
     plt = _pyplot()
-    rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.25 * rows + 0.6), dpi=100, squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, image, label in zip(axes.ravel(), images, labels):
-        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(f"label {label}", fontsize=7)
+    images = np.asarray(images, np.float32)
+    count, height, width = images.shape
+    rows, columns = -(-count // columns), min(columns, count)
+    gap = max(1, height // 4)  # background between cells, in image pixels
+    mosaic = np.ones((rows * (height + gap) - gap, columns * (width + gap) - gap), np.float32)
+    for i, image in enumerate(images):
+        top, left = (i // columns) * (height + gap), (i % columns) * (width + gap)
+        mosaic[top:top + height, left:left + width] = image
+    fig, ax = plt.subplots(figsize=(1.1 * columns, 1.25 * rows + 0.6), dpi=100)
+    ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", extent=(0, mosaic.shape[1], mosaic.shape[0], 0))
+    ax.axis("off")
+    for i, label in enumerate(labels[:count]):
+        x, y = (i % columns) * (width + gap) + width / 2, (i // columns) * (height + gap)
+        ax.text(x, y - gap / 4, f"label {label}", fontsize=7, ha="center", va="bottom")
+    ax.set_ylim(mosaic.shape[0], -gap * 1.5)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_mesh_preview(path: str | Path, vertices: np.ndarray, faces: np.ndarray, *, title: str) -> Path:

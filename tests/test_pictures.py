@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from edit_jax.eval.pictures import quality_vs_flops_figure, router_map_figure
+from edit_jax.eval.pictures import quality_vs_flops_figure, router_map_figure, sample_grid_figure
 
 
 def _boxes(fig, artists):
@@ -47,3 +47,19 @@ def test_a_distance_plot_with_one_collapsed_method_reads_on_a_log_axis():
     assert scale(curves, dense=24.0, lower_is_better=True) == "log"
     assert scale({"cache": curves["cache"]}, lower_is_better=True) == "linear"
     assert scale({"accuracy": [(0.3, 0.1), (0.5, 0.8)]}) == "linear"  # a score, not a distance
+
+
+def test_a_sample_grid_shows_each_image_in_its_cell_under_its_own_label():
+    images = np.stack([np.full((8, 8), i / 12) for i in range(12)])
+    fig = sample_grid_figure(images, np.arange(12) % 10, title="dense: samples conditioned on the label above each",
+                             columns=5)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    mosaic = ax.get_images()[0].get_array()
+    assert mosaic.shape == (3 * 8 + 2 * 2, 5 * 8 + 4 * 2)  # 3 rows of 5 cells, 2 pixels between them
+    assert all(np.allclose(mosaic[r * 10:r * 10 + 8, c * 10:c * 10 + 8], (5 * r + c) / 12)
+               for r in range(3) for c in range(5) if 5 * r + c < 12)
+    assert [t.get_text() for t in ax.texts] == [f"label {i % 10}" for i in range(12)]
+    labels, title = _boxes(fig, ax.texts), _boxes(fig, [fig._suptitle])[0]
+    assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1:])
+    assert all(box.y1 <= title.y0 for box in labels)
