@@ -423,3 +423,32 @@ def test_the_sampling_loop_reads_no_modulation_kernel_in_its_steps(elastic):
     found = list(kernels(closed.jaxpr, False))
     assert any(not in_step and shapes & modulation for in_step, shapes in found)  # computed ahead
     assert not [shapes for in_step, shapes in found if in_step and shapes & modulation]
+
+
+def test_step_schedules_of_one_shape_share_one_compiled_loop_and_each_gives_its_own_samples():
+    from edit_jax.models.registry import init_variables
+    from edit_jax.sampling import sampler as sampler_module
+    from edit_jax.sampling.sampler import make_conditions
+    from edit_jax.sampling.step_schedule import ScheduleDecisions
+
+    config = edit_jax.preset("flux-tiny")
+    model, params = edit_jax.build_model(config), init_variables(config)["params"]
+    rng = np.random.default_rng(0)
+    cond = make_conditions(config, rng.standard_normal((1, 4, config.joint_attention_dim)), HEIGHT, WIDTH,
+                           rng.standard_normal((1, config.pooled_projection_dim)))
+    noise = jnp.asarray(rng.standard_normal((1, 12, config.in_channels)), jnp.float32)
+    steps, blocks, full = 3, config.num_blocks, len(config.width_buckets) - 1
+    every = ScheduleDecisions(jnp.ones((steps, blocks), bool), jnp.full((steps, blocks), full, jnp.int32))
+    half = ScheduleDecisions(jnp.asarray(np.arange(steps * blocks).reshape(steps, blocks) % 2 == 0),
+                             jnp.full((steps, blocks), full, jnp.int32))
+    run = lambda decisions: sample(model, params, noise, cond, SamplerConfig(num_steps=steps),  # noqa: E731
+                                   elastic=ElasticConfig(mode="forced"), decisions=decisions)
+    sampler_module._runner.cache_clear()
+
+    dense, _ = sample(model, params, noise, cond, SamplerConfig(num_steps=steps))
+    (all_on, all_records), (halved, half_records) = run(every), run(half)
+    assert sampler_module._runner.cache_info().currsize == 2  # dense, and one loop for both schedules
+    np.testing.assert_allclose(all_on, dense, rtol=1e-5, atol=1e-6)
+    assert np.asarray(all_records["executed"]).all()
+    np.testing.assert_array_equal(np.asarray(half_records["executed"])[:, 0], np.asarray(half.run))
+    assert relative_error(halved, dense) > 1e-3

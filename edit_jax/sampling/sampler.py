@@ -346,9 +346,11 @@ def sample(
     statics = [_split_static(c)[1] for c in conditions]
 
     ordered = len(_devices(params)) <= 1 and jax.sharding.get_abstract_mesh().empty
+    # a plain function of the step is part of the program; a callable pytree (ScheduleDecisions) is an argument
+    static_decisions = callable(decisions) and jax.tree.leaves(decisions) == [decisions]
     run = _runner(model, sampler, elastic, tuple(tuple(st.items()) for st in statics), batch, rescale, batched_cfg,
-                  cfg, decisions if callable(decisions) else None, progress, ordered)
-    forced = None if callable(decisions) else decisions
+                  cfg, decisions if static_decisions else None, progress, ordered)
+    forced = None if static_decisions else decisions
     return run(params, routers, noise, arrays, states, jnp.asarray(sigmas), t_model, forced)
 
 

@@ -16,11 +16,12 @@ from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.mechanism import ElasticConfig
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, eq=False)
 class ScheduleDecisions:
     """Forced decisions of step i: row i of a [S, L] run table (bool) and bucket table (width
-    bucket indices); steps past the last take the last row. One object per schedule, so the
-    sampler compiles it once."""
+    bucket indices); steps past the last take the last row. A pytree of the two tables: the
+    sampler traces them as arguments, so every schedule of one shape runs one compiled loop."""
 
     run: jax.Array
     bucket: jax.Array
