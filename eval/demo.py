@@ -28,6 +28,7 @@ rerun with the same settings reuses them, and an interrupted run resumes where i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -47,7 +48,7 @@ from edit_jax.elastic.step_cache import FirstBlockCache, MagCache, TaylorSeer, d
 from edit_jax.sampling.calibration import calibrate_mag_ratios
 from edit_jax.elastic.flops import base_flops, layer_flops
 from edit_jax.sampling.latents import unpack_latents
-from edit_jax.models.registry import build_model
+from edit_jax.models.registry import build_model, split_static
 from edit_jax.sampling.sampler import SamplerConfig
 from edit_jax.sampling.step_schedule import ScheduleDecisions, learned_schedule
 from edit_jax.eval import baselines, real_data
@@ -196,6 +197,16 @@ def log(message: str) -> None:
     print(f"demo [{time.perf_counter() - _START:6.1f} s]: {message}", file=sys.stderr, flush=True)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _pruned_loss(model, static: tuple, params: dict, arrays: dict, target: jax.Array, run: jax.Array) -> jax.Array:
+    """The flow loss (mean squared error to `target`) with only the blocks where run [L] is True,
+    at full width: one compiled program for every run pattern, every demo in a process."""
+    full = len(model.config.width_buckets) - 1
+    v, _ = model.apply({"params": params}, **arrays, **dict(static), elastic=ElasticConfig(mode="forced"),
+                       decisions={"run": run, "bucket": jnp.full(run.shape, full, jnp.int32)})
+    return jnp.mean(jnp.square(v - target))
+
+
 class Demo:
     def __init__(self, settings: DemoSettings, out: Path, progress: bool = True):
         self.s, self.out, self.progress = settings, resolve(out), progress
@@ -291,16 +302,10 @@ class Demo:
         """Static pruning's block order, greedy by the flow loss on validation images."""
         inputs = self.model_inputs(self.validation, 256, 1)
         target = inputs.pop("target")
-        full = len(self.config.width_buckets) - 1
-
-        @jax.jit
-        def loss(run):
-            v, _ = self.model.apply({"params": self.base}, **inputs, elastic=ElasticConfig(mode="forced"),
-                                    decisions={"run": run, "bucket": jnp.full(run.shape, full, jnp.int32)})
-            return jnp.mean(jnp.square(v - target))
-
-        blocks = self.config.num_blocks
-        return baselines.greedy_prune_order(lambda run: float(loss(jnp.asarray(run))), blocks)
+        arrays, static = split_static(inputs)
+        loss = lambda run: float(_pruned_loss(self.model, tuple(static.items()), self.base, arrays, target,  # noqa: E731
+                                              jnp.asarray(run)))
+        return baselines.greedy_prune_order(loss, self.config.num_blocks)
 
     # ---- 6. sampling and judging ---------------------------------------------------------------
     def conditions(self) -> tuple[jax.Array, dict]:
