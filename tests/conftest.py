@@ -14,7 +14,33 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
+import json  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def once_per_session(tmp_path_factory):
+    """once(name, make) -> (folder, result): make(folder) run once in the whole test session, by
+    whichever xdist worker asks first (the others wait for it and read its result), for a costly
+    result that several tests only read. The result must be JSON."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker's basetemp sits in the session's
+        root = root.parent
+
+    def once(name: str, make) -> tuple[Path, object]:
+        folder, done = root / name, root / f"{name}.json"
+        with FileLock(f"{folder}.lock"):
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)  # what an attempt that failed left
+                folder.mkdir()
+                done.write_text(json.dumps(make(folder)))
+        return folder, json.loads(done.read_text())
+
+    return once
 
 
 @pytest.fixture

@@ -699,20 +699,44 @@ def test_a_base_written_over_during_the_run_is_not_linked_into_its_trained_check
                  jax.tree.map(np.asarray, base))
 
 
-@pytest.mark.parametrize("trained", ["routers", "schedule"])
-def test_a_two_process_run_links_its_frozen_base_into_its_trained_checkpoint(tmp_path, trained):
+@pytest.fixture
+def two_process_router_run(once_per_session):
+    """Routers trained by two real processes from a checkpoint, JAX's preemption service off, once
+    for the whole session (whichever xdist worker asks first): (the checkpoint, the run folder,
+    each process's stderr)."""
+    def run(folder):
+        config = edit_jax.preset("flux-tiny")
+        save(folder / "ckpt", config, init_variables(config, seed=7)["params"])
+        return two_processes(folder / "run", f"checkpoint={folder / 'ckpt'}",
+                             env_extra={"JAX_ENABLE_PREEMPTION_SERVICE": "false"})
+
+    folder, errs = once_per_session("two-process-router-run", run)
+    return folder / "ckpt", folder / "run", errs
+
+
+def test_a_two_process_run_links_its_frozen_base_into_its_trained_routers_checkpoint(two_process_router_run):
+    ckpt, run, _ = two_process_router_run
+
+    assert base_files(run / "edit-jax") == base_files(ckpt)
+    assert load_routers(run / "edit-jax") is not None
+
+
+def test_a_two_process_run_without_jax_preemption_service_trains_and_says_a_sigterm_saves_nothing(two_process_router_run):
+    _, run, errs = two_process_router_run
+
+    assert "preemption service is off" in errs[0] and (run / "edit-jax").is_dir()
+
+
+def test_a_two_process_schedule_run_links_its_frozen_base_and_writes_the_replicated_table_once(tmp_path):
     from edit_jax.checkpoint import step_schedule
 
     config = edit_jax.preset("flux-tiny")
     save(tmp_path / "ckpt", config, init_variables(config, seed=7)["params"])
-    schedule = ["trainable=schedule", "objective=rollout", "closed=reuse", "rollout_steps=2", "rollout_schedule=4"]
-    two_processes(tmp_path / "run", f"checkpoint={tmp_path / 'ckpt'}", *(schedule if trained == "schedule" else []))
+    two_processes(tmp_path / "run", f"checkpoint={tmp_path / 'ckpt'}", "trainable=schedule", "objective=rollout",
+                  "closed=reuse", "rollout_steps=2", "rollout_schedule=4")
 
     assert base_files(tmp_path / "run" / "edit-jax") == base_files(tmp_path / "ckpt")
-    if trained == "routers":
-        assert load_routers(tmp_path / "run" / "edit-jax") is not None
-    else:  # the replicated table, written once by the processes together
-        assert np.asarray(step_schedule(tmp_path / "run" / "edit-jax")["p"]).shape == (4, config.num_blocks)
+    assert np.asarray(step_schedule(tmp_path / "run" / "edit-jax")["p"]).shape == (4, config.num_blocks)
 
 
 def test_max_steps_stops_a_cli_run_with_a_checkpoint_that_the_same_command_continues(tmp_path, capsys):
@@ -726,12 +750,6 @@ def test_max_steps_stops_a_cli_run_with_a_checkpoint_that_the_same_command_conti
 
     assert main(args) == 0
     assert "resumed from step 2" in capsys.readouterr().err and (tmp_path / "run" / "edit-jax").is_dir()
-
-
-def test_a_two_process_run_without_jax_preemption_service_trains_and_says_a_sigterm_saves_nothing(tmp_path):
-    errs = two_processes(tmp_path / "run", env_extra={"JAX_ENABLE_PREEMPTION_SERVICE": "false"})
-
-    assert "preemption service is off" in errs[0] and (tmp_path / "run" / "edit-jax").is_dir()
 
 
 def test_the_trained_checkpoint_runs_by_default_as_a_fresh_one_not_with_training_remat_and_attention(tmp_path):
