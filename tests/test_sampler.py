@@ -13,8 +13,10 @@ import edit_jax
 from edit_jax.checkpoints_convert import convert_checkpoint
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.sampling.latents import flux_img_ids, flux_txt_ids, qwen_img_shapes
-from edit_jax.models.registry import init_routers
-from edit_jax.sampling.sampler import SamplerConfig, sample
+from edit_jax.models.registry import init_routers, init_variables
+from edit_jax.sampling import sampler as sampler_module
+from edit_jax.sampling.sampler import SamplerConfig, make_conditions, sample
+from edit_jax.sampling.step_schedule import ScheduleDecisions
 from edit_jax.sampling.schedules import SCHEDULERS
 from reference import make_diffusers_flux, make_diffusers_qwen, relative_error
 
@@ -426,11 +428,6 @@ def test_the_sampling_loop_reads_no_modulation_kernel_in_its_steps(elastic):
 
 
 def test_step_schedules_of_one_shape_share_one_compiled_loop_and_each_gives_its_own_samples():
-    from edit_jax.models.registry import init_variables
-    from edit_jax.sampling import sampler as sampler_module
-    from edit_jax.sampling.sampler import make_conditions
-    from edit_jax.sampling.step_schedule import ScheduleDecisions
-
     config = edit_jax.preset("flux-tiny")
     model, params = edit_jax.build_model(config), init_variables(config)["params"]
     rng = np.random.default_rng(0)
