@@ -101,6 +101,7 @@ class DemoSettings:
     reuse_max: int = 2  # learned reuse: reuses in a row before a block computes anyway
     reuse_order: int = 0  # learned reuse: 0 the stored residual, 1 extrapolated along its change per step
     rollout_steps: int = 3  # learned reuse: steps per training window (cut from the sample_steps schedule)
+    schedule_init_interval: int = 0  # the learned schedule starts with every block open (0) or from TaylorSeer's map at k
     seed: int = 0
 
     def __post_init__(self):
@@ -112,7 +113,8 @@ class DemoSettings:
                 raise DemoError(f"{name}={getattr(self, name)!r} is not one of {tuple(allowed)}")
         limits = {1: ("patch", "num_attention_heads", "attention_head_dim", "router_hidden", "batch_size", "dense_steps",
                       "router_steps", "sample_steps", "timing_repeats", "rollout_steps"),
-                  0: ("num_layers", "num_single_layers", "eval_samples", "seed", "threshold_runs", "reuse_max")}
+                  0: ("num_layers", "num_single_layers", "eval_samples", "seed", "threshold_runs", "reuse_max",
+                      "schedule_init_interval")}
         for low, names in limits.items():
             for name in names:
                 if getattr(self, name) < low:
@@ -404,8 +406,8 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
                                            learning_rate=s.finetune_learning_rate, **common),
             "reuse": demo.train_run(f"reuse-rho{rho}", trainable="routers", learning_rate=s.router_learning_rate,
                                     **rollout, **common),
-            "schedule": demo.train_run(f"schedule-rho{rho}", trainable="schedule",
-                                       learning_rate=s.schedule_learning_rate, **rollout, **common),
+            "schedule": demo.train_run(f"schedule-rho{rho}", trainable="schedule", learning_rate=s.schedule_learning_rate,
+                                       schedule_init_interval=s.schedule_init_interval, **rollout, **common),
         }
     log("static pruning: ordering blocks by validation loss")
     order = demo.prune_order()

@@ -17,6 +17,7 @@ from edit_jax.cli import main
 from edit_jax.config import ConfigError
 from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.step_cache import TaylorSeer
 from edit_jax.models.registry import init_cache, init_variables
 from edit_jax.sampling.sampler import SamplerConfig, sample
 from edit_jax.sampling.step_schedule import learned_schedule
@@ -145,6 +146,7 @@ def test_a_resumed_rollout_run_equals_an_uninterrupted_one(tmp_path):
     (dict(closed="reuse"), "train it with objective='rollout'"),
     (dict(objective="rollout", trainable="routers+base"), "needs a frozen base"),
     (dict(objective="rollout", rollout_steps=30), "rollout_steps=30 must be in"),
+    (dict(objective="rollout", schedule_init_interval=3), "schedule_init_interval=3 starts a learned step schedule"),
 ])
 def test_settings_that_cannot_train_reuse_are_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -168,6 +170,17 @@ def test_a_trained_reuse_checkpoint_says_so_and_sample_runs_its_routers_with_the
     assert summary["block_cache"] == "learned_reuse" and summary["cache_hit_rate"] > 0
     assert main([*args, "--out", str(tmp_path / "cached"), "--cache"]) == 2
     assert "trained to reuse" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interval", [2, 3])
+def test_a_schedule_started_from_taylor_seers_map_opens_every_block_at_the_steps_taylor_seer_computes(interval):
+    config = TrainConfig(trainable="schedule", objective="rollout", closed="reuse", rollout_schedule=12,
+                         schedule_init_interval=interval)
+    p = np.asarray(jax.nn.sigmoid(init_schedule(config, edit_jax.preset("flux-tiny"))))
+    computes = [bool(TaylorSeer(cache_interval=interval, disable_cache_before_step=1).computes_at(step)) for step in range(12)]
+
+    np.testing.assert_array_equal(p >= config.tau, np.repeat(np.asarray(computes)[:, None], p.shape[1], axis=1))
+    assert computes[:3] == [True, False, True] and 1 < sum(computes) < 12
 
 
 def test_a_learned_schedule_is_trained_only_on_the_rows_of_its_rollout_window():

@@ -66,6 +66,10 @@ class TrainConfig:
     objective: str = "flow"
     rollout_steps: int = 4  # steps per rollout window
     rollout_schedule: int = 28  # the sampling schedule's steps the window is cut from (the family's scheduler)
+    # trainable=schedule: 0 starts with every block open at every step; k >= 1 starts from TaylorSeer's
+    # compute map (every block computes at the steps TaylorSeer(cache_interval=k, disable_cache_before_step=1)
+    # computes, and is closed, p 0.3, at the others)
+    schedule_init_interval: int = 0
     # noise levels s in [0, 1]
     noise_sampler: str = "logit_normal"
     logit_mean: float = 0.0
@@ -143,6 +147,9 @@ class TrainConfig:
         if self.trainable == "schedule" and self.objective != "rollout":
             raise ConfigError("trainable='schedule' learns a p for each step of the sampling schedule: train it with "
                               "objective='rollout' (one flow step at a random noise level is no step of the schedule)")
+        if self.schedule_init_interval and self.trainable != "schedule" or self.schedule_init_interval < 0:
+            raise ConfigError(f"schedule_init_interval={self.schedule_init_interval} starts a learned step schedule from "
+                              "TaylorSeer's compute map: it needs trainable='schedule' and a value >= 0")
         if not 1 <= self.rollout_steps <= self.rollout_schedule or self.reuse_max < 0 or self.reuse_order not in (0, 1):
             raise ConfigError(f"rollout_steps={self.rollout_steps} must be in [1, rollout_schedule={self.rollout_schedule}], "
                               f"reuse_max={self.reuse_max} >= 0 and reuse_order={self.reuse_order} 0 or 1")

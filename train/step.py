@@ -38,6 +38,7 @@ import optax
 from edit_jax.config import ConfigError
 from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.step_cache import TaylorSeer
 from edit_jax.models.registry import init_cache
 from edit_jax.sampling.sampler import default_scheduler
 from edit_jax.sampling.schedules import flow_match_schedule, time_shift
@@ -177,9 +178,16 @@ SCHEDULE_INIT_P = 0.7  # a fresh schedule opens every block at the p fresh route
 
 def init_schedule(config: TrainConfig, model_config) -> jax.Array:
     """A fresh learned step schedule (trainable="schedule"): logits [rollout_schedule, L], every
-    block of every step at p = SCHEDULE_INIT_P."""
+    block of every step at p = SCHEDULE_INIT_P; or, with schedule_init_interval k, TaylorSeer's
+    compute map at interval k: every block at p = SCHEDULE_INIT_P at the steps it computes, at
+    1 - SCHEDULE_INIT_P (closed) at the others."""
     logit = math.log(SCHEDULE_INIT_P / (1 - SCHEDULE_INIT_P))
-    return jnp.full((config.rollout_schedule, model_config.num_blocks), logit, jnp.float32)
+    shape = (config.rollout_schedule, model_config.num_blocks)
+    if not config.schedule_init_interval:
+        return jnp.full(shape, logit, jnp.float32)
+    taylor_seer = TaylorSeer(cache_interval=config.schedule_init_interval, disable_cache_before_step=1)
+    computes = taylor_seer.computes_at(jnp.arange(shape[0]))
+    return jnp.broadcast_to(jnp.where(computes, logit, -logit)[:, None], shape).astype(jnp.float32)
 
 
 def schedule_decisions(model_config, logits: jax.Array, step: jax.Array) -> dict:
