@@ -56,7 +56,7 @@ from edit_jax.eval.judge import Judge
 from edit_jax.eval.metrics import json_number, psnr, ssim
 from edit_jax.eval.pictures import block_groups, plot_quality_vs_flops, plot_router_map, plot_sample_grid
 from edit_jax.eval.sampling_eval import run_method
-from edit_jax.train.config import GATE_BUDGETS, RHO_SCHEDULES, TARGETS, TrainConfig
+from edit_jax.train.config import GATE_BUDGETS, RHO_SCHEDULES, ROLLOUT_LOSSES, TARGETS, TrainConfig
 from edit_jax.train.data import shared_inputs
 from edit_jax.train.dataset import pack
 from edit_jax.train.loop import train
@@ -101,13 +101,15 @@ class DemoSettings:
     reuse_max: int = 2  # learned reuse: reuses in a row before a block computes anyway
     reuse_order: int = 0  # learned reuse: 0 the stored residual, 1 extrapolated along its change per step
     rollout_steps: int = 3  # learned reuse: steps per training window (cut from the sample_steps schedule)
+    rollout_loss: str = "velocity"  # learned reuse: each step's velocity, or the window's end point ("final")
     schedule_init_interval: int = 0  # the learned schedule starts with every block open (0) or from TaylorSeer's map at k
     seed: int = 0
 
     def __post_init__(self):
         """Checked before anything runs: a bad --set fails now, not after minutes of training."""
         choices = {"dataset": real_data.DATASETS, "gate_budget": GATE_BUDGETS, "rho_schedule": RHO_SCHEDULES,
-                   "router_target": TARGETS, "timing_rows": (0, 1), "reuse_order": (0, 1)}
+                   "router_target": TARGETS, "timing_rows": (0, 1), "reuse_order": (0, 1),
+                   "rollout_loss": ROLLOUT_LOSSES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise DemoError(f"{name}={getattr(self, name)!r} is not one of {tuple(allowed)}")
@@ -394,7 +396,8 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True) -> dict:
 
     edit_runs = {}
     rollout = dict(objective="rollout", closed="reuse", reuse_max=s.reuse_max, reuse_order=s.reuse_order,
-                   rollout_steps=min(s.rollout_steps, s.sample_steps), rollout_schedule=s.sample_steps)
+                   rollout_steps=min(s.rollout_steps, s.sample_steps), rollout_schedule=s.sample_steps,
+                   rollout_loss=s.rollout_loss)
     for rho in s.rho_g:
         common = dict(checkpoint=str(demo.ordered), routers="fresh", rho_g=rho, rho_w=s.rho_w,
                       gate_budget=s.gate_budget, steps=s.router_steps, rho_schedule=s.rho_schedule,

@@ -86,6 +86,7 @@ def test_a_seed_given_twice_with_two_values_is_one_clear_error(tmp_path, capsys)
     ("nope=1", "KEY one of"), ("rho_g=high", "rho_g takes a tuple of numbers"),
     ("router_steps=-1", "router_steps=-1 must be >= 1"), ("rho_g=[0.5,1.5]", "rho_g=1.5 must be in [0, 1]"),
     ("dataset=cifar", "dataset='cifar' is not one of"), ("reuse_order=2", "reuse_order=2 is not one of (0, 1)"),
+    ("rollout_loss=sample", "rollout_loss='sample' is not one of ('velocity', 'final')"),
 ])
 def test_a_bad_setting_is_one_clear_error(tmp_path, capsys, setting, message):
     assert main(["demo", "--settings", "tiny", "--set", setting, "--out", str(tmp_path / "d")]) == 2

@@ -19,7 +19,8 @@ from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.elastic.step_cache import TaylorSeer
 from edit_jax.models.registry import init_cache, init_variables
-from edit_jax.sampling.sampler import SamplerConfig, sample
+from edit_jax.sampling.sampler import SamplerConfig, default_scheduler, sample
+from edit_jax.sampling.schedules import flow_match_schedule
 from edit_jax.sampling.step_schedule import learned_schedule
 from edit_jax.train.config import TrainConfig
 from edit_jax.train.data import shared_inputs, synthetic_batch
@@ -101,8 +102,9 @@ def test_first_order_reuse_extrapolates_the_residuals_change_per_step():
 
 
 def rollout_setup(**overrides):
-    config = TrainConfig(preset="flux-tiny", objective="rollout", closed="reuse", rollout_steps=3, rollout_schedule=6,
-                         target="data", batch_size=2, num_txt=4, reuse_max=2, **overrides)
+    fields = dict(preset="flux-tiny", objective="rollout", closed="reuse", rollout_steps=3, rollout_schedule=6,
+                  target="data", batch_size=2, num_txt=4, reuse_max=2)
+    config = TrainConfig(**{**fields, **overrides})
     model_config = edit_jax.preset("flux-tiny")
     variables = init_variables(model_config)
     batch = {**synthetic_batch(model_config, config, 0), **shared_inputs(model_config, 4, 4, 4)}
@@ -146,6 +148,7 @@ def test_a_resumed_rollout_run_equals_an_uninterrupted_one(tmp_path):
     (dict(closed="reuse"), "train it with objective='rollout'"),
     (dict(objective="rollout", trainable="routers+base"), "needs a frozen base"),
     (dict(objective="rollout", rollout_steps=30), "rollout_steps=30 must be in"),
+    (dict(rollout_loss="final"), "judges a rollout's window: it needs objective='rollout'"),
     (dict(objective="rollout", schedule_init_interval=3), "schedule_init_interval=3 starts a learned step schedule"),
 ])
 def test_settings_that_cannot_train_reuse_are_one_clear_error(overrides, message):
@@ -195,6 +198,49 @@ def test_a_learned_schedule_is_trained_only_on_the_rows_of_its_rollout_window():
     assert float(loss) == pytest.approx(float(metrics["flow_loss"] + metrics["gate_loss"]))  # no width term: no widths
     trained_rows = np.flatnonzero(np.abs(np.asarray(grads["schedule"])).sum(axis=1) > 0)
     assert len(trained_rows) == config.rollout_steps and np.all(np.diff(trained_rows) == 1)  # one window of steps
+
+
+def final_rollout_reference(config, model, params, schedule, batch, key):
+    """rollout_loss="final" written out step by step for a schedule over a whole-schedule window (start
+    0): the routed and the dense model step from the same noisy start, the loss is the error of the
+    window's mean velocity plus each step's gate term, lambda_g (mean(hard gate) - rho_g)^2."""
+    x0 = batch["latents"]
+    cond = {k: v for k, v in batch.items() if k != "latents"}
+    times = jnp.asarray(flow_match_schedule(default_scheduler(model.config), config.rollout_schedule, x0.shape[1])[0])
+    noise = jax.random.normal(jax.random.split(key)[0], x0.shape)
+    x = x_dense = (1 - times[0]) * x0 + times[0] * noise
+    method = LearnedReuse(config.reuse_max, config.reuse_order)
+    cache = init_cache(model.config, x0.shape[0], x0.shape[1], cond["encoder_hidden_states"].shape[1], method)
+    elastic = ElasticConfig(mode="train", tau=config.tau, block_cache=method)
+    full = jnp.full((model.config.num_blocks,), len(model.config.width_buckets) - 1, jnp.int32)
+    gate_terms = []
+    for i in range(config.rollout_steps):
+        timestep = jnp.full((x0.shape[0],), times[i])
+        p = jax.nn.sigmoid(schedule[i])
+        v, aux = model.apply({"params": params}, hidden_states=x, timestep=timestep, **cond, elastic=elastic,
+                             decisions={"p": p, "bucket": full}, cache=cache, step=i)
+        v_dense = model.apply({"params": params}, hidden_states=x_dense, timestep=timestep, **cond)
+        dt = times[i + 1] - times[i]
+        x, x_dense, cache = x + dt * v, x_dense + dt * v_dense, aux["cache"]
+        gate = (p >= config.tau) + p - jax.lax.stop_gradient(p)
+        gate_terms.append(config.lambda_g * jnp.square(jnp.mean(gate) - config.rho_g))
+    span = times[config.rollout_steps] - times[0]
+    return jnp.mean(jnp.square((x - x_dense) / span)) + jnp.mean(jnp.stack(gate_terms))
+
+
+def test_the_final_rollout_loss_and_its_gradient_through_every_step_equal_a_step_by_step_reference():
+    _, variables, batch, config = rollout_setup(trainable="schedule", rollout_loss="final", rollout_steps=6, tau=0.75)
+    model = edit_jax.build_model(edit_jax.preset("flux-tiny"))
+    schedule, key = init_schedule(config, model.config), jax.random.key(0)
+    (loss, metrics), grads = rollout_value_and_grad(config, model)(
+        {"schedule": schedule}, {"params": variables["params"]}, batch, key)
+
+    expected, expected_grads = jax.value_and_grad(final_rollout_reference, argnums=3)(
+        config, model, variables["params"], schedule, batch, key)
+    assert float(metrics["reuse_rate"]) > 0
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    np.testing.assert_allclose(grads["schedule"], expected_grads, rtol=1e-4, atol=1e-8)
+    assert (np.abs(np.asarray(grads["schedule"])).sum(axis=1) > 0).all()  # every step of the window is trained
 
 
 def test_a_schedule_run_keeps_its_learned_p_in_the_checkpoint_and_samples_with_it_as_one_map_for_every_sample(tmp_path):

@@ -28,6 +28,7 @@ RHO_SCHEDULES = ("constant", "linear")
 NOISE_SAMPLERS = ("uniform", "logit_normal", "shift", "pipeline")
 LR_SCHEDULES = ("constant", "cosine")
 OBJECTIVES = ("flow", "rollout")
+ROLLOUT_LOSSES = ("velocity", "final")
 CLOSED = ("skip", "reuse")
 
 
@@ -66,6 +67,10 @@ class TrainConfig:
     objective: str = "flow"
     rollout_steps: int = 4  # steps per rollout window
     rollout_schedule: int = 28  # the sampling schedule's steps the window is cut from (the family's scheduler)
+    # what the rollout is judged by: "velocity", each step's velocity against the dense model's at the same
+    # point, no gradient between steps; "final", the window's end point against the dense model's end point
+    # from the same start (its mean velocity's error), the gradient through every step of the window
+    rollout_loss: str = "velocity"
     # trainable=schedule: 0 starts with every block open at every step; k >= 1 starts from TaylorSeer's
     # compute map (every block computes at the steps TaylorSeer(cache_interval=k, disable_cache_before_step=1)
     # computes, and is closed, p 0.3, at the others)
@@ -125,7 +130,7 @@ class TrainConfig:
                    "gate_budget": GATE_BUDGETS, "rho_schedule": RHO_SCHEDULES, "noise_sampler": NOISE_SAMPLERS,
                    "lr_schedule": LR_SCHEDULES, "remat": REMAT_POLICIES, "attention": ATTENTION_IMPLEMENTATIONS,
                    "param_dtype": ("auto", *DTYPES), "router_dtype": DTYPES, "dtype": ("auto", *DTYPES),
-                   "objective": OBJECTIVES, "closed": CLOSED}
+                   "objective": OBJECTIVES, "closed": CLOSED, "rollout_loss": ROLLOUT_LOSSES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -144,6 +149,9 @@ class TrainConfig:
         if self.objective == "rollout" and self.trainable not in ("routers", "schedule"):
             raise ConfigError("objective='rollout' learns from the dense model's velocity along the rollout: it needs a "
                               "frozen base (trainable='routers' or 'schedule')")
+        if self.rollout_loss != "velocity" and self.objective != "rollout":
+            raise ConfigError(f"rollout_loss={self.rollout_loss!r} judges a rollout's window: "
+                              "it needs objective='rollout'")
         if self.trainable == "schedule" and self.objective != "rollout":
             raise ConfigError("trainable='schedule' learns a p for each step of the sampling schedule: train it with "
                               "objective='rollout' (one flow step at a random noise level is no step of the schedule)")

@@ -16,6 +16,10 @@ model's at the same point (the dense velocity and the next point carry no gradie
 terms read that step's gates, and the window's mean is the loss. Gradients stop between steps: a
 step's routers are trained for the cache and the point earlier steps left them, not for moving
 those; memory is one step's (each step's gradient is taken inside the window's scan).
+With rollout_loss="final" the dense model also steps through the window from the same start, the
+loss is the error of the window's mean velocity, mean(((x_end - x_end_dense) / (t_end - t_start))^2),
+plus the steps' mean budget terms, and the gradient runs through every step (each rematerialised in
+the backward pass): a step's routers are trained for what their reuse does to every later step.
 With trainable="schedule" no router runs: step k's p is sigmoid(logits[k]) [L] of a learned table
 over the schedule's steps and the blocks, the same for every sample (Learning-to-Cache, arXiv
 2406.01733), trained by the same loss through the same straight-through gate.
@@ -87,23 +91,30 @@ def edit_loss(config: TrainConfig, v_pred, target, aux: dict, s, width_buckets) 
       config: the run's TrainConfig. v_pred, target: [B, N, C] velocities. aux: the model's
         train-mode record. s: [B] noise levels. width_buckets: the buckets' shares of the MLP.
     """
-    p, q = aux["p"], aux["q"]
     flow = jnp.mean(jnp.square(v_pred.astype(jnp.float32) - target.astype(jnp.float32)))
+    budget, metrics = budget_loss(config, aux, s, width_buckets)
+    loss = flow + budget
+    return loss, {"loss": loss, "flow_loss": flow, **metrics}
+
+
+def budget_loss(config: TrainConfig, aux: dict, s, width_buckets) -> tuple[jax.Array, dict]:
+    """lambda_g L_gate + lambda_w L_width of one step (SPEC 4) and its metrics (each term, the open
+    rate and mean width per block [L]); aux, s and width_buckets as edit_loss's."""
+    p, q = aux["p"], aux["q"]
     hard = (p >= config.tau).astype(jnp.float32)
     gate = hard + p - jax.lax.stop_gradient(p) if config.gate_budget == "hard" else p
     gate_gap = jnp.mean(jnp.mean(gate, axis=1) - gate_budget(config, s))  # the batch mean, as SPEC 4
     gate_loss = jnp.square(gate_gap)
     r = q @ jnp.asarray(width_buckets, jnp.float32)  # [B, L] expected width fraction
     width_loss = jnp.square(jnp.sum(hard * r) / jnp.maximum(jnp.sum(hard), EPS) - config.rho_w)
-    loss = flow + config.lambda_g * gate_loss + config.lambda_w * width_loss
     bucket_width = jnp.asarray(width_buckets, jnp.float32)[jnp.argmax(q, axis=-1)]
     metrics = {
-        "loss": loss, "flow_loss": flow, "gate_loss": gate_loss, "width_loss": width_loss,
+        "gate_loss": gate_loss, "width_loss": width_loss,
         "open_rate": jnp.mean(hard), "open_rate_per_block": jnp.mean(hard, axis=0),
         "mean_p": jnp.mean(p),
         "mean_width_per_block": jnp.sum(hard * bucket_width, axis=0) / jnp.maximum(jnp.sum(hard, axis=0), 1.0),
     }
-    return loss, metrics
+    return config.lambda_g * gate_loss + config.lambda_w * width_loss, metrics
 
 
 def noise_at_zero(model_config) -> bool:
@@ -212,43 +223,39 @@ def _rollout_loss_fn(config: TrainConfig, model) -> Callable:
 def rollout_value_and_grad(config: TrainConfig, model, with_grad: bool = True) -> Callable:
     """f(trainable, frozen, batch, key) -> ((loss, metrics), gradient with respect to trainable) of
     the rollout objective, as `jax.value_and_grad(loss_fn, has_aux=True)` gives for the others.
-    Gradients stop between steps, so each step's gradient is taken inside the window's scan and
-    summed: memory is one step's, whatever the window's length (differentiating the scan would keep
-    every step's carry, the whole reuse cache, for the backward pass). with_grad=False: the value,
-    and None for the gradient."""
+    rollout_loss="velocity": gradients stop between steps, so each step's gradient is taken inside
+    the window's scan and summed: memory is one step's, whatever the window's length (differentiating
+    the scan would keep every step's carry, the whole reuse cache, for the backward pass).
+    rollout_loss="final": the gradient runs through the whole window, each step rematerialised in the
+    backward pass (memory: one carry per step). with_grad=False: the value, and None for the gradient."""
+    if config.rollout_loss == "final":
+        final = _final_rollout_value(config, model)
+        grad = jax.value_and_grad(final, has_aux=True)
+
+        def value_and_grad(trainable, frozen, batch, key):
+            if with_grad:
+                return grad(trainable, frozen, batch, key)
+            return final(trainable, frozen, batch, key), None
+
+        return value_and_grad
+
     model_config = model.config
-    method = reuse_method(config)
-    elastic = ElasticConfig(mode="train", tau=config.tau, block_cache=method)
-    learned = "schedule" if config.trainable == "schedule" else "routers"
-    # a schedule keeps every block at full width: its width term is a constant, left out
-    loss_config = dataclasses.replace(config, lambda_w=0.0) if learned == "schedule" else config
+    routed = _routed_step(config, model)
+    loss_config = _rollout_loss_config(config)
+    learned = _learned(config)
 
     def value_and_grad(trainable, frozen, batch, key):
         params = jax.lax.stop_gradient(frozen["params"])
-        x0 = batch["latents"]
-        arrays, static = model_conditions(model_config, batch)
-        rows, num_img = x0.shape[:2]
-        times = jnp.asarray(flow_match_schedule(default_scheduler(model_config), config.rollout_schedule, num_img)[0])
-        levels = 1 - times if noise_at_zero(model_config) else times  # noise levels along the family's schedule
-        noise_key, start_key = jax.random.split(key)
-        start = jax.random.randint(start_key, (), 0, config.rollout_schedule - config.rollout_steps + 1)
-        s0 = levels[start]
-        x = ((1 - s0) * x0 + s0 * jax.random.normal(noise_key, x0.shape, jnp.float32)).astype(x0.dtype)
-        num_txt = arrays["encoder_hidden_states"].shape[1]
-        cache = None if method is None else init_cache(model_config, rows, num_img, num_txt, method)
+        x, cache, start, times, levels, inputs_at = _rollout_window(config, model_config, batch, key)
+        rows = x.shape[0]
 
         def one(carry, i):
             x, cache, grads = carry
             s = jnp.full((rows,), levels[start + i])
-            inputs = dict(hidden_states=x, timestep=jnp.full((rows,), times[start + i]), **arrays, **static)
-            target = jax.lax.stop_gradient(model.apply({"params": params}, **inputs))
+            target = jax.lax.stop_gradient(model.apply({"params": params}, **inputs_at(x, start + i)))
 
             def step_loss(weights):
-                if learned == "schedule":  # this step's row of the schedule, the same for every sample
-                    variables, decisions = {"params": params}, schedule_decisions(model_config, weights, start + i)
-                else:
-                    variables, decisions = {"params": params, "routers": weights}, None
-                v_pred, aux = model.apply(variables, **inputs, elastic=elastic, decisions=decisions, cache=cache, step=i)
+                v_pred, aux = routed(weights, params, inputs_at(x, start + i), cache, start + i, i)
                 loss, metrics = edit_loss(loss_config, v_pred, target, aux, s, model_config.width_buckets)
                 metrics["reuse_rate"] = jnp.mean(aux["cache_hit"].astype(jnp.float32))
                 return loss, (metrics, v_pred, aux.get("cache"))
@@ -268,6 +275,93 @@ def rollout_value_and_grad(config: TrainConfig, model, with_grad: bool = True) -
         return value, None if grads is None else jax.tree.map(lambda g: g / config.rollout_steps, grads)
 
     return value_and_grad
+
+
+def _final_rollout_value(config: TrainConfig, model) -> Callable:
+    """f(trainable, frozen, batch, key) -> (loss, metrics) of rollout_loss="final": the routed model
+    and the dense model each step through the same window from the same start; the loss is
+    mean(((x_end - x_end_dense) / (t_end - t_start))^2), the error of the window's mean velocity,
+    plus the mean of the steps' budget terms. flow_loss in the metrics is that first term."""
+    model_config = model.config
+    routed = _routed_step(config, model)
+    loss_config = _rollout_loss_config(config)
+
+    def value(trainable, frozen, batch, key):
+        params = jax.lax.stop_gradient(frozen["params"])
+        weights = trainable[_learned(config)]
+        x, cache, start, times, levels, inputs_at = _rollout_window(config, model_config, batch, key)
+        rows = x.shape[0]
+
+        @jax.checkpoint
+        def one(carry, i):
+            x, x_dense, cache = carry
+            dt = times[start + i + 1] - times[start + i]
+            v_dense = jax.lax.stop_gradient(model.apply({"params": params}, **inputs_at(x_dense, start + i)))
+            v_pred, aux = routed(weights, params, inputs_at(x, start + i), cache, start + i, i)
+            budget, metrics = budget_loss(loss_config, aux, jnp.full((rows,), levels[start + i]),
+                                          model_config.width_buckets)
+            metrics["reuse_rate"] = jnp.mean(aux["cache_hit"].astype(jnp.float32))
+            carry = (x + dt * v_pred.astype(x.dtype), x_dense + dt * v_dense.astype(x.dtype), aux.get("cache"))
+            return carry, (budget, metrics)
+
+        (x_end, dense_end, _), (budgets, metrics) = jax.lax.scan(one, (x, x, cache), jnp.arange(config.rollout_steps))
+        span = times[start + config.rollout_steps] - times[start]
+        final = jnp.mean(jnp.square((x_end.astype(jnp.float32) - dense_end.astype(jnp.float32)) / span))
+        loss = final + jnp.mean(budgets)
+        return loss, {"loss": loss, "flow_loss": final, **jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)}
+
+    return value
+
+
+def _learned(config: TrainConfig) -> str:
+    """The trainable collection a rollout trains: "schedule" or "routers"."""
+    return "schedule" if config.trainable == "schedule" else "routers"
+
+
+def _rollout_loss_config(config: TrainConfig) -> TrainConfig:
+    """The config the rollout's loss terms read: a schedule keeps every block at full width, so its
+    width term is a constant, left out."""
+    return dataclasses.replace(config, lambda_w=0.0) if config.trainable == "schedule" else config
+
+
+def _routed_step(config: TrainConfig, model) -> Callable:
+    """routed(weights, params, inputs, cache, index, step) -> (v_pred, aux): the model at schedule
+    step `index` (window step `step`) in train mode, run by the routers or by the learned schedule's
+    row `index`, with the reuse cache."""
+    elastic = ElasticConfig(mode="train", tau=config.tau, block_cache=reuse_method(config))
+
+    def routed(weights, params, inputs, cache, index, step):
+        if config.trainable == "schedule":  # this step's row of the schedule, the same for every sample
+            variables, decisions = {"params": params}, schedule_decisions(model.config, weights, index)
+        else:
+            variables, decisions = {"params": params, "routers": weights}, None
+        return model.apply(variables, **inputs, elastic=elastic, decisions=decisions, cache=cache, step=step)
+
+    return routed
+
+
+def _rollout_window(config: TrainConfig, model_config, batch: dict, key: jax.Array):
+    """(x [B, N, C], cache, start, times [S + 1], levels [S + 1], inputs_at) of one rollout window:
+    a random start k of the family's schedule of S = rollout_schedule steps, x the batch's latents
+    noised to level s_k, an empty reuse cache (None without closed="reuse"), the schedule's model
+    times and noise levels, and inputs_at(x, index) the model's inputs at x and schedule step index."""
+    x0 = batch["latents"]
+    arrays, static = model_conditions(model_config, batch)
+    rows, num_img = x0.shape[:2]
+    times = jnp.asarray(flow_match_schedule(default_scheduler(model_config), config.rollout_schedule, num_img)[0])
+    levels = 1 - times if noise_at_zero(model_config) else times  # noise levels along the family's schedule
+    noise_key, start_key = jax.random.split(key)
+    start = jax.random.randint(start_key, (), 0, config.rollout_schedule - config.rollout_steps + 1)
+    s0 = levels[start]
+    x = ((1 - s0) * x0 + s0 * jax.random.normal(noise_key, x0.shape, jnp.float32)).astype(x0.dtype)
+    method = reuse_method(config)
+    num_txt = arrays["encoder_hidden_states"].shape[1]
+    cache = None if method is None else init_cache(model_config, rows, num_img, num_txt, method)
+
+    def inputs_at(x, index):
+        return dict(hidden_states=x, timestep=jnp.full((rows,), times[index]), **arrays, **static)
+
+    return x, cache, start, times, levels, inputs_at
 
 
 def static_decisions(model_config, skip_blocks) -> dict:
