@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy.stats import spearmanr
 

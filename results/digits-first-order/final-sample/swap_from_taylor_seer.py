@@ -49,7 +49,8 @@ def main(out: Path, overrides: list[str]) -> list[dict]:
         return float(jnp.mean(jnp.square(sample(demo.model, demo.base, noise, cond, sampler, elastic=elastic,
                                                 decisions=decisions(run))[0] - dense)))
 
-    computes = np.asarray(TaylorSeer(cache_interval=INTERVAL, disable_cache_before_step=1).computes_at(jnp.arange(steps)))
+    taylor_seer = TaylorSeer(cache_interval=INTERVAL, disable_cache_before_step=1)
+    computes = np.asarray(taylor_seer.computes_at(jnp.arange(steps)))
     start = run = np.repeat(computes[:, None], blocks, axis=1)
     current = distance(run)
     print(f"TaylorSeer's map at interval {INTERVAL}: distance {current:.4e}", flush=True)
