@@ -99,7 +99,12 @@ def edit_loss(config: TrainConfig, v_pred, target, aux: dict, s, width_buckets) 
 
 def budget_loss(config: TrainConfig, aux: dict, s, width_buckets) -> tuple[jax.Array, dict]:
     """lambda_g L_gate + lambda_w L_width of one step (SPEC 4) and its metrics (each term, the open
-    rate and mean width per block [L]); aux, s and width_buckets as edit_loss's."""
+    rate and mean width per block [L]).
+
+    Args:
+      config: the run's TrainConfig. aux: the model's train-mode record (p [B, L], q [B, L, K]).
+        s: [B] noise levels. width_buckets: the buckets' shares of the MLP.
+    """
     p, q = aux["p"], aux["q"]
     hard = (p >= config.tau).astype(jnp.float32)
     gate = hard + p - jax.lax.stop_gradient(p) if config.gate_budget == "hard" else p
