@@ -7,6 +7,8 @@ with every axis > 1 (dense, forced, infer, and with tokamax's attention run per 
 tensor parallelism no block moves weights between devices, dense or at narrow widths."""
 
 import os
+import sys
+import traceback
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
@@ -229,7 +231,21 @@ def check_blocks_move_no_weights(config, model, variables):
         print(config.family, name, "blocks move no weights")
 
 
-if __name__ == "__main__":
-    import sys
+def run_parts(parts: list[str]) -> int:
+    """Runs each "PRESET:PART" under a "== PRESET PART" line, a failing one's traceback under its
+    own line; the exit status says whether any failed."""
+    failed = 0
+    for preset_part in parts:
+        preset, part = preset_part.split(":")
+        print(f"== {preset} {part}", flush=True)
+        try:
+            main(preset, part)
+        except Exception:  # the next part still runs: each test reads its own part
+            traceback.print_exc(file=sys.stdout)
+            failed = 1
+        sys.stdout.flush()
+    return failed
 
-    main(*sys.argv[1:])
+
+if __name__ == "__main__":
+    sys.exit(run_parts(sys.argv[1:]))

@@ -229,14 +229,15 @@ def final_rollout_reference(config, model, params, schedule, batch, key):
 
 
 def test_the_final_rollout_loss_and_its_gradient_through_every_step_equal_a_step_by_step_reference():
-    _, variables, batch, config = rollout_setup(trainable="schedule", rollout_loss="final", rollout_steps=6, tau=0.75)
+    _, variables, batch, config = rollout_setup(trainable="schedule", rollout_loss="final", rollout_steps=3,
+                                                rollout_schedule=3, tau=0.75)
     model = edit_jax.build_model(edit_jax.preset("flux-tiny"))
     schedule, key = init_schedule(config, model.config), jax.random.key(0)
-    (loss, metrics), grads = rollout_value_and_grad(config, model)(
+    (loss, metrics), grads = jax.jit(rollout_value_and_grad(config, model))(
         {"schedule": schedule}, {"params": variables["params"]}, batch, key)
 
-    expected, expected_grads = jax.value_and_grad(final_rollout_reference, argnums=3)(
-        config, model, variables["params"], schedule, batch, key)
+    expected, expected_grads = jax.jit(jax.value_and_grad(
+        lambda table: final_rollout_reference(config, model, variables["params"], table, batch, key)))(schedule)
     assert float(metrics["reuse_rate"]) > 0
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     np.testing.assert_allclose(grads["schedule"], expected_grads, rtol=1e-4, atol=1e-8)

@@ -9,15 +9,31 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.parametrize("preset, part, errors, split", [("flux-tiny", "forwards", 6, 1), ("qwen-image-tiny", "forwards", 6, 1),
-                                                          ("flux-tiny", "commands", 4, 0)])
-def test_elastic_forwards_with_sharded_params_equal_unsharded(preset, part, errors, split):
-    script = Path(__file__).with_name("sharded_elastic.py")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, str(script), preset, part], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("relative error") == errors
-    assert done.stdout.count("modulation kernels stay split") == split
+PARTS = {"flux-tiny forwards": (6, 1), "qwen-image-tiny forwards": (6, 1), "flux-tiny commands": (4, 0)}
+
+
+@pytest.fixture
+def sharded_runs(once_per_session):
+    """sharded_elastic.py's parts, run in one subprocess once for the session: {part: its output}."""
+    def run(folder):
+        script = Path(__file__).with_name("sharded_elastic.py")
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        done = subprocess.run([sys.executable, str(script), *(p.replace(" ", ":") for p in PARTS)], capture_output=True,
+                              text=True, env=env, timeout=900)
+        sections = {part.strip(): text for part, text in
+                    (chunk.split("\n", 1) for chunk in done.stdout.split("== ")[1:])}
+        return {"sections": sections, "stderr": done.stderr[-3000:]}
+
+    return once_per_session("sharded-elastic", run)[1]
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_elastic_forwards_with_sharded_params_equal_unsharded(sharded_runs, part):
+    errors, split = PARTS[part]
+    output = sharded_runs["sections"].get(part, "")
+    assert output and "Traceback" not in output, output + sharded_runs["stderr"]
+    assert output.count("relative error") == errors
+    assert output.count("modulation kernels stay split") == split
 
 
 def test_a_mesh_axis_of_minus_one_takes_the_devices_the_others_leave():

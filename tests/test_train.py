@@ -312,9 +312,12 @@ def test_a_cloud_slice_of_no_real_size_is_one_error_listing_the_sizes():
         libtpu_topology("v5litepod-12")
 
 
+CLI_RUN = ("steps=2", "batch_size=8", "num_txt=4", "learning_rate=1e-2", "warmup_steps=1", "lr_schedule=constant",
+           "log_every=1")
+
+
 def run_cli(run_dir, devices, *overrides, env_extra=None, wait=True):
-    args = [sys.executable, "-m", "edit_jax.cli", "train", f"run_dir={run_dir}", "steps=2", "batch_size=8", "num_txt=4",
-            "learning_rate=1e-2", "warmup_steps=1", "lr_schedule=constant", "log_every=1", *overrides, "--quiet"]
+    args = [sys.executable, "-m", "edit_jax.cli", "train", f"run_dir={run_dir}", *CLI_RUN, *overrides, "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
            **(env_extra or {})}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -360,8 +363,12 @@ def test_a_two_process_run_resumed_on_another_mesh_equals_one_device(tmp_path):
     """Three steps on one device; the same as two real processes (jax.distributed on localhost, CPU
     collectives) of 2 devices each, data 2 x fsdp 2, for two steps, then restored from their
     checkpoint by one process onto 8 simulated devices as fsdp 8 for the third."""
-    run_cli(tmp_path / "single", 1, "mesh.data=1", "mesh.fsdp=1", "steps=3")
-    two_processes(tmp_path / "sharded")
+    procs = two_processes(tmp_path / "sharded", wait=False)
+    train(load_train_config(None, [f"run_dir={tmp_path / 'single'}", *CLI_RUN, "mesh.data=1", "mesh.fsdp=1", "steps=3"]),
+          progress=False, describe_setup=False)  # on this process's one device while the two run
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
     run_cli(tmp_path / "sharded", 8, "mesh.data=1", "mesh.fsdp=8", "steps=3")  # resumes at 2 on another mesh
     assert_same_run(tmp_path / "single", tmp_path / "sharded")
 
