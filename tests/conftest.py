@@ -21,7 +21,6 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
-
 # The costliest files first (their summed test seconds on 2 cores, most first): the suite runs with
 # `--dist loadfile --no-loadscope-reorder`, so each file runs on one xdist worker (its module fixtures
 # and compiled programs made once, not once per worker) and the workers take files in this order,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-
 PARTS = {"flux-tiny forwards": (6, 1), "qwen-image-tiny forwards": (6, 1), "flux-tiny commands": (4, 0)}
 
 
