@@ -2,6 +2,7 @@
 starts)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ def sharded_runs(once_per_session):
         done = subprocess.run([sys.executable, str(script), *(p.replace(" ", ":") for p in PARTS)], capture_output=True,
                               text=True, env=env, timeout=900)
         sections = {part.strip(): text for part, text in
-                    (chunk.split("\n", 1) for chunk in done.stdout.split("== ")[1:])}
+                    (chunk.split("\n", 1) for chunk in re.split(r"^== ", done.stdout, flags=re.M)[1:])}
         return {"sections": sections, "stderr": done.stderr[-3000:]}
 
     return once_per_session("sharded-elastic", run)[1]

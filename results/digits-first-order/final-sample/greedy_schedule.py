@@ -71,11 +71,10 @@ def search(demo, steps: int, order: int) -> list[tuple[float, np.ndarray]]:
                 continue
             trial = run.copy()
             trial[s, b] = False
-            cost = (distance(trial) - current) / block[b]
-            if best is None or cost < best[0]:
-                best = (cost, s, b, trial)
-        _, s, b, run = best
-        current = distance(run)
+            d = distance(trial)
+            if best is None or (d - current) / block[b] < best[0]:
+                best = ((d - current) / block[b], d, s, b, trial)
+        _, current, s, b, run = best
         path.append((flops(run), run.copy(), current))
         print(f"closed step {s} block {b}: FLOPs {path[-1][0]:.3f}, distance {current:.3e}", flush=True)
     return path
