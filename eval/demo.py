@@ -214,6 +214,27 @@ def _pruned_loss(model, static: tuple, params: dict, arrays: dict, target: jax.A
 class Demo:
     def __init__(self, settings: DemoSettings, out: Path, progress: bool = True):
         self.s, self.out, self.progress = settings, resolve(out), progress
+        self.samples, self.bar = [], None  # the judged methods' images; run_demo's progress bar
+
+    @classmethod
+    def prepared(cls, out: Path, overrides: list[str], settings: str = "default") -> Demo:
+        """The demo `edit-jax demo --settings SETTINGS --set OVERRIDES` ran in OUT, with its data,
+        judge and dense model ready (reused), for a script that samples and judges more methods
+        (`judge_run`) beside that run's table."""
+        demo = cls(with_overrides(SETTINGS[settings], overrides), out, progress=False)
+        demo.prepare_data()
+        demo.fit_judge()
+        demo.train_dense()
+        return demo
+
+    def judge_run(self, name: str, noise, cond: dict, sampler: SamplerConfig, **method) -> dict:
+        """Samples the test labels' noise [B, N, C] with a method (`run_method`'s routers, elastic,
+        decisions), timed on 2 rows once, and judges it (dense first: the others' PSNR and SSIM are
+        read against its images)."""
+        latents, stats, _ = run_method(self.model, self.base, noise, cond, sampler, repeats=1, timing_rows=2, **method)
+        if name == "dense":
+            self.dense_images = self.images(latents)
+        return self.judge_method(name, latents, stats)
 
     # ---- 1. data ---------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -379,8 +400,9 @@ class Demo:
             row["ssim_vs_dense"] = ssim(self.dense_images, images)
         where = f" rho_g={extra['rho_g']}" if "rho_g" in extra else ""
         self.samples.append((f"{name}{where} at {stats['flops_vs_dense']:.2f} of dense FLOPs", images))
-        self.bar.update(1)
-        self.bar.set_postfix_str(name)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(name)
         return row
 
 

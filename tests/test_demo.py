@@ -13,6 +13,8 @@ from edit_jax.checkpoint import save
 from edit_jax.cli import main
 from edit_jax.elastic.flops import ROUTING_KEYS
 from edit_jax.elastic.mechanism import ElasticConfig
+from edit_jax.elastic.step_cache import TaylorSeer
+from edit_jax.eval.demo import Demo
 from edit_jax.eval.sampling_eval import run_in_batches
 from edit_jax.sampling.embeddings import embedding_conditions, read_embeddings
 from edit_jax.sampling.latents import initial_noise
@@ -65,6 +67,19 @@ def test_a_rerun_reuses_the_checkpoints_and_gives_the_same_results(tiny_demo, ca
     second = json.loads((tiny_demo / "results.json").read_text())
     judged = ("class_accuracy", "frechet_distance", "flops_vs_dense", "blocks_executed")
     assert [[row[k] for k in judged] for row in second["methods"]] == [[row[k] for k in judged] for row in first["methods"]]
+
+
+def test_a_prepared_demo_reuses_its_runs_dense_model_and_judges_a_method_beside_it(tiny_demo, capsys):
+    demo = Demo.prepared(tiny_demo, [], settings="tiny")
+    noise, cond = demo.conditions()
+    sampler = SamplerConfig(num_steps=demo.s.sample_steps)
+    dense = demo.judge_run("dense", noise, cond, sampler)
+    taylor_seer = ElasticConfig(mode="dense", step_cache=TaylorSeer(cache_interval=2, disable_cache_before_step=1))
+    cached = demo.judge_run("TaylorSeer", noise, cond, sampler, elastic=taylor_seer)
+
+    assert re.search(r"dense-\w+: reusing", capsys.readouterr().err)
+    first = json.loads((tiny_demo / "results.json").read_text())["methods"][0]
+    assert dense["class_accuracy"] == first["class_accuracy"] and "psnr_vs_dense_db" in cached
 
 
 @pytest.mark.parametrize("args, seed", [([], 0), (["--seed", "3"], 3), (["--set", "seed=3"], 3),

@@ -12,7 +12,6 @@ KEY=VALUE: the demo settings that run changed (`--set`'s arguments)."""
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import jax
@@ -25,7 +24,6 @@ from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.elastic.step_cache import TaylorSeer
 from edit_jax.eval import demo as demo_module
 from edit_jax.eval import real_data
-from edit_jax.eval.sampling_eval import run_method
 from edit_jax.sampling.sampler import SamplerConfig, sample
 from edit_jax.sampling.step_schedule import ScheduleDecisions
 from edit_jax.train.data import shared_inputs
@@ -81,12 +79,8 @@ def search(demo, steps: int, order: int) -> list[tuple[float, np.ndarray]]:
 
 
 def main(out: Path, overrides: list[str]) -> list[dict]:
-    settings = demo_module.with_overrides(demo_module.SETTINGS["default"], overrides)
-    demo = demo_module.Demo(settings, out, progress=False)
-    demo.prepare_data()
-    demo.fit_judge()
-    demo.train_dense()
-    demo.samples, demo.bar = [], types.SimpleNamespace(update=lambda n: None, set_postfix_str=lambda x: None)
+    demo = demo_module.Demo.prepared(out, overrides)
+    settings = demo.s
     steps, order = settings.sample_steps, settings.reuse_order
     start = time.perf_counter()
     path = search(demo, steps, order)
@@ -96,10 +90,7 @@ def main(out: Path, overrides: list[str]) -> list[dict]:
     full = len(demo.config.width_buckets) - 1
 
     def judged(name, **method):
-        latents, stats, _ = run_method(demo.model, demo.base, noise, cond, sampler, repeats=1, timing_rows=2, **method)
-        if name == "dense":
-            demo.dense_images = demo.images(latents)
-        return demo.judge_method(name, latents, stats)
+        return demo.judge_run(name, noise, cond, sampler, **method)
 
     rows = [judged("dense")]
     elastic = ElasticConfig(mode="forced", block_cache=LearnedReuse(steps, order))

@@ -24,10 +24,8 @@ BATCHES, ROWS = 4, 64
 
 
 def main(out: Path, overrides: list[str]) -> dict:
-    settings = demo_module.with_overrides(demo_module.SETTINGS["default"], overrides)
-    demo = demo_module.Demo(settings, out, progress=False)
-    demo.prepare_data()
-    demo.train_dense()
+    demo = demo_module.Demo.prepared(out, overrides)
+    settings = demo.s
     steps = settings.sample_steps
     config = TrainConfig(trainable="schedule", objective="rollout", closed="reuse", rollout_loss="final",
                          reuse_max=settings.reuse_max, reuse_order=settings.reuse_order, rollout_steps=steps,

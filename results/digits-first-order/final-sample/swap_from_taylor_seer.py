@@ -9,7 +9,6 @@ is judged on the demo's test labels beside the map it started from.
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,7 +19,6 @@ from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.elastic.step_cache import TaylorSeer
 from edit_jax.eval import demo as demo_module
-from edit_jax.eval.sampling_eval import run_method
 from edit_jax.sampling.sampler import SamplerConfig, sample
 from edit_jax.sampling.step_schedule import ScheduleDecisions
 
@@ -28,12 +26,8 @@ INTERVAL, ROUNDS, PAIRS = 3, 12, 8
 
 
 def main(out: Path, overrides: list[str]) -> list[dict]:
-    settings = demo_module.with_overrides(demo_module.SETTINGS["default"], overrides)
-    demo = demo_module.Demo(settings, out, progress=False)
-    demo.prepare_data()
-    demo.fit_judge()
-    demo.train_dense()
-    demo.samples, demo.bar = [], types.SimpleNamespace(update=lambda n: None, set_postfix_str=lambda x: None)
+    demo = demo_module.Demo.prepared(out, overrides)
+    settings = demo.s
     steps, blocks = settings.sample_steps, demo.config.num_blocks
     full = len(demo.config.width_buckets) - 1
     kind = np.asarray([k for _, layers, k in demo.config.block_stacks for _ in range(layers)])
@@ -79,10 +73,7 @@ def main(out: Path, overrides: list[str]) -> list[dict]:
     noise, cond = demo.conditions()
 
     def judged(name, **method):
-        latents, stats, _ = run_method(demo.model, demo.base, noise, cond, sampler, repeats=1, timing_rows=2, **method)
-        if name == "dense":
-            demo.dense_images = demo.images(latents)
-        return demo.judge_method(name, latents, stats)
+        return demo.judge_run(name, noise, cond, sampler, **method)
 
     return [judged("dense"), judged("TaylorSeer's map", elastic=elastic, decisions=decisions(start)),
             {**judged("after the swaps", elastic=elastic, decisions=decisions(run)), "run": run.astype(int).tolist()}]

@@ -8,7 +8,6 @@ DEMO_OUT: a folder `edit-jax demo` ran in with the same settings (its dense mode
 KEY=VALUE: the demo settings that run changed (`--set`'s arguments)."""
 
 import sys
-import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -18,7 +17,6 @@ from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.mechanism import ElasticConfig
 from edit_jax.elastic.step_cache import TaylorSeer
 from edit_jax.eval import demo as demo_module
-from edit_jax.eval.sampling_eval import run_method
 from edit_jax.sampling.sampler import SamplerConfig
 from edit_jax.sampling.step_schedule import ScheduleDecisions
 
@@ -26,20 +24,13 @@ SETTINGS = ((2, 1, 10), (3, 1, None), (4, 1, None))  # TaylorSeer's interval, wa
 
 
 def main(out: Path, overrides: list[str]) -> list[dict]:
-    settings = demo_module.with_overrides(demo_module.SETTINGS["default"], overrides)
-    demo = demo_module.Demo(settings, out, progress=False)
-    demo.prepare_data()
-    demo.fit_judge()
-    demo.train_dense()
-    demo.samples, demo.bar = [], types.SimpleNamespace(update=lambda n: None, set_postfix_str=lambda x: None)
+    demo = demo_module.Demo.prepared(out, overrides)
+    settings = demo.s
     noise, cond = demo.conditions()
     sampler = SamplerConfig(num_steps=settings.sample_steps)
 
     def judged(name, **method):
-        latents, stats, _ = run_method(demo.model, demo.base, noise, cond, sampler, repeats=1, timing_rows=2, **method)
-        if name == "dense":
-            demo.dense_images = demo.images(latents)
-        return demo.judge_method(name, latents, stats)
+        return demo.judge_run(name, noise, cond, sampler, **method)
 
     rows = [judged("dense")]
     steps, blocks, full = settings.sample_steps, demo.config.num_blocks, len(demo.config.width_buckets) - 1
