@@ -228,9 +228,14 @@ class Demo:
         return demo
 
     def judge_run(self, name: str, noise, cond: dict, sampler: SamplerConfig, **method) -> dict:
-        """Samples the test labels' noise [B, N, C] with a method (`run_method`'s routers, elastic,
-        decisions), timed on 2 rows once, and judges it (dense first: the others' PSNR and SSIM are
-        read against its images)."""
+        """Samples the noise with a method, timed on 2 rows once, and judges it (dense first: the
+        others' PSNR and SSIM are read against its images); returns the method's row.
+
+        Args:
+          name: the method's row name ("dense" for the reference). noise: [B, N, C] packed noise of
+            the test labels (`conditions`). cond: their conditions. sampler: the sampler's config.
+          **method: `run_method`'s routers, elastic, decisions.
+        """
         latents, stats, _ = run_method(self.model, self.base, noise, cond, sampler, repeats=1, timing_rows=2, **method)
         if name == "dense":
             self.dense_images = self.images(latents)
