@@ -1,5 +1,6 @@
 """Router training: config validation, SPEC 4's loss, frozen base, exact resume, sharded steps."""
 
+import ast
 import json
 import os
 import subprocess
@@ -15,9 +16,10 @@ import edit_jax
 from edit_jax.checkpoint import CheckpointError, load_routers, save
 from edit_jax.config import ConfigError
 from edit_jax.models.registry import build_model, init_variables
+from edit_jax.train import step as step_module
 from edit_jax.train.config import TrainConfig, load_train_config
 from edit_jax.train.data import shared_inputs, synthetic_batch
-from edit_jax.train.loop import train, train_step_for
+from edit_jax.train.loop import RUN_ONLY_FIELDS, train, train_step_for
 from edit_jax.train.step import make_loss_fn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -610,8 +612,16 @@ def test_runs_that_differ_only_in_where_they_write_share_one_train_step_in_a_pro
 
     first = step(tiny_run(tmp_path, "a"))
     assert step(tiny_run(tmp_path, "b", log_every=5, save_every=7, keep=1)) is first
+    assert step(tiny_run(tmp_path, "c", eval_every=2, eval_batches=1, profile_steps=1, prefetch=0)) is first
     assert step(tiny_run(tmp_path, "a", learning_rate=3e-3)) is not first
     assert step(tiny_run(tmp_path, "a", steps=5)) is not first  # a cosine schedule reads the steps
+
+
+def test_the_train_step_reads_none_of_the_fields_its_cache_leaves_out():
+    tree = ast.parse(Path(step_module.__file__).read_text())
+    read = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config"}
+    assert "steps" in read and not read & set(RUN_ONLY_FIELDS)
 
 
 def test_skip_blocks_past_the_last_block_is_one_clear_error(tmp_path):

@@ -71,17 +71,24 @@ def jitted_train_step(config: TrainConfig, model, optimizer, shared: dict, train
                    out_shardings=(trainable_shardings, opt_shardings, None), donate_argnums=(0, 1))
 
 
+# TrainConfig fields the train step never reads: where the run reads and writes, how often it logs,
+# saves, evaluates and traces, and where its starting weights come from (the model config stands for them).
+RUN_ONLY_FIELDS = ("run_dir", "log_every", "save_every", "keep", "eval_every", "eval_batches", "eval_data",
+                   "profile_start", "profile_steps", "checkpoint", "preset", "routers", "data", "prefetch")
+
+
 def train_step_for(config: TrainConfig, model, model_config, grid: tuple[int, int], num_txt: int, shardings: tuple):
     """The jitted train step of a run's config, model and batch shape, with shardings = (trainable,
-    opt_state, frozen, batch): one per process for every run that differs only in where it writes
-    (run_dir) and how often it logs and saves, so a second such run in the process (a resume, the
-    demo's rerun) neither traces nor compiles it again.
+    opt_state, frozen, batch): one per process for every run that differs only in `RUN_ONLY_FIELDS`
+    (the step is built with those at their defaults), so a second such run in the process (a
+    resume, an evaluated or profiled run, the demo's rerun) neither traces nor compiles it again.
 
     Args:
       config: the run's TrainConfig. model: the transformer; model_config: its config.
       grid: (rows, cols) of packed image tokens. num_txt: text tokens. shardings: above.
     """
-    same_step = dataclasses.replace(config, run_dir="-", log_every=1, save_every=1, keep=1)
+    same_step = dataclasses.replace(config, **{name: TrainConfig.__dataclass_fields__[name].default
+                                               for name in RUN_ONLY_FIELDS})
     leaves, treedef = jax.tree.flatten(shardings, is_leaf=lambda x: x is None)
     key = (json.dumps(same_step.to_dict(), sort_keys=True, default=str), model, model_config, grid, num_txt, treedef,
            tuple(leaves))
