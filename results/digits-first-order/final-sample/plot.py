@@ -1,6 +1,7 @@
-"""greedy_vs_taylor_seer.png from greedy_schedule.json, swap_from_taylor_seer.json and the two demo
-runs' results.json here: distance to dense (PSNR) and to the real digits (Frechet distance)
-against FLOPs for the searched maps, TaylorSeer and the schedules trained on the final sample.
+"""greedy_vs_taylor_seer.png from greedy_schedule.json, swap_from_taylor_seer.json,
+per_sample_oracle.json and the two demo runs' results.json here: distance to dense (PSNR) and to
+the real digits (Frechet distance) against FLOPs for the searched maps, TaylorSeer, the
+per-sample oracle and the schedules trained on the final sample.
 
     python plot.py"""
 
@@ -23,6 +24,7 @@ def points(rows, prefix):
 def main() -> None:
     greedy = json.loads((HERE / "greedy_schedule.json").read_text())
     swap = json.loads((HERE / "swap_from_taylor_seer.json").read_text())
+    oracle = json.loads((HERE / "per_sample_oracle.json").read_text())
     trained = [r for d in ("results.json", "lr0.01/results.json") for r in json.loads((HERE / d).read_text())["methods"]
                if r["method"].startswith("learned per-step reuse schedule")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
@@ -32,6 +34,9 @@ def main() -> None:
                                     ("TaylorSeer", "s", "TaylorSeer (first order), intervals 2 to 8")):
             x, rows = points(greedy, prefix)
             ax.plot(x, [r[key] for r in rows], style, label=name)
+        x, rows = points(oracle, "per-sample oracle")
+        ax.plot(x, [r[key] for r in rows], "D--", label="per-sample oracle: each sample's own map, searched on its own "
+                                                       "dense sample")
         ax.plot([r["flops_vs_dense"] for r in trained], [r[key] for r in trained], "^", markersize=9,
                 label="schedule trained on the final sample (lr 0.05; lr 0.01 stays at the map)")
         after = swap[-1]
@@ -42,7 +47,7 @@ def main() -> None:
     axes[1].axhline(greedy[0]["frechet_distance"], color="gray", lw=0.8, label="dense")
     handles, labels = axes[1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.suptitle("Per-step reuse maps on the 8x8 digits (6 blocks, 12 steps, 200 test labels)")
+    fig.suptitle("Reuse maps on the 8x8 digits, per step and per sample (6 blocks, 12 steps, 200 test labels)")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(HERE / "greedy_vs_taylor_seer.png", dpi=120)
 
