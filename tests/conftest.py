@@ -14,6 +14,7 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,6 +35,21 @@ COSTLIEST_FIRST = ("test_train.py", "test_benchmarks.py", "test_demo.py", "test_
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
+@pytest.fixture(autouse=True, scope="session")
+def references_with_exact_frequencies():
+    """diffusers' sinusoid timestep embedding with correctly rounded frequencies for the whole session
+    (`reference.exact_frequencies`: with torch's own, parity at 1e-5 would depend on the CPU)."""
+    if importlib.util.find_spec("diffusers") is None:
+        yield
+        return
+    import diffusers.models.embeddings
+    from reference import diffusers_timestep_embedding
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(diffusers.models.embeddings, "get_timestep_embedding", diffusers_timestep_embedding)
+        yield
 
 
 @pytest.fixture(scope="session")

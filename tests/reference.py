@@ -133,23 +133,41 @@ def hy3dgen_shapegen(name: str):
     return importlib.import_module(f"hy3dgen.shapegen.{name}")
 
 
-def exact_frequency_timestep_embedding(t, dim, max_period=10000, time_factor: float = 1000.0):
-    """hy3dgen's `timestep_embedding` with its frequencies' exp taken in float64 and rounded once,
-    as `edit_jax.layers.timestep_frequencies` takes them. torch's float32 exp (MKL's) rounds a few
-    frequencies one ulp off, which ones depending on the CPU; at a guidance of 5 (x 1000) one ulp
-    moves the velocity by ~1e-5, so the unpatched reference passes or fails by machine."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half
-    args = (time_factor * t)[:, None].float() * torch.exp(exponent.double()).float()[None]
+def exact_frequencies(max_period: float, half: int, denominator: float) -> torch.Tensor:
+    """[half] float32 sinusoid frequencies exp(-ln(max_period) * j / denominator): the exponent
+    in float32 as diffusers and hy3dgen compute it, the exp taken in float64 and rounded once, as
+    `edit_jax.layers.timestep_frequencies` takes it. torch's float32 exp (MKL's) rounds a few
+    frequencies one ulp off, which ones depending on the CPU's instruction set; at timesteps and
+    guidance scaled by 1000 one ulp moves the velocity by ~1e-5, so with the references' own
+    frequencies a parity test at 1e-5 passes or fails by machine."""
+    exponent = -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / denominator
+    return torch.exp(exponent.double()).float()
+
+
+def diffusers_timestep_embedding(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1, scale=1,
+                                 max_period=10000):
+    """diffusers' `get_timestep_embedding` with `exact_frequencies` (conftest installs it for the session)."""
+    half = embedding_dim // 2
+    freqs = exact_frequencies(max_period, half, half - downscale_freq_shift).to(timesteps.device)
+    emb = scale * (timesteps[:, None].float() * freqs[None, :])
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    return torch.nn.functional.pad(emb, (0, 1, 0, 0)) if embedding_dim % 2 else emb
+
+
+def hy3dgen_timestep_embedding(t, dim, max_period=10000, time_factor: float = 1000.0):
+    """hy3dgen's `timestep_embedding` with `exact_frequencies`."""
+    args = (time_factor * t)[:, None].float() * exact_frequencies(max_period, dim // 2, dim // 2)[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return embedding.to(t) if torch.is_floating_point(t) else embedding
 
 
 def make_hy3dgen_dit(seed: int = 0, **overrides):
     """hy3dgen's Hunyuan3DDiT on a tiny config (the `hunyuan3d-tiny` preset's), every weight random,
-    its sinusoid's frequencies correctly rounded (`exact_frequency_timestep_embedding`)."""
+    its sinusoid's frequencies correctly rounded (`exact_frequencies`)."""
     dit = hy3dgen_shapegen("models.denoisers.hunyuan3ddit")
-    dit.timestep_embedding = exact_frequency_timestep_embedding
+    dit.timestep_embedding = hy3dgen_timestep_embedding
     kwargs = dict(in_channels=8, context_in_dim=24, hidden_size=32, mlp_ratio=4.0, num_heads=2, depth=2,
                   depth_single_blocks=2, axes_dim=[16], qkv_bias=True, guidance_embed=False)
     torch.manual_seed(seed)
