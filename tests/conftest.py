@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(items):
 def references_with_exact_frequencies():
     """diffusers' sinusoid timestep embedding with correctly rounded frequencies for the whole session
     (`reference.exact_frequencies`: with torch's own, parity at 1e-5 would depend on the CPU)."""
-    if importlib.util.find_spec("diffusers") is None:
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
         yield
         return
     import diffusers.models.embeddings
