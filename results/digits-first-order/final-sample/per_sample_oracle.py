@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from edit_jax.elastic.block_cache import LearnedReuse
 from edit_jax.elastic.flops import base_flops, layer_flops
 from edit_jax.elastic.mechanism import ElasticConfig
@@ -42,10 +43,15 @@ class RowDecisions:
         return {"run": self.run[:, step], "bucket": self.bucket}
 
 
+def row_decisions(demo, run: np.ndarray) -> RowDecisions:
+    """The forced decisions of run tables [B, S, L], every computed block at full width."""
+    full = len(demo.config.width_buckets) - 1
+    return RowDecisions(jnp.asarray(run), jnp.full((run.shape[0], run.shape[2]), full, jnp.int32))
+
+
 def search(demo, noise, cond, sampler, elastic) -> dict[float, np.ndarray]:
     """{budget: run tables [B, S, L]}, each row's map the first its search reached at or below the budget."""
     rows, steps, blocks = noise.shape[0], sampler.num_steps, demo.config.num_blocks
-    full = jnp.full((rows, blocks), len(demo.config.width_buckets) - 1, jnp.int32)
     dense = sample(demo.model, demo.base, noise, cond, sampler)[0]
     block = layer_flops(demo.config, noise.shape[1], 1)[:, -1].astype(np.float64)
     base = steps * base_flops(demo.config, noise.shape[1], 1)
@@ -53,7 +59,7 @@ def search(demo, noise, cond, sampler, elastic) -> dict[float, np.ndarray]:
 
     def distances(run):
         latents = sample(demo.model, demo.base, noise, cond, sampler, elastic=elastic,
-                         decisions=RowDecisions(jnp.asarray(run), full))[0]
+                         decisions=row_decisions(demo, run))[0]
         return np.asarray(jnp.mean(jnp.square(latents - dense), axis=(1, 2)))
 
     run, current = np.ones((rows, steps, blocks), bool), np.zeros(rows)
@@ -100,11 +106,9 @@ def main(out: Path, overrides: list[str]) -> list[dict]:
     start = time.perf_counter()
     maps = search(demo, noise, cond, sampler, elastic)
     seconds = time.perf_counter() - start
-    full = jnp.full((noise.shape[0], demo.config.num_blocks), len(demo.config.width_buckets) - 1, jnp.int32)
     for budget, run in maps.items():
         latents, stats, _ = run_method(demo.model, demo.base, noise, cond, sampler, elastic=elastic,
-                                       decisions=RowDecisions(jnp.asarray(run), full), timing_rows=noise.shape[0],
-                                       repeats=1)
+                                       decisions=row_decisions(demo, run), timing_rows=noise.shape[0], repeats=1)
         rows.append({**demo.judge_method(f"per-sample oracle at {budget}", latents, stats), "budget": budget,
                      **agreement(run)})
     rows.append({"method": "search", "seconds": seconds, "rows": int(noise.shape[0])})
