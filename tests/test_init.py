@@ -23,6 +23,21 @@ def test_init_variables_traces_once_per_config_and_draws_each_seed_anew():
                if a.size > 1 and np.std(a) > 0)
 
 
+def test_the_model_is_traced_once_per_config_for_its_abstract_params_and_every_init(monkeypatch):
+    import dataclasses
+
+    import flax.linen as nn
+
+    config = dataclasses.replace(edit_jax.preset("flux-tiny"), router_hidden=24)  # new to this process
+    traced, init = [], nn.Module.init
+    monkeypatch.setattr(nn.Module, "init", lambda self, *args, **kw: traced.append(1) or init(self, *args, **kw))
+    registry.abstract_params(config)
+    init_variables(config, collections=("routers",))
+    init_variables(config, seed=1)
+
+    assert len(traced) == 1
+
+
 def test_init_variables_on_a_mesh_places_each_collection_asked_for_by_its_shardings():
     config = edit_jax.preset("qwen-image-tiny")
     mesh = make_mesh()

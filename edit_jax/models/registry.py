@@ -118,16 +118,19 @@ def jit_forward(model: nn.Module, inputs: dict):
     return jax.jit(lambda params, x: model.apply({"params": params}, **x, **static)), arrays
 
 
+@functools.lru_cache(maxsize=32)
 def _init_fn(config):
-    """init(key) -> all variables ({"params", "routers"}), boxed with logical axis names."""
+    """The jitted init(key) -> all variables ({"params", "routers"}), boxed with logical axis names:
+    one per config in a process, so that its trace (the whole model's, the most costly part of
+    starting a run) serves the abstract variables and every jitted init built on it."""
     model = build_model(config.with_runtime(attention="xla"))  # the params do not depend on it; a kernel may not tile 6 tokens
     arrays, static = split_static(example_inputs(config, height=2, width=2, num_txt=2))
-    return lambda key: model.init(key, **arrays, **static, elastic=ElasticConfig(mode="train"))
+    return jax.jit(lambda key: model.init(key, **arrays, **static, elastic=ElasticConfig(mode="train")))
 
 
 @functools.lru_cache(maxsize=32)
 def _boxed_abstract_variables(config):
-    return jax.eval_shape(_init_fn(config), jax.random.key(0))
+    return _init_fn(config).trace(jax.random.key(0)).out_info
 
 
 def abstract_params(config, collection: str = "params") -> dict:
@@ -167,7 +170,7 @@ def init_variables(config, seed: int = 0, shardings: dict | None = None,
 @functools.lru_cache(maxsize=32)
 def _jitted_init(config, collections: tuple[str, ...], placement):
     """The jitted init of one config, collections and placement ((treedef, shardings) or None):
-    traced and compiled once a process, whatever the seed."""
+    compiled once a process, whatever the seed (the model is traced once a config: `_init_fn`)."""
     init = _init_fn(config)
     shardings = None if placement is None else jax.tree.unflatten(*placement)
     return jax.jit(lambda key: {c: nn.meta.unbox(init(key))[c] for c in collections}, out_shardings=shardings)
