@@ -778,6 +778,22 @@ def test_the_trained_checkpoint_runs_by_default_as_a_fresh_one_not_with_training
     assert (runtime.remat, runtime.attention, runtime.param_dtype) == ("none", "auto", "bfloat16")
 
 
+def test_the_tensorboard_writer_starts_without_importing_torch_and_leaves_it_importable(tmp_path):
+    script = f"""
+import sys
+from edit_jax.train.loop import summary_writer
+writer = summary_writer({str(tmp_path)!r}, None)
+writer.add_scalar("loss", 1.0, 1)
+writer.close()
+assert "torch" not in sys.modules, "tensorboardX imported torch"
+import torch
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
 def test_distributed_outside_a_cluster_jax_detects_is_one_error_saying_what_to_give(tmp_path):
     """A fresh process, as on a cluster: JAX joins one only before anything has used a device."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMPI_MCA_orte_hnp_uri", "SLURM_JOB_ID", "KUBERNETES_SERVICE_HOST")}

@@ -77,6 +77,22 @@ RUN_ONLY_FIELDS = ("run_dir", "log_every", "save_every", "keep", "eval_every", "
                    "profile_start", "profile_steps", "checkpoint", "preset", "routers", "data", "prefetch")
 
 
+def summary_writer(folder: Path, purge_step: int | None):
+    """tensorboardX's SummaryWriter for `folder`. tensorboardX imports torch where it is installed
+    (1.3 s on 2 cores, a tenth of a tiny run's whole process) only to accept torch tensors, which
+    the trainer never logs: torch is hidden from that import (an entry of None in sys.modules makes
+    `import torch` fail), unless it is loaded already."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter(str(folder), purge_step=purge_step)
+
+
 def train_step_for(config: TrainConfig, model, model_config, grid: tuple[int, int], num_txt: int, shardings: tuple):
     """The jitted train step of a run's config, model and batch shape, with shardings = (trainable,
     opt_state, frozen, batch): one per process for every run that differs only in `RUN_ONLY_FIELDS`
@@ -341,9 +357,7 @@ def _train(config: TrainConfig, progress: bool, max_steps: int | None, describe_
     # ---- Loop ---------------------------------------------------------------------------------
     writer = None
     if is_main:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
+        writer = summary_writer(run_dir / "tb", purge_step=start + 1 if start else None)
     metrics = {}
     tracing = ProfileWindow(config, run_dir, enabled=is_main)
     # Steps are dispatched ahead of the device, so a step's time is only known where the host waits
