@@ -261,10 +261,11 @@ def test_router_modulations_computed_ahead_give_the_routed_call_it_would_compute
     routers = jax.tree.map(lambda x: x, case.routers)
     routers["transformer_blocks"]["router"]["gate_head"]["kernel"] *= 3000.0  # p depends on the modulation
 
-    own, own_aux = case.model.apply({"params": case.params, "routers": routers}, **case.arrays, **case.static,
-                                    elastic=INFER)
-    ahead, ahead_aux = case.model.apply({"params": case.params, "routers": routers}, **case.arrays, **case.static,
-                                        elastic=INFER, router_modulations=modulations_of(case, routers))
+    variables = {"params": case.params, "routers": routers}
+    own, own_aux = jax.jit(lambda v, x: case.model.apply(v, **x, **case.static, elastic=INFER))(variables, case.arrays)
+    ahead, ahead_aux = jax.jit(lambda v, x, m: case.model.apply(v, **x, **case.static, elastic=INFER,
+                                                                  router_modulations=m))(
+        variables, case.arrays, modulations_of(case, routers))
 
     assert relative(ahead, own) <= 1e-6
     np.testing.assert_allclose(ahead_aux["p"], own_aux["p"], rtol=1e-6)

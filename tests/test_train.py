@@ -97,7 +97,7 @@ def test_the_teacher_target_with_every_block_open_at_full_width_has_zero_flow_lo
     batch = {**synthetic_batch(model_config, config, 0), **shared_inputs(model_config, 4, 4, 4)}
     batch.pop("label")
 
-    _, metrics = make_loss_fn(config, edit_jax.build_model(model_config))(
+    _, metrics = jax.jit(make_loss_fn(config, edit_jax.build_model(model_config)))(
         {"routers": variables["routers"]}, {"params": variables["params"]}, batch, jax.random.key(0))
 
     assert float(metrics["open_rate"]) == 1.0
