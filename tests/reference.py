@@ -11,12 +11,14 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 
-def randomize_(module, seed: int = 0, scale: float = 0.1):
-    """Perturbs every parameter (norm scales and biases included) so no weight is trivially 1/0."""
+def randomize_(module, seed: int = 0, scale: float = 0.1, matrices: bool = True):
+    """Perturbs every parameter (norm scales and biases included) so no weight is trivially 1/0;
+    with matrices=False only the vectors (torch's init already draws every matrix at random)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+            if matrices or p.ndim < 2:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
     return module
 
 
@@ -39,12 +41,12 @@ FLUX_TINY = dict(  # diffusers' own FluxTransformer2DModel test config
 )
 
 
-def make_diffusers_flux(seed: int = 0, **overrides):
+def make_diffusers_flux(seed: int = 0, matrices: bool = True, **overrides):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(**{**FLUX_TINY, **overrides}).eval()
-    return randomize_(model, seed)
+    return randomize_(model, seed, matrices=matrices)
 
 
 def flux_inputs(config: dict, batch: int, height: int, width: int, num_txt: int, seed: int = 0) -> dict:
