@@ -1,16 +1,18 @@
 """Decode time and peak memory of our Flax VAEs against diffusers' (AutoencoderKL for FLUX.1,
 AutoencoderKLQwenImage for Qwen-Image), same random weights (through the conversion table), same
 latents; each side in its own process so that its peak resident memory (VmHWM) is its own. The
-children run this file by its path and the diffusers side imports nothing of edit_jax (whose
-package loads JAX): it builds its VAE from the diffusers arguments the parent hands it as JSON.
-So the project's modules are imported inside the functions of the side that needs them.
+parent draws the weights (diffusers' init, seeded) into a safetensors file both children read:
+ours through the conversion table with NumPy alone (its process never loads torch), diffusers'
+into the VAE it builds from the arguments the parent hands it as JSON (its process never loads
+JAX). The children run this file by its path, so the project's modules are imported inside the
+functions of the side that needs them.
 
     python -m edit_jax.eval.bench_vae --size 1024 --runs 3                      # FLUX.1's VAE, 1024x1024
     python -m edit_jax.eval.bench_vae --vae qwen-image --size 1024              # Qwen-Image's VAE
     python -m edit_jax.eval.bench_vae --vae qwen-image --size 2048 --tile 1024  # both sides in 1024 px tiles
 
 Prints JSON (seconds: median of --runs after a warm-up call, or the first call with --runs 0;
-peak RSS in GiB); --out writes it.
+peak RSS in GiB; whether the side's process loaded JAX, and torch); --out writes it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +72,13 @@ def torch_vae(arguments: dict, seed: int = 0):
     return getattr(diffusers, arguments.pop("class"))(**arguments).eval()
 
 
+def write_weights(arguments: dict, path: Path) -> None:
+    """diffusers' VAE of `arguments` with seeded random weights, its state dict saved to `path`."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in torch_vae(arguments).state_dict().items()}, path)
+
+
 def enable_torch_tiling(vae, tile: int) -> None:
     """diffusers' tiled decode at a tile of `tile` pixels, overlapping by a quarter (as ours)."""
     from diffusers import AutoencoderKLQwenImage
@@ -81,22 +91,25 @@ def enable_torch_tiling(vae, tile: int) -> None:
         vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // 8
 
 
-def run_side(side: str, arguments: dict, size: int, runs: int, tile: int | None, vae_name: str,
+def run_side(side: str, arguments: dict, weights: str, size: int, runs: int, tile: int | None, vae_name: str,
              channels: str | None) -> dict:
     """One side's decode of random latents: its time and peak memory (run in a process of its own).
 
     Args:
       side: "ours" or "diffusers". arguments: diffusers' VAE arguments (`diffusers_arguments`).
+      weights: the safetensors file of diffusers' state dict (`main` writes it).
       size: the image's side, pixels. runs: timed decodes. tile: the tile's side (None: whole).
       vae_name, channels: our config's (`vae_config`; read on our side only).
     """
     import numpy as np
 
     latents = np.random.default_rng(0).standard_normal((1, 16, size // 8, size // 8)).astype(np.float32)
-    vae = torch_vae(arguments)
     if side == "diffusers":
         import torch
+        from safetensors.torch import load_file
 
+        vae = torch_vae(arguments)
+        vae.load_state_dict(load_file(weights))
         z = torch.from_numpy(latents)
         if arguments["class"] == "AutoencoderKLQwenImage":  # the video VAE takes a frame axis
             z = z[:, :, None]
@@ -108,14 +121,13 @@ def run_side(side: str, arguments: dict, size: int, runs: int, tile: int | None,
                 return vae.decode(z).sample
     else:
         from edit_jax.checkpoints_convert.engine import build_params
-        from edit_jax.checkpoints_convert.sources import from_state_dict
+        from edit_jax.checkpoints_convert.sources import open_source
         from edit_jax.checkpoints_convert.vae import vae_table
         from edit_jax.models.vae import abstract_vae, decode_tiled
 
         config = vae_config(vae_name, channels)
         abstract = abstract_vae(config)
-        params = build_params(vae_table(abstract), from_state_dict(vae.state_dict()), abstract)
-        del vae
+        params = build_params(vae_table(abstract), open_source(weights), abstract)
 
         def decode():
             return decode_tiled(config, params, latents, tile_size=tile or size)
@@ -128,21 +140,23 @@ def run_side(side: str, arguments: dict, size: int, runs: int, tile: int | None,
         t0 = time.perf_counter()
         decode()
         times.append(time.perf_counter() - t0)
+    # the diffusers side's peak memory is diffusers' own only while JAX stays out of its process
     return {"first_call_s": round(first, 3), "decode_s": round(sorted(times)[len(times) // 2], 3),
-            "peak_rss_gib": round(peak_rss_gib(), 2)}
+            "peak_rss_gib": round(peak_rss_gib(), 2), "jax_loaded": "jax" in sys.modules,
+            "torch_loaded": "torch" in sys.modules}
 
 
 def child(argv: list[str]) -> None:
-    """A child measuring one side: --side, --arguments (JSON), --size, --runs, [--tile], --vae,
-    [--channels]; prints its JSON line (flags were checked by the parent)."""
+    """A child measuring one side: --side, --arguments (JSON), --weights, --size, --runs, [--tile],
+    --vae, [--channels]; prints its JSON line (flags were checked by the parent)."""
     parser = argparse.ArgumentParser()
-    for flag in ("--side", "--arguments", "--vae", "--channels"):
+    for flag in ("--side", "--arguments", "--weights", "--vae", "--channels"):
         parser.add_argument(flag)
     for flag in ("--size", "--runs", "--tile"):
         parser.add_argument(flag, type=int)
     args = parser.parse_args(argv)
-    print(json.dumps(run_side(args.side, json.loads(args.arguments), args.size, args.runs, args.tile, args.vae,
-                              args.channels)))
+    print(json.dumps(run_side(args.side, json.loads(args.arguments), args.weights, args.size, args.runs, args.tile,
+                              args.vae, args.channels)))
 
 
 def main(argv=None) -> dict:
@@ -162,18 +176,22 @@ def main(argv=None) -> dict:
         raise ValueError(f"--size {args.size}: must be a positive multiple of 8 pixels (the VAE's scale)")
     if args.tile is not None:
         check_tile_size(args.tile, flag="--tile")
-    arguments = json.dumps(diffusers_arguments(vae_config(args.vae, args.channels)))
+    arguments = diffusers_arguments(vae_config(args.vae, args.channels))
     result = {"benchmark": "vae_decode", **environment(), "vae": args.vae, "size": args.size, "tile": args.tile,
               "channels": args.channels or ("96" if args.vae == "qwen-image" else "128,256,512,512")}
-    for side in ("ours", "diffusers"):
-        command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--arguments", arguments,
-                   "--vae", args.vae, "--size", str(args.size), "--runs", str(args.runs)]
-        command += (["--tile", str(args.tile)] if args.tile else []) + (["--channels", args.channels] if args.channels else [])
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:  # the end of the child's traceback
-            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-            raise RuntimeError(f"{side} side: {lines[-1]}")
-        result[side] = json.loads(done.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "vae.safetensors"
+        write_weights(arguments, weights)
+        for side in ("ours", "diffusers"):
+            command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--arguments",
+                       json.dumps(arguments), "--weights", str(weights), "--vae", args.vae, "--size", str(args.size),
+                       "--runs", str(args.runs)]
+            command += (["--tile", str(args.tile)] if args.tile else []) + (["--channels", args.channels] if args.channels else [])
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:  # the end of the child's traceback
+                lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+                raise RuntimeError(f"{side} side: {lines[-1]}")
+            result[side] = json.loads(done.stdout.strip().splitlines()[-1])
     result["ours_vs_diffusers_time"] = round(result["ours"]["decode_s"] / result["diffusers"]["decode_s"], 3)
     return emit(result, args.out)
 
