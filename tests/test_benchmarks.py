@@ -14,13 +14,24 @@ import pytest
 from edit_jax.eval import bench_elastic, profile_step
 
 
-@pytest.mark.parametrize("preset", ["flux-tiny", "qwen-image-tiny"])
-def test_elastic_benchmark_reports_speedup_beside_flop_reduction(preset, tmp_path, capsys):
-    out = tmp_path / "elastic.json"
-    result = bench_elastic.main(["--preset", preset, "--height", "4", "--width", "4", "--txt", "8", "--runs", "2",
-                                 "--out", str(out)])
+@pytest.fixture(scope="module")
+def flux_tiny_elastic(tmp_path_factory):
+    """bench_elastic on flux-tiny, once for this module's tests: (its result, the JSON file it wrote)."""
+    out = tmp_path_factory.mktemp("elastic") / "elastic.json"
+    return bench_elastic.main(["--preset", "flux-tiny", "--height", "4", "--width", "4", "--txt", "8", "--runs", "2",
+                               "--out", str(out)]), out
+
+
+def test_elastic_benchmark_reports_speedup_beside_flop_reduction(flux_tiny_elastic):
+    result, out = flux_tiny_elastic
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    check_elastic_benchmark(result)
+
+
+def check_elastic_benchmark(result: dict) -> None:
+    """The elastic benchmark (here on flux-tiny; the GPU suite's dry run checks its run on
+    qwen-image-tiny) times dense, the forced pattern and the routers, beside their FLOPs."""
     assert {"dense", "forced_pattern", "skips_only", "routers_all_open", "routers_all_open_modulation_ahead"} <= set(result["median_ms"])
     assert result["forced"]["flop_reduction"] > 1
     assert result["routers_overhead"]["flops"] > 0
@@ -85,10 +96,10 @@ def test_router_benchmark_reports_the_routers_time_and_flops_as_shares_of_the_de
     assert json.loads((tmp_path / "router.json").read_text()) == json.loads(json.dumps(result))
 
 
-def test_elastic_benchmark_leaves_out_the_comparison_a_pattern_cannot_have(tmp_path):
+def test_elastic_benchmark_leaves_out_the_comparison_a_pattern_cannot_have(flux_tiny_elastic):
     # flux-tiny: 1 double + 1 single block; the pattern skips the single one, and a FLUX model
     # needs at least one single block, so there is no dense model without the skipped blocks
-    result = bench_elastic.main(["--preset", "flux-tiny", "--height", "4", "--width", "4", "--txt", "8", "--runs", "1"])
+    result, _ = flux_tiny_elastic
 
     assert "dense_without_skipped_blocks" not in result["median_ms"]
     assert result["skip_mechanism_overhead"] is None
@@ -140,7 +151,9 @@ def test_gpu_suite_dry_run_writes_one_results_file_outside_the_repository_naming
     assert sorted(p.name for p in results.iterdir()) == ["results.jsonl", "suite.log"]
     lines = [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
     assert [line["name"] for line in lines] == ["check_tiny", "sample_flux_tiny", "train_flux_tiny"]
-    assert lines[1]["result"]["steps"] == 2 and lines[2]["result"]["run"]["median_step_ms"] > 0
+    assert lines[0]["result"]["preset"] == "qwen-image-tiny" and lines[1]["result"]["steps"] == 2
+    assert lines[2]["result"]["run"]["median_step_ms"] > 0
+    check_elastic_benchmark(lines[0]["result"])
     check_sample_benchmark(lines[1]["result"])
 
 
