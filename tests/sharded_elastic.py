@@ -41,19 +41,14 @@ def main(preset: str, part: str):
         check_the_sample_command_on_a_mesh(config, variables)
         check_the_generate_command_on_a_mesh()
         return
-    num_blocks = config.num_blocks
-    pattern = {"run": jnp.arange(num_blocks) % 2 == 0, "bucket": jnp.arange(num_blocks, dtype=jnp.int32) % 4}
-    cases = {
-        "forced": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=pattern)[0],
-        "infer": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer", decision="sample"))[0],
-    }
-    for name, fn in cases.items():
-        fn = jax.jit(fn)
-        expected, got = np.asarray(fn(variables, arrays)), np.asarray(fn(sharded, arrays))
-        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    arrays, cases = forward_cases(config, model)
+    expected = {name: np.asarray(jax.jit(cases[name])(variables, arrays)) for name in ("dense", "forced", "infer")}
+    for name in ("forced", "infer"):  # params sharded, no mesh set: jit places the activations
+        got = np.asarray(jax.jit(cases[name])(sharded, arrays))
+        error = np.linalg.norm(got - expected[name]) / np.linalg.norm(expected[name])
         assert error <= 1e-5, (preset, name, error)
         print(preset, name, f"relative error {error:.1e}")
-    check_activation_constraints(config, model, variables, sharded)
+    check_activation_constraints(config, variables, arrays, cases, expected)
     check_modulation_kernels_stay_split(config, model, variables)
     check_blocks_move_no_weights(config, model, variables)
 
@@ -157,33 +152,39 @@ def check_sampling(config, model, variables, sharded):
     print(config.family, "sampling", f"relative error {error:.1e}")
 
 
-def check_activation_constraints(config, model, variables, sharded):
-    """Forwards of batch 4 traced under jax.set_mesh, on a mesh with every axis > 1 (the batch
-    split over data x fsdp, heads and MLP over tensor), hold sharding constraints and equal the
-    unconstrained, unsharded forwards: dense, forced, infer, and dense with tokamax's attention
-    (its kernels run per shard)."""
+def forward_cases(config, model):
+    """(arrays, {name: forward(variables, arrays)}): inputs of batch 4 (on Qwen-Image, a text mask
+    with holes) and the forwards the mesh checks compare: dense, forced (every other block run,
+    each at another width), infer, and dense with tokamax's attention."""
     arrays, static = split_static(example_inputs(config, 4, 4, 4, 8))
     if "encoder_hidden_states_mask" in arrays:
         arrays["encoder_hidden_states_mask"] = arrays["encoder_hidden_states_mask"].at[1, 5:].set(0)
     num_blocks = config.num_blocks
     pattern = {"run": jnp.arange(num_blocks) % 2 == 0, "bucket": jnp.arange(num_blocks, dtype=jnp.int32) % 4}
     tokamax = edit_jax.build_model(config.with_runtime(attention="tokamax"))
-    cases = {
+    return arrays, {
         "dense": lambda v, x: model.apply({"params": v["params"]}, **x, **static),
         "forced": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="forced"), decisions=pattern)[0],
         "infer": lambda v, x: model.apply(v, **x, **static, elastic=ElasticConfig(mode="infer", decision="sample"))[0],
         "dense, tokamax attention": lambda v, x: tokamax.apply({"params": v["params"]}, **x, **static),
     }
+
+
+def check_activation_constraints(config, variables, arrays, cases, expected):
+    """The `cases` traced under jax.set_mesh, on a mesh with every axis > 1 (the batch split over
+    data x fsdp, heads and MLP over tensor), hold sharding constraints and equal the unconstrained,
+    unsharded forwards (`expected`, by name; tokamax's attention, whose kernels run per shard,
+    against dense)."""
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     on_mesh = {c: jax.device_put(variables[c], param_shardings(config, mesh, collection=c)) for c in ("params", "routers")}
     for name, forward in cases.items():
-        expected = np.asarray(jax.jit(cases["dense" if "dense" in name else name])(variables, arrays))
+        want = expected["dense" if "dense" in name else name]
         with jax.set_mesh(mesh):
             traced = jax.jit(forward).trace(on_mesh, arrays)  # one trace: its jaxpr read, then run
             jaxpr = str(traced.jaxpr)
             got = np.asarray(traced.lower().compile()(on_mesh, arrays))
         assert jaxpr.count("sharding_constraint") >= 4, "the models constrain no activations"
-        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        error = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert error <= 1e-5, (config.family, name, error)
         print(config.family, "on data x fsdp x tensor:", name, f"relative error {error:.1e}")
 
