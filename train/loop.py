@@ -108,15 +108,17 @@ def train_step_for(config: TrainConfig, model, model_config, grid: tuple[int, in
     leaves, treedef = jax.tree.flatten(shardings, is_leaf=lambda x: x is None)
     key = (json.dumps(same_step.to_dict(), sort_keys=True, default=str), model, model_config, grid, num_txt, treedef,
            tuple(leaves))
-    if key not in _TRAIN_STEPS:
-        if len(_TRAIN_STEPS) >= 8:
+    step = _TRAIN_STEPS.pop(key, None)
+    if step is None:
+        if len(_TRAIN_STEPS) >= 16:
             _TRAIN_STEPS.pop(next(iter(_TRAIN_STEPS)))
-        _TRAIN_STEPS[key] = jitted_train_step(same_step, model, make_optimizer(same_step),
-                                              shared_inputs(model_config, *grid, num_txt), *shardings)
-    return _TRAIN_STEPS[key]
+        step = jitted_train_step(same_step, model, make_optimizer(same_step), shared_inputs(model_config, *grid, num_txt),
+                                 *shardings)
+    _TRAIN_STEPS[key] = step  # the most recently used last
+    return step
 
 
-_TRAIN_STEPS: dict = {}  # train_step_for's, the 8 latest
+_TRAIN_STEPS: dict = {}  # train_step_for's, the 16 most recently used
 
 
 def train_step_flops(model_config, batch: dict, grid, config: TrainConfig) -> float:
