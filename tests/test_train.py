@@ -361,17 +361,18 @@ def assert_same_run(a, b):
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
-def test_a_two_process_run_resumed_on_another_mesh_equals_one_device(tmp_path):
-    """Three steps on one device; the same as two real processes (jax.distributed on localhost, CPU
-    collectives) of 2 devices each, data 2 x fsdp 2, for two steps, then restored from their
-    checkpoint by one process onto 8 simulated devices as fsdp 8 for the third."""
-    procs = two_processes(tmp_path / "sharded", wait=False)
-    train(load_train_config(None, [f"run_dir={tmp_path / 'single'}", *CLI_RUN, "mesh.data=1", "mesh.fsdp=1", "steps=3"]),
-          progress=False, describe_setup=False)  # on this process's one device while the two run
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-    run_cli(tmp_path / "sharded", 8, "mesh.data=1", "mesh.fsdp=8", "steps=3")  # resumes at 2 on another mesh
+def test_a_two_process_run_resumed_on_another_mesh_equals_one_device(two_process_router_run, tmp_path):
+    """Three steps on one device from a checkpoint; the same as two real processes (the session's
+    two-process run: jax.distributed on localhost, CPU collectives, 2 devices each as data 2 x
+    fsdp 2) for two steps, then restored from their checkpoint by one process onto 8 simulated
+    devices as fsdp 8 for the third."""
+    import shutil
+
+    ckpt, run, _ = two_process_router_run
+    shutil.copytree(run, tmp_path / "sharded")  # resumed in a copy: the session's run stays as its other tests read it
+    train(load_train_config(None, [f"run_dir={tmp_path / 'single'}", *CLI_RUN, f"checkpoint={ckpt}", "mesh.data=1",
+                                   "mesh.fsdp=1", "steps=3"]), progress=False, describe_setup=False)
+    run_cli(tmp_path / "sharded", 8, f"checkpoint={ckpt}", "mesh.data=1", "mesh.fsdp=8", "steps=3")  # resumes at 2
     assert_same_run(tmp_path / "single", tmp_path / "sharded")
 
 
