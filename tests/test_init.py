@@ -48,3 +48,16 @@ def test_init_variables_on_a_mesh_places_each_collection_asked_for_by_its_shardi
     assert jax.tree.all(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), routers["routers"],
                                      shardings["routers"]))
     jax.tree.map(np.testing.assert_array_equal, routers["routers"], init_variables(config, seed=3)["routers"])
+
+
+def test_configs_that_differ_only_in_how_they_run_share_one_init_and_its_params():
+    config = edit_jax.preset("qwen-image-tiny")
+    init_variables(config, seed=4)
+    before = registry._jitted_init.cache_info()
+    variants = [config.with_runtime(attention="auto", remat="full", dtype="bfloat16"),
+                config.with_runtime(router_dtype="float32")]
+    params = [init_variables(c, seed=4) for c in variants]
+
+    assert registry._jitted_init.cache_info().misses == before.misses
+    for v in params:
+        jax.tree.map(np.testing.assert_array_equal, v, init_variables(config, seed=4))

@@ -118,6 +118,15 @@ def jit_forward(model: nn.Module, inputs: dict):
     return jax.jit(lambda params, x: model.apply({"params": params}, **x, **static)), arrays
 
 
+def _params_config(config):
+    """The config as far as its params go: the runtime settings no param depends on (attention,
+    remat, the compute dtype) at one value and the routers' dtype resolved, so that configs which
+    differ only in those share one traced and compiled init (their params are bit-identical)."""
+    runtime = config.runtime
+    return config.with_runtime(attention="xla", remat="none", dtype="float32",
+                               router_dtype=runtime.router_dtype or runtime.param_dtype)
+
+
 @functools.lru_cache(maxsize=32)
 def _init_fn(config):
     """The jitted init(key) -> all variables ({"params", "routers"}), boxed with logical axis names:
@@ -135,7 +144,7 @@ def _boxed_abstract_variables(config):
 
 def abstract_params(config, collection: str = "params") -> dict:
     """The params (or "routers") pytree as jax.ShapeDtypeStruct leaves (no memory allocated)."""
-    return nn.meta.unbox(_boxed_abstract_variables(config))[collection]
+    return nn.meta.unbox(_boxed_abstract_variables(_params_config(config)))[collection]
 
 
 def abstract_routers(config) -> dict:
@@ -145,7 +154,7 @@ def abstract_routers(config) -> dict:
 
 def logical_axes(config, collection: str = "params") -> dict:
     """The params (or "routers") pytree with a PartitionSpec of logical axis names at each leaf."""
-    return nn.get_partition_spec(_boxed_abstract_variables(config))[collection]
+    return nn.get_partition_spec(_boxed_abstract_variables(_params_config(config)))[collection]
 
 
 def init_variables(config, seed: int = 0, shardings: dict | None = None,
@@ -164,7 +173,7 @@ def init_variables(config, seed: int = 0, shardings: dict | None = None,
     if shardings is not None:
         leaves, treedef = jax.tree.flatten({c: shardings[c] for c in collections})
         placement = (treedef, tuple(leaves))
-    return _jitted_init(config, tuple(collections), placement)(jax.random.key(seed))
+    return _jitted_init(_params_config(config), tuple(collections), placement)(jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=32)
