@@ -11,6 +11,7 @@ import edit_jax
 from edit_jax.checkpoints_convert import ConversionError, convert_checkpoint
 from edit_jax.checkpoint import flatten, load_config, load_routers
 from edit_jax.config import ConfigError, QwenImageConfig, from_diffusers_config
+from edit_jax.models import jit_forward
 from reference import QWEN_TINY, make_diffusers_qwen, qwen_inputs, relative_error, run_diffusers_qwen
 
 TOLERANCE = 1e-5
@@ -21,7 +22,9 @@ def convert_qwen(src, dst, **kwargs):
 
 
 def apply(model, params, inputs):
-    return model.apply({"params": params}, **inputs)
+    """Our forward, jitted: one compiled program (op by op, it took longer than compiling)."""
+    forward, arrays = jit_forward(model, inputs)
+    return forward(params, arrays)
 
 
 def test_tiny_config_matches_diffusers(save_diffusers, tmp_path):
