@@ -1,5 +1,6 @@
 """FLUX.1: our model, fed weights through our converter, equals diffusers' FluxTransformer2DModel."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -21,7 +22,7 @@ def test_tiny_config_matches_diffusers(save_diffusers, tmp_path):
     model, params = convert_and_load(save_diffusers, tmp_path, torch_model)
     inputs = flux_inputs(FLUX_TINY, batch=1, height=4, width=4, num_txt=8)
 
-    out = model.apply({"params": params}, **inputs)
+    out = jax.jit(lambda p, x: model.apply({"params": p}, **x))(params, inputs)
 
     assert relative_error(out, run_diffusers(torch_model, inputs)) <= TOLERANCE
 
@@ -33,7 +34,7 @@ def test_deeper_config_batch2_nonsquare_grid_matches_diffusers(save_diffusers, t
     model, params = convert_and_load(save_diffusers, tmp_path, torch_model)
     inputs = flux_inputs({**FLUX_TINY, **overrides}, batch=2, height=3, width=5, num_txt=7, seed=1)
 
-    out = model.apply({"params": params}, **inputs)
+    out = jax.jit(lambda p, x: model.apply({"params": p}, **x))(params, inputs)
 
     assert out.shape == (2, 15, 4)
     assert relative_error(out, run_diffusers(torch_model, inputs)) <= TOLERANCE
