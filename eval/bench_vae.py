@@ -186,7 +186,8 @@ def main(argv=None) -> dict:
             command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--arguments",
                        json.dumps(arguments), "--weights", str(weights), "--vae", args.vae, "--size", str(args.size),
                        "--runs", str(args.runs)]
-            command += (["--tile", str(args.tile)] if args.tile else []) + (["--channels", args.channels] if args.channels else [])
+            command += ["--tile", str(args.tile)] if args.tile else []
+            command += ["--channels", args.channels] if args.channels else []
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:  # the end of the child's traceback
                 lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]

@@ -112,8 +112,8 @@ def train_step_for(config: TrainConfig, model, model_config, grid: tuple[int, in
     if step is None:
         if len(_TRAIN_STEPS) >= 16:
             _TRAIN_STEPS.pop(next(iter(_TRAIN_STEPS)))
-        step = jitted_train_step(same_step, model, make_optimizer(same_step), shared_inputs(model_config, *grid, num_txt),
-                                 *shardings)
+        shared = shared_inputs(model_config, *grid, num_txt)
+        step = jitted_train_step(same_step, model, make_optimizer(same_step), shared, *shardings)
     _TRAIN_STEPS[key] = step  # the most recently used last
     return step
 
