@@ -31,13 +31,12 @@ def main(preset: str, part: str):
     config = edit_jax.preset(preset)
     model = edit_jax.build_model(config)
     variables = init_variables(config)
-    arrays, static = split_static(example_inputs(config, 2, 4, 4, 8))
     mesh = make_mesh({"fsdp": 4, "tensor": 2})
     sharded = {"params": jax.device_put(variables["params"], param_shardings(config, mesh)),
                "routers": jax.device_put(variables["routers"], NamedSharding(mesh, PartitionSpec()))}
     if part == "commands":  # the sampler's sharding is the same for both families
         check_sampling(config, model, variables, sharded)
-        check_load_on_a_mesh(config, model, variables, arrays)
+        check_load_on_a_mesh(config, model, variables, split_static(example_inputs(config, 2, 4, 4, 8))[0])
         check_the_sample_command_on_a_mesh(config, variables)
         check_the_generate_command_on_a_mesh()
         return

@@ -121,7 +121,8 @@ def jit_forward(model: nn.Module, inputs: dict):
 def _params_config(config):
     """The config as far as its params go: the runtime settings no param depends on (attention,
     remat, the compute dtype) at one value and the routers' dtype resolved, so that configs which
-    differ only in those share one traced and compiled init (their params are bit-identical)."""
+    differ only in those share one traced and compiled init (their params are bit-identical).
+    Attention is XLA's: a kernel may not tile the few tokens the init traces."""
     runtime = config.runtime
     return config.with_runtime(attention="xla", remat="none", dtype="float32",
                                router_dtype=runtime.router_dtype or runtime.param_dtype)
@@ -130,9 +131,9 @@ def _params_config(config):
 @functools.lru_cache(maxsize=32)
 def _init_fn(config):
     """The jitted init(key) -> all variables ({"params", "routers"}), boxed with logical axis names:
-    one per config in a process, so that its trace (the whole model's, the most costly part of
+    one per params config (`_params_config`) in a process, so that its trace (the whole model's, the most costly part of
     starting a run) serves the abstract variables and every jitted init built on it."""
-    model = build_model(config.with_runtime(attention="xla"))  # the params do not depend on it; a kernel may not tile 6 tokens
+    model = build_model(config)  # a `_params_config`
     arrays, static = split_static(example_inputs(config, height=2, width=2, num_txt=2))
     return jax.jit(lambda key: model.init(key, **arrays, **static, elastic=ElasticConfig(mode="train")))
 
