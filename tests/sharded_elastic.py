@@ -30,7 +30,7 @@ def main(preset: str, part: str):
     assert jax.device_count() == 8, jax.devices()
     config = edit_jax.preset(preset)
     model = edit_jax.build_model(config)
-    variables = init_variables(config)
+    variables = jax.tree.map(np.asarray, init_variables(config))  # host arrays: placed with no program
     mesh = make_mesh({"fsdp": 4, "tensor": 2})
     sharded = {"params": jax.device_put(variables["params"], param_shardings(config, mesh)),
                "routers": jax.device_put(variables["routers"], NamedSharding(mesh, PartitionSpec()))}

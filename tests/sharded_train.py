@@ -75,7 +75,7 @@ def check_step_on_three_axes(preset, trainable):
     batch = synthetic_batch(model_config, config, 0)
     batch.pop("label")
     shared = shared_inputs(model_config, 4, 4, 4)
-    variables = init_variables(model_config)
+    variables = jax.tree.map(np.asarray, init_variables(model_config))  # host arrays: placed with no program
     trainable_vars, frozen = split_trainable(config, variables)
     expected = jax.jit(make_train_step(config, model, optimizer, shared))(
         trainable_vars, optimizer.init(trainable_vars), frozen, batch, jnp.int32(0))
@@ -89,7 +89,8 @@ def check_step_on_three_axes(preset, trainable):
         step = jitted_train_step(config, model, optimizer, shared, trainable_sh, opt_sh, frozen_sh, data_sh)
         got = step(jax.device_put(trainable_vars, trainable_sh),
                    jax.jit(optimizer.init, out_shardings=opt_sh)(trainable_vars),
-                   jax.device_put(frozen, frozen_sh), jax.device_put(batch, data_sh), jnp.int32(0))
+                   jax.device_put(frozen, frozen_sh), jax.device_put(jax.tree.map(np.asarray, batch), data_sh),
+                   jnp.int32(0))
     for name, want, have in (("trainable", expected[0], got[0]), ("metrics", expected[2], got[2])):
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(have)):
             error = np.linalg.norm(np.asarray(b) - np.asarray(a)) / max(np.linalg.norm(np.asarray(a)), 1e-12)

@@ -61,3 +61,15 @@ def test_configs_that_differ_only_in_how_they_run_share_one_init_and_its_params(
     assert registry._jitted_init.cache_info().misses == before.misses
     for v in params:
         jax.tree.map(np.testing.assert_array_equal, v, init_variables(config, seed=4))
+
+
+
+def test_fresh_routers_are_the_routers_of_the_whole_init_without_drawing_the_base(monkeypatch):
+    config = edit_jax.preset("qwen-image-tiny")
+    drawn, jitted_init = [], registry._jitted_init
+    monkeypatch.setattr(registry, "_jitted_init", lambda c, collections, p: drawn.append(collections) or jitted_init(
+        c, collections, p))
+    routers = edit_jax.init_routers(config, seed=5)
+
+    assert drawn == [("routers",)]
+    jax.tree.map(np.testing.assert_array_equal, routers, init_variables(config, seed=5)["routers"])

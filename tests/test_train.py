@@ -199,15 +199,26 @@ def test_a_resumed_run_equals_an_uninterrupted_one_exactly(tmp_path, tiny_datase
     assert strip(lines["whole"]) == strip(lines["parts"])
 
 
+@pytest.fixture
+def tiny_base(once_per_session):
+    """A flux-tiny checkpoint without routers, saved once for the session: runs that train routers
+    on it compile no init of the base (the costliest program of a tiny run's start)."""
+    def make(folder):
+        config = edit_jax.preset("flux-tiny")
+        save(folder / "ckpt", config, init_variables(config, seed=7)["params"])
+
+    return once_per_session("tiny-base", make)[0] / "ckpt"
+
+
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
-def test_sigterm_or_ctrl_c_during_training_saves_a_checkpoint_and_exits(tmp_path, signum):
+def test_sigterm_or_ctrl_c_during_training_saves_a_checkpoint_and_exits(tmp_path, signum, tiny_base):
     import signal
     import time
 
     signum = getattr(signal, signum)
 
-    args = [sys.executable, "-m", "edit_jax.cli", "train", f"run_dir={tmp_path / 'run'}", "steps=100000", "batch_size=2",
-            "num_txt=4", "log_every=1", "save_every=100000", "--quiet"]
+    args = [sys.executable, "-m", "edit_jax.cli", "train", f"run_dir={tmp_path / 'run'}", f"checkpoint={tiny_base}",
+            "steps=100000", "batch_size=2", "num_txt=4", "log_every=1", "save_every=100000", "--quiet"]
     proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -230,7 +241,7 @@ def test_sigterm_or_ctrl_c_during_training_saves_a_checkpoint_and_exits(tmp_path
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
-def test_sigterm_or_ctrl_c_to_one_process_of_two_stops_both_at_one_saved_step(tmp_path, signum):
+def test_sigterm_or_ctrl_c_to_one_process_of_two_stops_both_at_one_saved_step(tmp_path, signum, tiny_base):
     """A preemption notice (or Ctrl-C) that reaches one process of a multi-process run: both save
     the same step (JAX's preemption service agrees on it) and exit, instead of a collective mismatch."""
     import signal
@@ -238,7 +249,7 @@ def test_sigterm_or_ctrl_c_to_one_process_of_two_stops_both_at_one_saved_step(tm
 
     signum = getattr(signal, signum)
 
-    procs = two_processes(tmp_path / "run", "steps=100000", "save_every=100000", wait=False)
+    procs = two_processes(tmp_path / "run", f"checkpoint={tiny_base}", "steps=100000", "save_every=100000", wait=False)
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         deadline = time.time() + 300
@@ -718,18 +729,15 @@ def test_a_base_written_over_during_the_run_is_not_linked_into_its_trained_check
 
 
 @pytest.fixture
-def two_process_router_run(once_per_session):
-    """Routers trained by two real processes from a checkpoint, JAX's preemption service off, once
-    for the whole session (whichever xdist worker asks first): (the checkpoint, the run folder,
-    each process's stderr)."""
+def two_process_router_run(once_per_session, tiny_base):
+    """Routers trained by two real processes from the session's tiny base, JAX's preemption service
+    off, once for the whole session (whichever xdist worker asks first): (the base checkpoint, the
+    run folder, each process's stderr)."""
     def run(folder):
-        config = edit_jax.preset("flux-tiny")
-        save(folder / "ckpt", config, init_variables(config, seed=7)["params"])
-        return two_processes(folder / "run", f"checkpoint={folder / 'ckpt'}",
-                             env_extra={"JAX_ENABLE_PREEMPTION_SERVICE": "false"})
+        return two_processes(folder / "run", f"checkpoint={tiny_base}", env_extra={"JAX_ENABLE_PREEMPTION_SERVICE": "false"})
 
     folder, errs = once_per_session("two-process-router-run", run)
-    return folder / "ckpt", folder / "run", errs
+    return tiny_base, folder / "run", errs
 
 
 def test_a_two_process_run_links_its_frozen_base_into_its_trained_routers_checkpoint(two_process_router_run):
@@ -745,16 +753,14 @@ def test_a_two_process_run_without_jax_preemption_service_trains_and_says_a_sigt
     assert "preemption service is off" in errs[0] and (run / "edit-jax").is_dir()
 
 
-def test_a_two_process_schedule_run_links_its_frozen_base_and_writes_the_replicated_table_once(tmp_path):
+def test_a_two_process_schedule_run_links_its_frozen_base_and_writes_the_replicated_table_once(tmp_path, tiny_base):
     from edit_jax.checkpoint import step_schedule
 
-    config = edit_jax.preset("flux-tiny")
-    save(tmp_path / "ckpt", config, init_variables(config, seed=7)["params"])
-    two_processes(tmp_path / "run", f"checkpoint={tmp_path / 'ckpt'}", "trainable=schedule", "objective=rollout",
-                  "closed=reuse", "rollout_steps=2", "rollout_schedule=4")
+    two_processes(tmp_path / "run", f"checkpoint={tiny_base}", "trainable=schedule", "objective=rollout", "closed=reuse",
+                  "rollout_steps=2", "rollout_schedule=4")
 
-    assert base_files(tmp_path / "run" / "edit-jax") == base_files(tmp_path / "ckpt")
-    assert np.asarray(step_schedule(tmp_path / "run" / "edit-jax")["p"]).shape == (4, config.num_blocks)
+    assert base_files(tmp_path / "run" / "edit-jax") == base_files(tiny_base)
+    assert np.asarray(step_schedule(tmp_path / "run" / "edit-jax")["p"]).shape == (4, edit_jax.preset("flux-tiny").num_blocks)
 
 
 def test_max_steps_stops_a_cli_run_with_a_checkpoint_that_the_same_command_continues(tmp_path, capsys):

@@ -192,5 +192,7 @@ def init_params(config, seed: int = 0) -> dict:
 
 
 def init_routers(config, seed: int = 0) -> dict:
-    """Freshly initialised routers ("full-capacity start": every block open at full width)."""
-    return init_variables(config, seed)["routers"]
+    """Freshly initialised routers ("full-capacity start": every block open at full width), the
+    same as `init_variables(config, seed)["routers"]`; the base params are never drawn (their
+    random init is most of the init's compile time)."""
+    return init_variables(config, seed, collections=("routers",))["routers"]
