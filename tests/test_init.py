@@ -63,7 +63,6 @@ def test_configs_that_differ_only_in_how_they_run_share_one_init_and_its_params(
         jax.tree.map(np.testing.assert_array_equal, v, init_variables(config, seed=4))
 
 
-
 def test_fresh_routers_are_the_routers_of_the_whole_init_without_drawing_the_base(monkeypatch):
     config = edit_jax.preset("qwen-image-tiny")
     drawn, jitted_init = [], registry._jitted_init

@@ -734,7 +734,8 @@ def two_process_router_run(once_per_session, tiny_base):
     off, once for the whole session (whichever xdist worker asks first): (the base checkpoint, the
     run folder, each process's stderr)."""
     def run(folder):
-        return two_processes(folder / "run", f"checkpoint={tiny_base}", env_extra={"JAX_ENABLE_PREEMPTION_SERVICE": "false"})
+        return two_processes(folder / "run", f"checkpoint={tiny_base}",
+                             env_extra={"JAX_ENABLE_PREEMPTION_SERVICE": "false"})
 
     folder, errs = once_per_session("two-process-router-run", run)
     return tiny_base, folder / "run", errs
@@ -756,11 +757,12 @@ def test_a_two_process_run_without_jax_preemption_service_trains_and_says_a_sigt
 def test_a_two_process_schedule_run_links_its_frozen_base_and_writes_the_replicated_table_once(tmp_path, tiny_base):
     from edit_jax.checkpoint import step_schedule
 
-    two_processes(tmp_path / "run", f"checkpoint={tiny_base}", "trainable=schedule", "objective=rollout", "closed=reuse",
-                  "rollout_steps=2", "rollout_schedule=4")
+    two_processes(tmp_path / "run", f"checkpoint={tiny_base}", "trainable=schedule", "objective=rollout",
+                  "closed=reuse", "rollout_steps=2", "rollout_schedule=4")
 
     assert base_files(tmp_path / "run" / "edit-jax") == base_files(tiny_base)
-    assert np.asarray(step_schedule(tmp_path / "run" / "edit-jax")["p"]).shape == (4, edit_jax.preset("flux-tiny").num_blocks)
+    num_blocks = edit_jax.preset("flux-tiny").num_blocks
+    assert np.asarray(step_schedule(tmp_path / "run" / "edit-jax")["p"]).shape == (4, num_blocks)
 
 
 def test_max_steps_stops_a_cli_run_with_a_checkpoint_that_the_same_command_continues(tmp_path, capsys):
