@@ -2,7 +2,6 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -13,6 +12,7 @@ from edit_jax.checkpoints_convert import ConversionError, convert_checkpoint
 from edit_jax.checkpoints_convert.flux import BFL_PREFIX
 from edit_jax.checkpoint import CheckpointError, flatten, load_config, save
 from edit_jax.config import ConfigError, from_diffusers_config
+from edit_jax.models import jit_forward
 from reference import FLUX_TINY, flux_inputs, make_diffusers_flux, relative_error, run_diffusers
 
 
@@ -104,7 +104,8 @@ def test_bfl_import_matches_diffusers_forward(tmp_path):
     ours, params = edit_jax.load(convert_flux(tmp_path / "flux1.safetensors", tmp_path / "ck", config=config))
     inputs = flux_inputs({**FLUX_TINY, "guidance_embeds": True}, batch=1, height=3, width=3, num_txt=4)
 
-    velocity = jax.jit(lambda p, x: ours.apply({"params": p}, **x))(params, inputs)
+    forward, arrays = jit_forward(ours, inputs)
+    velocity = forward(params, arrays)
     assert relative_error(velocity, run_diffusers(model, inputs)) <= 1e-5
 
 

@@ -1,11 +1,11 @@
 """FLUX.1: our model, fed weights through our converter, equals diffusers' FluxTransformer2DModel."""
 
-import jax
 import numpy as np
 import pytest
 
 import edit_jax
 from edit_jax.checkpoints_convert import convert_checkpoint
+from edit_jax.models import jit_forward
 from reference import FLUX_TINY, flux_inputs, make_diffusers_flux, relative_error, run_diffusers
 
 TOLERANCE = 1e-5
@@ -22,7 +22,8 @@ def test_tiny_config_matches_diffusers(save_diffusers, tmp_path):
     model, params = convert_and_load(save_diffusers, tmp_path, torch_model)
     inputs = flux_inputs(FLUX_TINY, batch=1, height=4, width=4, num_txt=8)
 
-    out = jax.jit(lambda p, x: model.apply({"params": p}, **x))(params, inputs)
+    forward, arrays = jit_forward(model, inputs)
+    out = forward(params, arrays)
 
     assert relative_error(out, run_diffusers(torch_model, inputs)) <= TOLERANCE
 
@@ -34,7 +35,8 @@ def test_deeper_config_batch2_nonsquare_grid_matches_diffusers(save_diffusers, t
     model, params = convert_and_load(save_diffusers, tmp_path, torch_model)
     inputs = flux_inputs({**FLUX_TINY, **overrides}, batch=2, height=3, width=5, num_txt=7, seed=1)
 
-    out = jax.jit(lambda p, x: model.apply({"params": p}, **x))(params, inputs)
+    forward, arrays = jit_forward(model, inputs)
+    out = forward(params, arrays)
 
     assert out.shape == (2, 15, 4)
     assert relative_error(out, run_diffusers(torch_model, inputs)) <= TOLERANCE

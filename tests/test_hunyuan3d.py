@@ -17,7 +17,8 @@ from edit_jax.checkpoints_convert.sources import from_state_dict
 from edit_jax.cli import main
 from edit_jax.config import ConfigError, Hunyuan3DConfig
 from edit_jax.elastic import ElasticConfig, FirstBlockCache, TaylorSeer
-from edit_jax.models.registry import abstract_params, build_model, example_inputs, init_routers, init_step_cache
+from edit_jax.models.registry import (abstract_params, build_model, example_inputs, init_routers, init_step_cache,
+                                      jit_forward)
 from edit_jax.models.shape_vae import ShapeVAE
 from edit_jax.sampling.sampler import SamplerConfig, sample
 from edit_jax.train.step import data_target, model_time
@@ -39,7 +40,8 @@ def hy3dgen_velocity(torch_model, inputs: dict) -> np.ndarray:
 
 def forward(model, params, inputs):
     """Our velocity, jitted: one compiled program (op by op, it took longer than compiling)."""
-    return jax.jit(lambda p, x: model.apply({"params": p}, **x))(params, inputs)
+    jitted, arrays = jit_forward(model, inputs)
+    return jitted(params, arrays)
 
 
 @pytest.mark.parametrize("guidance_embeds", [False, True])
